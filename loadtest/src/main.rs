@@ -1,1 +1,106 @@
-fn main() {}
+//! CLI of the wsbus load tester. See `loadtest/README.md`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use wsbus_loadtest::{Config, Scenario};
+
+/// Load-test a running wsbus cluster.
+#[derive(Parser, Debug)]
+#[command(name = "wsbus-loadtest", version)]
+struct Cli {
+    /// Scenario to run.
+    #[arg(value_enum)]
+    scenario: Scenario,
+    /// Node URL, repeatable (`--node ws://127.0.0.1:8080 --node ws://127.0.0.1:8081`)
+    /// or comma-separated.
+    #[arg(
+        long = "node",
+        env = "WSBUS_LOADTEST_NODES",
+        value_delimiter = ',',
+        required = true
+    )]
+    nodes: Vec<String>,
+    /// Simulated users (dm-*: senders+recipients; idle-connections: connections;
+    /// churn: held partner users).
+    #[arg(long, default_value_t = 100)]
+    users: usize,
+    /// Connect ramp in users per second.
+    #[arg(long, default_value_t = 1000.0)]
+    hatch_rate: f64,
+    /// Measuring phase in seconds, after all users are connected.
+    #[arg(long, default_value_t = 10.0)]
+    run_time: f64,
+    /// dm-*: open loop at this total rate (messages/s). churn: cycles/s (required).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// dm-*: closed loop with this many messages in flight per user (when no --rate).
+    #[arg(long, default_value_t = 8)]
+    in_flight: u32,
+    /// Server pid whose VmRSS is reported (idle-connections); repeatable.
+    #[arg(long = "server-pid")]
+    server_pids: Vec<u32>,
+    /// Seconds to wait for outstanding messages after sending stops.
+    #[arg(long, default_value_t = 2.0)]
+    grace: f64,
+    /// Loopback source addresses to spread client sockets over (127.0.0.1..=127.0.0.K);
+    /// default: one per 25,000 connections.
+    #[arg(long)]
+    source_addrs: Option<usize>,
+    /// Hard deadline of the whole run in seconds (default: 2×ramp + run time + grace + 30).
+    #[arg(long)]
+    deadline: Option<f64>,
+    /// churn: maximum cycles in flight.
+    #[arg(long, default_value_t = 2000)]
+    max_cycles_in_flight: usize,
+    /// Print the report as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if cli.rate.is_some() && cli.scenario == Scenario::IdleConnections {
+        eprintln!("note: --rate is ignored by idle-connections");
+    }
+    let cfg = Config {
+        nodes: cli.nodes,
+        users: cli.users,
+        hatch_rate: cli.hatch_rate,
+        run_time: Duration::from_secs_f64(cli.run_time.max(0.0)),
+        rate: cli.rate,
+        in_flight: cli.in_flight,
+        server_pids: cli.server_pids,
+        grace: Duration::from_secs_f64(cli.grace.max(0.0)),
+        source_addrs: cli.source_addrs,
+        connect_timeout: Duration::from_secs(10),
+        deadline: cli.deadline.map(|d| Duration::from_secs_f64(d.max(1.0))),
+        max_cycles_in_flight: cli.max_cycles_in_flight.max(1),
+    };
+    match wsbus_loadtest::run(cli.scenario, &cfg).await {
+        Ok(report) => {
+            if cli.json {
+                match serde_json::to_string(&report) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
+            } else {
+                print!("{}", report.to_human());
+            }
+            if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# One-command benchmark of wsbus: builds release binaries, starts its own
+# redis-server and two nodes on free ports, runs the load-test scenarios with
+# fixed parameters, samples CPU/RSS of the nodes and of Redis around each
+# scenario, writes the raw JSON reports to target/bench/<timestamp>/ and prints
+# a summary table. Stops everything it started on exit or Ctrl-C.
+#
+# Environment knobs (defaults in brackets):
+#   RUN_TIME [10]       seconds of measuring per scenario
+#   USERS [400]         users of the dm-* and small idle scenarios
+#   RATE [2000]         open-loop total msg/s
+#   IN_FLIGHT [8]       closed-loop messages in flight per user
+#   BIG_IDLE [20000]    connections of the large idle scenario (0 = skip);
+#                       100k: BIG_IDLE=100000 IDLE_HATCH=5000 loadtest/bench.sh (needs root
+#                       or a hard open-file limit >= 101000)
+#   IDLE_HATCH [5000]   connect rate of the large idle scenario
+#   CHURN_RATE [200]    churn cycles/s
+#   SKIP_BUILD          set to skip `cargo build --release --workspace`
+#   OUT                 results dir [target/bench/<timestamp>]
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+RUN_TIME=${RUN_TIME:-10}
+USERS=${USERS:-400}
+RATE=${RATE:-2000}
+IN_FLIGHT=${IN_FLIGHT:-8}
+BIG_IDLE=${BIG_IDLE:-20000}
+IDLE_HATCH=${IDLE_HATCH:-5000}
+CHURN_RATE=${CHURN_RATE:-200}
+OUT=${OUT:-$ROOT/target/bench/$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT"
+for tool in redis-server jq getconf timeout; do
+    command -v "$tool" >/dev/null || { echo "bench: $tool is required" >&2; exit 2; }
+done
+
+if [ -z "${SKIP_BUILD:-}" ]; then
+    cargo build --release --workspace
+fi
+WSBUS=$ROOT/target/release/wsbus
+LT=$ROOT/target/release/wsbus-loadtest
+[ -x "$WSBUS" ] || { echo "bench: $WSBUS missing" >&2; exit 2; }
+[ -x "$LT" ] || { echo "bench: $LT missing" >&2; exit 2; }
+
+# Open files for the nodes and the load tester (raising the hard limit needs root).
+need=$((BIG_IDLE + USERS + 4096))
+if [ "$(ulimit -Hn)" != unlimited ] && [ "$(ulimit -Hn)" -lt "$need" ]; then
+    ulimit -Hn "$need" 2>/dev/null || echo "bench: hard open-file limit $(ulimit -Hn) < $need; large idle run may fail" >&2
+fi
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+TMP=$(mktemp -d /tmp/wsbus-bench.XXXXXX)
+PIDS=()
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do
+        for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$p" 2>/dev/null || true
+    done
+    rm -rf "$TMP"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+free_port() {
+    local p
+    for _ in $(seq 200); do
+        p=$((20000 + RANDOM % 10000))
+        if ! port_open "$p"; then echo "$p"; return; fi
+    done
+    echo "bench: no free port" >&2; exit 2
+}
+wait_port() { # port pid name
+    local deadline=$((SECONDS + 30))
+    until port_open "$1"; do
+        kill -0 "$2" 2>/dev/null || { echo "bench: $3 exited; see $OUT/$3.log" >&2; exit 2; }
+        [ "$SECONDS" -lt "$deadline" ] || { echo "bench: $3 not listening after 30 s" >&2; exit 2; }
+        sleep 0.1
+    done
+}
+
+RPORT=$(free_port)
+(cd "$TMP" && exec redis-server --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no \
+    --dir "$TMP" >"$OUT/redis.log" 2>&1) &
+RPID=$!
+PIDS+=("$RPID")
+wait_port "$RPORT" "$RPID" redis
+
+INSECURE=()
+if "$WSBUS" serve --help 2>/dev/null | grep -q -- '--insecure'; then INSECURE=(--insecure); fi
+APORT=$(free_port)
+"$WSBUS" serve --bind "127.0.0.1:$APORT" --redis-url "redis://127.0.0.1:$RPORT" --node-id bench-a \
+    "${INSECURE[@]}" >"$OUT/bench-a.log" 2>&1 &
+APID=$!
+PIDS+=("$APID")
+BPORT=$APORT
+while [ "$BPORT" = "$APORT" ]; do BPORT=$(free_port); done
+"$WSBUS" serve --bind "127.0.0.1:$BPORT" --redis-url "redis://127.0.0.1:$RPORT" --node-id bench-b \
+    "${INSECURE[@]}" >"$OUT/bench-b.log" 2>&1 &
+BPID=$!
+PIDS+=("$BPID")
+wait_port "$APORT" "$APID" bench-a
+wait_port "$BPORT" "$BPID" bench-b
+NODES=(--node "ws://127.0.0.1:$APORT" --node "ws://127.0.0.1:$BPORT")
+echo "bench: redis :$RPORT (pid $RPID), bench-a :$APORT (pid $APID), bench-b :$BPORT (pid $BPID); results in $OUT"
+
+TCK=$(getconf CLK_TCK)
+cpu_ticks() { # utime+stime of a pid
+    local s
+    s=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
+    s=${s##*) }
+    # fields after "comm": state is field 3, utime 14, stime 15 => index 11, 12 here
+    set -- $s
+    echo $(( ${12} + ${13} ))
+}
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+SUMMARY=$OUT/summary.tsv
+printf 'scenario\trc\trate/s\tp50_us\tp99_us\tp999_us\tnode_cpu_us_per_msg\tredis_cpu_us_per_msg\tnode_a_rss_kib\tnode_b_rss_kib\tredis_rss_kib\tkib_per_conn\n' >"$SUMMARY"
+
+run() { # name scenario args...
+    local name=$1; shift
+    local a0 b0 r0 a1 b1 r1 rc=0
+    a0=$(cpu_ticks "$APID"); b0=$(cpu_ticks "$BPID"); r0=$(cpu_ticks "$RPID")
+    echo "bench: running $name: wsbus-loadtest $*" >&2
+    timeout 900 "$LT" "$@" "${NODES[@]}" --json >"$OUT/$name.json" 2>"$OUT/$name.err" || rc=$?
+    a1=$(cpu_ticks "$APID"); b1=$(cpu_ticks "$BPID"); r1=$(cpu_ticks "$RPID")
+    if ! jq -e . "$OUT/$name.json" >/dev/null 2>&1; then
+        echo "bench: $name produced no report (rc $rc): $(tail -n 3 "$OUT/$name.err")" >&2
+        printf '%s\t%s\t-\t-\t-\t-\t-\t-\t-\t-\t-\t-\n' "$name" "$rc" >>"$SUMMARY"
+        return
+    fi
+    jq -r --arg name "$name" --argjson rc "$rc" --argjson tck "$TCK" \
+        --argjson node $(( (a1 - a0) + (b1 - b0) )) --argjson redis $(( r1 - r0 )) \
+        --argjson arss "$(rss_kib "$APID")" --argjson brss "$(rss_kib "$BPID")" --argjson rrss "$(rss_kib "$RPID")" '
+        def us(t; n): if n > 0 then (t / $tck * 1e6 / n * 10 | round / 10) else "-" end;
+        (if .churn then .churn.completed elif .messages then .messages.delivered else .connect.connected end) as $n
+        | (if .churn then .churn.sessions_per_sec elif .messages then .messages.delivered_per_sec else .connect.per_sec end) as $rate
+        | (if .churn then .churn.cycle_latency_us elif .messages then .messages.latency_us else .connect.latency_us end) as $lat
+        | [$name, $rc, ($rate | round), $lat.p50, $lat.p99, $lat.p999, us($node; $n), us($redis; $n),
+           $arss, $brss, $rrss,
+           (if (.memory | length) > 0 then ((.memory | map(.rss_after_kib - .rss_before_kib) | add) / ([.connect.connected, 1] | max) * 100 | round / 100) else "-" end)]
+        | @tsv' "$OUT/$name.json" >>"$SUMMARY"
+    if [ "$rc" != 0 ]; then
+        echo "bench: $name FAILED (rc $rc): $(jq -r '.problems | join("; ")' "$OUT/$name.json")" >&2
+    fi
+}
+
+run dm-cross-open dm-cross --users "$USERS" --rate "$RATE" --run-time "$RUN_TIME"
+run dm-cross-closed dm-cross --users "$USERS" --in-flight "$IN_FLIGHT" --run-time "$RUN_TIME"
+run dm-local-open dm-local --users "$USERS" --rate "$RATE" --run-time "$RUN_TIME"
+run dm-local-closed dm-local --users "$USERS" --in-flight "$IN_FLIGHT" --run-time "$RUN_TIME"
+run "idle-$USERS" idle-connections --users "$USERS" --run-time 3 --server-pid "$APID" --server-pid "$BPID"
+if [ "$BIG_IDLE" -gt 0 ]; then
+    run "idle-$BIG_IDLE" idle-connections --users "$BIG_IDLE" --hatch-rate "$IDLE_HATCH" --run-time 5 \
+        --server-pid "$APID" --server-pid "$BPID"
+fi
+run churn churn --users 20 --rate "$CHURN_RATE" --run-time "$RUN_TIME"
+
+echo
+echo "rate/s = delivered msg/s (dm), sessions/s (churn), connections/s (idle); latency in µs"
+echo "(dm: send->receive; churn: full cycle; idle: connect). CPU per delivered message,"
+echo "per completed session (churn) or per connection (idle), over the whole scenario run."
+column -t -s $'\t' "$SUMMARY"
+echo "results: $OUT"

@@ -1,0 +1,438 @@
+//! dm-cross / dm-local: direct messages between held users, open or closed loop.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::conn::{self, Incoming, Ws};
+use crate::report::{Counts, Latency, MessageStats, Report, ShardedHist};
+use crate::{Config, ConnSpec};
+
+#[derive(Clone, Copy, PartialEq)]
+enum Phase {
+    Connecting,
+    Sending(Instant),
+    Draining,
+    Stop,
+}
+
+/// Who a user sends to, fixed when the sending phase starts.
+struct Plan {
+    /// Candidate recipients per node index.
+    targets: Vec<Vec<u32>>,
+    /// Position of each user among the connected ones (open-loop stagger).
+    slot: Vec<u32>,
+    /// Number of connected users.
+    live: u32,
+    /// Open loop: total rate (messages/s).
+    rate: Option<f64>,
+    /// User index of each slot (open-loop pacer).
+    by_slot: Vec<u32>,
+}
+
+impl Plan {
+    /// Intended time of global open-loop send number `j` (user slot `j % live`).
+    fn due(&self, start: Instant, j: u64, rate: f64) -> Instant {
+        start + Duration::from_secs_f64(j as f64 / rate)
+    }
+}
+
+struct Shared {
+    epoch: Instant,
+    ids: Vec<String>,
+    node_of: Vec<usize>,
+    cross: bool,
+    closed_loop: bool,
+    plan: OnceLock<Plan>,
+    /// Open loop: the pacer thread wakes a user when its next send is due.
+    wake: Vec<Notify>,
+    /// Closed loop: free in-flight slots per sender.
+    permits: Vec<Semaphore>,
+    sent: AtomicU64,
+    delivered: AtomicU64,
+    errored: AtomicU64,
+    duplicated: AtomicU64,
+    out_of_order: AtomicU64,
+    hist: ShardedHist,
+    errors: Counts,
+    disconnects: Counts,
+}
+
+pub(crate) async fn run(cfg: &Config, cross: bool, hard: Instant) -> Result<Report> {
+    let nodes = crate::resolve_nodes(cfg).await?;
+    let n = cfg.users;
+    if cross && nodes.len() < 2 {
+        bail!("dm-cross needs at least two --node URLs");
+    }
+    if !cross && n < 2 * nodes.len() {
+        bail!("dm-local needs at least two users per node");
+    }
+    let prefix = conn::run_prefix();
+    let ids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
+    let node_of: Vec<usize> = (0..n).map(|i| i % nodes.len()).collect();
+    let closed_loop = cfg.rate.is_none();
+    let sh = Arc::new(Shared {
+        epoch: Instant::now(),
+        ids,
+        node_of,
+        cross,
+        closed_loop,
+        plan: OnceLock::new(),
+        wake: (0..n).map(|_| Notify::new()).collect(),
+        permits: (0..n)
+            .map(|_| Semaphore::new(cfg.in_flight.max(1) as usize))
+            .collect(),
+        sent: AtomicU64::new(0),
+        delivered: AtomicU64::new(0),
+        errored: AtomicU64::new(0),
+        duplicated: AtomicU64::new(0),
+        out_of_order: AtomicU64::new(0),
+        hist: ShardedHist::new(64),
+        errors: Counts::default(),
+        disconnects: Counts::default(),
+    });
+    let (phase_tx, phase_rx) = watch::channel(Phase::Connecting);
+
+    // Per-node source address counters so that each node's connections are spread.
+    let k = crate::source_count(cfg, n.div_ceil(nodes.len()));
+    let specs = (0..n)
+        .map(|i| {
+            let node = sh.node_of[i];
+            ConnSpec {
+                target: nodes[node].clone(),
+                source: nodes[node].source_addr(i / nodes.len(), k),
+                id: sh.ids[i].clone(),
+            }
+        })
+        .collect();
+    let mut tasks = JoinSet::new();
+    let body = {
+        let sh = sh.clone();
+        move |i: usize, ws: Ws| user_task(sh.clone(), i as u32, ws, phase_rx.clone())
+    };
+    let hatched = crate::hatch(cfg, specs, 16 * 1024, &mut tasks, hard, body).await;
+
+    // Build the plan from the users that are actually connected.
+    let mut targets = vec![Vec::new(); nodes.len()];
+    let mut slot = vec![0u32; n];
+    let mut live = 0u32;
+    let mut by_slot = Vec::new();
+    for (i, &ok) in hatched.connected.iter().enumerate() {
+        if !ok {
+            continue;
+        }
+        slot[i] = live;
+        by_slot.push(i as u32);
+        live += 1;
+        for (node, t) in targets.iter_mut().enumerate() {
+            if (node == sh.node_of[i]) != cross {
+                t.push(i as u32);
+            }
+        }
+    }
+    let _ = sh.plan.set(Plan {
+        targets,
+        slot,
+        live,
+        rate: cfg.rate,
+        by_slot,
+    });
+
+    let mut report = Report {
+        mode: if closed_loop {
+            "closed-loop"
+        } else {
+            "open-loop"
+        }
+        .to_owned(),
+        users: n as u64,
+        target_rate: cfg.rate,
+        in_flight: closed_loop.then_some(cfg.in_flight),
+        connect: hatched.stats,
+        ..Report::default()
+    };
+
+    // Measuring phase.
+    let send_start = Instant::now();
+    let _ = phase_tx.send(Phase::Sending(send_start));
+    let pacer_stop = Arc::new(AtomicBool::new(false));
+    if let Some(rate) = cfg.rate {
+        let (sh, stop) = (sh.clone(), pacer_stop.clone());
+        std::thread::spawn(move || pacer(&sh, send_start.into_std(), rate, &stop));
+    }
+    let send_end = (send_start + cfg.run_time).min(hard - cfg.grace - Duration::from_secs(5));
+    tokio::time::sleep_until(send_end).await;
+    pacer_stop.store(true, Relaxed);
+    let _ = phase_tx.send(Phase::Draining);
+    let send_secs = send_start.elapsed().as_secs_f64();
+
+    // Drain: wait until every sent message is accounted for, or the grace period ends.
+    let grace_end = Instant::now() + cfg.grace;
+    // Let senders observe the phase change before reading `sent`.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    while Instant::now() < grace_end {
+        let done = sh.delivered.load(Relaxed) + sh.errored.load(Relaxed);
+        if done >= sh.sent.load(Relaxed) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = phase_tx.send(Phase::Stop);
+    crate::join_all(&mut tasks, Duration::from_secs(3)).await;
+
+    let sent = sh.sent.load(Relaxed);
+    let delivered = sh.delivered.load(Relaxed);
+    let errored = sh.errored.load(Relaxed);
+    report.messages = Some(MessageStats {
+        sent,
+        delivered,
+        errored,
+        lost: sent.saturating_sub(delivered + errored),
+        duplicated: sh.duplicated.load(Relaxed),
+        out_of_order: sh.out_of_order.load(Relaxed),
+        send_secs,
+        sent_per_sec: sent as f64 / send_secs,
+        delivered_per_sec: delivered as f64 / send_secs,
+        latency_us: Latency::from_hist(&sh.hist.merged()),
+    });
+    report.error_frames = sh.errors.take();
+    report.disconnects = sh.disconnects.take();
+    report.run_prefix = prefix;
+    Ok(report)
+}
+
+/// Receive-side sequence tracking of one sender→recipient pair.
+#[derive(Default)]
+struct RxPair {
+    next: u64,
+    missing: BTreeSet<u64>,
+}
+
+/// Gaps larger than this are not tracked seq by seq (they would be loss anyway).
+const MAX_GAP: u64 = 100_000;
+
+enum Ev {
+    Frame(Option<Result<Message, tokio_tungstenite::tungstenite::Error>>),
+    Phase(bool),
+    Send,
+}
+
+async fn user_task(sh: Arc<Shared>, me: u32, mut ws: Ws, mut phase_rx: watch::Receiver<Phase>) {
+    let mut rng = fastrand::Rng::new();
+    let mut tx_seq: HashMap<u32, u64> = HashMap::new();
+    let mut rx: HashMap<u32, RxPair> = HashMap::new();
+    let mut buf = String::with_capacity(160);
+    let mut phase = Phase::Connecting;
+    let mut sending = false;
+    // Open loop: this user's sends are global sends j = slot + m * live.
+    let mut start = Instant::now();
+    let mut j = 0u64;
+    let mut step = 1u64;
+    let mut rate = 1.0;
+    let my_wake = &sh.wake[me as usize];
+    let my_permits = &sh.permits[me as usize];
+    let open = !sh.closed_loop;
+    loop {
+        let ev = tokio::select! {
+            biased;
+            f = ws.next() => Ev::Frame(f),
+            r = phase_rx.changed() => Ev::Phase(r.is_ok()),
+            () = my_wake.notified(), if sending && open => Ev::Send,
+            Ok(p) = my_permits.acquire(), if sending && !open => { p.forget(); Ev::Send }
+        };
+        match ev {
+            Ev::Phase(alive) => {
+                if !alive {
+                    break;
+                }
+                phase = *phase_rx.borrow_and_update();
+                match phase {
+                    Phase::Sending(s) => {
+                        let plan = sh.plan.get().expect("plan is set before sending");
+                        if let Some(r) = plan.rate {
+                            start = s;
+                            rate = r;
+                            j = u64::from(plan.slot[me as usize]);
+                            step = u64::from(plan.live.max(1));
+                        }
+                        sending = true;
+                    }
+                    Phase::Draining | Phase::Connecting => sending = false,
+                    Phase::Stop => break,
+                }
+            }
+            Ev::Send => {
+                let plan = sh.plan.get().expect("plan is set before sending");
+                let cands = &plan.targets[sh.node_of[me as usize]];
+                let mut batch = 0u32;
+                let now = Instant::now();
+                loop {
+                    let due = plan.due(start, j, rate);
+                    if open && due > now {
+                        break;
+                    }
+                    let to = match pick(&mut rng, cands, me, sh.cross) {
+                        Some(t) => t,
+                        None => {
+                            sending = false;
+                            break;
+                        }
+                    };
+                    let seq = tx_seq.entry(to).or_insert(0);
+                    let send_ns = if open {
+                        due.duration_since(sh.epoch).as_nanos() as u64
+                    } else {
+                        crate::ns_since(sh.epoch)
+                    };
+                    buf.clear();
+                    conn::encode_message(
+                        &mut buf,
+                        &sh.ids[to as usize],
+                        format_args!("{me}:{seq}:{send_ns}:"),
+                    );
+                    *seq += 1;
+                    if ws.feed(Message::text(buf.as_str())).await.is_err() {
+                        break;
+                    }
+                    sh.sent.fetch_add(1, Relaxed);
+                    batch += 1;
+                    if open {
+                        j += step;
+                    }
+                    if batch >= 64 {
+                        break;
+                    }
+                    if !open {
+                        match my_permits.try_acquire() {
+                            Ok(p) => p.forget(),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                if open && batch >= 64 {
+                    // More are due: come back after reading.
+                    my_wake.notify_one();
+                }
+                if let Err(e) = ws.flush().await {
+                    sh.disconnects
+                        .add(&format!("send {}", conn::ws_error_kind(&e)));
+                    break;
+                }
+            }
+            Ev::Frame(None) => {
+                sh.disconnects.add("eof");
+                break;
+            }
+            Ev::Frame(Some(Err(e))) => {
+                sh.disconnects.add(&conn::ws_error_kind(&e));
+                break;
+            }
+            Ev::Frame(Some(Ok(msg))) => match msg {
+                Message::Text(t) => match conn::parse(t.as_str()) {
+                    Incoming::Message(text) => {
+                        on_message(&sh, me, &mut rx, &text);
+                    }
+                    Incoming::Error(e) => {
+                        sh.errors.add(&e);
+                        sh.errored.fetch_add(1, Relaxed);
+                        if !open {
+                            my_permits.add_permits(1);
+                        }
+                    }
+                    Incoming::Other => {}
+                },
+                Message::Close(f) => {
+                    if phase != Phase::Stop {
+                        sh.disconnects.add(&conn::close_kind(f.as_ref()));
+                    }
+                    break;
+                }
+                _ => {}
+            },
+        }
+    }
+    if *phase_rx.borrow() == Phase::Stop || phase == Phase::Stop {
+        let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+    }
+}
+
+fn pick(rng: &mut fastrand::Rng, cands: &[u32], me: u32, cross: bool) -> Option<u32> {
+    if cross {
+        return (!cands.is_empty()).then(|| cands[rng.usize(..cands.len())]);
+    }
+    if cands.len() < 2 {
+        return None;
+    }
+    loop {
+        let t = cands[rng.usize(..cands.len())];
+        if t != me {
+            return Some(t);
+        }
+    }
+}
+
+fn on_message(sh: &Shared, me: u32, rx: &mut HashMap<u32, RxPair>, text: &str) {
+    let now_ns = crate::ns_since(sh.epoch);
+    let Some((from, seq, send_ns)) = conn::decode_text(text) else {
+        sh.errors.add("unparsable message text");
+        return;
+    };
+    let from = from as u32;
+    let pair = rx.entry(from).or_default();
+    let unique = if seq == pair.next {
+        pair.next += 1;
+        true
+    } else if seq > pair.next {
+        if seq - pair.next <= MAX_GAP {
+            pair.missing.extend(pair.next..seq);
+        }
+        pair.next = seq + 1;
+        true
+    } else if pair.missing.remove(&seq) {
+        sh.out_of_order.fetch_add(1, Relaxed);
+        true
+    } else {
+        sh.duplicated.fetch_add(1, Relaxed);
+        false
+    };
+    if unique {
+        sh.delivered.fetch_add(1, Relaxed);
+        sh.hist
+            .record(me as usize, now_ns.saturating_sub(send_ns) / 1000);
+        if sh.closed_loop
+            && let Some(p) = sh.permits.get(from as usize)
+        {
+            p.add_permits(1);
+        }
+    }
+}
+
+/// Open-loop pacer: a dedicated thread (precise sleeps, unlike the 1 ms tokio
+/// timer wheel) that wakes each user when its next send is due.
+fn pacer(sh: &Shared, start: std::time::Instant, rate: f64, stop: &AtomicBool) {
+    let Some(plan) = sh.plan.get() else { return };
+    let live = u64::from(plan.live);
+    if live == 0 {
+        return;
+    }
+    let mut j = 0u64;
+    while !stop.load(Relaxed) {
+        let due = start + Duration::from_secs_f64(j as f64 / rate);
+        let now = std::time::Instant::now();
+        if due > now {
+            std::thread::sleep((due - now).min(Duration::from_millis(50)));
+            continue;
+        }
+        let user = plan.by_slot[(j % live) as usize];
+        sh.wake[user as usize].notify_one();
+        j += 1;
+    }
+}

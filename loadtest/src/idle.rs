@@ -1,0 +1,117 @@
+//! idle-connections: hold many connections to the first node; connect rate and
+//! server memory per connection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use futures_util::StreamExt;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::conn::{self, Ws};
+use crate::report::{Counts, ProcMemory, Report};
+use crate::{Config, ConnSpec};
+
+pub(crate) async fn run(cfg: &Config, hard: Instant) -> Result<Report> {
+    let nodes = crate::resolve_nodes(cfg).await?;
+    let target = nodes[0].clone();
+    let n = cfg.users;
+    let prefix = conn::run_prefix();
+    let k = crate::source_count(cfg, n);
+    let before: Vec<(u32, Option<u64>)> = cfg
+        .server_pids
+        .iter()
+        .map(|&p| (p, conn::rss_kib(p)))
+        .collect();
+
+    let specs = (0..n)
+        .map(|i| ConnSpec {
+            target: target.clone(),
+            source: target.source_addr(i, k),
+            id: format!("{prefix}-{i}"),
+        })
+        .collect();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let disconnects = Arc::new(Counts::default());
+    let body = {
+        let d = disconnects.clone();
+        move |_i: usize, ws: Ws| hold(ws, stop_rx.clone(), d.clone())
+    };
+    let mut tasks = JoinSet::new();
+    let hatched = crate::hatch(cfg, specs, 4096, &mut tasks, hard, body).await;
+    // Let the server settle (allocations after the upgrade) before sampling.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let connected = hatched.stats.connected.max(1) as f64;
+    let memory: Vec<ProcMemory> = before
+        .iter()
+        .map(|&(pid, b)| {
+            let before = b.unwrap_or(0);
+            let after = conn::rss_kib(pid).unwrap_or(0);
+            ProcMemory {
+                pid,
+                rss_before_kib: before,
+                rss_after_kib: after,
+                per_conn_kib: ((after as f64 - before as f64) / connected * 100.0).round() / 100.0,
+            }
+        })
+        .collect();
+    let mut notes = Vec::new();
+    for (pid, b) in &before {
+        if b.is_none() {
+            notes.push(format!("could not read /proc/{pid}/status"));
+        }
+    }
+    if k > 1 {
+        notes.push(format!(
+            "client sockets spread over {k} loopback source addresses"
+        ));
+    }
+    let hold_end = (Instant::now() + cfg.run_time).min(hard - Duration::from_secs(5));
+    tokio::time::sleep_until(hold_end).await;
+    let _ = stop_tx.send(true);
+    crate::join_all(&mut tasks, Duration::from_secs(5)).await;
+
+    Ok(Report {
+        mode: "hold".to_owned(),
+        run_prefix: prefix,
+        users: n as u64,
+        connect: hatched.stats,
+        total_rss_kib: (!memory.is_empty()).then(|| memory.iter().map(|m| m.rss_after_kib).sum()),
+        memory,
+        disconnects: disconnects.take(),
+        notes,
+        ..Report::default()
+    })
+}
+
+/// Holds one connection (answering pings) until stopped.
+async fn hold(mut ws: Ws, mut stop: watch::Receiver<bool>, disconnects: Arc<Counts>) {
+    loop {
+        tokio::select! {
+            f = ws.next() => match f {
+                Some(Ok(Message::Close(f))) => {
+                    disconnects.add(&conn::close_kind(f.as_ref()));
+                    return;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    disconnects.add(&conn::ws_error_kind(&e));
+                    return;
+                }
+                None => {
+                    disconnects.add("eof");
+                    return;
+                }
+            },
+            r = stop.changed() => {
+                if r.is_err() || *stop.borrow() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
+}

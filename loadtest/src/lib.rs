@@ -1,0 +1,309 @@
+//! `wsbus-loadtest`: a small goose-shaped load-test harness for wsbus clusters.
+//!
+//! Scenarios ([`Scenario`]) are run with [`run`] against node URLs given in a
+//! [`Config`] and produce a [`Report`]. The binary `wsbus-loadtest` is a thin
+//! CLI around this library; `tests/smoke.rs` calls it directly.
+
+mod churn;
+mod conn;
+mod dm;
+mod idle;
+mod report;
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+pub use report::{ChurnStats, ConnectStats, Latency, MessageStats, ProcMemory, Report};
+
+use conn::{Target, Ws};
+
+/// A load-test scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// Direct messages between users on different nodes.
+    DmCross,
+    /// Direct messages between users on the same node.
+    DmLocal,
+    /// Many idle connections to the first node; connect rate and server memory.
+    IdleConnections,
+    /// Connect, send one message to a held user on another node, close; at a rate.
+    Churn,
+}
+
+impl Scenario {
+    /// The scenario's CLI name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::DmCross => "dm-cross",
+            Self::DmLocal => "dm-local",
+            Self::IdleConnections => "idle-connections",
+            Self::Churn => "churn",
+        }
+    }
+}
+
+/// Parameters of a run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Node URLs (`ws://host:port`).
+    pub nodes: Vec<String>,
+    /// Simulated users (dm-*: all send and receive; idle: connections; churn: held partners).
+    pub users: usize,
+    /// Connect ramp, users per second.
+    pub hatch_rate: f64,
+    /// Measuring phase after all users are connected.
+    pub run_time: Duration,
+    /// Open-loop total rate (messages/s for dm-*, cycles/s for churn). For dm-*,
+    /// `None` means closed loop with [`Config::in_flight`].
+    pub rate: Option<f64>,
+    /// Closed-loop messages in flight per user.
+    pub in_flight: u32,
+    /// Server pids whose VmRSS is sampled (idle-connections).
+    pub server_pids: Vec<u32>,
+    /// How long to wait for outstanding messages after sending stops.
+    pub grace: Duration,
+    /// Number of loopback source addresses (127.0.0.1..=127.0.0.K); `None` = auto
+    /// (one per 25,000 connections).
+    pub source_addrs: Option<usize>,
+    /// Timeout of one connection attempt.
+    pub connect_timeout: Duration,
+    /// Hard deadline of the whole run; `None` = derived from the other values.
+    pub deadline: Option<Duration>,
+    /// Maximum churn cycles in flight at once.
+    pub max_cycles_in_flight: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            nodes: vec!["ws://127.0.0.1:8080".to_owned()],
+            users: 100,
+            hatch_rate: 1000.0,
+            run_time: Duration::from_secs(10),
+            rate: None,
+            in_flight: 8,
+            server_pids: Vec::new(),
+            grace: Duration::from_secs(2),
+            source_addrs: None,
+            connect_timeout: Duration::from_secs(10),
+            deadline: None,
+            max_cycles_in_flight: 2000,
+        }
+    }
+}
+
+impl Config {
+    /// The hard deadline used when [`Config::deadline`] is `None`:
+    /// twice the ramp time + run time + grace + 30 s.
+    pub fn effective_deadline(&self) -> Duration {
+        self.deadline.unwrap_or_else(|| {
+            let ramp = self.users as f64 / self.hatch_rate.max(0.001);
+            Duration::from_secs_f64(ramp * 2.0)
+                + self.run_time
+                + self.grace
+                + Duration::from_secs(30)
+        })
+    }
+}
+
+/// Runs `scenario` and returns its report. Always returns by the hard deadline
+/// ([`Config::effective_deadline`]); past it the run is an error.
+pub async fn run(scenario: Scenario, cfg: &Config) -> Result<Report> {
+    if cfg.nodes.is_empty() {
+        bail!("no node URL given");
+    }
+    if cfg.users == 0 {
+        bail!("--users must be at least 1");
+    }
+    if cfg.hatch_rate.is_nan() || cfg.hatch_rate <= 0.0 {
+        bail!("--hatch-rate must be positive");
+    }
+    if let Some(r) = cfg.rate
+        && (r.is_nan() || r <= 0.0)
+    {
+        bail!("--rate must be positive");
+    }
+    let deadline = cfg.effective_deadline();
+    let started = Instant::now();
+    let hard = started + deadline;
+    let mut notes = Vec::new();
+    let fds = match scenario {
+        Scenario::Churn => cfg.users + cfg.max_cycles_in_flight,
+        _ => cfg.users,
+    };
+    if let Some(n) = raise_nofile(fds as u64 + 256) {
+        notes.push(n);
+    }
+    let fut = async {
+        match scenario {
+            Scenario::DmCross => dm::run(cfg, true, hard).await,
+            Scenario::DmLocal => dm::run(cfg, false, hard).await,
+            Scenario::IdleConnections => idle::run(cfg, hard).await,
+            Scenario::Churn => churn::run(cfg, hard).await,
+        }
+    };
+    let mut report = match tokio::time::timeout(deadline, fut).await {
+        Ok(r) => r?,
+        Err(_) => bail!("hard deadline of {:.0}s exceeded", deadline.as_secs_f64()),
+    };
+    report.scenario = scenario.name().to_owned();
+    report.nodes = cfg.nodes.clone();
+    report.run_time_secs = cfg.run_time.as_secs_f64();
+    report.elapsed_secs = started.elapsed().as_secs_f64();
+    report.notes.splice(0..0, notes);
+    report.finish();
+    Ok(report)
+}
+
+/// Raises RLIMIT_NOFILE as far as possible (soft to hard; the hard limit too
+/// when privileged) and returns a warning if it stays below `needed`.
+pub fn raise_nofile(needed: u64) -> Option<String> {
+    use rlimit::Resource;
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let (soft, _) = Resource::NOFILE.get().unwrap_or((0, 0));
+    if soft >= needed {
+        return None;
+    }
+    // Privileged processes may raise the hard limit too.
+    let _ = Resource::NOFILE.set(needed, needed);
+    let (soft, hard) = Resource::NOFILE.get().unwrap_or((0, 0));
+    if soft >= needed {
+        return None;
+    }
+    let msg = format!(
+        "open-file limit is {soft} (hard {hard}) but about {needed} are needed; \
+         raise it (e.g. `ulimit -n {needed}` as root) or expect connect failures (io Other / EMFILE)"
+    );
+    eprintln!("warning: {msg}");
+    Some(msg)
+}
+
+/// What to connect for one simulated user.
+pub(crate) struct ConnSpec {
+    pub(crate) target: Arc<Target>,
+    pub(crate) source: Option<IpAddr>,
+    pub(crate) id: String,
+}
+
+/// Result of the connect phase.
+pub(crate) struct Hatched {
+    pub(crate) stats: ConnectStats,
+    pub(crate) connected: Vec<bool>,
+}
+
+/// Resolves all node URLs.
+pub(crate) async fn resolve_nodes(cfg: &Config) -> Result<Vec<Arc<Target>>> {
+    let mut out = Vec::new();
+    for n in &cfg.nodes {
+        out.push(Arc::new(Target::resolve(n).await?));
+    }
+    Ok(out)
+}
+
+/// Number of source addresses to use for `n` connections.
+pub(crate) fn source_count(cfg: &Config, n: usize) -> usize {
+    cfg.source_addrs.unwrap_or(n.div_ceil(25_000)).max(1)
+}
+
+/// Connects `specs` at the hatch rate. Each connection runs in its own task
+/// (in `tasks`): it connects, reports, then runs `body(index, ws)`.
+pub(crate) async fn hatch<F, Fut>(
+    cfg: &Config,
+    specs: Vec<ConnSpec>,
+    read_buf: usize,
+    tasks: &mut JoinSet<()>,
+    hard: Instant,
+    body: F,
+) -> Hatched
+where
+    F: Fn(usize, Ws) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let n = specs.len();
+    let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Result<Duration, String>)>();
+    let start = Instant::now();
+    // Leave time at the end of the hard deadline for the rest of the run.
+    let connect_deadline = hard - (hard - start) / 4;
+    let interval = 1.0 / cfg.hatch_rate;
+    let timeout = cfg.connect_timeout;
+    let mut spawned = 0;
+    for (i, spec) in specs.into_iter().enumerate() {
+        let due = start + Duration::from_secs_f64(interval * i as f64);
+        if due > connect_deadline {
+            break;
+        }
+        tokio::time::sleep_until(due).await;
+        let tx = tx.clone();
+        let body = body.clone();
+        spawned += 1;
+        tasks.spawn(async move {
+            let t0 = Instant::now();
+            match conn::connect(&spec.target, &spec.id, spec.source, read_buf, timeout).await {
+                Ok(ws) => {
+                    let _ = tx.send((i, Ok(t0.elapsed())));
+                    body(i, ws).await;
+                }
+                Err(e) => {
+                    let _ = tx.send((i, Err(e)));
+                }
+            }
+        });
+    }
+    drop(tx);
+    let mut stats = ConnectStats {
+        attempted: n as u64,
+        ..ConnectStats::default()
+    };
+    let mut connected = vec![false; n];
+    let mut hist = report::new_hist();
+    let mut got = 0;
+    while got < spawned {
+        match tokio::time::timeout_at(connect_deadline, rx.recv()).await {
+            Ok(Some((i, r))) => {
+                got += 1;
+                match r {
+                    Ok(d) => {
+                        connected[i] = true;
+                        stats.connected += 1;
+                        hist.saturating_record((d.as_micros() as u64).max(1));
+                    }
+                    Err(kind) => {
+                        *stats.failures.entry(kind).or_default() += 1;
+                    }
+                }
+            }
+            _ => break,
+        }
+    }
+    let missing = n - got;
+    if missing > 0 {
+        *stats
+            .failures
+            .entry("not connected by deadline".to_owned())
+            .or_default() += missing as u64;
+    }
+    stats.failed = n as u64 - stats.connected;
+    stats.secs = start.elapsed().as_secs_f64();
+    stats.per_sec = stats.connected as f64 / stats.secs.max(1e-9);
+    stats.latency_us = Latency::from_hist(&hist);
+    Hatched { stats, connected }
+}
+
+/// Waits for all tasks up to `limit`, then aborts the rest.
+pub(crate) async fn join_all(tasks: &mut JoinSet<()>, limit: Duration) {
+    let _ = tokio::time::timeout(limit, async { while tasks.join_next().await.is_some() {} }).await;
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Nanoseconds since `epoch`.
+pub(crate) fn ns_since(epoch: Instant) -> u64 {
+    epoch.elapsed().as_nanos() as u64
+}

@@ -1,0 +1,367 @@
+//! The report produced by every scenario, and its human rendering.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Latency {
+    /// Number of samples.
+    pub count: u64,
+    /// Smallest sample.
+    pub min: u64,
+    /// Mean.
+    pub mean: f64,
+    /// 50th percentile.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
+    /// Largest sample.
+    pub max: u64,
+}
+
+impl Latency {
+    pub(crate) fn from_hist(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return Self::default();
+        }
+        Self {
+            count: h.len(),
+            min: h.min(),
+            mean: (h.mean() * 10.0).round() / 10.0,
+            p50: h.value_at_quantile(0.50),
+            p90: h.value_at_quantile(0.90),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+        }
+    }
+}
+
+/// A new latency histogram: 1 µs .. 1 h, 3 significant digits.
+pub(crate) fn new_hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Histograms sharded to keep lock contention negligible.
+pub(crate) struct ShardedHist {
+    shards: Vec<Mutex<Histogram<u64>>>,
+}
+
+impl ShardedHist {
+    pub(crate) fn new(shards: usize) -> Self {
+        Self {
+            shards: (0..shards.max(1)).map(|_| Mutex::new(new_hist())).collect(),
+        }
+    }
+
+    pub(crate) fn record(&self, shard: usize, micros: u64) {
+        let mut h = self.shards[shard % self.shards.len()]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        h.saturating_record(micros.max(1));
+    }
+
+    pub(crate) fn merged(&self) -> Histogram<u64> {
+        let mut out = new_hist();
+        for s in &self.shards {
+            let h = s.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = out.add(&*h);
+        }
+        out
+    }
+}
+
+/// Counter map keyed by a short description (error text, close code, ...).
+#[derive(Default)]
+pub(crate) struct Counts(Mutex<BTreeMap<String, u64>>);
+
+impl Counts {
+    pub(crate) fn add(&self, key: &str) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match m.get_mut(key) {
+            Some(v) => *v += 1,
+            None => {
+                m.insert(key.to_owned(), 1);
+            }
+        }
+    }
+
+    pub(crate) fn take(&self) -> BTreeMap<String, u64> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Connection phase statistics.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ConnectStats {
+    /// Connections attempted.
+    pub attempted: u64,
+    /// Connections established.
+    pub connected: u64,
+    /// Connections that failed.
+    pub failed: u64,
+    /// Failures by kind (`http 503`, `io ConnectionRefused`, `timeout`, ...).
+    pub failures: BTreeMap<String, u64>,
+    /// Duration of the connect phase in seconds.
+    pub secs: f64,
+    /// Established connections per second during the connect phase.
+    pub per_sec: f64,
+    /// Time to establish one connection (TCP + upgrade), µs.
+    pub latency_us: Latency,
+}
+
+/// Message statistics (dm scenarios; churn reuses it for its one message per cycle).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MessageStats {
+    /// Messages written to the sockets.
+    pub sent: u64,
+    /// Distinct messages received by their recipient.
+    pub delivered: u64,
+    /// Messages answered with an error frame instead.
+    pub errored: u64,
+    /// `sent - delivered - errored` after the grace period.
+    pub lost: u64,
+    /// Messages received more than once.
+    pub duplicated: u64,
+    /// Messages received after a later message of the same sender→recipient pair.
+    pub out_of_order: u64,
+    /// Length of the sending phase in seconds.
+    pub send_secs: f64,
+    /// Sent messages per second of sending phase.
+    pub sent_per_sec: f64,
+    /// Delivered messages per second of sending phase.
+    pub delivered_per_sec: f64,
+    /// Send → receive latency, µs (open loop: from the intended send time).
+    pub latency_us: Latency,
+}
+
+/// Churn cycle statistics.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ChurnStats {
+    /// Cycles started.
+    pub started: u64,
+    /// Cycles that connected, delivered their message and closed cleanly.
+    pub completed: u64,
+    /// Cycles not started because too many were still in flight.
+    pub skipped: u64,
+    /// Failed cycles by kind (`connect http 503`, `error: ...`, `delivery timeout`, ...).
+    pub failures: BTreeMap<String, u64>,
+    /// Completed sessions per second of the run.
+    pub sessions_per_sec: f64,
+    /// Full cycle latency (intended start → closed), µs.
+    pub cycle_latency_us: Latency,
+}
+
+/// Memory of one server process.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ProcMemory {
+    /// Process id.
+    pub pid: u32,
+    /// VmRSS before connecting, KiB.
+    pub rss_before_kib: u64,
+    /// VmRSS after all connections were established, KiB.
+    pub rss_after_kib: u64,
+    /// (after − before) / connections, KiB.
+    pub per_conn_kib: f64,
+}
+
+/// The report of one scenario run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    /// Scenario name.
+    pub scenario: String,
+    /// Mode (`open-loop`, `closed-loop`, `hold`, `cycles`).
+    pub mode: String,
+    /// Random prefix of all user ids of this run.
+    pub run_prefix: String,
+    /// Node URLs.
+    pub nodes: Vec<String>,
+    /// Simulated (held) users.
+    pub users: u64,
+    /// Open-loop target rate (messages or cycles per second), if any.
+    pub target_rate: Option<f64>,
+    /// Closed-loop messages in flight per user, if any.
+    pub in_flight: Option<u32>,
+    /// Requested measuring time in seconds.
+    pub run_time_secs: f64,
+    /// Wall time of the whole run in seconds.
+    pub elapsed_secs: f64,
+    /// Connect phase.
+    pub connect: ConnectStats,
+    /// Messages (dm-*, churn).
+    pub messages: Option<MessageStats>,
+    /// Churn cycles.
+    pub churn: Option<ChurnStats>,
+    /// Error frames by error text.
+    pub error_frames: BTreeMap<String, u64>,
+    /// Held connections closed by the server or broken during the run, by kind.
+    pub disconnects: BTreeMap<String, u64>,
+    /// Server memory (idle-connections with `--server-pid`).
+    pub memory: Vec<ProcMemory>,
+    /// Total server RSS after connecting, KiB (sum over pids).
+    pub total_rss_kib: Option<u64>,
+    /// Notes (e.g. file-descriptor limits).
+    pub notes: Vec<String>,
+    /// Problems that make the run fail (non-zero exit).
+    pub problems: Vec<String>,
+    /// `problems.is_empty()`.
+    pub ok: bool,
+}
+
+impl Report {
+    /// Fills `problems` and `ok` from the counters.
+    pub(crate) fn finish(&mut self) {
+        if self.connect.failed > 0 {
+            self.problems
+                .push(format!("{} connections failed", self.connect.failed));
+        }
+        if let Some(m) = &self.messages {
+            for (n, what) in [
+                (m.lost, "lost"),
+                (m.duplicated, "duplicated"),
+                (m.out_of_order, "out-of-order"),
+            ] {
+                if n > 0 {
+                    self.problems.push(format!("{n} messages {what}"));
+                }
+            }
+            if m.sent == 0 {
+                self.problems.push("no message was sent".to_owned());
+            }
+        }
+        let dropped: u64 = self.disconnects.values().sum();
+        if dropped > 0 {
+            self.problems
+                .push(format!("{dropped} held connections dropped during the run"));
+        }
+        self.ok = self.problems.is_empty();
+    }
+
+    /// Renders the report as a human-readable table.
+    pub fn to_human(&self) -> String {
+        let mut o = String::new();
+        let w = &mut o;
+        let _ = writeln!(
+            w,
+            "=== wsbus-loadtest: {} ({}) ===",
+            self.scenario, self.mode
+        );
+        let _ = writeln!(
+            w,
+            "nodes: {}   run prefix: {}",
+            self.nodes.join(" "),
+            self.run_prefix
+        );
+        let _ = write!(
+            w,
+            "users: {}   run time: {:.1}s   elapsed: {:.1}s",
+            self.users, self.run_time_secs, self.elapsed_secs
+        );
+        if let Some(r) = self.target_rate {
+            let _ = write!(w, "   target rate: {r}/s");
+        }
+        if let Some(f) = self.in_flight {
+            let _ = write!(w, "   in flight/user: {f}");
+        }
+        let _ = writeln!(w);
+        let c = &self.connect;
+        let _ = writeln!(w, "\n-- connections");
+        let _ = writeln!(
+            w,
+            "  attempted {:>10}   connected {:>10}   failed {:>8}   {:.1}s   {:.0} conn/s",
+            c.attempted, c.connected, c.failed, c.secs, c.per_sec
+        );
+        lat_header(w, "  ");
+        lat_row(w, "  connect", &c.latency_us);
+        for (k, v) in &c.failures {
+            let _ = writeln!(w, "  failure {k:<40} {v:>10}");
+        }
+        if let Some(m) = &self.messages {
+            let _ = writeln!(w, "\n-- messages");
+            let _ = writeln!(
+                w,
+                "  sent {:>12}   delivered {:>12}   errored {:>8}   lost {:>8}   duplicated {:>6}   out-of-order {:>6}",
+                m.sent, m.delivered, m.errored, m.lost, m.duplicated, m.out_of_order
+            );
+            let _ = writeln!(
+                w,
+                "  sending phase {:.2}s   sent {:.0}/s   delivered {:.0}/s",
+                m.send_secs, m.sent_per_sec, m.delivered_per_sec
+            );
+            lat_header(w, "  ");
+            lat_row(w, "  send→recv", &m.latency_us);
+        }
+        if let Some(ch) = &self.churn {
+            let _ = writeln!(w, "\n-- churn cycles");
+            let _ = writeln!(
+                w,
+                "  started {:>10}   completed {:>10}   skipped {:>8}   {:.1} sessions/s",
+                ch.started, ch.completed, ch.skipped, ch.sessions_per_sec
+            );
+            lat_header(w, "  ");
+            lat_row(w, "  cycle", &ch.cycle_latency_us);
+            for (k, v) in &ch.failures {
+                let _ = writeln!(w, "  failure {k:<40} {v:>10}");
+            }
+        }
+        if !self.error_frames.is_empty() {
+            let _ = writeln!(w, "\n-- error frames");
+            for (k, v) in &self.error_frames {
+                let _ = writeln!(w, "  {k:<48} {v:>10}");
+            }
+        }
+        if !self.disconnects.is_empty() {
+            let _ = writeln!(w, "\n-- held connections dropped");
+            for (k, v) in &self.disconnects {
+                let _ = writeln!(w, "  {k:<48} {v:>10}");
+            }
+        }
+        if !self.memory.is_empty() {
+            let _ = writeln!(w, "\n-- server memory");
+            for m in &self.memory {
+                let _ = writeln!(
+                    w,
+                    "  pid {:<8} rss before {:>9} KiB   after {:>9} KiB   per connection {:>7.2} KiB",
+                    m.pid, m.rss_before_kib, m.rss_after_kib, m.per_conn_kib
+                );
+            }
+            if let Some(t) = self.total_rss_kib {
+                let _ = writeln!(w, "  total rss after {t} KiB");
+            }
+        }
+        for n in &self.notes {
+            let _ = writeln!(w, "note: {n}");
+        }
+        if self.ok {
+            let _ = writeln!(w, "\nresult: OK");
+        } else {
+            let _ = writeln!(w, "\nresult: FAILED: {}", self.problems.join("; "));
+        }
+        o
+    }
+}
+
+fn lat_header(w: &mut String, indent: &str) {
+    let _ = writeln!(
+        w,
+        "{indent}{:<12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}   (µs)",
+        "latency", "count", "p50", "p90", "p99", "p99.9", "max", "mean"
+    );
+}
+
+fn lat_row(w: &mut String, name: &str, l: &Latency) {
+    let _ = writeln!(
+        w,
+        "{name:<14} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9.0}",
+        l.count, l.p50, l.p90, l.p99, l.p999, l.max, l.mean
+    );
+}

@@ -1,0 +1,210 @@
+//! Smoke test: runs every scenario for about a second against a cluster.
+//!
+//! With `WSBUS_LOADTEST_NODES=ws://127.0.0.1:8080,ws://127.0.0.1:8081` it uses
+//! that running cluster. Otherwise it starts one itself: a `redis-server` on a
+//! free port and two `<workspace>/target/debug/wsbus serve` nodes (build the
+//! server first with `cargo build`).
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use wsbus_loadtest::{Config, Report, Scenario};
+
+/// Kills the spawned processes on drop.
+struct Cluster {
+    children: Vec<Child>,
+    nodes: Vec<String>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn wait_for_port(port: u16, what: &str, child: &mut Child) {
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited early with {status}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what} did not accept on port {port} within 20 s");
+}
+
+fn start_cluster() -> Cluster {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let bin = root.join("target/debug/wsbus");
+    assert!(
+        bin.exists(),
+        "server binary {} not found: build it with `cargo build` in the workspace root, \
+         or set WSBUS_LOADTEST_NODES=ws://host:port,ws://host:port to use a running cluster",
+        bin.display()
+    );
+    let mut cluster = Cluster {
+        children: Vec::new(),
+        nodes: Vec::new(),
+    };
+    let rport = free_port();
+    let mut redis = Command::new("redis-server")
+        .args(["--port", &rport.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server must be on PATH");
+    wait_for_port(rport, "redis-server", &mut redis);
+    cluster.children.push(redis);
+    let help = Command::new(&bin)
+        .args(["serve", "--help"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let insecure = help.contains("--insecure");
+    for name in ["smoke-a", "smoke-b"] {
+        let port = free_port();
+        let mut cmd = Command::new(&bin);
+        cmd.args(["serve", "--bind", &format!("127.0.0.1:{port}")])
+            .args(["--redis-url", &format!("redis://127.0.0.1:{rport}")])
+            .args(["--node-id", name])
+            .stdout(Stdio::null());
+        if insecure {
+            cmd.arg("--insecure");
+        }
+        let mut child = cmd.spawn().expect("spawn wsbus serve");
+        wait_for_port(port, name, &mut child);
+        cluster.children.push(child);
+        cluster.nodes.push(format!("ws://127.0.0.1:{port}"));
+    }
+    cluster
+}
+
+fn check_messages(r: &Report) {
+    let m = r.messages.as_ref().expect("message stats");
+    assert!(m.sent > 0, "{}: nothing sent", r.scenario);
+    assert_eq!(
+        m.sent,
+        m.delivered + m.lost + m.errored,
+        "{}: counts",
+        r.scenario
+    );
+    assert_eq!(m.lost, 0, "{}: lost", r.scenario);
+    assert_eq!(m.duplicated, 0, "{}: duplicated", r.scenario);
+    assert_eq!(m.out_of_order, 0, "{}: out of order", r.scenario);
+    assert_eq!(
+        m.errored, 0,
+        "{}: error frames {:?}",
+        r.scenario, r.error_frames
+    );
+    assert_eq!(
+        m.latency_us.count, m.delivered,
+        "{}: latency samples",
+        r.scenario
+    );
+}
+
+#[test]
+fn all_scenarios_smoke() {
+    let (_cluster, nodes) = match std::env::var("WSBUS_LOADTEST_NODES") {
+        Ok(v) if !v.trim().is_empty() => (
+            None,
+            v.split(',')
+                .map(|s| s.trim().to_owned())
+                .collect::<Vec<_>>(),
+        ),
+        _ => {
+            let c = start_cluster();
+            let nodes = c.nodes.clone();
+            (Some(c), nodes)
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let base = Config {
+        nodes,
+        users: 20,
+        hatch_rate: 200.0,
+        run_time: Duration::from_millis(1500),
+        deadline: Some(Duration::from_secs(60)),
+        ..Config::default()
+    };
+    let run = |scenario, cfg: &Config| {
+        let r = rt
+            .block_on(wsbus_loadtest::run(scenario, cfg))
+            .expect("run");
+        eprintln!("{}", r.to_human());
+        assert_eq!(r.connect.attempted, r.connect.connected + r.connect.failed);
+        assert_eq!(
+            r.connect.failed, 0,
+            "{}: connect failures {:?}",
+            r.scenario, r.connect.failures
+        );
+        assert!(
+            r.disconnects.is_empty(),
+            "{}: {:?}",
+            r.scenario,
+            r.disconnects
+        );
+        r
+    };
+
+    let open = Config {
+        rate: Some(200.0),
+        ..base.clone()
+    };
+    let r = run(Scenario::DmCross, &open);
+    check_messages(&r);
+    assert!(r.ok, "{:?}", r.problems);
+
+    let closed = Config {
+        rate: None,
+        in_flight: 4,
+        ..base.clone()
+    };
+    let r = run(Scenario::DmCross, &closed);
+    check_messages(&r);
+    assert!(r.ok, "{:?}", r.problems);
+
+    let r = run(Scenario::DmLocal, &open);
+    check_messages(&r);
+    assert!(r.ok, "{:?}", r.problems);
+
+    let idle = Config {
+        users: 50,
+        ..base.clone()
+    };
+    let r = run(Scenario::IdleConnections, &idle);
+    assert_eq!(r.connect.connected, 50);
+    assert!(r.ok, "{:?}", r.problems);
+
+    let churn = Config {
+        users: 4,
+        rate: Some(20.0),
+        ..base.clone()
+    };
+    let r = run(Scenario::Churn, &churn);
+    check_messages(&r);
+    let c = r.churn.as_ref().expect("churn stats");
+    assert!(c.started > 0);
+    assert_eq!(c.started, c.completed, "churn failures: {:?}", c.failures);
+    assert_eq!(c.cycle_latency_us.count, c.completed);
+    assert!(r.ok, "{:?}", r.problems);
+}

@@ -1,0 +1,161 @@
+//! Operator commands that read the bus directly: `wsbus nodes`, `wsbus whereis`,
+//! `wsbus inspect`. They only read; none of them changes Redis.
+
+use redis::Value;
+use serde::Serialize;
+
+use crate::bus::BusError;
+use crate::keys::Keys;
+use crate::wire::{Body, ENVELOPE_FIELD, Envelope};
+
+/// A stream entry as `XRANGE` returns it: id and field/value pairs.
+type RawEntry = (String, Vec<(Vec<u8>, Vec<u8>)>);
+
+/// One registered node.
+#[derive(Debug, Serialize)]
+pub struct NodeInfo {
+    /// Node id.
+    pub id: String,
+    /// Its bind address.
+    pub addr: Option<String>,
+    /// Age of the node in seconds (from its start time).
+    pub age_secs: Option<u64>,
+    /// Milliseconds since its last heartbeat, by Redis time.
+    pub last_heartbeat_ms: u64,
+    /// Users it holds.
+    pub users: u64,
+    /// Entries waiting in its inbox.
+    pub inbox_len: u64,
+    /// Version it runs.
+    pub version: Option<String>,
+}
+
+/// Where a user is connected.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct UserLocation {
+    /// Node id.
+    pub node: String,
+    /// Session id on that node.
+    pub sid: String,
+    /// Connected since (ms since the epoch).
+    pub since: Option<u64>,
+}
+
+async fn connect(url: &str) -> Result<redis::aio::MultiplexedConnection, BusError> {
+    let client = redis::Client::open(url).map_err(|e| BusError::Config(e.to_string()))?;
+    Ok(client.get_multiplexed_async_connection().await?)
+}
+
+/// Every node in the registry (live or not yet reaped).
+pub async fn nodes(url: &str, keys: &Keys) -> Result<Vec<NodeInfo>, BusError> {
+    let mut conn = connect(url).await?;
+    let ((secs, micros), members): ((u64, u64), Vec<(String, f64)>) = redis::pipe()
+        .cmd("TIME")
+        .cmd("ZRANGE")
+        .arg(keys.nodes())
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query_async(&mut conn)
+        .await?;
+    let now_ms = secs * 1000 + micros / 1000;
+    let mut pipe = redis::pipe();
+    for (id, _) in &members {
+        pipe.cmd("HMGET")
+            .arg(keys.node(id))
+            .arg("addr")
+            .arg("started")
+            .arg("version")
+            .cmd("SCARD")
+            .arg(keys.node_users(id))
+            .cmd("XLEN")
+            .arg(keys.inbox(id));
+    }
+    let replies: Vec<Value> = pipe.query_async(&mut conn).await?;
+    let mut out = Vec::with_capacity(members.len());
+    for ((id, last), chunk) in members.into_iter().zip(replies.chunks(3)) {
+        let (addr, started, version): (Option<String>, Option<u64>, Option<String>) =
+            redis::from_redis_value(chunk[0].clone())?;
+        let users: u64 = redis::from_redis_value(chunk[1].clone())?;
+        let inbox_len: u64 = redis::from_redis_value(chunk[2].clone())?;
+        out.push(NodeInfo {
+            id,
+            addr,
+            age_secs: started.map(|s| now_ms.saturating_sub(s) / 1000),
+            last_heartbeat_ms: now_ms.saturating_sub(last as u64),
+            users,
+            inbox_len,
+            version,
+        });
+    }
+    Ok(out)
+}
+
+/// Where `user` is registered, if anywhere.
+pub async fn where_is(
+    url: &str,
+    keys: &Keys,
+    user: &str,
+) -> Result<Option<UserLocation>, BusError> {
+    let mut conn = connect(url).await?;
+    let (node, sid, since): (Option<String>, Option<String>, Option<u64>) = redis::cmd("HMGET")
+        .arg(keys.user(user))
+        .arg("node")
+        .arg("sid")
+        .arg("since")
+        .query_async(&mut conn)
+        .await?;
+    Ok(node.map(|node| UserLocation {
+        node,
+        sid: sid.unwrap_or_default(),
+        since,
+    }))
+}
+
+/// The first `count` entries of `node`'s inbox, envelopes decoded to JSON.
+pub async fn inspect(
+    url: &str,
+    keys: &Keys,
+    node: &str,
+    count: usize,
+) -> Result<Vec<serde_json::Value>, BusError> {
+    let mut conn = connect(url).await?;
+    let entries: Vec<RawEntry> = redis::cmd("XRANGE")
+        .arg(keys.inbox(node))
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(count)
+        .query_async(&mut conn)
+        .await?;
+    Ok(entries
+        .into_iter()
+        .filter_map(|(id, fields)| {
+            let env = fields
+                .iter()
+                .find(|(k, _)| k == ENVELOPE_FIELD.as_bytes())
+                .map(|(_, v)| v.as_slice())?;
+            Some(match Envelope::decode(env) {
+                Ok(env) => envelope_json(&id, &env),
+                Err(e) => serde_json::json!({"id": id, "error": e.to_string()}),
+            })
+        })
+        .collect())
+}
+
+fn envelope_json(id: &str, env: &Envelope<'_>) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "id": id,
+        "message_id": env.id,
+        "origin": env.origin,
+        "from": env.from,
+        "to": env.to,
+        "hops": env.hops,
+        "action": env.body.action(),
+    });
+    match &env.body {
+        Body::Message { text } => v["data"] = serde_json::json!({"to": env.to, "text": text}),
+        Body::Error { error } => v["data"] = serde_json::json!({"error": error}),
+    }
+    v
+}

@@ -1,0 +1,115 @@
+//! Node configuration: every tunable of a node, its default, and its flag and `WSBUS_*`
+//! environment variable. The only place a limit comes from.
+
+use std::time::Duration;
+
+use clap::Args;
+
+fn parse_duration(s: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(s)
+}
+
+/// Everything a node needs to run. `Default` gives the documented defaults.
+#[derive(Debug, Clone, Args)]
+pub struct NodeConfig {
+    /// Unique id of this node (letters, digits, `_ . -`; default: random).
+    #[arg(long, env = "WSBUS_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// Redis URL (`redis://[user:pass@]host:port[/db]`, `rediss://` for TLS).
+    #[arg(
+        long,
+        env = "WSBUS_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub redis_url: String,
+
+    /// Prefix of every Redis key.
+    #[arg(long, env = "WSBUS_PREFIX", default_value = "wsbus")]
+    pub prefix: String,
+
+    /// Largest client frame (and message) in bytes; larger ones are refused, never buffered.
+    #[arg(long, env = "WSBUS_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
+    pub max_frame_bytes: usize,
+
+    /// Messages queued for one client before it is disconnected as a slow consumer (4002).
+    #[arg(long, env = "WSBUS_SESSION_QUEUE", default_value_t = 1024)]
+    pub session_queue: usize,
+
+    /// Per-socket read buffer in bytes (tungstenite's default is 128 KiB; small saves memory).
+    #[arg(long, env = "WSBUS_WS_READ_BUFFER", default_value_t = 4096)]
+    pub ws_read_buffer: usize,
+
+    /// Per-socket write buffer in bytes before a write is forced.
+    #[arg(long, env = "WSBUS_WS_WRITE_BUFFER", default_value_t = 8192)]
+    pub ws_write_buffer: usize,
+
+    /// How often the node pings each client; a client silent for two intervals is dropped.
+    #[arg(long, env = "WSBUS_PING_INTERVAL", default_value = "20s", value_parser = parse_duration)]
+    pub ping_interval: Duration,
+
+    /// How often the node refreshes its registration and its view of live nodes.
+    #[arg(long, env = "WSBUS_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// A node whose last heartbeat is older than this is dead: its users read as not found.
+    #[arg(long, env = "WSBUS_NODE_TTL", default_value = "5s", value_parser = parse_duration)]
+    pub node_ttl: Duration,
+
+    /// Approximate cap on an inbox stream's length (`XADD MAXLEN ~`), a backstop only.
+    #[arg(long, env = "WSBUS_INBOX_MAXLEN", default_value_t = 100_000)]
+    pub inbox_maxlen: usize,
+
+    /// How long one blocking `XREAD` waits; the read deadline is this plus a margin.
+    #[arg(long, env = "WSBUS_INBOX_BLOCK", default_value = "2s", value_parser = parse_duration)]
+    pub inbox_block: Duration,
+
+    /// Entries read per `XREAD` (`COUNT`).
+    #[arg(long, env = "WSBUS_INBOX_READ_COUNT", default_value_t = 1024)]
+    pub inbox_read_count: usize,
+
+    /// Outgoing cross-node messages queued for the bus writer before senders wait.
+    #[arg(long, env = "WSBUS_BUS_QUEUE", default_value_t = 16384)]
+    pub bus_queue: usize,
+
+    /// Most messages the bus writer sends in one pipeline.
+    #[arg(long, env = "WSBUS_BUS_BATCH", default_value_t = 1024)]
+    pub bus_batch: usize,
+
+    /// Timeout of ordinary Redis commands (connects and replies).
+    #[arg(long, env = "WSBUS_REDIS_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub redis_timeout: Duration,
+
+    /// Most connections this node holds; past it, new ones get HTTP 503.
+    #[arg(long, env = "WSBUS_MAX_CONNECTIONS", default_value_t = 200_000)]
+    pub max_connections: usize,
+
+    /// How long shutdown waits for sockets to close and the bus to drain.
+    #[arg(long, env = "WSBUS_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        // One source of truth for defaults: the clap attributes above.
+        #[derive(clap::Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            config: NodeConfig,
+        }
+        let defaults: Defaults =
+            clap::Parser::try_parse_from(["wsbus"]).expect("defaults always parse");
+        defaults.config
+    }
+}
+
+impl NodeConfig {
+    /// A config for a node with this id and Redis URL, other fields at their defaults.
+    pub fn new(node_id: impl Into<String>, redis_url: impl Into<String>) -> Self {
+        Self {
+            node_id: Some(node_id.into()),
+            redis_url: redis_url.into(),
+            ..Self::default()
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! `wsbus dev`: a local cluster in one process for newcomers, and the `redis-server` child
+//! process it (and the test harness) runs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::NodeConfig;
+
+/// A `redis-server` child process on a loopback port, killed when dropped.
+pub struct RedisChild {
+    port: u16,
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+/// Why a `redis-server` child could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisChildError {
+    /// The binary could not be run.
+    #[error(
+        "cannot run redis-server ({0}); install it (Debian/Ubuntu: apt-get install -y redis-server) or pass --redis-url"
+    )]
+    Spawn(std::io::Error),
+    /// It did not answer PING in time.
+    #[error("redis-server on port {0} did not become ready")]
+    NotReady(u16),
+    /// Other I/O.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+impl RedisChild {
+    /// Starts `redis-server` on a free loopback port, without persistence.
+    pub async fn start() -> Result<Self, RedisChildError> {
+        Self::start_on(free_port()?).await
+    }
+
+    /// Starts `redis-server` on `port` (e.g. the port of one that was killed), empty.
+    pub async fn start_on(port: u16) -> Result<Self, RedisChildError> {
+        let dir = std::env::temp_dir().join(format!("wsbus-redis-{port}-{}", fastrand::u32(..)));
+        std::fs::create_dir_all(&dir)?;
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--protected-mode", "no"])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(RedisChildError::Spawn)?;
+        let mut redis = Self {
+            port,
+            child: Some(child),
+            dir,
+        };
+        redis.wait_ready().await?;
+        Ok(redis)
+    }
+
+    async fn wait_ready(&mut self) -> Result<(), RedisChildError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let client =
+            redis::Client::open(self.url()).map_err(|_| RedisChildError::NotReady(self.port))?;
+        while Instant::now() < deadline {
+            if let Ok(mut conn) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .is_ok()
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(RedisChildError::NotReady(self.port))
+    }
+
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills it with SIGKILL (no save, nothing kept) and waits for it to exit.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+}
+
+impl Drop for RedisChild {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A free loopback TCP port (bound and released; good enough for local use and tests).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Options of `wsbus dev`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DevOptions {
+    /// Number of nodes.
+    #[arg(long, default_value_t = 2)]
+    pub nodes: u16,
+    /// Host to bind the nodes on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port of the first node; the others take the next ones.
+    #[arg(long, default_value_t = 8080)]
+    pub base_port: u16,
+    /// Use this Redis instead of starting a `redis-server` child.
+    #[arg(long, env = "WSBUS_REDIS_URL")]
+    pub redis_url: Option<String>,
+}
+
+/// Runs the dev cluster until `shutdown` resolves (Ctrl-C in the binary).
+pub async fn run(
+    options: DevOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let (redis_url, _redis) = match options.redis_url {
+        Some(url) => (url, None),
+        None => {
+            let redis = RedisChild::start().await?;
+            tracing::info!(url = %redis.url(), "started redis-server");
+            (redis.url(), Some(redis))
+        }
+    };
+    let stop = CancellationToken::new();
+    let mut nodes = Vec::new();
+    let mut addrs: Vec<SocketAddr> = Vec::new();
+    for i in 0..options.nodes {
+        let port = options.base_port + i;
+        let listener = TcpListener::bind((options.host.as_str(), port)).await?;
+        addrs.push(listener.local_addr()?);
+        let config = NodeConfig::new(format!("dev-{}", i + 1), redis_url.clone());
+        let stop = stop.clone();
+        nodes.push(tokio::spawn(crate::node::run(
+            config,
+            listener,
+            stop.cancelled_owned(),
+        )));
+    }
+    println!(
+        "wsbus dev cluster: {} nodes on Redis {redis_url}",
+        addrs.len()
+    );
+    for (i, addr) in addrs.iter().enumerate() {
+        println!("  node dev-{}: ws://{addr}/ws/<user-id>", i + 1);
+    }
+    println!("Try it (two terminals, e.g. with websocat):");
+    if let [a, b, ..] = addrs.as_slice() {
+        println!("  websocat ws://{a}/ws/alice");
+        println!("  websocat ws://{b}/ws/bob");
+    } else if let [a] = addrs.as_slice() {
+        println!("  websocat ws://{a}/ws/alice   and   websocat ws://{a}/ws/bob");
+    }
+    println!(r#"  then type in alice's: {{"action":"message","data":{{"to":"bob","text":"hi"}}}}"#);
+    println!("Ctrl-C stops everything.");
+    shutdown.await;
+    stop.cancel();
+    for node in nodes {
+        node.await??;
+    }
+    Ok(())
+}

@@ -1,0 +1,127 @@
+//! The edge: HTTP routes, the WebSocket upgrade, and what happens before a session starts.
+//!
+//! The user is claimed in Redis *before* the upgrade completes, so it is reachable from
+//! every node the moment the handshake is done. A refused claim still upgrades, sends the
+//! `not unique session` error and closes with 4001.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures_util::SinkExt;
+
+use crate::node::{Node, now_ms};
+use crate::presence::Claim;
+use crate::protocol::{ClientError, close, encode_error};
+use crate::session::{Session, SessionGuard};
+use crate::user::UserId;
+
+/// The node's HTTP routes.
+pub fn router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/ws/{user_id}", get(connect))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(node)
+}
+
+async fn connect(
+    State(node): State<Arc<Node>>,
+    Path(user_id): Path<String>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let Some(user) = UserId::parse(&user_id) else {
+        return (StatusCode::BAD_REQUEST, "invalid user id\n").into_response();
+    };
+    if node.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "node shutting down\n").into_response();
+    }
+    let Ok(permit) = node.connections.clone().try_acquire_owned() else {
+        metrics::counter!("wsbus_connections_refused_total", "reason" => "limit").increment(1);
+        return (StatusCode::SERVICE_UNAVAILABLE, "too many connections\n").into_response();
+    };
+    let ws = configure(ws, &node);
+    if node.hub.contains(user.as_str()) {
+        return ws.on_upgrade(move |socket| refuse_not_unique(socket, user));
+    }
+    let sid = node.next_session_id();
+    match node.presence.claim(&user, sid, now_ms()).await {
+        Err(e) => {
+            tracing::warn!(user = %user, error = %e, "claim failed; refusing connection");
+            metrics::counter!("wsbus_connections_refused_total", "reason" => "bus").increment(1);
+            (StatusCode::SERVICE_UNAVAILABLE, "bus unavailable\n").into_response()
+        }
+        Ok(Claim::Held { node: holder }) => {
+            tracing::debug!(user = %user, holder, "refused: not unique session");
+            metrics::counter!("wsbus_connections_refused_total", "reason" => "not_unique")
+                .increment(1);
+            ws.on_upgrade(move |socket| refuse_not_unique(socket, user))
+        }
+        Ok(Claim::Claimed) => {
+            let Some(queue) = node.hub.insert(user.clone(), sid) else {
+                // A local session appeared since the check above, so Redis had lost its
+                // claim: hand the claim back (re-registration restores the local one).
+                if let Err(e) = node.presence.release(&user, sid).await {
+                    tracing::warn!(user = %user, error = %e, "could not release a claim");
+                }
+                return ws.on_upgrade(move |socket| refuse_not_unique(socket, user));
+            };
+            let guard = SessionGuard::new(node.clone(), user.clone(), sid);
+            let tracker = node.sessions.clone();
+            metrics::counter!("wsbus_connections_opened_total").increment(1);
+            ws.on_upgrade(move |socket| {
+                tracker
+                    .track_future(Session::new(node, user, sid, queue, guard, permit).run(socket))
+            })
+        }
+    }
+}
+
+fn configure(ws: WebSocketUpgrade, node: &Node) -> WebSocketUpgrade {
+    let c = &node.config;
+    ws.max_message_size(c.max_frame_bytes)
+        .max_frame_size(c.max_frame_bytes)
+        .read_buffer_size(c.ws_read_buffer)
+        .write_buffer_size(c.ws_write_buffer)
+        .max_write_buffer_size(c.ws_write_buffer + c.max_frame_bytes * 2 + 1024)
+}
+
+async fn refuse_not_unique(mut socket: WebSocket, user: UserId) {
+    let error = encode_error(user.as_str(), &ClientError::NotUniqueSession.to_string());
+    let _ = socket.feed(Message::Text(error.into())).await;
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code: close::NOT_UNIQUE,
+            reason: "not unique session".into(),
+        })))
+        .await;
+}
+
+async fn healthz() -> impl IntoResponse {
+    axum::Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn readyz(State(node): State<Arc<Node>>) -> Response {
+    let shutting_down = node.shutdown.is_cancelled();
+    let redis = node.health.redis_ok();
+    let inbox = node.health.inbox_ok();
+    let ready = !shutting_down && redis && inbox;
+    let body = axum::Json(serde_json::json!({
+        "ready": ready,
+        "node": &*node.id,
+        "redis": redis,
+        "inbox_reader": inbox,
+        "shutting_down": shutting_down,
+        "sessions": node.hub.len(),
+    }));
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, body).into_response()
+}

@@ -1,0 +1,373 @@
+//! The inbox consumer: one task per node that reads the node's stream with blocking `XREAD`
+//! on a dedicated connection and delivers into local sessions.
+//!
+//! Each round trip is one pipeline: `XTRIM MINID` past what the previous read delivered, then
+//! `XREAD COUNT n BLOCK t` from the cursor, so the stream holds only undelivered entries.
+//! The call has its own deadline (block time + margin): a half-open connection is dropped and
+//! replaced, with backoff. After a reconnect to a different Redis server (`run_id` changed:
+//! a restart or failover), the cursor restarts at the beginning of the (new) stream.
+//! An entry for a user who is no longer here is forwarded once to the user's current node,
+//! or answered with `not found` to the sender's node; it is never dropped silently.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::Utf8Bytes;
+use redis::Value;
+use redis::aio::MultiplexedConnection;
+
+use crate::bus::BusError;
+use crate::hub::Delivery;
+use crate::node::Node;
+use crate::outbox::append_entry;
+use crate::protocol::{ClientError, encode_error, encode_message};
+use crate::wire::{Body, ENVELOPE_FIELD, Envelope, MAX_HOPS};
+
+/// Extra time allowed past the block time before a read counts as hung.
+const READ_MARGIN: Duration = Duration::from_secs(1);
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// A stream entry id, `ms-seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct EntryId {
+    ms: u64,
+    seq: u64,
+}
+
+impl EntryId {
+    /// Parses `ms-seq`.
+    pub fn parse(s: &[u8]) -> Option<Self> {
+        let s = std::str::from_utf8(s).ok()?;
+        let (ms, seq) = s.split_once('-')?;
+        Some(Self {
+            ms: ms.parse().ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+
+    /// The smallest id after this one.
+    pub fn next(self) -> Self {
+        match self.seq.checked_add(1) {
+            Some(seq) => Self { ms: self.ms, seq },
+            None => Self {
+                ms: self.ms + 1,
+                seq: 0,
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for EntryId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+/// Runs the consumer until the node shuts down.
+pub async fn run(node: Arc<Node>) {
+    let mut consumer = Consumer {
+        inbox: node.keys.inbox(&node.id),
+        node,
+        cursor: EntryId::default(),
+        trim_to: None,
+        run_id: None,
+    };
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let shutdown = consumer.node.shutdown.clone();
+        let connected = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            c = consumer.connect() => c,
+        };
+        match connected {
+            Ok(mut conn) => {
+                backoff = BACKOFF_MIN;
+                let outcome = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = consumer.read_loop(&mut conn) => r,
+                };
+                tracing::warn!(error = %outcome, "inbox connection lost; reconnecting");
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot connect the inbox reader"),
+        }
+        metrics::counter!("wsbus_redis_reconnects_total").increment(1);
+        consumer.node.health.set_inbox_ok(false);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+struct Consumer {
+    node: Arc<Node>,
+    inbox: String,
+    /// Last entry id read (and handled).
+    cursor: EntryId,
+    /// Entries below this id are handled and can be trimmed.
+    trim_to: Option<EntryId>,
+    /// The Redis server the cursor belongs to.
+    run_id: Option<String>,
+}
+
+impl Consumer {
+    async fn connect(&mut self) -> Result<MultiplexedConnection, BusError> {
+        let mut conn = self.node.bus.dedicated_conn().await?;
+        let info: String = tokio::time::timeout(
+            self.node.config.redis_timeout,
+            redis::cmd("INFO").arg("server").query_async(&mut conn),
+        )
+        .await
+        .map_err(|_| BusError::Reply("INFO timed out"))??;
+        let run_id = info
+            .lines()
+            .find_map(|l| l.strip_prefix("run_id:"))
+            .map(|s| s.trim().to_owned());
+        if self.run_id.is_some() && self.run_id != run_id {
+            tracing::info!("Redis server changed; reading the inbox from its start");
+            self.cursor = EntryId::default();
+            self.trim_to = None;
+        }
+        self.run_id = run_id;
+        Ok(conn)
+    }
+
+    /// Reads and delivers until the connection fails; returns why.
+    async fn read_loop(&mut self, conn: &mut MultiplexedConnection) -> BusError {
+        let block_ms = self.node.config.inbox_block.as_millis() as u64;
+        let deadline = self.node.config.inbox_block + READ_MARGIN;
+        loop {
+            let mut pipe = redis::pipe();
+            if let Some(trim_to) = self.trim_to {
+                pipe.cmd("XTRIM")
+                    .arg(&self.inbox)
+                    .arg("MINID")
+                    .arg(trim_to.to_string())
+                    .ignore();
+            }
+            pipe.cmd("XREAD")
+                .arg("COUNT")
+                .arg(self.node.config.inbox_read_count)
+                .arg("BLOCK")
+                .arg(block_ms)
+                .arg("STREAMS")
+                .arg(&self.inbox)
+                .arg(self.cursor.to_string());
+            let reply =
+                match tokio::time::timeout(deadline, pipe.query_async::<(Value,)>(conn)).await {
+                    Err(_) => {
+                        return BusError::Reply("XREAD passed its deadline (half-open connection?)");
+                    }
+                    Ok(Err(e)) => return e.into(),
+                    Ok(Ok((reply,))) => reply,
+                };
+            self.trim_to = None;
+            self.node.health.set_inbox_ok(true);
+            if let Err(e) = self.handle(reply).await {
+                tracing::warn!(error = %e, "could not forward moved entries");
+            }
+        }
+    }
+
+    /// Delivers one `XREAD` reply; forwards or answers entries whose recipient left.
+    async fn handle(&mut self, reply: Value) -> Result<(), BusError> {
+        let Some(entries) = stream_entries(reply) else {
+            return Ok(());
+        };
+        let mut moved: Vec<Envelope<'static>> = Vec::new();
+        let mut last = None;
+        for entry in &entries {
+            let Some((id, fields)) = entry_parts(entry) else {
+                metrics::counter!("wsbus_undecodable_entries_total").increment(1);
+                tracing::warn!("skipping a malformed inbox entry");
+                continue;
+            };
+            last = Some(id);
+            let env = match field(fields, ENVELOPE_FIELD).map(Envelope::decode) {
+                Some(Ok(env)) => env,
+                Some(Err(e)) => {
+                    metrics::counter!("wsbus_undecodable_entries_total").increment(1);
+                    tracing::warn!(entry = %id, error = %e, "skipping an undecodable inbox entry");
+                    continue;
+                }
+                None => {
+                    // Our own placeholder (`_`) that keeps an empty inbox in existence.
+                    if field(fields, "_").is_none() {
+                        metrics::counter!("wsbus_undecodable_entries_total").increment(1);
+                        tracing::warn!(entry = %id, "skipping an inbox entry without envelope");
+                    }
+                    continue;
+                }
+            };
+            if !self.deliver(&env) {
+                moved.push(env.into_owned());
+            }
+        }
+        if let Some(last) = last {
+            self.cursor = last;
+            self.trim_to = Some(last.next());
+        }
+        if moved.is_empty() {
+            return Ok(());
+        }
+        self.reroute(moved).await
+    }
+
+    /// Queues `env` for its local recipient; `false` if the recipient is not here.
+    fn deliver(&self, env: &Envelope<'_>) -> bool {
+        let hub = &self.node.hub;
+        let frame = match &env.body {
+            Body::Message { text } => encode_message(&env.from, &env.to, text),
+            Body::Error { error } => encode_error(&env.to, error),
+        };
+        match hub.deliver(&env.to, &Utf8Bytes::from(frame)) {
+            Delivery::Queued => {
+                metrics::counter!("wsbus_messages_from_bus_total").increment(1);
+                true
+            }
+            Delivery::SlowConsumer => true,
+            // An error for a sender who left has nobody left to tell.
+            Delivery::NotHere => matches!(env.body, Body::Error { .. }),
+        }
+    }
+
+    /// Forwards entries whose recipient moved to another node, or tells their senders.
+    async fn reroute(&self, moved: Vec<Envelope<'static>>) -> Result<(), BusError> {
+        let node = &self.node;
+        let mut conn = node.bus.conn().await?;
+        let located = node
+            .presence
+            .locate(&mut conn, moved.iter().map(|e| &*e.to))
+            .await?;
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        let mut buf = Vec::new();
+        let mut queued = 0;
+        for (mut env, found) in moved.into_iter().zip(located) {
+            let target = match found {
+                Some(n) if n != *node.id && env.hops < MAX_HOPS => {
+                    node.live.is_alive(&mut conn, &n).await?.then_some(n)
+                }
+                _ => None,
+            };
+            let target = match target {
+                Some(target) => {
+                    env.hops += 1;
+                    target
+                }
+                None => {
+                    let error = ClientError::UserNotFound(env.to.to_string()).to_string();
+                    env = Envelope {
+                        id: env.id,
+                        to: env.from.clone(),
+                        hops: env.hops,
+                        body: Body::Error {
+                            error: error.into(),
+                        },
+                        origin: env.origin.clone(),
+                        from: env.from,
+                    };
+                    if *env.origin == *node.id {
+                        self.deliver(&env);
+                        continue;
+                    }
+                    env.origin.to_string()
+                }
+            };
+            buf.clear();
+            env.encode_into(&mut buf);
+            append_entry(
+                &mut pipe,
+                &node.keys.inbox(&target),
+                node.config.inbox_maxlen,
+                &env.from,
+                &env.to,
+                env.body.action(),
+                &buf,
+            );
+            queued += 1;
+        }
+        if queued > 0 {
+            pipe.query_async::<()>(&mut conn).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The entries of an `XREAD` reply for one stream (RESP2 or RESP3 shape).
+fn stream_entries(reply: Value) -> Option<Vec<Value>> {
+    let stream = match reply {
+        Value::Array(mut streams) if !streams.is_empty() => streams.swap_remove(0),
+        Value::Map(mut streams) if !streams.is_empty() => {
+            let (key, entries) = streams.swap_remove(0);
+            Value::Array(vec![key, entries])
+        }
+        _ => return None,
+    };
+    match stream {
+        Value::Array(mut pair) if pair.len() == 2 => match pair.swap_remove(1) {
+            Value::Array(entries) => Some(entries),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// An entry's id and its flat field/value list.
+fn entry_parts(entry: &Value) -> Option<(EntryId, &[Value])> {
+    let Value::Array(parts) = entry else {
+        return None;
+    };
+    let [Value::BulkString(id), Value::Array(fields)] = parts.as_slice() else {
+        return None;
+    };
+    Some((EntryId::parse(id)?, fields))
+}
+
+/// The value of field `name` in a flat field/value list.
+fn field<'a>(fields: &'a [Value], name: &str) -> Option<&'a [u8]> {
+    fields.chunks_exact(2).find_map(|kv| match kv {
+        [Value::BulkString(k), Value::BulkString(v)] if k == name.as_bytes() => Some(v.as_slice()),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_ids_parse_and_advance() {
+        let id = EntryId::parse(b"1700000000000-5").unwrap();
+        assert_eq!(id.to_string(), "1700000000000-5");
+        assert_eq!(id.next().to_string(), "1700000000000-6");
+        let max = EntryId {
+            ms: 7,
+            seq: u64::MAX,
+        };
+        assert_eq!(max.next().to_string(), "8-0");
+        assert!(EntryId::parse(b"x-1").is_none());
+        assert!(EntryId::parse(b"12").is_none());
+    }
+
+    #[test]
+    fn reads_entries_out_of_an_xread_reply() {
+        let bulk = |s: &[u8]| Value::BulkString(s.to_vec());
+        let reply = Value::Array(vec![Value::Array(vec![
+            bulk(b"inbox"),
+            Value::Array(vec![Value::Array(vec![
+                bulk(b"1-1"),
+                Value::Array(vec![bulk(b"from"), bulk(b"a"), bulk(b"env"), bulk(b"\x80")]),
+            ])]),
+        ])]);
+        let entries = stream_entries(reply).unwrap();
+        let (id, fields) = entry_parts(&entries[0]).unwrap();
+        assert_eq!(id, EntryId { ms: 1, seq: 1 });
+        assert_eq!(field(fields, "env"), Some(&b"\x80"[..]));
+        assert_eq!(field(fields, "to"), None);
+        assert!(stream_entries(Value::Nil).is_none());
+        assert!(entry_parts(&bulk(b"junk")).is_none());
+    }
+}

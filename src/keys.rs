@@ -1,0 +1,86 @@
+//! The Redis key layout. Every key wsbus touches is named here, under one prefix.
+//!
+//! | key | type | holds | lifetime |
+//! | --- | --- | --- | --- |
+//! | `P:nodes` | sorted set | node id → last heartbeat (Redis server time, ms) | member removed by the reaper or on clean shutdown |
+//! | `P:node:<id>` | hash | `addr`, `started`, `version` | TTL = node TTL, refreshed every heartbeat |
+//! | `P:node:<id>:users` | set | user ids connected to that node | deleted on clean shutdown or by the reaper |
+//! | `P:user:<uid>` | hash | `node`, `sid`, `since` | deleted on disconnect; the reaper deletes a dead node's |
+//! | `P:inbox:<id>` | stream | envelopes for that node (`from`, `to`, `action`, `env`) | trimmed as delivered, `MAXLEN ~` cap; deleted with its node |
+//! | `P:reap:<id>` | string | which node is reaping dead node `<id>` | short TTL |
+
+/// Builds key names under a prefix.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    /// Keys under `prefix` (default `wsbus`).
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    /// The prefix itself.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// `P:nodes`: the live-node registry.
+    pub fn nodes(&self) -> String {
+        format!("{}:nodes", self.prefix)
+    }
+
+    /// `P:node:<id>`: a node's description, with the heartbeat TTL.
+    pub fn node(&self, node: &str) -> String {
+        format!("{}:node:{node}", self.prefix)
+    }
+
+    /// `P:node:<id>:users`: the users a node holds.
+    pub fn node_users(&self, node: &str) -> String {
+        format!("{}:node:{node}:users", self.prefix)
+    }
+
+    /// `P:user:<uid>`: where a user is connected.
+    pub fn user(&self, user: &str) -> String {
+        let mut key = String::new();
+        self.user_into(user, &mut key);
+        key
+    }
+
+    /// Writes `P:user:<uid>` into `out` (cleared first), to reuse one buffer on hot paths.
+    pub fn user_into(&self, user: &str, out: &mut String) {
+        out.clear();
+        out.push_str(&self.prefix);
+        out.push_str(":user:");
+        out.push_str(user);
+    }
+
+    /// `P:inbox:<id>`: a node's inbox stream.
+    pub fn inbox(&self, node: &str) -> String {
+        format!("{}:inbox:{node}", self.prefix)
+    }
+
+    /// `P:reap:<id>`: the lock that makes one survivor reap a dead node.
+    pub fn reap_lock(&self, node: &str) -> String {
+        format!("{}:reap:{node}", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_keys_under_the_prefix() {
+        let k = Keys::new("wsbus");
+        assert_eq!(k.nodes(), "wsbus:nodes");
+        assert_eq!(k.node("a"), "wsbus:node:a");
+        assert_eq!(k.node_users("a"), "wsbus:node:a:users");
+        assert_eq!(k.user("bob"), "wsbus:user:bob");
+        assert_eq!(k.inbox("a"), "wsbus:inbox:a");
+        assert_eq!(k.reap_lock("a"), "wsbus:reap:a");
+    }
+}

@@ -1,0 +1,157 @@
+//! The `wsbus` binary: command line, logging, signals. Everything else is in the library.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use wsbus::NodeConfig;
+use wsbus::dev::DevOptions;
+use wsbus::keys::Keys;
+
+#[derive(Parser)]
+#[command(
+    name = "wsbus",
+    version,
+    about = "WebSocket messaging over Redis Streams"
+)]
+struct Cli {
+    /// Log format (`RUST_LOG` sets the level; default info).
+    #[arg(long, global = true, env = "WSBUS_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one node.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, env = "WSBUS_BIND", default_value = "127.0.0.1:8080")]
+        bind: SocketAddr,
+        #[command(flatten)]
+        config: NodeConfig,
+    },
+    /// Run a local cluster (and its own redis-server unless --redis-url is given).
+    Dev(DevOptions),
+    /// List the registered nodes with their age, users and inbox length.
+    Nodes(AdminArgs),
+    /// Show which node a user is connected to.
+    Whereis {
+        /// The user id.
+        user: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Print a node's inbox entries, envelopes decoded to JSON (one per line).
+    Inspect {
+        /// The node id.
+        node: String,
+        /// Most entries to print.
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// Redis URL.
+    #[arg(
+        long,
+        env = "WSBUS_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    redis_url: String,
+    /// Key prefix.
+    #[arg(long, env = "WSBUS_PREFIX", default_value = "wsbus")]
+    prefix: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Cmd::Serve { bind, config } => {
+            let listener = tokio::net::TcpListener::bind(bind)
+                .await
+                .with_context(|| format!("cannot listen on {bind}"))?;
+            wsbus::run(config, listener, shutdown_signal()).await?;
+        }
+        Cmd::Dev(options) => {
+            tracing::warn!("dev mode: no authentication, local use only");
+            wsbus::dev::run(options, shutdown_signal())
+                .await
+                .map_err(|e| anyhow::anyhow!(e))?;
+        }
+        Cmd::Nodes(admin) => {
+            let nodes = wsbus::admin::nodes(&admin.redis_url, &Keys::new(&admin.prefix)).await?;
+            println!(
+                "{:<24} {:<22} {:>8} {:>10} {:>8} {:>8}",
+                "NODE", "ADDR", "AGE(s)", "HEARTBEAT", "USERS", "INBOX"
+            );
+            for n in nodes {
+                println!(
+                    "{:<24} {:<22} {:>8} {:>8}ms {:>8} {:>8}",
+                    n.id,
+                    n.addr.unwrap_or_else(|| "-".into()),
+                    n.age_secs.map_or("-".into(), |a| a.to_string()),
+                    n.last_heartbeat_ms,
+                    n.users,
+                    n.inbox_len
+                );
+            }
+        }
+        Cmd::Whereis { user, admin } => {
+            let keys = Keys::new(&admin.prefix);
+            match wsbus::admin::where_is(&admin.redis_url, &keys, &user).await? {
+                Some(loc) => println!("{user} is on node {} (session {})", loc.node, loc.sid),
+                None => {
+                    println!("{user} is not connected");
+                    std::process::exit(1);
+                }
+            }
+        }
+        Cmd::Inspect { node, count, admin } => {
+            let keys = Keys::new(&admin.prefix);
+            for entry in wsbus::admin::inspect(&admin.redis_url, &keys, &node, count).await? {
+                println!("{entry}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown signal received");
+}

@@ -1,0 +1,271 @@
+//! A running node: its identity and shared state, and [`run`], which wires the heartbeat,
+//! the inbox consumer, the bus writer and the edge together and shuts them down in order.
+//!
+//! Shutdown goes through one [`CancellationToken`]: stop accepting, close every socket with
+//! 1001, drain the bus writer, remove this node's keys, return.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::bus::{Bus, BusError};
+use crate::config::NodeConfig;
+use crate::hub::Hub;
+use crate::keys::Keys;
+use crate::outbox::Outgoing;
+use crate::presence::Presence;
+use crate::protocol::close;
+use crate::registry::{LiveNodes, Registry};
+use crate::user::{is_valid_id, random_node_id};
+
+/// Why a node could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The configuration is unusable.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Redis setup failed.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// The listener failed.
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What readiness depends on, updated by the tasks that know.
+#[derive(Default)]
+pub struct Health {
+    /// The last heartbeat reached Redis.
+    redis_ok: AtomicBool,
+    /// The inbox consumer's connection is up and its last read returned.
+    inbox_ok: AtomicBool,
+}
+
+impl Health {
+    /// Records whether the last heartbeat reached Redis.
+    pub fn set_redis_ok(&self, ok: bool) {
+        self.redis_ok.store(ok, Ordering::Relaxed);
+    }
+
+    /// Records whether the inbox consumer is reading.
+    pub fn set_inbox_ok(&self, ok: bool) {
+        self.inbox_ok.store(ok, Ordering::Relaxed);
+    }
+
+    /// Whether the last heartbeat reached Redis.
+    pub fn redis_ok(&self) -> bool {
+        self.redis_ok.load(Ordering::Relaxed)
+    }
+
+    /// Whether the inbox consumer is reading.
+    pub fn inbox_ok(&self) -> bool {
+        self.inbox_ok.load(Ordering::Relaxed)
+    }
+}
+
+/// Shared state of a running node.
+pub struct Node {
+    /// This node's id.
+    pub id: Arc<str>,
+    /// Its configuration.
+    pub config: NodeConfig,
+    /// Key names.
+    pub keys: Keys,
+    /// Redis access.
+    pub bus: Arc<Bus>,
+    /// Local sessions.
+    pub hub: Hub,
+    /// Which nodes are alive.
+    pub live: Arc<LiveNodes>,
+    /// User registration.
+    pub presence: Presence,
+    /// This node's registration.
+    pub registry: Registry,
+    /// Queue of the bus writer.
+    pub outbox: mpsc::Sender<Outgoing>,
+    /// Cancelled when the node shuts down.
+    pub shutdown: CancellationToken,
+    /// Session tasks, awaited on shutdown (axum does not track upgraded sockets).
+    pub sessions: TaskTracker,
+    /// Bounds the number of connections.
+    pub connections: Arc<Semaphore>,
+    /// Readiness inputs.
+    pub health: Health,
+    next_sid: AtomicU64,
+    next_message_id: AtomicU64,
+}
+
+impl Node {
+    /// A fresh session id.
+    pub fn next_session_id(&self) -> u64 {
+        self.next_sid.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A fresh message id.
+    pub fn next_message_id(&self) -> u64 {
+        self.next_message_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Wall-clock milliseconds since the epoch (for `since` fields; liveness uses Redis time).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Runs a node on `listener` until `shutdown` resolves, then shuts it down cleanly.
+pub async fn run(
+    config: NodeConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), NodeError> {
+    let id = config.node_id.clone().unwrap_or_else(random_node_id);
+    if !is_valid_id(&id) {
+        return Err(NodeError::Config(format!(
+            "node id {id:?}: use 1-64 of [A-Za-z0-9_.-]"
+        )));
+    }
+    if !is_valid_id(&config.prefix.replace(':', "_")) {
+        return Err(NodeError::Config(format!("prefix {:?}", config.prefix)));
+    }
+    let addr = listener.local_addr()?;
+    let keys = Keys::new(&config.prefix);
+    let bus = Arc::new(Bus::new(&config.redis_url, config.redis_timeout, 16)?);
+    let live = Arc::new(LiveNodes::new(&keys, config.node_ttl));
+    let id: Arc<str> = Arc::from(id);
+    let (outbox, outbox_rx) = mpsc::channel(config.bus_queue.max(1));
+    let node = Arc::new(Node {
+        presence: Presence::new(bus.clone(), keys.clone(), id.clone(), live.clone()),
+        registry: Registry::new(
+            keys.clone(),
+            id.to_string(),
+            addr.to_string(),
+            now_ms(),
+            config.node_ttl,
+            live.clone(),
+        ),
+        hub: Hub::new(config.session_queue),
+        connections: Arc::new(Semaphore::new(config.max_connections)),
+        id,
+        keys,
+        bus,
+        live,
+        outbox,
+        shutdown: CancellationToken::new(),
+        sessions: TaskTracker::new(),
+        health: Health::default(),
+        next_sid: AtomicU64::new(1),
+        next_message_id: AtomicU64::new(1),
+        config,
+    });
+    tracing::info!(node = %node.id, %addr, "node starting");
+
+    // The first heartbeat registers the node; if Redis is down, the loop keeps trying and
+    // the node serves same-node traffic meanwhile.
+    heartbeat_once(&node).await;
+
+    let tasks = TaskTracker::new();
+    let drain = CancellationToken::new();
+    tasks.spawn(heartbeat_loop(node.clone()));
+    tasks.spawn(crate::inbox::run(node.clone()));
+    let writer = tokio::spawn(crate::outbox::run(node.clone(), outbox_rx, drain.clone()));
+    let app = crate::edge::router(node.clone());
+    let stop = node.shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+    });
+
+    tokio::select! {
+        _ = shutdown => {}
+        _ = node.shutdown.cancelled() => {}
+    }
+    let started = Instant::now();
+    tracing::info!(node = %node.id, sessions = node.hub.len(), "node shutting down");
+    node.shutdown.cancel();
+    node.sessions.close();
+    let budget = node.config.shutdown_timeout;
+    if tokio::time::timeout(budget, node.sessions.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("sessions did not all close in time");
+    }
+    drain.cancel();
+    let _ = tokio::time::timeout(remaining(budget, started), writer).await;
+    tasks.close();
+    let _ = tokio::time::timeout(remaining(budget, started), tasks.wait()).await;
+    let deregistered = async {
+        let mut conn = node.bus.conn().await?;
+        node.registry.deregister(&node.bus, &mut conn).await
+    };
+    match tokio::time::timeout(
+        remaining(budget, started).max(Duration::from_secs(1)),
+        deregistered,
+    )
+    .await
+    {
+        Ok(Ok(())) => tracing::info!(node = %node.id, "node removed from Redis"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not remove the node from Redis"),
+        Err(_) => tracing::warn!("removing the node from Redis timed out"),
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
+    Ok(())
+}
+
+fn remaining(budget: Duration, since: Instant) -> Duration {
+    budget.saturating_sub(since.elapsed())
+}
+
+async fn heartbeat_loop(node: Arc<Node>) {
+    let mut tick = tokio::time::interval(node.config.heartbeat_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = node.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        heartbeat_once(&node).await;
+    }
+}
+
+/// One heartbeat, with what follows from it: re-registering local users if Redis lost them,
+/// and reaping dead nodes.
+async fn heartbeat_once(node: &Node) {
+    let result = async {
+        let mut conn = node.bus.conn().await?;
+        let beat = node.registry.beat(&node.bus, &mut conn).await?;
+        if beat.lost {
+            let sessions = node.hub.snapshot();
+            tracing::warn!(
+                sessions = sessions.len(),
+                "registration was missing from Redis; registering local users again"
+            );
+            let lost = node.presence.reclaim(&sessions, now_ms()).await?;
+            for (user, sid) in lost {
+                node.hub.kick(user.as_str(), sid, close::SESSION_REPLACED);
+            }
+        }
+        for dead in &beat.dead {
+            if let Err(e) = node.registry.reap(&node.bus, &mut conn, dead).await {
+                tracing::warn!(node = %dead, error = %e, "reaping failed");
+            }
+        }
+        Ok::<(), BusError>(())
+    }
+    .await;
+    if let Err(e) = &result {
+        tracing::warn!(error = %e, "heartbeat failed");
+    }
+    node.health.set_redis_ok(result.is_ok());
+}

@@ -1,0 +1,221 @@
+//! The bus writer: one task per node that sends cross-node messages. It takes what sessions
+//! queued, looks the recipients up in one pipeline, and appends to their nodes' inboxes in
+//! another (`XADD NOMKSTREAM MAXLEN ~`), so a batch costs two round trips whatever its size,
+//! and one writer keeps each sender's messages in order.
+
+use std::sync::Arc;
+
+use axum::extract::ws::Utf8Bytes;
+use redis::{RedisResult, Value};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{BusError, PooledConn};
+use crate::node::Node;
+use crate::protocol::{ClientError, encode_error, encode_message};
+use crate::user::UserId;
+use crate::wire::{Body, ENVELOPE_FIELD, Envelope};
+
+/// A message for a user who is not on this node (as far as the sender's session knew).
+#[derive(Debug)]
+pub struct Outgoing {
+    /// The sender, connected here.
+    pub from: UserId,
+    /// The recipient's id (validated).
+    pub to: Box<str>,
+    /// The text.
+    pub text: Box<str>,
+}
+
+/// Runs the bus writer until `drain` is cancelled and the queue is empty.
+pub async fn run(node: Arc<Node>, mut rx: mpsc::Receiver<Outgoing>, drain: CancellationToken) {
+    let mut writer = Writer {
+        node,
+        conn: None,
+        env_buf: Vec::with_capacity(256),
+    };
+    let mut batch = Vec::with_capacity(writer.node.config.bus_batch);
+    loop {
+        tokio::select! {
+            biased;
+            n = rx.recv_many(&mut batch, writer.node.config.bus_batch) => {
+                if n == 0 {
+                    return;
+                }
+            }
+            _ = drain.cancelled() => {
+                while let Ok(msg) = rx.try_recv() {
+                    batch.push(msg);
+                }
+                if !batch.is_empty() {
+                    writer.send(&mut batch).await;
+                }
+                return;
+            }
+        }
+        writer.send(&mut batch).await;
+    }
+}
+
+struct Writer {
+    node: Arc<Node>,
+    /// Held across batches: a pool checkout costs a PING round trip.
+    conn: Option<PooledConn>,
+    env_buf: Vec<u8>,
+}
+
+/// Where one message goes after the lookup.
+enum Route {
+    Remote(String),
+    Local,
+    NotFound,
+}
+
+impl Writer {
+    async fn send(&mut self, batch: &mut Vec<Outgoing>) {
+        let result = match self.conn.take() {
+            Some(conn) => Ok(conn),
+            None => self.node.bus.conn().await,
+        };
+        let result = match result {
+            Ok(mut conn) => {
+                let sent = self.try_send(&mut conn, batch).await;
+                if !matches!(&sent, Err(e) if crate::bus::is_connection_error(e)) {
+                    self.conn = Some(conn);
+                }
+                sent
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, messages = batch.len(), "bus write failed");
+            metrics::counter!("wsbus_bus_errors_total").increment(1);
+            for msg in batch.iter() {
+                self.reply_error(msg, &ClientError::BusUnavailable);
+            }
+        }
+        batch.clear();
+    }
+
+    async fn try_send(
+        &mut self,
+        conn: &mut PooledConn,
+        batch: &[Outgoing],
+    ) -> Result<(), BusError> {
+        let node = Arc::clone(&self.node);
+        let located = node
+            .presence
+            .locate(conn, batch.iter().map(|m| &*m.to))
+            .await?;
+        let mut routes = Vec::with_capacity(batch.len());
+        for found in located {
+            routes.push(match found {
+                None => Route::NotFound,
+                Some(n) if *n == *node.id => Route::Local,
+                Some(n) => {
+                    if node.live.is_alive(conn, &n).await? {
+                        Route::Remote(n)
+                    } else {
+                        Route::NotFound
+                    }
+                }
+            });
+        }
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        let mut sent = Vec::with_capacity(batch.len());
+        for (msg, route) in batch.iter().zip(&routes) {
+            match route {
+                Route::Remote(target) => {
+                    let id = node.next_message_id();
+                    self.env_buf.clear();
+                    Envelope {
+                        id,
+                        origin: (&*node.id).into(),
+                        from: msg.from.as_str().into(),
+                        to: (&*msg.to).into(),
+                        hops: 0,
+                        body: Body::Message {
+                            text: (&*msg.text).into(),
+                        },
+                    }
+                    .encode_into(&mut self.env_buf);
+                    append_entry(
+                        &mut pipe,
+                        &node.keys.inbox(target),
+                        node.config.inbox_maxlen,
+                        msg.from.as_str(),
+                        &msg.to,
+                        "message",
+                        &self.env_buf,
+                    );
+                    sent.push(msg);
+                }
+                Route::Local => self.deliver_here(msg),
+                Route::NotFound => self.reply_not_found(msg),
+            }
+        }
+        if sent.is_empty() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let results: Vec<RedisResult<Value>> = pipe.query_async(conn).await?;
+        metrics::histogram!("wsbus_bus_xadd_seconds").record(started.elapsed().as_secs_f64());
+        metrics::counter!("wsbus_messages_to_bus_total").increment(sent.len() as u64);
+        for (msg, result) in sent.into_iter().zip(results) {
+            match result {
+                Ok(Value::Nil) => self.reply_not_found(msg),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "XADD failed");
+                    self.reply_error(msg, &ClientError::BusUnavailable);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The recipient turned out to be on this node (it connected meanwhile).
+    fn deliver_here(&self, msg: &Outgoing) {
+        let frame = Utf8Bytes::from(encode_message(msg.from.as_str(), &msg.to, &msg.text));
+        if self.node.hub.deliver(&msg.to, &frame) == crate::hub::Delivery::NotHere {
+            self.reply_not_found(msg);
+        }
+    }
+
+    fn reply_not_found(&self, msg: &Outgoing) {
+        self.reply_error(msg, &ClientError::UserNotFound(msg.to.to_string()));
+    }
+
+    fn reply_error(&self, msg: &Outgoing, error: &ClientError) {
+        let frame = Utf8Bytes::from(encode_error(msg.from.as_str(), &error.to_string()));
+        self.node.hub.deliver(msg.from.as_str(), &frame);
+    }
+}
+
+/// Adds `XADD <inbox> NOMKSTREAM MAXLEN ~ <cap> * from .. to .. action .. env ..` to `pipe`.
+pub fn append_entry(
+    pipe: &mut redis::Pipeline,
+    inbox: &str,
+    maxlen: usize,
+    from: &str,
+    to: &str,
+    action: &str,
+    env: &[u8],
+) {
+    pipe.cmd("XADD")
+        .arg(inbox)
+        .arg("NOMKSTREAM")
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(maxlen)
+        .arg("*")
+        .arg("from")
+        .arg(from)
+        .arg("to")
+        .arg(to)
+        .arg("action")
+        .arg(action)
+        .arg(ENVELOPE_FIELD)
+        .arg(env);
+}

@@ -1,0 +1,263 @@
+//! The edge protocol: JSON text frames between clients and a node, and every error text and
+//! close code a client can see. This module is the single list of them; the README copies it.
+//!
+//! Client → server: `{"action": "<name>", "data": <object>}`.
+//! Server → client: `{"from": "<user id>", "action": "<name>", "data": <object>}`.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::user::is_valid_id;
+
+/// WebSocket close codes a client can receive.
+pub mod close {
+    /// The node is shutting down (or restarting); reconnect, possibly to another node.
+    pub const GOING_AWAY: u16 = 1001;
+    /// A frame exceeded the maximum frame size and the stream could not be resynchronised.
+    pub const TOO_BIG: u16 = 1009;
+    /// Another live session holds this user id (sent after the `not unique session` error).
+    pub const NOT_UNIQUE: u16 = 4001;
+    /// The client did not read its messages fast enough; its queue overflowed.
+    pub const SLOW_CONSUMER: u16 = 4002;
+    /// The session lost its registration to another session of the same user (after Redis
+    /// lost its data and another node claimed the id first).
+    pub const SESSION_REPLACED: u16 = 4003;
+    /// The client stopped answering pings.
+    pub const PING_TIMEOUT: u16 = 4004;
+}
+
+/// Every error a client can receive in an `error` frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    /// The frame is not valid JSON.
+    #[error("invalid JSON")]
+    InvalidJson,
+    /// The frame is JSON but not an object.
+    #[error("frame must be a JSON object")]
+    NotAnObject,
+    /// No `action` field (or `null`).
+    #[error("missing action")]
+    MissingAction,
+    /// `action` is not a string.
+    #[error("action must be a string")]
+    ActionNotString,
+    /// `action` is `""`.
+    #[error("empty action")]
+    EmptyAction,
+    /// An action this server does not know.
+    #[error("unknown action '{0}'")]
+    UnknownAction(String),
+    /// `data` does not have the shape the action requires.
+    #[error("malformed data: {0}")]
+    MalformedData(&'static str),
+    /// A recipient id outside the id alphabet.
+    #[error("invalid recipient id")]
+    InvalidRecipient,
+    /// A binary frame; only text frames carry the protocol.
+    #[error("binary frames are not supported")]
+    BinaryFrame,
+    /// A frame (or fragmented message) over the configured maximum.
+    #[error("frame too large (max {0} bytes)")]
+    FrameTooLarge(usize),
+    /// The recipient is not connected anywhere.
+    #[error("User '{0}' not found")]
+    UserNotFound(String),
+    /// Redis cannot be reached; the message was not sent.
+    #[error("bus unavailable")]
+    BusUnavailable,
+    /// Another live session holds this user id.
+    #[error("not unique session")]
+    NotUniqueSession,
+}
+
+/// A parsed client frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Command<'a> {
+    /// `message`: deliver `text` to user `to`.
+    Message {
+        /// Recipient user id (validated).
+        to: &'a str,
+        /// The text, unescaped.
+        text: Cow<'a, str>,
+    },
+}
+
+#[derive(Deserialize)]
+struct RawFrame<'a> {
+    #[serde(borrow)]
+    action: Option<&'a RawValue>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct MessageData<'a> {
+    #[serde(borrow)]
+    to: Cow<'a, str>,
+    #[serde(borrow)]
+    text: Cow<'a, str>,
+}
+
+/// Parses one client text frame.
+pub fn parse_command(frame: &str) -> Result<Command<'_>, ClientError> {
+    let raw: RawFrame<'_> = serde_json::from_str(frame).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ClientError::NotAnObject,
+        _ => ClientError::InvalidJson,
+    })?;
+    // serde also fills a struct from a JSON array; only objects are frames.
+    if !frame.trim_start().starts_with('{') {
+        return Err(ClientError::NotAnObject);
+    }
+    let action = raw.action.map(RawValue::get).unwrap_or("null");
+    if action == "null" {
+        return Err(ClientError::MissingAction);
+    }
+    let action: Cow<'_, str> =
+        serde_json::from_str(action).map_err(|_| ClientError::ActionNotString)?;
+    match &*action {
+        "" => Err(ClientError::EmptyAction),
+        "message" => parse_message(raw.data),
+        other => Err(ClientError::UnknownAction(truncate(other, 64).to_owned())),
+    }
+}
+
+fn parse_message(data: Option<&RawValue>) -> Result<Command<'_>, ClientError> {
+    const SHAPE: &str = r#"expected {"to": "<user id>", "text": "<string>"}"#;
+    let data = data.ok_or(ClientError::MalformedData(SHAPE))?;
+    let data: MessageData<'_> =
+        serde_json::from_str(data.get()).map_err(|_| ClientError::MalformedData(SHAPE))?;
+    // A valid id never contains an escape, so it is always borrowed from the frame.
+    let to = match data.to {
+        Cow::Borrowed(to) if is_valid_id(to) => to,
+        _ => return Err(ClientError::InvalidRecipient),
+    };
+    Ok(Command::Message {
+        to,
+        text: data.text,
+    })
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Encodes `{"from":F,"action":"message","data":{"to":T,"text":TEXT}}`, once per message.
+pub fn encode_message(from: &str, to: &str, text: &str) -> String {
+    let mut out = String::with_capacity(52 + from.len() + to.len() + text.len() + text.len() / 8);
+    out.push_str(r#"{"from":"#);
+    push_json_str(&mut out, from);
+    out.push_str(r#","action":"message","data":{"to":"#);
+    push_json_str(&mut out, to);
+    out.push_str(r#","text":"#);
+    push_json_str(&mut out, text);
+    out.push_str("}}");
+    out
+}
+
+/// Encodes `{"from":OWN,"action":"error","data":{"error":TEXT}}`.
+pub fn encode_error(own: &str, error: &str) -> String {
+    let mut out = String::with_capacity(48 + own.len() + error.len());
+    out.push_str(r#"{"from":"#);
+    push_json_str(&mut out, own);
+    out.push_str(r#","action":"error","data":{"error":"#);
+    push_json_str(&mut out, error);
+    out.push_str("}}");
+    out
+}
+
+fn push_json_str(out: &mut String, s: &str) {
+    // Writing JSON into a String cannot fail and always yields UTF-8.
+    let mut buf = std::mem::take(out).into_bytes();
+    serde_json::to_writer(&mut buf, s).expect("serializing a str into a Vec cannot fail");
+    *out = String::from_utf8(buf).expect("serde_json writes UTF-8");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(frame: &str) -> String {
+        parse_command(frame).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn parses_a_message() {
+        let cmd = parse_command(r#"{"action":"message","data":{"to":"bob","text":"hi \"x\""}}"#);
+        assert_eq!(
+            cmd,
+            Ok(Command::Message {
+                to: "bob",
+                text: Cow::Borrowed("hi \"x\"")
+            })
+        );
+    }
+
+    #[test]
+    fn ignores_extra_fields() {
+        let cmd =
+            parse_command(r#"{"id":1,"action":"message","data":{"to":"b","text":"","x":[]}}"#);
+        assert!(matches!(cmd, Ok(Command::Message { to: "b", .. })));
+    }
+
+    #[test]
+    fn names_each_malformation() {
+        assert_eq!(err("{"), "invalid JSON");
+        assert_eq!(err("nope"), "invalid JSON");
+        assert_eq!(err(""), "invalid JSON");
+        assert_eq!(err("[1,2]"), "frame must be a JSON object");
+        assert_eq!(err("\"s\""), "frame must be a JSON object");
+        assert_eq!(err("{}"), "missing action");
+        assert_eq!(err(r#"{"action":null}"#), "missing action");
+        assert_eq!(err(r#"{"action":7}"#), "action must be a string");
+        assert_eq!(err(r#"{"action":""}"#), "empty action");
+        assert_eq!(err(r#"{"action":"fly","data":{}}"#), "unknown action 'fly'");
+        let shape = r#"malformed data: expected {"to": "<user id>", "text": "<string>"}"#;
+        assert_eq!(err(r#"{"action":"message"}"#), shape);
+        assert_eq!(err(r#"{"action":"message","data":5}"#), shape);
+        assert_eq!(err(r#"{"action":"message","data":{"to":"b"}}"#), shape);
+        assert_eq!(
+            err(r#"{"action":"message","data":{"to":"b","text":1}}"#),
+            shape
+        );
+        assert_eq!(
+            err(r#"{"action":"message","data":{"to":"a b","text":""}}"#),
+            "invalid recipient id"
+        );
+        assert_eq!(
+            err(r#"{"action":"message","data":{"to":"\u0062","text":""}}"#),
+            "invalid recipient id"
+        );
+    }
+
+    #[test]
+    fn unknown_action_names_are_truncated_on_a_char_boundary() {
+        let long = format!(r#"{{"action":"{}","data":{{}}}}"#, "é".repeat(100));
+        let text = err(&long);
+        assert!(text.len() < 100, "{text}");
+    }
+
+    #[test]
+    fn encodes_frames_as_valid_json() {
+        let frame = encode_message("a", "b", "line\n\"quoted\" ✓");
+        let v: serde_json::Value = serde_json::from_str(&frame).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"from":"a","action":"message","data":{"to":"b","text":"line\n\"quoted\" ✓"}})
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&encode_error("a", "User 'x' not found")).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"from":"a","action":"error","data":{"error":"User 'x' not found"}})
+        );
+    }
+}

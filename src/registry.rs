@@ -1,0 +1,359 @@
+//! The node registry: this node's registration and heartbeat, the view of which nodes are
+//! alive, and the reaper that cleans up after dead nodes.
+//!
+//! Each heartbeat is one pipeline: refresh `P:node:<id>` (hash + TTL) and record the beat in
+//! `P:nodes` at Redis server time, which returns every node's last beat. A node whose last
+//! beat is older than the node TTL is dead: its users read as not found at once, and one
+//! survivor (guarded by `P:reap:<id>`) deletes its users, user set, inbox and entries.
+//! When the node's own hash is found missing (Redis restarted empty, or this node was reaped
+//! after a stall), the node registers again: inbox, and every local user.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use redis::Value;
+
+use crate::bus::{Bus, BusError, func};
+use crate::keys::Keys;
+
+/// What this node knows of another node's liveness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeStatus {
+    /// Heartbeat within the node TTL, as of the last refresh.
+    Live,
+    /// Registered, but its heartbeat is older than the node TTL.
+    Dead,
+    /// Not registered as of the last refresh (new, or already reaped).
+    Unknown,
+}
+
+/// The live-node view, refreshed every heartbeat.
+pub struct LiveNodes {
+    /// Node id → last heartbeat (Redis server ms). A std lock: held only to read or swap.
+    nodes: RwLock<HashMap<String, u64>>,
+    /// Redis server time of the last refresh (ms).
+    now_ms: AtomicU64,
+    ttl_ms: u64,
+    nodes_key: String,
+}
+
+impl LiveNodes {
+    /// An empty view; nodes silent for longer than `ttl` count as dead.
+    pub fn new(keys: &Keys, ttl: Duration) -> Self {
+        Self {
+            nodes: RwLock::new(HashMap::new()),
+            now_ms: AtomicU64::new(0),
+            ttl_ms: ttl.as_millis() as u64,
+            nodes_key: keys.nodes(),
+        }
+    }
+
+    /// The status of node `id` as of the last refresh.
+    pub fn status(&self, id: &str) -> NodeStatus {
+        let nodes = self.nodes.read().unwrap_or_else(|e| e.into_inner());
+        match nodes.get(id) {
+            None => NodeStatus::Unknown,
+            Some(&last) => self.judge(last, self.now_ms.load(Ordering::Relaxed)),
+        }
+    }
+
+    fn judge(&self, last_ms: u64, now_ms: u64) -> NodeStatus {
+        if now_ms.saturating_sub(last_ms) <= self.ttl_ms {
+            NodeStatus::Live
+        } else {
+            NodeStatus::Dead
+        }
+    }
+
+    /// Replaces the view with a fresh heartbeat reply; returns the dead nodes.
+    fn refresh(&self, now_ms: u64, nodes: HashMap<String, u64>) -> Vec<String> {
+        let dead = nodes
+            .iter()
+            .filter(|&(_, &last)| self.judge(last, now_ms) == NodeStatus::Dead)
+            .map(|(id, _)| id.clone())
+            .collect();
+        *self.nodes.write().unwrap_or_else(|e| e.into_inner()) = nodes;
+        self.now_ms.store(now_ms, Ordering::Relaxed);
+        dead
+    }
+
+    /// Asks Redis directly whether node `id` is alive (for a node the view does not know
+    /// yet) and records the answer.
+    pub async fn check(
+        &self,
+        conn: &mut impl redis::aio::ConnectionLike,
+        id: &str,
+    ) -> Result<bool, BusError> {
+        let (time, score): ((u64, u64), Option<f64>) = redis::pipe()
+            .cmd("TIME")
+            .cmd("ZSCORE")
+            .arg(&self.nodes_key)
+            .arg(id)
+            .query_async(conn)
+            .await?;
+        let now_ms = time.0 * 1000 + time.1 / 1000;
+        let Some(last) = score else {
+            return Ok(false);
+        };
+        let last = last as u64;
+        self.nodes
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_owned(), last);
+        Ok(self.judge(last, now_ms) == NodeStatus::Live)
+    }
+
+    /// Whether node `id` is alive: from the view, or from Redis for a node it does not know.
+    pub async fn is_alive(
+        &self,
+        conn: &mut impl redis::aio::ConnectionLike,
+        id: &str,
+    ) -> Result<bool, BusError> {
+        match self.status(id) {
+            NodeStatus::Live => Ok(true),
+            NodeStatus::Dead => Ok(false),
+            NodeStatus::Unknown => self.check(conn, id).await,
+        }
+    }
+}
+
+/// What one heartbeat found.
+#[derive(Debug, Default)]
+pub struct Beat {
+    /// This node's registration was missing and has been recreated; local users must be
+    /// claimed again.
+    pub lost: bool,
+    /// Nodes whose heartbeat is older than the node TTL.
+    pub dead: Vec<String>,
+}
+
+/// This node's entry in the registry.
+pub struct Registry {
+    keys: Keys,
+    node_id: String,
+    addr: String,
+    started_ms: u64,
+    ttl: Duration,
+    live: std::sync::Arc<LiveNodes>,
+    registered: std::sync::atomic::AtomicBool,
+}
+
+impl Registry {
+    /// The registry entry of node `node_id`, reachable at `addr`.
+    pub fn new(
+        keys: Keys,
+        node_id: String,
+        addr: String,
+        started_ms: u64,
+        ttl: Duration,
+        live: std::sync::Arc<LiveNodes>,
+    ) -> Self {
+        Self {
+            keys,
+            node_id,
+            addr,
+            started_ms,
+            ttl,
+            live,
+            registered: Default::default(),
+        }
+    }
+
+    /// One heartbeat: refreshes the registration (recreating it if missing) and the view.
+    pub async fn beat(
+        &self,
+        bus: &Bus,
+        conn: &mut impl redis::aio::ConnectionLike,
+    ) -> Result<Beat, BusError> {
+        let node_key = self.keys.node(&self.node_id);
+        let mut pipe = redis::pipe();
+        pipe.cmd("HSET")
+            .arg(&node_key)
+            .arg("addr")
+            .arg(&self.addr)
+            .arg("started")
+            .arg(self.started_ms)
+            .arg("version")
+            .arg(env!("CARGO_PKG_VERSION"))
+            .cmd("PEXPIRE")
+            .arg(&node_key)
+            .arg(self.ttl.as_millis() as u64)
+            .ignore()
+            .cmd("FCALL")
+            .arg(func::HEARTBEAT)
+            .arg(1)
+            .arg(self.keys.nodes())
+            .arg(&self.node_id);
+        let (created, reply): (u64, Vec<Value>) = bus.query(conn, &pipe).await?;
+        let (now_ms, nodes) = parse_heartbeat(&reply)?;
+        let mut beat = Beat::default();
+        if created > 0 {
+            // Make the inbox exist, so that senders' `XADD NOMKSTREAM` reaches it. Nobody
+            // else creates it, so an empty one made with `MAXLEN 0` loses no entries.
+            let inbox = self.keys.inbox(&self.node_id);
+            let exists: bool = redis::cmd("EXISTS").arg(&inbox).query_async(conn).await?;
+            if !exists {
+                redis::cmd("XADD")
+                    .arg(&inbox)
+                    .arg("MAXLEN")
+                    .arg(0)
+                    .arg("*")
+                    .arg("_")
+                    .arg("_")
+                    .query_async::<()>(conn)
+                    .await?;
+            }
+            beat.lost = self.registered.swap(true, Ordering::AcqRel);
+        }
+        beat.dead = self.live.refresh(now_ms, nodes);
+        Ok(beat)
+    }
+
+    /// Reaps dead node `dead` unless another survivor is already at it: deletes its users
+    /// (those still naming it), its user set, inbox, hash and registry entry.
+    pub async fn reap(
+        &self,
+        bus: &Bus,
+        conn: &mut impl redis::aio::ConnectionLike,
+        dead: &str,
+    ) -> Result<bool, BusError> {
+        let locked: Option<String> = redis::cmd("SET")
+            .arg(self.keys.reap_lock(dead))
+            .arg(&self.node_id)
+            .arg("NX")
+            .arg("PX")
+            .arg(30_000)
+            .query_async(conn)
+            .await?;
+        if locked.is_none() {
+            return Ok(false);
+        }
+        release_all_users(&self.keys, bus, conn, dead).await?;
+        remove_node_keys(&self.keys, conn, dead).await?;
+        tracing::info!(node = dead, "reaped dead node");
+        Ok(true)
+    }
+
+    /// Removes this node from Redis on clean shutdown: its users, user set, inbox, hash and
+    /// registry entry.
+    pub async fn deregister(
+        &self,
+        bus: &Bus,
+        conn: &mut impl redis::aio::ConnectionLike,
+    ) -> Result<(), BusError> {
+        release_all_users(&self.keys, bus, conn, &self.node_id).await?;
+        remove_node_keys(&self.keys, conn, &self.node_id).await
+    }
+}
+
+/// Deletes every `P:user:<uid>` in node's user set that still names that node.
+async fn release_all_users(
+    keys: &Keys,
+    bus: &Bus,
+    conn: &mut impl redis::aio::ConnectionLike,
+    node: &str,
+) -> Result<(), BusError> {
+    let set = keys.node_users(node);
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, users): (u64, Vec<String>) = redis::cmd("SSCAN")
+            .arg(&set)
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        if !users.is_empty() {
+            let mut pipe = redis::pipe();
+            for user in &users {
+                pipe.cmd("FCALL")
+                    .arg(func::RELEASE_NODE)
+                    .arg(1)
+                    .arg(keys.user(user))
+                    .arg(node)
+                    .ignore();
+            }
+            bus.query::<()>(conn, &pipe).await?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}
+
+async fn remove_node_keys(
+    keys: &Keys,
+    conn: &mut impl redis::aio::ConnectionLike,
+    node: &str,
+) -> Result<(), BusError> {
+    redis::pipe()
+        .cmd("DEL")
+        .arg(keys.node_users(node))
+        .arg(keys.inbox(node))
+        .arg(keys.node(node))
+        .ignore()
+        .cmd("ZREM")
+        .arg(keys.nodes())
+        .arg(node)
+        .ignore()
+        .query_async::<()>(conn)
+        .await?;
+    Ok(())
+}
+
+fn parse_heartbeat(reply: &[Value]) -> Result<(u64, HashMap<String, u64>), BusError> {
+    let bad = || BusError::Reply("heartbeat");
+    let (now, rest) = reply.split_first().ok_or_else(bad)?;
+    let now = match now {
+        Value::Int(n) => *n as u64,
+        _ => return Err(bad()),
+    };
+    let mut nodes = HashMap::with_capacity(rest.len() / 2);
+    for pair in rest.chunks_exact(2) {
+        let (Value::BulkString(id), Value::BulkString(score)) = (&pair[0], &pair[1]) else {
+            return Err(bad());
+        };
+        let id = String::from_utf8(id.clone()).map_err(|_| bad())?;
+        let score: f64 = std::str::from_utf8(score)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(bad)?;
+        nodes.insert(id, score as u64);
+    }
+    Ok((now, nodes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn judges_liveness_by_server_time() {
+        let live = LiveNodes::new(&Keys::new("t"), Duration::from_secs(5));
+        let dead = live.refresh(
+            100_000,
+            HashMap::from([("a".to_owned(), 99_000), ("b".to_owned(), 90_000)]),
+        );
+        assert_eq!(dead, vec!["b".to_owned()]);
+        assert_eq!(live.status("a"), NodeStatus::Live);
+        assert_eq!(live.status("b"), NodeStatus::Dead);
+        assert_eq!(live.status("c"), NodeStatus::Unknown);
+    }
+
+    #[test]
+    fn parses_heartbeat_replies() {
+        let reply = vec![
+            Value::Int(5000),
+            Value::BulkString(b"a".to_vec()),
+            Value::BulkString(b"4000".to_vec()),
+        ];
+        let (now, nodes) = parse_heartbeat(&reply).unwrap();
+        assert_eq!(now, 5000);
+        assert_eq!(nodes["a"], 4000);
+        assert!(parse_heartbeat(&[]).is_err());
+        assert!(parse_heartbeat(&[Value::Int(1), Value::Int(2), Value::Int(3)]).is_err());
+    }
+}

@@ -1,0 +1,258 @@
+//! One connected client: reads its frames and routes them, writes what is queued for it,
+//! pings it, and cleans up after it. One task per connection.
+//!
+//! Writes drain the whole queue with `feed` and finish with one `flush`. Every await that
+//! can block on the client (a write) also watches the session's kick and the node's
+//! shutdown, so a client that stops reading cannot hold its task hostage.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::SinkExt;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::hub::{Delivery, SessionInbox};
+use crate::node::Node;
+use crate::outbox::Outgoing;
+use crate::protocol::{ClientError, Command, close, encode_error, encode_message, parse_command};
+use crate::user::UserId;
+
+/// Frames written per flush at most, so reads are not starved by a long queue.
+const MAX_FRAMES_PER_FLUSH: usize = 256;
+
+/// Releases the user's registration when the session ends, however it ends (including an
+/// upgrade that never completed, when the session is dropped without running).
+pub struct SessionGuard {
+    node: Arc<Node>,
+    user: UserId,
+    sid: u64,
+}
+
+impl SessionGuard {
+    /// A guard for session `sid` of `user`.
+    pub fn new(node: Arc<Node>, user: UserId, sid: u64) -> Self {
+        Self { node, user, sid }
+    }
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.node.hub.remove(self.user.as_str(), self.sid);
+        if self.node.shutdown.is_cancelled() {
+            // The node deregisters all its users at once on shutdown.
+            return;
+        }
+        let node = self.node.clone();
+        let user = self.user.clone();
+        let sid = self.sid;
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(node.sessions.clone().track_future(async move {
+                if let Err(e) = node.presence.release(&user, sid).await {
+                    tracing::warn!(user = %user, error = %e, "could not release user");
+                }
+            }));
+        }
+    }
+}
+
+/// Why the session loop ended.
+enum End {
+    /// Close the socket with this code.
+    Close(u16, &'static str),
+    /// The connection is gone or broken; nothing more to write.
+    Gone,
+}
+
+/// A session about to run.
+pub struct Session {
+    node: Arc<Node>,
+    user: UserId,
+    queue: SessionInbox,
+    _guard: SessionGuard,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Session {
+    /// Prepares the session of `user` (already claimed and in the hub).
+    pub fn new(
+        node: Arc<Node>,
+        user: UserId,
+        _sid: u64,
+        queue: SessionInbox,
+        guard: SessionGuard,
+        permit: OwnedSemaphorePermit,
+    ) -> Self {
+        Self {
+            node,
+            user,
+            queue,
+            _guard: guard,
+            _permit: permit,
+        }
+    }
+
+    /// Serves the socket until either side ends the session.
+    pub async fn run(mut self, mut socket: WebSocket) {
+        let end = self.serve(&mut socket).await;
+        if let End::Close(code, reason) = end {
+            let frame = Message::Close(Some(CloseFrame {
+                code,
+                reason: reason.into(),
+            }));
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(1), socket.send(frame)).await;
+        }
+        metrics::counter!("wsbus_connections_closed_total").increment(1);
+    }
+
+    async fn serve(&mut self, socket: &mut WebSocket) -> End {
+        let node = self.node.clone();
+        let mut ping = tokio::time::interval(node.config.ping_interval);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ping.tick().await;
+        let mut heard_from = true;
+        loop {
+            let kick = self.queue.kick.clone();
+            tokio::select! {
+                biased;
+                _ = kick.kicked() => return self.kicked(),
+                _ = node.shutdown.cancelled() => return End::Close(close::GOING_AWAY, "node shutting down"),
+                frame = self.queue.rx.recv() => {
+                    let Some(frame) = frame else { return End::Gone };
+                    if let Err(end) = self.write_queued(socket, frame).await {
+                        return end;
+                    }
+                }
+                incoming = socket.recv() => {
+                    heard_from = true;
+                    match incoming {
+                        None | Some(Ok(Message::Close(_))) => return End::Gone,
+                        Some(Ok(Message::Text(text))) => {
+                            if let Err(error) = self.handle(&text).await
+                                && let Err(end) = self.write_error(socket, &error).await
+                            {
+                                return end;
+                            }
+                        }
+                        Some(Ok(Message::Binary(_))) => {
+                            if let Err(end) = self.write_error(socket, &ClientError::BinaryFrame).await {
+                                return end;
+                            }
+                        }
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        Some(Err(e)) => return self.read_failed(socket, e).await,
+                    }
+                }
+                _ = ping.tick() => {
+                    if !heard_from {
+                        return End::Close(close::PING_TIMEOUT, "ping timeout");
+                    }
+                    heard_from = false;
+                    if let Err(end) = self.write(socket, Message::Ping(Default::default()), true).await {
+                        return end;
+                    }
+                }
+            }
+        }
+    }
+
+    fn kicked(&self) -> End {
+        match self.queue.kick.code() {
+            Some(close::SLOW_CONSUMER) => End::Close(close::SLOW_CONSUMER, "slow consumer"),
+            Some(close::SESSION_REPLACED) => {
+                End::Close(close::SESSION_REPLACED, "session replaced")
+            }
+            Some(code) => End::Close(code, ""),
+            None => End::Gone,
+        }
+    }
+
+    /// Routes one client frame: same node directly, other nodes through the bus writer.
+    async fn handle(&self, text: &str) -> Result<(), ClientError> {
+        metrics::counter!("wsbus_messages_received_total").increment(1);
+        let Command::Message { to, text } = parse_command(text)?;
+        let node = &self.node;
+        if node.hub.contains(to) {
+            let frame = Utf8Bytes::from(encode_message(self.user.as_str(), to, &text));
+            match node.hub.deliver(to, &frame) {
+                Delivery::Queued | Delivery::SlowConsumer => {
+                    metrics::counter!("wsbus_messages_delivered_local_total").increment(1);
+                    return Ok(());
+                }
+                // Left in between; try the bus.
+                Delivery::NotHere => {}
+            }
+        }
+        let msg = Outgoing {
+            from: self.user.clone(),
+            to: to.into(),
+            text: match text {
+                Cow::Borrowed(t) => t.into(),
+                Cow::Owned(t) => t.into_boxed_str(),
+            },
+        };
+        node.outbox
+            .send(msg)
+            .await
+            .map_err(|_| ClientError::BusUnavailable)
+    }
+
+    async fn read_failed(&mut self, socket: &mut WebSocket, error: axum::Error) -> End {
+        let too_big = error
+            .into_inner()
+            .downcast_ref::<tungstenite::Error>()
+            .is_some_and(|e| matches!(e, tungstenite::Error::Capacity(_)));
+        if !too_big {
+            return End::Gone;
+        }
+        let limit = self.node.config.max_frame_bytes;
+        let _ = self
+            .write_error(socket, &ClientError::FrameTooLarge(limit))
+            .await;
+        End::Close(close::TOO_BIG, "frame too large")
+    }
+
+    async fn write_error(&self, socket: &mut WebSocket, error: &ClientError) -> Result<(), End> {
+        let frame = encode_error(self.user.as_str(), &error.to_string());
+        self.write(socket, Message::Text(frame.into()), true).await
+    }
+
+    /// Writes `first` and whatever else is queued, then flushes once.
+    async fn write_queued(&mut self, socket: &mut WebSocket, first: Utf8Bytes) -> Result<(), End> {
+        self.write(socket, Message::Text(first), false).await?;
+        let mut n = 1;
+        while n < MAX_FRAMES_PER_FLUSH {
+            let Ok(frame) = self.queue.rx.try_recv() else {
+                break;
+            };
+            self.write(socket, Message::Text(frame), false).await?;
+            n += 1;
+        }
+        self.flush(socket).await
+    }
+
+    /// Feeds one frame (and flushes if asked), giving up when kicked or shutting down.
+    async fn write(&self, socket: &mut WebSocket, msg: Message, flush: bool) -> Result<(), End> {
+        let kick = &self.queue.kick;
+        let result = tokio::select! {
+            biased;
+            _ = kick.kicked() => return Err(self.kicked()),
+            _ = self.node.shutdown.cancelled() => return Err(End::Close(close::GOING_AWAY, "node shutting down")),
+            r = async {
+                if flush { socket.send(msg).await } else { socket.feed(msg).await }
+            } => r,
+        };
+        result.map_err(|_| End::Gone)
+    }
+
+    async fn flush(&self, socket: &mut WebSocket) -> Result<(), End> {
+        let kick = &self.queue.kick;
+        tokio::select! {
+            biased;
+            _ = kick.kicked() => Err(self.kicked()),
+            _ = self.node.shutdown.cancelled() => Err(End::Close(close::GOING_AWAY, "node shutting down")),
+            r = socket.flush() => r.map_err(|_| End::Gone),
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! The bus envelope: what one node sends another through an inbox stream, as MessagePack.
+//!
+//! A stream entry carries `from`, `to` and `action` as plain fields (so `redis-cli XRANGE`
+//! shows who talks to whom) and the whole envelope, MessagePack with named fields, in `env`.
+//! Decoding only ever trusts `env`; the plain fields are for people.
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+
+/// Stream field holding the MessagePack envelope.
+pub const ENVELOPE_FIELD: &str = "env";
+
+/// How many times an envelope may be forwarded after its recipient moved.
+pub const MAX_HOPS: u8 = 1;
+
+/// One message on the bus.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope<'a> {
+    /// Message id, unique per origin node (origin + id is unique in the cluster).
+    pub id: u64,
+    /// The node the sender is connected to; errors about this envelope go back there.
+    #[serde(borrow)]
+    pub origin: Cow<'a, str>,
+    /// Sender user id.
+    #[serde(borrow)]
+    pub from: Cow<'a, str>,
+    /// Recipient user id.
+    #[serde(borrow)]
+    pub to: Cow<'a, str>,
+    /// How often this envelope was forwarded because its recipient had moved.
+    pub hops: u8,
+    /// What it carries.
+    #[serde(borrow)]
+    pub body: Body<'a>,
+}
+
+/// The payload of an envelope; its variant is the action.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Body<'a> {
+    /// A direct message from `from` to `to`.
+    Message {
+        /// The text as the sender wrote it.
+        #[serde(borrow)]
+        text: Cow<'a, str>,
+    },
+    /// An error for user `to` (the original sender) about a message it sent.
+    Error {
+        /// The client-facing error text.
+        #[serde(borrow)]
+        error: Cow<'a, str>,
+    },
+}
+
+impl Body<'_> {
+    /// The action name, as in the stream's `action` field.
+    pub fn action(&self) -> &'static str {
+        match self {
+            Body::Message { .. } => "message",
+            Body::Error { .. } => "error",
+        }
+    }
+}
+
+/// Why an envelope could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The entry has no `env` field.
+    #[error("entry has no `{ENVELOPE_FIELD}` field")]
+    Missing,
+    /// The bytes are not a valid envelope.
+    #[error("undecodable envelope: {0}")]
+    Invalid(#[from] rmp_serde::decode::Error),
+}
+
+impl<'a> Envelope<'a> {
+    /// Appends the MessagePack encoding to `out` (reuse one buffer across envelopes).
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        let mut ser = rmp_serde::Serializer::new(out).with_struct_map();
+        self.serialize(&mut ser)
+            .expect("an envelope always serializes into a Vec");
+    }
+
+    /// Decodes an envelope, borrowing strings from `bytes` where it can.
+    pub fn decode(bytes: &'a [u8]) -> Result<Self, DecodeError> {
+        Ok(rmp_serde::from_slice(bytes)?)
+    }
+
+    /// Copies every borrowed string, detaching the envelope from its buffer.
+    pub fn into_owned(self) -> Envelope<'static> {
+        Envelope {
+            id: self.id,
+            origin: Cow::Owned(self.origin.into_owned()),
+            from: Cow::Owned(self.from.into_owned()),
+            to: Cow::Owned(self.to.into_owned()),
+            hops: self.hops,
+            body: match self.body {
+                Body::Message { text } => Body::Message {
+                    text: Cow::Owned(text.into_owned()),
+                },
+                Body::Error { error } => Body::Error {
+                    error: Cow::Owned(error.into_owned()),
+                },
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Envelope<'static> {
+        Envelope {
+            id: 42,
+            origin: "node-a".into(),
+            from: "alice".into(),
+            to: "bob".into(),
+            hops: 0,
+            body: Body::Message {
+                text: "hello ✓".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let mut buf = Vec::new();
+        sample().encode_into(&mut buf);
+        assert_eq!(Envelope::decode(&buf).unwrap(), sample());
+        let err = Envelope {
+            body: Body::Error {
+                error: "User 'bob' not found".into(),
+            },
+            ..sample()
+        };
+        buf.clear();
+        err.encode_into(&mut buf);
+        assert_eq!(Envelope::decode(&buf).unwrap(), err);
+        assert_eq!(err.body.action(), "error");
+    }
+
+    #[test]
+    fn borrows_strings_from_the_buffer() {
+        let mut buf = Vec::new();
+        sample().encode_into(&mut buf);
+        let env = Envelope::decode(&buf).unwrap();
+        assert!(matches!(env.from, Cow::Borrowed(_)));
+        assert!(matches!(
+            env.body,
+            Body::Message {
+                text: Cow::Borrowed(_)
+            }
+        ));
+    }
+
+    #[test]
+    fn rejects_garbage_and_truncation_without_panicking() {
+        let mut buf = Vec::new();
+        sample().encode_into(&mut buf);
+        for cut in 0..buf.len() {
+            assert!(
+                Envelope::decode(&buf[..cut]).is_err(),
+                "prefix of {cut} bytes"
+            );
+        }
+        assert!(Envelope::decode(b"\xc1\xff\x00").is_err());
+        assert!(Envelope::decode(b"{\"json\":1}").is_err());
+    }
+}
