@@ -16,6 +16,7 @@
 #   IDLE_HATCH [5000]   connect rate of the large idle scenario
 #   CHURN_RATE [200]    churn cycles/s
 #   SKIP_BUILD          set to skip `cargo build --release --workspace`
+#   WSBUS_BIN, LOADTEST_BIN  override the binaries [target/release/...]
 #   OUT                 results dir [target/bench/<timestamp>]
 set -euo pipefail
 
@@ -37,8 +38,8 @@ done
 if [ -z "${SKIP_BUILD:-}" ]; then
     cargo build --release --workspace
 fi
-WSBUS=$ROOT/target/release/wsbus
-LT=$ROOT/target/release/wsbus-loadtest
+WSBUS=${WSBUS_BIN:-$ROOT/target/release/wsbus}
+LT=${LOADTEST_BIN:-$ROOT/target/release/wsbus-loadtest}
 [ -x "$WSBUS" ] || { echo "bench: $WSBUS missing" >&2; exit 2; }
 [ -x "$LT" ] || { echo "bench: $LT missing" >&2; exit 2; }
 

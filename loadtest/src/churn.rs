@@ -184,7 +184,7 @@ async fn anchor(sh: Arc<Shared>, mut ws: Ws, mut stop: watch::Receiver<bool>) {
             f = ws.next() => match f {
                 Some(Ok(Message::Text(t))) => match conn::parse(t.as_str()) {
                     Incoming::Message(text) => on_anchor_message(&sh, &text),
-                    Incoming::Error(e) => sh.errors.add(&e),
+                    Incoming::Error(e) => sh.errors.add(&conn::error_key(&e)),
                     Incoming::Other => {}
                 },
                 Some(Ok(Message::Close(f))) => {
@@ -295,9 +295,9 @@ async fn cycle_inner(
             f = ws.next() => match f {
                 Some(Ok(Message::Text(t))) => {
                     if let Incoming::Error(e) = conn::parse(t.as_str()) {
-                        sh.errors.add(&e);
+                        sh.errors.add(&conn::error_key(&e));
                         sh.errored.fetch_add(1, Relaxed);
-                        return Err(format!("error frame: {e}"));
+                        return Err(format!("error frame: {}", conn::error_key(&e)));
                     }
                 }
                 Some(Ok(Message::Close(f))) => return Err(conn::close_kind(f.as_ref())),

@@ -192,6 +192,22 @@ pub(crate) fn parse(frame: &str) -> Incoming<'_> {
     }
 }
 
+/// Aggregation key of an error text: quoted parts (user ids) become `*`,
+/// so `User 'lt1-7' not found` counts as `User '*' not found`.
+pub(crate) fn error_key(e: &str) -> Cow<'_, str> {
+    if !e.contains('\'') {
+        return Cow::Borrowed(e);
+    }
+    let mut out = String::with_capacity(e.len());
+    for (i, part) in e.split('\'').enumerate() {
+        if i > 0 {
+            out.push('\'');
+        }
+        out.push_str(if i % 2 == 1 { "*" } else { part });
+    }
+    Cow::Owned(out)
+}
+
 /// Splits a text of the form `a:b:c:...` into its first three numeric fields.
 /// The first field may carry a one-letter tag (`c17`).
 pub(crate) fn decode_text(text: &str) -> Option<(u64, u64, u64)> {
@@ -249,5 +265,7 @@ mod tests {
         let e = r#"{"from":"a","action":"error","data":{"error":"User 'x' not found"}}"#;
         assert!(matches!(parse(e), Incoming::Error(t) if t == "User 'x' not found"));
         assert!(matches!(parse("nope"), Incoming::Other));
+        assert_eq!(error_key("User 'x-1' not found"), "User '*' not found");
+        assert_eq!(error_key("bus unavailable"), "bus unavailable");
     }
 }

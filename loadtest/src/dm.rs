@@ -341,7 +341,7 @@ async fn user_task(sh: Arc<Shared>, me: u32, mut ws: Ws, mut phase_rx: watch::Re
                         on_message(&sh, me, &mut rx, &text);
                     }
                     Incoming::Error(e) => {
-                        sh.errors.add(&e);
+                        sh.errors.add(&conn::error_key(&e));
                         sh.errored.fetch_add(1, Relaxed);
                         if !open {
                             my_permits.add_permits(1);

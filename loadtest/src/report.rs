@@ -236,6 +236,20 @@ impl Report {
             }
             if m.sent == 0 {
                 self.problems.push("no message was sent".to_owned());
+            } else if m.delivered == 0 {
+                self.problems.push("no message was delivered".to_owned());
+            }
+            if m.errored > 0 {
+                self.problems.push(format!(
+                    "{} messages answered with an error frame",
+                    m.errored
+                ));
+            }
+        }
+        if let Some(c) = &self.churn {
+            let failed: u64 = c.failures.values().sum();
+            if failed > 0 {
+                self.problems.push(format!("{failed} churn cycles failed"));
             }
         }
         let dropped: u64 = self.disconnects.values().sum();

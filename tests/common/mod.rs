@@ -1,0 +1,375 @@
+//! The shared test harness: real `redis-server` processes, real nodes (in-process through
+//! `wsbus::run`, or as `wsbus` processes where signals matter) and real WebSocket clients.
+//! Everything waits on conditions with deadlines; nothing sleeps for a guessed time.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+use wsbus::NodeConfig;
+pub use wsbus::dev::RedisChild as Redis;
+
+/// How long any expected event may take before a test fails.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Polls `check` until it returns `Some` or `deadline` passes.
+pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A node config with test timings: fast heartbeats and a short node TTL.
+pub fn config(id: &str, redis: &str) -> NodeConfig {
+    let mut c = NodeConfig::new(id, redis);
+    c.heartbeat_interval = Duration::from_millis(100);
+    c.node_ttl = Duration::from_millis(1500);
+    c.inbox_block = Duration::from_millis(500);
+    c.redis_timeout = Duration::from_millis(500);
+    c.shutdown_timeout = Duration::from_secs(3);
+    c
+}
+
+/// A node running in this process.
+pub struct Node {
+    pub id: String,
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+    task: Option<JoinHandle<Result<(), wsbus::NodeError>>>,
+}
+
+impl Node {
+    /// Starts node `id` on Redis `redis` with test timings.
+    pub async fn start(id: &str, redis: &str) -> Node {
+        Self::start_with(config(id, redis)).await
+    }
+
+    /// Starts a node with this config.
+    pub async fn start_with(config: NodeConfig) -> Node {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let id = config.node_id.clone().unwrap();
+        let task = tokio::spawn(wsbus::run(config, listener, stop.clone().cancelled_owned()));
+        let node = Node {
+            id,
+            addr,
+            stop,
+            task: Some(task),
+        };
+        node.wait_ready().await;
+        node
+    }
+
+    /// Waits until `/readyz` says ready.
+    pub async fn wait_ready(&self) {
+        let addr = self.addr;
+        eventually(DEADLINE, "node ready", || async move {
+            http_get(addr, "/readyz").await.filter(|(s, _)| *s == 200)
+        })
+        .await;
+    }
+
+    /// The WebSocket URL of `user` on this node.
+    pub fn url(&self, user: &str) -> String {
+        format!("ws://{}/ws/{user}", self.addr)
+    }
+
+    /// Connects `user`, panicking on failure.
+    pub async fn connect(&self, user: &str) -> Client {
+        Client::connect(self, user).await.unwrap_or_else(|status| {
+            panic!("connecting {user} to {} failed: HTTP {status}", self.id)
+        })
+    }
+
+    /// Shuts the node down cleanly and waits for it.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(DEADLINE, task)
+                .await
+                .expect("node stops in time")
+                .unwrap()
+                .unwrap();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// `GET path` on `addr`: (status, body), or `None` if nothing answered.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((status, body))
+}
+
+/// A real WebSocket client.
+pub struct Client {
+    pub user: String,
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// What arrived from the server.
+#[derive(Debug)]
+pub enum Event {
+    Json(Value),
+    Closed(Option<u16>),
+}
+
+impl Client {
+    /// Connects `user` to `node`; `Err(status)` when the upgrade is refused.
+    pub async fn connect(node: &Node, user: &str) -> Result<Client, u16> {
+        Self::connect_url(&node.url(user), user).await
+    }
+
+    /// Connects to a raw URL.
+    pub async fn connect_url(url: &str, user: &str) -> Result<Client, u16> {
+        match tokio_tungstenite::connect_async(url).await {
+            Ok((ws, _)) => Ok(Client {
+                user: user.to_owned(),
+                ws,
+            }),
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+            Err(e) => panic!("connect {url}: {e}"),
+        }
+    }
+
+    /// Sends a raw text frame.
+    pub async fn send_raw(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).await.unwrap();
+    }
+
+    /// Sends any frame.
+    pub async fn send_frame(&mut self, msg: Message) {
+        self.ws.send(msg).await.unwrap();
+    }
+
+    /// Sends a `message` to `to`.
+    pub async fn send_to(&mut self, to: &str, text: &str) {
+        let frame = json!({"action": "message", "data": {"to": to, "text": text}});
+        self.send_raw(&frame.to_string()).await;
+    }
+
+    /// Feeds a `message` without flushing (for fast bursts); call `flush` after.
+    pub async fn feed_to(&mut self, to: &str, text: &str) {
+        let frame = json!({"action": "message", "data": {"to": to, "text": text}});
+        self.ws.feed(Message::text(frame.to_string())).await.unwrap();
+    }
+
+    /// Flushes fed frames.
+    pub async fn flush(&mut self) {
+        self.ws.flush().await.unwrap();
+    }
+
+    /// The next JSON frame or close, within the deadline.
+    pub async fn next_event(&mut self) -> Event {
+        self.next_event_within(DEADLINE)
+            .await
+            .unwrap_or_else(|| panic!("{}: nothing arrived in time", self.user))
+    }
+
+    /// The next JSON frame or close, or `None` if nothing arrives within `wait`.
+    pub async fn next_event_within(&mut self, wait: Duration) -> Option<Event> {
+        let end = Instant::now() + wait;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            let msg = tokio::time::timeout(left, self.ws.next()).await.ok()?;
+            match msg {
+                Some(Ok(Message::Text(t))) => {
+                    return Some(Event::Json(serde_json::from_str(&t).expect("server sends JSON")));
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    return Some(Event::Closed(frame.map(|f| u16::from(f.code))));
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(other)) => panic!("unexpected frame {other:?}"),
+                None | Some(Err(_)) => return Some(Event::Closed(None)),
+            }
+        }
+    }
+
+    /// The next frame, which must be JSON.
+    pub async fn recv(&mut self) -> Value {
+        match self.next_event().await {
+            Event::Json(v) => v,
+            Event::Closed(code) => panic!("{}: closed ({code:?}) instead of a frame", self.user),
+        }
+    }
+
+    /// Expects a message from `from` with `text`.
+    pub async fn expect_message(&mut self, from: &str, text: &str) {
+        let v = self.recv().await;
+        assert_eq!(
+            v,
+            json!({"from": from, "action": "message", "data": {"to": self.user, "text": text}}),
+            "{} expected a message from {from}",
+            self.user
+        );
+    }
+
+    /// Expects an error frame with `error`.
+    pub async fn expect_error(&mut self, error: &str) {
+        let v = self.recv().await;
+        assert_eq!(
+            v,
+            json!({"from": self.user, "action": "error", "data": {"error": error}}),
+            "{} expected an error",
+            self.user
+        );
+    }
+
+    /// Expects the server to close with `code`.
+    pub async fn expect_close(&mut self, code: u16) {
+        match self.next_event().await {
+            Event::Closed(got) => assert_eq!(got, Some(code), "{}: close code", self.user),
+            Event::Json(v) => panic!("{}: expected close {code}, got {v}", self.user),
+        }
+    }
+
+    /// Asserts that nothing arrives for `wait` (used only to check for absence after the
+    /// event that would have caused it was already observed elsewhere).
+    pub async fn expect_silence(&mut self, wait: Duration) {
+        if let Some(e) = self.next_event_within(wait).await {
+            panic!("{}: expected nothing, got {e:?}", self.user);
+        }
+    }
+
+    /// Closes the connection normally.
+    pub async fn close(mut self) {
+        let _ = self
+            .ws
+            .close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                code: CloseCode::Normal,
+                reason: "".into(),
+            }))
+            .await;
+        // Wait for the server's close reply, so the server has seen it.
+        let _ = tokio::time::timeout(DEADLINE, async { while self.ws.next().await.is_some() {} }).await;
+    }
+
+    /// Drops the TCP connection without a close frame.
+    pub fn abort(self) {
+        drop(self);
+    }
+}
+
+/// A direct Redis connection for inspecting and injecting.
+pub async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// Keys under the default prefix, sorted.
+pub async fn keys(url: &str) -> Vec<String> {
+    let mut c = redis_conn(url).await;
+    let mut k: Vec<String> = redis::cmd("KEYS").arg("wsbus:*").query_async(&mut c).await.unwrap();
+    k.sort();
+    k
+}
+
+/// The node `user` is registered on, if any.
+pub async fn where_is(url: &str, user: &str) -> Option<String> {
+    let mut c = redis_conn(url).await;
+    redis::cmd("HGET")
+        .arg(format!("wsbus:user:{user}"))
+        .arg("node")
+        .query_async(&mut c)
+        .await
+        .unwrap()
+}
+
+/// A `wsbus serve` process (for signal tests).
+pub struct NodeProcess {
+    pub id: String,
+    pub addr: SocketAddr,
+    child: tokio::process::Child,
+}
+
+impl NodeProcess {
+    /// Starts `wsbus serve` with test timings.
+    pub async fn start(id: &str, redis: &str) -> NodeProcess {
+        let port = wsbus::dev::free_port().unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsbus"))
+            .args(["serve", "--bind", &addr.to_string(), "--redis-url", redis])
+            .args(["--node-id", id, "--heartbeat-interval", "100ms", "--node-ttl", "1500ms"])
+            .args(["--inbox-block", "500ms"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("run the wsbus binary");
+        let p = NodeProcess {
+            id: id.to_owned(),
+            addr,
+            child,
+        };
+        eventually(DEADLINE, "process node ready", || async move {
+            http_get(addr, "/readyz").await.filter(|(s, _)| *s == 200)
+        })
+        .await;
+        p
+    }
+
+    pub fn url(&self, user: &str) -> String {
+        format!("ws://{}/ws/{user}", self.addr)
+    }
+
+    /// Sends `signal` (e.g. "TERM", "KILL") to the process.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("process running");
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{signal} {pid}");
+    }
+
+    /// Waits for the process to exit; returns how long it took.
+    pub async fn wait_exit(&mut self) -> (std::process::ExitStatus, Duration) {
+        let start = Instant::now();
+        let status = tokio::time::timeout(Duration::from_secs(15), self.child.wait())
+            .await
+            .expect("process exits in time")
+            .unwrap();
+        (status, start.elapsed())
+    }
+}

@@ -1,0 +1,73 @@
+//! The operator commands (`nodes`, `whereis`, `inspect`) as a library and as the binary.
+
+use wsbus::keys::Keys;
+
+use crate::common::*;
+
+#[tokio::test]
+async fn nodes_whereis_and_inspect_report_the_bus() {
+    let redis = Redis::start().await.unwrap();
+    let url = redis.url();
+    let keys = Keys::new("wsbus");
+    let a = Node::start("a", &url).await;
+    let b = Node::start("b", &url).await;
+    let _alice = a.connect("alice").await;
+    let _bob = b.connect("bob").await;
+
+    let nodes = wsbus::admin::nodes(&url, &keys).await.unwrap();
+    let mut ids: Vec<_> = nodes.iter().map(|n| (n.id.as_str(), n.users)).collect();
+    ids.sort();
+    assert_eq!(ids, [("a", 1), ("b", 1)]);
+    assert!(nodes.iter().all(|n| n.addr.is_some() && n.last_heartbeat_ms < 5_000));
+
+    let loc = wsbus::admin::where_is(&url, &keys, "bob").await.unwrap().unwrap();
+    assert_eq!(loc.node, "b");
+    assert!(wsbus::admin::where_is(&url, &keys, "nobody").await.unwrap().is_none());
+
+    // Put an entry in a stream nobody reads and decode it.
+    let mut conn = redis_conn(&url).await;
+    let mut env = Vec::new();
+    wsbus::wire::Envelope {
+        id: 9,
+        origin: "a".into(),
+        from: "alice".into(),
+        to: "zed".into(),
+        hops: 0,
+        body: wsbus::wire::Body::Message { text: "queued".into() },
+    }
+    .encode_into(&mut env);
+    let _: String = redis::cmd("XADD")
+        .arg("wsbus:inbox:parked")
+        .arg("*")
+        .arg("from")
+        .arg("alice")
+        .arg("env")
+        .arg(env)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let entries = wsbus::admin::inspect(&url, &keys, "parked", 10).await.unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0]["from"], "alice");
+    assert_eq!(entries[0]["data"]["text"], "queued");
+
+    // The binary prints the same.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsbus"))
+        .args(["whereis", "alice", "--redis-url", &url])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "alice is on node a (session 1)");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsbus"))
+        .args(["nodes", "--redis-url", &url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().count() == 3 && text.contains("\na ") && text.contains("\nb "), "{text}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsbus"))
+        .args(["inspect", "parked", "--redis-url", &url])
+        .output()
+        .unwrap();
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["to"], "zed");
+}

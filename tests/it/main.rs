@@ -1,0 +1,11 @@
+//! Integration tests: real `redis-server`s, real nodes, real WebSocket clients.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod admin;
+mod errors;
+mod faults;
+mod messaging;
+mod presence;
+mod process;

@@ -1,0 +1,105 @@
+//! One live session per user across nodes; disconnects and dead clients free the id.
+
+use std::time::Duration;
+
+use crate::common::*;
+
+#[tokio::test]
+async fn a_second_session_is_refused_and_the_first_is_untouched() {
+    let redis = Redis::start().await.unwrap();
+    let a = Node::start("a", &redis.url()).await;
+    let b = Node::start("b", &redis.url()).await;
+    let mut first = a.connect("neo").await;
+    for node in [&a, &b] {
+        let mut second = node.connect("neo").await;
+        second.expect_error("not unique session").await;
+        second.expect_close(4001).await;
+    }
+    let mut other = b.connect("trinity").await;
+    other.send_to("neo", "still yours").await;
+    first.expect_message("trinity", "still yours").await;
+    assert_eq!(where_is(&redis.url(), "neo").await.as_deref(), Some("a"));
+}
+
+#[tokio::test]
+async fn racing_connections_from_two_nodes_leave_exactly_one_session() {
+    let redis = Redis::start().await.unwrap();
+    let a = Node::start("a", &redis.url()).await;
+    let b = Node::start("b", &redis.url()).await;
+    for round in 0..25 {
+        let user = format!("racer{round}");
+        let (x, y) = tokio::join!(a.connect(&user), b.connect(&user));
+        let mut outcomes = Vec::new();
+        for mut c in [x, y] {
+            // The loser gets the error immediately; the winner gets nothing.
+            match c.next_event_within(Duration::from_millis(300)).await {
+                None => outcomes.push(("won", c)),
+                Some(Event::Json(v)) => {
+                    assert_eq!(v["data"]["error"], "not unique session");
+                    c.expect_close(4001).await;
+                    outcomes.push(("lost", c));
+                }
+                Some(other) => panic!("unexpected {other:?}"),
+            }
+        }
+        let winners: Vec<_> = outcomes.iter().filter(|(o, _)| *o == "won").collect();
+        assert_eq!(winners.len(), 1, "round {round}: exactly one session wins");
+    }
+}
+
+#[tokio::test]
+async fn disconnect_frees_the_id_for_any_node() {
+    let redis = Redis::start().await.unwrap();
+    let a = Node::start("a", &redis.url()).await;
+    let b = Node::start("b", &redis.url()).await;
+    let url = redis.url();
+    a.connect("morpheus").await.close().await;
+    eventually(DEADLINE, "released after close", || {
+        let url = url.clone();
+        async move { where_is(&url, "morpheus").await.is_none().then_some(()) }
+    })
+    .await;
+    let c = b.connect("morpheus").await;
+    assert_eq!(where_is(&url, "morpheus").await.as_deref(), Some("b"));
+    // A dropped TCP connection without a close frame frees it too.
+    c.abort();
+    eventually(DEADLINE, "released after abort", || {
+        let url = url.clone();
+        async move { where_is(&url, "morpheus").await.is_none().then_some(()) }
+    })
+    .await;
+    let mut sender = a.connect("sender").await;
+    sender.send_to("morpheus", "gone?").await;
+    sender.expect_error("User 'morpheus' not found").await;
+}
+
+#[tokio::test]
+async fn a_client_that_stops_answering_pings_is_dropped() {
+    let redis = Redis::start().await.unwrap();
+    let mut config = config("a", &redis.url());
+    config.ping_interval = Duration::from_millis(200);
+    let a = Node::start_with(config).await;
+    // A raw TCP client that completes the handshake, then never reads or answers.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(a.addr).await.unwrap();
+    let req = format!(
+        "GET /ws/mute HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 12];
+    tcp.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 101");
+    assert_eq!(where_is(&redis.url(), "mute").await.as_deref(), Some("a"));
+    // An answering client on the same node stays connected meanwhile.
+    let mut lively = a.connect("lively").await;
+    let url = redis.url();
+    eventually(DEADLINE, "silent client dropped", || {
+        let url = url.clone();
+        async move { where_is(&url, "mute").await.is_none().then_some(()) }
+    })
+    .await;
+    lively.send_to("lively", "alive").await;
+    lively.expect_message("lively", "alive").await;
+    drop(tcp);
+}

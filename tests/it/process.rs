@@ -1,0 +1,70 @@
+//! Real `wsbus` processes: SIGTERM cleans up, SIGKILL is detected and reaped by survivors.
+
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+#[tokio::test]
+async fn sigterm_closes_clients_with_1001_and_leaves_no_keys() {
+    let redis = Redis::start().await.unwrap();
+    let url = redis.url();
+    let mut p = NodeProcess::start("proc", &url).await;
+    let mut clients = Vec::new();
+    for i in 0..5 {
+        let user = format!("u{i}");
+        clients.push(Client::connect_url(&p.url(&user), &user).await.unwrap());
+    }
+    assert!(!keys(&url).await.is_empty());
+    p.signal("TERM");
+    for c in &mut clients {
+        c.expect_close(1001).await;
+    }
+    let (status, took) = p.wait_exit().await;
+    assert!(status.success(), "{status}");
+    assert!(took < Duration::from_secs(10), "exit took {took:?}");
+    assert_eq!(keys(&url).await, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_killed_node_is_detected_and_reaped() {
+    let redis = Redis::start().await.unwrap();
+    let url = redis.url();
+    let survivor = Node::start("survivor", &url).await;
+    let mut p = NodeProcess::start("victim", &url).await;
+    let _v = Client::connect_url(&p.url("victim-user"), "victim-user").await.unwrap();
+    let mut alice = survivor.connect("alice").await;
+    alice.send_to("victim-user", "hi").await;
+    // Leave an undelivered entry in the victim's inbox after the kill.
+    p.signal("KILL");
+    p.wait_exit().await;
+    let killed = Instant::now();
+    // Senders get `not found` within the bound (10 s by default; TTL 1.5 s here).
+    let mut n = 0;
+    loop {
+        n += 1;
+        alice.send_to("victim-user", &format!("ping {n}")).await;
+        let v = alice.recv().await;
+        if v["data"]["error"] == "User 'victim-user' not found" {
+            break;
+        }
+        assert!(killed.elapsed() < Duration::from_secs(10), "still reachable: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // No key of the dead node survives the reaper.
+    eventually(DEADLINE, "victim's keys reaped", || {
+        let url = url.clone();
+        async move {
+            let left: Vec<String> = keys(&url)
+                .await
+                .into_iter()
+                .filter(|k| k.contains("victim"))
+                .collect();
+            left.is_empty().then_some(())
+        }
+    })
+    .await;
+    // The survivor's own traffic is unaffected.
+    let mut bob = survivor.connect("bob").await;
+    alice.send_to("bob", "fine").await;
+    bob.expect_message("alice", "fine").await;
+}
