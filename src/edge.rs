@@ -49,7 +49,9 @@ async fn connect(
         return ws.on_upgrade(move |socket| refuse_not_unique(socket, user));
     }
     let sid = node.next_session_id();
-    match node.presence.claim(&user, sid, now_ms()).await {
+    let claim = node.presence.claim(&user, sid, now_ms()).await;
+    tracing::debug!(user = %user, sid, ?claim, "claim");
+    match claim {
         Err(e) => {
             tracing::warn!(user = %user, error = %e, "claim failed; refusing connection");
             metrics::counter!("wsbus_connections_refused_total", "reason" => "bus").increment(1);

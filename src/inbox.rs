@@ -176,6 +176,7 @@ impl Consumer {
         let Some(entries) = stream_entries(reply) else {
             return Ok(());
         };
+        tracing::trace!(entries = entries.len(), "inbox read");
         let mut moved: Vec<Envelope<'static>> = Vec::new();
         let mut last = None;
         for entry in &entries {

@@ -170,6 +170,14 @@ pub async fn run(
 
     // The first heartbeat registers the node; if Redis is down, the loop keeps trying and
     // the node serves same-node traffic meanwhile.
+    match node.bus.conn().await {
+        Ok(mut conn) => {
+            if let Err(e) = node.bus.load_functions(&mut conn).await {
+                tracing::warn!(error = %e, "cannot load the Redis functions yet");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "Redis is not reachable yet"),
+    }
     heartbeat_once(&node).await;
 
     let tasks = TaskTracker::new();

@@ -160,6 +160,7 @@ impl Writer {
         }
         let started = std::time::Instant::now();
         let results: Vec<RedisResult<Value>> = pipe.query_async(conn).await?;
+        tracing::trace!(?results, "XADD results");
         metrics::histogram!("wsbus_bus_xadd_seconds").record(started.elapsed().as_secs_f64());
         metrics::counter!("wsbus_messages_to_bus_total").increment(sent.len() as u64);
         for (msg, result) in sent.into_iter().zip(results) {

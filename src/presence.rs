@@ -69,7 +69,7 @@ impl Presence {
         let holder_alive =
             holder_node == *self.node_id || self.live.is_alive(&mut conn, &holder_node).await?;
         let outcome = if holder_alive {
-            None
+            Some((holder_node, holder_sid))
         } else {
             let mut take = redis::pipe();
             take.cmd("FCALL")

@@ -102,9 +102,13 @@ struct MessageData<'a> {
 
 /// Parses one client text frame.
 pub fn parse_command(frame: &str) -> Result<Command<'_>, ClientError> {
-    let raw: RawFrame<'_> = serde_json::from_str(frame).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => ClientError::NotAnObject,
-        _ => ClientError::InvalidJson,
+    let raw: RawFrame<'_> = serde_json::from_str(frame).map_err(|_| {
+        let is_json = serde_json::from_str::<serde::de::IgnoredAny>(frame).is_ok();
+        if is_json && !frame.trim_start().starts_with('{') {
+            ClientError::NotAnObject
+        } else {
+            ClientError::InvalidJson
+        }
     })?;
     // serde also fills a struct from a JSON array; only objects are frames.
     if !frame.trim_start().starts_with('{') {

@@ -168,8 +168,14 @@ impl Registry {
         conn: &mut impl redis::aio::ConnectionLike,
     ) -> Result<Beat, BusError> {
         let node_key = self.keys.node(&self.node_id);
+        let inbox = self.keys.inbox(&self.node_id);
+        // The inbox is the canary: it exists from registration until deregistration, so its
+        // absence means Redis lost our data (or reaped us). Checking it inside the same
+        // pipeline keeps the test idempotent if the pipeline has to be retried.
         let mut pipe = redis::pipe();
-        pipe.cmd("HSET")
+        pipe.cmd("EXISTS")
+            .arg(&inbox)
+            .cmd("HSET")
             .arg(&node_key)
             .arg("addr")
             .arg(&self.addr)
@@ -177,6 +183,7 @@ impl Registry {
             .arg(self.started_ms)
             .arg("version")
             .arg(env!("CARGO_PKG_VERSION"))
+            .ignore()
             .cmd("PEXPIRE")
             .arg(&node_key)
             .arg(self.ttl.as_millis() as u64)
@@ -186,25 +193,21 @@ impl Registry {
             .arg(1)
             .arg(self.keys.nodes())
             .arg(&self.node_id);
-        let (created, reply): (u64, Vec<Value>) = bus.query(conn, &pipe).await?;
+        let (inbox_exists, reply): (bool, Vec<Value>) = bus.query(conn, &pipe).await?;
         let (now_ms, nodes) = parse_heartbeat(&reply)?;
         let mut beat = Beat::default();
-        if created > 0 {
+        if !inbox_exists {
             // Make the inbox exist, so that senders' `XADD NOMKSTREAM` reaches it. Nobody
             // else creates it, so an empty one made with `MAXLEN 0` loses no entries.
-            let inbox = self.keys.inbox(&self.node_id);
-            let exists: bool = redis::cmd("EXISTS").arg(&inbox).query_async(conn).await?;
-            if !exists {
-                redis::cmd("XADD")
-                    .arg(&inbox)
-                    .arg("MAXLEN")
-                    .arg(0)
-                    .arg("*")
-                    .arg("_")
-                    .arg("_")
-                    .query_async::<()>(conn)
-                    .await?;
-            }
+            redis::cmd("XADD")
+                .arg(&inbox)
+                .arg("MAXLEN")
+                .arg(0)
+                .arg("*")
+                .arg("_")
+                .arg("_")
+                .query_async::<()>(conn)
+                .await?;
             beat.lost = self.registered.swap(true, Ordering::AcqRel);
         }
         beat.dead = self.live.refresh(now_ms, nodes);

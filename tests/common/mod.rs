@@ -65,6 +65,10 @@ impl Node {
 
     /// Starts a node with this config.
     pub async fn start_with(config: NodeConfig) -> Node {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
