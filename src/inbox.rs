@@ -155,14 +155,15 @@ impl Consumer {
                 .arg("STREAMS")
                 .arg(&self.inbox)
                 .arg(self.cursor.to_string());
-            let reply =
-                match tokio::time::timeout(deadline, pipe.query_async::<(Value,)>(conn)).await {
-                    Err(_) => {
-                        return BusError::Reply("XREAD passed its deadline (half-open connection?)");
-                    }
-                    Ok(Err(e)) => return e.into(),
-                    Ok(Ok((reply,))) => reply,
-                };
+            let reply = match tokio::time::timeout(deadline, pipe.query_async::<(Value,)>(conn))
+                .await
+            {
+                Err(_) => {
+                    return BusError::Reply("XREAD passed its deadline (half-open connection?)");
+                }
+                Ok(Err(e)) => return e.into(),
+                Ok(Ok((reply,))) => reply,
+            };
             self.trim_to = None;
             self.node.health.set_inbox_ok(true);
             if let Err(e) = self.handle(reply).await {

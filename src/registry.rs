@@ -235,6 +235,11 @@ impl Registry {
         }
         release_all_users(&self.keys, bus, conn, dead).await?;
         remove_node_keys(&self.keys, conn, dead).await?;
+        // The node is out of `P:nodes` now, so nobody will try again; the lock can go.
+        redis::cmd("DEL")
+            .arg(self.keys.reap_lock(dead))
+            .query_async::<()>(conn)
+            .await?;
         tracing::info!(node = dead, "reaped dead node");
         Ok(true)
     }

@@ -191,7 +191,10 @@ impl Client {
     /// Feeds a `message` without flushing (for fast bursts); call `flush` after.
     pub async fn feed_to(&mut self, to: &str, text: &str) {
         let frame = json!({"action": "message", "data": {"to": to, "text": text}});
-        self.ws.feed(Message::text(frame.to_string())).await.unwrap();
+        self.ws
+            .feed(Message::text(frame.to_string()))
+            .await
+            .unwrap();
     }
 
     /// Flushes fed frames.
@@ -214,7 +217,9 @@ impl Client {
             let msg = tokio::time::timeout(left, self.ws.next()).await.ok()?;
             match msg {
                 Some(Ok(Message::Text(t))) => {
-                    return Some(Event::Json(serde_json::from_str(&t).expect("server sends JSON")));
+                    return Some(Event::Json(
+                        serde_json::from_str(&t).expect("server sends JSON"),
+                    ));
                 }
                 Some(Ok(Message::Close(frame))) => {
                     return Some(Event::Closed(frame.map(|f| u16::from(f.code))));
@@ -282,7 +287,8 @@ impl Client {
             }))
             .await;
         // Wait for the server's close reply, so the server has seen it.
-        let _ = tokio::time::timeout(DEADLINE, async { while self.ws.next().await.is_some() {} }).await;
+        let _ =
+            tokio::time::timeout(DEADLINE, async { while self.ws.next().await.is_some() {} }).await;
     }
 
     /// Drops the TCP connection without a close frame.
@@ -303,7 +309,11 @@ pub async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
 /// Keys under the default prefix, sorted.
 pub async fn keys(url: &str) -> Vec<String> {
     let mut c = redis_conn(url).await;
-    let mut k: Vec<String> = redis::cmd("KEYS").arg("wsbus:*").query_async(&mut c).await.unwrap();
+    let mut k: Vec<String> = redis::cmd("KEYS")
+        .arg("wsbus:*")
+        .query_async(&mut c)
+        .await
+        .unwrap();
     k.sort();
     k
 }
@@ -333,7 +343,14 @@ impl NodeProcess {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsbus"))
             .args(["serve", "--bind", &addr.to_string(), "--redis-url", redis])
-            .args(["--node-id", id, "--heartbeat-interval", "100ms", "--node-ttl", "1500ms"])
+            .args([
+                "--node-id",
+                id,
+                "--heartbeat-interval",
+                "100ms",
+                "--node-ttl",
+                "1500ms",
+            ])
             .args(["--inbox-block", "500ms"])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())

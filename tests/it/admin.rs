@@ -18,11 +18,23 @@ async fn nodes_whereis_and_inspect_report_the_bus() {
     let mut ids: Vec<_> = nodes.iter().map(|n| (n.id.as_str(), n.users)).collect();
     ids.sort();
     assert_eq!(ids, [("a", 1), ("b", 1)]);
-    assert!(nodes.iter().all(|n| n.addr.is_some() && n.last_heartbeat_ms < 5_000));
+    assert!(
+        nodes
+            .iter()
+            .all(|n| n.addr.is_some() && n.last_heartbeat_ms < 5_000)
+    );
 
-    let loc = wsbus::admin::where_is(&url, &keys, "bob").await.unwrap().unwrap();
+    let loc = wsbus::admin::where_is(&url, &keys, "bob")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(loc.node, "b");
-    assert!(wsbus::admin::where_is(&url, &keys, "nobody").await.unwrap().is_none());
+    assert!(
+        wsbus::admin::where_is(&url, &keys, "nobody")
+            .await
+            .unwrap()
+            .is_none()
+    );
 
     // Put an entry in a stream nobody reads and decode it.
     let mut conn = redis_conn(&url).await;
@@ -33,7 +45,9 @@ async fn nodes_whereis_and_inspect_report_the_bus() {
         from: "alice".into(),
         to: "zed".into(),
         hops: 0,
-        body: wsbus::wire::Body::Message { text: "queued".into() },
+        body: wsbus::wire::Body::Message {
+            text: "queued".into(),
+        },
     }
     .encode_into(&mut env);
     let _: String = redis::cmd("XADD")
@@ -46,7 +60,9 @@ async fn nodes_whereis_and_inspect_report_the_bus() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let entries = wsbus::admin::inspect(&url, &keys, "parked", 10).await.unwrap();
+    let entries = wsbus::admin::inspect(&url, &keys, "parked", 10)
+        .await
+        .unwrap();
     assert_eq!(entries.len(), 1);
     assert_eq!(entries[0]["from"], "alice");
     assert_eq!(entries[0]["data"]["text"], "queued");
@@ -57,13 +73,19 @@ async fn nodes_whereis_and_inspect_report_the_bus() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "alice is on node a (session 1)");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "alice is on node a (session 1)"
+    );
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsbus"))
         .args(["nodes", "--redis-url", &url])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.lines().count() == 3 && text.contains("\na ") && text.contains("\nb "), "{text}");
+    assert!(
+        text.lines().count() == 3 && text.contains("\na ") && text.contains("\nb "),
+        "{text}"
+    );
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsbus"))
         .args(["inspect", "parked", "--redis-url", &url])
         .output()

@@ -19,13 +19,25 @@ async fn bad_frames_get_errors_and_the_connection_stays_open() {
         ("{}", "missing action"),
         (r#"{"action":""}"#, "empty action"),
         (r#"{"action":3}"#, "action must be a string"),
-        (r#"{"action":"teleport","data":{}}"#, "unknown action 'teleport'"),
+        (
+            r#"{"action":"teleport","data":{}}"#,
+            "unknown action 'teleport'",
+        ),
         (r#"{"action":"message"}"#, shape),
         (r#"{"action":"message","data":"bob"}"#, shape),
         (r#"{"action":"message","data":{"to":"bob"}}"#, shape),
-        (r#"{"action":"message","data":{"to":"bob","text":7}}"#, shape),
-        (r#"{"action":"message","data":{"to":"no/slash","text":"x"}}"#, "invalid recipient id"),
-        (r#"{"action":"message","data":{"to":"nobody","text":"x"}}"#, "User 'nobody' not found"),
+        (
+            r#"{"action":"message","data":{"to":"bob","text":7}}"#,
+            shape,
+        ),
+        (
+            r#"{"action":"message","data":{"to":"no/slash","text":"x"}}"#,
+            "invalid recipient id",
+        ),
+        (
+            r#"{"action":"message","data":{"to":"nobody","text":"x"}}"#,
+            "User 'nobody' not found",
+        ),
     ];
     for (frame, error) in cases {
         alice.send_raw(frame).await;

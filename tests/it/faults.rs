@@ -90,23 +90,20 @@ async fn a_slow_reader_is_disconnected_and_memory_stays_bounded() {
     let mut remote = b.connect("remote").await;
     let text = "z".repeat(8 * 1024);
     let rss_before = rss_kib();
-    // 2 x 4000 x 8 KiB = 64 MiB offered to a client that never reads.
-    for i in 0..4000 {
-        local.feed_to("sleeper", &text).await;
-        remote.feed_to("sleeper", &text).await;
-        if i % 50 == 49 {
-            local.flush().await;
-            remote.flush().await;
-        }
-    }
-    local.flush().await;
-    remote.flush().await;
+    // Up to 2 x 4000 x 8 KiB = 64 MiB offered to a client that never reads; the senders
+    // stop once it is gone (after that, each send earns them a `not found` error).
     let url = redis.url();
-    eventually(DEADLINE, "slow reader disconnected", || {
-        let url = url.clone();
-        async move { where_is(&url, "sleeper").await.is_none().then_some(()) }
-    })
-    .await;
+    let mut sent = 0;
+    while where_is(&url, "sleeper").await.is_some() {
+        assert!(sent < 4000, "slow reader was never disconnected");
+        for _ in 0..25 {
+            local.feed_to("sleeper", &text).await;
+            remote.feed_to("sleeper", &text).await;
+            sent += 1;
+        }
+        local.flush().await;
+        remote.flush().await;
+    }
     let grown = rss_kib().saturating_sub(rss_before);
     assert!(grown < 48 * 1024, "node memory grew by {grown} KiB");
     // The reader finds what fit in its queue, then the slow-consumer close.
@@ -118,12 +115,17 @@ async fn a_slow_reader_is_disconnected_and_memory_stays_bounded() {
                 frames += 1;
             }
             Event::Closed(code) => {
-                assert_eq!(code, Some(4002));
+                // The close frame (4002) queues behind the unread data; when even that cannot
+                // be written within a second, the connection is dropped without it.
+                assert!(matches!(code, Some(4002) | None), "close code {code:?}");
                 break;
             }
         }
     }
-    assert!(frames < 8000, "{frames} frames were buffered for a client that never read");
+    assert!(
+        frames < 8000,
+        "{frames} frames were buffered for a client that never read"
+    );
 }
 
 fn rss_kib() -> u64 {

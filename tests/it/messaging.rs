@@ -25,7 +25,11 @@ async fn delivers_across_nodes_and_on_the_same_node() {
 
     // Same-node delivery never touches the bus.
     let mut conn = redis_conn(&redis.url()).await;
-    let added: u64 = redis::cmd("XLEN").arg("wsbus:inbox:a").query_async(&mut conn).await.unwrap();
+    let added: u64 = redis::cmd("XLEN")
+        .arg("wsbus:inbox:a")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     assert_eq!(added, 0);
 }
 
@@ -71,7 +75,11 @@ async fn keeps_order_without_loss_or_duplicates() {
     const PER_SENDER: usize = 3000;
     let redis = Redis::start().await.unwrap();
     let a = Node::start("a", &redis.url()).await;
-    let b = Node::start("b", &redis.url()).await;
+    // The senders outpace this test's (debug-build) reader; the queue must hold the burst
+    // rather than disconnect the reader as a slow consumer.
+    let mut config = config("b", &redis.url());
+    config.session_queue = 4 * PER_SENDER;
+    let b = Node::start_with(config).await;
     let mut sink = b.connect("sink").await;
     let mut remote = a.connect("remote").await;
     let mut local = b.connect("local").await;
@@ -96,7 +104,10 @@ async fn keeps_order_without_loss_or_duplicates() {
             let from = v["from"].as_str().unwrap().to_owned();
             let seq: usize = v["data"]["text"].as_str().unwrap().parse().unwrap();
             let expected = next.entry(from.clone()).or_default();
-            assert_eq!(seq, *expected, "message from {from} out of order, lost or duplicated");
+            assert_eq!(
+                seq, *expected,
+                "message from {from} out of order, lost or duplicated"
+            );
             *expected += 1;
         }
         next
@@ -110,7 +121,11 @@ async fn keeps_order_without_loss_or_duplicates() {
         let url = url.clone();
         async move {
             let mut c = redis_conn(&url).await;
-            let len: u64 = redis::cmd("XLEN").arg("wsbus:inbox:b").query_async(&mut c).await.unwrap();
+            let len: u64 = redis::cmd("XLEN")
+                .arg("wsbus:inbox:b")
+                .query_async(&mut c)
+                .await
+                .unwrap();
             (len == 0).then_some(())
         }
     })
