@@ -16,7 +16,7 @@ pub struct NodeConfig {
     #[arg(long, env = "WSBUS_NODE_ID")]
     pub node_id: Option<String>,
 
-    /// Redis URL (`redis://[user:pass@]host:port[/db]`, `rediss://` for TLS).
+    /// Redis URL (`redis://[user:pass@]host:port[/db]`).
     #[arg(
         long,
         env = "WSBUS_REDIS_URL",
