@@ -187,6 +187,12 @@ pub async fn run(
     let writer = tokio::spawn(crate::outbox::run(node.clone(), outbox_rx, drain.clone()));
     let app = crate::edge::router(node.clone());
     let stop = node.shutdown.clone();
+    // Nagle's algorithm with delayed ACKs would hold small frames for up to 40 ms.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(stop.cancelled_owned())

@@ -77,3 +77,64 @@ async fn a_killed_node_is_detected_and_reaped() {
     alice.send_to("bob", "fine").await;
     bob.expect_message("alice", "fine").await;
 }
+
+/// `wsbus dev` starts its own redis-server and two nodes; Ctrl-C stops everything.
+#[tokio::test]
+async fn dev_runs_a_two_node_cluster_and_stops_on_sigint() {
+    // Two consecutive free ports: retry until the pair is free.
+    let base = loop {
+        let p = wsbus::dev::free_port().unwrap();
+        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            break p;
+        }
+    };
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsbus"))
+        .args(["dev", "--base-port", &base.to_string()])
+        .env("RUST_LOG", "warn")
+        .env_remove("WSBUS_REDIS_URL")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let node_url = |i: u16, user: &str| format!("ws://127.0.0.1:{}/ws/{user}", base + i);
+    let mut alice = eventually(DEADLINE, "dev node 1 up", || async {
+        Client::connect_url(&node_url(0, "alice"), "alice")
+            .await
+            .ok()
+    })
+    .await;
+    let mut bob = eventually(DEADLINE, "dev node 2 up", || async {
+        Client::connect_url(&node_url(1, "bob"), "bob").await.ok()
+    })
+    .await;
+    alice.send_to("bob", "hello dev").await;
+    bob.expect_message("alice", "hello dev").await;
+
+    let pid = child.id().unwrap();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-INT", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    alice.expect_close(1001).await;
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("dev exits in time")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let mut out = String::new();
+    use tokio::io::AsyncReadExt;
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .await
+        .unwrap();
+    assert!(
+        out.contains(&format!("ws://127.0.0.1:{base}/ws/<user-id>")),
+        "{out}"
+    );
+}
