@@ -160,7 +160,7 @@ impl Client {
         Self::connect_url(&node.url(user), user).await
     }
 
-    /// Connects to a raw URL.
+    /// Connects to a raw URL; `Err(0)` when nothing answered at HTTP level.
     pub async fn connect_url(url: &str, user: &str) -> Result<Client, u16> {
         match tokio_tungstenite::connect_async(url).await {
             Ok((ws, _)) => Ok(Client {
@@ -168,6 +168,7 @@ impl Client {
                 ws,
             }),
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+            Err(tokio_tungstenite::tungstenite::Error::Io(_)) => Err(0),
             Err(e) => panic!("connect {url}: {e}"),
         }
     }
