@@ -34,11 +34,8 @@ end
 -- Compare-and-set: replaces a holder that the caller found dead. Same replies as claim.
 local function take_over(keys, args)
   local cur = holder(keys[1])
-  if (cur[1] or '') == args[1] and (cur[2] or '') == args[2] then
-    redis.call('HSET', keys[1], 'node', args[3], 'sid', args[4], 'since', args[5])
-    return {1}
-  end
-  if not cur[1] then
+  local unchanged = (cur[1] or '') == args[1] and (cur[2] or '') == args[2]
+  if unchanged or not cur[1] then
     redis.call('HSET', keys[1], 'node', args[3], 'sid', args[4], 'since', args[5])
     return {1}
   end

@@ -330,6 +330,14 @@ pub async fn where_is(url: &str, user: &str) -> Option<String> {
         .unwrap()
 }
 
+/// Waits until `user` has no registration left.
+pub async fn wait_unregistered(url: &str, user: &str) {
+    eventually(DEADLINE, &format!("{user} unregistered"), || async move {
+        where_is(url, user).await.is_none().then_some(())
+    })
+    .await;
+}
+
 /// A `wsbus serve` process (for signal tests).
 pub struct NodeProcess {
     pub id: String,

@@ -73,11 +73,7 @@ async fn oversized_frames_get_an_error_and_a_close_without_buffering() {
     alice.expect_close(1009).await;
     // The id is free again, and a frame just under the limit is fine.
     let url = redis.url();
-    eventually(DEADLINE, "alice released", || {
-        let url = url.clone();
-        async move { where_is(&url, "alice").await.is_none().then_some(()) }
-    })
-    .await;
+    wait_unregistered(&url, "alice").await;
     let mut alice = a.connect("alice").await;
     alice.send_to("alice", &"y".repeat(900)).await;
     alice.expect_message("alice", &"y".repeat(900)).await;

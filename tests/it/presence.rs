@@ -54,20 +54,12 @@ async fn disconnect_frees_the_id_for_any_node() {
     let b = Node::start("b", &redis.url()).await;
     let url = redis.url();
     a.connect("morpheus").await.close().await;
-    eventually(DEADLINE, "released after close", || {
-        let url = url.clone();
-        async move { where_is(&url, "morpheus").await.is_none().then_some(()) }
-    })
-    .await;
+    wait_unregistered(&url, "morpheus").await;
     let c = b.connect("morpheus").await;
     assert_eq!(where_is(&url, "morpheus").await.as_deref(), Some("b"));
     // A dropped TCP connection without a close frame frees it too.
     c.abort();
-    eventually(DEADLINE, "released after abort", || {
-        let url = url.clone();
-        async move { where_is(&url, "morpheus").await.is_none().then_some(()) }
-    })
-    .await;
+    wait_unregistered(&url, "morpheus").await;
     let mut sender = a.connect("sender").await;
     sender.send_to("morpheus", "gone?").await;
     sender.expect_error("User 'morpheus' not found").await;
