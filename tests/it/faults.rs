@@ -26,21 +26,26 @@ async fn redis_restarted_empty_delivery_resumes_without_reconnecting() {
         })
         .await;
     }
-    // Sends may fail (with an error frame) until both inboxes and readers are back.
+    // Sends may fail (with an error frame) until both inboxes and readers are back; each
+    // attempt ends with either the error at the sender or the message at the recipient.
     let mut attempt = 0;
     loop {
         attempt += 1;
-        alice.send_to("bob", &format!("after {attempt}")).await;
-        match alice.next_event_within(Duration::from_millis(200)).await {
-            Some(Event::Json(v)) if v["action"] == "error" => {}
-            Some(other) => panic!("unexpected {other:?}"),
-            None => {
-                let got = bob.recv().await;
-                assert_eq!(got["data"]["text"], format!("after {attempt}"));
+        let text = format!("after {attempt}");
+        alice.send_to("bob", &text).await;
+        tokio::select! {
+            got = bob.next_event_within(DEADLINE) => {
+                let Some(Event::Json(v)) = got else { panic!("bob: {got:?}") };
+                assert_eq!(v["data"]["text"], text.as_str());
                 break;
             }
+            got = alice.next_event_within(DEADLINE) => {
+                let Some(Event::Json(v)) = got else { panic!("alice: {got:?}") };
+                assert_eq!(v["action"], "error", "{v}");
+            }
         }
-        assert!(attempt < 50, "delivery did not resume");
+        assert!(attempt < 100, "delivery did not resume");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     bob.send_to("alice", "back").await;
     alice.expect_message("bob", "back").await;

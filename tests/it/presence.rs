@@ -26,24 +26,19 @@ async fn racing_connections_from_two_nodes_leave_exactly_one_session() {
     let redis = Redis::start().await.unwrap();
     let a = Node::start("a", &redis.url()).await;
     let b = Node::start("b", &redis.url()).await;
+    let mut witness = a.connect("witness").await;
     for round in 0..25 {
         let user = format!("racer{round}");
         let (x, y) = tokio::join!(a.connect(&user), b.connect(&user));
-        let mut outcomes = Vec::new();
-        for mut c in [x, y] {
-            // The loser gets the error immediately; the winner gets nothing.
-            match c.next_event_within(Duration::from_millis(300)).await {
-                None => outcomes.push(("won", c)),
-                Some(Event::Json(v)) => {
-                    assert_eq!(v["data"]["error"], "not unique session");
-                    c.expect_close(4001).await;
-                    outcomes.push(("lost", c));
-                }
-                Some(other) => panic!("unexpected {other:?}"),
-            }
-        }
-        let winners: Vec<_> = outcomes.iter().filter(|(o, _)| *o == "won").collect();
-        assert_eq!(winners.len(), 1, "round {round}: exactly one session wins");
+        // Redis decided: exactly one holder. The other session gets the error and 4001.
+        let holder = where_is(&redis.url(), &user)
+            .await
+            .expect("one session holds the id");
+        let (mut winner, mut loser) = if holder == "a" { (x, y) } else { (y, x) };
+        loser.expect_error("not unique session").await;
+        loser.expect_close(4001).await;
+        witness.send_to(&user, "you won").await;
+        winner.expect_message("witness", "you won").await;
     }
 }
 
