@@ -76,8 +76,7 @@ async fn connect(
             let tracker = node.sessions.clone();
             metrics::counter!("wsbus_connections_opened_total").increment(1);
             ws.on_upgrade(move |socket| {
-                tracker
-                    .track_future(Session::new(node, user, sid, queue, guard, permit).run(socket))
+                tracker.track_future(Session::new(node, user, queue, guard, permit).run(socket))
             })
         }
     }

@@ -78,7 +78,6 @@ impl Session {
     pub fn new(
         node: Arc<Node>,
         user: UserId,
-        _sid: u64,
         queue: SessionInbox,
         guard: SessionGuard,
         permit: OwnedSemaphorePermit,
