@@ -3,7 +3,9 @@
 //! another (`XADD NOMKSTREAM MAXLEN ~`), so a batch costs two round trips whatever its size,
 //! and one writer keeps each sender's messages in order.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
 use redis::{RedisResult, Value};
@@ -30,9 +32,14 @@ pub struct Outgoing {
 /// Runs the bus writer until `drain` is cancelled and the queue is empty.
 pub async fn run(node: Arc<Node>, mut rx: mpsc::Receiver<Outgoing>, drain: CancellationToken) {
     let mut writer = Writer {
-        node,
+        node: node.clone(),
         conn: None,
         env_buf: Vec::with_capacity(256),
+        routes: RouteCache {
+            map: HashMap::new(),
+            ttl: node.config.heartbeat_interval,
+            capacity: 65_536,
+        },
     };
     let mut batch = Vec::with_capacity(writer.node.config.bus_batch);
     loop {
@@ -62,11 +69,38 @@ struct Writer {
     /// Held across batches: a pool checkout costs a PING round trip.
     conn: Option<PooledConn>,
     env_buf: Vec<u8>,
+    routes: RouteCache,
+}
+
+/// Recently looked-up recipients → their node, so steady traffic skips the `HGET` round
+/// trip. A stale entry is harmless: the old node forwards the entry to the recipient's new
+/// node or answers `not found` to the sender (see `inbox`), and liveness is still checked
+/// on every send. Entries live one heartbeat interval; the map is cleared when full.
+struct RouteCache {
+    map: HashMap<Box<str>, (Arc<str>, Instant)>,
+    ttl: Duration,
+    capacity: usize,
+}
+
+impl RouteCache {
+    fn get(&self, user: &str, now: Instant) -> Option<&Arc<str>> {
+        self.map
+            .get(user)
+            .filter(|(_, at)| now.duration_since(*at) < self.ttl)
+            .map(|(node, _)| node)
+    }
+
+    fn insert(&mut self, user: &str, node: Arc<str>, now: Instant) {
+        if self.map.len() >= self.capacity {
+            self.map.clear();
+        }
+        self.map.insert(user.into(), (node, now));
+    }
 }
 
 /// Where one message goes after the lookup.
 enum Route {
-    Remote(String),
+    Remote(Arc<str>),
     Local,
     NotFound,
 }
@@ -103,13 +137,32 @@ impl Writer {
         batch: &[Outgoing],
     ) -> Result<(), BusError> {
         let node = Arc::clone(&self.node);
-        let located = node
-            .presence
-            .locate(conn, batch.iter().map(|m| &*m.to))
-            .await?;
+        let now = Instant::now();
+        let mut found: Vec<Option<Arc<str>>> = batch
+            .iter()
+            .map(|m| self.routes.get(&m.to, now).cloned())
+            .collect();
+        let misses: Vec<usize> = (0..batch.len()).filter(|&i| found[i].is_none()).collect();
+        if !misses.is_empty() {
+            let located = node
+                .presence
+                .locate(conn, misses.iter().map(|&i| &*batch[i].to))
+                .await?;
+            for (&i, at) in misses.iter().zip(located) {
+                let at: Option<Arc<str>> = at.map(Into::into);
+                match &at {
+                    // Never cache this node: the session's own hub check is authoritative.
+                    Some(n) if **n != *node.id => self.routes.insert(&batch[i].to, n.clone(), now),
+                    _ => {
+                        self.routes.map.remove(&*batch[i].to);
+                    }
+                }
+                found[i] = at;
+            }
+        }
         let mut routes = Vec::with_capacity(batch.len());
-        for found in located {
-            routes.push(match found {
+        for at in found {
+            routes.push(match at {
                 None => Route::NotFound,
                 Some(n) if *n == *node.id => Route::Local,
                 Some(n) => {
