@@ -26,6 +26,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/ws/{user_id}", get(connect))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .with_state(node)
 }
 
@@ -100,6 +101,16 @@ async fn refuse_not_unique(mut socket: WebSocket, user: UserId) {
             reason: "not unique session".into(),
         })))
         .await;
+}
+
+async fn metrics() -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        crate::telemetry::render(),
+    )
 }
 
 async fn healthz() -> impl IntoResponse {

@@ -26,7 +26,7 @@
 //! - [`presence`]: user → node registration. [`registry`]: nodes, heartbeats, reaping.
 //! - [`bus`]: Redis connections and the functions in `migrations/`. [`keys`]: key names.
 //! - [`node`]: a running node and its shutdown. [`dev`]: the local dev cluster.
-//! - [`admin`]: read-only operator commands.
+//! - [`admin`]: read-only operator commands. [`telemetry`]: `/metrics`.
 
 pub mod admin;
 pub mod bus;
@@ -42,6 +42,7 @@ pub mod presence;
 pub mod protocol;
 pub mod registry;
 pub mod session;
+pub mod telemetry;
 pub mod user;
 pub mod wire;
 

@@ -167,6 +167,7 @@ pub async fn run(
         config,
     });
     tracing::info!(node = %node.id, %addr, "node starting");
+    crate::telemetry::handle();
 
     // The first heartbeat registers the node; if Redis is down, the loop keeps trying and
     // the node serves same-node traffic meanwhile.

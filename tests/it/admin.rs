@@ -93,3 +93,23 @@ async fn nodes_whereis_and_inspect_report_the_bus() {
     let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(line["to"], "zed");
 }
+
+#[tokio::test]
+async fn metrics_count_messages_in_prometheus_format() {
+    let redis = Redis::start().await.unwrap();
+    let a = Node::start("a", &redis.url()).await;
+    let b = Node::start("b", &redis.url()).await;
+    let mut alice = a.connect("alice").await;
+    let mut bob = b.connect("bob").await;
+    alice.send_to("bob", "counted").await;
+    bob.expect_message("alice", "counted").await;
+    let (status, body) = http_get(a.addr, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    let value = |name: &str| -> f64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from:\n{body}"))
+    };
+    assert!(value("wsbus_messages_received_total") >= 1.0);
+    assert!(value("wsbus_messages_to_bus_total") >= 1.0);
+}
