@@ -118,10 +118,15 @@ impl Hub {
 
     /// Queues `frame` for `user` without waiting.
     pub fn deliver(&self, user: &str, frame: &Utf8Bytes) -> Delivery {
+        self.deliver_with(user, || frame.clone())
+    }
+
+    /// Queues the frame `make` builds for `user`, building it only if `user` is here.
+    pub fn deliver_with(&self, user: &str, make: impl FnOnce() -> Utf8Bytes) -> Delivery {
         let Some(session) = self.sessions.get(user) else {
             return Delivery::NotHere;
         };
-        match session.tx.try_send(frame.clone()) {
+        match session.tx.try_send(make()) {
             Ok(()) => Delivery::Queued,
             Err(mpsc::error::TrySendError::Closed(_)) => Delivery::NotHere,
             Err(mpsc::error::TrySendError::Full(_)) => {

@@ -180,6 +180,7 @@ impl Consumer {
         tracing::trace!(entries = entries.len(), "inbox read");
         let mut moved: Vec<Envelope<'static>> = Vec::new();
         let mut last = None;
+        let mut delivered = 0;
         for entry in &entries {
             let Some((id, fields)) = entry_parts(entry) else {
                 metrics::counter!("wsbus_undecodable_entries_total").increment(1);
@@ -203,10 +204,13 @@ impl Consumer {
                     continue;
                 }
             };
-            if !self.deliver(&env) {
-                moved.push(env.into_owned());
+            match self.deliver(&env) {
+                Some(Delivery::Queued) => delivered += 1,
+                Some(_) => {}
+                None => moved.push(env.into_owned()),
             }
         }
+        self.node.metrics.from_bus.increment(delivered);
         if let Some(last) = last {
             self.cursor = last;
             self.trim_to = Some(last.next());
@@ -217,21 +221,17 @@ impl Consumer {
         self.reroute(moved).await
     }
 
-    /// Queues `env` for its local recipient; `false` if the recipient is not here.
-    fn deliver(&self, env: &Envelope<'_>) -> bool {
+    /// Queues `env` for its local recipient; `None` if it must be rerouted (a message whose
+    /// recipient is not here; an error for a sender who left has nobody left to tell).
+    fn deliver(&self, env: &Envelope<'_>) -> Option<Delivery> {
         let hub = &self.node.hub;
         let frame = match &env.body {
             Body::Message { text } => encode_message(&env.from, &env.to, text),
             Body::Error { error } => encode_error(&env.to, error),
         };
         match hub.deliver(&env.to, &Utf8Bytes::from(frame)) {
-            Delivery::Queued => {
-                metrics::counter!("wsbus_messages_from_bus_total").increment(1);
-                true
-            }
-            Delivery::SlowConsumer => true,
-            // An error for a sender who left has nobody left to tell.
-            Delivery::NotHere => matches!(env.body, Body::Error { .. }),
+            Delivery::NotHere if matches!(env.body, Body::Message { .. }) => None,
+            other => Some(other),
         }
     }
 
@@ -272,7 +272,7 @@ impl Consumer {
                         from: env.from,
                     };
                     if *env.origin == *node.id {
-                        self.deliver(&env);
+                        let _ = self.deliver(&env);
                         continue;
                     }
                     env.origin.to_string()

@@ -52,15 +52,26 @@ impl Keys {
 
     /// Writes `P:user:<uid>` into `out` (cleared first), to reuse one buffer on hot paths.
     pub fn user_into(&self, user: &str, out: &mut String) {
+        self.write_into(":user:", user, out);
+    }
+
+    /// Writes `P:inbox:<id>` into `out` (cleared first), to reuse one buffer on hot paths.
+    pub fn inbox_into(&self, node: &str, out: &mut String) {
+        self.write_into(":inbox:", node, out);
+    }
+
+    fn write_into(&self, kind: &str, id: &str, out: &mut String) {
         out.clear();
         out.push_str(&self.prefix);
-        out.push_str(":user:");
-        out.push_str(user);
+        out.push_str(kind);
+        out.push_str(id);
     }
 
     /// `P:inbox:<id>`: a node's inbox stream.
     pub fn inbox(&self, node: &str) -> String {
-        format!("{}:inbox:{node}", self.prefix)
+        let mut key = String::new();
+        self.inbox_into(node, &mut key);
+        key
     }
 
     /// `P:reap:<id>`: the lock that makes one survivor reap a dead node.

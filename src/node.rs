@@ -97,6 +97,8 @@ pub struct Node {
     pub connections: Arc<Semaphore>,
     /// Readiness inputs.
     pub health: Health,
+    /// Metric handles of the per-message paths.
+    pub metrics: crate::telemetry::HotMetrics,
     next_sid: AtomicU64,
     next_message_id: AtomicU64,
 }
@@ -162,12 +164,12 @@ pub async fn run(
         shutdown: CancellationToken::new(),
         sessions: TaskTracker::new(),
         health: Health::default(),
+        metrics: crate::telemetry::HotMetrics::register(),
         next_sid: AtomicU64::new(1),
         next_message_id: AtomicU64::new(1),
         config,
     });
     tracing::info!(node = %node.id, %addr, "node starting");
-    crate::telemetry::handle();
 
     // The first heartbeat registers the node; if Redis is down, the loop keeps trying and
     // the node serves same-node traffic meanwhile.

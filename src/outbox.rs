@@ -35,6 +35,7 @@ pub async fn run(node: Arc<Node>, mut rx: mpsc::Receiver<Outgoing>, drain: Cance
         node: node.clone(),
         conn: None,
         env_buf: Vec::with_capacity(256),
+        key_buf: String::new(),
         routes: RouteCache {
             map: HashMap::new(),
             ttl: node.config.heartbeat_interval,
@@ -69,6 +70,8 @@ struct Writer {
     /// Held across batches: a pool checkout costs a PING round trip.
     conn: Option<PooledConn>,
     env_buf: Vec<u8>,
+    /// Reused for inbox key names.
+    key_buf: String,
     routes: RouteCache,
 }
 
@@ -193,9 +196,10 @@ impl Writer {
                         },
                     }
                     .encode_into(&mut self.env_buf);
+                    node.keys.inbox_into(target, &mut self.key_buf);
                     append_entry(
                         &mut pipe,
-                        &node.keys.inbox(target),
+                        &self.key_buf,
                         node.config.inbox_maxlen,
                         msg.from.as_str(),
                         &msg.to,
@@ -214,8 +218,10 @@ impl Writer {
         let started = std::time::Instant::now();
         let results: Vec<RedisResult<Value>> = pipe.query_async(conn).await?;
         tracing::trace!(?results, "XADD results");
-        metrics::histogram!("wsbus_bus_xadd_seconds").record(started.elapsed().as_secs_f64());
-        metrics::counter!("wsbus_messages_to_bus_total").increment(sent.len() as u64);
+        node.metrics
+            .xadd_seconds
+            .record(started.elapsed().as_secs_f64());
+        node.metrics.to_bus.increment(sent.len() as u64);
         for (msg, result) in sent.into_iter().zip(results) {
             match result {
                 Ok(Value::Nil) => self.reply_not_found(msg),

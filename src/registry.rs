@@ -9,8 +9,8 @@
 //! after a stall), the node registers again: inbox, and every local user.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use redis::Value;
@@ -136,8 +136,8 @@ pub struct Registry {
     addr: String,
     started_ms: u64,
     ttl: Duration,
-    live: std::sync::Arc<LiveNodes>,
-    registered: std::sync::atomic::AtomicBool,
+    live: Arc<LiveNodes>,
+    registered: AtomicBool,
 }
 
 impl Registry {
@@ -148,7 +148,7 @@ impl Registry {
         addr: String,
         started_ms: u64,
         ttl: Duration,
-        live: std::sync::Arc<LiveNodes>,
+        live: Arc<LiveNodes>,
     ) -> Self {
         Self {
             keys,

@@ -169,19 +169,15 @@ impl Session {
 
     /// Routes one client frame: same node directly, other nodes through the bus writer.
     async fn handle(&self, text: &str) -> Result<(), ClientError> {
-        metrics::counter!("wsbus_messages_received_total").increment(1);
-        let Command::Message { to, text } = parse_command(text)?;
         let node = &self.node;
-        if node.hub.contains(to) {
-            let frame = Utf8Bytes::from(encode_message(self.user.as_str(), to, &text));
-            match node.hub.deliver(to, &frame) {
-                Delivery::Queued | Delivery::SlowConsumer => {
-                    metrics::counter!("wsbus_messages_delivered_local_total").increment(1);
-                    return Ok(());
-                }
-                // Left in between; try the bus.
-                Delivery::NotHere => {}
-            }
+        node.metrics.received.increment(1);
+        let Command::Message { to, text } = parse_command(text)?;
+        let delivery = node.hub.deliver_with(to, || {
+            Utf8Bytes::from(encode_message(self.user.as_str(), to, &text))
+        });
+        if delivery != Delivery::NotHere {
+            node.metrics.delivered_local.increment(1);
+            return Ok(());
         }
         let msg = Outgoing {
             from: self.user.clone(),

@@ -270,14 +270,6 @@ impl Client {
         }
     }
 
-    /// Asserts that nothing arrives for `wait` (used only to check for absence after the
-    /// event that would have caused it was already observed elsewhere).
-    pub async fn expect_silence(&mut self, wait: Duration) {
-        if let Some(e) = self.next_event_within(wait).await {
-            panic!("{}: expected nothing, got {e:?}", self.user);
-        }
-    }
-
     /// Closes the connection normally.
     pub async fn close(mut self) {
         let _ = self
