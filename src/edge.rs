@@ -27,6 +27,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/", get(index_page))
+        .route("/wsbus.js", get(client_module))
         .with_state(node)
 }
 
@@ -101,6 +103,18 @@ async fn refuse_not_unique(mut socket: WebSocket, user: UserId) {
             reason: "not unique session".into(),
         })))
         .await;
+}
+
+/// The demo chat page and the client module, embedded in the binary.
+async fn index_page() -> impl IntoResponse {
+    axum::response::Html(include_str!("../static/index.html"))
+}
+
+async fn client_module() -> impl IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        include_str!("../static/wsbus.js"),
+    )
 }
 
 async fn metrics() -> impl IntoResponse {

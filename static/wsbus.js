@@ -1,0 +1,2 @@
+// wsbus client module (placeholder, replaced by the real client).
+export {};
