@@ -16,6 +16,10 @@ pub struct NodeConfig {
     #[arg(long, env = "WSBUS_NODE_ID")]
     pub node_id: Option<String>,
 
+    /// Serve `/healthz`, `/readyz` and `/metrics` on this address instead of the client one.
+    #[arg(long, env = "WSBUS_ADMIN_BIND")]
+    pub admin_bind: Option<std::net::SocketAddr>,
+
     /// Redis URL (`redis://[user:pass@]host:port[/db]`).
     #[arg(
         long,

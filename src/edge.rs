@@ -20,15 +20,21 @@ use crate::protocol::{ClientError, close, encode_error};
 use crate::session::{Session, SessionGuard};
 use crate::user::UserId;
 
-/// The node's HTTP routes.
-pub fn router(node: Arc<Node>) -> Router {
+/// The routes clients use: the WebSocket endpoint, the page and its client module.
+pub fn client_router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/ws/{user_id}", get(connect))
+        .route("/", get(index_page))
+        .route("/wsbus.js", get(client_module))
+        .with_state(node)
+}
+
+/// The routes operators use: health, readiness and metrics (on `--admin-bind` if given).
+pub fn admin_router(node: Arc<Node>) -> Router {
+    Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/", get(index_page))
-        .route("/wsbus.js", get(client_module))
         .with_state(node)
 }
 
@@ -64,6 +70,7 @@ async fn connect(
             tracing::debug!(user = %user, holder, "refused: not unique session");
             metrics::counter!("wsbus_connections_refused_total", "reason" => "not_unique")
                 .increment(1);
+            ClientError::NotUniqueSession.count();
             ws.on_upgrade(move |socket| refuse_not_unique(socket, user))
         }
         Ok(Claim::Claimed) => {
@@ -112,7 +119,10 @@ async fn index_page() -> impl IntoResponse {
 
 async fn client_module() -> impl IntoResponse {
     (
-        [(axum::http::header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/javascript; charset=utf-8",
+        )],
         include_str!("../static/wsbus.js"),
     )
 }
@@ -134,8 +144,19 @@ async fn healthz() -> impl IntoResponse {
 async fn readyz(State(node): State<Arc<Node>>) -> Response {
     let shutting_down = node.shutdown.is_cancelled();
     let redis = node.health.redis_ok();
-    let inbox = node.health.inbox_ok();
-    let ready = !shutting_down && redis && inbox;
+    // The reader returns at least once per block period when healthy.
+    let inbox = node.health.inbox_read_within(node.config.inbox_block * 3);
+    let mut reasons = Vec::new();
+    if shutting_down {
+        reasons.push("shutting down");
+    }
+    if !redis {
+        reasons.push("last heartbeat did not reach Redis");
+    }
+    if !inbox {
+        reasons.push("inbox reader has not read within 3 block periods");
+    }
+    let ready = reasons.is_empty();
     let body = axum::Json(serde_json::json!({
         "ready": ready,
         "node": &*node.id,
@@ -143,6 +164,7 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
         "inbox_reader": inbox,
         "shutting_down": shutting_down,
         "sessions": node.hub.len(),
+        "reasons": reasons,
     }));
     let status = if ready {
         StatusCode::OK

@@ -14,12 +14,32 @@ use tokio_util::sync::CancellationToken;
 use crate::protocol::close;
 use crate::user::UserId;
 
+/// One frame queued for a session, with when its message entered the cluster.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    /// The encoded JSON frame.
+    pub frame: Utf8Bytes,
+    /// When the message's frame reached its sender's node (µs since the epoch), for the
+    /// end-to-end latency histogram; 0 for frames not measured (errors).
+    pub born_us: u64,
+}
+
+impl Outbound {
+    /// A frame that is not measured.
+    pub fn unmeasured(frame: impl Into<Utf8Bytes>) -> Self {
+        Self {
+            frame: frame.into(),
+            born_us: 0,
+        }
+    }
+}
+
 /// The sending side of one session: its queue and the means to end it.
 #[derive(Clone)]
 pub struct SessionHandle {
     /// Session id, unique on this node; with the node id it names the session in Redis.
     pub sid: u64,
-    tx: mpsc::Sender<Utf8Bytes>,
+    tx: mpsc::Sender<Outbound>,
     kick: Arc<Kick>,
 }
 
@@ -62,7 +82,7 @@ impl Kick {
 /// What the session task itself keeps: the receiving end of its queue and its kick.
 pub struct SessionInbox {
     /// Frames to write to the socket.
-    pub rx: mpsc::Receiver<Utf8Bytes>,
+    pub rx: mpsc::Receiver<Outbound>,
     /// Set when another task ends this session.
     pub kick: Arc<Kick>,
 }
@@ -117,12 +137,12 @@ impl Hub {
     }
 
     /// Queues `frame` for `user` without waiting.
-    pub fn deliver(&self, user: &str, frame: &Utf8Bytes) -> Delivery {
-        self.deliver_with(user, || frame.clone())
+    pub fn deliver(&self, user: &str, frame: Outbound) -> Delivery {
+        self.deliver_with(user, || frame)
     }
 
     /// Queues the frame `make` builds for `user`, building it only if `user` is here.
-    pub fn deliver_with(&self, user: &str, make: impl FnOnce() -> Utf8Bytes) -> Delivery {
+    pub fn deliver_with(&self, user: &str, make: impl FnOnce() -> Outbound) -> Delivery {
         let Some(session) = self.sessions.get(user) else {
             return Delivery::NotHere;
         };
@@ -181,13 +201,13 @@ mod tests {
         let hub = Hub::new(2);
         let mut inbox = hub.insert(uid("a"), 1).unwrap();
         assert!(hub.insert(uid("a"), 2).is_none(), "one session per user");
-        let frame = Utf8Bytes::from_static("x");
-        assert_eq!(hub.deliver("a", &frame), Delivery::Queued);
-        assert_eq!(hub.deliver("a", &frame), Delivery::Queued);
-        assert_eq!(hub.deliver("a", &frame), Delivery::SlowConsumer);
+        let frame = || Outbound::unmeasured(Utf8Bytes::from_static("x"));
+        assert_eq!(hub.deliver("a", frame()), Delivery::Queued);
+        assert_eq!(hub.deliver("a", frame()), Delivery::Queued);
+        assert_eq!(hub.deliver("a", frame()), Delivery::SlowConsumer);
         assert_eq!(inbox.kick.code(), Some(close::SLOW_CONSUMER));
-        assert_eq!(inbox.rx.recv().await.as_deref(), Some("x"));
-        assert_eq!(hub.deliver("b", &frame), Delivery::NotHere);
+        assert_eq!(inbox.rx.recv().await.map(|o| o.frame).as_deref(), Some("x"));
+        assert_eq!(hub.deliver("b", frame()), Delivery::NotHere);
     }
 
     #[test]

@@ -12,12 +12,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
 use redis::Value;
 use redis::aio::MultiplexedConnection;
 
 use crate::bus::BusError;
-use crate::hub::Delivery;
+use crate::hub::{Delivery, Outbound};
 use crate::node::Node;
 use crate::outbox::append_entry;
 use crate::protocol::{ClientError, encode_error, encode_message};
@@ -83,6 +82,7 @@ pub async fn run(node: Arc<Node>) {
         match connected {
             Ok(mut conn) => {
                 backoff = BACKOFF_MIN;
+                consumer.node.health.inbox_read();
                 let outcome = tokio::select! {
                     _ = shutdown.cancelled() => return,
                     r = consumer.read_loop(&mut conn) => r,
@@ -92,7 +92,7 @@ pub async fn run(node: Arc<Node>) {
             Err(e) => tracing::warn!(error = %e, "cannot connect the inbox reader"),
         }
         metrics::counter!("wsbus_redis_reconnects_total").increment(1);
-        consumer.node.health.set_inbox_ok(false);
+        consumer.node.health.inbox_lost();
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(backoff) => {}
@@ -165,7 +165,7 @@ impl Consumer {
                 Ok(Ok((reply,))) => reply,
             };
             self.trim_to = None;
-            self.node.health.set_inbox_ok(true);
+            self.node.health.inbox_read();
             if let Err(e) = self.handle(reply).await {
                 tracing::warn!(error = %e, "could not forward moved entries");
             }
@@ -212,6 +212,11 @@ impl Consumer {
         }
         self.node.metrics.from_bus.increment(delivered);
         if let Some(last) = last {
+            let lag_ms = crate::node::now_ms().saturating_sub(last.ms);
+            self.node
+                .metrics
+                .inbox_read_lag_seconds
+                .set(lag_ms as f64 / 1e3);
             self.cursor = last;
             self.trim_to = Some(last.next());
         }
@@ -226,10 +231,13 @@ impl Consumer {
     fn deliver(&self, env: &Envelope<'_>) -> Option<Delivery> {
         let hub = &self.node.hub;
         let frame = match &env.body {
-            Body::Message { text } => encode_message(&env.from, &env.to, text),
-            Body::Error { error } => encode_error(&env.to, error),
+            Body::Message { text } => Outbound {
+                frame: encode_message(&env.from, &env.to, text).into(),
+                born_us: env.sent_us,
+            },
+            Body::Error { error } => Outbound::unmeasured(encode_error(&env.to, error)),
         };
-        match hub.deliver(&env.to, &Utf8Bytes::from(frame)) {
+        match hub.deliver(&env.to, frame) {
             Delivery::NotHere if matches!(env.body, Body::Message { .. }) => None,
             other => Some(other),
         }
@@ -260,11 +268,14 @@ impl Consumer {
                     target
                 }
                 None => {
-                    let error = ClientError::UserNotFound(env.to.to_string()).to_string();
+                    let error = ClientError::UserNotFound(env.to.to_string());
+                    error.count();
+                    let error = error.to_string();
                     env = Envelope {
                         id: env.id,
                         to: env.from.clone(),
                         hops: env.hops,
+                        sent_us: 0,
                         body: Body::Error {
                             error: error.into(),
                         },

@@ -36,7 +36,7 @@ enum Cmd {
         #[arg(long, env = "WSBUS_BIND", default_value = "127.0.0.1:8080")]
         bind: SocketAddr,
         #[command(flatten)]
-        config: NodeConfig,
+        config: Box<NodeConfig>,
     },
     /// Run a local cluster (and its own redis-server unless --redis-url is given).
     Dev(DevOptions),
@@ -84,7 +84,7 @@ async fn main() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(bind)
                 .await
                 .with_context(|| format!("cannot listen on {bind}"))?;
-            wsbus::run(config, listener, shutdown_signal()).await?;
+            wsbus::run(*config, listener, shutdown_signal()).await?;
         }
         Cmd::Dev(options) => {
             tracing::warn!("dev mode: no authentication, local use only");

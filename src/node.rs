@@ -39,12 +39,22 @@ pub enum NodeError {
 }
 
 /// What readiness depends on, updated by the tasks that know.
-#[derive(Default)]
 pub struct Health {
     /// The last heartbeat reached Redis.
     redis_ok: AtomicBool,
-    /// The inbox consumer's connection is up and its last read returned.
-    inbox_ok: AtomicBool,
+    /// When the inbox consumer's last read returned (ms since `epoch`, 0 = never).
+    inbox_read_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            redis_ok: AtomicBool::new(false),
+            inbox_read_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
 }
 
 impl Health {
@@ -53,9 +63,10 @@ impl Health {
         self.redis_ok.store(ok, Ordering::Relaxed);
     }
 
-    /// Records whether the inbox consumer is reading.
-    pub fn set_inbox_ok(&self, ok: bool) {
-        self.inbox_ok.store(ok, Ordering::Relaxed);
+    /// Records that an inbox read returned.
+    pub fn inbox_read(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64 + 1;
+        self.inbox_read_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Whether the last heartbeat reached Redis.
@@ -63,9 +74,16 @@ impl Health {
         self.redis_ok.load(Ordering::Relaxed)
     }
 
-    /// Whether the inbox consumer is reading.
-    pub fn inbox_ok(&self) -> bool {
-        self.inbox_ok.load(Ordering::Relaxed)
+    /// Records that the inbox reader lost its connection.
+    pub fn inbox_lost(&self) {
+        self.inbox_read_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// Whether an inbox read returned within `window`.
+    pub fn inbox_read_within(&self, window: Duration) -> bool {
+        let last = self.inbox_read_ms.load(Ordering::Relaxed);
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        last != 0 && now.saturating_sub(last) <= window.as_millis() as u64
     }
 }
 
@@ -115,6 +133,14 @@ impl Node {
     }
 }
 
+/// Wall-clock microseconds since the epoch (for end-to-end latency across nodes).
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
 /// Wall-clock milliseconds since the epoch (for `since` fields; liveness uses Redis time).
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -139,6 +165,10 @@ pub async fn run(
         return Err(NodeError::Config(format!("prefix {:?}", config.prefix)));
     }
     let addr = listener.local_addr()?;
+    let admin_listener = match config.admin_bind {
+        Some(admin_addr) => Some(TcpListener::bind(admin_addr).await?),
+        None => None,
+    };
     let keys = Keys::new(&config.prefix);
     let bus = Arc::new(Bus::new(&config.redis_url, config.redis_timeout, 16)?);
     let live = Arc::new(LiveNodes::new(&keys, config.node_ttl));
@@ -188,7 +218,23 @@ pub async fn run(
     tasks.spawn(heartbeat_loop(node.clone()));
     tasks.spawn(crate::inbox::run(node.clone()));
     let writer = tokio::spawn(crate::outbox::run(node.clone(), outbox_rx, drain.clone()));
-    let app = crate::edge::router(node.clone());
+    let mut app = crate::edge::client_router(node.clone());
+    match admin_listener {
+        None => app = app.merge(crate::edge::admin_router(node.clone())),
+        Some(admin) => {
+            tracing::info!(addr = %admin.local_addr()?, "admin endpoints listening");
+            let routes = crate::edge::admin_router(node.clone());
+            let stop = node.shutdown.clone();
+            tasks.spawn(async move {
+                let served = axum::serve(admin, routes)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await;
+                if let Err(e) = served {
+                    tracing::warn!(error = %e, "admin listener failed");
+                }
+            });
+        }
+    }
     let stop = node.shutdown.clone();
     // Nagle's algorithm with delayed ACKs would hold small frames for up to 40 ms.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
@@ -262,6 +308,7 @@ async fn heartbeat_once(node: &Node) {
     let result = async {
         let mut conn = node.bus.conn().await?;
         let beat = node.registry.beat(&node.bus, &mut conn).await?;
+        node.metrics.inbox_length.set(beat.inbox_len as f64);
         if beat.lost {
             let sessions = node.hub.snapshot();
             tracing::warn!(

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::Utf8Bytes;
+use crate::hub::Outbound;
 use redis::{RedisResult, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -27,6 +27,8 @@ pub struct Outgoing {
     pub to: Box<str>,
     /// The text.
     pub text: Box<str>,
+    /// When the frame reached this node (µs since the epoch).
+    pub born_us: u64,
 }
 
 /// Runs the bus writer until `drain` is cancelled and the queue is empty.
@@ -191,6 +193,7 @@ impl Writer {
                         from: msg.from.as_str().into(),
                         to: (&*msg.to).into(),
                         hops: 0,
+                        sent_us: msg.born_us,
                         body: Body::Message {
                             text: (&*msg.text).into(),
                         },
@@ -237,8 +240,11 @@ impl Writer {
 
     /// The recipient turned out to be on this node (it connected meanwhile).
     fn deliver_here(&self, msg: &Outgoing) {
-        let frame = Utf8Bytes::from(encode_message(msg.from.as_str(), &msg.to, &msg.text));
-        if self.node.hub.deliver(&msg.to, &frame) == crate::hub::Delivery::NotHere {
+        let frame = Outbound {
+            frame: encode_message(msg.from.as_str(), &msg.to, &msg.text).into(),
+            born_us: msg.born_us,
+        };
+        if self.node.hub.deliver(&msg.to, frame) == crate::hub::Delivery::NotHere {
             self.reply_not_found(msg);
         }
     }
@@ -248,8 +254,9 @@ impl Writer {
     }
 
     fn reply_error(&self, msg: &Outgoing, error: &ClientError) {
-        let frame = Utf8Bytes::from(encode_error(msg.from.as_str(), &error.to_string()));
-        self.node.hub.deliver(msg.from.as_str(), &frame);
+        error.count();
+        let frame = Outbound::unmeasured(encode_error(msg.from.as_str(), &error.to_string()));
+        self.node.hub.deliver(msg.from.as_str(), frame);
     }
 }
 

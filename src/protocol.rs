@@ -72,6 +72,32 @@ pub enum ClientError {
     NotUniqueSession,
 }
 
+impl ClientError {
+    /// A short label for metrics (`wsbus_client_errors_total{kind=...}`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientError::InvalidJson => "invalid_json",
+            ClientError::NotAnObject => "not_an_object",
+            ClientError::MissingAction => "missing_action",
+            ClientError::ActionNotString => "action_not_string",
+            ClientError::EmptyAction => "empty_action",
+            ClientError::UnknownAction(_) => "unknown_action",
+            ClientError::MalformedData(_) => "malformed_data",
+            ClientError::InvalidRecipient => "invalid_recipient",
+            ClientError::BinaryFrame => "binary_frame",
+            ClientError::FrameTooLarge(_) => "frame_too_large",
+            ClientError::UserNotFound(_) => "user_not_found",
+            ClientError::BusUnavailable => "bus_unavailable",
+            ClientError::NotUniqueSession => "not_unique_session",
+        }
+    }
+
+    /// Counts this error in `wsbus_client_errors_total`.
+    pub fn count(&self) {
+        metrics::counter!("wsbus_client_errors_total", "kind" => self.kind()).increment(1);
+    }
+}
+
 /// A parsed client frame.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command<'a> {

@@ -127,6 +127,8 @@ pub struct Beat {
     pub lost: bool,
     /// Nodes whose heartbeat is older than the node TTL.
     pub dead: Vec<String>,
+    /// Entries waiting in this node's inbox.
+    pub inbox_len: u64,
 }
 
 /// This node's entry in the registry.
@@ -175,6 +177,8 @@ impl Registry {
         let mut pipe = redis::pipe();
         pipe.cmd("EXISTS")
             .arg(&inbox)
+            .cmd("XLEN")
+            .arg(&inbox)
             .cmd("HSET")
             .arg(&node_key)
             .arg("addr")
@@ -193,9 +197,13 @@ impl Registry {
             .arg(1)
             .arg(self.keys.nodes())
             .arg(&self.node_id);
-        let (inbox_exists, reply): (bool, Vec<Value>) = bus.query(conn, &pipe).await?;
+        let (inbox_exists, inbox_len, reply): (bool, u64, Vec<Value>) =
+            bus.query(conn, &pipe).await?;
         let (now_ms, nodes) = parse_heartbeat(&reply)?;
-        let mut beat = Beat::default();
+        let mut beat = Beat {
+            inbox_len,
+            ..Beat::default()
+        };
         if !inbox_exists {
             // Make the inbox exist, so that senders' `XADD NOMKSTREAM` reaches it. Nobody
             // else creates it, so an empty one made with `MAXLEN 0` loses no entries.

@@ -8,11 +8,11 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::SinkExt;
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::hub::{Delivery, SessionInbox};
+use crate::hub::{Delivery, Outbound, SessionInbox};
 use crate::node::Node;
 use crate::outbox::Outgoing;
 use crate::protocol::{ClientError, Command, close, encode_error, encode_message, parse_command};
@@ -93,7 +93,14 @@ impl Session {
 
     /// Serves the socket until either side ends the session.
     pub async fn run(mut self, mut socket: WebSocket) {
+        self.node.metrics.connections_active.increment(1.0);
         let end = self.serve(&mut socket).await;
+        self.node.metrics.connections_active.decrement(1.0);
+        let code = match &end {
+            End::Close(code, _) => code.to_string(),
+            End::Gone => "none".to_owned(),
+        };
+        metrics::counter!("wsbus_connections_closed_total", "code" => code).increment(1);
         if let End::Close(code, reason) = end {
             let frame = Message::Close(Some(CloseFrame {
                 code,
@@ -102,7 +109,6 @@ impl Session {
             let _ =
                 tokio::time::timeout(std::time::Duration::from_secs(1), socket.send(frame)).await;
         }
-        metrics::counter!("wsbus_connections_closed_total").increment(1);
     }
 
     async fn serve(&mut self, socket: &mut WebSocket) -> End {
@@ -171,9 +177,11 @@ impl Session {
     async fn handle(&self, text: &str) -> Result<(), ClientError> {
         let node = &self.node;
         node.metrics.received.increment(1);
+        let born_us = crate::node::now_us();
         let Command::Message { to, text } = parse_command(text)?;
-        let delivery = node.hub.deliver_with(to, || {
-            Utf8Bytes::from(encode_message(self.user.as_str(), to, &text))
+        let delivery = node.hub.deliver_with(to, || Outbound {
+            frame: encode_message(self.user.as_str(), to, &text).into(),
+            born_us,
         });
         if delivery != Delivery::NotHere {
             node.metrics.delivered_local.increment(1);
@@ -186,6 +194,7 @@ impl Session {
                 Cow::Borrowed(t) => t.into(),
                 Cow::Owned(t) => t.into_boxed_str(),
             },
+            born_us,
         };
         node.outbox
             .send(msg)
@@ -209,20 +218,29 @@ impl Session {
     }
 
     async fn write_error(&self, socket: &mut WebSocket, error: &ClientError) -> Result<(), End> {
+        error.count();
         let frame = encode_error(self.user.as_str(), &error.to_string());
         self.write(socket, Message::Text(frame.into()), true).await
     }
 
     /// Writes `first` and whatever else is queued, then flushes once.
-    async fn write_queued(&mut self, socket: &mut WebSocket, first: Utf8Bytes) -> Result<(), End> {
-        self.write(socket, Message::Text(first), false).await?;
-        let mut n = 1;
-        while n < MAX_FRAMES_PER_FLUSH {
-            let Ok(frame) = self.queue.rx.try_recv() else {
-                break;
-            };
-            self.write(socket, Message::Text(frame), false).await?;
+    /// Records each message's end-to-end latency as it goes into the socket's write buffer.
+    async fn write_queued(&mut self, socket: &mut WebSocket, first: Outbound) -> Result<(), End> {
+        let mut next = Some(first);
+        let mut n = 0;
+        while let Some(out) = next.take() {
+            if out.born_us != 0 {
+                let latency_us = crate::node::now_us().saturating_sub(out.born_us);
+                self.node
+                    .metrics
+                    .delivery_seconds
+                    .record(latency_us as f64 / 1e6);
+            }
+            self.write(socket, Message::Text(out.frame), false).await?;
             n += 1;
+            if n < MAX_FRAMES_PER_FLUSH {
+                next = self.queue.rx.try_recv().ok();
+            }
         }
         self.flush(socket).await
     }

@@ -6,7 +6,7 @@
 
 use std::sync::OnceLock;
 
-use metrics::{Counter, Histogram};
+use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -40,6 +40,14 @@ pub struct HotMetrics {
     pub from_bus: Counter,
     /// Time of one pipelined `XADD` batch.
     pub xadd_seconds: Histogram,
+    /// Client frame in on the sender's node → frame written to the recipient's socket.
+    pub delivery_seconds: Histogram,
+    /// Sessions open on this process's nodes.
+    pub connections_active: Gauge,
+    /// Entries waiting in the inbox, as of the last heartbeat.
+    pub inbox_length: Gauge,
+    /// Age of the newest inbox entry when it was read.
+    pub inbox_read_lag_seconds: Gauge,
 }
 
 impl HotMetrics {
@@ -52,6 +60,10 @@ impl HotMetrics {
             to_bus: metrics::counter!("wsbus_messages_to_bus_total"),
             from_bus: metrics::counter!("wsbus_messages_from_bus_total"),
             xadd_seconds: metrics::histogram!("wsbus_bus_xadd_seconds"),
+            delivery_seconds: metrics::histogram!("wsbus_delivery_latency_seconds"),
+            connections_active: metrics::gauge!("wsbus_connections_active"),
+            inbox_length: metrics::gauge!("wsbus_inbox_length"),
+            inbox_read_lag_seconds: metrics::gauge!("wsbus_inbox_read_lag_seconds"),
         }
     }
 }

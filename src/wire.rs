@@ -30,6 +30,9 @@ pub struct Envelope<'a> {
     pub to: Cow<'a, str>,
     /// How often this envelope was forwarded because its recipient had moved.
     pub hops: u8,
+    /// When the message reached its sender's node (µs since the epoch; 0 = unknown).
+    #[serde(default)]
+    pub sent_us: u64,
     /// What it carries.
     #[serde(borrow)]
     pub body: Body<'a>,
@@ -95,6 +98,7 @@ impl<'a> Envelope<'a> {
             from: Cow::Owned(self.from.into_owned()),
             to: Cow::Owned(self.to.into_owned()),
             hops: self.hops,
+            sent_us: self.sent_us,
             body: match self.body {
                 Body::Message { text } => Body::Message {
                     text: Cow::Owned(text.into_owned()),
@@ -118,6 +122,7 @@ mod tests {
             from: "alice".into(),
             to: "bob".into(),
             hops: 0,
+            sent_us: 1_700_000_000_000_000,
             body: Body::Message {
                 text: "hello ✓".into(),
             },

@@ -1,2 +1,252 @@
-// wsbus client module (placeholder, replaced by the real client).
-export {};
+/**
+ * wsbus.js: a tiny, dependency-free browser client for wsbus (an ES module).
+ *
+ * Every wsbus node serves this file at `/wsbus.js`. Import it straight from a node, or copy
+ * it into your app: it has no dependencies and needs no build step.
+ *
+ *     import { WsbusClient } from "/wsbus.js";
+ *
+ *     const bus = new WsbusClient(location.origin, "alice", { reconnect: true });
+ *     bus.addEventListener("message", (e) => console.log(`${e.detail.from}: ${e.detail.text}`));
+ *     bus.addEventListener("error", (e) => console.warn(e.detail.error));
+ *     bus.connect();
+ *     // ... once the "open" event has fired:
+ *     bus.send("bob", "hello");
+ *
+ * ## `new WsbusClient(baseUrl, userId, options?)`
+ *
+ * - `baseUrl`: where the node is: `"http://host:8080"`, `"https://chat.example"` or
+ *   `"ws://host:8080"`; a path prefix (for a reverse proxy) is kept: `"https://x/bus/"`
+ *   connects to `wss://x/bus/ws/<userId>`. Omitted (`undefined`/`""`): the directory of
+ *   the page, so a page served by a node (or behind a proxy's prefix) finds that node.
+ * - `userId`: 1–64 characters of `[A-Za-z0-9_.-]`; anything else throws a `TypeError`
+ *   (the server would refuse it with HTTP 400, which a browser cannot see).
+ * - `options.reconnect` (default `true`): reconnect after the connection drops.
+ * - `options.minDelayMs` (default `500`) and `options.maxDelayMs` (default `30000`): the
+ *   reconnect delay doubles from `minDelayMs` after each failed attempt, up to `maxDelayMs`,
+ *   and each delay is drawn at random between half of it and all of it (jitter, so that
+ *   clients dropped together by a restarting node do not all come back at the same
+ *   moment). The count starts again once a connection opens.
+ * - `options.WebSocket`: a WebSocket constructor to use instead of `globalThis.WebSocket`.
+ *
+ * ## Methods and properties
+ *
+ * - `connect()`: opens the connection (also after `close()`); does nothing if it is already
+ *   open or connecting. Returns the client.
+ * - `send(to, text)`: sends `text` (a string) to user `to`. Throws an `Error` if the
+ *   connection is not open. Delivery is not acknowledged: if `to` is not connected
+ *   anywhere, an `error` event follows (`User 'bob' not found`).
+ * - `close(code = 1000, reason = "")`: closes the connection and stops reconnecting.
+ * - `on(type, handler)`: shorthand for `addEventListener` that calls `handler(detail)`;
+ *   returns a function that removes the listener.
+ * - `state`: `"idle"` (never connected), `"connecting"`, `"open"`, `"reconnecting"`
+ *   (waiting to retry) or `"closed"`.
+ * - `userId`, `url`: the user id and the WebSocket URL.
+ *
+ * ## Events (`CustomEvent`s; the fields below are in `event.detail`)
+ *
+ * - `statechange` `{state}`: `state` changed.
+ * - `open` `{url}`: connected; messages to this user are delivered from now on.
+ * - `message` `{from, to, text}`: a message from user `from` (`to` is this user).
+ * - `error` `{error}`: an error from the server, e.g. `User 'bob' not found`,
+ *   `bus unavailable` (the message was not sent) or `not unique session`.
+ * - `close` `{code, reason, wasClean, reconnectInMs}`: the connection closed;
+ *   `reconnectInMs` is the delay before the next attempt, or `null` if the client will
+ *   not reconnect. Codes: 1000 closed by `close()`, 1001 node shutting down, 1006 dropped
+ *   or refused (a browser is not told why: node down, HTTP 503 ...), 1009 a frame was too
+ *   large, 4001 not unique session, 4002 slow consumer, 4003 session replaced,
+ *   4004 ping timeout.
+ *
+ * The client does **not** reconnect after close 4001 (`not unique session`: another live
+ * session holds this user id) or 4003 (`session replaced`: another session took it over),
+ * since reconnecting would only fight that session; it reports the close and goes to
+ * `"closed"`. Call `connect()` again to retry deliberately.
+ */
+
+/** WebSocket close codes a wsbus node uses. */
+export const CloseCode = Object.freeze({
+  NORMAL: 1000,
+  GOING_AWAY: 1001,
+  ABNORMAL: 1006,
+  TOO_BIG: 1009,
+  NOT_UNIQUE: 4001,
+  SLOW_CONSUMER: 4002,
+  SESSION_REPLACED: 4003,
+  PING_TIMEOUT: 4004,
+});
+
+/** What each close code means, for people. */
+export const closeCodeText = Object.freeze({
+  1000: "closed",
+  1001: "node shutting down",
+  1006: "connection lost or refused",
+  1009: "frame too large",
+  4001: "not unique session",
+  4002: "slow consumer",
+  4003: "session replaced",
+  4004: "ping timeout",
+});
+
+const USER_ID = /^[A-Za-z0-9_.-]{1,64}$/;
+
+/** Whether `id` is a valid wsbus user id. */
+export function isValidUserId(id) {
+  return typeof id === "string" && USER_ID.test(id);
+}
+
+/** The WebSocket URL of `userId` on the node at `baseUrl` (see the header). */
+export function wsUrl(baseUrl, userId) {
+  // Relative to the page (so a page under a path prefix finds the node behind it).
+  const page = globalThis.location?.href;
+  const base = baseUrl ? new URL(baseUrl, page) : new URL(".", page);
+  if (base.protocol === "http:") base.protocol = "ws:";
+  else if (base.protocol === "https:") base.protocol = "wss:";
+  else if (base.protocol !== "ws:" && base.protocol !== "wss:") {
+    throw new TypeError(`wsbus: unsupported URL scheme ${base.protocol}`);
+  }
+  if (!base.pathname.endsWith("/")) base.pathname += "/";
+  base.search = "";
+  base.hash = "";
+  return new URL(`ws/${encodeURIComponent(userId)}`, base).href;
+}
+
+/** A wsbus connection for one user; see the file header for the API. */
+export class WsbusClient extends EventTarget {
+  #url;
+  #userId;
+  #opts;
+  #WebSocket;
+  #ws = null;
+  #state = "idle";
+  #attempt = 0;
+  #timer = null;
+
+  constructor(baseUrl, userId, options = {}) {
+    super();
+    if (!isValidUserId(userId)) {
+      throw new TypeError("wsbus: a user id is 1-64 characters of A-Z a-z 0-9 _ . -");
+    }
+    const minDelayMs = Math.max(1, Number(options.minDelayMs ?? 500));
+    this.#opts = {
+      reconnect: options.reconnect ?? true,
+      minDelayMs,
+      maxDelayMs: Math.max(minDelayMs, Number(options.maxDelayMs ?? 30000)),
+    };
+    this.#WebSocket = options.WebSocket ?? globalThis.WebSocket;
+    this.#userId = userId;
+    this.#url = wsUrl(baseUrl, userId);
+  }
+
+  get userId() {
+    return this.#userId;
+  }
+
+  get url() {
+    return this.#url;
+  }
+
+  get state() {
+    return this.#state;
+  }
+
+  connect() {
+    if (this.#state === "open" || this.#state === "connecting") return this;
+    this.#attempt = 0;
+    this.#open();
+    return this;
+  }
+
+  send(to, text) {
+    if (this.#state !== "open") throw new Error(`wsbus: not connected (${this.#state})`);
+    const frame = { action: "message", data: { to: String(to), text: String(text) } };
+    this.#ws.send(JSON.stringify(frame));
+  }
+
+  close(code = CloseCode.NORMAL, reason = "") {
+    clearTimeout(this.#timer);
+    this.#timer = null;
+    const ws = this.#ws;
+    this.#ws = null;
+    if (ws) {
+      try {
+        ws.close(code, reason);
+      } catch {
+        ws.close();
+      }
+      this.#setState("closed");
+      this.#emit("close", { code, reason, wasClean: true, reconnectInMs: null });
+    } else if (this.#state !== "closed" && this.#state !== "idle") {
+      this.#setState("closed");
+    }
+  }
+
+  on(type, handler) {
+    const listener = (e) => handler(e.detail);
+    this.addEventListener(type, listener);
+    return () => this.removeEventListener(type, listener);
+  }
+
+  #open() {
+    clearTimeout(this.#timer);
+    this.#timer = null;
+    this.#setState("connecting");
+    const ws = new this.#WebSocket(this.#url);
+    this.#ws = ws;
+    ws.onopen = () => {
+      if (this.#ws !== ws) return;
+      this.#attempt = 0;
+      this.#setState("open");
+      this.#emit("open", { url: this.#url });
+    };
+    ws.onmessage = (e) => {
+      if (this.#ws === ws) this.#frame(e.data);
+    };
+    ws.onclose = (e) => {
+      if (this.#ws === ws) this.#closed(e.code, e.reason, e.wasClean);
+    };
+    // A failed connection also fires `close` (1006), which is where it is handled.
+    ws.onerror = () => {};
+  }
+
+  #frame(data) {
+    let frame;
+    try {
+      frame = JSON.parse(data);
+    } catch {
+      return;
+    }
+    const d = frame?.data ?? {};
+    if (frame?.action === "message") {
+      this.#emit("message", { from: frame.from, to: d.to, text: d.text });
+    } else if (frame?.action === "error") {
+      this.#emit("error", { error: String(d.error) });
+    }
+  }
+
+  #closed(code, reason, wasClean) {
+    this.#ws = null;
+    const final = code === CloseCode.NOT_UNIQUE || code === CloseCode.SESSION_REPLACED;
+    let delay = null;
+    if (this.#opts.reconnect && !final) {
+      const { minDelayMs, maxDelayMs } = this.#opts;
+      const ceiling = Math.min(maxDelayMs, minDelayMs * 2 ** Math.min(this.#attempt, 30));
+      delay = Math.round(ceiling / 2 + (Math.random() * ceiling) / 2);
+      this.#attempt += 1;
+    }
+    this.#setState(delay === null ? "closed" : "reconnecting");
+    this.#emit("close", { code, reason, wasClean, reconnectInMs: delay });
+    if (delay !== null && this.#state === "reconnecting") {
+      this.#timer = setTimeout(() => this.#open(), delay);
+    }
+  }
+
+  #setState(state) {
+    if (state === this.#state) return;
+    this.#state = state;
+    this.#emit("statechange", { state });
+  }
+
+  #emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+}

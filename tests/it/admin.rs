@@ -45,6 +45,7 @@ async fn nodes_whereis_and_inspect_report_the_bus() {
         from: "alice".into(),
         to: "zed".into(),
         hops: 0,
+        sent_us: 0,
         body: wsbus::wire::Body::Message {
             text: "queued".into(),
         },
@@ -121,4 +122,31 @@ async fn metrics_count_messages_in_prometheus_format() {
         body.contains("# TYPE wsbus_bus_xadd_seconds summary"),
         "{body}"
     );
+}
+
+#[tokio::test]
+async fn admin_endpoints_move_to_the_admin_address() {
+    let redis = Redis::start().await.unwrap();
+    let admin_port = wsbus::dev::free_port().unwrap();
+    let mut config = config("a", &redis.url());
+    config.admin_bind = Some(format!("127.0.0.1:{admin_port}").parse().unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(wsbus::run(config, listener, stop.clone().cancelled_owned()));
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let (status, body) = eventually(DEADLINE, "admin readyz", || async move {
+        http_get(admin, "/readyz").await.filter(|(s, _)| *s == 200)
+    })
+    .await;
+    let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((status, ready["ready"].as_bool()), (200, Some(true)));
+    assert_eq!(ready["reasons"], serde_json::json!([]));
+    assert_eq!(http_get(admin, "/metrics").await.unwrap().0, 200);
+    assert_eq!(http_get(admin, "/healthz").await.unwrap().0, 200);
+    // Not on the client address any more; the client routes still are.
+    assert_eq!(http_get(addr, "/metrics").await.unwrap().0, 404);
+    assert_eq!(http_get(addr, "/").await.unwrap().0, 200);
+    stop.cancel();
+    task.await.unwrap().unwrap();
 }
