@@ -49,6 +49,12 @@ enum Cmd {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Exit 0 if `URL` answers HTTP 200 (for container health checks; no curl needed).
+    Probe {
+        /// The URL to GET (http only).
+        #[arg(default_value = "http://127.0.0.1:8080/healthz")]
+        url: String,
+    },
     /// Print a node's inbox entries, envelopes decoded to JSON (one per line).
     Inspect {
         /// The node id.
@@ -118,6 +124,12 @@ async fn main() -> anyhow::Result<()> {
                     println!("{user} is not connected");
                     std::process::exit(1);
                 }
+            }
+        }
+        Cmd::Probe { url } => {
+            let status = wsbus::admin::probe(&url).await?;
+            if status != 200 {
+                anyhow::bail!("{url} answered HTTP {status}");
             }
         }
         Cmd::Inspect { node, count, admin } => {

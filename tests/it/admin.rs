@@ -144,6 +144,19 @@ async fn admin_endpoints_move_to_the_admin_address() {
     assert_eq!(ready["reasons"], serde_json::json!([]));
     assert_eq!(http_get(admin, "/metrics").await.unwrap().0, 200);
     assert_eq!(http_get(admin, "/healthz").await.unwrap().0, 200);
+    // The container health check: `wsbus probe URL` exits 0 only on HTTP 200.
+    // (Run without blocking: the node serves from this test's runtime.)
+    let probe = |url: String| async move {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_wsbus"))
+            .args(["probe", &url])
+            .output()
+            .await
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(probe(format!("http://{admin}/healthz")).await);
+    assert!(!probe(format!("http://{addr}/healthz")).await);
     // Not on the client address any more; the client routes still are.
     assert_eq!(http_get(addr, "/metrics").await.unwrap().0, 404);
     assert_eq!(http_get(addr, "/").await.unwrap().0, 200);
