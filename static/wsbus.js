@@ -27,6 +27,11 @@
  *   and each delay is drawn at random between half of it and all of it (jitter, so that
  *   clients dropped together by a restarting node do not all come back at the same
  *   moment). The count starts again once a connection opens.
+ * - `options.token`: for nodes that require a signed token: the token (a string), or a
+ *   function returning it (or a promise of it), called before every connection attempt so
+ *   that a fresh token can be fetched for each reconnect. Sent as `?token=`, since browsers
+ *   cannot set headers on a WebSocket; it is not part of `url`. If the function throws,
+ *   the attempt counts as a failed connection (a `close` with code 1006 and the reason).
  * - `options.WebSocket`: a WebSocket constructor to use instead of `globalThis.WebSocket`.
  *
  * ## Methods and properties
@@ -41,7 +46,7 @@
  *   returns a function that removes the listener.
  * - `state`: `"idle"` (never connected), `"connecting"`, `"open"`, `"reconnecting"`
  *   (waiting to retry) or `"closed"`.
- * - `userId`, `url`: the user id and the WebSocket URL.
+ * - `userId`, `url`: the user id and the WebSocket URL (without the token).
  *
  * ## Events (`CustomEvent`s; the fields below are in `event.detail`)
  *
@@ -53,7 +58,7 @@
  * - `close` `{code, reason, wasClean, reconnectInMs}`: the connection closed;
  *   `reconnectInMs` is the delay before the next attempt, or `null` if the client will
  *   not reconnect. Codes: 1000 closed by `close()`, 1001 node shutting down, 1006 dropped
- *   or refused (a browser is not told why: node down, HTTP 503 ...), 1009 a frame was too
+ *   or refused (a browser is not told why: node down, HTTP 401 or 503 ...), 1009 a frame was too
  *   large, 4001 not unique session, 4002 slow consumer, 4003 session replaced,
  *   4004 ping timeout.
  *
@@ -116,7 +121,9 @@ export class WsbusClient extends EventTarget {
   #userId;
   #opts;
   #WebSocket;
+  #token;
   #ws = null;
+  #gen = 0;
   #state = "idle";
   #attempt = 0;
   #timer = null;
@@ -133,6 +140,7 @@ export class WsbusClient extends EventTarget {
       maxDelayMs: Math.max(minDelayMs, Number(options.maxDelayMs ?? 30000)),
     };
     this.#WebSocket = options.WebSocket ?? globalThis.WebSocket;
+    this.#token = options.token ?? null;
     this.#userId = userId;
     this.#url = wsUrl(baseUrl, userId);
   }
@@ -163,6 +171,7 @@ export class WsbusClient extends EventTarget {
   }
 
   close(code = CloseCode.NORMAL, reason = "") {
+    this.#gen += 1;
     clearTimeout(this.#timer);
     this.#timer = null;
     const ws = this.#ws;
@@ -186,11 +195,31 @@ export class WsbusClient extends EventTarget {
     return () => this.removeEventListener(type, listener);
   }
 
-  #open() {
+  async #open() {
     clearTimeout(this.#timer);
     this.#timer = null;
     this.#setState("connecting");
-    const ws = new this.#WebSocket(this.#url);
+    const gen = ++this.#gen;
+    let url = this.#url;
+    if (this.#token !== null) {
+      let token;
+      try {
+        token = typeof this.#token === "function" ? await this.#token() : this.#token;
+      } catch (e) {
+        if (gen === this.#gen) this.#closed(CloseCode.ABNORMAL, `no token: ${e?.message ?? e}`, false);
+        return;
+      }
+      // close() (or another connect()) while the token was being fetched.
+      if (gen !== this.#gen || this.#state !== "connecting") return;
+      if (token) url += `?token=${encodeURIComponent(token)}`;
+    }
+    let ws;
+    try {
+      ws = new this.#WebSocket(url);
+    } catch (e) {
+      this.#closed(CloseCode.ABNORMAL, String(e?.message ?? e), false);
+      return;
+    }
     this.#ws = ws;
     ws.onopen = () => {
       if (this.#ws !== ws) return;

@@ -1,1 +1,296 @@
-//! Browser end-to-end test (stub).
+//! End to end in a real browser: headless Chromium, driven through chromedriver (WebDriver),
+//! uses the chat page (`static/index.html`) and the client module (`static/wsbus.js`) served
+//! by two in-process nodes, and two users chat across the nodes.
+//!
+//! Needs `/usr/bin/chromium` and `/usr/bin/chromedriver` (Debian: `apt-get install -y chromium
+//! chromium-driver`); without them the test fails and says so. Set `WSBUS_SCREENSHOT_DIR` to
+//! also save screenshots of the pages there (`a-chat.png`, `b-chat.png`, ...).
+
+#![allow(unreachable_pub)]
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use hyper_util::client::legacy::connect::HttpConnector;
+use serde_json::json;
+
+use common::{DEADLINE, Node, Redis};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+const INSTALL: &str = "run `apt-get install -y chromium chromium-driver`";
+
+/// A `chromedriver` process (and the browsers it starts, in its process group), killed on drop.
+struct ChromeDriver {
+    url: String,
+    child: tokio::process::Child,
+}
+
+impl ChromeDriver {
+    async fn start() -> ChromeDriver {
+        for bin in [CHROMEDRIVER, CHROMIUM] {
+            assert!(
+                Path::new(bin).exists(),
+                "{bin} is missing: the browser test needs Chromium and its WebDriver; {INSTALL}"
+            );
+        }
+        let port = wsbus::dev::free_port().unwrap();
+        let child = tokio::process::Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {CHROMEDRIVER} ({e}); {INSTALL}"));
+        let mut driver = ChromeDriver {
+            url: format!("http://127.0.0.1:{port}"),
+            child,
+        };
+        let end = Instant::now() + DEADLINE;
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            if let Ok(Some(status)) = driver.child.try_wait() {
+                panic!("chromedriver exited ({status}) before listening on port {port}");
+            }
+            assert!(
+                Instant::now() < end,
+                "chromedriver did not listen on port {port} in time"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        driver
+    }
+
+    /// A new browser session with its own profile directory.
+    async fn session(&self, profile: &TempDir) -> Client {
+        let caps = json!({
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": CHROMIUM,
+                "args": [
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    "--no-first-run",
+                    "--disable-dev-shm-usage",
+                    "--window-size=1000,700",
+                    format!("--user-data-dir={}", profile.0.display()),
+                ],
+            },
+        });
+        let serde_json::Value::Object(caps) = caps else {
+            unreachable!("a JSON object literal")
+        };
+        ClientBuilder::new(HttpConnector::new())
+            .capabilities(caps)
+            .connect(&self.url)
+            .await
+            .unwrap_or_else(|e| panic!("cannot start a Chromium session: {e}"))
+    }
+}
+
+impl Drop for ChromeDriver {
+    fn drop(&mut self) {
+        // The browsers are in chromedriver's process group: end them all.
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!(
+            "wsbus-browser-{name}-{}-{}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One browser tab on the chat page of a node.
+struct Page {
+    name: &'static str,
+    client: Client,
+}
+
+impl Page {
+    /// Loads the chat page of the node at `addr` in this tab.
+    async fn goto(&self, addr: SocketAddr) {
+        self.client
+            .goto(&format!("http://{addr}/"))
+            .await
+            .unwrap_or_else(|e| panic!("page {}: cannot load http://{addr}/: {e}", self.name));
+        assert_eq!(
+            self.text("#node").await,
+            addr.to_string(),
+            "page shows its node"
+        );
+    }
+
+    /// Waits for an element matching `css`.
+    async fn wait(&self, css: &str) -> fantoccini::elements::Element {
+        self.client
+            .wait()
+            .at_most(DEADLINE)
+            .every(Duration::from_millis(25))
+            .for_element(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("page {}: no `{css}` in time: {e}", self.name))
+    }
+
+    async fn text(&self, css: &str) -> String {
+        self.wait(css).await.text().await.unwrap()
+    }
+
+    /// Replaces the value of the input `css` with `value` by typing it.
+    async fn type_into(&self, css: &str, value: &str) {
+        let input = self.wait(css).await;
+        input.clear().await.unwrap();
+        input.send_keys(value).await.unwrap();
+    }
+
+    async fn click(&self, css: &str) {
+        self.wait(css).await.click().await.unwrap();
+    }
+
+    async fn wait_state(&self, state: &str) {
+        self.wait(&format!(r#"#status[data-state="{state}"]"#))
+            .await;
+    }
+
+    async fn connect_as(&self, user: &str) {
+        self.type_into("#user", user).await;
+        self.click("#connect").await;
+        self.wait_state("open").await;
+    }
+
+    async fn send(&self, to: &str, text: &str) {
+        self.type_into("#to", to).await;
+        self.type_into("#text", text).await;
+        self.click("#send").await;
+    }
+
+    /// Saves a screenshot as `<dir>/<page>-<label>.png` if `WSBUS_SCREENSHOT_DIR` is set.
+    async fn screenshot(&self, label: &str) {
+        let Some(dir) = std::env::var_os("WSBUS_SCREENSHOT_DIR") else {
+            return;
+        };
+        let dir = PathBuf::from(dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let png = self.client.screenshot().await.unwrap();
+        std::fs::write(dir.join(format!("{}-{label}.png", self.name)), png).unwrap();
+    }
+}
+
+/// Runs `body` with two browser tabs, on the pages of `a` and `b`, and always ends both
+/// browser sessions afterwards (also when `body` panics).
+async fn with_two_pages<F, Fut>(a: SocketAddr, b: SocketAddr, body: F)
+where
+    F: FnOnce(Page, Page) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let driver = ChromeDriver::start().await;
+    let (profile_a, profile_b) = (TempDir::new("a"), TempDir::new("b"));
+    let (client_a, client_b) = tokio::join!(driver.session(&profile_a), driver.session(&profile_b));
+    let page_a = Page {
+        name: "a",
+        client: client_a.clone(),
+    };
+    let page_b = Page {
+        name: "b",
+        client: client_b.clone(),
+    };
+    let outcome = tokio::spawn(async move {
+        tokio::join!(page_a.goto(a), page_b.goto(b));
+        body(page_a, page_b).await;
+    })
+    .await;
+    for client in [client_a, client_b] {
+        let _ = tokio::time::timeout(Duration::from_secs(5), client.close()).await;
+    }
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_users_chat_across_nodes_in_the_browser() {
+    let redis = Redis::start().await.unwrap();
+    let a = Node::start("a", &redis.url()).await;
+    let b = Node::start("b", &redis.url()).await;
+    // Holds `carol` on node a, to see the page refuse a second session of her.
+    let carol = a.connect("carol").await;
+    let a_addr = a.addr;
+
+    with_two_pages(a.addr, b.addr, move |alice, bob| async move {
+        alice.connect_as("alice").await;
+        bob.connect_as("bob").await;
+
+        // alice (node a) → bob (node b); the text is shown as text, never as HTML.
+        alice.send("bob", "hello from a <b>not bold</b>").await;
+        let got = bob.text(r#"#log li.msg[data-from="alice"] .body"#).await;
+        assert_eq!(got, "hello from a <b>not bold</b>");
+        let sent = alice.text(r#"#log li.out[data-to="bob"] .body"#).await;
+        assert_eq!(sent, "hello from a <b>not bold</b>");
+
+        // bob (node b) → alice (node a).
+        bob.send("alice", "hi alice, from b").await;
+        let got = alice.text(r#"#log li.msg[data-from="bob"] .body"#).await;
+        assert_eq!(got, "hi alice, from b");
+
+        // A recipient connected nowhere: the page shows the server's error.
+        alice.send("nobody", "anyone there?").await;
+        let error = alice.text("#log li.err .body").await;
+        assert_eq!(error, "User 'nobody' not found");
+        alice.screenshot("chat").await;
+        bob.screenshot("chat").await;
+
+        // Node b shuts down (close 1001): bob's page keeps trying to reconnect.
+        b.stop().await;
+        bob.wait_state("reconnecting").await;
+        bob.screenshot("reconnecting").await;
+        bob.click("#connect").await; // "Disconnect" stops trying.
+        bob.wait_state("closed").await;
+
+        // An id that another live session holds: the error shows, and the page does not
+        // reconnect (it ends up disconnected, not reconnecting).
+        bob.goto(a_addr).await;
+        bob.type_into("#user", "carol").await;
+        bob.click("#connect").await;
+        let error = bob.text("#log li.err .body").await;
+        assert_eq!(error, "not unique session");
+        bob.wait_state("closed").await;
+        assert_eq!(bob.text("#connect").await, "Connect");
+        bob.screenshot("refused").await;
+    })
+    .await;
+
+    carol.close().await;
+}
