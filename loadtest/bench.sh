@@ -91,17 +91,17 @@ RPID=$!
 PIDS+=("$RPID")
 wait_port "$RPORT" "$RPID" redis
 
-INSECURE=()
-if "$WSBUS" serve --help 2>/dev/null | grep -q -- '--insecure'; then INSECURE=(--insecure); fi
+# The load test measures the server, not its abuse limits: no auth, no per-connection rate limit.
+SERVE_ARGS=(--insecure --rate-limit 1000000000 --rate-burst 1000000000)
 APORT=$(free_port)
 "$WSBUS" serve --bind "127.0.0.1:$APORT" --redis-url "redis://127.0.0.1:$RPORT" --node-id bench-a \
-    "${INSECURE[@]}" >"$OUT/bench-a.log" 2>&1 &
+    "${SERVE_ARGS[@]}" >"$OUT/bench-a.log" 2>&1 &
 APID=$!
 PIDS+=("$APID")
 BPORT=$APORT
 while [ "$BPORT" = "$APORT" ]; do BPORT=$(free_port); done
 "$WSBUS" serve --bind "127.0.0.1:$BPORT" --redis-url "redis://127.0.0.1:$RPORT" --node-id bench-b \
-    "${INSECURE[@]}" >"$OUT/bench-b.log" 2>&1 &
+    "${SERVE_ARGS[@]}" >"$OUT/bench-b.log" 2>&1 &
 BPID=$!
 PIDS+=("$BPID")
 wait_port "$APORT" "$APID" bench-a

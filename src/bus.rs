@@ -56,14 +56,37 @@ pub struct Bus {
 }
 
 impl Bus {
-    /// Prepares connections to `url`; connects lazily.
-    pub fn new(url: &str, timeout: Duration, pool_size: usize) -> Result<Self, BusError> {
-        let client = redis::Client::open(url).map_err(|e| BusError::Config(e.to_string()))?;
+    /// Prepares connections to `url` (`redis://` or `rediss://`, verified against `ca_file`
+    /// if given, else the system roots); connects lazily.
+    pub fn new(
+        url: &str,
+        ca_file: Option<&std::path::Path>,
+        timeout: Duration,
+        pool_size: usize,
+    ) -> Result<Self, BusError> {
+        // rustls needs one process-wide crypto provider; a second install is a no-op error.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let config_error = |e: RedisError| BusError::Config(e.to_string());
+        let client = match ca_file {
+            None => redis::Client::open(url).map_err(config_error)?,
+            Some(path) => {
+                let root_cert = std::fs::read(path)
+                    .map_err(|e| BusError::Config(format!("{}: {e}", path.display())))?;
+                let certs = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                };
+                redis::Client::build_with_tls(url, certs).map_err(config_error)?
+            }
+        };
         let conn_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout));
-        let manager = deadpool_redis::Manager::new_with_config(url, conn_config)
-            .map_err(|e| BusError::Config(e.to_string()))?;
+        let manager = deadpool_redis::Manager::new_with_config(
+            client.get_connection_info().clone(),
+            conn_config,
+        )
+        .map_err(config_error)?;
         let pool = Pool::builder(manager)
             .config(PoolConfig {
                 max_size: pool_size,

@@ -16,6 +16,39 @@ pub struct NodeConfig {
     #[arg(long, env = "WSBUS_NODE_ID")]
     pub node_id: Option<String>,
 
+    /// Run without authentication (anyone may connect as anyone). Required when no JWT
+    /// setting is given; `wsbus dev` implies it.
+    #[arg(long, env = "WSBUS_INSECURE")]
+    pub insecure: bool,
+
+    /// Shared secret for HS256 tokens.
+    #[arg(long, env = "WSBUS_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// PEM public key file for RS256 (RSA) or ES256 (EC P-256) tokens.
+    #[arg(long, env = "WSBUS_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<std::path::PathBuf>,
+
+    /// Comma-separated `Origin`s allowed to open WebSockets (e.g. `https://chat.example.com`);
+    /// requests with another Origin get HTTP 403. Default: any (clients without an Origin
+    /// header, i.e. non-browsers, are always allowed).
+    #[arg(long, env = "WSBUS_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// Messages per second one connection may send (token bucket refill rate).
+    #[arg(long, env = "WSBUS_RATE_LIMIT", default_value_t = 50.0)]
+    pub rate_limit: f64,
+
+    /// Burst size of the per-connection token bucket; after this many refused frames in a
+    /// row the connection is closed with 4005.
+    #[arg(long, env = "WSBUS_RATE_BURST", default_value_t = 100)]
+    pub rate_burst: u32,
+
+    /// CA certificate (PEM) to verify a `rediss://` Redis server with, instead of the
+    /// system's roots.
+    #[arg(long, env = "WSBUS_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<std::path::PathBuf>,
+
     /// Serve `/healthz`, `/readyz` and `/metrics` on this address instead of the client one.
     #[arg(long, env = "WSBUS_ADMIN_BIND")]
     pub admin_bind: Option<std::net::SocketAddr>,
@@ -108,11 +141,13 @@ impl Default for NodeConfig {
 }
 
 impl NodeConfig {
-    /// A config for a node with this id and Redis URL, other fields at their defaults.
+    /// A config for a node with this id and Redis URL, without authentication (for tests
+    /// and embedding), other fields at their defaults.
     pub fn new(node_id: impl Into<String>, redis_url: impl Into<String>) -> Self {
         Self {
             node_id: Some(node_id.into()),
             redis_url: redis_url.into(),
+            insecure: true,
             ..Self::default()
         }
     }

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::SinkExt;
@@ -41,11 +41,40 @@ pub fn admin_router(node: Arc<Node>) -> Router {
 async fn connect(
     State(node): State<Arc<Node>>,
     Path(user_id): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
     let Some(user) = UserId::parse(&user_id) else {
         return (StatusCode::BAD_REQUEST, "invalid user id\n").into_response();
     };
+    if let Some(origin) = headers.get(header::ORIGIN)
+        && !node.config.allowed_origins.is_empty()
+        && !node
+            .config
+            .allowed_origins
+            .iter()
+            .any(|allowed| allowed.as_bytes() == origin.as_bytes())
+    {
+        tracing::info!(user = %user, origin = ?origin, "refused: origin not allowed");
+        metrics::counter!("wsbus_connections_refused_total", "reason" => "origin").increment(1);
+        return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
+    }
+    if let Some(verifier) = &node.auth {
+        let authorization = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|h| h.to_str().ok());
+        let checked = match crate::auth::token_from(query.as_deref(), authorization) {
+            None => Err(crate::auth::AuthError::Missing),
+            Some(token) => verifier.verify(token, user.as_str()),
+        };
+        if let Err(e) = checked {
+            // Never log the token itself.
+            tracing::info!(user = %user, reason = %e, "refused: authentication");
+            metrics::counter!("wsbus_connections_refused_total", "reason" => "auth").increment(1);
+            return (StatusCode::UNAUTHORIZED, format!("{e}\n")).into_response();
+        }
+    }
     if node.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "node shutting down\n").into_response();
     }

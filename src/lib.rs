@@ -18,7 +18,7 @@
 //! - [`config`]: every tunable and its default.
 //! - [`protocol`]: the edge JSON, error texts and close codes (the one list of them).
 //! - [`user`]: user and node ids.
-//! - [`edge`]: HTTP routes and the upgrade (claim before upgrade).
+//! - [`edge`]: HTTP routes and the upgrade (auth, then claim before upgrade). [`auth`]: tokens.
 //! - [`session`]: one connected client's task.
 //! - [`hub`]: local sessions and non-blocking delivery.
 //! - [`outbox`]: the bus writer. [`inbox`]: the inbox consumer.
@@ -29,6 +29,7 @@
 //! - [`admin`]: read-only operator commands. [`telemetry`]: `/metrics`.
 
 pub mod admin;
+pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod dev;

@@ -49,6 +49,20 @@ enum Cmd {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Print a signed token for USER (HS256 with the secret, or RS256/ES256 with a private key).
+    Token {
+        /// The user id (the token's `sub`).
+        user: String,
+        /// Lifetime of the token.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        /// Shared secret (HS256).
+        #[arg(long, env = "WSBUS_JWT_SECRET", hide_env_values = true)]
+        jwt_secret: Option<String>,
+        /// PEM private key file (RSA → RS256, EC P-256 → ES256).
+        #[arg(long, conflicts_with = "jwt_secret")]
+        private_key: Option<std::path::PathBuf>,
+    },
     /// Exit 0 if `URL` answers HTTP 200 (for container health checks; no curl needed).
     Probe {
         /// The URL to GET (http only).
@@ -125,6 +139,30 @@ async fn main() -> anyhow::Result<()> {
                     std::process::exit(1);
                 }
             }
+        }
+        Cmd::Token {
+            user,
+            ttl,
+            jwt_secret,
+            private_key,
+        } => {
+            let pem = match &private_key {
+                Some(path) => Some(
+                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+                ),
+                None => None,
+            };
+            if jwt_secret.is_none() && pem.is_none() {
+                anyhow::bail!("give WSBUS_JWT_SECRET (or --jwt-secret) or --private-key");
+            }
+            let token = wsbus::auth::mint(
+                &user,
+                ttl.as_secs(),
+                jwt_secret.as_deref().map(str::as_bytes),
+                pem.as_deref(),
+            )
+            .map_err(|e| anyhow::anyhow!(e))?;
+            println!("{token}");
         }
         Cmd::Probe { url } => {
             let status = wsbus::admin::probe(&url).await?;

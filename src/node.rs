@@ -113,6 +113,8 @@ pub struct Node {
     pub sessions: TaskTracker,
     /// Bounds the number of connections.
     pub connections: Arc<Semaphore>,
+    /// Token checks; `None` when running `--insecure`.
+    pub auth: Option<crate::auth::Verifier>,
     /// Readiness inputs.
     pub health: Health,
     /// Metric handles of the per-message paths.
@@ -164,13 +166,38 @@ pub async fn run(
     if !is_valid_id(&config.prefix.replace(':', "_")) {
         return Err(NodeError::Config(format!("prefix {:?}", config.prefix)));
     }
+    let auth = match (&config.jwt_secret, &config.jwt_public_key) {
+        (Some(_), Some(_)) => {
+            return Err(NodeError::Config(
+                "give either --jwt-secret or --jwt-public-key, not both".into(),
+            ));
+        }
+        (Some(secret), None) => Some(crate::auth::Verifier::hs256(secret.as_bytes())),
+        (None, Some(path)) => Some(
+            crate::auth::Verifier::from_public_key_file(path)
+                .map_err(|e| NodeError::Config(e.to_string()))?,
+        ),
+        (None, None) if config.insecure => None,
+        (None, None) => {
+            return Err(NodeError::Config(
+                "refusing to start without authentication: set WSBUS_JWT_SECRET or \
+                 --jwt-public-key, or pass --insecure to accept anyone"
+                    .into(),
+            ));
+        }
+    };
     let addr = listener.local_addr()?;
     let admin_listener = match config.admin_bind {
         Some(admin_addr) => Some(TcpListener::bind(admin_addr).await?),
         None => None,
     };
     let keys = Keys::new(&config.prefix);
-    let bus = Arc::new(Bus::new(&config.redis_url, config.redis_timeout, 16)?);
+    let bus = Arc::new(Bus::new(
+        &config.redis_url,
+        config.redis_ca_file.as_deref(),
+        config.redis_timeout,
+        16,
+    )?);
     let live = Arc::new(LiveNodes::new(&keys, config.node_ttl));
     let id: Arc<str> = Arc::from(id);
     let (outbox, outbox_rx) = mpsc::channel(config.bus_queue.max(1));
@@ -193,6 +220,7 @@ pub async fn run(
         outbox,
         shutdown: CancellationToken::new(),
         sessions: TaskTracker::new(),
+        auth,
         health: Health::default(),
         metrics: crate::telemetry::HotMetrics::register(),
         next_sid: AtomicU64::new(1),

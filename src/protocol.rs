@@ -26,6 +26,8 @@ pub mod close {
     pub const SESSION_REPLACED: u16 = 4003;
     /// The client stopped answering pings.
     pub const PING_TIMEOUT: u16 = 4004;
+    /// The client kept sending past its rate limit (a whole burst of refused frames).
+    pub const RATE_LIMITED: u16 = 4005;
 }
 
 /// Every error a client can receive in an `error` frame.
@@ -70,6 +72,9 @@ pub enum ClientError {
     /// Another live session holds this user id.
     #[error("not unique session")]
     NotUniqueSession,
+    /// The connection sends faster than its rate limit; the frame was dropped.
+    #[error("rate limited")]
+    RateLimited,
 }
 
 impl ClientError {
@@ -89,6 +94,7 @@ impl ClientError {
             ClientError::UserNotFound(_) => "user_not_found",
             ClientError::BusUnavailable => "bus_unavailable",
             ClientError::NotUniqueSession => "not_unique_session",
+            ClientError::RateLimited => "rate_limited",
         }
     }
 

@@ -7,6 +7,7 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::SinkExt;
@@ -69,8 +70,61 @@ pub struct Session {
     node: Arc<Node>,
     user: UserId,
     queue: SessionInbox,
+    bucket: TokenBucket,
     _guard: SessionGuard,
     _permit: OwnedSemaphorePermit,
+}
+
+/// What the rate limiter says about one client frame.
+#[derive(Debug, PartialEq, Eq)]
+enum Admission {
+    Allowed,
+    /// Over the limit: answer `rate limited`, drop the frame.
+    Refused,
+    /// A whole burst refused in a row: close the connection (4005).
+    Closed,
+}
+
+/// A per-connection token bucket: `rate` frames per second, bursts of `burst`.
+struct TokenBucket {
+    tokens: f64,
+    last: Instant,
+    rate: f64,
+    burst: f64,
+    refused_in_a_row: u32,
+}
+
+impl TokenBucket {
+    fn new(rate: f64, burst: u32, now: Instant) -> Self {
+        Self {
+            tokens: f64::from(burst),
+            last: now,
+            rate,
+            burst: f64::from(burst.max(1)),
+            refused_in_a_row: 0,
+        }
+    }
+
+    fn take(&mut self) -> Admission {
+        self.take_at(Instant::now())
+    }
+
+    fn take_at(&mut self, now: Instant) -> Admission {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            self.refused_in_a_row = 0;
+            return Admission::Allowed;
+        }
+        self.refused_in_a_row += 1;
+        if f64::from(self.refused_in_a_row) > self.burst {
+            Admission::Closed
+        } else {
+            Admission::Refused
+        }
+    }
 }
 
 impl Session {
@@ -82,10 +136,16 @@ impl Session {
         guard: SessionGuard,
         permit: OwnedSemaphorePermit,
     ) -> Self {
+        let bucket = TokenBucket::new(
+            node.config.rate_limit,
+            node.config.rate_burst,
+            Instant::now(),
+        );
         Self {
             node,
             user,
             queue,
+            bucket,
             _guard: guard,
             _permit: permit,
         }
@@ -106,8 +166,7 @@ impl Session {
                 code,
                 reason: reason.into(),
             }));
-            let _ =
-                tokio::time::timeout(std::time::Duration::from_secs(1), socket.send(frame)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), socket.send(frame)).await;
         }
     }
 
@@ -133,15 +192,18 @@ impl Session {
                     heard_from = true;
                     match incoming {
                         None | Some(Ok(Message::Close(_))) => return End::Gone,
-                        Some(Ok(Message::Text(text))) => {
-                            if let Err(error) = self.handle(&text).await
+                        Some(Ok(frame @ (Message::Text(_) | Message::Binary(_)))) => {
+                            let outcome = match (self.bucket.take(), frame) {
+                                (Admission::Closed, _) => {
+                                    return End::Close(close::RATE_LIMITED, "rate limit exceeded");
+                                }
+                                (Admission::Refused, _) => Err(ClientError::RateLimited),
+                                (Admission::Allowed, Message::Text(text)) => self.handle(&text).await,
+                                (Admission::Allowed, _) => Err(ClientError::BinaryFrame),
+                            };
+                            if let Err(error) = outcome
                                 && let Err(end) = self.write_error(socket, &error).await
                             {
-                                return end;
-                            }
-                        }
-                        Some(Ok(Message::Binary(_))) => {
-                            if let Err(end) = self.write_error(socket, &ClientError::BinaryFrame).await {
                                 return end;
                             }
                         }
@@ -267,5 +329,30 @@ impl Session {
             _ = self.node.shutdown.cancelled() => Err(End::Close(close::GOING_AWAY, "node shutting down")),
             r = socket.flush() => r.map_err(|_| End::Gone),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_bucket_allows_bursts_refuses_excess_and_closes_on_abuse() {
+        let t0 = Instant::now();
+        let mut bucket = TokenBucket::new(10.0, 3, t0);
+        for _ in 0..3 {
+            assert_eq!(bucket.take_at(t0), Admission::Allowed);
+        }
+        assert_eq!(bucket.take_at(t0), Admission::Refused);
+        // 100 ms refills one token at 10/s.
+        assert_eq!(
+            bucket.take_at(t0 + Duration::from_millis(100)),
+            Admission::Allowed
+        );
+        let t1 = t0 + Duration::from_millis(100);
+        for _ in 0..3 {
+            assert_eq!(bucket.take_at(t1), Admission::Refused);
+        }
+        assert_eq!(bucket.take_at(t1), Admission::Closed);
     }
 }

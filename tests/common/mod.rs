@@ -46,6 +46,9 @@ pub fn config(id: &str, redis: &str) -> NodeConfig {
     c.inbox_block = Duration::from_millis(500);
     c.redis_timeout = Duration::from_millis(500);
     c.shutdown_timeout = Duration::from_secs(3);
+    // Tests flood on purpose; the rate-limit test sets its own limits.
+    c.rate_limit = 1e9;
+    c.rate_burst = u32::MAX;
     c
 }
 
@@ -162,7 +165,18 @@ impl Client {
 
     /// Connects to a raw URL; `Err(0)` when nothing answered at HTTP level.
     pub async fn connect_url(url: &str, user: &str) -> Result<Client, u16> {
-        match tokio_tungstenite::connect_async(url).await {
+        Self::connect_request(url, user).await
+    }
+
+    /// Connects with a prepared request (e.g. with extra headers); `Err(status)` when the
+    /// upgrade is refused, `Err(0)` when nothing answered at HTTP level.
+    pub async fn connect_request(
+        request: impl tokio_tungstenite::tungstenite::client::IntoClientRequest + Unpin,
+        user: &str,
+    ) -> Result<Client, u16> {
+        let request = request.into_client_request().expect("a valid request");
+        let url = request.uri().to_string();
+        match tokio_tungstenite::connect_async(request).await {
             Ok((ws, _)) => Ok(Client {
                 user: user.to_owned(),
                 ws,
@@ -352,7 +366,7 @@ impl NodeProcess {
                 "--node-ttl",
                 "1500ms",
             ])
-            .args(["--inbox-block", "500ms"])
+            .args(["--inbox-block", "500ms", "--insecure"])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .kill_on_drop(true)

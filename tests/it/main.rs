@@ -9,3 +9,4 @@ mod faults;
 mod messaging;
 mod presence;
 mod process;
+mod security;
