@@ -19,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 use wsbus::NodeConfig;
 pub use wsbus::dev::RedisChild as Redis;
 
+pub mod proxy;
+
 /// How long any expected event may take before a test fails.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 

@@ -9,4 +9,5 @@ mod faults;
 mod messaging;
 mod presence;
 mod process;
+mod resilience;
 mod security;
