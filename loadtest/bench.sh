@@ -151,6 +151,39 @@ run() { # name scenario args...
     fi
 }
 
+redis_cli() { redis-cli -p "$RPORT" "$@"; }
+
+# Soak mode (SOAK_SECONDS set, see loadtest/soak.sh): dm-cross open loop for a long time,
+# sampling memory, inbox lengths and key counts every SOAK_EVERY seconds, then checking that
+# no per-user key outlives the users.
+if [ -n "${SOAK_SECONDS:-}" ]; then
+    SOAK_RATE=${SOAK_RATE:-70000}
+    SOAK_EVERY=${SOAK_EVERY:-10}
+    echo "soak: dm-cross open loop, $USERS users, $SOAK_RATE msg/s for $SOAK_SECONDS s" >&2
+    timeout $((SOAK_SECONDS + 300)) "$LT" dm-cross --users "$USERS" --rate "$SOAK_RATE" \
+        --run-time "$SOAK_SECONDS" "${NODES[@]}" --json >"$OUT/soak.json" 2>"$OUT/soak.err" &
+    LTPID=$!
+    T=$OUT/soak.tsv
+    printf 't_s\tnode_a_rss_kib\tnode_b_rss_kib\tredis_rss_kib\tredis_used_kib\tinbox_a\tinbox_b\tkeys\n' >"$T"
+    start=$SECONDS
+    while kill -0 "$LTPID" 2>/dev/null; do
+        used=$(redis_cli INFO memory | awk -F: '/^used_memory:/ {print int($2 / 1024)}')
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' $((SECONDS - start)) "$(rss_kib "$APID")" "$(rss_kib "$BPID")" \
+            "$(rss_kib "$RPID")" "$used" "$(redis_cli XLEN wsbus:inbox:bench-a)" \
+            "$(redis_cli XLEN wsbus:inbox:bench-b)" "$(redis_cli DBSIZE)" >>"$T"
+        sleep "$SOAK_EVERY"
+    done
+    rc=0; wait "$LTPID" || rc=$?
+    # Users have disconnected: only the nodes' own keys may remain.
+    users_left=$(redis_cli --scan --pattern 'wsbus:user:*' | wc -l)
+    column -t -s $'\t' "$T"
+    jq -r '"soak: sent \(.messages.sent), delivered \(.messages.delivered) (\(.messages.delivered_per_sec | round)/s), lost \(.messages.lost), dup \(.messages.duplicated), reordered \(.messages.out_of_order), p50 \(.messages.latency_us.p50) us, p99 \(.messages.latency_us.p99) us, p99.9 \(.messages.latency_us.p999) us"' "$OUT/soak.json" 2>/dev/null \
+        || echo "soak: no report (rc $rc): $(tail -n 3 "$OUT/soak.err")"
+    echo "soak: keys left after the users left: $(redis_cli DBSIZE) (user keys: $users_left); rc $rc; results: $OUT"
+    [ "$rc" = 0 ] && [ "$users_left" = 0 ]
+    exit
+fi
+
 run dm-cross-open dm-cross --users "$USERS" --rate "$RATE" --run-time "$RUN_TIME"
 run dm-cross-closed dm-cross --users "$USERS" --in-flight "$IN_FLIGHT" --run-time "$RUN_TIME"
 run dm-local-open dm-local --users "$USERS" --rate "$RATE" --run-time "$RUN_TIME"
