@@ -4,7 +4,7 @@
 use redis::Value;
 use serde::Serialize;
 
-use crate::bus::BusError;
+use crate::bus::{Bus, BusError};
 use crate::keys::Keys;
 use crate::wire::{Body, ENVELOPE_FIELD, Envelope};
 
@@ -41,14 +41,14 @@ pub struct UserLocation {
     pub since: Option<u64>,
 }
 
-async fn connect(url: &str) -> Result<redis::aio::MultiplexedConnection, BusError> {
-    let client = redis::Client::open(url).map_err(|e| BusError::Config(e.to_string()))?;
-    Ok(client.get_multiplexed_async_connection().await?)
+/// A bus handle for one-off commands: a single Redis, or a cluster from seed nodes.
+pub fn open(url: &str, cluster: bool) -> Result<Bus, BusError> {
+    Bus::new(url, cluster, None, std::time::Duration::from_secs(5), 2)
 }
 
 /// Every node in the registry (live or not yet reaped).
-pub async fn nodes(url: &str, keys: &Keys) -> Result<Vec<NodeInfo>, BusError> {
-    let mut conn = connect(url).await?;
+pub async fn nodes(bus: &Bus, keys: &Keys) -> Result<Vec<NodeInfo>, BusError> {
+    let mut conn = bus.conn().await?;
     let ((secs, micros), members): ((u64, u64), Vec<(String, f64)>) = redis::pipe()
         .cmd("TIME")
         .cmd("ZRANGE")
@@ -93,11 +93,11 @@ pub async fn nodes(url: &str, keys: &Keys) -> Result<Vec<NodeInfo>, BusError> {
 
 /// Where `user` is registered, if anywhere.
 pub async fn where_is(
-    url: &str,
+    bus: &Bus,
     keys: &Keys,
     user: &str,
 ) -> Result<Option<UserLocation>, BusError> {
-    let mut conn = connect(url).await?;
+    let mut conn = bus.conn().await?;
     let (node, sid, since): (Option<String>, Option<String>, Option<u64>) = redis::cmd("HMGET")
         .arg(keys.user(user))
         .arg("node")
@@ -114,12 +114,12 @@ pub async fn where_is(
 
 /// The first `count` entries of `node`'s inbox, envelopes decoded to JSON.
 pub async fn inspect(
-    url: &str,
+    bus: &Bus,
     keys: &Keys,
     node: &str,
     count: usize,
 ) -> Result<Vec<serde_json::Value>, BusError> {
-    let mut conn = connect(url).await?;
+    let mut conn = bus.conn().await?;
     let entries: Vec<RawEntry> = redis::cmd("XRANGE")
         .arg(keys.inbox(node))
         .arg("-")

@@ -1,12 +1,15 @@
-//! The Redis connection layer: a pool for ordinary commands, dedicated connections for
-//! blocking reads, and the Redis functions from `migrations/` (loaded at start and reloaded
-//! whenever Redis reports them missing).
+//! The Redis connection layer: a pool for ordinary commands (or one multiplexed Redis
+//! Cluster connection), dedicated connections for blocking reads, and the Redis functions
+//! from `migrations/` (loaded at start, on every primary of a cluster, and reloaded whenever
+//! Redis reports them missing).
 
 use std::time::Duration;
 
 use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, FromRedisValue, Pipeline, RedisError};
+use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{AsyncConnectionConfig, FromRedisValue, Pipeline, RedisError, Value};
 
 /// The Redis function library, versioned by file name and library name.
 pub const FUNCTIONS: &str = include_str!("../migrations/wsbus_v1.lua");
@@ -45,21 +48,74 @@ pub enum BusError {
     Parse(#[from] redis::ParsingError),
 }
 
-/// A pooled connection.
-pub type PooledConn = deadpool_redis::Connection;
+/// A connection to the bus: pooled (single Redis), dedicated (single Redis, no response
+/// timeout, for blocking reads), or a Redis Cluster connection (which routes every command
+/// to the shard owning its key and follows `MOVED`/`ASK`).
+pub enum BusConn {
+    /// From the pool (checked with a PING on reuse).
+    Pooled(deadpool_redis::Connection),
+    /// A task's own connection to a single Redis.
+    Dedicated(MultiplexedConnection),
+    /// A cluster connection.
+    Cluster(ClusterConnection),
+}
 
-/// Access to one Redis deployment.
+impl redis::aio::ConnectionLike for BusConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        match self {
+            BusConn::Pooled(c) => c.req_packed_command(cmd),
+            BusConn::Dedicated(c) => c.req_packed_command(cmd),
+            BusConn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        match self {
+            BusConn::Pooled(c) => c.req_packed_commands(pipeline, offset, count),
+            BusConn::Dedicated(c) => c.req_packed_commands(pipeline, offset, count),
+            BusConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            BusConn::Pooled(c) => c.get_db(),
+            BusConn::Dedicated(c) => c.get_db(),
+            BusConn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+enum Backend {
+    Single {
+        pool: Pool,
+        client: redis::Client,
+    },
+    Cluster {
+        client: Box<ClusterClient>,
+        /// One multiplexed cluster connection, shared by cloning; made on first use.
+        shared: tokio::sync::OnceCell<ClusterConnection>,
+    },
+}
+
+/// Access to one Redis deployment: a single server, or a Redis Cluster.
 pub struct Bus {
-    pool: Pool,
-    client: redis::Client,
+    backend: Backend,
     timeout: Duration,
 }
 
 impl Bus {
     /// Prepares connections to `url` (`redis://` or `rediss://`, verified against `ca_file`
-    /// if given, else the system roots); connects lazily.
+    /// if given, else the system roots); with `cluster`, `url` is a comma-separated list of
+    /// seed nodes. Connects lazily.
     pub fn new(
         url: &str,
+        cluster: bool,
         ca_file: Option<&std::path::Path>,
         timeout: Duration,
         pool_size: usize,
@@ -67,6 +123,30 @@ impl Bus {
         // rustls needs one process-wide crypto provider; a second install is a no-op error.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let config_error = |e: RedisError| BusError::Config(e.to_string());
+        if cluster {
+            if ca_file.is_some() {
+                return Err(BusError::Config(
+                    "--redis-ca-file is not supported with --redis-cluster".into(),
+                ));
+            }
+            let seeds: Vec<&str> = url
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .collect();
+            let client = ClusterClientBuilder::new(seeds)
+                .connection_timeout(timeout)
+                .response_timeout(timeout)
+                .build()
+                .map_err(config_error)?;
+            return Ok(Self {
+                backend: Backend::Cluster {
+                    client: Box::new(client),
+                    shared: tokio::sync::OnceCell::new(),
+                },
+                timeout,
+            });
+        }
         let client = match ca_file {
             None => redis::Client::open(url).map_err(config_error)?,
             Some(path) => {
@@ -101,27 +181,52 @@ impl Bus {
             .build()
             .map_err(|e| BusError::Config(e.to_string()))?;
         Ok(Self {
-            pool,
-            client,
+            backend: Backend::Single { pool, client },
             timeout,
         })
     }
 
-    /// A connection from the pool (checked with a PING on reuse).
-    pub async fn conn(&self) -> Result<PooledConn, BusError> {
-        Ok(self.pool.get().await?)
+    /// Whether this is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.backend, Backend::Cluster { .. })
     }
 
-    /// A fresh connection for one task's exclusive use, without a response timeout, for
-    /// blocking commands. The caller must put its own deadline on every call.
-    pub async fn dedicated_conn(&self) -> Result<MultiplexedConnection, BusError> {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(None);
-        Ok(self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?)
+    /// A connection for ordinary commands.
+    pub async fn conn(&self) -> Result<BusConn, BusError> {
+        match &self.backend {
+            Backend::Single { pool, .. } => Ok(BusConn::Pooled(pool.get().await?)),
+            Backend::Cluster { client, shared } => {
+                let conn = shared
+                    .get_or_try_init(|| client.get_async_connection())
+                    .await?;
+                Ok(BusConn::Cluster(conn.clone()))
+            }
+        }
+    }
+
+    /// A fresh connection for one task's exclusive use, without a (practical) response
+    /// timeout, for blocking commands. The caller must put its own deadline on every call.
+    pub async fn dedicated_conn(&self) -> Result<BusConn, BusError> {
+        match &self.backend {
+            Backend::Single { client, .. } => {
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(self.timeout))
+                    .set_response_timeout(None);
+                Ok(BusConn::Dedicated(
+                    client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await?,
+                ))
+            }
+            Backend::Cluster { client, .. } => {
+                let config = ClusterConfig::new()
+                    .set_connection_timeout(self.timeout)
+                    .set_response_timeout(Duration::from_secs(24 * 3600));
+                Ok(BusConn::Cluster(
+                    client.get_async_connection_with_config(config).await?,
+                ))
+            }
+        }
     }
 
     /// Loads (or replaces) the function library.

@@ -61,6 +61,10 @@ pub struct NodeConfig {
     )]
     pub redis_url: String,
 
+    /// Treat `--redis-url` as a comma-separated list of Redis Cluster seed nodes.
+    #[arg(long, env = "WSBUS_REDIS_CLUSTER")]
+    pub redis_cluster: bool,
+
     /// Prefix of every Redis key.
     #[arg(long, env = "WSBUS_PREFIX", default_value = "wsbus")]
     pub prefix: String,

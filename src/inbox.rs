@@ -13,9 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::Value;
-use redis::aio::MultiplexedConnection;
 
-use crate::bus::BusError;
+use crate::bus::{BusConn, BusError};
 use crate::hub::{Delivery, Outbound};
 use crate::node::Node;
 use crate::outbox::append_entry;
@@ -113,8 +112,12 @@ struct Consumer {
 }
 
 impl Consumer {
-    async fn connect(&mut self) -> Result<MultiplexedConnection, BusError> {
+    async fn connect(&mut self) -> Result<BusConn, BusError> {
         let mut conn = self.node.bus.dedicated_conn().await?;
+        if self.node.bus.is_cluster() {
+            // Each shard has its own run_id; a failover keeps the stream on the replica.
+            return Ok(conn);
+        }
         let info: String = tokio::time::timeout(
             self.node.config.redis_timeout,
             redis::cmd("INFO").arg("server").query_async(&mut conn),
@@ -135,7 +138,7 @@ impl Consumer {
     }
 
     /// Reads and delivers until the connection fails; returns why.
-    async fn read_loop(&mut self, conn: &mut MultiplexedConnection) -> BusError {
+    async fn read_loop(&mut self, conn: &mut BusConn) -> BusError {
         let block_ms = self.node.config.inbox_block.as_millis() as u64;
         let deadline = self.node.config.inbox_block + READ_MARGIN;
         loop {

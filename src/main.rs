@@ -93,6 +93,15 @@ struct AdminArgs {
     /// Key prefix.
     #[arg(long, env = "WSBUS_PREFIX", default_value = "wsbus")]
     prefix: String,
+    /// `--redis-url` lists Redis Cluster seed nodes (comma-separated).
+    #[arg(long, env = "WSBUS_REDIS_CLUSTER")]
+    redis_cluster: bool,
+}
+
+impl AdminArgs {
+    fn bus(&self) -> anyhow::Result<wsbus::bus::Bus> {
+        Ok(wsbus::admin::open(&self.redis_url, self.redis_cluster)?)
+    }
 }
 
 #[tokio::main]
@@ -113,7 +122,7 @@ async fn main() -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!(e))?;
         }
         Cmd::Nodes(admin) => {
-            let nodes = wsbus::admin::nodes(&admin.redis_url, &Keys::new(&admin.prefix)).await?;
+            let nodes = wsbus::admin::nodes(&admin.bus()?, &Keys::new(&admin.prefix)).await?;
             println!(
                 "{:<24} {:<22} {:>8} {:>10} {:>8} {:>8}",
                 "NODE", "ADDR", "AGE(s)", "HEARTBEAT", "USERS", "INBOX"
@@ -132,7 +141,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Whereis { user, admin } => {
             let keys = Keys::new(&admin.prefix);
-            match wsbus::admin::where_is(&admin.redis_url, &keys, &user).await? {
+            match wsbus::admin::where_is(&admin.bus()?, &keys, &user).await? {
                 Some(loc) => println!("{user} is on node {} (session {})", loc.node, loc.sid),
                 None => {
                     println!("{user} is not connected");
@@ -172,7 +181,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Inspect { node, count, admin } => {
             let keys = Keys::new(&admin.prefix);
-            for entry in wsbus::admin::inspect(&admin.redis_url, &keys, &node, count).await? {
+            for entry in wsbus::admin::inspect(&admin.bus()?, &keys, &node, count).await? {
                 println!("{entry}");
             }
         }

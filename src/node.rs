@@ -194,6 +194,7 @@ pub async fn run(
     let keys = Keys::new(&config.prefix);
     let bus = Arc::new(Bus::new(
         &config.redis_url,
+        config.redis_cluster,
         config.redis_ca_file.as_deref(),
         config.redis_timeout,
         16,
@@ -244,6 +245,7 @@ pub async fn run(
     let tasks = TaskTracker::new();
     let drain = CancellationToken::new();
     tasks.spawn(heartbeat_loop(node.clone()));
+    tasks.spawn(crate::telemetry::run_upkeep(node.shutdown.clone()));
     tasks.spawn(crate::inbox::run(node.clone()));
     let writer = tokio::spawn(crate::outbox::run(node.clone(), outbox_rx, drain.clone()));
     let mut app = crate::edge::client_router(node.clone());

@@ -12,7 +12,7 @@ use redis::{RedisResult, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{BusError, PooledConn};
+use crate::bus::{BusConn, BusError};
 use crate::node::Node;
 use crate::protocol::{ClientError, encode_error, encode_message};
 use crate::user::UserId;
@@ -70,7 +70,7 @@ pub async fn run(node: Arc<Node>, mut rx: mpsc::Receiver<Outgoing>, drain: Cance
 struct Writer {
     node: Arc<Node>,
     /// Held across batches: a pool checkout costs a PING round trip.
-    conn: Option<PooledConn>,
+    conn: Option<BusConn>,
     env_buf: Vec<u8>,
     /// Reused for inbox key names.
     key_buf: String,
@@ -136,11 +136,7 @@ impl Writer {
         batch.clear();
     }
 
-    async fn try_send(
-        &mut self,
-        conn: &mut PooledConn,
-        batch: &[Outgoing],
-    ) -> Result<(), BusError> {
+    async fn try_send(&mut self, conn: &mut BusConn, batch: &[Outgoing]) -> Result<(), BusError> {
         let node = Arc::clone(&self.node);
         let now = Instant::now();
         let mut found: Vec<Option<Arc<str>>> = batch

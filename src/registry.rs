@@ -305,10 +305,15 @@ async fn remove_node_keys(
     conn: &mut impl redis::aio::ConnectionLike,
     node: &str,
 ) -> Result<(), BusError> {
+    // One key per command: the keys live in different slots on a Redis Cluster.
     redis::pipe()
         .cmd("DEL")
         .arg(keys.node_users(node))
+        .ignore()
+        .cmd("DEL")
         .arg(keys.inbox(node))
+        .ignore()
+        .cmd("DEL")
         .arg(keys.node(node))
         .ignore()
         .cmd("ZREM")

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use wsbus::NodeConfig;
 pub use wsbus::dev::RedisChild as Redis;
 
+pub mod cluster;
 pub mod proxy;
 
 /// How long any expected event may take before a test fails.
@@ -38,6 +39,104 @@ where
         assert!(Instant::now() < end, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The Redis a test runs against: one server, or a three-shard cluster. Tests of cross-node
+/// behaviour run against both (see [`on_both`]).
+pub enum Backend {
+    Single(Redis),
+    Cluster(cluster::RedisCluster),
+}
+
+impl Backend {
+    pub async fn single() -> Backend {
+        Backend::Single(Redis::start().await.unwrap())
+    }
+
+    pub async fn cluster() -> Backend {
+        Backend::Cluster(cluster::RedisCluster::start().await)
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Backend::Cluster(_))
+    }
+
+    pub fn url(&self) -> String {
+        match self {
+            Backend::Single(r) => r.url(),
+            Backend::Cluster(c) => c.url(),
+        }
+    }
+
+    /// Test timings, pointed at this backend.
+    pub fn config(&self, id: &str) -> NodeConfig {
+        let mut c = config(id, &self.url());
+        c.redis_cluster = self.is_cluster();
+        c
+    }
+
+    pub async fn node(&self, id: &str) -> Node {
+        Node::start_with(self.config(id)).await
+    }
+
+    /// Extra `wsbus` arguments that select this backend.
+    pub fn cli_args(&self) -> Vec<String> {
+        let mut args = vec!["--redis-url".to_owned(), self.url()];
+        if self.is_cluster() {
+            args.push("--redis-cluster".to_owned());
+        }
+        args
+    }
+
+    /// A connection that routes like the nodes' own (cluster-aware).
+    pub async fn conn(&self) -> wsbus::bus::BusConn {
+        let bus = wsbus::admin::open(&self.url(), self.is_cluster()).unwrap();
+        bus.conn().await.unwrap()
+    }
+
+    pub async fn where_is(&self, user: &str) -> Option<String> {
+        let bus = wsbus::admin::open(&self.url(), self.is_cluster()).unwrap();
+        let keys = wsbus::keys::Keys::new("wsbus");
+        wsbus::admin::where_is(&bus, &keys, user)
+            .await
+            .unwrap()
+            .map(|l| l.node)
+    }
+
+    pub async fn wait_unregistered(&self, user: &str) {
+        eventually(DEADLINE, &format!("{user} unregistered"), || async move {
+            self.where_is(user).await.is_none().then_some(())
+        })
+        .await;
+    }
+
+    /// Every key under the default prefix (on every shard), sorted.
+    pub async fn keys(&self) -> Vec<String> {
+        match self {
+            Backend::Single(r) => keys(&r.url()).await,
+            Backend::Cluster(c) => c.keys().await,
+        }
+    }
+}
+
+/// Defines `mod $test { single, cluster }`: runs `async fn $test(Backend)` against a single
+/// Redis and against a Redis Cluster.
+#[macro_export]
+macro_rules! on_both {
+    ($($test:ident),* $(,)?) => {
+        $(
+            mod $test {
+                #[tokio::test]
+                async fn single() {
+                    super::$test($crate::common::Backend::single().await).await
+                }
+                #[tokio::test]
+                async fn cluster() {
+                    super::$test($crate::common::Backend::cluster().await).await
+                }
+            }
+        )*
+    };
 }
 
 /// A node config with test timings: fast heartbeats and a short node TTL.
@@ -354,12 +453,18 @@ pub struct NodeProcess {
 }
 
 impl NodeProcess {
-    /// Starts `wsbus serve` with test timings.
+    /// Starts `wsbus serve` with test timings on a single Redis.
     pub async fn start(id: &str, redis: &str) -> NodeProcess {
+        Self::start_with(id, &["--redis-url".to_owned(), redis.to_owned()]).await
+    }
+
+    /// Starts `wsbus serve` with test timings and these Redis arguments.
+    pub async fn start_with(id: &str, redis_args: &[String]) -> NodeProcess {
         let port = wsbus::dev::free_port().unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsbus"))
-            .args(["serve", "--bind", &addr.to_string(), "--redis-url", redis])
+            .args(["serve", "--bind", &addr.to_string()])
+            .args(redis_args)
             .args([
                 "--node-id",
                 id,

@@ -9,12 +9,13 @@ async fn nodes_whereis_and_inspect_report_the_bus() {
     let redis = Redis::start().await.unwrap();
     let url = redis.url();
     let keys = Keys::new("wsbus");
+    let bus = wsbus::admin::open(&url, false).unwrap();
     let a = Node::start("a", &url).await;
     let b = Node::start("b", &url).await;
     let _alice = a.connect("alice").await;
     let _bob = b.connect("bob").await;
 
-    let nodes = wsbus::admin::nodes(&url, &keys).await.unwrap();
+    let nodes = wsbus::admin::nodes(&bus, &keys).await.unwrap();
     let mut ids: Vec<_> = nodes.iter().map(|n| (n.id.as_str(), n.users)).collect();
     ids.sort();
     assert_eq!(ids, [("a", 1), ("b", 1)]);
@@ -24,13 +25,13 @@ async fn nodes_whereis_and_inspect_report_the_bus() {
             .all(|n| n.addr.is_some() && n.last_heartbeat_ms < 5_000)
     );
 
-    let loc = wsbus::admin::where_is(&url, &keys, "bob")
+    let loc = wsbus::admin::where_is(&bus, &keys, "bob")
         .await
         .unwrap()
         .unwrap();
     assert_eq!(loc.node, "b");
     assert!(
-        wsbus::admin::where_is(&url, &keys, "nobody")
+        wsbus::admin::where_is(&bus, &keys, "nobody")
             .await
             .unwrap()
             .is_none()
@@ -61,7 +62,7 @@ async fn nodes_whereis_and_inspect_report_the_bus() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let entries = wsbus::admin::inspect(&url, &keys, "parked", 10)
+    let entries = wsbus::admin::inspect(&bus, &keys, "parked", 10)
         .await
         .unwrap();
     assert_eq!(entries.len(), 1);

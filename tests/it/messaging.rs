@@ -1,14 +1,30 @@
-//! Delivery across nodes and on one node, ordering, and the claim-before-upgrade guarantee.
+//! Delivery across nodes and on one node, ordering, and the claim-before-upgrade guarantee,
+//! each against a single Redis and against a Redis Cluster.
 
 use std::collections::HashMap;
 
 use crate::common::*;
+use crate::on_both;
 
-#[tokio::test]
-async fn delivers_across_nodes_and_on_the_same_node() {
-    let redis = Redis::start().await.unwrap();
-    let a = Node::start("a", &redis.url()).await;
-    let b = Node::start("b", &redis.url()).await;
+on_both!(
+    delivers_across_nodes_and_on_the_same_node,
+    three_nodes_all_pairs,
+    user_is_reachable_as_soon_as_the_handshake_completes,
+    keeps_order_without_loss_or_duplicates,
+);
+
+async fn inbox_len(backend: &Backend, node: &str) -> u64 {
+    let mut conn = backend.conn().await;
+    redis::cmd("XLEN")
+        .arg(format!("wsbus:inbox:{node}"))
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+async fn delivers_across_nodes_and_on_the_same_node(backend: Backend) {
+    let a = backend.node("a").await;
+    let b = backend.node("b").await;
     let mut alice = a.connect("alice").await;
     let mut bob = b.connect("bob").await;
     let mut carol = a.connect("carol").await;
@@ -24,22 +40,14 @@ async fn delivers_across_nodes_and_on_the_same_node() {
     carol.expect_message("carol", "note to self").await;
 
     // Same-node delivery never touches the bus.
-    let mut conn = redis_conn(&redis.url()).await;
-    let added: u64 = redis::cmd("XLEN")
-        .arg("wsbus:inbox:a")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(added, 0);
+    assert_eq!(inbox_len(&backend, "a").await, 0);
 }
 
-#[tokio::test]
-async fn three_nodes_all_pairs() {
-    let redis = Redis::start().await.unwrap();
+async fn three_nodes_all_pairs(backend: Backend) {
     let nodes = [
-        Node::start("n1", &redis.url()).await,
-        Node::start("n2", &redis.url()).await,
-        Node::start("n3", &redis.url()).await,
+        backend.node("n1").await,
+        backend.node("n2").await,
+        backend.node("n3").await,
     ];
     let mut clients = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
@@ -54,11 +62,9 @@ async fn three_nodes_all_pairs() {
     }
 }
 
-#[tokio::test]
-async fn user_is_reachable_as_soon_as_the_handshake_completes() {
-    let redis = Redis::start().await.unwrap();
-    let a = Node::start("a", &redis.url()).await;
-    let b = Node::start("b", &redis.url()).await;
+async fn user_is_reachable_as_soon_as_the_handshake_completes(backend: Backend) {
+    let a = backend.node("a").await;
+    let b = backend.node("b").await;
     let mut sender = a.connect("sender").await;
     for i in 0..20 {
         let user = format!("fresh{i}");
@@ -70,14 +76,12 @@ async fn user_is_reachable_as_soon_as_the_handshake_completes() {
 
 /// Thousands of messages from several senders on two nodes to one recipient: per-sender
 /// order kept, nothing lost, nothing duplicated, on both the bus path and the local path.
-#[tokio::test]
-async fn keeps_order_without_loss_or_duplicates() {
+async fn keeps_order_without_loss_or_duplicates(backend: Backend) {
     const PER_SENDER: usize = 3000;
-    let redis = Redis::start().await.unwrap();
-    let a = Node::start("a", &redis.url()).await;
+    let a = backend.node("a").await;
     // The senders outpace this test's (debug-build) reader; the queue must hold the burst
     // rather than disconnect the reader as a slow consumer.
-    let mut config = config("b", &redis.url());
+    let mut config = backend.config("b");
     config.session_queue = 4 * PER_SENDER;
     let b = Node::start_with(config).await;
     let mut sink = b.connect("sink").await;
@@ -116,18 +120,9 @@ async fn keeps_order_without_loss_or_duplicates() {
     assert_eq!(counts["remote"], PER_SENDER);
     assert_eq!(counts["local"], PER_SENDER);
     // The inbox holds only what is not yet delivered.
-    let url = redis.url();
-    eventually(DEADLINE, "inbox trimmed", || {
-        let url = url.clone();
-        async move {
-            let mut c = redis_conn(&url).await;
-            let len: u64 = redis::cmd("XLEN")
-                .arg("wsbus:inbox:b")
-                .query_async(&mut c)
-                .await
-                .unwrap();
-            (len == 0).then_some(())
-        }
+    let backend = &backend;
+    eventually(DEADLINE, "inbox trimmed", || async move {
+        (inbox_len(backend, "b").await == 0).then_some(())
     })
     .await;
 }

@@ -3,12 +3,17 @@
 use std::time::Duration;
 
 use crate::common::*;
+use crate::on_both;
 
-#[tokio::test]
-async fn a_second_session_is_refused_and_the_first_is_untouched() {
-    let redis = Redis::start().await.unwrap();
-    let a = Node::start("a", &redis.url()).await;
-    let b = Node::start("b", &redis.url()).await;
+on_both!(
+    a_second_session_is_refused_and_the_first_is_untouched,
+    racing_connections_from_two_nodes_leave_exactly_one_session,
+    disconnect_frees_the_id_for_any_node,
+);
+
+async fn a_second_session_is_refused_and_the_first_is_untouched(backend: Backend) {
+    let a = backend.node("a").await;
+    let b = backend.node("b").await;
     let mut first = a.connect("neo").await;
     for node in [&a, &b] {
         let mut second = node.connect("neo").await;
@@ -18,20 +23,19 @@ async fn a_second_session_is_refused_and_the_first_is_untouched() {
     let mut other = b.connect("trinity").await;
     other.send_to("neo", "still yours").await;
     first.expect_message("trinity", "still yours").await;
-    assert_eq!(where_is(&redis.url(), "neo").await.as_deref(), Some("a"));
+    assert_eq!(backend.where_is("neo").await.as_deref(), Some("a"));
 }
 
-#[tokio::test]
-async fn racing_connections_from_two_nodes_leave_exactly_one_session() {
-    let redis = Redis::start().await.unwrap();
-    let a = Node::start("a", &redis.url()).await;
-    let b = Node::start("b", &redis.url()).await;
+async fn racing_connections_from_two_nodes_leave_exactly_one_session(backend: Backend) {
+    let a = backend.node("a").await;
+    let b = backend.node("b").await;
     let mut witness = a.connect("witness").await;
     for round in 0..25 {
         let user = format!("racer{round}");
         let (x, y) = tokio::join!(a.connect(&user), b.connect(&user));
         // Redis decided: exactly one holder. The other session gets the error and 4001.
-        let holder = where_is(&redis.url(), &user)
+        let holder = backend
+            .where_is(&user)
             .await
             .expect("one session holds the id");
         let (mut winner, mut loser) = if holder == "a" { (x, y) } else { (y, x) };
@@ -42,19 +46,16 @@ async fn racing_connections_from_two_nodes_leave_exactly_one_session() {
     }
 }
 
-#[tokio::test]
-async fn disconnect_frees_the_id_for_any_node() {
-    let redis = Redis::start().await.unwrap();
-    let a = Node::start("a", &redis.url()).await;
-    let b = Node::start("b", &redis.url()).await;
-    let url = redis.url();
+async fn disconnect_frees_the_id_for_any_node(backend: Backend) {
+    let a = backend.node("a").await;
+    let b = backend.node("b").await;
     a.connect("morpheus").await.close().await;
-    wait_unregistered(&url, "morpheus").await;
+    backend.wait_unregistered("morpheus").await;
     let c = b.connect("morpheus").await;
-    assert_eq!(where_is(&url, "morpheus").await.as_deref(), Some("b"));
+    assert_eq!(backend.where_is("morpheus").await.as_deref(), Some("b"));
     // A dropped TCP connection without a close frame frees it too.
     c.abort();
-    wait_unregistered(&url, "morpheus").await;
+    backend.wait_unregistered("morpheus").await;
     let mut sender = a.connect("sender").await;
     sender.send_to("morpheus", "gone?").await;
     sender.expect_error("User 'morpheus' not found").await;
