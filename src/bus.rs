@@ -8,6 +8,7 @@ use std::time::Duration;
 use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
 use redis::aio::MultiplexedConnection;
 use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig};
+use redis::cluster_routing::Slot;
 use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, FromRedisValue, Pipeline, RedisError, Value};
 
@@ -78,7 +79,47 @@ impl redis::aio::ConnectionLike for BusConn {
         match self {
             BusConn::Pooled(c) => c.req_packed_commands(pipeline, offset, count),
             BusConn::Dedicated(c) => c.req_packed_commands(pipeline, offset, count),
-            BusConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            // redis-rs sends a cluster pipeline to one slot only; ours span slots (users,
+            // inboxes and node keys live all over the cluster). Split it by slot, keeping each
+            // slot's commands in order in one sub-pipeline (so XADDs to one inbox stay in
+            // order), send the sub-pipelines at once, and put the replies back in order.
+            // Only non-transactional pipelines are used.
+            BusConn::Cluster(c) => {
+                let mut groups: Vec<(Option<Slot>, Pipeline, Vec<usize>)> = Vec::new();
+                for (i, cmd) in pipeline.cmd_iter().enumerate() {
+                    let slot = routing_key(cmd).map(Slot::for_key);
+                    // Keyless commands (TIME) go alone to any node.
+                    let group = slot
+                        .and_then(|s| groups.iter_mut().find(|(g, _, _)| *g == Some(s)));
+                    match group {
+                        Some((_, sub, idx)) => {
+                            sub.add_command(cmd.clone());
+                            idx.push(i);
+                        }
+                        None => {
+                            let mut sub = redis::pipe();
+                            sub.add_command(cmd.clone());
+                            groups.push((slot, sub, vec![i]));
+                        }
+                    }
+                }
+                let total = pipeline.len();
+                let conn = c.clone();
+                Box::pin(async move {
+                    let sends = groups.iter().map(|(_, sub, _)| {
+                        let mut conn = conn.clone();
+                        async move { conn.req_packed_commands(sub, 0, sub.len()).await }
+                    });
+                    let replies = futures_util::future::join_all(sends).await;
+                    let mut out = vec![Value::Nil; total];
+                    for ((_, _, idx), reply) in groups.iter().zip(replies) {
+                        for (i, value) in idx.iter().zip(reply?) {
+                            out[*i] = value;
+                        }
+                    }
+                    Ok(out.into_iter().skip(offset).take(count).collect())
+                })
+            }
         }
     }
 
@@ -88,6 +129,29 @@ impl redis::aio::ConnectionLike for BusConn {
             BusConn::Dedicated(c) => c.get_db(),
             BusConn::Cluster(c) => c.get_db(),
         }
+    }
+}
+
+/// The key a command is routed by on a cluster (for the commands wsbus sends).
+fn routing_key(cmd: &redis::Cmd) -> Option<&[u8]> {
+    let args: Vec<&[u8]> = cmd
+        .args_iter()
+        .filter_map(|a| match a {
+            redis::Arg::Simple(b) => Some(b),
+            _ => None,
+        })
+        .collect();
+    let name = args.first()?.to_ascii_uppercase();
+    match name.as_slice() {
+        b"TIME" | b"PING" | b"INFO" | b"FUNCTION" => None,
+        b"FCALL" | b"FCALL_RO" | b"EVAL" | b"EVALSHA" => {
+            (*args.get(2)? != b"0").then(|| args.get(3).copied()).flatten()
+        }
+        b"XREAD" | b"XREADGROUP" => {
+            let at = args.iter().position(|a| a.eq_ignore_ascii_case(b"STREAMS"))?;
+            args.get(at + 1).copied()
+        }
+        _ => args.get(1).copied(),
     }
 }
 
