@@ -8,8 +8,8 @@ use std::time::Duration;
 use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
 use redis::aio::MultiplexedConnection;
 use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig};
-use redis::cluster_routing::Slot;
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::Slot;
 use redis::{AsyncConnectionConfig, FromRedisValue, Pipeline, RedisError, Value};
 
 /// The Redis function library, versioned by file name and library name.
@@ -89,8 +89,8 @@ impl redis::aio::ConnectionLike for BusConn {
                 for (i, cmd) in pipeline.cmd_iter().enumerate() {
                     let slot = routing_key(cmd).map(Slot::for_key);
                     // Keyless commands (TIME) go alone to any node.
-                    let group = slot
-                        .and_then(|s| groups.iter_mut().find(|(g, _, _)| *g == Some(s)));
+                    let group =
+                        slot.and_then(|s| groups.iter_mut().find(|(g, _, _)| *g == Some(s)));
                     match group {
                         Some((_, sub, idx)) => {
                             sub.add_command(cmd.clone());
@@ -144,11 +144,13 @@ fn routing_key(cmd: &redis::Cmd) -> Option<&[u8]> {
     let name = args.first()?.to_ascii_uppercase();
     match name.as_slice() {
         b"TIME" | b"PING" | b"INFO" | b"FUNCTION" => None,
-        b"FCALL" | b"FCALL_RO" | b"EVAL" | b"EVALSHA" => {
-            (*args.get(2)? != b"0").then(|| args.get(3).copied()).flatten()
-        }
+        b"FCALL" | b"FCALL_RO" | b"EVAL" | b"EVALSHA" => (*args.get(2)? != b"0")
+            .then(|| args.get(3).copied())
+            .flatten(),
         b"XREAD" | b"XREADGROUP" => {
-            let at = args.iter().position(|a| a.eq_ignore_ascii_case(b"STREAMS"))?;
+            let at = args
+                .iter()
+                .position(|a| a.eq_ignore_ascii_case(b"STREAMS"))?;
             args.get(at + 1).copied()
         }
         _ => args.get(1).copied(),

@@ -9,6 +9,7 @@
 //! An entry for a user who is no longer here is forwarded once to the user's current node,
 //! or answered with `not found` to the sender's node; it is never dropped silently.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -70,6 +71,7 @@ pub async fn run(node: Arc<Node>) {
         cursor: EntryId::default(),
         trim_to: None,
         run_id: None,
+        last_seen: HashMap::new(),
     };
     let mut backoff = BACKOFF_MIN;
     loop {
@@ -109,6 +111,8 @@ struct Consumer {
     trim_to: Option<EntryId>,
     /// The Redis server the cursor belongs to.
     run_id: Option<String>,
+    /// Highest message id seen per sending process (`boot`), to drop entries appended twice.
+    last_seen: HashMap<u64, u64>,
 }
 
 impl Consumer {
@@ -207,6 +211,9 @@ impl Consumer {
                     continue;
                 }
             };
+            if self.is_duplicate(&env) {
+                continue;
+            }
             match self.deliver(&env) {
                 Some(Delivery::Queued) => delivered += 1,
                 Some(_) => {}
@@ -227,6 +234,27 @@ impl Consumer {
             return Ok(());
         }
         self.reroute(moved).await
+    }
+
+    /// Whether `env` was appended twice (a retried pipeline). Each sending process appends
+    /// its direct messages to an inbox in id order, so an id at or below the last one seen
+    /// from that process is a repeat. Forwarded entries and errors are exempt: they arrive
+    /// out of that order.
+    fn is_duplicate(&mut self, env: &Envelope<'_>) -> bool {
+        if env.hops > 0 || env.boot == 0 || !matches!(env.body, Body::Message { .. }) {
+            return false;
+        }
+        if self.last_seen.len() > 10_000 {
+            // Bounded memory: forgetting only weakens duplicate detection for a moment.
+            self.last_seen.clear();
+        }
+        let last = self.last_seen.entry(env.boot).or_insert(0);
+        if env.id <= *last {
+            metrics::counter!("wsbus_duplicate_entries_total").increment(1);
+            return true;
+        }
+        *last = env.id;
+        false
     }
 
     /// Queues `env` for its local recipient; `None` if it must be rerouted (a message whose
@@ -276,6 +304,7 @@ impl Consumer {
                     let error = error.to_string();
                     env = Envelope {
                         id: env.id,
+                        boot: env.boot,
                         to: env.from.clone(),
                         hops: env.hops,
                         sent_us: 0,

@@ -121,6 +121,8 @@ pub struct Node {
     pub metrics: crate::telemetry::HotMetrics,
     next_sid: AtomicU64,
     next_message_id: AtomicU64,
+    /// Random id of this process, stamped on every envelope (see `wire::Envelope::boot`).
+    pub boot: u64,
 }
 
 impl Node {
@@ -226,6 +228,7 @@ pub async fn run(
         metrics: crate::telemetry::HotMetrics::register(),
         next_sid: AtomicU64::new(1),
         next_message_id: AtomicU64::new(1),
+        boot: fastrand::u64(1..),
         config,
     });
     tracing::info!(node = %node.id, %addr, "node starting");

@@ -185,6 +185,7 @@ impl Writer {
                     self.env_buf.clear();
                     Envelope {
                         id,
+                        boot: node.boot,
                         origin: (&*node.id).into(),
                         from: msg.from.as_str().into(),
                         to: (&*msg.to).into(),

@@ -17,8 +17,13 @@ pub const MAX_HOPS: u8 = 1;
 /// One message on the bus.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Envelope<'a> {
-    /// Message id, unique per origin node (origin + id is unique in the cluster).
+    /// Message id, increasing per origin node process (`boot`).
     pub id: u64,
+    /// Random id of the origin node's process: (`boot`, `id`) names a message uniquely and
+    /// lets receivers drop an entry appended twice (a Redis Cluster client retries a whole
+    /// pipeline after `ASK`/`MOVED`, re-appending entries that had already succeeded).
+    #[serde(default)]
+    pub boot: u64,
     /// The node the sender is connected to; errors about this envelope go back there.
     #[serde(borrow)]
     pub origin: Cow<'a, str>,
@@ -94,6 +99,7 @@ impl<'a> Envelope<'a> {
     pub fn into_owned(self) -> Envelope<'static> {
         Envelope {
             id: self.id,
+            boot: self.boot,
             origin: Cow::Owned(self.origin.into_owned()),
             from: Cow::Owned(self.from.into_owned()),
             to: Cow::Owned(self.to.into_owned()),
@@ -118,6 +124,7 @@ mod tests {
     fn sample() -> Envelope<'static> {
         Envelope {
             id: 42,
+            boot: 7,
             origin: "node-a".into(),
             from: "alice".into(),
             to: "bob".into(),

@@ -42,6 +42,7 @@ async fn nodes_whereis_and_inspect_report_the_bus() {
     let mut env = Vec::new();
     wsbus::wire::Envelope {
         id: 9,
+        boot: 0,
         origin: "a".into(),
         from: "alice".into(),
         to: "zed".into(),

@@ -164,6 +164,7 @@ async fn entries_for_users_who_moved_are_rerouted_or_answered() {
         let mut env = Vec::new();
         wsbus::wire::Envelope {
             id: 1,
+            boot: 0,
             origin: "b".into(),
             from: "sender".into(),
             to: to.into(),

@@ -4,6 +4,7 @@
 mod common;
 
 mod admin;
+mod cluster;
 mod errors;
 mod faults;
 mod messaging;

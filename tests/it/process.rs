@@ -3,18 +3,18 @@
 use std::time::{Duration, Instant};
 
 use crate::common::*;
+use crate::on_both;
 
-#[tokio::test]
-async fn sigterm_closes_clients_with_1001_and_leaves_no_keys() {
-    let redis = Redis::start().await.unwrap();
-    let url = redis.url();
-    let mut p = NodeProcess::start("proc", &url).await;
+on_both!(sigterm_closes_clients_with_1001_and_leaves_no_keys);
+
+async fn sigterm_closes_clients_with_1001_and_leaves_no_keys(backend: Backend) {
+    let mut p = NodeProcess::start_with("proc", &backend.cli_args()).await;
     let mut clients = Vec::new();
     for i in 0..5 {
         let user = format!("u{i}");
         clients.push(Client::connect_url(&p.url(&user), &user).await.unwrap());
     }
-    assert!(!keys(&url).await.is_empty());
+    assert!(!backend.keys().await.is_empty());
     p.signal("TERM");
     for c in &mut clients {
         c.expect_close(1001).await;
@@ -22,16 +22,15 @@ async fn sigterm_closes_clients_with_1001_and_leaves_no_keys() {
     let (status, took) = p.wait_exit().await;
     assert!(status.success(), "{status}");
     assert!(took < Duration::from_secs(10), "exit took {took:?}");
-    assert_eq!(keys(&url).await, Vec::<String>::new());
+    assert_eq!(backend.keys().await, Vec::<String>::new());
 }
 
-#[tokio::test]
-async fn a_killed_node_is_detected_and_reaped() {
-    let redis = Redis::start().await.unwrap();
-    let url = redis.url();
-    let survivor = Node::start("survivor", &url).await;
-    let other = Node::start("other", &url).await;
-    let mut p = NodeProcess::start("victim", &url).await;
+on_both!(a_killed_node_is_detected_and_reaped);
+
+async fn a_killed_node_is_detected_and_reaped(backend: Backend) {
+    let survivor = backend.node("survivor").await;
+    let other = backend.node("other").await;
+    let mut p = NodeProcess::start_with("victim", &backend.cli_args()).await;
     let mut carol = survivor.connect("carol").await;
     let mut dave = other.connect("dave").await;
     let _v = Client::connect_url(&p.url("victim-user"), "victim-user")
@@ -73,7 +72,8 @@ async fn a_killed_node_is_detected_and_reaped() {
     // No key of the dead node survives the reaper.
     let in_time = tokio::time::timeout(DEADLINE, async {
         loop {
-            let left: Vec<String> = keys(&url)
+            let left: Vec<String> = backend
+                .keys()
                 .await
                 .into_iter()
                 .filter(|k| k.contains("victim"))
@@ -85,7 +85,7 @@ async fn a_killed_node_is_detected_and_reaped() {
         }
     })
     .await;
-    let left = keys(&url).await;
+    let left = backend.keys().await;
     assert!(in_time.is_ok(), "keys of the dead node left: {left:?}");
     // The survivor's own traffic is unaffected.
     let mut bob = survivor.connect("bob").await;

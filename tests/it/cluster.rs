@@ -1,0 +1,81 @@
+//! Redis Cluster specifics: functions on every primary, and an inbox's slot migrating to
+//! another shard while messages flow. (The cross-node behaviour tests in `messaging`,
+//! `presence` and `process` also run against a cluster.)
+
+use std::time::Duration;
+
+use crate::common::*;
+
+#[tokio::test]
+async fn functions_are_loaded_on_every_primary() {
+    let backend = Backend::cluster().await;
+    let _a = backend.node("a").await;
+    let Backend::Cluster(cluster) = &backend else {
+        unreachable!()
+    };
+    for &port in &cluster.ports {
+        let mut shard = cluster.shard(port).await;
+        let libraries: Vec<redis::Value> = redis::cmd("FUNCTION")
+            .arg("LIST")
+            .arg("LIBRARYNAME")
+            .arg("wsbus_v1")
+            .query_async(&mut shard)
+            .await
+            .unwrap();
+        assert_eq!(
+            libraries.len(),
+            1,
+            "shard {port} lacks the wsbus_v1 library"
+        );
+    }
+}
+
+/// Moves the slot of node b's inbox to another shard (IMPORTING/MIGRATING, MIGRATE,
+/// SETSLOT NODE) while alice on node a streams to bob on node b: the blocking reader follows
+/// the slot, and every message arrives, in order.
+#[tokio::test]
+async fn delivery_continues_while_an_inbox_slot_migrates() {
+    const N: u32 = 2000;
+    let backend = Backend::cluster().await;
+    let Backend::Cluster(cluster) = &backend else {
+        unreachable!()
+    };
+    let a = backend.node("a").await;
+    let b = backend.node("b").await;
+    let mut alice = a.connect("alice").await;
+    let mut bob = b.connect("bob").await;
+    alice.send_to("bob", "warm-up").await;
+    bob.expect_message("alice", "warm-up").await;
+
+    let (from, slot) = cluster.owner("wsbus:inbox:b").await;
+    let to = *cluster.ports.iter().find(|&&p| p != from).unwrap();
+    let send = async {
+        for i in 0..N {
+            alice.feed_to("bob", &i.to_string()).await;
+            if i % 20 == 19 {
+                alice.flush().await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        alice.flush().await;
+    };
+    let migrate = async {
+        // Let some traffic flow through the old owner first.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        cluster.migrate_slot(slot, from, to).await;
+    };
+    let receive = async {
+        for i in 0..N {
+            bob.expect_message("alice", &i.to_string()).await;
+        }
+    };
+    tokio::join!(send, migrate, receive);
+    assert_eq!(cluster.owner("wsbus:inbox:b").await.0, to, "the slot moved");
+    assert!(
+        alice
+            .next_event_within(Duration::from_millis(200))
+            .await
+            .is_none(),
+        "the sender got no errors"
+    );
+}
