@@ -18,6 +18,7 @@
 #   SKIP_BUILD          set to skip `cargo build --release --workspace`
 #   WSBUS_BIN, LOADTEST_BIN  override the binaries [target/release/...]
 #   OUT                 results dir [target/bench/<timestamp>]
+#   CLUSTER             set to run against a 3-shard Redis Cluster instead of one Redis
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -84,23 +85,46 @@ wait_port() { # port pid name
     done
 }
 
-RPORT=$(free_port)
-(cd "$TMP" && exec redis-server --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no \
-    --dir "$TMP" >"$OUT/redis.log" 2>&1) &
-RPID=$!
-PIDS+=("$RPID")
-wait_port "$RPORT" "$RPID" redis
+# Redis: one server, or with CLUSTER=1 a three-shard Redis Cluster (no replicas).
+RPIDS=()
+if [ -n "${CLUSTER:-}" ]; then
+    RPORTS=()
+    for i in 1 2 3; do
+        p=$(free_port)
+        while [[ " ${RPORTS[*]:-} " == *" $p "* ]]; do p=$(free_port); done
+        mkdir -p "$TMP/r$i"
+        (cd "$TMP/r$i" && exec redis-server --port "$p" --bind 127.0.0.1 --save "" --appendonly no \
+            --cluster-enabled yes --cluster-config-file nodes.conf --dir "$TMP/r$i" >"$OUT/redis-$i.log" 2>&1) &
+        RPIDS+=($!); PIDS+=($!); RPORTS+=("$p")
+        wait_port "$p" "$!" "redis-$i"
+    done
+    redis-cli --cluster create $(printf '127.0.0.1:%s ' "${RPORTS[@]}") --cluster-replicas 0 \
+        --cluster-yes >"$OUT/cluster-create.log" 2>&1
+    for p in "${RPORTS[@]}"; do
+        until redis-cli -p "$p" CLUSTER INFO | grep -q cluster_state:ok; do sleep 0.1; done
+    done
+    RPORT=${RPORTS[0]}
+    REDIS_ARGS=(--redis-cluster --redis-url "$(printf 'redis://127.0.0.1:%s,' "${RPORTS[@]}" | sed 's/,$//')")
+else
+    RPORT=$(free_port)
+    (cd "$TMP" && exec redis-server --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no \
+        --dir "$TMP" >"$OUT/redis.log" 2>&1) &
+    RPIDS+=($!); PIDS+=($!)
+    wait_port "$RPORT" "$!" redis
+    REDIS_ARGS=(--redis-url "redis://127.0.0.1:$RPORT")
+fi
+RPID=${RPIDS[0]}
 
 # The load test measures the server, not its abuse limits: no auth, no per-connection rate limit.
-SERVE_ARGS=(--insecure --rate-limit 1000000000 --rate-burst 1000000000)
+SERVE_ARGS=(--insecure --rate-limit 1000000000 --rate-burst 1000000000 "${REDIS_ARGS[@]}")
 APORT=$(free_port)
-"$WSBUS" serve --bind "127.0.0.1:$APORT" --redis-url "redis://127.0.0.1:$RPORT" --node-id bench-a \
+"$WSBUS" serve --bind "127.0.0.1:$APORT" --node-id bench-a \
     "${SERVE_ARGS[@]}" >"$OUT/bench-a.log" 2>&1 &
 APID=$!
 PIDS+=("$APID")
 BPORT=$APORT
 while [ "$BPORT" = "$APORT" ]; do BPORT=$(free_port); done
-"$WSBUS" serve --bind "127.0.0.1:$BPORT" --redis-url "redis://127.0.0.1:$RPORT" --node-id bench-b \
+"$WSBUS" serve --bind "127.0.0.1:$BPORT" --node-id bench-b \
     "${SERVE_ARGS[@]}" >"$OUT/bench-b.log" 2>&1 &
 BPID=$!
 PIDS+=("$BPID")
@@ -118,6 +142,11 @@ cpu_ticks() { # utime+stime of a pid
     set -- $s
     echo $(( ${12} + ${13} ))
 }
+redis_ticks() { # all Redis processes together
+    local t=0 p
+    for p in "${RPIDS[@]}"; do t=$((t + $(cpu_ticks "$p"))); done
+    echo "$t"
+}
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 
 SUMMARY=$OUT/summary.tsv
@@ -126,10 +155,10 @@ printf 'scenario\trc\trate/s\tp50_us\tp99_us\tp999_us\tnode_cpu_us_per_msg\tredi
 run() { # name scenario args...
     local name=$1; shift
     local a0 b0 r0 a1 b1 r1 rc=0
-    a0=$(cpu_ticks "$APID"); b0=$(cpu_ticks "$BPID"); r0=$(cpu_ticks "$RPID")
+    a0=$(cpu_ticks "$APID"); b0=$(cpu_ticks "$BPID"); r0=$(redis_ticks)
     echo "bench: running $name: wsbus-loadtest $*" >&2
     timeout 900 "$LT" "$@" "${NODES[@]}" --json >"$OUT/$name.json" 2>"$OUT/$name.err" || rc=$?
-    a1=$(cpu_ticks "$APID"); b1=$(cpu_ticks "$BPID"); r1=$(cpu_ticks "$RPID")
+    a1=$(cpu_ticks "$APID"); b1=$(cpu_ticks "$BPID"); r1=$(redis_ticks)
     if ! jq -e . "$OUT/$name.json" >/dev/null 2>&1; then
         echo "bench: $name produced no report (rc $rc): $(tail -n 3 "$OUT/$name.err")" >&2
         printf '%s\t%s\t-\t-\t-\t-\t-\t-\t-\t-\t-\t-\n' "$name" "$rc" >>"$SUMMARY"
@@ -151,7 +180,7 @@ run() { # name scenario args...
     fi
 }
 
-redis_cli() { redis-cli -p "$RPORT" "$@"; }
+redis_cli() { redis-cli -c -p "$RPORT" "$@"; }
 
 # Soak mode (SOAK_SECONDS set, see loadtest/soak.sh): dm-cross open loop for a long time,
 # sampling memory, inbox lengths and key counts every SOAK_EVERY seconds, then checking that
