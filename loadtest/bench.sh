@@ -213,11 +213,12 @@ if [ -n "${SOAK_SECONDS:-}" ]; then
     exit
 fi
 
+# Idle memory first, on fresh nodes: later scenarios leave allocator pages behind.
+run "idle-$USERS" idle-connections --users "$USERS" --run-time 3 --server-pid "$APID" --server-pid "$BPID"
 run dm-cross-open dm-cross --users "$USERS" --rate "$RATE" --run-time "$RUN_TIME"
 run dm-cross-closed dm-cross --users "$USERS" --in-flight "$IN_FLIGHT" --run-time "$RUN_TIME"
 run dm-local-open dm-local --users "$USERS" --rate "$RATE" --run-time "$RUN_TIME"
 run dm-local-closed dm-local --users "$USERS" --in-flight "$IN_FLIGHT" --run-time "$RUN_TIME"
-run "idle-$USERS" idle-connections --users "$USERS" --run-time 3 --server-pid "$APID" --server-pid "$BPID"
 if [ "$BIG_IDLE" -gt 0 ]; then
     run "idle-$BIG_IDLE" idle-connections --users "$BIG_IDLE" --hatch-rate "$IDLE_HATCH" --run-time 5 \
         --server-pid "$APID" --server-pid "$BPID"
