@@ -405,3 +405,21 @@ async fn redis_over_tls_with_a_private_ca() {
     alice.send_to("bob", "encrypted bus").await;
     bob.expect_message("alice", "encrypted bus").await;
 }
+
+#[tokio::test]
+async fn connections_past_the_node_limit_get_503() {
+    let redis = Redis::start().await.unwrap();
+    let mut c = config("a", &redis.url());
+    c.max_connections = 2;
+    let a = Node::start_with(c).await;
+    let first = a.connect("one").await;
+    let _second = a.connect("two").await;
+    assert_eq!(Client::connect(&a, "three").await.err(), Some(503));
+    // A slot frees up when a connection ends.
+    first.close().await;
+    let a = &a;
+    eventually(DEADLINE, "a slot frees up", || async move {
+        Client::connect(a, "three").await.ok()
+    })
+    .await;
+}
