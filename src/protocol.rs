@@ -39,6 +39,9 @@ pub enum ClientError {
     /// The frame is JSON but not an object.
     #[error("frame must be a JSON object")]
     NotAnObject,
+    /// An object with `action` or `data` twice.
+    #[error("duplicate field in frame")]
+    DuplicateField,
     /// No `action` field (or `null`).
     #[error("missing action")]
     MissingAction,
@@ -83,6 +86,7 @@ impl ClientError {
         match self {
             ClientError::InvalidJson => "invalid_json",
             ClientError::NotAnObject => "not_an_object",
+            ClientError::DuplicateField => "duplicate_field",
             ClientError::MissingAction => "missing_action",
             ClientError::ActionNotString => "action_not_string",
             ClientError::EmptyAction => "empty_action",
@@ -136,10 +140,11 @@ struct MessageData<'a> {
 pub fn parse_command(frame: &str) -> Result<Command<'_>, ClientError> {
     let raw: RawFrame<'_> = serde_json::from_str(frame).map_err(|_| {
         let is_json = serde_json::from_str::<serde::de::IgnoredAny>(frame).is_ok();
-        if is_json && !frame.trim_start().starts_with('{') {
-            ClientError::NotAnObject
-        } else {
-            ClientError::InvalidJson
+        match (is_json, frame.trim_start().starts_with('{')) {
+            (false, _) => ClientError::InvalidJson,
+            (true, false) => ClientError::NotAnObject,
+            // Valid JSON that still does not fit: a repeated `action` or `data` key.
+            (true, true) => ClientError::DuplicateField,
         }
     })?;
     // serde also fills a struct from a JSON array; only objects are frames.
@@ -162,6 +167,10 @@ pub fn parse_command(frame: &str) -> Result<Command<'_>, ClientError> {
 fn parse_message(data: Option<&RawValue>) -> Result<Command<'_>, ClientError> {
     const SHAPE: &str = r#"expected {"to": "<user id>", "text": "<string>"}"#;
     let data = data.ok_or(ClientError::MalformedData(SHAPE))?;
+    // serde would also fill the struct from an array (`["bob", "hi"]`); only objects count.
+    if !data.get().starts_with('{') {
+        return Err(ClientError::MalformedData(SHAPE));
+    }
     let data: MessageData<'_> =
         serde_json::from_str(data.get()).map_err(|_| ClientError::MalformedData(SHAPE))?;
     // A valid id never contains an escape, so it is always borrowed from the frame.
@@ -259,6 +268,11 @@ mod tests {
         let shape = r#"malformed data: expected {"to": "<user id>", "text": "<string>"}"#;
         assert_eq!(err(r#"{"action":"message"}"#), shape);
         assert_eq!(err(r#"{"action":"message","data":5}"#), shape);
+        assert_eq!(err(r#"{"action":"message","data":["bob","x"]}"#), shape);
+        assert_eq!(
+            err(r#"{"action":"message","action":"message","data":{}}"#),
+            "duplicate field in frame"
+        );
         assert_eq!(err(r#"{"action":"message","data":{"to":"b"}}"#), shape);
         assert_eq!(
             err(r#"{"action":"message","data":{"to":"b","text":1}}"#),

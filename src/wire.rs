@@ -90,9 +90,15 @@ impl<'a> Envelope<'a> {
             .expect("an envelope always serializes into a Vec");
     }
 
-    /// Decodes an envelope, borrowing strings from `bytes` where it can.
+    /// Decodes an envelope, borrowing strings from `bytes` where it can. Nesting is capped
+    /// (an envelope needs 3 levels): skipping a deeply nested foreign field costs kilobytes
+    /// of stack per level, and a few hundred levels would overflow a worker's stack (found
+    /// while fuzzing; `tests/fuzz_regressions.rs`).
     pub fn decode(bytes: &'a [u8]) -> Result<Self, DecodeError> {
-        Ok(rmp_serde::from_slice(bytes)?)
+        const MAX_DEPTH: usize = 32;
+        let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+        de.set_max_depth(MAX_DEPTH);
+        Ok(Self::deserialize(&mut de)?)
     }
 
     /// Copies every borrowed string, detaching the envelope from its buffer.

@@ -121,7 +121,11 @@ async fn metrics_count_messages_in_prometheus_format() {
     })
     .await;
     assert!(
-        body.contains("# TYPE wsbus_bus_xadd_seconds summary"),
+        body.contains("# TYPE wsbus_bus_xadd_seconds histogram"),
+        "{body}"
+    );
+    assert!(
+        body.contains("wsbus_delivery_latency_seconds_bucket{le=\"5\"} "),
         "{body}"
     );
 }
