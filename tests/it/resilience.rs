@@ -234,3 +234,31 @@ async fn messages_to_a_user_who_moves_are_delivered_or_reported() {
         "no entry reached the old node: the test missed its point"
     );
 }
+
+/// The path to Redis cut (every connection closed, new ones refused) and restored: the node
+/// reconnects by itself and delivery resumes.
+#[tokio::test]
+async fn cut_redis_path_heals_when_restored() {
+    let redis = Redis::start().await.unwrap();
+    let proxy = Proxy::start(redis.port()).await;
+    let a = Node::start("a", &redis.url()).await;
+    let b = Node::start("b", &proxy.url()).await;
+    let mut alice = a.connect("alice").await;
+    let mut bob = b.connect("bob").await;
+    alice.send_to("bob", "before").await;
+    bob.expect_message("alice", "before").await;
+
+    proxy.set(Mode::Cut);
+    let addr = b.addr;
+    eventually(DEADLINE, "b reports not ready", || async move {
+        http_get(addr, "/readyz").await.filter(|(s, _)| *s == 503)
+    })
+    .await;
+    bob.send_to("alice", "while cut").await;
+    bob.expect_error("bus unavailable").await;
+
+    proxy.set(Mode::Forward);
+    let recovered = wait_for_delivery(&mut alice, &mut bob, "after").await;
+    println!("cut path: delivery resumed {recovered:?} after the path came back");
+    b.wait_ready().await;
+}
