@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
 use redis::aio::MultiplexedConnection;
-use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig};
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::Slot;
 use redis::{AsyncConnectionConfig, FromRedisValue, Pipeline, RedisError, Value};
@@ -164,6 +164,9 @@ enum Backend {
     },
     Cluster {
         client: Box<ClusterClient>,
+        /// Same seeds, without a (practical) response timeout: for the blocking reader.
+        /// (A per-connection `ClusterConfig` does not lift the client's overall timeout.)
+        blocking_client: Box<ClusterClient>,
         /// One multiplexed cluster connection, shared by cloning; made on first use.
         shared: tokio::sync::OnceCell<ClusterConnection>,
     },
@@ -200,14 +203,18 @@ impl Bus {
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
                 .collect();
-            let client = ClusterClientBuilder::new(seeds)
-                .connection_timeout(timeout)
-                .response_timeout(timeout)
-                .build()
-                .map_err(config_error)?;
+            let build = |response_timeout| {
+                ClusterClientBuilder::new(seeds.clone())
+                    .connection_timeout(timeout)
+                    .response_timeout(response_timeout)
+                    .build()
+                    .map(Box::new)
+                    .map_err(config_error)
+            };
             return Ok(Self {
                 backend: Backend::Cluster {
-                    client: Box::new(client),
+                    client: build(timeout)?,
+                    blocking_client: build(Duration::from_secs(24 * 3600))?,
                     shared: tokio::sync::OnceCell::new(),
                 },
                 timeout,
@@ -261,7 +268,7 @@ impl Bus {
     pub async fn conn(&self) -> Result<BusConn, BusError> {
         match &self.backend {
             Backend::Single { pool, .. } => Ok(BusConn::Pooled(pool.get().await?)),
-            Backend::Cluster { client, shared } => {
+            Backend::Cluster { client, shared, .. } => {
                 let conn = shared
                     .get_or_try_init(|| client.get_async_connection())
                     .await?;
@@ -284,14 +291,11 @@ impl Bus {
                         .await?,
                 ))
             }
-            Backend::Cluster { client, .. } => {
-                let config = ClusterConfig::new()
-                    .set_connection_timeout(self.timeout)
-                    .set_response_timeout(Duration::from_secs(24 * 3600));
-                Ok(BusConn::Cluster(
-                    client.get_async_connection_with_config(config).await?,
-                ))
-            }
+            Backend::Cluster {
+                blocking_client, ..
+            } => Ok(BusConn::Cluster(
+                blocking_client.get_async_connection().await?,
+            )),
         }
     }
 

@@ -14,12 +14,27 @@ pub struct RedisCluster {
 }
 
 impl RedisCluster {
+    /// Three primaries, no replicas.
     pub async fn start() -> RedisCluster {
+        Self::start_with_replicas(0).await
+    }
+
+    /// Three primaries with `replicas` replicas each.
+    pub async fn start_with_replicas(replicas: usize) -> RedisCluster {
         let dir = std::env::temp_dir().join(format!("wsbus-cluster-{}", fastrand::u64(..)));
         let mut ports = Vec::new();
         let mut children = Vec::new();
-        for _ in 0..3 {
-            let port = wsbus::dev::free_port().unwrap();
+        for _ in 0..3 * (1 + replicas) {
+            // A cluster node also listens on port + 10000 (the cluster bus).
+            let port = loop {
+                let p = wsbus::dev::free_port().unwrap();
+                if p < 55_000
+                    && !ports.contains(&p)
+                    && std::net::TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok()
+                {
+                    break p;
+                }
+            };
             let node_dir = dir.join(port.to_string());
             std::fs::create_dir_all(&node_dir).unwrap();
             let child = Command::new("redis-server")
@@ -37,9 +52,14 @@ impl RedisCluster {
                     "",
                     "--appendonly",
                     "no",
+                    // Replicas sync at once instead of after the default 5 s.
+                    "--repl-diskless-sync-delay",
+                    "0",
                 ])
                 .arg("--dir")
                 .arg(&node_dir)
+                .arg("--logfile")
+                .arg(node_dir.join("redis.log"))
                 .stdout(Stdio::null())
                 .kill_on_drop(true)
                 .spawn()
@@ -63,7 +83,7 @@ impl RedisCluster {
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .await
             .unwrap();
@@ -72,10 +92,11 @@ impl RedisCluster {
             "cluster create: {}",
             String::from_utf8_lossy(&out.stdout)
         );
+        let known = format!("cluster_known_nodes:{}", cluster.ports.len());
         for &port in &cluster.ports {
             cluster
                 .wait(port, |info| {
-                    info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:3")
+                    info.contains("cluster_state:ok") && info.contains(&known)
                 })
                 .await;
         }
@@ -84,18 +105,29 @@ impl RedisCluster {
 
     async fn wait(&self, port: u16, ok: impl Fn(&str) -> bool) {
         let end = Instant::now() + Duration::from_secs(20);
+        let mut last = String::new();
         loop {
             if let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}"))
                 && let Ok(mut c) = client.get_multiplexed_async_connection().await
-                && let Ok(info) = redis::cmd("CLUSTER")
+            {
+                match redis::cmd("CLUSTER")
                     .arg("INFO")
                     .query_async::<String>(&mut c)
                     .await
-                && ok(&info)
-            {
-                return;
+                {
+                    Ok(info) if ok(&info) => return,
+                    Ok(info) => last = info,
+                    Err(e) => last = e.to_string(),
+                }
             }
-            assert!(Instant::now() < end, "cluster node {port} not ready");
+            if Instant::now() > end {
+                let log =
+                    std::fs::read_to_string(self.dir.join(port.to_string()).join("redis.log"));
+                panic!(
+                    "cluster node {port} not ready ({last}); its log:\n{}",
+                    log.unwrap_or_default()
+                );
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -128,6 +160,65 @@ impl RedisCluster {
         }
         all.sort();
         all
+    }
+
+    /// The port of a replica of the primary on `port`, once it is in sync.
+    pub async fn replica_of(&self, port: u16) -> u16 {
+        let id = self.node_id(port).await;
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            for &p in &self.ports {
+                let mut c = self.shard(p).await;
+                let info: String = redis::cmd("INFO")
+                    .arg("replication")
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
+                let nodes: String = redis::cmd("CLUSTER")
+                    .arg("NODES")
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
+                // `<id> <addr> <flags> <master id> ...` for this node.
+                let mine: Vec<&str> = nodes
+                    .lines()
+                    .find(|l| l.contains("myself"))
+                    .unwrap_or("")
+                    .split_whitespace()
+                    .collect();
+                let replica_of_port = mine.get(2).is_some_and(|f| f.contains("slave"))
+                    && mine.get(3) == Some(&id.as_str());
+                if replica_of_port && info.contains("master_link_status:up") {
+                    return p;
+                }
+            }
+            assert!(Instant::now() < end, "no synced replica of {port}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Promotes the replica on `port` with a graceful manual failover and waits for it.
+    pub async fn failover_to(&self, port: u16) {
+        let mut c = self.shard(port).await;
+        let _: () = redis::cmd("CLUSTER")
+            .arg("FAILOVER")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        self.wait(port, |_| true).await;
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            if info.contains("role:master") {
+                return;
+            }
+            assert!(Instant::now() < end, "failover to {port} did not complete");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// The cluster node id of the shard on `port`.
