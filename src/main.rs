@@ -8,6 +8,10 @@ use wsbus::NodeConfig;
 use wsbus::dev::DevOptions;
 use wsbus::keys::Keys;
 
+/// jemalloc instead of glibc's malloc: allocation was ~15% of a node's CPU under load.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "wsbus",
