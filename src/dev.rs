@@ -169,7 +169,11 @@ pub async fn run(
     for (i, addr) in addrs.iter().enumerate() {
         println!("  node dev-{}: ws://{addr}/ws/<user-id>", i + 1);
     }
-    println!("Try it (two terminals, e.g. with websocat):");
+    if let [a, b, ..] = addrs.as_slice() {
+        println!("Open http://{a}/ and http://{b}/ in two browser tabs, or, in two terminals:");
+    } else {
+        println!("Open http://{}/ in two browser tabs, or, in two terminals:", addrs[0]);
+    }
     if let [a, b, ..] = addrs.as_slice() {
         println!("  websocat ws://{a}/ws/alice");
         println!("  websocat ws://{b}/ws/bob");
