@@ -139,6 +139,9 @@ pub async fn run(
     options: DevOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    if options.nodes == 0 {
+        return Err("--nodes must be at least 1".into());
+    }
     let (redis_url, _redis) = match options.redis_url {
         Some(url) => (url, None),
         None => {
