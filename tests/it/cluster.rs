@@ -6,6 +6,18 @@ use std::time::Duration;
 
 use crate::common::*;
 
+/// Sends `0..n` to bob in bursts of 20, a steady stream for the fault to land in.
+async fn stream_to_bob(alice: &mut Client, n: u32) {
+    for i in 0..n {
+        alice.feed_to("bob", &i.to_string()).await;
+        if i % 20 == 19 {
+            alice.flush().await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    alice.flush().await;
+}
+
 #[tokio::test]
 async fn functions_are_loaded_on_every_primary() {
     let backend = Backend::cluster().await;
@@ -49,16 +61,7 @@ async fn delivery_continues_while_an_inbox_slot_migrates() {
 
     let (from, slot) = cluster.owner("wsbus:inbox:b").await;
     let to = *cluster.ports.iter().find(|&&p| p != from).unwrap();
-    let send = async {
-        for i in 0..N {
-            alice.feed_to("bob", &i.to_string()).await;
-            if i % 20 == 19 {
-                alice.flush().await;
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        }
-        alice.flush().await;
-    };
+    let send = stream_to_bob(&mut alice, N);
     let migrate = async {
         // Let some traffic flow through the old owner first.
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -100,16 +103,7 @@ async fn delivery_continues_through_a_failover() {
 
     let (primary, _) = cluster.owner("wsbus:inbox:b").await;
     let replica = cluster.replica_of(primary).await;
-    let send = async {
-        for i in 0..N {
-            alice.feed_to("bob", &i.to_string()).await;
-            if i % 20 == 19 {
-                alice.flush().await;
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        }
-        alice.flush().await;
-    };
+    let send = stream_to_bob(&mut alice, N);
     let failover = async {
         tokio::time::sleep(Duration::from_millis(100)).await;
         cluster.failover_to(replica).await;

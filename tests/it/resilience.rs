@@ -34,18 +34,24 @@ async fn wait_for_delivery(alice: &mut Client, bob: &mut Client, tag: &str) -> D
     unreachable!()
 }
 
-/// A black-holed path to Redis: the blocking XREAD would hang forever; the read deadline
-/// notices, readiness reports it, and delivery resumes once the path is back.
-#[tokio::test]
-async fn black_holed_redis_is_detected_and_delivery_resumes() {
-    let redis = Redis::start().await.unwrap();
-    let proxy = Proxy::start(redis.port()).await;
+/// Node a on Redis directly, node b through `proxy`; alice on a and bob on b, talking.
+async fn pair_with_b_behind(redis: &Redis, proxy: &Proxy) -> (Node, Node, Client, Client) {
     let a = Node::start("a", &redis.url()).await;
     let b = Node::start("b", &proxy.url()).await;
     let mut alice = a.connect("alice").await;
     let mut bob = b.connect("bob").await;
     alice.send_to("bob", "before").await;
     bob.expect_message("alice", "before").await;
+    (a, b, alice, bob)
+}
+
+/// A black-holed path to Redis: the blocking XREAD would hang forever; the read deadline
+/// notices, readiness reports it, and delivery resumes once the path is back.
+#[tokio::test]
+async fn black_holed_redis_is_detected_and_delivery_resumes() {
+    let redis = Redis::start().await.unwrap();
+    let proxy = Proxy::start(redis.port()).await;
+    let (_a, b, mut alice, mut bob) = pair_with_b_behind(&redis, &proxy).await;
 
     proxy.set(Mode::BlackHole);
     let cut = Instant::now();
@@ -241,12 +247,7 @@ async fn messages_to_a_user_who_moves_are_delivered_or_reported() {
 async fn cut_redis_path_heals_when_restored() {
     let redis = Redis::start().await.unwrap();
     let proxy = Proxy::start(redis.port()).await;
-    let a = Node::start("a", &redis.url()).await;
-    let b = Node::start("b", &proxy.url()).await;
-    let mut alice = a.connect("alice").await;
-    let mut bob = b.connect("bob").await;
-    alice.send_to("bob", "before").await;
-    bob.expect_message("alice", "before").await;
+    let (_a, b, mut alice, mut bob) = pair_with_b_behind(&redis, &proxy).await;
 
     proxy.set(Mode::Cut);
     let addr = b.addr;
