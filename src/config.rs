@@ -133,16 +133,15 @@ pub struct NodeConfig {
 }
 
 impl Default for NodeConfig {
+    /// The documented defaults, from the clap attributes above (one source of truth), with
+    /// the environment ignored: `WSBUS_*` variables apply to `wsbus serve` only.
     fn default() -> Self {
-        // One source of truth for defaults: the clap attributes above.
-        #[derive(clap::Parser)]
-        struct Defaults {
-            #[command(flatten)]
-            config: NodeConfig,
-        }
-        let defaults: Defaults =
-            clap::Parser::try_parse_from(["wsbus"]).expect("defaults always parse");
-        defaults.config
+        use clap::FromArgMatches;
+        let command = Self::augment_args(clap::Command::new("wsbus")).mut_args(|a| a.env(None));
+        let matches = command
+            .try_get_matches_from(["wsbus"])
+            .expect("the defaults parse");
+        Self::from_arg_matches(&matches).expect("the defaults parse")
     }
 }
 
