@@ -175,7 +175,10 @@ pub async fn run(
     if let [a, b, ..] = addrs.as_slice() {
         println!("Open http://{a}/ and http://{b}/ in two browser tabs, or, in two terminals:");
     } else {
-        println!("Open http://{}/ in two browser tabs, or, in two terminals:", addrs[0]);
+        println!(
+            "Open http://{}/ in two browser tabs, or, in two terminals:",
+            addrs[0]
+        );
     }
     if let [a, b, ..] = addrs.as_slice() {
         println!("  websocat ws://{a}/ws/alice");
