@@ -6,6 +6,17 @@ use std::time::Duration;
 
 use crate::common::*;
 
+/// Nodes a and b, alice on a and bob on b, one message through already.
+async fn alice_on_a_bob_on_b(backend: &Backend) -> (Node, Node, Client, Client) {
+    let a = backend.node("a").await;
+    let b = backend.node("b").await;
+    let mut alice = a.connect("alice").await;
+    let mut bob = b.connect("bob").await;
+    alice.send_to("bob", "warm-up").await;
+    bob.expect_message("alice", "warm-up").await;
+    (a, b, alice, bob)
+}
+
 /// Sends `0..n` to bob in bursts of 20, a steady stream for the fault to land in.
 async fn stream_to_bob(alice: &mut Client, n: u32) {
     for i in 0..n {
@@ -52,12 +63,7 @@ async fn delivery_continues_while_an_inbox_slot_migrates() {
     let Backend::Cluster(cluster) = &backend else {
         unreachable!()
     };
-    let a = backend.node("a").await;
-    let b = backend.node("b").await;
-    let mut alice = a.connect("alice").await;
-    let mut bob = b.connect("bob").await;
-    alice.send_to("bob", "warm-up").await;
-    bob.expect_message("alice", "warm-up").await;
+    let (_a, _b, mut alice, mut bob) = alice_on_a_bob_on_b(&backend).await;
 
     let (from, slot) = cluster.owner("wsbus:inbox:b").await;
     let to = *cluster.ports.iter().find(|&&p| p != from).unwrap();
@@ -94,12 +100,7 @@ async fn delivery_continues_through_a_failover() {
     let Backend::Cluster(cluster) = &backend else {
         unreachable!()
     };
-    let a = backend.node("a").await;
-    let b = backend.node("b").await;
-    let mut alice = a.connect("alice").await;
-    let mut bob = b.connect("bob").await;
-    alice.send_to("bob", "warm-up").await;
-    bob.expect_message("alice", "warm-up").await;
+    let (_a, _b, mut alice, mut bob) = alice_on_a_bob_on_b(&backend).await;
 
     let (primary, _) = cluster.owner("wsbus:inbox:b").await;
     let replica = cluster.replica_of(primary).await;
