@@ -19,6 +19,11 @@
 #   WSBUS_BIN, LOADTEST_BIN  override the binaries [target/release/...]
 #   OUT                 results dir [target/bench/<timestamp>]
 #   CLUSTER             set to run against a 3-shard Redis Cluster instead of one Redis
+#   ONLY                space-separated names of what to run, as in the summary (sched-noise,
+#                       idle-400, dm-cross-open, dm-cross-closed, dm-local-open,
+#                       dm-local-closed, idle-20000, churn); default: all
+#   REPEAT [1]          run each chosen scenario this many times (name-1, name-2, ...)
+#   SLOW_US             dm-*: list messages slower than this (µs) in their JSON report
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -152,12 +157,24 @@ rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; 
 SUMMARY=$OUT/summary.tsv
 printf 'scenario\trc\trate/s\tp50_us\tp99_us\tp999_us\tnode_cpu_us_per_msg\tredis_cpu_us_per_msg\tnode_a_rss_kib\tnode_b_rss_kib\tredis_rss_kib\tkib_per_conn\n' >"$SUMMARY"
 
+wanted() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
 run() { # name scenario args...
+    local name=$1 i; shift
+    wanted "$name" || return 0
+    if [ "${REPEAT:-1}" -gt 1 ]; then
+        for i in $(seq "$REPEAT"); do run_once "$name-$i" "$@"; done
+    else
+        run_once "$name" "$@"
+    fi
+}
+run_once() { # name scenario args...
     local name=$1; shift
     local a0 b0 r0 a1 b1 r1 rc=0
     a0=$(cpu_ticks "$APID"); b0=$(cpu_ticks "$BPID"); r0=$(redis_ticks)
     echo "bench: running $name: wsbus-loadtest $*" >&2
-    timeout 900 "$LT" "$@" "${NODES[@]}" --json >"$OUT/$name.json" 2>"$OUT/$name.err" || rc=$?
+    local extra=()
+    if [ -n "${SLOW_US:-}" ] && [[ $1 == dm-* ]]; then extra=(--slow-us "$SLOW_US"); fi
+    timeout 900 "$LT" "$@" "${extra[@]}" "${NODES[@]}" --json >"$OUT/$name.json" 2>"$OUT/$name.err" || rc=$?
     a1=$(cpu_ticks "$APID"); b1=$(cpu_ticks "$BPID"); r1=$(redis_ticks)
     if ! jq -e . "$OUT/$name.json" >/dev/null 2>&1; then
         echo "bench: $name produced no report (rc $rc): $(tail -n 3 "$OUT/$name.err")" >&2
@@ -213,6 +230,16 @@ if [ -n "${SOAK_SECONDS:-}" ]; then
     exit
 fi
 
+# The machine's own noise first, with the servers idle: how late a thread that slept 100 µs
+# wakes up. Stalls of milliseconds here bound the latency tail of every scenario below.
+NOISE=""
+if wanted sched-noise; then
+    if "$LT" sched-noise --run-time 5 --json >"$OUT/sched-noise.json" 2>"$OUT/sched-noise.err"; then
+        NOISE=$(jq -r '.noise | "machine noise (idle, \(.threads) threads, 5 s): wake-ups late by > 1 ms: \(.over_1ms_per_sec)/s, > 3 ms: \(.over_3ms); lateness p99.9 \(.late_us.p999) µs, max \(.late_us.max) µs"' "$OUT/sched-noise.json")
+        echo "bench: $NOISE" >&2
+    fi
+fi
+
 # Idle memory first, on fresh nodes: later scenarios leave allocator pages behind.
 run "idle-$USERS" idle-connections --users "$USERS" --run-time 3 --server-pid "$APID" --server-pid "$BPID"
 run dm-cross-open dm-cross --users "$USERS" --rate "$RATE" --run-time "$RUN_TIME"
@@ -230,4 +257,9 @@ echo "rate/s = delivered msg/s (dm), sessions/s (churn), connections/s (idle); l
 echo "(dm: send->receive; churn: full cycle; idle: connect). CPU per delivered message,"
 echo "per completed session (churn) or per connection (idle), over the whole scenario run."
 column -t -s $'\t' "$SUMMARY"
+[ -z "$NOISE" ] || echo "$NOISE"
+for f in "$OUT"/idle-*.json; do
+    [ -f "$f" ] || continue
+    jq -r --arg f "$(basename "$f" .json)" '.memory_fit // empty | "\($f): RSS ≈ \(.base_kib) KiB + \(.kib_per_conn) KiB × connections (r² \(.r2), \(.samples) samples up to \(.max_connections)); at 100,000 connections: \(.at_100k_mib) MiB"' "$f"
+done
 echo "results: $OUT"

@@ -230,6 +230,11 @@ pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Open file descriptors of a process (its sockets, for a server), from `/proc`.
+pub(crate) fn open_fds(pid: u32) -> Option<u64> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64)
+}
+
 /// A random run prefix such as `ltk3x9q2`.
 pub(crate) fn run_prefix() -> String {
     let mut s = String::from("lt");

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::conn::{self, Incoming, Ws};
-use crate::report::{Counts, Latency, MessageStats, Report, ShardedHist};
+use crate::report::{Counts, Latency, MessageStats, Report, ShardedHist, SlowMessage};
 use crate::{Config, ConnSpec};
 
 #[derive(Clone, Copy, PartialEq)]
@@ -64,7 +64,15 @@ struct Shared {
     hist: ShardedHist,
     errors: Counts,
     disconnects: Counts,
+    /// `--slow-us`: the threshold and what crossed it (bounded).
+    slow_us: Option<u64>,
+    slow: std::sync::Mutex<Vec<SlowMessage>>,
+    /// Start of the measuring phase, ns after `epoch`.
+    send_start_ns: AtomicU64,
 }
+
+/// Most slow messages kept for the report.
+const MAX_SLOW: usize = 1000;
 
 pub(crate) async fn run(cfg: &Config, cross: bool, hard: Instant) -> Result<Report> {
     let nodes = crate::resolve_nodes(cfg).await?;
@@ -98,6 +106,9 @@ pub(crate) async fn run(cfg: &Config, cross: bool, hard: Instant) -> Result<Repo
         hist: ShardedHist::new(64),
         errors: Counts::default(),
         disconnects: Counts::default(),
+        slow_us: cfg.slow_us,
+        slow: std::sync::Mutex::new(Vec::new()),
+        send_start_ns: AtomicU64::new(0),
     });
     let (phase_tx, phase_rx) = watch::channel(Phase::Connecting);
 
@@ -162,6 +173,10 @@ pub(crate) async fn run(cfg: &Config, cross: bool, hard: Instant) -> Result<Repo
 
     // Measuring phase.
     let send_start = Instant::now();
+    sh.send_start_ns.store(
+        send_start.duration_since(sh.epoch).as_nanos() as u64,
+        Relaxed,
+    );
     let _ = phase_tx.send(Phase::Sending(send_start));
     let pacer_stop = Arc::new(AtomicBool::new(false));
     if let Some(rate) = cfg.rate {
@@ -206,6 +221,7 @@ pub(crate) async fn run(cfg: &Config, cross: bool, hard: Instant) -> Result<Repo
     report.error_frames = sh.errors.take();
     report.disconnects = sh.disconnects.take();
     report.run_prefix = prefix;
+    report.slow = std::mem::take(&mut *sh.slow.lock().unwrap_or_else(|e| e.into_inner()));
     Ok(report)
 }
 
@@ -405,8 +421,20 @@ fn on_message(sh: &Shared, me: u32, rx: &mut HashMap<u32, RxPair>, text: &str) {
     };
     if unique {
         sh.delivered.fetch_add(1, Relaxed);
-        sh.hist
-            .record(me as usize, now_ns.saturating_sub(send_ns) / 1000);
+        let latency_us = now_ns.saturating_sub(send_ns) / 1000;
+        sh.hist.record(me as usize, latency_us);
+        if sh.slow_us.is_some_and(|t| latency_us > t) {
+            let mut slow = sh.slow.lock().unwrap_or_else(|e| e.into_inner());
+            if slow.len() < MAX_SLOW {
+                let start = sh.send_start_ns.load(Relaxed);
+                slow.push(SlowMessage {
+                    sent_at_ms: send_ns.saturating_sub(start) as f64 / 1e6,
+                    latency_us,
+                    from,
+                    to: me,
+                });
+            }
+        }
         if sh.closed_loop
             && let Some(p) = sh.permits.get(from as usize)
         {

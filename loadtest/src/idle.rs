@@ -2,6 +2,7 @@
 //! server memory per connection.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use anyhow::Result;
@@ -12,8 +13,11 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::conn::{self, Ws};
-use crate::report::{Counts, ProcMemory, Report};
+use crate::report::{Counts, MemoryFit, MemorySample, ProcMemory, Report};
 use crate::{Config, ConnSpec};
+
+/// Most RSS samples kept (one every 250 ms).
+const MAX_SAMPLES: usize = 4096;
 
 pub(crate) async fn run(cfg: &Config, hard: Instant) -> Result<Report> {
     let nodes = crate::resolve_nodes(cfg).await?;
@@ -36,14 +40,46 @@ pub(crate) async fn run(cfg: &Config, hard: Instant) -> Result<Report> {
         .collect();
     let (stop_tx, stop_rx) = watch::channel(false);
     let disconnects = Arc::new(Counts::default());
+    let held = Arc::new(AtomicU64::new(0));
     let body = {
-        let d = disconnects.clone();
-        move |_i: usize, ws: Ws| hold(ws, stop_rx.clone(), d.clone())
+        let (d, held) = (disconnects.clone(), held.clone());
+        move |_i: usize, ws: Ws| {
+            held.fetch_add(1, Relaxed);
+            hold(ws, stop_rx.clone(), d.clone())
+        }
     };
+    // Server RSS against the server's open sockets, sampled during the ramp: the slope is
+    // the memory per connection, and its fit says how far it may be extrapolated. (The
+    // server's count, not ours: under load the client lags behind the server.)
+    let pids = cfg.server_pids.clone();
+    let curve = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sampler = (!pids.is_empty()).then(|| {
+        let (held, curve) = (held.clone(), curve.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tick.tick().await;
+                let sample = MemorySample {
+                    connections: held.load(Relaxed),
+                    server_fds: pids.iter().filter_map(|&p| conn::open_fds(p)).sum(),
+                    rss_kib: pids.iter().filter_map(|&p| conn::rss_kib(p)).sum(),
+                };
+                let mut curve = curve.lock().unwrap_or_else(|e| e.into_inner());
+                if curve.len() < MAX_SAMPLES {
+                    curve.push(sample);
+                }
+            }
+        })
+    });
     let mut tasks = JoinSet::new();
     let hatched = crate::hatch(cfg, specs, 4096, &mut tasks, hard, body).await;
     // Let the server settle (allocations after the upgrade) before sampling.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    if let Some(s) = sampler {
+        s.abort();
+    }
+    let memory_curve = std::mem::take(&mut *curve.lock().unwrap_or_else(|e| e.into_inner()));
+    let memory_fit = MemoryFit::of(&memory_curve);
     let connected = hatched.stats.connected.max(1) as f64;
     let memory: Vec<ProcMemory> = before
         .iter()
@@ -81,6 +117,8 @@ pub(crate) async fn run(cfg: &Config, hard: Instant) -> Result<Report> {
         connect: hatched.stats,
         total_rss_kib: (!memory.is_empty()).then(|| memory.iter().map(|m| m.rss_after_kib).sum()),
         memory,
+        memory_curve,
+        memory_fit,
         disconnects: disconnects.take(),
         notes,
         ..Report::default()

@@ -8,6 +8,7 @@ mod churn;
 mod conn;
 mod dm;
 mod idle;
+mod noise;
 mod report;
 
 use std::future::Future;
@@ -20,7 +21,11 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-pub use report::{ChurnStats, ConnectStats, Latency, MessageStats, ProcMemory, Report};
+pub use noise::NoiseStats;
+pub use report::{
+    ChurnStats, ConnectStats, Latency, MemoryFit, MemorySample, MessageStats, ProcMemory, Report,
+    SlowMessage,
+};
 
 use conn::{Target, Ws};
 
@@ -35,6 +40,9 @@ pub enum Scenario {
     IdleConnections,
     /// Connect, send one message to a held user on another node, close; at a rate.
     Churn,
+    /// No server: how late this machine wakes a thread that slept 100 µs (the noise
+    /// floor under every latency above).
+    SchedNoise,
 }
 
 impl Scenario {
@@ -45,6 +53,7 @@ impl Scenario {
             Self::DmLocal => "dm-local",
             Self::IdleConnections => "idle-connections",
             Self::Churn => "churn",
+            Self::SchedNoise => "sched-noise",
         }
     }
 }
@@ -78,6 +87,9 @@ pub struct Config {
     pub deadline: Option<Duration>,
     /// Maximum churn cycles in flight at once.
     pub max_cycles_in_flight: usize,
+    /// dm-*: list messages slower than this (µs) in the report, with when they were sent
+    /// (to tell periodic stalls from random ones).
+    pub slow_us: Option<u64>,
 }
 
 impl Default for Config {
@@ -95,6 +107,7 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(10),
             deadline: None,
             max_cycles_in_flight: 2000,
+            slow_us: None,
         }
     }
 }
@@ -116,7 +129,7 @@ impl Config {
 /// Runs `scenario` and returns its report. Always returns by the hard deadline
 /// ([`Config::effective_deadline`]); past it the run is an error.
 pub async fn run(scenario: Scenario, cfg: &Config) -> Result<Report> {
-    if cfg.nodes.is_empty() {
+    if cfg.nodes.is_empty() && scenario != Scenario::SchedNoise {
         bail!("no node URL given");
     }
     if cfg.users == 0 {
@@ -147,6 +160,7 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<Report> {
             Scenario::DmLocal => dm::run(cfg, false, hard).await,
             Scenario::IdleConnections => idle::run(cfg, hard).await,
             Scenario::Churn => churn::run(cfg, hard).await,
+            Scenario::SchedNoise => noise::run(cfg).await,
         }
     };
     let mut report = match tokio::time::timeout(deadline, fut).await {

@@ -13,14 +13,9 @@ struct Cli {
     /// Scenario to run.
     #[arg(value_enum)]
     scenario: Scenario,
-    /// Node URL, repeatable (`--node ws://127.0.0.1:8080 --node ws://127.0.0.1:8081`)
+    /// Node URL (required except for sched-noise), repeatable (`--node ws://127.0.0.1:8080 --node ws://127.0.0.1:8081`)
     /// or comma-separated.
-    #[arg(
-        long = "node",
-        env = "WSBUS_LOADTEST_NODES",
-        value_delimiter = ',',
-        required = true
-    )]
+    #[arg(long = "node", env = "WSBUS_LOADTEST_NODES", value_delimiter = ',')]
     nodes: Vec<String>,
     /// Simulated users (dm-*: senders+recipients; idle-connections: connections;
     /// churn: held partner users).
@@ -54,6 +49,9 @@ struct Cli {
     /// churn: maximum cycles in flight.
     #[arg(long, default_value_t = 2000)]
     max_cycles_in_flight: usize,
+    /// dm-*: list the messages slower than this many µs in the report (at most 1,000).
+    #[arg(long)]
+    slow_us: Option<u64>,
     /// Print the report as one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -78,6 +76,7 @@ async fn main() -> ExitCode {
         connect_timeout: Duration::from_secs(10),
         deadline: cli.deadline.map(|d| Duration::from_secs_f64(d.max(1.0))),
         max_cycles_in_flight: cli.max_cycles_in_flight.max(1),
+        slow_us: cli.slow_us,
     };
     match wsbus_loadtest::run(cli.scenario, &cfg).await {
         Ok(report) => {

@@ -174,6 +174,85 @@ pub struct ProcMemory {
     pub per_conn_kib: f64,
 }
 
+/// Server RSS (all `--server-pid`s) with this many connections held.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemorySample {
+    /// Connections the load tester holds.
+    pub connections: u64,
+    /// Open file descriptors of the server processes (their sockets).
+    pub server_fds: u64,
+    pub rss_kib: u64,
+}
+
+/// RSS ≈ `base_kib` + `kib_per_conn` × connections, fitted by least squares, where the
+/// connections are the server's open descriptors less those it had at the first sample.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryFit {
+    /// Samples fitted.
+    pub samples: usize,
+    /// Most connections sampled (the fit says nothing beyond its range but a projection).
+    pub max_connections: u64,
+    /// Slope: memory per connection, KiB.
+    pub kib_per_conn: f64,
+    /// Intercept: RSS with no connection, KiB.
+    pub base_kib: f64,
+    /// Coefficient of determination (1 = the samples lie on the line).
+    pub r2: f64,
+    /// The line at 100,000 connections, MiB: a projection when `max_connections` is
+    /// smaller (e.g. capped by the open-file limit).
+    pub at_100k_mib: f64,
+}
+
+impl MemoryFit {
+    /// The fit of `curve`, if it has at least 3 samples at different connection counts.
+    pub fn of(curve: &[MemorySample]) -> Option<Self> {
+        let n = curve.len() as f64;
+        let base_fds = curve.first()?.server_fds;
+        let conns = |s: &MemorySample| s.server_fds.saturating_sub(base_fds);
+        let xs = || curve.iter().map(|s| conns(s) as f64);
+        let ys = || curve.iter().map(|s| s.rss_kib as f64);
+        let (mx, my) = (xs().sum::<f64>() / n, ys().sum::<f64>() / n);
+        let sxx: f64 = xs().map(|x| (x - mx).powi(2)).sum();
+        let syy: f64 = ys().map(|y| (y - my).powi(2)).sum();
+        let sxy: f64 = xs().zip(ys()).map(|(x, y)| (x - mx) * (y - my)).sum();
+        let distinct = curve
+            .windows(2)
+            .filter(|w| conns(&w[0]) != conns(&w[1]))
+            .count();
+        if curve.len() < 3 || distinct < 2 || sxx == 0.0 {
+            return None;
+        }
+        let slope = sxy / sxx;
+        let base = my - slope * mx;
+        let r2 = if syy == 0.0 {
+            1.0
+        } else {
+            sxy * sxy / (sxx * syy)
+        };
+        let round = |v: f64, k: f64| (v * k).round() / k;
+        Some(Self {
+            samples: curve.len(),
+            max_connections: curve.iter().map(conns).max().unwrap_or(0),
+            kib_per_conn: round(slope, 100.0),
+            base_kib: round(base, 1.0),
+            r2: round(r2, 10_000.0),
+            at_100k_mib: round((base + slope * 100_000.0) / 1024.0, 10.0),
+        })
+    }
+}
+
+/// One message slower than `--slow-us`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlowMessage {
+    /// When it was (due to be) sent, ms after the measuring phase started.
+    pub sent_at_ms: f64,
+    /// Send → receive, µs.
+    pub latency_us: u64,
+    /// Sender and recipient user indexes.
+    pub from: u32,
+    pub to: u32,
+}
+
 /// The report of one scenario run.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
@@ -201,6 +280,9 @@ pub struct Report {
     pub messages: Option<MessageStats>,
     /// Churn cycles.
     pub churn: Option<ChurnStats>,
+    /// sched-noise: the machine's wake-up lateness.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub noise: Option<crate::NoiseStats>,
     /// Error frames by error text.
     pub error_frames: BTreeMap<String, u64>,
     /// Held connections closed by the server or broken during the run, by kind.
@@ -209,6 +291,15 @@ pub struct Report {
     pub memory: Vec<ProcMemory>,
     /// Total server RSS after connecting, KiB (sum over pids).
     pub total_rss_kib: Option<u64>,
+    /// idle-connections: total server RSS against connections held, during the ramp.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub memory_curve: Vec<MemorySample>,
+    /// idle-connections: the least-squares line through `memory_curve`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_fit: Option<MemoryFit>,
+    /// dm-* with `--slow-us`: the slowest-path messages, in arrival order (at most 1,000).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub slow: Vec<SlowMessage>,
     /// Notes (e.g. file-descriptor limits).
     pub notes: Vec<String>,
     /// Problems that make the run fail (non-zero exit).
@@ -288,16 +379,18 @@ impl Report {
         }
         let _ = writeln!(w);
         let c = &self.connect;
-        let _ = writeln!(w, "\n-- connections");
-        let _ = writeln!(
-            w,
-            "  attempted {:>10}   connected {:>10}   failed {:>8}   {:.1}s   {:.0} conn/s",
-            c.attempted, c.connected, c.failed, c.secs, c.per_sec
-        );
-        lat_header(w, "  ");
-        lat_row(w, "  connect", &c.latency_us);
-        for (k, v) in &c.failures {
-            let _ = writeln!(w, "  failure {k:<40} {v:>10}");
+        if c.attempted > 0 {
+            let _ = writeln!(w, "\n-- connections");
+            let _ = writeln!(
+                w,
+                "  attempted {:>10}   connected {:>10}   failed {:>8}   {:.1}s   {:.0} conn/s",
+                c.attempted, c.connected, c.failed, c.secs, c.per_sec
+            );
+            lat_header(w, "  ");
+            lat_row(w, "  connect", &c.latency_us);
+            for (k, v) in &c.failures {
+                let _ = writeln!(w, "  failure {k:<40} {v:>10}");
+            }
         }
         if let Some(m) = &self.messages {
             let _ = writeln!(w, "\n-- messages");
@@ -327,6 +420,23 @@ impl Report {
                 let _ = writeln!(w, "  failure {k:<40} {v:>10}");
             }
         }
+        if let Some(n) = &self.noise {
+            let _ = writeln!(w, "\n-- wake-up lateness after a {} µs sleep", n.sleep_us);
+            let _ = writeln!(
+                w,
+                "  threads {}   wake-ups {}   over 1 ms {} ({:.2}/s)   over 3 ms {}",
+                n.threads, n.wakeups, n.over_1ms, n.over_1ms_per_sec, n.over_3ms
+            );
+            lat_header(w, "  ");
+            lat_row(w, "  late", &n.late_us);
+        }
+        if !self.slow.is_empty() {
+            let _ = writeln!(
+                w,
+                "\n-- {} slow messages listed in the JSON report (`slow`)",
+                self.slow.len()
+            );
+        }
         if !self.error_frames.is_empty() {
             let _ = writeln!(w, "\n-- error frames");
             for (k, v) in &self.error_frames {
@@ -350,6 +460,13 @@ impl Report {
             }
             if let Some(t) = self.total_rss_kib {
                 let _ = writeln!(w, "  total rss after {t} KiB");
+            }
+            if let Some(f) = &self.memory_fit {
+                let _ = writeln!(
+                    w,
+                    "  fit over {} samples up to {} connections: {:.0} KiB + {:.2} KiB/connection (r² {:.4}); at 100,000: {:.1} MiB",
+                    f.samples, f.max_connections, f.base_kib, f.kib_per_conn, f.r2, f.at_100k_mib
+                );
             }
         }
         for n in &self.notes {
@@ -378,4 +495,49 @@ fn lat_row(w: &mut String, name: &str, l: &Latency) {
         "{name:<14} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9.0}",
         l.count, l.p50, l.p90, l.p99, l.p999, l.max, l.mean
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(fds: u64, rss_kib: u64) -> MemorySample {
+        MemorySample {
+            connections: 0,
+            server_fds: fds,
+            rss_kib,
+        }
+    }
+
+    #[test]
+    fn memory_fit_of_a_line() {
+        // 20 fds before the run; 1,000 KiB + 8 KiB per socket.
+        let curve: Vec<_> = (0..5)
+            .map(|i| sample(20 + i * 100, 1000 + i * 800))
+            .collect();
+        let fit = MemoryFit::of(&curve).expect("fit");
+        assert_eq!(fit.kib_per_conn, 8.0);
+        assert_eq!(fit.base_kib, 1000.0);
+        assert_eq!(fit.r2, 1.0);
+        assert_eq!(fit.max_connections, 400);
+        assert_eq!(
+            fit.at_100k_mib,
+            ((1000.0 + 800_000.0) / 1024.0 * 10.0_f64).round() / 10.0
+        );
+    }
+
+    #[test]
+    fn memory_fit_needs_spread() {
+        assert!(MemoryFit::of(&[]).is_none());
+        assert!(MemoryFit::of(&[sample(1, 10), sample(2, 20)]).is_none());
+        assert!(MemoryFit::of(&[sample(5, 10), sample(5, 20), sample(5, 30)]).is_none());
+        let noisy = [
+            sample(0, 10),
+            sample(10, 90),
+            sample(20, 30),
+            sample(30, 200),
+        ];
+        let fit = MemoryFit::of(&noisy).expect("fit");
+        assert!(fit.r2 > 0.0 && fit.r2 < 1.0, "{fit:?}");
+    }
 }

@@ -115,7 +115,7 @@ fn check_messages(r: &Report) {
 
 #[test]
 fn all_scenarios_smoke() {
-    let (_cluster, nodes) = match std::env::var("WSBUS_LOADTEST_NODES") {
+    let (cluster, nodes) = match std::env::var("WSBUS_LOADTEST_NODES") {
         Ok(v) if !v.trim().is_empty() => (
             None,
             v.split(',')
@@ -168,6 +168,22 @@ fn all_scenarios_smoke() {
     check_messages(&r);
     assert!(r.ok, "{:?}", r.problems);
 
+    // --slow-us 0 lists every message (up to 1,000), with sane timings.
+    let listed = Config {
+        slow_us: Some(0),
+        ..open.clone()
+    };
+    let r = run(Scenario::DmCross, &listed);
+    check_messages(&r);
+    let delivered = r.messages.as_ref().expect("messages").delivered;
+    assert_eq!(r.slow.len() as u64, delivered.min(1000));
+    assert!(
+        r.slow
+            .iter()
+            .all(|m| m.latency_us > 0 && m.sent_at_ms >= 0.0)
+    );
+    assert!(r.slow.iter().all(|m| m.from != m.to));
+
     let closed = Config {
         rate: None,
         in_flight: 4,
@@ -187,6 +203,53 @@ fn all_scenarios_smoke() {
     };
     let r = run(Scenario::IdleConnections, &idle);
     assert_eq!(r.connect.connected, 50);
+    assert!(r.ok, "{:?}", r.problems);
+
+    // With the server's pid: RSS against its open sockets during the ramp, and a fit.
+    if let Some(c) = &cluster {
+        // Let the server finish closing the last run's sockets, so that its descriptor
+        // count at the first sample is the baseline.
+        let pid = c.children[1].id();
+        let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut last = fds();
+        loop {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = fds();
+            if now == last || Instant::now() > deadline {
+                break;
+            }
+            last = now;
+        }
+        let sampled = Config {
+            users: 50,
+            hatch_rate: 50.0,
+            server_pids: vec![pid],
+            ..base.clone()
+        };
+        let r = run(Scenario::IdleConnections, &sampled);
+        assert!(r.ok, "{:?}", r.problems);
+        assert!(r.memory_curve.len() >= 3, "{:?}", r.memory_curve);
+        let fit = r.memory_fit.as_ref().expect("memory fit");
+        assert!(
+            fit.max_connections >= 50,
+            "the server held the 50 sockets: {fit:?}"
+        );
+        assert!(fit.r2 >= 0.0 && fit.r2 <= 1.0, "{fit:?}");
+    }
+
+    let probe = Config {
+        nodes: Vec::new(),
+        run_time: Duration::from_millis(500),
+        ..Config::default()
+    };
+    let r = rt
+        .block_on(wsbus_loadtest::run(Scenario::SchedNoise, &probe))
+        .expect("sched-noise runs without a server");
+    let n = r.noise.as_ref().expect("noise stats");
+    assert!(n.threads >= 1 && n.wakeups > 0, "{n:?}");
+    assert_eq!(n.late_us.count, n.wakeups);
+    assert!(n.over_3ms <= n.over_1ms && n.over_1ms <= n.wakeups);
     assert!(r.ok, "{:?}", r.problems);
 
     let churn = Config {
