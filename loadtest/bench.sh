@@ -19,6 +19,7 @@
 #   WSBUS_BIN, LOADTEST_BIN  override the binaries [target/release/...]
 #   OUT                 results dir [target/bench/<timestamp>]
 #   CLUSTER             set to run against a 3-shard Redis Cluster instead of one Redis
+#   NODE_THREADS        Tokio worker threads of each node (TOKIO_WORKER_THREADS) [one per CPU]
 #   ONLY                space-separated names of what to run, as in the summary (sched-noise,
 #                       idle-400, dm-cross-open, dm-cross-closed, dm-local-open,
 #                       dm-local-closed, idle-20000, churn); default: all
@@ -50,7 +51,9 @@ LT=${LOADTEST_BIN:-$ROOT/target/release/wsbus-loadtest}
 [ -x "$LT" ] || { echo "bench: $LT missing" >&2; exit 2; }
 
 # Open files for the nodes and the load tester (raising the hard limit needs root).
-need=$((BIG_IDLE + USERS + 4096))
+big=$BIG_IDLE
+if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" idle-$BIG_IDLE "* ]]; then big=0; fi
+need=$((big + USERS + 4096))
 if [ "$(ulimit -Hn)" != unlimited ] && [ "$(ulimit -Hn)" -lt "$need" ]; then
     ulimit -Hn "$need" 2>/dev/null || echo "bench: hard open-file limit $(ulimit -Hn) < $need; large idle run may fail" >&2
 fi
@@ -109,6 +112,7 @@ if [ -n "${CLUSTER:-}" ]; then
         until redis-cli -p "$p" CLUSTER INFO | grep -q cluster_state:ok; do sleep 0.1; done
     done
     RPORT=${RPORTS[0]}
+    REDIS_PORTS=("${RPORTS[@]}")
     REDIS_ARGS=(--redis-cluster --redis-url "$(printf 'redis://127.0.0.1:%s,' "${RPORTS[@]}" | sed 's/,$//')")
 else
     RPORT=$(free_port)
@@ -117,19 +121,22 @@ else
     RPIDS+=($!); PIDS+=($!)
     wait_port "$RPORT" "$!" redis
     REDIS_ARGS=(--redis-url "redis://127.0.0.1:$RPORT")
+    REDIS_PORTS=("$RPORT")
 fi
 RPID=${RPIDS[0]}
 
 # The load test measures the server, not its abuse limits: no auth, no per-connection rate limit.
 SERVE_ARGS=(--insecure --rate-limit 1000000000 --rate-burst 1000000000 "${REDIS_ARGS[@]}")
+NODE_ENV=()
+[ -z "${NODE_THREADS:-}" ] || NODE_ENV=("TOKIO_WORKER_THREADS=$NODE_THREADS")
 APORT=$(free_port)
-"$WSBUS" serve --bind "127.0.0.1:$APORT" --node-id bench-a \
+env "${NODE_ENV[@]}" "$WSBUS" serve --bind "127.0.0.1:$APORT" --node-id bench-a \
     "${SERVE_ARGS[@]}" >"$OUT/bench-a.log" 2>&1 &
 APID=$!
 PIDS+=("$APID")
 BPORT=$APORT
 while [ "$BPORT" = "$APORT" ]; do BPORT=$(free_port); done
-"$WSBUS" serve --bind "127.0.0.1:$BPORT" --node-id bench-b \
+env "${NODE_ENV[@]}" "$WSBUS" serve --bind "127.0.0.1:$BPORT" --node-id bench-b \
     "${SERVE_ARGS[@]}" >"$OUT/bench-b.log" 2>&1 &
 BPID=$!
 PIDS+=("$BPID")
@@ -170,12 +177,17 @@ run() { # name scenario args...
 run_once() { # name scenario args...
     local name=$1; shift
     local a0 b0 r0 a1 b1 r1 rc=0
+    # Redis's per-command counts of this scenario alone (batch sizes: messages per XREAD).
+    for p in "${REDIS_PORTS[@]}"; do redis-cli -p "$p" CONFIG RESETSTAT >/dev/null; done
     a0=$(cpu_ticks "$APID"); b0=$(cpu_ticks "$BPID"); r0=$(redis_ticks)
     echo "bench: running $name: wsbus-loadtest $*" >&2
     local extra=()
     if [ -n "${SLOW_US:-}" ] && [[ $1 == dm-* ]]; then extra=(--slow-us "$SLOW_US"); fi
     timeout 900 "$LT" "$@" "${extra[@]}" "${NODES[@]}" --json >"$OUT/$name.json" 2>"$OUT/$name.err" || rc=$?
     a1=$(cpu_ticks "$APID"); b1=$(cpu_ticks "$BPID"); r1=$(redis_ticks)
+    for p in "${REDIS_PORTS[@]}"; do
+        redis-cli -p "$p" INFO commandstats | tr -d '\r' | grep '^cmdstat_' >>"$OUT/$name.redis-commandstats"
+    done
     if ! jq -e . "$OUT/$name.json" >/dev/null 2>&1; then
         echo "bench: $name produced no report (rc $rc): $(tail -n 3 "$OUT/$name.err")" >&2
         printf '%s\t%s\t-\t-\t-\t-\t-\t-\t-\t-\t-\t-\n' "$name" "$rc" >>"$SUMMARY"
