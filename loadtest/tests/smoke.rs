@@ -197,12 +197,21 @@ fn all_scenarios_smoke() {
     check_messages(&r);
     assert!(r.ok, "{:?}", r.problems);
 
+    // Client sockets bound to 127.0.0.1, .2 and .3 (how runs pass ~28k connections).
     let idle = Config {
         users: 50,
+        source_addrs: Some(3),
         ..base.clone()
     };
     let r = run(Scenario::IdleConnections, &idle);
     assert_eq!(r.connect.connected, 50);
+    assert!(
+        r.notes
+            .iter()
+            .any(|n| n.contains("3 loopback source addresses")),
+        "{:?}",
+        r.notes
+    );
     assert!(r.ok, "{:?}", r.problems);
 
     // With the server's pid: RSS against its open sockets during the ramp, and a fit.
