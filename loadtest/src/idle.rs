@@ -2,7 +2,7 @@
 //! server memory per connection.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use anyhow::Result;
@@ -16,7 +16,8 @@ use crate::conn::{self, Ws};
 use crate::report::{Counts, MemoryFit, MemorySample, ProcMemory, Report};
 use crate::{Config, ConnSpec};
 
-/// Most RSS samples kept (one every 250 ms).
+/// How often server RSS is sampled during the ramp, and the most samples kept.
+const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 const MAX_SAMPLES: usize = 4096;
 
 pub(crate) async fn run(cfg: &Config, hard: Instant) -> Result<Report> {
@@ -51,34 +52,35 @@ pub(crate) async fn run(cfg: &Config, hard: Instant) -> Result<Report> {
     // Server RSS against the server's open sockets, sampled during the ramp: the slope is
     // the memory per connection, and its fit says how far it may be extrapolated. (The
     // server's count, not ours: under load the client lags behind the server.)
+    // A thread, not a task: reading /proc/<pid>/fd with 100k entries blocks for a while.
     let pids = cfg.server_pids.clone();
-    let curve = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stop_sampling = Arc::new(AtomicBool::new(false));
     let sampler = (!pids.is_empty()).then(|| {
-        let (held, curve) = (held.clone(), curve.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(250));
-            loop {
-                tick.tick().await;
-                let sample = MemorySample {
+        let (held, stop) = (held.clone(), stop_sampling.clone());
+        std::thread::spawn(move || {
+            let mut curve = Vec::new();
+            while !stop.load(Relaxed) && curve.len() < MAX_SAMPLES {
+                curve.push(MemorySample {
                     connections: held.load(Relaxed),
                     server_fds: pids.iter().filter_map(|&p| conn::open_fds(p)).sum(),
                     rss_kib: pids.iter().filter_map(|&p| conn::rss_kib(p)).sum(),
-                };
-                let mut curve = curve.lock().unwrap_or_else(|e| e.into_inner());
-                if curve.len() < MAX_SAMPLES {
-                    curve.push(sample);
-                }
+                });
+                std::thread::sleep(SAMPLE_EVERY);
             }
+            curve
         })
     });
     let mut tasks = JoinSet::new();
     let hatched = crate::hatch(cfg, specs, 4096, &mut tasks, hard, body).await;
     // Let the server settle (allocations after the upgrade) before sampling.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    if let Some(s) = sampler {
-        s.abort();
-    }
-    let memory_curve = std::mem::take(&mut *curve.lock().unwrap_or_else(|e| e.into_inner()));
+    stop_sampling.store(true, Relaxed);
+    let memory_curve = match sampler {
+        Some(s) => tokio::task::spawn_blocking(move || s.join().unwrap_or_default())
+            .await
+            .unwrap_or_default(),
+        None => Vec::new(),
+    };
     let memory_fit = MemoryFit::of(&memory_curve);
     let connected = hatched.stats.connected.max(1) as f64;
     let memory: Vec<ProcMemory> = before
