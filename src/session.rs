@@ -7,6 +7,7 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
@@ -176,12 +177,15 @@ impl Session {
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ping.tick().await;
         let mut heard_from = true;
+        // Registered once, not once per frame.
+        let kick = self.queue.kick.clone();
+        let mut kicked = std::pin::pin!(kick.kicked());
+        let mut shutdown = std::pin::pin!(node.shutdown.cancelled());
         loop {
-            let kick = self.queue.kick.clone();
             tokio::select! {
                 biased;
-                _ = kick.kicked() => return self.kicked(),
-                _ = node.shutdown.cancelled() => return End::Close(close::GOING_AWAY, "node shutting down"),
+                _ = &mut kicked => return self.kicked(),
+                _ = &mut shutdown => return End::Close(close::GOING_AWAY, "node shutting down"),
                 frame = self.queue.rx.recv() => {
                     let Some(frame) = frame else { return End::Gone };
                     if let Err(end) = self.write_queued(socket, frame).await {
@@ -309,25 +313,39 @@ impl Session {
 
     /// Feeds one frame (and flushes if asked), giving up when kicked or shutting down.
     async fn write(&self, socket: &mut WebSocket, msg: Message, flush: bool) -> Result<(), End> {
-        let kick = &self.queue.kick;
-        let result = tokio::select! {
-            biased;
-            _ = kick.kicked() => return Err(self.kicked()),
-            _ = self.node.shutdown.cancelled() => return Err(End::Close(close::GOING_AWAY, "node shutting down")),
-            r = async {
-                if flush { socket.send(msg).await } else { socket.feed(msg).await }
-            } => r,
+        let io = async {
+            if flush {
+                socket.send(msg).await
+            } else {
+                socket.feed(msg).await
+            }
         };
-        result.map_err(|_| End::Gone)
+        self.interruptible(io).await?.map_err(|_| End::Gone)
     }
 
     async fn flush(&self, socket: &mut WebSocket) -> Result<(), End> {
-        let kick = &self.queue.kick;
+        self.interruptible(socket.flush())
+            .await?
+            .map_err(|_| End::Gone)
+    }
+
+    /// Runs a socket write, giving up when the session is kicked or the node shuts down.
+    /// A write usually completes at once (into the write buffer, or a socket with room):
+    /// only one that has to wait registers for the kick and shutdown signals, which costs
+    /// locks; the common case checks the kick with one atomic load.
+    async fn interruptible<T>(&self, io: impl Future<Output = T>) -> Result<T, End> {
+        if self.queue.kick.code().is_some() {
+            return Err(self.kicked());
+        }
+        let mut io = std::pin::pin!(io);
+        if let Poll::Ready(done) = futures_util::poll!(io.as_mut()) {
+            return Ok(done);
+        }
         tokio::select! {
             biased;
-            _ = kick.kicked() => Err(self.kicked()),
+            _ = self.queue.kick.kicked() => Err(self.kicked()),
             _ = self.node.shutdown.cancelled() => Err(End::Close(close::GOING_AWAY, "node shutting down")),
-            r = socket.flush() => r.map_err(|_| End::Gone),
+            done = io => Ok(done),
         }
     }
 }
