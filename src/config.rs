@@ -99,7 +99,8 @@ pub struct NodeConfig {
     #[arg(long, env = "WSBUS_NODE_TTL", default_value = "5s", value_parser = parse_duration)]
     pub node_ttl: Duration,
 
-    /// Approximate cap on an inbox stream's length (`XADD MAXLEN ~`), a backstop only.
+    /// Approximate cap on an inbox stream's length, applied by its node's heartbeat
+    /// (`XTRIM MAXLEN ~`): a backstop against an inbox nobody reads, not flow control.
     #[arg(long, env = "WSBUS_INBOX_MAXLEN", default_value_t = 100_000)]
     pub inbox_maxlen: usize,
 

@@ -326,7 +326,6 @@ impl Consumer {
             append_entry(
                 &mut pipe,
                 &node.keys.inbox(&target),
-                node.config.inbox_maxlen,
                 &env.from,
                 &env.to,
                 env.body.action(),

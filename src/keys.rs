@@ -6,7 +6,7 @@
 //! | `P:node:<id>` | hash | `addr`, `started`, `version` | TTL = node TTL, refreshed every heartbeat |
 //! | `P:node:<id>:users` | set | user ids connected to that node | deleted on clean shutdown or by the reaper |
 //! | `P:user:<uid>` | hash | `node`, `sid`, `since` | deleted on disconnect; the reaper deletes a dead node's |
-//! | `P:inbox:<id>` | stream | envelopes for that node (`from`, `to`, `action`, `env`) | trimmed as delivered, `MAXLEN ~` cap; deleted with its node |
+//! | `P:inbox:<id>` | stream | envelopes for that node (`from`, `to`, `action`, `env`) | trimmed as delivered, `MAXLEN ~` cap per heartbeat; deleted with its node |
 //! | `P:reap:<id>` | string | which node is reaping dead node `<id>` | short TTL |
 
 /// Builds key names under a prefix.

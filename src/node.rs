@@ -213,6 +213,7 @@ pub async fn run(
             now_ms(),
             config.node_ttl,
             live.clone(),
+            config.inbox_maxlen,
         ),
         hub: Hub::new(config.session_queue),
         connections: Arc::new(Semaphore::new(config.max_connections)),

@@ -1,6 +1,6 @@
 //! The bus writer: one task per node that sends cross-node messages. It takes what sessions
 //! queued, looks the recipients up in one pipeline, and appends to their nodes' inboxes in
-//! another (`XADD NOMKSTREAM MAXLEN ~`), so a batch costs two round trips whatever its size,
+//! another (`XADD NOMKSTREAM`), so a batch costs two round trips whatever its size,
 //! and one writer keeps each sender's messages in order.
 
 use std::collections::HashMap;
@@ -200,7 +200,6 @@ impl Writer {
                     append_entry(
                         &mut pipe,
                         &self.key_buf,
-                        node.config.inbox_maxlen,
                         msg.from.as_str(),
                         &msg.to,
                         "message",
@@ -257,11 +256,11 @@ impl Writer {
     }
 }
 
-/// Adds `XADD <inbox> NOMKSTREAM MAXLEN ~ <cap> * from .. to .. action .. env ..` to `pipe`.
+/// Adds `XADD <inbox> NOMKSTREAM * from .. to .. action .. env ..` to `pipe`. (The length
+/// cap is applied by the inbox owner's heartbeat, not per entry.)
 pub fn append_entry(
     pipe: &mut redis::Pipeline,
     inbox: &str,
-    maxlen: usize,
     from: &str,
     to: &str,
     action: &str,
@@ -270,9 +269,6 @@ pub fn append_entry(
     pipe.cmd("XADD")
         .arg(inbox)
         .arg("NOMKSTREAM")
-        .arg("MAXLEN")
-        .arg("~")
-        .arg(maxlen)
         .arg("*")
         .arg("from")
         .arg(from)

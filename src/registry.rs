@@ -140,6 +140,8 @@ pub struct Registry {
     ttl: Duration,
     live: Arc<LiveNodes>,
     registered: AtomicBool,
+    /// Length past which each heartbeat trims this node's inbox (`XTRIM MAXLEN ~`).
+    inbox_cap: usize,
 }
 
 impl Registry {
@@ -151,6 +153,7 @@ impl Registry {
         started_ms: u64,
         ttl: Duration,
         live: Arc<LiveNodes>,
+        inbox_cap: usize,
     ) -> Self {
         Self {
             keys,
@@ -160,6 +163,7 @@ impl Registry {
             ttl,
             live,
             registered: Default::default(),
+            inbox_cap,
         }
     }
 
@@ -179,6 +183,14 @@ impl Registry {
             .arg(&inbox)
             .cmd("XLEN")
             .arg(&inbox)
+            // The backstop against an inbox nobody reads (its consumer stuck while the node
+            // lives): once per beat, not on every XADD. Creates no stream.
+            .cmd("XTRIM")
+            .arg(&inbox)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(self.inbox_cap)
+            .ignore()
             .cmd("HSET")
             .arg(&node_key)
             .arg("addr")

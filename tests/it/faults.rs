@@ -218,3 +218,46 @@ async fn undecodable_inbox_entries_are_skipped() {
     alice.send_to("bob", "after the garbage").await;
     bob.expect_message("alice", "after the garbage").await;
 }
+
+/// The backstop for an inbox nobody reads (its consumer stuck while the node lives): each
+/// heartbeat trims it to about `inbox_maxlen` entries. XADDs themselves carry no cap.
+async fn the_heartbeat_caps_an_unread_inbox(backend: Backend) {
+    use wsbus::keys::Keys;
+    use wsbus::registry::{LiveNodes, Registry};
+
+    let bus = wsbus::admin::open(&backend.url(), backend.is_cluster()).unwrap();
+    let keys = Keys::new("wsbus");
+    let live = std::sync::Arc::new(LiveNodes::new(&keys, Duration::from_secs(5)));
+    let registry = Registry::new(
+        keys.clone(),
+        "capped".to_owned(),
+        "127.0.0.1:1".to_owned(),
+        0,
+        Duration::from_secs(5),
+        live,
+        100,
+    );
+    let mut conn = bus.conn().await.unwrap();
+    let first = registry.beat(&bus, &mut conn).await.unwrap();
+    assert_eq!(first.inbox_len, 0, "the first beat creates an empty inbox");
+
+    let inbox = keys.inbox("capped");
+    let mut pipe = redis::pipe();
+    for _ in 0..1000 {
+        wsbus::outbox::append_entry(&mut pipe, &inbox, "a", "b", "message", b"\x80");
+    }
+    let ids: Vec<Option<String>> = pipe.query_async(&mut conn).await.unwrap();
+    assert!(ids.iter().all(Option::is_some), "all 1,000 appended");
+
+    let beat = registry.beat(&bus, &mut conn).await.unwrap();
+    assert_eq!(beat.inbox_len, 1000, "XLEN is read before the trim");
+    let left: u64 = redis::cmd("XLEN")
+        .arg(&inbox)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // `~` trims whole stream nodes (100 entries each by default).
+    assert!((100..200).contains(&left), "{left} entries left");
+}
+
+crate::on_both!(the_heartbeat_caps_an_unread_inbox);
