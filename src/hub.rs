@@ -43,16 +43,17 @@ pub struct SessionHandle {
     kick: Arc<Kick>,
 }
 
-/// Asks a session to close with a given code, from any task.
+/// Asks a session to close with a given code, from any task. Its token is a child of the
+/// node's shutdown token, so a session waits on this one signal for both.
 pub struct Kick {
     token: CancellationToken,
     code: AtomicU16,
 }
 
 impl Kick {
-    fn new() -> Self {
+    fn new(shutdown: &CancellationToken) -> Self {
         Self {
-            token: CancellationToken::new(),
+            token: shutdown.child_token(),
             code: AtomicU16::new(0),
         }
     }
@@ -65,12 +66,12 @@ impl Kick {
         self.token.cancel();
     }
 
-    /// Resolves once the session was kicked.
+    /// Resolves once the session was kicked or the node began shutting down.
     pub async fn kicked(&self) {
         self.token.cancelled().await
     }
 
-    /// The close code of the kick, if any.
+    /// The close code of the kick, if any (none when the node shuts down).
     pub fn code(&self) -> Option<u16> {
         match self.code.load(Ordering::Acquire) {
             0 => None,
@@ -102,14 +103,18 @@ pub enum Delivery {
 pub struct Hub {
     sessions: DashMap<UserId, SessionHandle>,
     queue_len: usize,
+    /// The node's shutdown token, parent of every session's kick.
+    shutdown: CancellationToken,
 }
 
 impl Hub {
-    /// An empty hub whose sessions queue up to `queue_len` frames each.
-    pub fn new(queue_len: usize) -> Self {
+    /// An empty hub whose sessions queue up to `queue_len` frames each and end when
+    /// `shutdown` is cancelled.
+    pub fn new(queue_len: usize, shutdown: CancellationToken) -> Self {
         Self {
             sessions: DashMap::new(),
             queue_len: queue_len.max(1),
+            shutdown,
         }
     }
 
@@ -120,7 +125,7 @@ impl Hub {
             Entry::Occupied(_) => None,
             Entry::Vacant(slot) => {
                 let (tx, rx) = mpsc::channel(self.queue_len);
-                let kick = Arc::new(Kick::new());
+                let kick = Arc::new(Kick::new(&self.shutdown));
                 slot.insert(SessionHandle {
                     sid,
                     tx,
@@ -198,7 +203,7 @@ mod tests {
 
     #[tokio::test]
     async fn delivers_and_kicks_slow_consumers() {
-        let hub = Hub::new(2);
+        let hub = Hub::new(2, CancellationToken::new());
         let mut inbox = hub.insert(uid("a"), 1).unwrap();
         assert!(hub.insert(uid("a"), 2).is_none(), "one session per user");
         let frame = || Outbound::unmeasured(Utf8Bytes::from_static("x"));
@@ -212,7 +217,7 @@ mod tests {
 
     #[test]
     fn removes_only_the_named_session() {
-        let hub = Hub::new(1);
+        let hub = Hub::new(1, CancellationToken::new());
         let _inbox = hub.insert(uid("a"), 1).unwrap();
         hub.remove("a", 2);
         assert!(hub.contains("a"));

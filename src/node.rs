@@ -204,6 +204,8 @@ pub async fn run(
     let live = Arc::new(LiveNodes::new(&keys, config.node_ttl));
     let id: Arc<str> = Arc::from(id);
     let (outbox, outbox_rx) = mpsc::channel(config.bus_queue.max(1));
+    // The one shutdown token; every session's kick is a child of it.
+    let stop = CancellationToken::new();
     let node = Arc::new(Node {
         presence: Presence::new(bus.clone(), keys.clone(), id.clone(), live.clone()),
         registry: Registry::new(
@@ -215,14 +217,14 @@ pub async fn run(
             live.clone(),
             config.inbox_maxlen,
         ),
-        hub: Hub::new(config.session_queue),
+        hub: Hub::new(config.session_queue, stop.clone()),
         connections: Arc::new(Semaphore::new(config.max_connections)),
         id,
         keys,
         bus,
         live,
         outbox,
-        shutdown: CancellationToken::new(),
+        shutdown: stop,
         sessions: TaskTracker::new(),
         auth,
         health: Health::default(),

@@ -177,15 +177,13 @@ impl Session {
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ping.tick().await;
         let mut heard_from = true;
-        // Registered once, not once per frame.
+        // Registered once, not once per frame. Fires on node shutdown too.
         let kick = self.queue.kick.clone();
         let mut kicked = std::pin::pin!(kick.kicked());
-        let mut shutdown = std::pin::pin!(node.shutdown.cancelled());
         loop {
             tokio::select! {
                 biased;
                 _ = &mut kicked => return self.kicked(),
-                _ = &mut shutdown => return End::Close(close::GOING_AWAY, "node shutting down"),
                 frame = self.queue.rx.recv() => {
                     let Some(frame) = frame else { return End::Gone };
                     if let Err(end) = self.write_queued(socket, frame).await {
@@ -235,7 +233,7 @@ impl Session {
                 End::Close(close::SESSION_REPLACED, "session replaced")
             }
             Some(code) => End::Close(code, ""),
-            None => End::Gone,
+            None => End::Close(close::GOING_AWAY, "node shutting down"),
         }
     }
 
@@ -331,8 +329,8 @@ impl Session {
 
     /// Runs a socket write, giving up when the session is kicked or the node shuts down.
     /// A write usually completes at once (into the write buffer, or a socket with room):
-    /// only one that has to wait registers for the kick and shutdown signals, which costs
-    /// locks; the common case checks the kick with one atomic load.
+    /// only one that has to wait registers for the kick, which costs locks; the common case
+    /// checks the kick's code with one atomic load.
     async fn interruptible<T>(&self, io: impl Future<Output = T>) -> Result<T, End> {
         if self.queue.kick.code().is_some() {
             return Err(self.kicked());
@@ -344,7 +342,6 @@ impl Session {
         tokio::select! {
             biased;
             _ = self.queue.kick.kicked() => Err(self.kicked()),
-            _ = self.node.shutdown.cancelled() => Err(End::Close(close::GOING_AWAY, "node shutting down")),
             done = io => Ok(done),
         }
     }
