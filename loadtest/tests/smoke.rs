@@ -244,7 +244,11 @@ fn all_scenarios_smoke() {
             fit.max_connections >= 50,
             "the server held the 50 sockets: {fit:?}"
         );
-        assert!(fit.r2 >= 0.0 && fit.r2 <= 1.0, "{fit:?}");
+        assert_eq!(
+            fit.samples,
+            r.memory_curve.len(),
+            "the fit covers every sample"
+        );
     }
 
     let probe = Config {
@@ -258,7 +262,8 @@ fn all_scenarios_smoke() {
     let n = r.noise.as_ref().expect("noise stats");
     assert!(n.threads >= 1 && n.wakeups > 0, "{n:?}");
     assert_eq!(n.late_us.count, n.wakeups);
-    assert!(n.over_3ms <= n.over_1ms && n.over_1ms <= n.wakeups);
+    // 0.5 s of 100 µs sleeps: thousands of wake-ups per thread on any sane machine.
+    assert!(n.wakeups >= 100 * u64::from(n.threads), "{n:?}");
     assert!(r.ok, "{:?}", r.problems);
 
     let churn = Config {
