@@ -30,15 +30,17 @@ pub struct NodeInfo {
     pub version: Option<String>,
 }
 
-/// Where a user is connected.
+/// One session of a user.
 #[derive(Debug, Serialize, PartialEq, Eq)]
 pub struct UserLocation {
     /// Node id.
     pub node: String,
     /// Session id on that node.
-    pub sid: String,
-    /// Connected since (ms since the epoch).
-    pub since: Option<u64>,
+    pub sid: u64,
+    /// Connected since (ms since the epoch, Redis server time).
+    pub since: u64,
+    /// Whether its node is alive (its `P:node:<id>` key has not expired).
+    pub alive: bool,
 }
 
 /// A bus handle for one-off commands: a single Redis, or a cluster from seed nodes.
@@ -91,25 +93,38 @@ pub async fn nodes(bus: &Bus, keys: &Keys) -> Result<Vec<NodeInfo>, BusError> {
     Ok(out)
 }
 
-/// Where `user` is registered, if anywhere.
-pub async fn where_is(
-    bus: &Bus,
-    keys: &Keys,
-    user: &str,
-) -> Result<Option<UserLocation>, BusError> {
+/// Every session `user` has registered, oldest first.
+pub async fn where_is(bus: &Bus, keys: &Keys, user: &str) -> Result<Vec<UserLocation>, BusError> {
     let mut conn = bus.conn().await?;
-    let (node, sid, since): (Option<String>, Option<String>, Option<u64>) = redis::cmd("HMGET")
-        .arg(keys.user(user))
-        .arg("node")
-        .arg("sid")
-        .arg("since")
+    let sessions: Vec<(String, u64)> = redis::cmd("HGETALL")
+        .arg(keys.user_sessions(user))
         .query_async(&mut conn)
         .await?;
-    Ok(node.map(|node| UserLocation {
-        node,
-        sid: sid.unwrap_or_default(),
-        since,
-    }))
+    let mut out: Vec<UserLocation> = sessions
+        .into_iter()
+        .filter_map(|(field, since_us)| {
+            let s = crate::presence::SessionRef::parse(&field)?;
+            Some(UserLocation {
+                node: s.node,
+                sid: s.sid,
+                since: since_us / 1000,
+                alive: false,
+            })
+        })
+        .collect();
+    if out.is_empty() {
+        return Ok(out);
+    }
+    let mut pipe = redis::pipe();
+    for loc in &out {
+        pipe.cmd("EXISTS").arg(keys.node(&loc.node));
+    }
+    let alive: Vec<bool> = pipe.query_async(&mut conn).await?;
+    for (loc, alive) in out.iter_mut().zip(alive) {
+        loc.alive = alive;
+    }
+    out.sort_by_key(|l| (l.since, l.sid));
+    Ok(out)
 }
 
 /// The first `count` entries of `node`'s inbox, envelopes decoded to JSON.
@@ -156,6 +171,7 @@ fn envelope_json(id: &str, env: &Envelope<'_>) -> serde_json::Value {
     match &env.body {
         Body::Message { text } => v["data"] = serde_json::json!({"to": env.to, "text": text}),
         Body::Error { error } => v["data"] = serde_json::json!({"error": error}),
+        Body::Kick { sid, code } => v["data"] = serde_json::json!({"sid": sid, "code": code}),
     }
     v
 }

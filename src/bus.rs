@@ -12,21 +12,24 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::Slot;
 use redis::{AsyncConnectionConfig, FromRedisValue, Pipeline, RedisError, Value};
 
-/// The Redis function library, versioned by file name and library name.
-pub const FUNCTIONS: &str = include_str!("../migrations/wsbus_v1.lua");
+/// The Redis function libraries, versioned by file name and library name. Every version still
+/// in use is loaded, so nodes of two versions can run side by side during an upgrade; this
+/// version calls only the newest.
+pub const FUNCTIONS: [&str; 2] = [
+    include_str!("../migrations/wsbus_v1.lua"),
+    include_str!("../migrations/wsbus_v2.lua"),
+];
 
-/// Function names of [`FUNCTIONS`].
+/// Function names (library `wsbus_v2`).
 pub mod func {
-    /// Claim a user for a session.
-    pub const CLAIM: &str = "wsbus_v1_claim";
-    /// Compare-and-set a user away from a dead holder.
-    pub const TAKE_OVER: &str = "wsbus_v1_take_over";
-    /// Release a user held by a session.
-    pub const RELEASE: &str = "wsbus_v1_release";
-    /// Release a user held by any session of a node.
-    pub const RELEASE_NODE: &str = "wsbus_v1_release_node";
+    /// Claim a session of a user, within the per-user limit.
+    pub const CLAIM: &str = "wsbus_v2_claim";
+    /// Release one session of a user.
+    pub const RELEASE: &str = "wsbus_v2_release";
+    /// Release every session a node holds of a user.
+    pub const RELEASE_NODE: &str = "wsbus_v2_release_node";
     /// Record a heartbeat and list the nodes.
-    pub const HEARTBEAT: &str = "wsbus_v1_heartbeat";
+    pub const HEARTBEAT: &str = "wsbus_v2_heartbeat";
 }
 
 /// Why a Redis operation failed.
@@ -299,17 +302,19 @@ impl Bus {
         }
     }
 
-    /// Loads (or replaces) the function library.
+    /// Loads (or replaces) the function libraries.
     pub async fn load_functions(
         &self,
         conn: &mut impl redis::aio::ConnectionLike,
     ) -> Result<(), BusError> {
-        redis::cmd("FUNCTION")
-            .arg("LOAD")
-            .arg("REPLACE")
-            .arg(FUNCTIONS)
-            .query_async::<()>(conn)
-            .await?;
+        for library in FUNCTIONS {
+            redis::cmd("FUNCTION")
+                .arg("LOAD")
+                .arg("REPLACE")
+                .arg(library)
+                .query_async::<()>(conn)
+                .await?;
+        }
         Ok(())
     }
 

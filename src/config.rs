@@ -9,6 +9,25 @@ fn parse_duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
 }
 
+/// What a connect past the per-user session limit does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnSessionLimit {
+    /// Refuse the newcomer with `not unique session` and close 4001.
+    Reject,
+    /// Accept the newcomer and close the user's oldest session with 4006.
+    Replace,
+}
+
+impl OnSessionLimit {
+    /// The mode's name, as the Redis claim function takes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnSessionLimit::Reject => "reject",
+            OnSessionLimit::Replace => "replace",
+        }
+    }
+}
+
 /// Everything a node needs to run. `Default` gives the documented defaults.
 #[derive(Debug, Clone, Args)]
 pub struct NodeConfig {
@@ -43,6 +62,18 @@ pub struct NodeConfig {
     /// row the connection is closed with 4005.
     #[arg(long, env = "WSBUS_RATE_BURST", default_value_t = 100)]
     pub rate_burst: u32,
+
+    /// Sessions one user may hold at once, across the cluster (phone, laptop, tabs). `1` keeps
+    /// one session per user.
+    #[arg(long, env = "WSBUS_MAX_SESSIONS_PER_USER", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub max_sessions_per_user: u32,
+
+    /// What a connect past `--max-sessions-per-user` does: `reject` refuses the newcomer
+    /// (`not unique session`, close 4001); `replace` accepts it and closes the user's oldest
+    /// session with 4006 (with 1 session per user: "last login wins").
+    #[arg(long, env = "WSBUS_ON_SESSION_LIMIT", value_enum, default_value_t = OnSessionLimit::Reject)]
+    pub on_session_limit: OnSessionLimit,
 
     /// CA certificate (PEM) to verify a `rediss://` Redis server with, instead of the
     /// system's roots.
@@ -147,6 +178,12 @@ impl Default for NodeConfig {
 }
 
 impl NodeConfig {
+    /// Whether a user may have more than one session (so messages fan out to sessions on
+    /// several nodes and route lookups cannot be cached).
+    pub fn multi_session(&self) -> bool {
+        self.max_sessions_per_user > 1
+    }
+
     /// A config for a node with this id and Redis URL, without authentication (for tests
     /// and embedding), other fields at their defaults.
     pub fn new(node_id: impl Into<String>, redis_url: impl Into<String>) -> Self {

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::SinkExt;
 
-use crate::node::{Node, now_ms};
+use crate::node::Node;
 use crate::presence::Claim;
 use crate::protocol::{ClientError, close, encode_error};
 use crate::session::{Session, SessionGuard};
@@ -83,42 +83,61 @@ async fn connect(
         return (StatusCode::SERVICE_UNAVAILABLE, "too many connections\n").into_response();
     };
     let ws = configure(ws, &node);
-    if node.hub.contains(user.as_str()) {
-        return ws.on_upgrade(move |socket| refuse_not_unique(socket, user));
-    }
     let sid = node.next_session_id();
-    let claim = node.presence.claim(&user, sid, now_ms()).await;
+    let claim = claim_patiently(&node, &user, sid).await;
     tracing::debug!(user = %user, sid, ?claim, "claim");
-    match claim {
+    let evicted = match claim {
         Err(e) => {
             tracing::warn!(user = %user, error = %e, "claim failed; refusing connection");
             metrics::counter!("wsbus_connections_refused_total", "reason" => "bus").increment(1);
-            (StatusCode::SERVICE_UNAVAILABLE, "bus unavailable\n").into_response()
+            return (StatusCode::SERVICE_UNAVAILABLE, "bus unavailable\n").into_response();
         }
-        Ok(Claim::Held { node: holder }) => {
-            tracing::debug!(user = %user, holder, "refused: not unique session");
+        Ok(Claim::Refused { holders }) => {
+            tracing::debug!(user = %user, ?holders, "refused: not unique session");
             metrics::counter!("wsbus_connections_refused_total", "reason" => "not_unique")
                 .increment(1);
             ClientError::NotUniqueSession.count();
-            ws.on_upgrade(move |socket| refuse_not_unique(socket, user))
+            return ws.on_upgrade(move |socket| refuse_not_unique(socket, user));
         }
-        Ok(Claim::Claimed) => {
-            let Some(queue) = node.hub.insert(user.clone(), sid) else {
-                // A local session appeared since the check above, so Redis had lost its
-                // claim: hand the claim back (re-registration restores the local one).
-                if let Err(e) = node.presence.release(&user, sid).await {
-                    tracing::warn!(user = %user, error = %e, "could not release a claim");
-                }
-                return ws.on_upgrade(move |socket| refuse_not_unique(socket, user));
-            };
-            let guard = SessionGuard::new(node.clone(), user.clone(), sid);
-            let tracker = node.sessions.clone();
-            metrics::counter!("wsbus_connections_opened_total").increment(1);
-            ws.on_upgrade(move |socket| {
-                tracker.track_future(Session::new(node, user, queue, guard, permit).run(socket))
-            })
+        Ok(Claim::Claimed) => Vec::new(),
+        Ok(Claim::Replaced { evicted }) => evicted,
+    };
+    let queue = node.hub.insert(user.clone(), sid);
+    for old in &evicted {
+        metrics::counter!("wsbus_sessions_replaced_total").increment(1);
+        if let Err(e) = node
+            .close_session(user.as_str(), old, close::REPLACED_BY_NEWER)
+            .await
+        {
+            tracing::warn!(user = %user, node = %old.node, error = %e, "could not close a replaced session");
         }
     }
+    let guard = SessionGuard::new(node.clone(), user.clone(), sid);
+    let tracker = node.sessions.clone();
+    metrics::counter!("wsbus_connections_opened_total").increment(1);
+    ws.on_upgrade(move |socket| {
+        tracker.track_future(Session::new(node, user, queue, guard, permit).run(socket))
+    })
+}
+
+/// Claims a session for `user`. A refusal is retried briefly: the session holding the user
+/// may be closing right now (a page reload, a reconnect to another node), and its release is
+/// one Redis round trip away. A refusal that stands costs the refused client ~350 ms.
+async fn claim_patiently(
+    node: &Node,
+    user: &UserId,
+    sid: u64,
+) -> Result<Claim, crate::bus::BusError> {
+    const PATIENCE: [u64; 3] = [50, 100, 200];
+    let mut claim = node.presence.claim(user, sid).await?;
+    for wait_ms in PATIENCE {
+        if !matches!(claim, Claim::Refused { .. }) || node.shutdown.is_cancelled() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(wait_ms)).await;
+        claim = node.presence.claim(user, sid).await?;
+    }
+    Ok(claim)
 }
 
 fn configure(ws: WebSocketUpgrade, node: &Node) -> WebSocketUpgrade {

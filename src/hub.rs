@@ -1,10 +1,11 @@
-//! The hub: the sessions connected to this node, by user id, and delivery into their queues.
+//! The hub: the sessions connected to this node, by user id (a user may hold several), and
+//! delivery into their queues.
 //!
 //! Delivery never waits: it `try_send`s into the session's bounded queue, and a full queue
 //! disconnects that session as a slow consumer (close code 4002). Nothing here touches Redis.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
@@ -88,20 +89,38 @@ pub struct SessionInbox {
     pub kick: Arc<Kick>,
 }
 
-/// Outcome of a delivery attempt.
+/// Outcome of a delivery attempt to one session.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Delivery {
     /// Queued for the socket.
     Queued,
-    /// No session of that user here.
+    /// No such session here.
     NotHere,
     /// The session's queue was full; the session is being disconnected.
     SlowConsumer,
 }
 
-/// The local sessions.
+/// Outcome of delivering one frame to every local session of a user.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Fanout {
+    /// Sessions it was queued for.
+    pub queued: u32,
+    /// Sessions whose queue was full (being disconnected as slow consumers).
+    pub slow: u32,
+}
+
+impl Fanout {
+    /// Whether the user has any session here (delivered or not).
+    pub fn found(&self) -> bool {
+        self.queued + self.slow > 0
+    }
+}
+
+/// The local sessions, by user: a user may hold several (`--max-sessions-per-user`).
 pub struct Hub {
-    sessions: DashMap<UserId, SessionHandle>,
+    users: DashMap<UserId, Vec<SessionHandle>>,
+    /// Number of sessions (not users), kept beside the map so reading it locks nothing.
+    sessions: AtomicUsize,
     queue_len: usize,
     /// The node's shutdown token, parent of every session's kick.
     shutdown: CancellationToken,
@@ -112,84 +131,134 @@ impl Hub {
     /// `shutdown` is cancelled.
     pub fn new(queue_len: usize, shutdown: CancellationToken) -> Self {
         Self {
-            sessions: DashMap::new(),
+            users: DashMap::new(),
+            sessions: AtomicUsize::new(0),
             queue_len: queue_len.max(1),
             shutdown,
         }
     }
 
-    /// Registers a session for `user`, replacing nothing: `None` if the user already has one.
-    pub fn insert(&self, user: UserId, sid: u64) -> Option<SessionInbox> {
-        use dashmap::mapref::entry::Entry;
-        match self.sessions.entry(user) {
-            Entry::Occupied(_) => None,
-            Entry::Vacant(slot) => {
-                let (tx, rx) = mpsc::channel(self.queue_len);
-                let kick = Arc::new(Kick::new(&self.shutdown));
-                slot.insert(SessionHandle {
-                    sid,
-                    tx,
-                    kick: kick.clone(),
-                });
-                Some(SessionInbox { rx, kick })
+    /// Registers session `sid` of `user` (the per-user limit is the claim's business).
+    pub fn insert(&self, user: UserId, sid: u64) -> SessionInbox {
+        let (tx, rx) = mpsc::channel(self.queue_len);
+        let kick = Arc::new(Kick::new(&self.shutdown));
+        self.users.entry(user).or_default().push(SessionHandle {
+            sid,
+            tx,
+            kick: kick.clone(),
+        });
+        self.sessions.fetch_add(1, Ordering::Relaxed);
+        SessionInbox { rx, kick }
+    }
+
+    /// Removes session `sid` of `user`; returns whether the user has no session here left.
+    pub fn remove(&self, user: &str, sid: u64) -> bool {
+        let mut removed = false;
+        let emptied = self.users.remove_if_mut(user, |_, sessions| {
+            if let Some(i) = sessions.iter().position(|s| s.sid == sid) {
+                sessions.swap_remove(i);
+                removed = true;
+            }
+            sessions.is_empty()
+        });
+        if removed {
+            self.sessions.fetch_sub(1, Ordering::Relaxed);
+        }
+        emptied.is_some() || !self.users.contains_key(user)
+    }
+
+    /// Queues the frame `make` builds for every session of `user` here except `except`,
+    /// building it only if there is one. Never waits.
+    pub fn deliver_user(
+        &self,
+        user: &str,
+        except: Option<u64>,
+        make: impl FnOnce() -> Outbound,
+    ) -> Fanout {
+        let mut fanout = Fanout::default();
+        let Some(sessions) = self.users.get(user) else {
+            return fanout;
+        };
+        let mut make = Some(make);
+        let mut frame: Option<Outbound> = None;
+        for session in sessions.iter().filter(|s| Some(s.sid) != except) {
+            let frame = frame.get_or_insert_with(|| (make.take().expect("built once"))());
+            match session.offer(frame.clone()) {
+                Delivery::Queued => fanout.queued += 1,
+                Delivery::SlowConsumer => fanout.slow += 1,
+                Delivery::NotHere => {}
             }
         }
+        fanout
     }
 
-    /// Removes `user`'s session if it is still session `sid`.
-    pub fn remove(&self, user: &str, sid: u64) {
-        self.sessions.remove_if(user, |_, s| s.sid == sid);
-    }
-
-    /// Queues `frame` for `user` without waiting.
-    pub fn deliver(&self, user: &str, frame: Outbound) -> Delivery {
-        self.deliver_with(user, || frame)
-    }
-
-    /// Queues the frame `make` builds for `user`, building it only if `user` is here.
-    pub fn deliver_with(&self, user: &str, make: impl FnOnce() -> Outbound) -> Delivery {
-        let Some(session) = self.sessions.get(user) else {
+    /// Queues `frame` for session `sid` of `user` only (errors go to the session that sent).
+    pub fn deliver_session(&self, user: &str, sid: u64, frame: Outbound) -> Delivery {
+        let Some(sessions) = self.users.get(user) else {
             return Delivery::NotHere;
         };
-        match session.tx.try_send(make()) {
-            Ok(()) => Delivery::Queued,
-            Err(mpsc::error::TrySendError::Closed(_)) => Delivery::NotHere,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                session.kick.kick(close::SLOW_CONSUMER);
-                metrics::counter!("wsbus_slow_consumer_disconnects_total").increment(1);
-                Delivery::SlowConsumer
-            }
+        match sessions.iter().find(|s| s.sid == sid) {
+            Some(session) => session.offer(frame),
+            None => Delivery::NotHere,
         }
+    }
+
+    /// Number of sessions `user` has here.
+    pub fn sessions_of(&self, user: &str) -> usize {
+        self.users.get(user).map_or(0, |s| s.len())
     }
 
     /// Whether `user` has a session here.
     pub fn contains(&self, user: &str) -> bool {
-        self.sessions.contains_key(user)
+        self.users.contains_key(user)
     }
 
-    /// Ends `user`'s session `sid` with close code `code`.
+    /// Ends session `sid` of `user` with close code `code`.
     pub fn kick(&self, user: &str, sid: u64, code: u16) {
-        if let Some(s) = self.sessions.get(user).filter(|s| s.sid == sid) {
+        if let Some(sessions) = self.users.get(user)
+            && let Some(s) = sessions.iter().find(|s| s.sid == sid)
+        {
             s.kick.kick(code);
         }
     }
 
     /// Every session, as (user, sid), for re-registration and shutdown.
     pub fn snapshot(&self) -> Vec<(UserId, u64)> {
-        self.sessions
+        self.users
             .iter()
-            .map(|e| (e.key().clone(), e.value().sid))
+            .flat_map(|e| {
+                let user = e.key().clone();
+                e.value()
+                    .iter()
+                    .map(move |s| (user.clone(), s.sid))
+                    .collect::<Vec<_>>()
+            })
             .collect()
     }
 
     /// Number of sessions.
     pub fn len(&self) -> usize {
-        self.sessions.len()
+        self.sessions.load(Ordering::Relaxed)
     }
 
     /// Whether there are no sessions.
     pub fn is_empty(&self) -> bool {
-        self.sessions.is_empty()
+        self.len() == 0
+    }
+}
+
+impl SessionHandle {
+    /// Queues `frame` without waiting; a full queue kicks the session as a slow consumer.
+    fn offer(&self, frame: Outbound) -> Delivery {
+        match self.tx.try_send(frame) {
+            Ok(()) => Delivery::Queued,
+            Err(mpsc::error::TrySendError::Closed(_)) => Delivery::NotHere,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.kick.kick(close::SLOW_CONSUMER);
+                metrics::counter!("wsbus_slow_consumer_disconnects_total").increment(1);
+                Delivery::SlowConsumer
+            }
+        }
     }
 }
 
@@ -201,27 +270,59 @@ mod tests {
         UserId::parse(s).unwrap()
     }
 
+    fn frame() -> Outbound {
+        Outbound::unmeasured(Utf8Bytes::from_static("x"))
+    }
+
     #[tokio::test]
-    async fn delivers_and_kicks_slow_consumers() {
+    async fn delivers_to_every_session_and_kicks_slow_consumers() {
         let hub = Hub::new(2, CancellationToken::new());
-        let mut inbox = hub.insert(uid("a"), 1).unwrap();
-        assert!(hub.insert(uid("a"), 2).is_none(), "one session per user");
-        let frame = || Outbound::unmeasured(Utf8Bytes::from_static("x"));
-        assert_eq!(hub.deliver("a", frame()), Delivery::Queued);
-        assert_eq!(hub.deliver("a", frame()), Delivery::Queued);
-        assert_eq!(hub.deliver("a", frame()), Delivery::SlowConsumer);
-        assert_eq!(inbox.kick.code(), Some(close::SLOW_CONSUMER));
-        assert_eq!(inbox.rx.recv().await.map(|o| o.frame).as_deref(), Some("x"));
-        assert_eq!(hub.deliver("b", frame()), Delivery::NotHere);
+        let mut one = hub.insert(uid("a"), 1);
+        let mut two = hub.insert(uid("a"), 2);
+        assert_eq!(hub.len(), 2);
+        assert_eq!(hub.sessions_of("a"), 2);
+        let all = hub.deliver_user("a", None, frame);
+        assert_eq!((all.queued, all.slow), (2, 0));
+        let others = hub.deliver_user("a", Some(1), frame);
+        assert_eq!((others.queued, others.slow), (1, 0));
+        // Session 2 holds two frames now: the next one overflows it.
+        let over = hub.deliver_user("a", None, frame);
+        assert_eq!((over.queued, over.slow), (1, 1));
+        assert_eq!(two.kick.code(), Some(close::SLOW_CONSUMER));
+        assert_eq!(one.kick.code(), None);
+        assert_eq!(one.rx.recv().await.map(|o| o.frame).as_deref(), Some("x"));
+        assert_eq!(two.rx.recv().await.map(|o| o.frame).as_deref(), Some("x"));
+        assert!(!hub.deliver_user("b", None, frame).found());
+        assert_eq!(hub.deliver_session("a", 1, frame()), Delivery::Queued);
+        assert_eq!(hub.deliver_session("a", 9, frame()), Delivery::NotHere);
+    }
+
+    #[test]
+    fn builds_the_frame_only_for_someone() {
+        let hub = Hub::new(1, CancellationToken::new());
+        let _a = hub.insert(uid("a"), 1);
+        let built = std::cell::Cell::new(0);
+        let make = || {
+            built.set(built.get() + 1);
+            frame()
+        };
+        hub.deliver_user("a", Some(1), make);
+        assert_eq!(built.get(), 0, "no session but the excluded one");
+        hub.deliver_user("a", None, make);
+        assert_eq!(built.get(), 1);
     }
 
     #[test]
     fn removes_only_the_named_session() {
         let hub = Hub::new(1, CancellationToken::new());
-        let _inbox = hub.insert(uid("a"), 1).unwrap();
-        hub.remove("a", 2);
+        let _one = hub.insert(uid("a"), 1);
+        let _two = hub.insert(uid("a"), 2);
+        assert!(!hub.remove("a", 3), "unknown sid: the user still has sessions");
+        assert!(!hub.remove("a", 1), "one session left");
         assert!(hub.contains("a"));
-        hub.remove("a", 1);
+        assert_eq!(hub.len(), 1);
+        assert!(hub.remove("a", 2), "the last one");
         assert!(hub.is_empty());
+        assert!(!hub.contains("a"));
     }
 }

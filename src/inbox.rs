@@ -6,8 +6,9 @@
 //! The call has its own deadline (block time + margin): a half-open connection is dropped and
 //! replaced, with backoff. After a reconnect to a different Redis server (`run_id` changed:
 //! a restart or failover), the cursor restarts at the beginning of the (new) stream.
-//! An entry for a user who is no longer here is forwarded once to the user's current node,
-//! or answered with `not found` to the sender's node; it is never dropped silently.
+//! An entry for a user who is no longer here goes back to [`crate::dispatch`], which forwards it
+//! once to the user's current nodes or answers `not found` to the sender's node; it is never
+//! dropped silently.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,11 +17,11 @@ use std::time::Duration;
 use redis::Value;
 
 use crate::bus::{BusConn, BusError};
-use crate::hub::{Delivery, Outbound};
+use crate::dispatch::{Dispatch, Origin, Target};
+use crate::hub::Outbound;
 use crate::node::Node;
-use crate::outbox::append_entry;
-use crate::protocol::{ClientError, encode_error, encode_message};
-use crate::wire::{Body, ENVELOPE_FIELD, Envelope, MAX_HOPS};
+use crate::protocol::encode_message;
+use crate::wire::{Body, ENVELOPE_FIELD, Envelope};
 
 /// Extra time allowed past the block time before a read counts as hung.
 const READ_MARGIN: Duration = Duration::from_secs(1);
@@ -215,8 +216,7 @@ impl Consumer {
                 continue;
             }
             match self.deliver(&env) {
-                Some(Delivery::Queued) => delivered += 1,
-                Some(_) => {}
+                Some(queued) => delivered += u64::from(queued),
                 None => moved.push(env.into_owned()),
             }
         }
@@ -257,84 +257,73 @@ impl Consumer {
         false
     }
 
-    /// Queues `env` for its local recipient; `None` if it must be rerouted (a message whose
-    /// recipient is not here; an error for a sender who left has nobody left to tell).
-    fn deliver(&self, env: &Envelope<'_>) -> Option<Delivery> {
+    /// Delivers `env` to its local sessions; `None` if it must be forwarded (a message for
+    /// a recipient with no session here: it moved).
+    fn deliver(&self, env: &Envelope<'_>) -> Option<u32> {
         let hub = &self.node.hub;
-        let frame = match &env.body {
-            Body::Message { text } => Outbound {
-                frame: encode_message(&env.from, &env.to, text).into(),
-                born_us: env.sent_us,
-            },
-            Body::Error { error } => Outbound::unmeasured(encode_error(&env.to, error)),
-        };
-        match hub.deliver(&env.to, frame) {
-            Delivery::NotHere if matches!(env.body, Body::Message { .. }) => None,
-            other => Some(other),
+        match &env.body {
+            Body::Message { text } => {
+                let mut built: Option<Outbound> = None;
+                let mut frame = || {
+                    built
+                        .get_or_insert_with(|| Outbound {
+                            frame: encode_message(&env.from, &env.to, text).into(),
+                            born_us: env.sent_us,
+                        })
+                        .clone()
+                };
+                let mut queued = 0;
+                if env.to_sender {
+                    queued += hub.deliver_user(&env.from, None, &mut frame).queued;
+                }
+                if env.to_recipient {
+                    let fanout = hub.deliver_user(&env.to, None, &mut frame);
+                    if !fanout.found() {
+                        return None;
+                    }
+                    queued += fanout.queued;
+                }
+                Some(queued)
+            }
+            Body::Error { .. } => {
+                self.node.deliver_error(env);
+                Some(0)
+            }
+            Body::Kick { sid, code } => {
+                hub.kick(&env.to, *sid, *code);
+                Some(0)
+            }
         }
     }
 
-    /// Forwards entries whose recipient moved to another node, or tells their senders.
+    /// Hands entries whose recipient moved back to dispatch, to be forwarded once to the
+    /// recipient's current nodes (or answered `not found` to their sender).
     async fn reroute(&self, moved: Vec<Envelope<'static>>) -> Result<(), BusError> {
-        let node = &self.node;
-        let mut conn = node.bus.conn().await?;
-        let located = node
-            .presence
-            .locate(&mut conn, moved.iter().map(|e| &*e.to))
-            .await?;
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        let mut buf = Vec::new();
-        let mut queued = 0;
-        for (mut env, found) in moved.into_iter().zip(located) {
-            let target = match found {
-                Some(n) if n != *node.id && env.hops < MAX_HOPS => {
-                    node.live.is_alive(&mut conn, &n).await?.then_some(n)
-                }
-                _ => None,
+        for env in moved {
+            let mut tried: Vec<Box<str>> = env.tried.iter().map(|t| (**t).into()).collect();
+            tried.push((*self.node.id).into());
+            let dispatch = Dispatch {
+                origin: Origin::Forward {
+                    node: (*env.origin).into(),
+                    user: (*env.from).into(),
+                    sid: env.origin_sid,
+                    id: env.id,
+                    boot: env.boot,
+                    hops: env.hops.saturating_add(1),
+                    tried,
+                },
+                target: Target::User((*env.to).into()),
+                text: match env.body {
+                    Body::Message { text } => text.into_owned().into_boxed_str(),
+                    _ => continue,
+                },
+                born_us: env.sent_us,
+                delivered_here: false,
+                echo: false,
             };
-            let target = match target {
-                Some(target) => {
-                    env.hops += 1;
-                    target
-                }
-                None => {
-                    let error = ClientError::UserNotFound(env.to.to_string());
-                    error.count();
-                    let error = error.to_string();
-                    env = Envelope {
-                        id: env.id,
-                        boot: env.boot,
-                        to: env.from.clone(),
-                        hops: env.hops,
-                        sent_us: 0,
-                        body: Body::Error {
-                            error: error.into(),
-                        },
-                        origin: env.origin.clone(),
-                        from: env.from,
-                    };
-                    if *env.origin == *node.id {
-                        let _ = self.deliver(&env);
-                        continue;
-                    }
-                    env.origin.to_string()
-                }
-            };
-            buf.clear();
-            env.encode_into(&mut buf);
-            append_entry(
-                &mut pipe,
-                &node.keys.inbox(&target),
-                &env.from,
-                &env.to,
-                env.body.action(),
-                &buf,
-            );
-            queued += 1;
-        }
-        if queued > 0 {
-            pipe.query_async::<()>(&mut conn).await?;
+            if self.node.outbox.send(dispatch).await.is_err() {
+                return Err(BusError::Reply("the bus writer has stopped"));
+            }
         }
         Ok(())
     }

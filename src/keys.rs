@@ -5,7 +5,7 @@
 //! | `P:nodes` | sorted set | node id → last heartbeat (Redis server time, ms) | member removed by the reaper or on clean shutdown |
 //! | `P:node:<id>` | hash | `addr`, `started`, `version` | TTL = node TTL, refreshed every heartbeat |
 //! | `P:node:<id>:users` | set | user ids connected to that node | deleted on clean shutdown or by the reaper |
-//! | `P:user:<uid>` | hash | `node`, `sid`, `since` | deleted on disconnect; the reaper deletes a dead node's |
+//! | `P:{u:<uid>}:sessions` | hash | `<node>:<sid>` → claimed at (Redis server time, µs), one field per session | field removed on disconnect; the reaper removes a dead node's |
 //! | `P:inbox:<id>` | stream | envelopes for that node (`from`, `to`, `action`, `env`) | trimmed as delivered, `MAXLEN ~` cap per heartbeat; deleted with its node |
 //! | `P:reap:<id>` | string | which node is reaping dead node `<id>` | short TTL |
 
@@ -43,16 +43,19 @@ impl Keys {
         format!("{}:node:{node}:users", self.prefix)
     }
 
-    /// `P:user:<uid>`: where a user is connected.
-    pub fn user(&self, user: &str) -> String {
+    /// `P:{u:<uid>}:sessions`: where a user's sessions are. Hash-tagged by user, so every
+    /// key of one user lives in one Redis Cluster slot.
+    pub fn user_sessions(&self, user: &str) -> String {
         let mut key = String::new();
-        self.user_into(user, &mut key);
+        self.user_sessions_into(user, &mut key);
         key
     }
 
-    /// Writes `P:user:<uid>` into `out` (cleared first), to reuse one buffer on hot paths.
-    pub fn user_into(&self, user: &str, out: &mut String) {
-        self.write_into(":user:", user, out);
+    /// Writes `P:{u:<uid>}:sessions` into `out` (cleared first), to reuse one buffer on hot
+    /// paths.
+    pub fn user_sessions_into(&self, user: &str, out: &mut String) {
+        self.write_into(":{u:", user, out);
+        out.push_str("}:sessions");
     }
 
     /// Writes `P:inbox:<id>` into `out` (cleared first), to reuse one buffer on hot paths.
@@ -90,7 +93,7 @@ mod tests {
         assert_eq!(k.nodes(), "wsbus:nodes");
         assert_eq!(k.node("a"), "wsbus:node:a");
         assert_eq!(k.node_users("a"), "wsbus:node:a:users");
-        assert_eq!(k.user("bob"), "wsbus:user:bob");
+        assert_eq!(k.user_sessions("bob"), "wsbus:{u:bob}:sessions");
         assert_eq!(k.inbox("a"), "wsbus:inbox:a");
         assert_eq!(k.reap_lock("a"), "wsbus:reap:a");
     }

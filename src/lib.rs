@@ -33,6 +33,7 @@ pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod dev;
+pub mod dispatch;
 pub mod edge;
 pub mod hub;
 pub mod inbox;

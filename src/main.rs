@@ -145,12 +145,15 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Whereis { user, admin } => {
             let keys = Keys::new(&admin.prefix);
-            match wsbus::admin::where_is(&admin.bus()?, &keys, &user).await? {
-                Some(loc) => println!("{user} is on node {} (session {})", loc.node, loc.sid),
-                None => {
-                    println!("{user} is not connected");
-                    std::process::exit(1);
-                }
+            let sessions = wsbus::admin::where_is(&admin.bus()?, &keys, &user).await?;
+            if sessions.is_empty() {
+                println!("{user} is not connected");
+                std::process::exit(1);
+            }
+            println!("{:<24} {:>10} {:>15}  status", "node", "session", "since (ms)");
+            for s in &sessions {
+                let status = if s.alive { "live" } else { "node dead" };
+                println!("{:<24} {:>10} {:>15}  {status}", s.node, s.sid, s.since);
             }
         }
         Cmd::Token {

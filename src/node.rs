@@ -18,7 +18,7 @@ use crate::bus::{Bus, BusError};
 use crate::config::NodeConfig;
 use crate::hub::Hub;
 use crate::keys::Keys;
-use crate::outbox::Outgoing;
+use crate::dispatch::Dispatch;
 use crate::presence::Presence;
 use crate::protocol::close;
 use crate::registry::{LiveNodes, Registry};
@@ -106,7 +106,7 @@ pub struct Node {
     /// This node's registration.
     pub registry: Registry,
     /// Queue of the bus writer.
-    pub outbox: mpsc::Sender<Outgoing>,
+    pub outbox: mpsc::Sender<Dispatch>,
     /// Cancelled when the node shuts down.
     pub shutdown: CancellationToken,
     /// Session tasks, awaited on shutdown (axum does not track upgraded sockets).
@@ -207,7 +207,14 @@ pub async fn run(
     // The one shutdown token; every session's kick is a child of it.
     let stop = CancellationToken::new();
     let node = Arc::new(Node {
-        presence: Presence::new(bus.clone(), keys.clone(), id.clone(), live.clone()),
+        presence: Presence::new(
+            bus.clone(),
+            keys.clone(),
+            id.clone(),
+            live.clone(),
+            config.max_sessions_per_user,
+            config.on_session_limit,
+        ),
         registry: Registry::new(
             keys.clone(),
             id.to_string(),
@@ -351,7 +358,7 @@ async fn heartbeat_once(node: &Node) {
                 sessions = sessions.len(),
                 "registration was missing from Redis; registering local users again"
             );
-            let lost = node.presence.reclaim(&sessions, now_ms()).await?;
+            let lost = node.presence.reclaim(&sessions).await?;
             for (user, sid) in lost {
                 node.hub.kick(user.as_str(), sid, close::SESSION_REPLACED);
             }

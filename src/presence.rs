@@ -1,143 +1,180 @@
-//! Presence: which node holds which user, in `P:user:<uid>` hashes, and the per-node user sets.
+//! Presence: which nodes hold which sessions of a user, in one `P:{u:<uid>}:sessions` hash per
+//! user, and the per-node user sets the reaper cleans up from.
 //!
-//! Claims decide uniqueness atomically in one key (a Redis function). Liveness is not kept
-//! per user: a user is reachable iff its hash names a node that is alive in the node registry,
-//! so presence costs nothing per user per heartbeat.
+//! Claims decide the per-user session limit atomically in that one key (a Redis function).
+//! Liveness is not kept per session: a session counts iff its node is alive in the node
+//! registry, so presence costs nothing per user per heartbeat.
 
 use std::sync::Arc;
 
 use redis::Value;
 
 use crate::bus::{Bus, BusError, func};
+use crate::config::OnSessionLimit;
 use crate::keys::Keys;
-use crate::registry::LiveNodes;
+use crate::registry::{LiveNodes, NodeStatus};
 use crate::user::UserId;
+
+/// One session, as Redis names it: `<node>:<sid>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRef {
+    /// The node the session is connected to.
+    pub node: String,
+    /// Its id on that node.
+    pub sid: u64,
+}
+
+impl SessionRef {
+    /// Parses a `<node>:<sid>` hash field.
+    pub fn parse(field: &str) -> Option<Self> {
+        let (node, sid) = field.rsplit_once(':')?;
+        Some(Self {
+            node: node.to_owned(),
+            sid: sid.parse().ok()?,
+        })
+    }
+}
 
 /// Outcome of a claim.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Claim {
-    /// This session holds the user now.
+    /// The session is registered.
     Claimed,
-    /// Another live session holds it.
-    Held {
-        /// The node of the holding session.
-        node: String,
+    /// The user is at its session limit (mode `reject`); these live sessions hold it.
+    Refused {
+        /// The sessions that count against the limit.
+        holders: Vec<SessionRef>,
+    },
+    /// The session is registered; these (the user's oldest) were evicted to make room
+    /// (mode `replace`) and must be closed with 4006.
+    Replaced {
+        /// The evicted sessions.
+        evicted: Vec<SessionRef>,
     },
 }
 
-/// User registration for one node.
+/// Session registration for one node.
 pub struct Presence {
     bus: Arc<Bus>,
     keys: Keys,
     node_id: Arc<str>,
     live: Arc<LiveNodes>,
+    max_sessions: u32,
+    mode: OnSessionLimit,
 }
 
 impl Presence {
-    /// Presence of node `node_id`.
-    pub fn new(bus: Arc<Bus>, keys: Keys, node_id: Arc<str>, live: Arc<LiveNodes>) -> Self {
+    /// Presence of node `node_id`, allowing `max_sessions` per user, handled per `mode`.
+    pub fn new(
+        bus: Arc<Bus>,
+        keys: Keys,
+        node_id: Arc<str>,
+        live: Arc<LiveNodes>,
+        max_sessions: u32,
+        mode: OnSessionLimit,
+    ) -> Self {
         Self {
             bus,
             keys,
             node_id,
             live,
+            max_sessions: max_sessions.max(1),
+            mode,
         }
     }
 
-    /// Claims `user` for session `sid` of this node. A holder on a dead node is replaced.
-    pub async fn claim(&self, user: &UserId, sid: u64, now_ms: u64) -> Result<Claim, BusError> {
-        let key = self.keys.user(user.as_str());
-        let sid_text = sid.to_string();
+    /// Registers session `sid` of this node for `user`, within the user's session limit.
+    /// Sessions on nodes this node knows to be dead do not count; if the limit is reached by
+    /// sessions on nodes it has not heard of yet, their liveness is checked and the claim is
+    /// retried once without the dead ones.
+    pub async fn claim(&self, user: &UserId, sid: u64) -> Result<Claim, BusError> {
         let mut conn = self.bus.conn().await?;
-        let mut pipe = redis::pipe();
+        let mut dead = self.live.dead_nodes();
+        let mut first = true;
+        loop {
+            let mut pipe = redis::pipe();
+            self.add_claim(&mut pipe, user, sid, self.mode, &dead);
+            pipe.cmd("SADD")
+                .arg(self.keys.node_users(&self.node_id))
+                .arg(user.as_str())
+                .ignore();
+            let (reply,): (Vec<Value>,) = self.bus.query(&mut conn, &pipe).await?;
+            let claim = parse_claim(&reply)?;
+            let Claim::Refused { holders } = &claim else {
+                return Ok(claim);
+            };
+            let mut found_dead = false;
+            if first {
+                for holder in holders {
+                    let unknown = self.live.status(&holder.node) == NodeStatus::Unknown;
+                    if unknown
+                        && !dead.contains(&holder.node)
+                        && !self.live.is_alive(&mut conn, &holder.node).await?
+                    {
+                        dead.push(holder.node.clone());
+                        found_dead = true;
+                    }
+                }
+            }
+            if !found_dead {
+                return Ok(claim);
+            }
+            first = false;
+        }
+    }
+
+    fn add_claim(
+        &self,
+        pipe: &mut redis::Pipeline,
+        user: &UserId,
+        sid: u64,
+        mode: OnSessionLimit,
+        dead: &[String],
+    ) {
         pipe.cmd("FCALL")
             .arg(func::CLAIM)
             .arg(1)
-            .arg(&key)
+            .arg(self.keys.user_sessions(user.as_str()))
             .arg(&*self.node_id)
-            .arg(&sid_text)
-            .arg(now_ms)
-            .cmd("SADD")
-            .arg(self.keys.node_users(&self.node_id))
-            .arg(user.as_str())
-            .ignore();
-        let (reply,): (Vec<Value>,) = self.bus.query(&mut conn, &pipe).await?;
-        let (holder_node, holder_sid) = match parse_claim(&reply)? {
-            None => return Ok(Claim::Claimed),
-            Some(holder) => holder,
-        };
-        let holder_alive =
-            holder_node == *self.node_id || self.live.is_alive(&mut conn, &holder_node).await?;
-        let outcome = if holder_alive {
-            Some((holder_node, holder_sid))
-        } else {
-            let mut take = redis::pipe();
-            take.cmd("FCALL")
-                .arg(func::TAKE_OVER)
-                .arg(1)
-                .arg(&key)
-                .arg(&holder_node)
-                .arg(&holder_sid)
-                .arg(&*self.node_id)
-                .arg(&sid_text)
-                .arg(now_ms);
-            let (reply,): (Vec<Value>,) = self.bus.query(&mut conn, &take).await?;
-            parse_claim(&reply)?
-        };
-        match outcome {
-            None => Ok(Claim::Claimed),
-            Some((node, _)) => {
-                if node != *self.node_id {
-                    // The SADD above added a user that is not ours.
-                    redis::cmd("SREM")
-                        .arg(self.keys.node_users(&self.node_id))
-                        .arg(user.as_str())
-                        .query_async::<()>(&mut conn)
-                        .await?;
-                }
-                Ok(Claim::Held { node })
-            }
-        }
+            .arg(sid)
+            .arg(self.max_sessions)
+            .arg(mode.as_str())
+            .arg(dead);
     }
 
-    /// Releases `user` if session `sid` of this node still holds it.
-    pub async fn release(&self, user: &UserId, sid: u64) -> Result<(), BusError> {
+    /// Releases session `sid` of `user`. `last_here` says the user has no other session on
+    /// this node, so it leaves this node's user set too.
+    pub async fn release(&self, user: &UserId, sid: u64, last_here: bool) -> Result<(), BusError> {
         let mut conn = self.bus.conn().await?;
         let mut pipe = redis::pipe();
         pipe.cmd("FCALL")
             .arg(func::RELEASE)
             .arg(1)
-            .arg(self.keys.user(user.as_str()))
+            .arg(self.keys.user_sessions(user.as_str()))
             .arg(&*self.node_id)
             .arg(sid)
-            .ignore()
-            .cmd("SREM")
-            .arg(self.keys.node_users(&self.node_id))
-            .arg(user.as_str())
             .ignore();
+        if last_here {
+            pipe.cmd("SREM")
+                .arg(self.keys.node_users(&self.node_id))
+                .arg(user.as_str())
+                .ignore();
+        }
         self.bus.query::<()>(&mut conn, &pipe).await
     }
 
     /// Claims every listed session again (after Redis lost its data or reaped this node),
-    /// in pipelined chunks. Returns the sessions another live session has taken meanwhile.
-    pub async fn reclaim(
-        &self,
-        sessions: &[(UserId, u64)],
-        now_ms: u64,
-    ) -> Result<Vec<(UserId, u64)>, BusError> {
+    /// in pipelined chunks, never evicting anyone. Returns the sessions that no longer fit
+    /// (other sessions of their user registered meanwhile).
+    pub async fn reclaim(&self, sessions: &[(UserId, u64)]) -> Result<Vec<(UserId, u64)>, BusError> {
         let mut lost = Vec::new();
         let mut conn = self.bus.conn().await?;
         let users_key = self.keys.node_users(&self.node_id);
+        let dead = self.live.dead_nodes();
         for chunk in sessions.chunks(512) {
             let mut pipe = redis::pipe();
             for (user, sid) in chunk {
-                pipe.cmd("FCALL")
-                    .arg(func::CLAIM)
-                    .arg(1)
-                    .arg(self.keys.user(user.as_str()))
-                    .arg(&*self.node_id)
-                    .arg(sid)
-                    .arg(now_ms);
+                self.add_claim(&mut pipe, user, *sid, OnSessionLimit::Reject, &dead);
             }
             let replies: Vec<Vec<Value>> = self.bus.query(&mut conn, &pipe).await?;
             let mut add = redis::cmd("SADD");
@@ -145,11 +182,11 @@ impl Presence {
             let mut added = 0;
             for ((user, sid), reply) in chunk.iter().zip(&replies) {
                 match parse_claim(reply)? {
-                    None => {
+                    Claim::Refused { .. } => lost.push((user.clone(), *sid)),
+                    _ => {
                         add.arg(user.as_str());
                         added += 1;
                     }
-                    Some(_) => lost.push((user.clone(), *sid)),
                 }
             }
             if added > 0 {
@@ -159,37 +196,97 @@ impl Presence {
         Ok(lost)
     }
 
-    /// Which node each user is on, by `P:user:<uid>` (no liveness check), one pipeline.
+    /// The nodes each user has sessions on (distinct, liveness not checked), one pipeline.
     pub async fn locate(
         &self,
         conn: &mut impl redis::aio::ConnectionLike,
         users: impl Iterator<Item = impl AsRef<str>>,
-    ) -> Result<Vec<Option<String>>, BusError> {
+    ) -> Result<Vec<Vec<String>>, BusError> {
         let mut pipe = redis::pipe();
         let mut key = String::new();
         for user in users {
-            self.keys.user_into(user.as_ref(), &mut key);
-            pipe.cmd("HGET").arg(&key).arg("node");
+            self.keys.user_sessions_into(user.as_ref(), &mut key);
+            pipe.cmd("HKEYS").arg(&key);
         }
-        Ok(pipe.query_async(conn).await?)
+        let fields: Vec<Vec<String>> = pipe.query_async(conn).await?;
+        Ok(fields.into_iter().map(nodes_of).collect())
     }
 }
 
-/// `None` for a granted claim, the holder (node, sid) for a refused one.
-fn parse_claim(reply: &[Value]) -> Result<Option<(String, String)>, BusError> {
-    match reply {
-        [Value::Int(1)] => Ok(None),
-        [Value::Int(0), node, sid] => {
-            let text = |v: &Value| match v {
-                Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-                Value::SimpleString(s) => Some(s.clone()),
-                _ => None,
-            };
-            match (text(node), text(sid)) {
-                (Some(n), Some(s)) => Ok(Some((n, s))),
-                _ => Err(BusError::Reply("claim holder")),
-            }
+/// The distinct nodes of a list of `<node>:<sid>` fields.
+fn nodes_of(fields: Vec<String>) -> Vec<String> {
+    let mut nodes: Vec<String> = Vec::with_capacity(fields.len());
+    for field in fields {
+        let Some(s) = SessionRef::parse(&field) else {
+            continue;
+        };
+        if !nodes.contains(&s.node) {
+            nodes.push(s.node);
         }
+    }
+    nodes
+}
+
+/// Reads a reply of `wsbus_v2_claim`.
+fn parse_claim(reply: &[Value]) -> Result<Claim, BusError> {
+    let (status, rest) = reply.split_first().ok_or(BusError::Reply("claim"))?;
+    let sessions = || -> Result<Vec<SessionRef>, BusError> {
+        rest.iter()
+            .map(|v| match v {
+                Value::BulkString(b) => std::str::from_utf8(b).ok().and_then(SessionRef::parse),
+                Value::SimpleString(s) => SessionRef::parse(s),
+                _ => None,
+            })
+            .map(|s| s.ok_or(BusError::Reply("claim holder")))
+            .collect()
+    };
+    match status {
+        Value::Int(1) => Ok(Claim::Claimed),
+        Value::Int(0) => Ok(Claim::Refused {
+            holders: sessions()?,
+        }),
+        Value::Int(2) => Ok(Claim::Replaced {
+            evicted: sessions()?,
+        }),
         _ => Err(BusError::Reply("claim")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_session_fields_and_claim_replies() {
+        assert_eq!(
+            SessionRef::parse("node-a.1:42"),
+            Some(SessionRef {
+                node: "node-a.1".into(),
+                sid: 42
+            })
+        );
+        assert_eq!(SessionRef::parse("nocolon"), None);
+        assert_eq!(SessionRef::parse("n:x"), None);
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        assert_eq!(parse_claim(&[Value::Int(1)]).unwrap(), Claim::Claimed);
+        assert_eq!(
+            parse_claim(&[Value::Int(2), bulk("a:1")]).unwrap(),
+            Claim::Replaced {
+                evicted: vec![SessionRef {
+                    node: "a".into(),
+                    sid: 1
+                }]
+            }
+        );
+        assert!(matches!(
+            parse_claim(&[Value::Int(0), bulk("a:1"), bulk("b:2")]).unwrap(),
+            Claim::Refused { holders } if holders.len() == 2
+        ));
+        assert!(parse_claim(&[Value::Int(0), bulk("junk")]).is_err());
+        assert!(parse_claim(&[]).is_err());
+        assert_eq!(
+            nodes_of(vec!["a:1".into(), "b:2".into(), "a:3".into()]),
+            vec!["a".to_string(), "b".to_string()]
+        );
     }
 }

@@ -28,6 +28,9 @@ pub mod close {
     pub const PING_TIMEOUT: u16 = 4004;
     /// The client kept sending past its rate limit (a whole burst of refused frames).
     pub const RATE_LIMITED: u16 = 4005;
+    /// The user connected once more past `--max-sessions-per-user` with
+    /// `--on-session-limit replace`, and this was its oldest session.
+    pub const REPLACED_BY_NEWER: u16 = 4006;
 }
 
 /// Every error a client can receive in an `error` frame.

@@ -59,6 +59,18 @@ impl LiveNodes {
         }
     }
 
+    /// The registered nodes whose heartbeat is older than the node TTL, as of the last refresh
+    /// (usually none).
+    pub fn dead_nodes(&self) -> Vec<String> {
+        let now_ms = self.now_ms.load(Ordering::Relaxed);
+        let nodes = self.nodes.read().unwrap_or_else(|e| e.into_inner());
+        nodes
+            .iter()
+            .filter(|&(_, &last)| self.judge(last, now_ms) == NodeStatus::Dead)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
     fn judge(&self, last_ms: u64, now_ms: u64) -> NodeStatus {
         if now_ms.saturating_sub(last_ms) <= self.ttl_ms {
             NodeStatus::Live
@@ -276,7 +288,7 @@ impl Registry {
     }
 }
 
-/// Deletes every `P:user:<uid>` in node's user set that still names that node.
+/// Removes every session of `node` from the users in its user set.
 async fn release_all_users(
     keys: &Keys,
     bus: &Bus,
@@ -299,7 +311,7 @@ async fn release_all_users(
                 pipe.cmd("FCALL")
                     .arg(func::RELEASE_NODE)
                     .arg(1)
-                    .arg(keys.user(user))
+                    .arg(keys.user_sessions(user))
                     .arg(node)
                     .ignore();
             }

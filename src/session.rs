@@ -5,7 +5,6 @@
 //! can block on the client (a write) also watches the session's kick and the node's
 //! shutdown, so a client that stops reading cannot hold its task hostage.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -14,10 +13,10 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::SinkExt;
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::hub::{Delivery, Outbound, SessionInbox};
+use crate::dispatch::{Origin, Target};
+use crate::hub::{Outbound, SessionInbox};
 use crate::node::Node;
-use crate::outbox::Outgoing;
-use crate::protocol::{ClientError, Command, close, encode_error, encode_message, parse_command};
+use crate::protocol::{ClientError, Command, close, encode_error, parse_command};
 use crate::user::UserId;
 
 /// Frames written per flush at most, so reads are not starved by a long queue.
@@ -40,7 +39,7 @@ impl SessionGuard {
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
-        self.node.hub.remove(self.user.as_str(), self.sid);
+        let last_here = self.node.hub.remove(self.user.as_str(), self.sid);
         if self.node.shutdown.is_cancelled() {
             // The node deregisters all its users at once on shutdown.
             return;
@@ -50,7 +49,7 @@ impl Drop for SessionGuard {
         let sid = self.sid;
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(node.sessions.clone().track_future(async move {
-                if let Err(e) = node.presence.release(&user, sid).await {
+                if let Err(e) = node.presence.release(&user, sid, last_here).await {
                     tracing::warn!(user = %user, error = %e, "could not release user");
                 }
             }));
@@ -70,6 +69,7 @@ enum End {
 pub struct Session {
     node: Arc<Node>,
     user: UserId,
+    sid: u64,
     queue: SessionInbox,
     bucket: TokenBucket,
     _guard: SessionGuard,
@@ -143,6 +143,7 @@ impl Session {
             Instant::now(),
         );
         Self {
+            sid: guard.sid,
             node,
             user,
             queue,
@@ -232,38 +233,26 @@ impl Session {
             Some(close::SESSION_REPLACED) => {
                 End::Close(close::SESSION_REPLACED, "session replaced")
             }
+            Some(close::REPLACED_BY_NEWER) => {
+                End::Close(close::REPLACED_BY_NEWER, "replaced by a newer session")
+            }
             Some(code) => End::Close(code, ""),
             None => End::Close(close::GOING_AWAY, "node shutting down"),
         }
     }
 
-    /// Routes one client frame: same node directly, other nodes through the bus writer.
+    /// Handles one client frame: parses it and hands it to dispatch.
     async fn handle(&self, text: &str) -> Result<(), ClientError> {
         let node = &self.node;
         node.metrics.received.increment(1);
         let born_us = crate::node::now_us();
         let Command::Message { to, text } = parse_command(text)?;
-        let delivery = node.hub.deliver_with(to, || Outbound {
-            frame: encode_message(self.user.as_str(), to, &text).into(),
-            born_us,
-        });
-        if delivery != Delivery::NotHere {
-            node.metrics.delivered_local.increment(1);
-            return Ok(());
-        }
-        let msg = Outgoing {
-            from: self.user.clone(),
-            to: to.into(),
-            text: match text {
-                Cow::Borrowed(t) => t.into(),
-                Cow::Owned(t) => t.into_boxed_str(),
-            },
-            born_us,
+        let origin = Origin::Session {
+            user: self.user.clone(),
+            sid: self.sid,
         };
-        node.outbox
-            .send(msg)
+        node.send(origin, Target::User(to.into()), text, born_us)
             .await
-            .map_err(|_| ClientError::BusUnavailable)
     }
 
     async fn read_failed(&mut self, socket: &mut WebSocket, error: axum::Error) -> End {

@@ -38,6 +38,21 @@ pub struct Envelope<'a> {
     /// When the message reached its sender's node (µs since the epoch; 0 = unknown).
     #[serde(default)]
     pub sent_us: u64,
+    /// The sending session on the origin node: errors about this envelope go to it alone
+    /// (0 = every session of the sender).
+    #[serde(default)]
+    pub origin_sid: u64,
+    /// Deliver to the recipient's sessions on the receiving node.
+    #[serde(default = "yes")]
+    pub to_recipient: bool,
+    /// Deliver a copy to the sender's sessions on the receiving node (a user with several
+    /// sessions sees what it sent from any of them).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub to_sender: bool,
+    /// Every node this message was appended to: a node that forwards it (its recipient
+    /// moved) skips these, so no session gets it twice. Empty with one session per user.
+    #[serde(borrow, default, skip_serializing_if = "Vec::is_empty")]
+    pub tried: Vec<Cow<'a, str>>,
     /// What it carries.
     #[serde(borrow)]
     pub body: Body<'a>,
@@ -59,6 +74,22 @@ pub enum Body<'a> {
         #[serde(borrow)]
         error: Cow<'a, str>,
     },
+    /// Close session `sid` of user `to` on the receiving node with close code `code` (its
+    /// user connected elsewhere past the session limit, with `--on-session-limit replace`).
+    Kick {
+        /// The session to close.
+        sid: u64,
+        /// The close code.
+        code: u16,
+    },
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl Body<'_> {
@@ -67,6 +98,7 @@ impl Body<'_> {
         match self {
             Body::Message { .. } => "message",
             Body::Error { .. } => "error",
+            Body::Kick { .. } => "kick",
         }
     }
 }
@@ -111,6 +143,14 @@ impl<'a> Envelope<'a> {
             to: Cow::Owned(self.to.into_owned()),
             hops: self.hops,
             sent_us: self.sent_us,
+            origin_sid: self.origin_sid,
+            to_recipient: self.to_recipient,
+            to_sender: self.to_sender,
+            tried: self
+                .tried
+                .into_iter()
+                .map(|n| Cow::Owned(n.into_owned()))
+                .collect(),
             body: match self.body {
                 Body::Message { text } => Body::Message {
                     text: Cow::Owned(text.into_owned()),
@@ -118,6 +158,7 @@ impl<'a> Envelope<'a> {
                 Body::Error { error } => Body::Error {
                     error: Cow::Owned(error.into_owned()),
                 },
+                Body::Kick { sid, code } => Body::Kick { sid, code },
             },
         }
     }
@@ -136,6 +177,10 @@ mod tests {
             to: "bob".into(),
             hops: 0,
             sent_us: 1_700_000_000_000_000,
+            origin_sid: 3,
+            to_recipient: true,
+            to_sender: true,
+            tried: vec!["node-a".into(), "node-b".into()],
             body: Body::Message {
                 text: "hello ✓".into(),
             },
@@ -157,6 +202,49 @@ mod tests {
         err.encode_into(&mut buf);
         assert_eq!(Envelope::decode(&buf).unwrap(), err);
         assert_eq!(err.body.action(), "error");
+        let kick = Envelope {
+            body: Body::Kick { sid: 9, code: 4006 },
+            tried: Vec::new(),
+            to_sender: false,
+            ..sample()
+        };
+        buf.clear();
+        kick.encode_into(&mut buf);
+        assert_eq!(Envelope::decode(&buf).unwrap(), kick);
+    }
+
+    /// An envelope from a node of the previous version (no session fields) still decodes,
+    /// as a message for the recipient only.
+    #[test]
+    fn decodes_envelopes_without_the_session_fields() {
+        #[derive(Serialize)]
+        struct V1<'a> {
+            id: u64,
+            boot: u64,
+            origin: &'a str,
+            from: &'a str,
+            to: &'a str,
+            hops: u8,
+            sent_us: u64,
+            body: Body<'a>,
+        }
+        let mut buf = Vec::new();
+        let mut ser = rmp_serde::Serializer::new(&mut buf).with_struct_map();
+        V1 {
+            id: 1,
+            boot: 2,
+            origin: "a",
+            from: "alice",
+            to: "bob",
+            hops: 0,
+            sent_us: 5,
+            body: Body::Message { text: "hi".into() },
+        }
+        .serialize(&mut ser)
+        .unwrap();
+        let env = Envelope::decode(&buf).unwrap();
+        assert!(env.to_recipient && !env.to_sender && env.tried.is_empty());
+        assert_eq!(env.origin_sid, 0);
     }
 
     #[test]

@@ -94,13 +94,14 @@ impl Backend {
         bus.conn().await.unwrap()
     }
 
+    /// Every session of `user` (live node or not), oldest first.
+    pub async fn sessions(&self, user: &str) -> Vec<wsbus::admin::UserLocation> {
+        sessions(&self.url(), self.is_cluster(), user).await
+    }
+
+    /// The node of `user`'s oldest session, if any.
     pub async fn where_is(&self, user: &str) -> Option<String> {
-        let bus = wsbus::admin::open(&self.url(), self.is_cluster()).unwrap();
-        let keys = wsbus::keys::Keys::new("wsbus");
-        wsbus::admin::where_is(&bus, &keys, user)
-            .await
-            .unwrap()
-            .map(|l| l.node)
+        self.sessions(user).await.into_iter().next().map(|l| l.node)
     }
 
     pub async fn wait_unregistered(&self, user: &str) {
@@ -426,21 +427,22 @@ pub async fn keys(url: &str) -> Vec<String> {
     k
 }
 
-/// The node `user` is registered on, if any.
-pub async fn where_is(url: &str, user: &str) -> Option<String> {
-    let mut c = redis_conn(url).await;
-    redis::cmd("HGET")
-        .arg(format!("wsbus:user:{user}"))
-        .arg("node")
-        .query_async(&mut c)
-        .await
-        .unwrap()
+/// Every session of `user` (live node or not), oldest first, as `wsbus whereis` reads them.
+pub async fn sessions(url: &str, cluster: bool, user: &str) -> Vec<wsbus::admin::UserLocation> {
+    let bus = wsbus::admin::open(url, cluster).unwrap();
+    let keys = wsbus::keys::Keys::new("wsbus");
+    wsbus::admin::where_is(&bus, &keys, user).await.unwrap()
 }
 
-/// Waits until `user` has no registration left.
+/// The node of `user`'s oldest session on a single Redis, if any.
+pub async fn where_is(url: &str, user: &str) -> Option<String> {
+    sessions(url, false, user).await.into_iter().next().map(|l| l.node)
+}
+
+/// Waits until `user` has no registration left on a single Redis.
 pub async fn wait_unregistered(url: &str, user: &str) {
     eventually(DEADLINE, &format!("{user} unregistered"), || async move {
-        where_is(url, user).await.is_none().then_some(())
+        sessions(url, false, user).await.is_empty().then_some(())
     })
     .await;
 }

@@ -25,16 +25,15 @@ async fn nodes_whereis_and_inspect_report_the_bus() {
             .all(|n| n.addr.is_some() && n.last_heartbeat_ms < 5_000)
     );
 
-    let loc = wsbus::admin::where_is(&bus, &keys, "bob")
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(loc.node, "b");
+    let locs = wsbus::admin::where_is(&bus, &keys, "bob").await.unwrap();
+    assert_eq!(locs.len(), 1);
+    assert_eq!(locs[0].node, "b");
+    assert!(locs[0].alive);
     assert!(
         wsbus::admin::where_is(&bus, &keys, "nobody")
             .await
             .unwrap()
-            .is_none()
+            .is_empty()
     );
 
     // Put an entry in a stream nobody reads and decode it.
@@ -48,6 +47,10 @@ async fn nodes_whereis_and_inspect_report_the_bus() {
         to: "zed".into(),
         hops: 0,
         sent_us: 0,
+        origin_sid: 0,
+        to_recipient: true,
+        to_sender: false,
+        tried: Vec::new(),
         body: wsbus::wire::Body::Message {
             text: "queued".into(),
         },
@@ -76,10 +79,14 @@ async fn nodes_whereis_and_inspect_report_the_bus() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "alice is on node a (session 1)"
-    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows.len(), 1, "{text}");
+    assert_eq!((rows[0][0], rows[0][1], rows[0][3]), ("a", "1", "live"));
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsbus"))
         .args(["nodes", "--redis-url", &url])
         .output()

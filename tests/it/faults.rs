@@ -170,6 +170,10 @@ async fn entries_for_users_who_moved_are_rerouted_or_answered() {
             to: to.into(),
             hops: 0,
             sent_us: 0,
+            origin_sid: 0,
+            to_recipient: true,
+            to_sender: false,
+            tried: Vec::new(),
             body: wsbus::wire::Body::Message { text: text.into() },
         }
         .encode_into(&mut env);

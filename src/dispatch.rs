@@ -1,0 +1,304 @@
+//! Dispatch: the one path from an origin to a target. A target resolves to a set of nodes;
+//! this node delivers to its own sessions at once, and every other node with sessions of the
+//! target gets one inbox entry (never one per session), through the bus writer.
+//!
+//! Every origin enters here: a client session ([`Node::send`]), and an inbox entry whose
+//! recipient moved (re-dispatched by the inbox consumer with [`Origin::Forward`]). Errors go
+//! back to the origin: the sending session's queue, or the origin node's inbox.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use crate::bus::BusError;
+use crate::hub::Outbound;
+use crate::node::Node;
+use crate::presence::SessionRef;
+use crate::protocol::{ClientError, encode_message};
+use crate::user::UserId;
+use crate::wire::{Body, Envelope};
+
+/// Who a message is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Every session of one user.
+    User(Box<str>),
+}
+
+/// Who sent a message, so an error can be answered to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// A client session on this node.
+    Session {
+        /// The sending user.
+        user: UserId,
+        /// The sending session.
+        sid: u64,
+    },
+    /// An entry another node sent whose recipient is not here (it moved): forwarded once.
+    Forward {
+        /// The node the sender is on.
+        node: Box<str>,
+        /// The sending user.
+        user: Box<str>,
+        /// The sending session on that node (0 = any).
+        sid: u64,
+        /// The original message id and process (kept, so the entry stays traceable).
+        id: u64,
+        /// The original sender process (see [`Envelope::boot`]).
+        boot: u64,
+        /// How often it was forwarded before.
+        hops: u8,
+        /// Nodes that already had it appended.
+        tried: Vec<Box<str>>,
+    },
+}
+
+impl Origin {
+    /// The sending user.
+    pub fn user(&self) -> &str {
+        match self {
+            Origin::Session { user, .. } => user.as_str(),
+            Origin::Forward { user, .. } => user,
+        }
+    }
+}
+
+/// A message handed to the bus writer: what is left to do after local delivery.
+#[derive(Debug)]
+pub struct Dispatch {
+    /// Who sent it.
+    pub origin: Origin,
+    /// Who it is for.
+    pub target: Target,
+    /// The text.
+    pub text: Box<str>,
+    /// When the frame reached the cluster (µs since the epoch).
+    pub born_us: u64,
+    /// The recipient's sessions on this node already have it.
+    pub delivered_here: bool,
+    /// Copies go to the sender's sessions on other nodes too.
+    pub echo: bool,
+}
+
+impl Node {
+    /// Sends a direct message from a session on this node: to every session of the recipient
+    /// here, to the sender's other sessions here, and (through the bus writer) to the nodes
+    /// that hold the rest. Waits only when the bus writer's queue is full.
+    pub async fn send(
+        &self,
+        origin: Origin,
+        target: Target,
+        text: Cow<'_, str>,
+        born_us: u64,
+    ) -> Result<(), ClientError> {
+        let Target::User(to) = &target;
+        let from = origin.user();
+        let mut built: Option<Outbound> = None;
+        let mut frame = || {
+            built
+                .get_or_insert_with(|| Outbound {
+                    frame: encode_message(from, to, &text).into(),
+                    born_us,
+                })
+                .clone()
+        };
+        let here = self.hub.deliver_user(to, None, &mut frame);
+        let multi = self.config.multi_session();
+        let echo = multi && **to != *from;
+        if echo && let Origin::Session { sid, .. } = &origin {
+            self.hub.deliver_user(from, Some(*sid), &mut frame);
+        }
+        if here.found() && !multi {
+            // One session per user: the recipient is here and nowhere else.
+            self.metrics.delivered_local.increment(u64::from(here.queued));
+            return Ok(());
+        }
+        if here.found() {
+            self.metrics.delivered_local.increment(u64::from(here.queued));
+        }
+        let dispatch = Dispatch {
+            origin,
+            target,
+            text: text.into_owned().into_boxed_str(),
+            born_us,
+            delivered_here: here.found(),
+            echo,
+        };
+        self.outbox
+            .send(dispatch)
+            .await
+            .map_err(|_| ClientError::BusUnavailable)
+    }
+
+    /// Answers `error` to the origin of a message: the sending session here, or the sending
+    /// node through its inbox (pushed onto `remote` by the caller's pipeline).
+    pub fn answer_error(&self, origin: &Origin, error: &ClientError) -> Option<Envelope<'static>> {
+        error.count();
+        let text = error.to_string();
+        match origin {
+            Origin::Session { user, sid } => {
+                let frame = crate::protocol::encode_error(user.as_str(), &text);
+                self.hub
+                    .deliver_session(user.as_str(), *sid, Outbound::unmeasured(frame));
+                None
+            }
+            Origin::Forward {
+                node,
+                user,
+                sid,
+                id,
+                boot,
+                hops,
+                ..
+            } => {
+                let env = Envelope {
+                    id: *id,
+                    boot: *boot,
+                    origin: Cow::Owned(node.to_string()),
+                    from: Cow::Owned(user.to_string()),
+                    to: Cow::Owned(user.to_string()),
+                    hops: *hops,
+                    sent_us: 0,
+                    origin_sid: *sid,
+                    to_recipient: true,
+                    to_sender: false,
+                    tried: Vec::new(),
+                    body: Body::Error {
+                        error: Cow::Owned(text),
+                    },
+                };
+                if **node == *self.id {
+                    self.deliver_error(&env);
+                    return None;
+                }
+                Some(env)
+            }
+        }
+    }
+
+    /// Delivers an error envelope to the session it names (or every session of its user).
+    pub fn deliver_error(&self, env: &Envelope<'_>) {
+        let Body::Error { error } = &env.body else {
+            return;
+        };
+        let frame = Outbound::unmeasured(crate::protocol::encode_error(&env.to, error));
+        if env.origin_sid == 0 {
+            self.hub.deliver_user(&env.to, None, || frame);
+        } else {
+            self.hub.deliver_session(&env.to, env.origin_sid, frame);
+        }
+    }
+
+    /// Closes one session of `user` with `code`, wherever it is: here through the hub,
+    /// elsewhere with a `kick` entry in its node's inbox.
+    pub async fn close_session(
+        &self,
+        user: &str,
+        session: &SessionRef,
+        code: u16,
+    ) -> Result<(), BusError> {
+        if session.node == *self.id {
+            self.hub.kick(user, session.sid, code);
+            return Ok(());
+        }
+        let env = Envelope {
+            id: self.next_message_id(),
+            boot: self.boot,
+            origin: Cow::Borrowed(&self.id),
+            from: Cow::Borrowed(user),
+            to: Cow::Borrowed(user),
+            hops: 0,
+            sent_us: 0,
+            origin_sid: 0,
+            to_recipient: true,
+            to_sender: false,
+            tried: Vec::new(),
+            body: Body::Kick {
+                sid: session.sid,
+                code,
+            },
+        };
+        let mut buf = Vec::new();
+        env.encode_into(&mut buf);
+        let mut pipe = redis::pipe();
+        crate::outbox::append_entry(
+            &mut pipe,
+            &self.keys.inbox(&session.node),
+            user,
+            user,
+            env.body.action(),
+            &buf,
+        );
+        let mut conn = self.bus.conn().await?;
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+}
+
+/// Which nodes get an entry for one message, and what each delivers.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// One entry per node: (node, deliver to the recipient, deliver copies to the sender).
+    pub entries: Vec<(Arc<str>, bool, bool)>,
+    /// The recipient has a live session on some node other than this one (including nodes
+    /// that already had the message).
+    pub recipient_elsewhere: bool,
+}
+
+impl Plan {
+    /// Plans the entries for a message whose recipient is on `recipient` nodes and whose
+    /// sender is on `sender` nodes (both already filtered to live ones), skipping this node
+    /// `me` and the nodes in `tried`.
+    pub fn new(me: &str, recipient: &[Arc<str>], sender: &[Arc<str>], tried: &[Box<str>]) -> Self {
+        let mut plan = Plan::default();
+        let skip = |n: &Arc<str>| **n == *me || tried.iter().any(|t| **t == **n);
+        for node in recipient.iter().filter(|n| ***n != *me) {
+            plan.recipient_elsewhere = true;
+            if !skip(node) && !plan.entries.iter().any(|(n, _, _)| n == node) {
+                plan.entries.push((node.clone(), true, false));
+            }
+        }
+        for node in sender.iter().filter(|n| !skip(n)) {
+            match plan.entries.iter_mut().find(|(n, _, _)| n == node) {
+                Some(entry) => entry.2 = true,
+                None => plan.entries.push((node.clone(), false, true)),
+            }
+        }
+        plan
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nodes(ids: &[&str]) -> Vec<Arc<str>> {
+        ids.iter().map(|&n| Arc::from(n)).collect()
+    }
+
+    #[test]
+    fn one_entry_per_node_with_what_it_delivers() {
+        let plan = Plan::new("a", &nodes(&["a", "b", "c"]), &nodes(&["c", "d"]), &[]);
+        assert!(plan.recipient_elsewhere);
+        assert_eq!(
+            plan.entries,
+            vec![
+                ("b".into(), true, false),
+                ("c".into(), true, true),
+                ("d".into(), false, true),
+            ]
+        );
+    }
+
+    #[test]
+    fn skips_this_node_and_nodes_already_tried() {
+        let plan = Plan::new("a", &nodes(&["a"]), &[], &[]);
+        assert!(!plan.recipient_elsewhere);
+        assert!(plan.entries.is_empty());
+        let plan = Plan::new("c", &nodes(&["b", "d"]), &[], &["b".into(), "c".into()]);
+        assert!(plan.recipient_elsewhere, "b has it already");
+        assert_eq!(plan.entries, vec![("d".into(), true, false)]);
+        let plan = Plan::new("c", &nodes(&["b"]), &[], &["b".into()]);
+        assert!(plan.recipient_elsewhere && plan.entries.is_empty());
+    }
+}
