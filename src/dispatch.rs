@@ -110,11 +110,15 @@ impl Node {
         }
         if here.found() && !multi {
             // One session per user: the recipient is here and nowhere else.
-            self.metrics.delivered_local.increment(u64::from(here.queued));
+            self.metrics
+                .delivered_local
+                .increment(u64::from(here.queued));
             return Ok(());
         }
         if here.found() {
-            self.metrics.delivered_local.increment(u64::from(here.queued));
+            self.metrics
+                .delivered_local
+                .increment(u64::from(here.queued));
         }
         let dispatch = Dispatch {
             origin,

@@ -317,7 +317,10 @@ mod tests {
         let hub = Hub::new(1, CancellationToken::new());
         let _one = hub.insert(uid("a"), 1);
         let _two = hub.insert(uid("a"), 2);
-        assert!(!hub.remove("a", 3), "unknown sid: the user still has sessions");
+        assert!(
+            !hub.remove("a", 3),
+            "unknown sid: the user still has sessions"
+        );
         assert!(!hub.remove("a", 1), "one session left");
         assert!(hub.contains("a"));
         assert_eq!(hub.len(), 1);

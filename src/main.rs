@@ -150,7 +150,10 @@ async fn main() -> anyhow::Result<()> {
                 println!("{user} is not connected");
                 std::process::exit(1);
             }
-            println!("{:<24} {:>10} {:>15}  status", "node", "session", "since (ms)");
+            println!(
+                "{:<24} {:>10} {:>15}  status",
+                "node", "session", "since (ms)"
+            );
             for s in &sessions {
                 let status = if s.alive { "live" } else { "node dead" };
                 println!("{:<24} {:>10} {:>15}  {status}", s.node, s.sid, s.since);

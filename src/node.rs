@@ -16,9 +16,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::bus::{Bus, BusError};
 use crate::config::NodeConfig;
+use crate::dispatch::Dispatch;
 use crate::hub::Hub;
 use crate::keys::Keys;
-use crate::dispatch::Dispatch;
 use crate::presence::Presence;
 use crate::protocol::close;
 use crate::registry::{LiveNodes, Registry};

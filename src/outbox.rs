@@ -68,27 +68,30 @@ struct Writer {
     routes: RouteCache,
 }
 
+/// The nodes a user has sessions on.
+type Nodes = Arc<[Arc<str>]>;
+
 /// Recently looked-up users → the nodes holding their sessions, so steady traffic skips the
 /// lookup round trip (one session per user only). A stale entry is harmless: the old node
 /// forwards the entry to the user's new node or answers `not found` to the sender (see
 /// `inbox`), and liveness is still checked on every send. Entries live one heartbeat
 /// interval; the map is cleared when full.
 struct RouteCache {
-    map: HashMap<Box<str>, (Arc<[Arc<str>]>, Instant)>,
+    map: HashMap<Box<str>, (Nodes, Instant)>,
     ttl: Duration,
     capacity: usize,
     enabled: bool,
 }
 
 impl RouteCache {
-    fn get(&self, user: &str, now: Instant) -> Option<&Arc<[Arc<str>]>> {
+    fn get(&self, user: &str, now: Instant) -> Option<&Nodes> {
         self.map
             .get(user)
             .filter(|(_, at)| now.duration_since(*at) < self.ttl)
             .map(|(nodes, _)| nodes)
     }
 
-    fn insert(&mut self, user: &str, nodes: Arc<[Arc<str>]>, now: Instant) {
+    fn insert(&mut self, user: &str, nodes: Nodes, now: Instant) {
         if self.map.len() >= self.capacity {
             self.map.clear();
         }
@@ -125,7 +128,9 @@ impl Writer {
             tracing::warn!(error = %e, messages = batch.len(), "bus write failed");
             metrics::counter!("wsbus_bus_errors_total").increment(1);
             for msg in batch.iter() {
-                if let Some(env) = self.node.answer_error(&msg.origin, &ClientError::BusUnavailable)
+                if let Some(env) = self
+                    .node
+                    .answer_error(&msg.origin, &ClientError::BusUnavailable)
                 {
                     // The origin is another node, and the bus is what failed: its sender
                     // cannot be told.
@@ -141,9 +146,9 @@ impl Writer {
         &mut self,
         conn: &mut BusConn,
         batch: &'b [Dispatch],
-    ) -> Result<HashMap<&'b str, Arc<[Arc<str>]>>, BusError> {
+    ) -> Result<HashMap<&'b str, Nodes>, BusError> {
         let now = Instant::now();
-        let mut found: HashMap<&'b str, Arc<[Arc<str>]>> = HashMap::with_capacity(batch.len());
+        let mut found: HashMap<&'b str, Nodes> = HashMap::with_capacity(batch.len());
         let mut misses: Vec<&'b str> = Vec::new();
         for msg in batch {
             let Target::User(to) = &msg.target;
@@ -153,7 +158,11 @@ impl Writer {
                 if found.contains_key(user) || misses.contains(&user) {
                     continue;
                 }
-                match self.routes.get(user, now).filter(|_| self.routes.enabled && !fresh) {
+                match self
+                    .routes
+                    .get(user, now)
+                    .filter(|_| self.routes.enabled && !fresh)
+                {
                     Some(nodes) => {
                         found.insert(user, nodes.clone());
                     }
@@ -166,7 +175,7 @@ impl Writer {
         }
         let located = self.node.presence.locate(conn, misses.iter()).await?;
         for (user, nodes) in misses.into_iter().zip(located) {
-            let nodes: Arc<[Arc<str>]> = nodes.into_iter().map(Arc::from).collect();
+            let nodes: Nodes = nodes.into_iter().map(Arc::from).collect();
             // Never cache this node: the session's own hub check is authoritative.
             if self.routes.enabled && !nodes.iter().any(|n| **n == *self.node.id) {
                 self.routes.insert(user, nodes.clone(), now);
@@ -313,7 +322,14 @@ impl Writer {
                 self.env_buf.clear();
                 env.encode_into(&mut self.env_buf);
                 node.keys.inbox_into(&env.origin, &mut self.key_buf);
-                append_entry(&mut pipe, &self.key_buf, &env.from, &env.to, "error", &self.env_buf);
+                append_entry(
+                    &mut pipe,
+                    &self.key_buf,
+                    &env.from,
+                    &env.to,
+                    "error",
+                    &self.env_buf,
+                );
             }
             pipe.query_async::<()>(conn).await?;
         }

@@ -166,7 +166,10 @@ impl Presence {
     /// Claims every listed session again (after Redis lost its data or reaped this node),
     /// in pipelined chunks, never evicting anyone. Returns the sessions that no longer fit
     /// (other sessions of their user registered meanwhile).
-    pub async fn reclaim(&self, sessions: &[(UserId, u64)]) -> Result<Vec<(UserId, u64)>, BusError> {
+    pub async fn reclaim(
+        &self,
+        sessions: &[(UserId, u64)],
+    ) -> Result<Vec<(UserId, u64)>, BusError> {
         let mut lost = Vec::new();
         let mut conn = self.bus.conn().await?;
         let users_key = self.keys.node_users(&self.node_id);

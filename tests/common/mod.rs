@@ -94,6 +94,34 @@ impl Backend {
         bus.conn().await.unwrap()
     }
 
+    /// How often Redis ran `command` since it started (summed over every shard), from
+    /// `INFO commandstats`.
+    pub async fn command_calls(&self, command: &str) -> u64 {
+        let urls: Vec<String> = match self {
+            Backend::Single(r) => vec![r.url()],
+            Backend::Cluster(c) => c
+                .ports
+                .iter()
+                .map(|p| format!("redis://127.0.0.1:{p}"))
+                .collect(),
+        };
+        let mut total = 0;
+        for url in urls {
+            let info: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query_async(&mut redis_conn(&url).await)
+                .await
+                .unwrap();
+            let prefix = format!("cmdstat_{}:calls=", command.to_ascii_lowercase());
+            total += info
+                .lines()
+                .find_map(|l| l.strip_prefix(&prefix))
+                .and_then(|rest| rest.split(',').next())
+                .map_or(0, |n| n.parse::<u64>().unwrap());
+        }
+        total
+    }
+
     /// Every session of `user` (live node or not), oldest first.
     pub async fn sessions(&self, user: &str) -> Vec<wsbus::admin::UserLocation> {
         sessions(&self.url(), self.is_cluster(), user).await
@@ -436,7 +464,11 @@ pub async fn sessions(url: &str, cluster: bool, user: &str) -> Vec<wsbus::admin:
 
 /// The node of `user`'s oldest session on a single Redis, if any.
 pub async fn where_is(url: &str, user: &str) -> Option<String> {
-    sessions(url, false, user).await.into_iter().next().map(|l| l.node)
+    sessions(url, false, user)
+        .await
+        .into_iter()
+        .next()
+        .map(|l| l.node)
 }
 
 /// Waits until `user` has no registration left on a single Redis.

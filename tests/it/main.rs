@@ -12,3 +12,4 @@ mod presence;
 mod process;
 mod resilience;
 mod security;
+mod sessions;
