@@ -2,11 +2,15 @@
 --[[
 wsbus Redis functions, version 2: several sessions per user.
 
+Rooms: P:{r:<room>}:members (hash: user -> space-separated nodes where that user has sessions
+in the room) and P:{r:<room>}:nodes (set of nodes with members), hash-tagged by room, written
+only when a node gets its first session of a user in the room or loses its last.
+
 A user's sessions live in one hash, P:{u:<uid>}:sessions, field "<node>:<sid>" (node ids never
 contain ':'), value the Redis server time of the claim in microseconds (so "oldest" means the
 same thing on every node). The key is hash-tagged by user so that later per-user keys (history)
 share its slot. Loaded beside wsbus_v1 (FUNCTION LOAD REPLACE at start and whenever a call
-reports "Function not found"); every function touches exactly one key.
+reports "Function not found"); every function touches the keys of one slot.
 ]]
 
 local function now_us()
@@ -104,7 +108,121 @@ local function heartbeat(keys, args)
   return reply
 end
 
+-- The nodes of a members-hash value, as a list.
+local function split(list)
+  local out = {}
+  for n in string.gmatch(list or '', '%S+') do
+    out[#out + 1] = n
+  end
+  return out
+end
+
+-- Removes nodes in `dead` (a set) from every member of a room and from its node set.
+-- Returns the users left with no node.
+local function drop_nodes(members, nodes, dead)
+  local gone = {}
+  local all = redis.call('HGETALL', members)
+  for i = 1, #all, 2 do
+    local kept = {}
+    local changed = false
+    for _, n in ipairs(split(all[i + 1])) do
+      if dead[n] then
+        changed = true
+      else
+        kept[#kept + 1] = n
+      end
+    end
+    if changed then
+      if #kept == 0 then
+        redis.call('HDEL', members, all[i])
+        gone[#gone + 1] = all[i]
+      else
+        redis.call('HSET', members, all[i], table.concat(kept, ' '))
+      end
+    end
+  end
+  for n in pairs(dead) do
+    redis.call('SREM', nodes, n)
+  end
+  return gone
+end
+
+-- KEYS = P:{r:<room>}:members, P:{r:<room>}:nodes; ARGV = user, node, max members, then the
+-- nodes the caller knows to be dead (their members are dropped first).
+-- Reply: {joined (1, or 0 when the room is full), user is new in the room (1/0),
+--         members, first node of the room (1/0)}.
+local function room_join(keys, args)
+  local user, node, max = args[1], args[2], tonumber(args[3])
+  if #args > 3 then
+    local dead = {}
+    for i = 4, #args do
+      dead[args[i]] = true
+    end
+    drop_nodes(keys[1], keys[2], dead)
+  end
+  local cur = redis.call('HGET', keys[1], user)
+  local count = redis.call('HLEN', keys[1])
+  if not cur then
+    if count >= max then
+      return {0, 0, count, 0}
+    end
+    redis.call('HSET', keys[1], user, node)
+    local first = redis.call('SCARD', keys[2]) == 0 and 1 or 0
+    redis.call('SADD', keys[2], node)
+    return {1, 1, count + 1, first}
+  end
+  for _, n in ipairs(split(cur)) do
+    if n == node then
+      return {1, 0, count, 0}
+    end
+  end
+  redis.call('HSET', keys[1], user, cur .. ' ' .. node)
+  local first = redis.call('SCARD', keys[2]) == 0 and 1 or 0
+  redis.call('SADD', keys[2], node)
+  return {1, 0, count, first}
+end
+
+-- KEYS = P:{r:<room>}:members, P:{r:<room>}:nodes; ARGV = user, node, '1' when the node has
+-- no member of the room left.
+-- Reply: {user left the room entirely (1/0), members, the room has no node left (1/0)}.
+local function room_leave(keys, args)
+  local user, node = args[1], args[2]
+  local kept = {}
+  local cur = redis.call('HGET', keys[1], user)
+  for _, n in ipairs(split(cur)) do
+    if n ~= node then
+      kept[#kept + 1] = n
+    end
+  end
+  local gone = 0
+  if #kept == 0 then
+    gone = cur and 1 or 0
+    redis.call('HDEL', keys[1], user)
+  else
+    redis.call('HSET', keys[1], user, table.concat(kept, ' '))
+  end
+  if args[3] == '1' then
+    redis.call('SREM', keys[2], node)
+  end
+  local empty = redis.call('SCARD', keys[2]) == 0 and 1 or 0
+  return {gone, redis.call('HLEN', keys[1]), empty}
+end
+
+-- KEYS = P:{r:<room>}:members, P:{r:<room>}:nodes; ARGV = a node that left (dead, or shut
+-- down). Reply: {the room has no node left (1/0), users who left the room entirely...}.
+local function room_drop_node(keys, args)
+  local gone = drop_nodes(keys[1], keys[2], {[args[1]] = true})
+  local reply = {redis.call('SCARD', keys[2]) == 0 and 1 or 0}
+  for _, u in ipairs(gone) do
+    reply[#reply + 1] = u
+  end
+  return reply
+end
+
 redis.register_function('wsbus_v2_claim', claim)
+redis.register_function('wsbus_v2_room_join', room_join)
+redis.register_function('wsbus_v2_room_leave', room_leave)
+redis.register_function('wsbus_v2_room_drop_node', room_drop_node)
 redis.register_function('wsbus_v2_release', release)
 redis.register_function('wsbus_v2_release_node', release_node)
 redis.register_function('wsbus_v2_heartbeat', heartbeat)

@@ -127,6 +127,82 @@ pub async fn where_is(bus: &Bus, keys: &Keys, user: &str) -> Result<Vec<UserLoca
     Ok(out)
 }
 
+/// One room with members somewhere.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct RoomInfo {
+    /// Room id.
+    pub room: String,
+    /// Users in it.
+    pub members: u64,
+    /// Nodes with members in it.
+    pub nodes: Vec<String>,
+}
+
+/// Up to `count` rooms with members (from `P:rooms`), largest first.
+pub async fn rooms(bus: &Bus, keys: &Keys, count: usize) -> Result<Vec<RoomInfo>, BusError> {
+    let mut conn = bus.conn().await?;
+    let mut names: Vec<String> = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SSCAN")
+            .arg(keys.rooms())
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await?;
+        names.extend(batch);
+        if next == 0 || names.len() >= count {
+            break;
+        }
+        cursor = next;
+    }
+    names.truncate(count);
+    let mut pipe = redis::pipe();
+    for room in &names {
+        pipe.cmd("HLEN")
+            .arg(keys.room_members(room))
+            .cmd("SMEMBERS")
+            .arg(keys.room_nodes(room));
+    }
+    let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+    let mut out = Vec::with_capacity(names.len());
+    for (room, pair) in names.into_iter().zip(replies.chunks(2)) {
+        let members: u64 = redis::from_redis_value_ref(&pair[0])?;
+        let mut nodes: Vec<String> = redis::from_redis_value_ref(&pair[1])?;
+        nodes.sort();
+        // A room whose last node just left (its `P:rooms` entry goes next).
+        if !nodes.is_empty() {
+            out.push(RoomInfo {
+                room,
+                members,
+                nodes,
+            });
+        }
+    }
+    out.sort_by(|a, b| b.members.cmp(&a.members).then_with(|| a.room.cmp(&b.room)));
+    Ok(out)
+}
+
+/// The members of `room`, sorted, each with the nodes it has sessions in the room on.
+pub async fn members(
+    bus: &Bus,
+    keys: &Keys,
+    room: &str,
+) -> Result<Vec<(String, Vec<String>)>, BusError> {
+    let mut conn = bus.conn().await?;
+    let all: Vec<(String, String)> = redis::cmd("HGETALL")
+        .arg(keys.room_members(room))
+        .query_async(&mut conn)
+        .await?;
+    let mut out: Vec<(String, Vec<String>)> = all
+        .into_iter()
+        .map(|(user, nodes)| (user, nodes.split_whitespace().map(str::to_owned).collect()))
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
 /// The first `count` entries of `node`'s inbox, envelopes decoded to JSON.
 pub async fn inspect(
     bus: &Bus,
@@ -171,6 +247,12 @@ fn envelope_json(id: &str, env: &Envelope<'_>) -> serde_json::Value {
     match &env.body {
         Body::Message { text } => v["data"] = serde_json::json!({"to": env.to, "text": text}),
         Body::Error { error } => v["data"] = serde_json::json!({"error": error}),
+        Body::RoomMessage { room, text } => {
+            v["data"] = serde_json::json!({"room": room, "text": text})
+        }
+        Body::Presence { room, event } => {
+            v["data"] = serde_json::json!({"room": room, "event": event.as_str()})
+        }
         Body::Kick { sid, code } => v["data"] = serde_json::json!({"sid": sid, "code": code}),
     }
     v

@@ -30,6 +30,12 @@ pub mod func {
     pub const RELEASE_NODE: &str = "wsbus_v2_release_node";
     /// Record a heartbeat and list the nodes.
     pub const HEARTBEAT: &str = "wsbus_v2_heartbeat";
+    /// Add a node of a user to a room (its first session there in the room).
+    pub const ROOM_JOIN: &str = "wsbus_v2_room_join";
+    /// Remove a node of a user from a room (its last session there left the room).
+    pub const ROOM_LEAVE: &str = "wsbus_v2_room_leave";
+    /// Remove a node from a room altogether (the node died or shut down).
+    pub const ROOM_DROP_NODE: &str = "wsbus_v2_room_drop_node";
 }
 
 /// Why a Redis operation failed.

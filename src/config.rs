@@ -75,6 +75,28 @@ pub struct NodeConfig {
     #[arg(long, env = "WSBUS_ON_SESSION_LIMIT", value_enum, default_value_t = OnSessionLimit::Reject)]
     pub on_session_limit: OnSessionLimit,
 
+    /// Most users in one room; a join past it gets `room '<id>' is full`.
+    #[arg(long, env = "WSBUS_MAX_ROOM_MEMBERS", default_value_t = 10_000)]
+    pub max_room_members: u32,
+
+    /// Most rooms one session may be in; a join past it gets `too many rooms`.
+    #[arg(long, env = "WSBUS_MAX_ROOMS_PER_SESSION", default_value_t = 100)]
+    pub max_rooms_per_session: usize,
+
+    /// Most users a `members` reply lists (sorted); longer lists are cut and say
+    /// `"truncated": true`.
+    #[arg(long, env = "WSBUS_MAX_MEMBERS_LISTED", default_value_t = 1_000)]
+    pub max_members_listed: usize,
+
+    /// Rooms with more members than this send no presence join/leave events (the member
+    /// count stays available through `joined` and `members`).
+    #[arg(
+        long,
+        env = "WSBUS_PRESENCE_EVENTS_MAX_MEMBERS",
+        default_value_t = 1_000
+    )]
+    pub presence_events_max_members: u64,
+
     /// CA certificate (PEM) to verify a `rediss://` Redis server with, instead of the
     /// system's roots.
     #[arg(long, env = "WSBUS_REDIS_CA_FILE")]

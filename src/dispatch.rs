@@ -13,8 +13,8 @@ use crate::bus::BusError;
 use crate::hub::Outbound;
 use crate::node::Node;
 use crate::presence::SessionRef;
-use crate::protocol::{ClientError, encode_message};
-use crate::user::UserId;
+use crate::protocol::{ClientError, encode_message, encode_presence, encode_room_message};
+use crate::user::{RoomId, UserId};
 use crate::wire::{Body, Envelope};
 
 /// Who a message is for.
@@ -22,6 +22,37 @@ use crate::wire::{Body, Envelope};
 pub enum Target {
     /// Every session of one user.
     User(Box<str>),
+    /// Every session in one room.
+    Room(Box<str>),
+}
+
+/// What a message carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    /// A text (a direct or a room message).
+    Text(Box<str>),
+    /// A user entered or left a room (for a room target; the origin's user is the subject).
+    Presence(PresenceEvent),
+}
+
+/// A room presence event: per user, not per session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PresenceEvent {
+    /// The user's first session joined the room.
+    Join,
+    /// The user's last session left the room (leave, disconnect, or its node died).
+    Leave,
+}
+
+impl PresenceEvent {
+    /// The event's name in the `presence` frame.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PresenceEvent::Join => "join",
+            PresenceEvent::Leave => "leave",
+        }
+    }
 }
 
 /// Who sent a message, so an error can be answered to it.
@@ -33,6 +64,11 @@ pub enum Origin {
         user: UserId,
         /// The sending session.
         sid: u64,
+    },
+    /// This node on its own account (events about users of a node that died), for a user.
+    Node {
+        /// The user the message is about.
+        user: Box<str>,
     },
     /// An entry another node sent whose recipient is not here (it moved): forwarded once.
     Forward {
@@ -58,7 +94,7 @@ impl Origin {
     pub fn user(&self) -> &str {
         match self {
             Origin::Session { user, .. } => user.as_str(),
-            Origin::Forward { user, .. } => user,
+            Origin::Node { user } | Origin::Forward { user, .. } => user,
         }
     }
 }
@@ -70,8 +106,8 @@ pub struct Dispatch {
     pub origin: Origin,
     /// Who it is for.
     pub target: Target,
-    /// The text.
-    pub text: Box<str>,
+    /// What it carries.
+    pub payload: Payload,
     /// When the frame reached the cluster (µs since the epoch).
     pub born_us: u64,
     /// The recipient's sessions on this node already have it.
@@ -91,7 +127,9 @@ impl Node {
         text: Cow<'_, str>,
         born_us: u64,
     ) -> Result<(), ClientError> {
-        let Target::User(to) = &target;
+        let Target::User(to) = &target else {
+            return self.send_room(origin, target, text, born_us).await;
+        };
         let from = origin.user();
         let mut built: Option<Outbound> = None;
         let mut frame = || {
@@ -120,14 +158,74 @@ impl Node {
                 .delivered_local
                 .increment(u64::from(here.queued));
         }
-        let dispatch = Dispatch {
+        self.to_bus(Dispatch {
             origin,
             target,
-            text: text.into_owned().into_boxed_str(),
+            payload: Payload::Text(text.into_owned().into_boxed_str()),
             born_us,
             delivered_here: here.found(),
             echo,
+        })
+        .await
+    }
+
+    /// Sends a room message: to the room's sessions here except the sending one, and one
+    /// entry to every other node with members.
+    async fn send_room(
+        &self,
+        origin: Origin,
+        target: Target,
+        text: Cow<'_, str>,
+        born_us: u64,
+    ) -> Result<(), ClientError> {
+        let Target::Room(room) = &target else {
+            unreachable!("send passes rooms only");
         };
+        let except = match &origin {
+            Origin::Session { sid, .. } => Some(*sid),
+            _ => None,
+        };
+        let queued = self.rooms.deliver(room, except, None, || Outbound {
+            frame: encode_room_message(origin.user(), room, &text).into(),
+            born_us,
+        });
+        self.metrics.room_messages.increment(1);
+        self.metrics
+            .room_delivered_local
+            .increment(u64::from(queued));
+        self.to_bus(Dispatch {
+            origin,
+            target,
+            payload: Payload::Text(text.into_owned().into_boxed_str()),
+            born_us,
+            delivered_here: queued > 0,
+            echo: false,
+        })
+        .await
+    }
+
+    /// Tells the other members of `room` that `user` entered or left it (on every node).
+    pub async fn send_presence(&self, room: &RoomId, user: &str, event: PresenceEvent) {
+        self.rooms.deliver(room.as_str(), None, Some(user), || {
+            Outbound::unmeasured(encode_presence(user, room.as_str(), event))
+        });
+        let sent = self
+            .to_bus(Dispatch {
+                origin: Origin::Node { user: user.into() },
+                target: Target::Room(room.as_str().into()),
+                payload: Payload::Presence(event),
+                born_us: 0,
+                delivered_here: true,
+                echo: false,
+            })
+            .await;
+        if sent.is_err() {
+            tracing::debug!(room = %room, user, "presence event not sent: the bus writer stopped");
+        }
+    }
+
+    /// Hands what is left of a message to the bus writer (waits while its queue is full).
+    async fn to_bus(&self, dispatch: Dispatch) -> Result<(), ClientError> {
         self.outbox
             .send(dispatch)
             .await
@@ -140,6 +238,10 @@ impl Node {
         error.count();
         let text = error.to_string();
         match origin {
+            Origin::Node { user } => {
+                tracing::debug!(user = %user, error = %text, "a node's own message failed");
+                None
+            }
             Origin::Session { user, sid } => {
                 let frame = crate::protocol::encode_error(user.as_str(), &text);
                 self.hub

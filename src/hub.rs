@@ -203,6 +203,11 @@ impl Hub {
         }
     }
 
+    /// The sending side of session `sid` of `user` (to add it to rooms).
+    pub fn handle(&self, user: &str, sid: u64) -> Option<SessionHandle> {
+        self.users.get(user)?.iter().find(|s| s.sid == sid).cloned()
+    }
+
     /// Number of sessions `user` has here.
     pub fn sessions_of(&self, user: &str) -> usize {
         self.users.get(user).map_or(0, |s| s.len())
@@ -249,7 +254,7 @@ impl Hub {
 
 impl SessionHandle {
     /// Queues `frame` without waiting; a full queue kicks the session as a slow consumer.
-    fn offer(&self, frame: Outbound) -> Delivery {
+    pub fn offer(&self, frame: Outbound) -> Delivery {
         match self.tx.try_send(frame) {
             Ok(()) => Delivery::Queued,
             Err(mpsc::error::TrySendError::Closed(_)) => Delivery::NotHere,

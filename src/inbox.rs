@@ -17,10 +17,10 @@ use std::time::Duration;
 use redis::Value;
 
 use crate::bus::{BusConn, BusError};
-use crate::dispatch::{Dispatch, Origin, Target};
+use crate::dispatch::{Dispatch, Origin, Payload, Target};
 use crate::hub::Outbound;
 use crate::node::Node;
-use crate::protocol::encode_message;
+use crate::protocol::{encode_message, encode_presence, encode_room_message};
 use crate::wire::{Body, ENVELOPE_FIELD, Envelope};
 
 /// Extra time allowed past the block time before a read counts as hung.
@@ -285,6 +285,23 @@ impl Consumer {
                 }
                 Some(queued)
             }
+            Body::RoomMessage { room, text } => {
+                let queued = self.node.rooms.deliver(room, None, None, || Outbound {
+                    frame: encode_room_message(&env.from, room, text).into(),
+                    born_us: env.sent_us,
+                });
+                self.node
+                    .metrics
+                    .room_delivered_from_bus
+                    .increment(u64::from(queued));
+                Some(queued)
+            }
+            Body::Presence { room, event } => {
+                self.node.rooms.deliver(room, None, Some(&env.from), || {
+                    Outbound::unmeasured(encode_presence(&env.from, room, *event))
+                });
+                Some(0)
+            }
             Body::Error { .. } => {
                 self.node.deliver_error(env);
                 Some(0)
@@ -313,8 +330,8 @@ impl Consumer {
                     tried,
                 },
                 target: Target::User((*env.to).into()),
-                text: match env.body {
-                    Body::Message { text } => text.into_owned().into_boxed_str(),
+                payload: match env.body {
+                    Body::Message { text } => Payload::Text(text.into_owned().into_boxed_str()),
                     _ => continue,
                 },
                 born_us: env.sent_us,

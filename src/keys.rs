@@ -7,6 +7,10 @@
 //! | `P:node:<id>:users` | set | user ids connected to that node | deleted on clean shutdown or by the reaper |
 //! | `P:{u:<uid>}:sessions` | hash | `<node>:<sid>` → claimed at (Redis server time, µs), one field per session | field removed on disconnect; the reaper removes a dead node's |
 //! | `P:inbox:<id>` | stream | envelopes for that node (`from`, `to`, `action`, `env`) | trimmed as delivered, `MAXLEN ~` cap per heartbeat; deleted with its node |
+//! | `P:{r:<room>}:members` | hash | user → the nodes (space-separated) where it has sessions in the room | field removed when the user's last session leaves; a dead node's removed by the reaper |
+//! | `P:{r:<room>}:nodes` | set | nodes with members in the room | member added/removed on a node's first/last member |
+//! | `P:node:<id>:rooms` | set | rooms with members on that node | deleted on clean shutdown or by the reaper |
+//! | `P:rooms` | set | rooms with members anywhere (for `wsbus rooms`) | member removed when a room's last node leaves |
 //! | `P:reap:<id>` | string | which node is reaping dead node `<id>` | short TTL |
 
 /// Builds key names under a prefix.
@@ -77,6 +81,35 @@ impl Keys {
         key
     }
 
+    /// `P:{r:<room>}:members`: a room's members and their nodes. Hash-tagged by room, like
+    /// every key of one room.
+    pub fn room_members(&self, room: &str) -> String {
+        format!("{}:{{r:{room}}}:members", self.prefix)
+    }
+
+    /// `P:{r:<room>}:nodes`: the nodes with members in a room.
+    pub fn room_nodes(&self, room: &str) -> String {
+        let mut key = String::new();
+        self.room_nodes_into(room, &mut key);
+        key
+    }
+
+    /// Writes `P:{r:<room>}:nodes` into `out` (cleared first).
+    pub fn room_nodes_into(&self, room: &str, out: &mut String) {
+        self.write_into(":{r:", room, out);
+        out.push_str("}:nodes");
+    }
+
+    /// `P:node:<id>:rooms`: the rooms a node has members in.
+    pub fn node_rooms(&self, node: &str) -> String {
+        format!("{}:node:{node}:rooms", self.prefix)
+    }
+
+    /// `P:rooms`: rooms with members anywhere.
+    pub fn rooms(&self) -> String {
+        format!("{}:rooms", self.prefix)
+    }
+
     /// `P:reap:<id>`: the lock that makes one survivor reap a dead node.
     pub fn reap_lock(&self, node: &str) -> String {
         format!("{}:reap:{node}", self.prefix)
@@ -96,5 +129,9 @@ mod tests {
         assert_eq!(k.user_sessions("bob"), "wsbus:{u:bob}:sessions");
         assert_eq!(k.inbox("a"), "wsbus:inbox:a");
         assert_eq!(k.reap_lock("a"), "wsbus:reap:a");
+        assert_eq!(k.room_members("lobby"), "wsbus:{r:lobby}:members");
+        assert_eq!(k.room_nodes("lobby"), "wsbus:{r:lobby}:nodes");
+        assert_eq!(k.node_rooms("a"), "wsbus:node:a:rooms");
+        assert_eq!(k.rooms(), "wsbus:rooms");
     }
 }

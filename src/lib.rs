@@ -43,6 +43,7 @@ pub mod outbox;
 pub mod presence;
 pub mod protocol;
 pub mod registry;
+pub mod rooms;
 pub mod session;
 pub mod telemetry;
 pub mod user;

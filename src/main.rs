@@ -53,6 +53,21 @@ enum Cmd {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// List rooms with members: member count and nodes, largest first.
+    Rooms {
+        /// Most rooms to list.
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List the members of a room and the nodes each is connected to.
+    Members {
+        /// The room id.
+        room: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Print a signed token for USER (HS256 with the secret, or RS256/ES256 with a private key).
     Token {
         /// The user id (the token's `sub`).
@@ -157,6 +172,25 @@ async fn main() -> anyhow::Result<()> {
             for s in &sessions {
                 let status = if s.alive { "live" } else { "node dead" };
                 println!("{:<24} {:>10} {:>15}  {status}", s.node, s.sid, s.since);
+            }
+        }
+        Cmd::Rooms { count, admin } => {
+            let keys = Keys::new(&admin.prefix);
+            let rooms = wsbus::admin::rooms(&admin.bus()?, &keys, count).await?;
+            println!("{:<32} {:>8}  nodes", "room", "members");
+            for r in rooms {
+                println!("{:<32} {:>8}  {}", r.room, r.members, r.nodes.join(","));
+            }
+        }
+        Cmd::Members { room, admin } => {
+            let keys = Keys::new(&admin.prefix);
+            let members = wsbus::admin::members(&admin.bus()?, &keys, &room).await?;
+            if members.is_empty() {
+                println!("room {room} has no members");
+                std::process::exit(1);
+            }
+            for (user, nodes) in members {
+                println!("{user} {}", nodes.join(","));
             }
         }
         Cmd::Token {

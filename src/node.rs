@@ -99,6 +99,8 @@ pub struct Node {
     pub bus: Arc<Bus>,
     /// Local sessions.
     pub hub: Hub,
+    /// Local room membership.
+    pub rooms: crate::rooms::Rooms,
     /// Which nodes are alive.
     pub live: Arc<LiveNodes>,
     /// User registration.
@@ -225,6 +227,7 @@ pub async fn run(
             config.inbox_maxlen,
         ),
         hub: Hub::new(config.session_queue, stop.clone()),
+        rooms: crate::rooms::Rooms::new(),
         connections: Arc::new(Semaphore::new(config.max_connections)),
         id,
         keys,
@@ -328,6 +331,23 @@ pub async fn run(
     Ok(())
 }
 
+/// Presence `leave` events for the users a dead node took out of its rooms.
+async fn announce_departures(node: &Node, drops: Vec<crate::presence::RoomDrop>) {
+    for drop in drops {
+        let before = drop.members + drop.gone.len() as u64;
+        let Some(room) = crate::user::RoomId::parse(&drop.room) else {
+            continue;
+        };
+        if before > node.config.presence_events_max_members {
+            continue;
+        }
+        for user in &drop.gone {
+            node.send_presence(&room, user, crate::dispatch::PresenceEvent::Leave)
+                .await;
+        }
+    }
+}
+
 fn remaining(budget: Duration, since: Instant) -> Duration {
     budget.saturating_sub(since.elapsed())
 }
@@ -362,10 +382,13 @@ async fn heartbeat_once(node: &Node) {
             for (user, sid) in lost {
                 node.hub.kick(user.as_str(), sid, close::SESSION_REPLACED);
             }
+            node.presence.rejoin_rooms(&node.rooms.snapshot()).await?;
         }
         for dead in &beat.dead {
-            if let Err(e) = node.registry.reap(&node.bus, &mut conn, dead).await {
-                tracing::warn!(node = %dead, error = %e, "reaping failed");
+            match node.registry.reap(&node.bus, &mut conn, dead).await {
+                Ok(Some(drops)) => announce_departures(node, drops).await,
+                Ok(None) => {}
+                Err(e) => tracing::warn!(node = %dead, error = %e, "reaping failed"),
             }
         }
         Ok::<(), BusError>(())

@@ -13,9 +13,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{BusConn, BusError};
-use crate::dispatch::{Dispatch, Origin, Plan, Target};
+use crate::dispatch::{Dispatch, Origin, Payload, Plan, Target};
 use crate::hub::Outbound;
 use crate::node::Node;
+use crate::presence::nodes_of;
 use crate::protocol::{ClientError, encode_message};
 use crate::wire::{Body, ENVELOPE_FIELD, Envelope, MAX_HOPS};
 
@@ -99,6 +100,13 @@ impl RouteCache {
     }
 }
 
+/// Where the users and rooms of one batch are.
+#[derive(Default)]
+struct Routes<'b> {
+    users: HashMap<&'b str, Nodes>,
+    rooms: HashMap<&'b str, Nodes>,
+}
+
 /// What became of one message of a batch.
 #[derive(Default)]
 struct Outcome {
@@ -141,50 +149,75 @@ impl Writer {
         batch.clear();
     }
 
-    /// Where each user of the batch has sessions (every node, liveness not yet checked).
+    /// Where each user (and room) of the batch has sessions: every node, liveness not yet
+    /// checked. Users come from the route cache where it is on; the rest is one pipeline.
     async fn resolve<'b>(
         &mut self,
         conn: &mut BusConn,
         batch: &'b [Dispatch],
-    ) -> Result<HashMap<&'b str, Nodes>, BusError> {
+    ) -> Result<Routes<'b>, BusError> {
         let now = Instant::now();
-        let mut found: HashMap<&'b str, Nodes> = HashMap::with_capacity(batch.len());
-        let mut misses: Vec<&'b str> = Vec::new();
+        let mut routes = Routes::default();
+        let mut users: Vec<&'b str> = Vec::new();
+        let mut rooms: Vec<&'b str> = Vec::new();
         for msg in batch {
-            let Target::User(to) = &msg.target;
-            let fresh = matches!(msg.origin, Origin::Forward { .. });
-            let users = [Some(&**to), msg.echo.then(|| msg.origin.user())];
-            for user in users.into_iter().flatten() {
-                if found.contains_key(user) || misses.contains(&user) {
-                    continue;
-                }
-                match self
-                    .routes
-                    .get(user, now)
-                    .filter(|_| self.routes.enabled && !fresh)
-                {
-                    Some(nodes) => {
-                        found.insert(user, nodes.clone());
+            match &msg.target {
+                Target::Room(room) => {
+                    if !rooms.contains(&&**room) {
+                        rooms.push(room);
                     }
-                    None => misses.push(user),
+                }
+                Target::User(to) => {
+                    let fresh = matches!(msg.origin, Origin::Forward { .. });
+                    let wanted = [Some(&**to), msg.echo.then(|| msg.origin.user())];
+                    for user in wanted.into_iter().flatten() {
+                        if routes.users.contains_key(user) || users.contains(&user) {
+                            continue;
+                        }
+                        match self
+                            .routes
+                            .get(user, now)
+                            .filter(|_| self.routes.enabled && !fresh)
+                        {
+                            Some(nodes) => {
+                                routes.users.insert(user, nodes.clone());
+                            }
+                            None => users.push(user),
+                        }
+                    }
                 }
             }
         }
-        if misses.is_empty() {
-            return Ok(found);
+        if users.is_empty() && rooms.is_empty() {
+            return Ok(routes);
         }
-        let located = self.node.presence.locate(conn, misses.iter()).await?;
-        for (user, nodes) in misses.into_iter().zip(located) {
-            let nodes: Nodes = nodes.into_iter().map(Arc::from).collect();
+        let mut pipe = redis::Pipeline::with_capacity(users.len() + rooms.len());
+        for user in &users {
+            self.node.keys.user_sessions_into(user, &mut self.key_buf);
+            pipe.cmd("HKEYS").arg(&self.key_buf);
+        }
+        for room in &rooms {
+            self.node.keys.room_nodes_into(room, &mut self.key_buf);
+            pipe.cmd("SMEMBERS").arg(&self.key_buf);
+        }
+        let mut replies: Vec<Vec<String>> = pipe.query_async(conn).await?;
+        let room_replies = replies.split_off(users.len());
+        for (user, fields) in users.into_iter().zip(replies) {
+            let nodes: Nodes = nodes_of(fields).into_iter().map(Arc::from).collect();
             // Never cache this node: the session's own hub check is authoritative.
             if self.routes.enabled && !nodes.iter().any(|n| **n == *self.node.id) {
                 self.routes.insert(user, nodes.clone(), now);
             } else {
                 self.routes.map.remove(user);
             }
-            found.insert(user, nodes);
+            routes.users.insert(user, nodes);
         }
-        Ok(found)
+        for (room, nodes) in rooms.into_iter().zip(room_replies) {
+            routes
+                .rooms
+                .insert(room, nodes.into_iter().map(Arc::from).collect());
+        }
+        Ok(routes)
     }
 
     /// The live nodes among `nodes` (this node counts as live).
@@ -211,75 +244,35 @@ impl Writer {
         let mut appended: Vec<(usize, bool)> = Vec::with_capacity(batch.len());
         let mut outcomes: Vec<Outcome> = Vec::with_capacity(batch.len());
         for (i, msg) in batch.iter().enumerate() {
-            let Target::User(to) = &msg.target;
-            let from = msg.origin.user();
-            let recipient = self.live(conn, &routes[&**to]).await?;
-            let sender = match msg.echo {
-                true => self.live(conn, &routes[from]).await?,
-                false => Vec::new(),
+            let (plan, outcome) = match &msg.target {
+                Target::User(to) => self.plan_user(conn, msg, to, &routes).await?,
+                Target::Room(room) => {
+                    let nodes = self.live(conn, &routes.rooms[&**room]).await?;
+                    let plan = Plan::new(&node.id, &nodes, &[], &[]);
+                    // A room message is never answered with `not found`.
+                    (
+                        plan,
+                        Outcome {
+                            reached: true,
+                            failed: false,
+                        },
+                    )
+                }
             };
-            let mut outcome = Outcome {
-                reached: msg.delivered_here,
-                failed: false,
-            };
-            if !msg.delivered_here && recipient.iter().any(|n| **n == *node.id) {
-                // The recipient connected here since its sender's check (or moved here).
-                let here = node.hub.deliver_user(to, None, || Outbound {
-                    frame: encode_message(from, to, &msg.text).into(),
-                    born_us: msg.born_us,
-                });
-                outcome.reached |= here.found();
-            }
-            let (tried, hops, id, boot, origin, origin_sid): (&[Box<str>], u8, _, _, &str, u64) =
-                match &msg.origin {
-                    Origin::Session { sid, .. } => (&[], 0, None, node.boot, &node.id, *sid),
-                    Origin::Forward {
-                        node: origin,
-                        sid,
-                        id,
-                        boot,
-                        hops,
-                        tried,
-                        ..
-                    } => (tried, *hops, Some(*id), *boot, origin, *sid),
-                };
-            let plan = match hops > MAX_HOPS {
-                // Forwarded once already: the recipient keeps moving; give up.
-                true => Plan::default(),
-                false => Plan::new(&node.id, &recipient, &sender, tried),
-            };
-            outcome.reached |= plan.recipient_elsewhere
-                && recipient
-                    .iter()
-                    .any(|n| tried.iter().any(|t| **t == **n) && **n != *node.id);
-            let multi = node.config.multi_session();
             for (target, to_recipient, to_sender) in &plan.entries {
-                let mut all_tried = Vec::new();
-                if multi {
-                    all_tried.extend(tried.iter().map(|t| (&**t).into()));
-                    all_tried.push((&*node.id).into());
-                    all_tried.extend(plan.entries.iter().map(|(n, _, _)| (&**n).into()));
-                }
-                self.env_buf.clear();
-                Envelope {
-                    id: id.unwrap_or_else(|| node.next_message_id()),
-                    boot,
-                    origin: origin.into(),
-                    from: from.into(),
-                    to: (&**to).into(),
-                    hops,
-                    sent_us: msg.born_us,
-                    origin_sid,
-                    to_recipient: *to_recipient,
-                    to_sender: *to_sender,
-                    tried: all_tried,
-                    body: Body::Message {
-                        text: (&*msg.text).into(),
-                    },
-                }
-                .encode_into(&mut self.env_buf);
+                let action = self.encode(msg, &plan, *to_recipient, *to_sender);
                 node.keys.inbox_into(target, &mut self.key_buf);
-                append_entry(&mut pipe, &self.key_buf, from, to, "message", &self.env_buf);
+                let to = match &msg.target {
+                    Target::User(to) | Target::Room(to) => to,
+                };
+                append_entry(
+                    &mut pipe,
+                    &self.key_buf,
+                    msg.origin.user(),
+                    to,
+                    action,
+                    &self.env_buf,
+                );
                 appended.push((i, *to_recipient));
             }
             outcomes.push(outcome);
@@ -305,10 +298,144 @@ impl Writer {
                 }
             }
         }
+        self.answer_unreached(conn, batch, outcomes).await
+    }
+
+    /// The entries of a direct message: one per other node with sessions of the recipient
+    /// or (for copies) of the sender, minus the nodes that already had it.
+    async fn plan_user(
+        &self,
+        conn: &mut BusConn,
+        msg: &Dispatch,
+        to: &str,
+        routes: &Routes<'_>,
+    ) -> Result<(Plan, Outcome), BusError> {
+        let node = &self.node;
+        let from = msg.origin.user();
+        let recipient = self.live(conn, &routes.users[to]).await?;
+        let sender = match msg.echo {
+            true => self.live(conn, &routes.users[from]).await?,
+            false => Vec::new(),
+        };
+        let mut outcome = Outcome {
+            reached: msg.delivered_here,
+            failed: false,
+        };
+        if !msg.delivered_here
+            && recipient.iter().any(|n| **n == *node.id)
+            && let Payload::Text(text) = &msg.payload
+        {
+            // The recipient connected here since its sender's check (or moved here).
+            let here = node.hub.deliver_user(to, None, || Outbound {
+                frame: encode_message(from, to, text).into(),
+                born_us: msg.born_us,
+            });
+            outcome.reached |= here.found();
+        }
+        let (tried, hops): (&[Box<str>], u8) = match &msg.origin {
+            Origin::Forward { tried, hops, .. } => (tried, *hops),
+            _ => (&[], 0),
+        };
+        let plan = match hops > MAX_HOPS {
+            // Forwarded once already: the recipient keeps moving; give up.
+            true => Plan::default(),
+            false => Plan::new(&node.id, &recipient, &sender, tried),
+        };
+        // A node that already had the message (before it was forwarded) has it.
+        outcome.reached |= recipient
+            .iter()
+            .any(|n| **n != *node.id && tried.iter().any(|t| **t == **n));
+        Ok((plan, outcome))
+    }
+
+    /// Encodes the envelope of one entry of `msg` into `env_buf`; returns its action.
+    fn encode(
+        &mut self,
+        msg: &Dispatch,
+        plan: &Plan,
+        to_recipient: bool,
+        to_sender: bool,
+    ) -> &'static str {
+        let node = &self.node;
+        let (id, boot, origin, origin_sid, hops, tried): (
+            Option<u64>,
+            u64,
+            &str,
+            u64,
+            u8,
+            &[Box<str>],
+        ) = match &msg.origin {
+            Origin::Session { sid, .. } => (None, node.boot, &node.id, *sid, 0, &[]),
+            Origin::Node { .. } => (None, node.boot, &node.id, 0, 0, &[]),
+            Origin::Forward {
+                node: origin,
+                sid,
+                id,
+                boot,
+                hops,
+                tried,
+                ..
+            } => (Some(*id), *boot, origin, *sid, *hops, tried),
+        };
+        let mut all_tried = Vec::new();
+        if node.config.multi_session() && matches!(msg.target, Target::User(_)) {
+            all_tried.extend(tried.iter().map(|t| (&**t).into()));
+            all_tried.push((&*node.id).into());
+            all_tried.extend(plan.entries.iter().map(|(n, _, _)| (&**n).into()));
+        }
+        let body = match (&msg.target, &msg.payload) {
+            (Target::User(_), Payload::Text(text)) => Body::Message {
+                text: (&**text).into(),
+            },
+            (Target::Room(room), Payload::Text(text)) => Body::RoomMessage {
+                room: (&**room).into(),
+                text: (&**text).into(),
+            },
+            (Target::Room(room), Payload::Presence(event)) => Body::Presence {
+                room: (&**room).into(),
+                event: *event,
+            },
+            (Target::User(_), Payload::Presence(_)) => {
+                unreachable!("presence events go to rooms")
+            }
+        };
+        let to = match &msg.target {
+            Target::User(to) | Target::Room(to) => to,
+        };
+        self.env_buf.clear();
+        let env = Envelope {
+            id: id.unwrap_or_else(|| node.next_message_id()),
+            boot,
+            origin: origin.into(),
+            from: msg.origin.user().into(),
+            to: (&**to).into(),
+            hops,
+            sent_us: msg.born_us,
+            origin_sid,
+            to_recipient,
+            to_sender,
+            tried: all_tried,
+            body,
+        };
+        env.encode_into(&mut self.env_buf);
+        env.body.action()
+    }
+
+    /// Answers `not found` (or `bus unavailable`) to the origin of every message that
+    /// reached no session.
+    async fn answer_unreached(
+        &mut self,
+        conn: &mut BusConn,
+        batch: &[Dispatch],
+        outcomes: Vec<Outcome>,
+    ) -> Result<(), BusError> {
+        let node = Arc::clone(&self.node);
         let mut errors = Vec::new();
         for (msg, outcome) in batch.iter().zip(outcomes) {
             if !outcome.reached {
-                let Target::User(to) = &msg.target;
+                let to = match &msg.target {
+                    Target::User(to) | Target::Room(to) => to,
+                };
                 let error = match outcome.failed {
                     true => ClientError::BusUnavailable,
                     false => ClientError::UserNotFound(to.to_string()),
@@ -316,23 +443,24 @@ impl Writer {
                 errors.extend(node.answer_error(&msg.origin, &error));
             }
         }
-        if !errors.is_empty() {
-            let mut pipe = redis::pipe();
-            for env in &errors {
-                self.env_buf.clear();
-                env.encode_into(&mut self.env_buf);
-                node.keys.inbox_into(&env.origin, &mut self.key_buf);
-                append_entry(
-                    &mut pipe,
-                    &self.key_buf,
-                    &env.from,
-                    &env.to,
-                    "error",
-                    &self.env_buf,
-                );
-            }
-            pipe.query_async::<()>(conn).await?;
+        if errors.is_empty() {
+            return Ok(());
         }
+        let mut pipe = redis::pipe();
+        for env in &errors {
+            self.env_buf.clear();
+            env.encode_into(&mut self.env_buf);
+            node.keys.inbox_into(&env.origin, &mut self.key_buf);
+            append_entry(
+                &mut pipe,
+                &self.key_buf,
+                &env.from,
+                &env.to,
+                "error",
+                &self.env_buf,
+            );
+        }
+        pipe.query_async::<()>(conn).await?;
         Ok(())
     }
 }

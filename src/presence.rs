@@ -13,7 +13,7 @@ use crate::bus::{Bus, BusError, func};
 use crate::config::OnSessionLimit;
 use crate::keys::Keys;
 use crate::registry::{LiveNodes, NodeStatus};
-use crate::user::UserId;
+use crate::user::{RoomId, UserId};
 
 /// One session, as Redis names it: `<node>:<sid>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -216,8 +216,254 @@ impl Presence {
     }
 }
 
+/// What Redis said to a user's first session on this node joining a room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoomJoin {
+    /// `false`: the room is full; nothing changed.
+    pub joined: bool,
+    /// The user was in the room on no node before (a presence `join`).
+    pub user_new: bool,
+    /// Users in the room now.
+    pub members: u64,
+}
+
+/// What Redis said to a user's last session on this node leaving a room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoomLeave {
+    /// The user is in the room on no node now (a presence `leave`).
+    pub user_gone: bool,
+    /// Users in the room now.
+    pub members: u64,
+}
+
+/// What dropping a node from a room left behind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomDrop {
+    /// The room.
+    pub room: String,
+    /// Users that were in the room on that node only (each a presence `leave`).
+    pub gone: Vec<String>,
+    /// Users in the room now.
+    pub members: u64,
+}
+
+/// Room membership in Redis: written only when a user's first session on this node joins a
+/// room or its last one leaves, never per message or per heartbeat.
+impl Presence {
+    /// Adds this node to `user`'s nodes in `room` (its first session here joined), within
+    /// `max_members`. `first_here` says the room had no member on this node before.
+    pub async fn room_join(
+        &self,
+        room: &RoomId,
+        user: &UserId,
+        first_here: bool,
+        max_members: u32,
+    ) -> Result<RoomJoin, BusError> {
+        let mut conn = self.bus.conn().await?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("FCALL")
+            .arg(func::ROOM_JOIN)
+            .arg(2)
+            .arg(self.keys.room_members(room.as_str()))
+            .arg(self.keys.room_nodes(room.as_str()))
+            .arg(user.as_str())
+            .arg(&*self.node_id)
+            .arg(max_members)
+            .arg(self.live.dead_nodes());
+        let ((joined, user_new, members, room_new),): ((u8, u8, u64, u8),) =
+            self.bus.query(&mut conn, &pipe).await?;
+        if joined == 1 && (first_here || room_new == 1) {
+            let mut pipe = redis::pipe();
+            if first_here {
+                pipe.cmd("SADD")
+                    .arg(self.keys.node_rooms(&self.node_id))
+                    .arg(room.as_str())
+                    .ignore();
+            }
+            if room_new == 1 {
+                pipe.cmd("SADD")
+                    .arg(self.keys.rooms())
+                    .arg(room.as_str())
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut conn).await?;
+        }
+        Ok(RoomJoin {
+            joined: joined == 1,
+            user_new: user_new == 1,
+            members,
+        })
+    }
+
+    /// Removes this node from `user`'s nodes in `room` (its last session here left).
+    /// `last_here` says no member of the room is left on this node.
+    pub async fn room_leave(
+        &self,
+        room: &RoomId,
+        user: &UserId,
+        last_here: bool,
+    ) -> Result<RoomLeave, BusError> {
+        let mut conn = self.bus.conn().await?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("FCALL")
+            .arg(func::ROOM_LEAVE)
+            .arg(2)
+            .arg(self.keys.room_members(room.as_str()))
+            .arg(self.keys.room_nodes(room.as_str()))
+            .arg(user.as_str())
+            .arg(&*self.node_id)
+            .arg(if last_here { "1" } else { "0" });
+        if last_here {
+            pipe.cmd("SREM")
+                .arg(self.keys.node_rooms(&self.node_id))
+                .arg(room.as_str())
+                .ignore();
+        }
+        let ((gone, members, empty),): ((u8, u64, u8),) = self.bus.query(&mut conn, &pipe).await?;
+        if empty == 1 {
+            redis::cmd("SREM")
+                .arg(self.keys.rooms())
+                .arg(room.as_str())
+                .query_async::<()>(&mut conn)
+                .await?;
+        }
+        Ok(RoomLeave {
+            user_gone: gone == 1,
+            members,
+        })
+    }
+
+    /// Users in `room` now (as `joined` reports it).
+    pub async fn room_size(&self, room: &RoomId) -> Result<u64, BusError> {
+        let mut conn = self.bus.conn().await?;
+        Ok(redis::cmd("HLEN")
+            .arg(self.keys.room_members(room.as_str()))
+            .query_async(&mut conn)
+            .await?)
+    }
+
+    /// The users in `room` that have a session in it on a node not known to be dead,
+    /// sorted.
+    pub async fn room_members(&self, room: &RoomId) -> Result<Vec<String>, BusError> {
+        let mut conn = self.bus.conn().await?;
+        let all: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg(self.keys.room_members(room.as_str()))
+            .query_async(&mut conn)
+            .await?;
+        let mut users: Vec<String> = all
+            .into_iter()
+            .filter(|(_, nodes)| {
+                nodes
+                    .split_whitespace()
+                    .any(|n| self.live.status(n) != NodeStatus::Dead)
+            })
+            .map(|(user, _)| user)
+            .collect();
+        users.sort_unstable();
+        Ok(users)
+    }
+
+    /// The nodes with members in each room (liveness not checked), one pipeline.
+    pub async fn locate_rooms(
+        &self,
+        conn: &mut impl redis::aio::ConnectionLike,
+        rooms: impl Iterator<Item = impl AsRef<str>>,
+    ) -> Result<Vec<Vec<String>>, BusError> {
+        let mut pipe = redis::pipe();
+        let mut key = String::new();
+        for room in rooms {
+            self.keys.room_nodes_into(room.as_ref(), &mut key);
+            pipe.cmd("SMEMBERS").arg(&key);
+        }
+        Ok(pipe.query_async(conn).await?)
+    }
+
+    /// Registers every local (room, user) again (after Redis lost its data), pipelined.
+    pub async fn rejoin_rooms(&self, pairs: &[(RoomId, UserId)]) -> Result<(), BusError> {
+        let mut conn = self.bus.conn().await?;
+        for chunk in pairs.chunks(512) {
+            let mut pipe = redis::pipe();
+            for (room, user) in chunk {
+                pipe.cmd("FCALL")
+                    .arg(func::ROOM_JOIN)
+                    .arg(2)
+                    .arg(self.keys.room_members(room.as_str()))
+                    .arg(self.keys.room_nodes(room.as_str()))
+                    .arg(user.as_str())
+                    .arg(&*self.node_id)
+                    // Already members here: the room limit was checked when they joined.
+                    .arg(u32::MAX)
+                    .ignore()
+                    .cmd("SADD")
+                    .arg(self.keys.node_rooms(&self.node_id))
+                    .arg(room.as_str())
+                    .ignore()
+                    .cmd("SADD")
+                    .arg(self.keys.rooms())
+                    .arg(room.as_str())
+                    .ignore();
+            }
+            self.bus.query::<()>(&mut conn, &pipe).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Drops `node` from every room it had members in (it died, or is shutting down): its users
+/// leave those rooms unless another node holds a session of theirs there.
+pub async fn drop_node_from_rooms(
+    keys: &Keys,
+    bus: &Bus,
+    conn: &mut impl redis::aio::ConnectionLike,
+    node: &str,
+) -> Result<Vec<RoomDrop>, BusError> {
+    let rooms: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(keys.node_rooms(node))
+        .query_async(conn)
+        .await?;
+    let mut drops = Vec::with_capacity(rooms.len());
+    for chunk in rooms.chunks(256) {
+        let mut pipe = redis::pipe();
+        for room in chunk {
+            pipe.cmd("FCALL")
+                .arg(func::ROOM_DROP_NODE)
+                .arg(2)
+                .arg(keys.room_members(room))
+                .arg(keys.room_nodes(room))
+                .arg(node)
+                .cmd("HLEN")
+                .arg(keys.room_members(room));
+        }
+        let replies: Vec<Value> = bus.query(conn, &pipe).await?;
+        let mut empty_rooms = redis::pipe();
+        let mut any_empty = false;
+        for (room, pair) in chunk.iter().zip(replies.chunks(2)) {
+            let [Value::Array(reply), members] = pair else {
+                return Err(BusError::Reply("room drop"));
+            };
+            let (empty, gone) = reply.split_first().ok_or(BusError::Reply("room drop"))?;
+            if matches!(empty, Value::Int(1)) {
+                any_empty = true;
+                empty_rooms.cmd("SREM").arg(keys.rooms()).arg(room).ignore();
+            }
+            drops.push(RoomDrop {
+                room: room.clone(),
+                gone: gone
+                    .iter()
+                    .map(redis::from_redis_value_ref::<String>)
+                    .collect::<Result<_, _>>()?,
+                members: redis::from_redis_value_ref(members)?,
+            });
+        }
+        if any_empty {
+            empty_rooms.query_async::<()>(conn).await?;
+        }
+    }
+    Ok(drops)
+}
+
 /// The distinct nodes of a list of `<node>:<sid>` fields.
-fn nodes_of(fields: Vec<String>) -> Vec<String> {
+pub fn nodes_of(fields: Vec<String>) -> Vec<String> {
     let mut nodes: Vec<String> = Vec::with_capacity(fields.len());
     for field in fields {
         let Some(s) = SessionRef::parse(&field) else {

@@ -81,6 +81,18 @@ pub enum ClientError {
     /// The connection sends faster than its rate limit; the frame was dropped.
     #[error("rate limited")]
     RateLimited,
+    /// A room id outside the id alphabet.
+    #[error("invalid room id")]
+    InvalidRoom,
+    /// The session is not in that room (leave, room_message).
+    #[error("not in room '{0}'")]
+    NotInRoom(String),
+    /// The room has `--max-room-members` members already.
+    #[error("room '{0}' is full")]
+    RoomFull(String),
+    /// The session is in `--max-rooms-per-session` rooms already.
+    #[error("too many rooms")]
+    TooManyRooms,
 }
 
 impl ClientError {
@@ -102,6 +114,10 @@ impl ClientError {
             ClientError::BusUnavailable => "bus_unavailable",
             ClientError::NotUniqueSession => "not_unique_session",
             ClientError::RateLimited => "rate_limited",
+            ClientError::InvalidRoom => "invalid_room",
+            ClientError::NotInRoom(_) => "not_in_room",
+            ClientError::RoomFull(_) => "room_full",
+            ClientError::TooManyRooms => "too_many_rooms",
         }
     }
 
@@ -121,6 +137,42 @@ pub enum Command<'a> {
         /// The text, unescaped.
         text: Cow<'a, str>,
     },
+    /// `join`: enter room `room`.
+    Join {
+        /// The room (validated).
+        room: &'a str,
+    },
+    /// `leave`: leave room `room`.
+    Leave {
+        /// The room (validated).
+        room: &'a str,
+    },
+    /// `room_message`: deliver `text` to every member of `room`.
+    RoomMessage {
+        /// The room (validated).
+        room: &'a str,
+        /// The text, unescaped.
+        text: Cow<'a, str>,
+    },
+    /// `members`: list the users in `room`.
+    Members {
+        /// The room (validated).
+        room: &'a str,
+    },
+}
+
+#[derive(Deserialize)]
+struct RoomData<'a> {
+    #[serde(borrow)]
+    room: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct RoomMessageData<'a> {
+    #[serde(borrow)]
+    room: Cow<'a, str>,
+    #[serde(borrow)]
+    text: Cow<'a, str>,
 }
 
 #[derive(Deserialize)]
@@ -163,6 +215,16 @@ pub fn parse_command(frame: &str) -> Result<Command<'_>, ClientError> {
     match &*action {
         "" => Err(ClientError::EmptyAction),
         "message" => parse_message(raw.data),
+        "join" => Ok(Command::Join {
+            room: parse_room(raw.data)?,
+        }),
+        "leave" => Ok(Command::Leave {
+            room: parse_room(raw.data)?,
+        }),
+        "members" => Ok(Command::Members {
+            room: parse_room(raw.data)?,
+        }),
+        "room_message" => parse_room_message(raw.data),
         other => Err(ClientError::UnknownAction(truncate(other, 64).to_owned())),
     }
 }
@@ -183,6 +245,42 @@ fn parse_message(data: Option<&RawValue>) -> Result<Command<'_>, ClientError> {
     };
     Ok(Command::Message {
         to,
+        text: data.text,
+    })
+}
+
+/// `data` as an object of type `T`, or `malformed data: <shape>`.
+fn data_object<'a, T: Deserialize<'a>>(
+    data: Option<&'a RawValue>,
+    shape: &'static str,
+) -> Result<T, ClientError> {
+    let data = data.ok_or(ClientError::MalformedData(shape))?;
+    if !data.get().starts_with('{') {
+        return Err(ClientError::MalformedData(shape));
+    }
+    serde_json::from_str(data.get()).map_err(|_| ClientError::MalformedData(shape))
+}
+
+/// A valid room id; a valid id never contains an escape, so it is borrowed from the frame.
+fn valid_room(room: Cow<'_, str>) -> Result<&str, ClientError> {
+    match room {
+        Cow::Borrowed(room) if is_valid_id(room) => Ok(room),
+        _ => Err(ClientError::InvalidRoom),
+    }
+}
+
+fn parse_room(data: Option<&RawValue>) -> Result<&str, ClientError> {
+    let data: RoomData<'_> = data_object(data, r#"expected {"room": "<room id>"}"#)?;
+    valid_room(data.room)
+}
+
+fn parse_room_message(data: Option<&RawValue>) -> Result<Command<'_>, ClientError> {
+    let data: RoomMessageData<'_> = data_object(
+        data,
+        r#"expected {"room": "<room id>", "text": "<string>"}"#,
+    )?;
+    Ok(Command::RoomMessage {
+        room: valid_room(data.room)?,
         text: data.text,
     })
 }
@@ -209,6 +307,34 @@ pub fn encode_message(from: &str, to: &str, text: &str) -> String {
     push_json_str(&mut out, text);
     out.push_str("}}");
     out
+}
+
+/// Encodes `{"from":F,"action":"room_message","data":{"room":R,"text":TEXT}}`, once per
+/// message.
+pub fn encode_room_message(from: &str, room: &str, text: &str) -> String {
+    let mut out = String::with_capacity(58 + from.len() + room.len() + text.len() + text.len() / 8);
+    out.push_str(r#"{"from":"#);
+    push_json_str(&mut out, from);
+    out.push_str(r#","action":"room_message","data":{"room":"#);
+    push_json_str(&mut out, room);
+    out.push_str(r#","text":"#);
+    push_json_str(&mut out, text);
+    out.push_str("}}");
+    out
+}
+
+/// Encodes `{"from":USER,"action":"presence","data":{"room":R,"event":"join"|"leave"}}`.
+pub fn encode_presence(user: &str, room: &str, event: crate::dispatch::PresenceEvent) -> String {
+    encode_frame(
+        user,
+        "presence",
+        serde_json::json!({"room": room, "event": event.as_str()}),
+    )
+}
+
+/// Encodes a server frame `{"from":F,"action":A,"data":DATA}` (not on a hot path).
+pub fn encode_frame(from: &str, action: &str, data: serde_json::Value) -> String {
+    serde_json::json!({"from": from, "action": action, "data": data}).to_string()
 }
 
 /// Encodes `{"from":OWN,"action":"error","data":{"error":TEXT}}`.
@@ -288,6 +414,51 @@ mod tests {
         assert_eq!(
             err(r#"{"action":"message","data":{"to":"\u0062","text":""}}"#),
             "invalid recipient id"
+        );
+    }
+
+    #[test]
+    fn parses_room_commands_and_names_their_malformations() {
+        assert_eq!(
+            parse_command(r#"{"action":"join","data":{"room":"lobby","since":3}}"#),
+            Ok(Command::Join { room: "lobby" })
+        );
+        assert_eq!(
+            parse_command(r#"{"action":"leave","data":{"room":"lobby"}}"#),
+            Ok(Command::Leave { room: "lobby" })
+        );
+        assert_eq!(
+            parse_command(r#"{"action":"members","data":{"room":"a.b-c_d"}}"#),
+            Ok(Command::Members { room: "a.b-c_d" })
+        );
+        assert_eq!(
+            parse_command(r#"{"action":"room_message","data":{"room":"r","text":"hi"}}"#),
+            Ok(Command::RoomMessage {
+                room: "r",
+                text: Cow::Borrowed("hi")
+            })
+        );
+        let room_shape = r#"malformed data: expected {"room": "<room id>"}"#;
+        assert_eq!(err(r#"{"action":"join"}"#), room_shape);
+        assert_eq!(err(r#"{"action":"join","data":{"room":7}}"#), room_shape);
+        assert_eq!(err(r#"{"action":"leave","data":["r"]}"#), room_shape);
+        for bad in ["", ".", "..", "a b", "\\u0062"] {
+            let frame = format!(r#"{{"action":"join","data":{{"room":"{bad}"}}}}"#);
+            assert_eq!(err(&frame), "invalid room id", "{bad:?}");
+        }
+        assert_eq!(
+            err(r#"{"action":"room_message","data":{"room":"r"}}"#),
+            r#"malformed data: expected {"room": "<room id>", "text": "<string>"}"#
+        );
+        assert_eq!(
+            err(r#"{"action":"room_message","data":{"room":"..","text":""}}"#),
+            "invalid room id"
+        );
+        let frame: serde_json::Value =
+            serde_json::from_str(&encode_room_message("a", "r", "x\"y")).unwrap();
+        assert_eq!(
+            frame,
+            serde_json::json!({"from":"a","action":"room_message","data":{"room":"r","text":"x\"y"}})
         );
     }
 

@@ -17,6 +17,7 @@ use redis::Value;
 
 use crate::bus::{Bus, BusError, func};
 use crate::keys::Keys;
+use crate::presence::{RoomDrop, drop_node_from_rooms};
 
 /// What this node knows of another node's liveness.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -246,14 +247,15 @@ impl Registry {
         Ok(beat)
     }
 
-    /// Reaps dead node `dead` unless another survivor is already at it: deletes its users
-    /// (those still naming it), its user set, inbox, hash and registry entry.
+    /// Reaps dead node `dead` unless another survivor is already at it: removes its
+    /// sessions, its room memberships, its user and room sets, inbox, hash and registry entry.
+    /// Returns what its rooms lost (`None` when another survivor reaps it).
     pub async fn reap(
         &self,
         bus: &Bus,
         conn: &mut impl redis::aio::ConnectionLike,
         dead: &str,
-    ) -> Result<bool, BusError> {
+    ) -> Result<Option<Vec<RoomDrop>>, BusError> {
         let locked: Option<String> = redis::cmd("SET")
             .arg(self.keys.reap_lock(dead))
             .arg(&self.node_id)
@@ -263,9 +265,10 @@ impl Registry {
             .query_async(conn)
             .await?;
         if locked.is_none() {
-            return Ok(false);
+            return Ok(None);
         }
         release_all_users(&self.keys, bus, conn, dead).await?;
+        let drops = drop_node_from_rooms(&self.keys, bus, conn, dead).await?;
         remove_node_keys(&self.keys, conn, dead).await?;
         // The node is out of `P:nodes` now, so nobody will try again; the lock can go.
         redis::cmd("DEL")
@@ -273,7 +276,7 @@ impl Registry {
             .query_async::<()>(conn)
             .await?;
         tracing::info!(node = dead, "reaped dead node");
-        Ok(true)
+        Ok(Some(drops))
     }
 
     /// Removes this node from Redis on clean shutdown: its users, user set, inbox, hash and
@@ -284,6 +287,8 @@ impl Registry {
         conn: &mut impl redis::aio::ConnectionLike,
     ) -> Result<(), BusError> {
         release_all_users(&self.keys, bus, conn, &self.node_id).await?;
+        // Sessions leave their rooms as they close; this catches what they could not.
+        drop_node_from_rooms(&self.keys, bus, conn, &self.node_id).await?;
         remove_node_keys(&self.keys, conn, &self.node_id).await
     }
 }
@@ -333,6 +338,9 @@ async fn remove_node_keys(
     redis::pipe()
         .cmd("DEL")
         .arg(keys.node_users(node))
+        .ignore()
+        .cmd("DEL")
+        .arg(keys.node_rooms(node))
         .ignore()
         .cmd("DEL")
         .arg(keys.inbox(node))

@@ -5,6 +5,7 @@
 //! can block on the client (a write) also watches the session's kick and the node's
 //! shutdown, so a client that stops reading cannot hold its task hostage.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -16,8 +17,10 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::dispatch::{Origin, Target};
 use crate::hub::{Outbound, SessionInbox};
 use crate::node::Node;
-use crate::protocol::{ClientError, Command, close, encode_error, parse_command};
+use crate::protocol::{ClientError, Command, close, encode_error, encode_frame, parse_command};
+use crate::user::RoomId;
 use crate::user::UserId;
+use serde_json::json;
 
 /// Frames written per flush at most, so reads are not starved by a long queue.
 const MAX_FRAMES_PER_FLUSH: usize = 256;
@@ -70,6 +73,8 @@ pub struct Session {
     node: Arc<Node>,
     user: UserId,
     sid: u64,
+    /// The rooms this session is in (the hub's room map has the other direction).
+    rooms: HashSet<RoomId>,
     queue: SessionInbox,
     bucket: TokenBucket,
     _guard: SessionGuard,
@@ -143,6 +148,7 @@ impl Session {
             Instant::now(),
         );
         Self {
+            rooms: HashSet::new(),
             sid: guard.sid,
             node,
             user,
@@ -157,6 +163,8 @@ impl Session {
     pub async fn run(mut self, mut socket: WebSocket) {
         self.node.metrics.connections_active.increment(1.0);
         let end = self.serve(&mut socket).await;
+        // Before the close: a member that has left must get nothing sent after it left.
+        self.leave_rooms().await;
         self.node.metrics.connections_active.decrement(1.0);
         let code = match &end {
             End::Close(code, _) => code.to_string(),
@@ -241,18 +249,74 @@ impl Session {
         }
     }
 
-    /// Handles one client frame: parses it and hands it to dispatch.
-    async fn handle(&self, text: &str) -> Result<(), ClientError> {
+    /// Handles one client frame; a frame that answers the client (`joined`, `left`,
+    /// `members`) is queued for it like any other.
+    async fn handle(&mut self, text: &str) -> Result<(), ClientError> {
         let node = &self.node;
         node.metrics.received.increment(1);
         let born_us = crate::node::now_us();
-        let Command::Message { to, text } = parse_command(text)?;
-        let origin = Origin::Session {
+        let origin = || Origin::Session {
             user: self.user.clone(),
             sid: self.sid,
         };
-        node.send(origin, Target::User(to.into()), text, born_us)
-            .await
+        match parse_command(text)? {
+            Command::Message { to, text } => {
+                node.send(origin(), Target::User(to.into()), text, born_us)
+                    .await
+            }
+            Command::RoomMessage { room, text } => {
+                if !self.rooms.contains(room) {
+                    return Err(ClientError::NotInRoom(room.to_owned()));
+                }
+                node.send(origin(), Target::Room(room.into()), text, born_us)
+                    .await
+            }
+            Command::Join { room } => {
+                let id = RoomId::parse(room).ok_or(ClientError::InvalidRoom)?;
+                if !self.rooms.contains(room)
+                    && self.rooms.len() >= node.config.max_rooms_per_session
+                {
+                    return Err(ClientError::TooManyRooms);
+                }
+                let members = node.join_room(&id, &self.user, self.sid).await?;
+                self.rooms.insert(id);
+                self.reply("joined", json!({"room": room, "members": members}))
+            }
+            Command::Leave { room } => {
+                let Some(id) = self.rooms.take(room) else {
+                    return Err(ClientError::NotInRoom(room.to_owned()));
+                };
+                node.leave_room(&id, &self.user, self.sid).await?;
+                self.reply("left", json!({"room": room}))
+            }
+            Command::Members { room } => {
+                let id = RoomId::parse(room).ok_or(ClientError::InvalidRoom)?;
+                let list = node.room_member_list(&id).await?;
+                let mut data = json!({"room": room, "users": list.users});
+                if list.truncated {
+                    data["truncated"] = json!(true);
+                }
+                self.reply("members", data)
+            }
+        }
+    }
+
+    /// Queues a reply frame `{"from": <own id>, "action": .., "data": ..}` for this session.
+    fn reply(&self, action: &str, data: serde_json::Value) -> Result<(), ClientError> {
+        let frame = Outbound::unmeasured(encode_frame(self.user.as_str(), action, data));
+        self.node
+            .hub
+            .deliver_session(self.user.as_str(), self.sid, frame);
+        Ok(())
+    }
+
+    /// Takes the session out of every room it is in (it is ending).
+    async fn leave_rooms(&mut self) {
+        for room in std::mem::take(&mut self.rooms) {
+            if let Err(e) = self.node.leave_room(&room, &self.user, self.sid).await {
+                tracing::debug!(room = %room, error = %e, "leaving a room on disconnect");
+            }
+        }
     }
 
     async fn read_failed(&mut self, socket: &mut WebSocket, error: axum::Error) -> End {

@@ -74,6 +74,18 @@ pub struct HotMetrics {
     pub inbox_length: Gauge,
     /// Age of the newest inbox entry when it was read.
     pub inbox_read_lag_seconds: Gauge,
+    /// Room messages sent by clients on this node.
+    pub room_messages: Counter,
+    /// Room messages queued for sessions on the sender's node.
+    pub room_delivered_local: Counter,
+    /// Room messages from the inbox queued for local sessions.
+    pub room_delivered_from_bus: Counter,
+    /// Sessions joining a room.
+    pub room_joins: Counter,
+    /// Sessions leaving a room (leave or disconnect).
+    pub room_leaves: Counter,
+    /// Rooms with members on this node.
+    pub rooms_active: Gauge,
 }
 
 impl HotMetrics {
@@ -90,6 +102,12 @@ impl HotMetrics {
             connections_active: metrics::gauge!("wsbus_connections_active"),
             inbox_length: metrics::gauge!("wsbus_inbox_length"),
             inbox_read_lag_seconds: metrics::gauge!("wsbus_inbox_read_lag_seconds"),
+            room_messages: metrics::counter!("wsbus_room_messages_total"),
+            room_delivered_local: metrics::counter!("wsbus_room_deliveries_total", "via" => "local"),
+            room_delivered_from_bus: metrics::counter!("wsbus_room_deliveries_total", "via" => "bus"),
+            room_joins: metrics::counter!("wsbus_room_joins_total"),
+            room_leaves: metrics::counter!("wsbus_room_leaves_total"),
+            rooms_active: metrics::gauge!("wsbus_rooms_active"),
         }
     }
 }

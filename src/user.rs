@@ -1,6 +1,6 @@
-//! Identifiers that travel through URLs, Redis keys and frames: user ids and node ids.
+//! Identifiers that travel through URLs, Redis keys and frames: user, room and node ids.
 //!
-//! Both share one alphabet (`[A-Za-z0-9_.-]`, 1–64 bytes, not `.` or `..`), so they can be
+//! All share one alphabet (`[A-Za-z0-9_.-]`, 1–64 bytes, not `.` or `..`), so they can be
 //! embedded in key names and paths without escaping, and in JSON without escaping either.
 
 use std::sync::Arc;
@@ -19,39 +19,54 @@ pub fn is_valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
-/// A validated user id, cheap to clone (shared between the hub, the session and the bus).
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct UserId(Arc<str>);
+/// Defines a validated id type, cheap to clone (shared between the hub, sessions and the bus).
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(Arc<str>);
 
-impl UserId {
-    /// Validates `id`; `None` when it is not an acceptable id.
-    pub fn parse(id: &str) -> Option<Self> {
-        is_valid_id(id).then(|| Self(Arc::from(id)))
-    }
+        impl $name {
+            /// Validates `id`; `None` when it is not an acceptable id.
+            pub fn parse(id: &str) -> Option<Self> {
+                is_valid_id(id).then(|| Self(Arc::from(id)))
+            }
 
-    /// The id as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
+            /// The id as text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "{:?}", &*self.0)
+            }
+        }
+    };
 }
 
-impl std::borrow::Borrow<str> for UserId {
-    fn borrow(&self) -> &str {
-        &self.0
-    }
-}
+id_type!(
+    /// A validated user id.
+    UserId
+);
 
-impl std::fmt::Display for UserId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::fmt::Debug for UserId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:?}", &*self.0)
-    }
-}
+id_type!(
+    /// A validated room id (the same alphabet as user ids).
+    RoomId
+);
 
 /// A fresh random node id (`n-` and 12 hex digits), used when `--node-id` is not given.
 pub fn random_node_id() -> String {

@@ -74,6 +74,25 @@ pub enum Body<'a> {
         #[serde(borrow)]
         error: Cow<'a, str>,
     },
+    /// A message from `from` to every session in room `room` on the receiving node (`to`
+    /// names the room too, for `redis-cli`).
+    #[serde(rename = "room_message")]
+    RoomMessage {
+        /// The room.
+        #[serde(borrow)]
+        room: Cow<'a, str>,
+        /// The text as the sender wrote it.
+        #[serde(borrow)]
+        text: Cow<'a, str>,
+    },
+    /// User `from` entered or left room `room`: tell its other members on the receiving node.
+    Presence {
+        /// The room.
+        #[serde(borrow)]
+        room: Cow<'a, str>,
+        /// What happened.
+        event: crate::dispatch::PresenceEvent,
+    },
     /// Close session `sid` of user `to` on the receiving node with close code `code` (its
     /// user connected elsewhere past the session limit, with `--on-session-limit replace`).
     Kick {
@@ -98,6 +117,8 @@ impl Body<'_> {
         match self {
             Body::Message { .. } => "message",
             Body::Error { .. } => "error",
+            Body::RoomMessage { .. } => "room_message",
+            Body::Presence { .. } => "presence",
             Body::Kick { .. } => "kick",
         }
     }
@@ -157,6 +178,14 @@ impl<'a> Envelope<'a> {
                 },
                 Body::Error { error } => Body::Error {
                     error: Cow::Owned(error.into_owned()),
+                },
+                Body::RoomMessage { room, text } => Body::RoomMessage {
+                    room: Cow::Owned(room.into_owned()),
+                    text: Cow::Owned(text.into_owned()),
+                },
+                Body::Presence { room, event } => Body::Presence {
+                    room: Cow::Owned(room.into_owned()),
+                    event,
                 },
                 Body::Kick { sid, code } => Body::Kick { sid, code },
             },

@@ -8,7 +8,9 @@
 use std::borrow::Cow;
 
 use serde_json::{Value, json};
-use wsbus::protocol::{ClientError, Command, encode_error, encode_message, parse_command};
+use wsbus::protocol::{
+    ClientError, Command, encode_error, encode_message, encode_room_message, parse_command,
+};
 use wsbus::wire::{Body, Envelope};
 
 // ---------------------------------------------------------------------------------------------
@@ -21,14 +23,26 @@ fn check_frame(frame: &str) -> Result<Command<'_>, ClientError> {
     let parsed = parse_command(frame);
     match &parsed {
         Ok(cmd) => {
-            let Command::Message { to, text } = cmd;
-            assert!(wsbus::user::is_valid_id(to), "accepted recipient {to:?}");
-            let out = encode_message("sender", to, text);
-            let v: Value = serde_json::from_str(&out).expect("encode_message yields JSON");
-            assert_eq!(
-                v,
-                json!({"from": "sender", "action": "message", "data": {"to": to, "text": text}})
-            );
+            let (out, expected) = match cmd {
+                Command::Message { to, text } => {
+                    assert!(wsbus::user::is_valid_id(to), "accepted recipient {to:?}");
+                    let out = encode_message("sender", to, text);
+                    let expected = json!({"from": "sender", "action": "message", "data": {"to": to, "text": text}});
+                    (out, expected)
+                }
+                Command::RoomMessage { room, text } => {
+                    assert!(wsbus::user::is_valid_id(room), "accepted room {room:?}");
+                    let out = encode_room_message("sender", room, text);
+                    let expected = json!({"from": "sender", "action": "room_message", "data": {"room": room, "text": text}});
+                    (out, expected)
+                }
+                Command::Join { room } | Command::Leave { room } | Command::Members { room } => {
+                    assert!(wsbus::user::is_valid_id(room), "accepted room {room:?}");
+                    return parsed;
+                }
+            };
+            let v: Value = serde_json::from_str(&out).expect("the encoder yields JSON");
+            assert_eq!(v, expected);
             assert_eq!(parse_command(&out).as_ref(), Ok(cmd), "re-parsing {out:?}");
         }
         Err(err) => {
@@ -51,6 +65,7 @@ fn frame_err(frame: &str) -> ClientError {
 fn message(frame: &str) -> (String, String) {
     match check_frame(frame) {
         Ok(Command::Message { to, text }) => (to.to_owned(), text.into_owned()),
+        Ok(other) => panic!("{frame:?} is not a message: {other:?}"),
         Err(e) => panic!("{frame:?} was rejected: {e}"),
     }
 }

@@ -2,8 +2,8 @@
 //!
 //! Invariants checked (a violation panics, which libFuzzer reports as a crash):
 //! - `parse_command` never panics, on any UTF-8 input;
-//! - a parsed message's recipient is a valid user id;
-//! - `encode_message` of a parsed message is valid JSON with exactly the parsed fields, and
+//! - a parsed message's recipient (or room) is a valid id;
+//! - `encode_message` (`encode_room_message`) of a parsed message is valid JSON with exactly the parsed fields, and
 //!   parsing it again as a client frame yields the same command (the extra `from` is ignored);
 //! - `encode_error` of any error's text (which can quote the client's action name) is valid
 //!   JSON carrying that text unchanged.
@@ -11,7 +11,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Value, json};
-use wsbus::protocol::{Command, encode_error, encode_message, parse_command};
+use wsbus::protocol::{Command, encode_error, encode_message, encode_room_message, parse_command};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(frame) = std::str::from_utf8(data) else {
@@ -19,15 +19,27 @@ fuzz_target!(|data: &[u8]| {
     };
     match parse_command(frame) {
         Ok(cmd) => {
-            let Command::Message { to, text } = &cmd;
-            assert!(wsbus::user::is_valid_id(to), "accepted recipient {to:?}");
-            let out = encode_message("fuzz-sender", to, text);
+            let (out, expected) = match &cmd {
+                Command::Message { to, text } => {
+                    assert!(wsbus::user::is_valid_id(to), "accepted recipient {to:?}");
+                    let out = encode_message("fuzz-sender", to, text);
+                    let expected = json!({"from": "fuzz-sender", "action": "message", "data": {"to": to, "text": text}});
+                    (out, expected)
+                }
+                Command::RoomMessage { room, text } => {
+                    assert!(wsbus::user::is_valid_id(room), "accepted room {room:?}");
+                    let out = encode_room_message("fuzz-sender", room, text);
+                    let expected = json!({"from": "fuzz-sender", "action": "room_message", "data": {"room": room, "text": text}});
+                    (out, expected)
+                }
+                Command::Join { room } | Command::Leave { room } | Command::Members { room } => {
+                    assert!(wsbus::user::is_valid_id(room), "accepted room {room:?}");
+                    return;
+                }
+            };
             let v: Value = serde_json::from_str(&out)
-                .unwrap_or_else(|e| panic!("encode_message produced invalid JSON ({e}): {out:?}"));
-            assert_eq!(
-                v,
-                json!({"from": "fuzz-sender", "action": "message", "data": {"to": to, "text": text}}),
-            );
+                .unwrap_or_else(|e| panic!("the encoder produced invalid JSON ({e}): {out:?}"));
+            assert_eq!(v, expected);
             assert_eq!(parse_command(&out), Ok(cmd), "re-parsing {out:?}");
         }
         Err(err) => {

@@ -11,5 +11,6 @@ mod messaging;
 mod presence;
 mod process;
 mod resilience;
+mod rooms;
 mod security;
 mod sessions;

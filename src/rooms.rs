@@ -1,0 +1,331 @@
+//! Rooms on this node: which local sessions are in which room, and delivery to them.
+//!
+//! Membership is per session (a session joins a room); a *user* is in a room while any of
+//! its sessions is. Redis learns only what other nodes need: that this node has a user in a
+//! room (on the user's first session here joining, and its last leaving), so a room message
+//! costs one inbox entry per other node with members, never one per member (see
+//! [`crate::presence`] for the Redis side and [`crate::dispatch`] for delivery).
+//!
+//! Membership changes of one room are serialized on this node ([`Rooms::lock`]), so the Redis
+//! write that follows one change is never overtaken by the next one's.
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+
+use crate::dispatch::PresenceEvent;
+use crate::hub::{Delivery, Outbound, SessionHandle};
+use crate::node::Node;
+use crate::protocol::ClientError;
+use crate::user::{RoomId, UserId};
+
+/// One session in a room.
+struct Member {
+    user: UserId,
+    handle: SessionHandle,
+}
+
+/// What a local join changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Joined {
+    /// The session was in the room already (nothing changed).
+    pub already: bool,
+    /// It is the user's first session here in the room (Redis must learn it).
+    pub first_of_user: bool,
+    /// It is the room's first member on this node.
+    pub first_here: bool,
+}
+
+/// What a local leave changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Left {
+    /// The session was in the room.
+    pub was_in: bool,
+    /// It was the user's last session here in the room (Redis must learn it).
+    pub last_of_user: bool,
+    /// The room has no member left on this node.
+    pub last_here: bool,
+}
+
+/// The rooms with members on this node.
+#[derive(Default)]
+pub struct Rooms {
+    rooms: DashMap<RoomId, Vec<Member>>,
+    /// One lock per room with pending membership changes (see the module doc).
+    locks: DashMap<RoomId, Arc<tokio::sync::Mutex<()>>>,
+}
+
+impl Rooms {
+    /// An empty set of rooms.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The lock that orders membership changes of `room` on this node; hold it from the
+    /// local change until its Redis write is done.
+    pub fn lock(&self, room: &RoomId) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks.entry(room.clone()).or_default().clone()
+    }
+
+    /// Adds session `handle` of `user` to `room`.
+    pub fn join(&self, room: &RoomId, user: &UserId, handle: SessionHandle) -> Joined {
+        let mut members = self.rooms.entry(room.clone()).or_default();
+        let first_here = members.is_empty();
+        if members.iter().any(|m| m.handle.sid == handle.sid) {
+            return Joined {
+                already: true,
+                first_of_user: false,
+                first_here: false,
+            };
+        }
+        let first_of_user = !members.iter().any(|m| m.user == *user);
+        members.push(Member {
+            user: user.clone(),
+            handle,
+        });
+        Joined {
+            already: false,
+            first_of_user,
+            first_here,
+        }
+    }
+
+    /// Removes session `sid` of `user` from `room`.
+    pub fn leave(&self, room: &RoomId, user: &UserId, sid: u64) -> Left {
+        let mut left = Left {
+            was_in: false,
+            last_of_user: false,
+            last_here: false,
+        };
+        self.rooms.remove_if_mut(room, |_, members| {
+            if let Some(i) = members.iter().position(|m| m.handle.sid == sid) {
+                members.swap_remove(i);
+                left.was_in = true;
+                left.last_of_user = !members.iter().any(|m| m.user == *user);
+            }
+            left.last_here = members.is_empty();
+            left.last_here
+        });
+        if left.last_here {
+            // No change can be waiting: the caller holds this room's lock.
+            self.locks.remove(room);
+        }
+        left
+    }
+
+    /// Queues the frame `make` builds for every session in `room`, except session
+    /// `except_sid` and every session of user `except_user`. Returns the sessions queued for.
+    pub fn deliver(
+        &self,
+        room: &str,
+        except_sid: Option<u64>,
+        except_user: Option<&str>,
+        make: impl FnOnce() -> Outbound,
+    ) -> u32 {
+        let Some(members) = self.rooms.get(room) else {
+            return 0;
+        };
+        let mut make = Some(make);
+        let mut frame: Option<Outbound> = None;
+        let mut queued = 0;
+        for m in members.iter() {
+            if Some(m.handle.sid) == except_sid || Some(m.user.as_str()) == except_user {
+                continue;
+            }
+            let frame = frame.get_or_insert_with(|| (make.take().expect("built once"))());
+            if m.handle.offer(frame.clone()) == Delivery::Queued {
+                queued += 1;
+            }
+        }
+        queued
+    }
+
+    /// Every (room, user) with a session here, once each (to register them again after
+    /// Redis lost its data).
+    pub fn snapshot(&self) -> Vec<(RoomId, UserId)> {
+        let mut pairs = Vec::new();
+        for entry in self.rooms.iter() {
+            let mut users: Vec<&UserId> = entry.value().iter().map(|m| &m.user).collect();
+            users.sort_unstable();
+            users.dedup();
+            pairs.extend(users.into_iter().map(|u| (entry.key().clone(), u.clone())));
+        }
+        pairs
+    }
+
+    /// Number of rooms with members here.
+    pub fn len(&self) -> usize {
+        self.rooms.len()
+    }
+
+    /// Whether no room has members here.
+    pub fn is_empty(&self) -> bool {
+        self.rooms.is_empty()
+    }
+}
+
+/// A `members` reply: the users, sorted, and whether the list was cut.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberList {
+    /// Users in the room, sorted, at most `--max-members-listed`.
+    pub users: Vec<String>,
+    /// More users are in the room than listed.
+    pub truncated: bool,
+}
+
+/// The room operations of a session: local membership, the Redis write when a user's first
+/// session here joins or its last leaves, and presence events.
+impl Node {
+    /// Adds session `sid` of `user` to `room`; returns the number of users in the room.
+    /// Joining a room the session is in already changes nothing.
+    pub async fn join_room(
+        &self,
+        room: &RoomId,
+        user: &UserId,
+        sid: u64,
+    ) -> Result<u64, ClientError> {
+        let handle = self
+            .hub
+            .handle(user.as_str(), sid)
+            .ok_or(ClientError::BusUnavailable)?;
+        let lock = self.rooms.lock(room);
+        let guard = lock.lock().await;
+        let joined = self.rooms.join(room, user, handle);
+        if !joined.already {
+            self.metrics.room_joins.increment(1);
+            self.metrics.rooms_active.set(self.rooms.len() as f64);
+        }
+        if !joined.first_of_user {
+            drop(guard);
+            return self
+                .presence
+                .room_size(room)
+                .await
+                .map_err(|_| ClientError::BusUnavailable);
+        }
+        let outcome = self
+            .presence
+            .room_join(room, user, joined.first_here, self.config.max_room_members)
+            .await;
+        let refused = match &outcome {
+            Ok(r) if r.joined => None,
+            Ok(_) => Some(ClientError::RoomFull(room.to_string())),
+            Err(e) => {
+                tracing::warn!(room = %room, user = %user, error = %e, "room join failed");
+                Some(ClientError::BusUnavailable)
+            }
+        };
+        if let Some(error) = refused {
+            self.rooms.leave(room, user, sid);
+            self.metrics.rooms_active.set(self.rooms.len() as f64);
+            return Err(error);
+        }
+        drop(guard);
+        let joined = outcome.expect("refusals returned above");
+        if joined.user_new && joined.members <= self.config.presence_events_max_members {
+            self.send_presence(room, user.as_str(), PresenceEvent::Join)
+                .await;
+        }
+        Ok(joined.members)
+    }
+
+    /// Removes session `sid` of `user` from `room` (`not in room` if it is not in it).
+    pub async fn leave_room(
+        &self,
+        room: &RoomId,
+        user: &UserId,
+        sid: u64,
+    ) -> Result<(), ClientError> {
+        let lock = self.rooms.lock(room);
+        let guard = lock.lock().await;
+        let left = self.rooms.leave(room, user, sid);
+        if !left.was_in {
+            return Err(ClientError::NotInRoom(room.to_string()));
+        }
+        self.metrics.room_leaves.increment(1);
+        self.metrics.rooms_active.set(self.rooms.len() as f64);
+        if !left.last_of_user {
+            return Ok(());
+        }
+        let outcome = self.presence.room_leave(room, user, left.last_here).await;
+        drop(guard);
+        match outcome {
+            // Counted before the leave: a room over the cap sends no events either way.
+            Ok(r) if r.user_gone && r.members < self.config.presence_events_max_members => {
+                self.send_presence(room, user.as_str(), PresenceEvent::Leave)
+                    .await;
+            }
+            Ok(_) => {}
+            // The session is out of the room here; Redis still lists this node for the
+            // user until the node leaves the room or dies (harmless: nothing is delivered).
+            Err(e) => tracing::warn!(room = %room, user = %user, error = %e, "room leave failed"),
+        }
+        Ok(())
+    }
+
+    /// The users in `room`, sorted, cut at `--max-members-listed`.
+    pub async fn room_member_list(&self, room: &RoomId) -> Result<MemberList, ClientError> {
+        let mut users = self
+            .presence
+            .room_members(room)
+            .await
+            .map_err(|_| ClientError::BusUnavailable)?;
+        let max = self.config.max_members_listed;
+        let truncated = users.len() > max;
+        users.truncate(max);
+        Ok(MemberList { users, truncated })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::Hub;
+    use axum::extract::ws::Utf8Bytes;
+    use tokio_util::sync::CancellationToken;
+
+    fn id<T>(parse: fn(&str) -> Option<T>, s: &str) -> T {
+        parse(s).unwrap()
+    }
+
+    #[tokio::test]
+    async fn tracks_first_and_last_per_user_and_per_node_and_delivers_with_exclusions() {
+        let hub = Hub::new(8, CancellationToken::new());
+        let rooms = Rooms::new();
+        let lobby = id(RoomId::parse, "lobby");
+        let (alice, bob) = (id(UserId::parse, "alice"), id(UserId::parse, "bob"));
+        let mut a1 = hub.insert(alice.clone(), 1);
+        let mut a2 = hub.insert(alice.clone(), 2);
+        let mut b3 = hub.insert(bob.clone(), 3);
+        let handle = |u: &UserId, sid| hub.handle(u.as_str(), sid).unwrap();
+
+        let j = rooms.join(&lobby, &alice, handle(&alice, 1));
+        assert!(j.first_of_user && j.first_here && !j.already);
+        let j = rooms.join(&lobby, &alice, handle(&alice, 2));
+        assert!(!j.first_of_user && !j.first_here);
+        assert!(rooms.join(&lobby, &alice, handle(&alice, 2)).already);
+        let j = rooms.join(&lobby, &bob, handle(&bob, 3));
+        assert!(j.first_of_user && !j.first_here);
+        assert_eq!(rooms.snapshot().len(), 2);
+
+        let frame = || Outbound::unmeasured(Utf8Bytes::from_static("m"));
+        // A message from session 1: everyone else in the room.
+        assert_eq!(rooms.deliver("lobby", Some(1), None, frame), 2);
+        // A presence event about alice: only bob.
+        assert_eq!(rooms.deliver("lobby", None, Some("alice"), frame), 1);
+        assert!(a1.rx.try_recv().is_err());
+        assert!(a2.rx.try_recv().is_ok());
+        assert_eq!(b3.rx.try_recv().map(|o| o.frame).as_deref(), Ok("m"));
+        assert_eq!(b3.rx.try_recv().map(|o| o.frame).as_deref(), Ok("m"));
+
+        let l = rooms.leave(&lobby, &alice, 1);
+        assert!(l.was_in && !l.last_of_user && !l.last_here);
+        let l = rooms.leave(&lobby, &alice, 2);
+        assert!(l.was_in && l.last_of_user && !l.last_here);
+        assert!(!rooms.leave(&lobby, &alice, 2).was_in);
+        let l = rooms.leave(&lobby, &bob, 3);
+        assert!(l.last_of_user && l.last_here);
+        assert!(rooms.is_empty());
+        assert_eq!(rooms.deliver("lobby", None, None, frame), 0);
+    }
+}
