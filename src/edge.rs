@@ -84,8 +84,14 @@ async fn connect(
     };
     let ws = configure(ws, &node);
     let sid = node.next_session_id();
+    // In the hub before the claim: once the claim is in Redis, another node may evict this
+    // session (`--on-session-limit replace`), and its kick must find the session here.
+    let queue = node.hub.insert(user.clone(), sid);
     let claim = claim_patiently(&node, &user, sid).await;
     tracing::debug!(user = %user, sid, ?claim, "claim");
+    if !matches!(claim, Ok(Claim::Claimed | Claim::Replaced { .. })) {
+        node.hub.remove(user.as_str(), sid);
+    }
     let evicted = match claim {
         Err(e) => {
             tracing::warn!(user = %user, error = %e, "claim failed; refusing connection");
@@ -102,7 +108,6 @@ async fn connect(
         Ok(Claim::Claimed) => Vec::new(),
         Ok(Claim::Replaced { evicted }) => evicted,
     };
-    let queue = node.hub.insert(user.clone(), sid);
     for old in &evicted {
         metrics::counter!("wsbus_sessions_replaced_total").increment(1);
         if let Err(e) = node
