@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -17,7 +17,7 @@ use futures_util::SinkExt;
 use crate::node::{Node, now_ms};
 use crate::presence::Claim;
 use crate::protocol::{ClientError, close, encode_error};
-use crate::session::{Session, SessionGuard};
+use crate::session::{Session, SessionGuard, close_politely};
 use crate::user::UserId;
 
 /// The routes clients use: the WebSocket endpoint, the page and its client module.
@@ -133,12 +133,7 @@ fn configure(ws: WebSocketUpgrade, node: &Node) -> WebSocketUpgrade {
 async fn refuse_not_unique(mut socket: WebSocket, user: UserId) {
     let error = encode_error(user.as_str(), &ClientError::NotUniqueSession.to_string());
     let _ = socket.feed(Message::Text(error.into())).await;
-    let _ = socket
-        .send(Message::Close(Some(CloseFrame {
-            code: close::NOT_UNIQUE,
-            reason: "not unique session".into(),
-        })))
-        .await;
+    close_politely(&mut socket, close::NOT_UNIQUE, "not unique session").await;
 }
 
 /// The demo chat page and the client module, embedded in the binary.

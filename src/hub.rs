@@ -1,17 +1,20 @@
 //! The hub: the sessions connected to this node, by user id, and delivery into their queues.
 //!
-//! Delivery never waits: it `try_send`s into the session's bounded queue, and a full queue
-//! disconnects that session as a slow consumer (close code 4002). Nothing here touches Redis.
+//! Delivery never waits: it `try_send`s into the session's socket queue (bounded in messages
+//! and bytes), and a full queue disconnects that session as a slow consumer (close code 4002).
+//! A message refused because its recipient is being disconnected that way is counted in
+//! `wsbus_messages_dropped_total{reason="slow_consumer"}`, and the caller answers its sender.
+//! Nothing here touches Redis.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
 
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::protocol::close;
+use crate::socket_queue::{self, TrySendError};
 use crate::user::UserId;
 
 /// One frame queued for a session, with when its message entered the cluster.
@@ -39,7 +42,7 @@ impl Outbound {
 pub struct SessionHandle {
     /// Session id, unique on this node; with the node id it names the session in Redis.
     pub sid: u64,
-    tx: mpsc::Sender<Outbound>,
+    tx: socket_queue::Sender<Outbound>,
     kick: Arc<Kick>,
 }
 
@@ -58,12 +61,15 @@ impl Kick {
         }
     }
 
-    /// Ends the session with close code `code` (the first kick wins).
-    pub fn kick(&self, code: u16) {
-        let _ = self
+    /// Ends the session with close code `code`. The first kick wins; returns whether this
+    /// was it.
+    pub fn kick(&self, code: u16) -> bool {
+        let first = self
             .code
-            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
         self.token.cancel();
+        first
     }
 
     /// Resolves once the session was kicked or the node began shutting down.
@@ -83,7 +89,7 @@ impl Kick {
 /// What the session task itself keeps: the receiving end of its queue and its kick.
 pub struct SessionInbox {
     /// Frames to write to the socket.
-    pub rx: mpsc::Receiver<Outbound>,
+    pub rx: socket_queue::Receiver<Outbound>,
     /// Set when another task ends this session.
     pub kick: Arc<Kick>,
 }
@@ -95,7 +101,8 @@ pub enum Delivery {
     Queued,
     /// No session of that user here.
     NotHere,
-    /// The session's queue was full; the session is being disconnected.
+    /// The session's queue was full, or the session is already being disconnected as a slow
+    /// consumer: the message was dropped (and counted); tell its sender.
     SlowConsumer,
 }
 
@@ -103,17 +110,19 @@ pub enum Delivery {
 pub struct Hub {
     sessions: DashMap<UserId, SessionHandle>,
     queue_len: usize,
+    queue_bytes: usize,
     /// The node's shutdown token, parent of every session's kick.
     shutdown: CancellationToken,
 }
 
 impl Hub {
-    /// An empty hub whose sessions queue up to `queue_len` frames each and end when
-    /// `shutdown` is cancelled.
-    pub fn new(queue_len: usize, shutdown: CancellationToken) -> Self {
+    /// An empty hub whose sessions queue up to `queue_len` frames and about `queue_bytes`
+    /// bytes each, and end when `shutdown` is cancelled.
+    pub fn new(queue_len: usize, queue_bytes: usize, shutdown: CancellationToken) -> Self {
         Self {
             sessions: DashMap::new(),
             queue_len: queue_len.max(1),
+            queue_bytes,
             shutdown,
         }
     }
@@ -124,7 +133,7 @@ impl Hub {
         match self.sessions.entry(user) {
             Entry::Occupied(_) => None,
             Entry::Vacant(slot) => {
-                let (tx, rx) = mpsc::channel(self.queue_len);
+                let (tx, rx) = socket_queue::channel(self.queue_len, self.queue_bytes);
                 let kick = Arc::new(Kick::new(&self.shutdown));
                 slot.insert(SessionHandle {
                     sid,
@@ -151,12 +160,23 @@ impl Hub {
         let Some(session) = self.sessions.get(user) else {
             return Delivery::NotHere;
         };
-        match session.tx.try_send(make()) {
+        // A session being dropped as a slow consumer no longer drains its queue.
+        let refused = if session.kick.code() == Some(close::SLOW_CONSUMER) {
+            Err(TrySendError::Full)
+        } else {
+            let out = make();
+            let size = out.frame.len();
+            session.tx.try_send(out, size)
+        };
+        match refused {
             Ok(()) => Delivery::Queued,
-            Err(mpsc::error::TrySendError::Closed(_)) => Delivery::NotHere,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                session.kick.kick(close::SLOW_CONSUMER);
-                metrics::counter!("wsbus_slow_consumer_disconnects_total").increment(1);
+            Err(TrySendError::Closed) => Delivery::NotHere,
+            Err(TrySendError::Full) => {
+                if session.kick.kick(close::SLOW_CONSUMER) {
+                    metrics::counter!("wsbus_slow_consumer_disconnects_total").increment(1);
+                }
+                metrics::counter!("wsbus_messages_dropped_total", "reason" => "slow_consumer")
+                    .increment(1);
                 Delivery::SlowConsumer
             }
         }
@@ -203,7 +223,7 @@ mod tests {
 
     #[tokio::test]
     async fn delivers_and_kicks_slow_consumers() {
-        let hub = Hub::new(2, CancellationToken::new());
+        let hub = Hub::new(2, usize::MAX, CancellationToken::new());
         let mut inbox = hub.insert(uid("a"), 1).unwrap();
         assert!(hub.insert(uid("a"), 2).is_none(), "one session per user");
         let frame = || Outbound::unmeasured(Utf8Bytes::from_static("x"));
@@ -212,12 +232,26 @@ mod tests {
         assert_eq!(hub.deliver("a", frame()), Delivery::SlowConsumer);
         assert_eq!(inbox.kick.code(), Some(close::SLOW_CONSUMER));
         assert_eq!(inbox.rx.recv().await.map(|o| o.frame).as_deref(), Some("x"));
+        // Room again, but the session is on its way out: still refused.
+        assert_eq!(hub.deliver("a", frame()), Delivery::SlowConsumer);
         assert_eq!(hub.deliver("b", frame()), Delivery::NotHere);
     }
 
     #[test]
+    fn a_queue_over_its_byte_bound_is_a_slow_consumer() {
+        let hub = Hub::new(1000, 10, CancellationToken::new());
+        let inbox = hub.insert(uid("a"), 1).unwrap();
+        let frame = || Outbound::unmeasured(Utf8Bytes::from_static("12345"));
+        assert_eq!(hub.deliver("a", frame()), Delivery::Queued);
+        assert_eq!(hub.deliver("a", frame()), Delivery::Queued);
+        assert_eq!(inbox.rx.bytes(), 10);
+        assert_eq!(hub.deliver("a", frame()), Delivery::SlowConsumer);
+        assert_eq!(inbox.kick.code(), Some(close::SLOW_CONSUMER));
+    }
+
+    #[test]
     fn removes_only_the_named_session() {
-        let hub = Hub::new(1, CancellationToken::new());
+        let hub = Hub::new(1, usize::MAX, CancellationToken::new());
         let _inbox = hub.insert(uid("a"), 1).unwrap();
         hub.remove("a", 2);
         assert!(hub.contains("a"));

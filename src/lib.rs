@@ -20,7 +20,8 @@
 //! - [`user`]: user and node ids.
 //! - [`edge`]: HTTP routes and the upgrade (auth, then claim before upgrade). [`auth`]: tokens.
 //! - [`session`]: one connected client's task.
-//! - [`hub`]: local sessions and non-blocking delivery.
+//! - [`hub`]: local sessions and non-blocking delivery. [`socket_queue`]: one session's
+//!   queue, bounded in messages and bytes.
 //! - [`outbox`]: the bus writer. [`inbox`]: the inbox consumer.
 //! - [`wire`]: the MessagePack envelope.
 //! - [`presence`]: user → node registration. [`registry`]: nodes, heartbeats, reaping.
@@ -43,6 +44,7 @@ pub mod presence;
 pub mod protocol;
 pub mod registry;
 pub mod session;
+pub mod socket_queue;
 pub mod telemetry;
 pub mod user;
 pub mod wire;

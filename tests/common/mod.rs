@@ -21,6 +21,7 @@ pub use wsbus::dev::RedisChild as Redis;
 
 pub mod cluster;
 pub mod proxy;
+pub mod raw;
 
 /// How long any expected event may take before a test fails.
 pub const DEADLINE: Duration = Duration::from_secs(10);
