@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::hub::Outbound;
+use crate::hub::{Delivery, Outbound};
 use redis::{RedisResult, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -240,8 +240,12 @@ impl Writer {
             frame: encode_message(msg.from.as_str(), &msg.to, &msg.text).into(),
             born_us: msg.born_us,
         };
-        if self.node.hub.deliver(&msg.to, frame) == crate::hub::Delivery::NotHere {
-            self.reply_not_found(msg);
+        match self.node.hub.deliver(&msg.to, frame) {
+            Delivery::Queued => {}
+            Delivery::NotHere => self.reply_not_found(msg),
+            Delivery::SlowConsumer => {
+                self.reply_error(msg, &ClientError::RecipientTooSlow(msg.to.to_string()));
+            }
         }
     }
 
