@@ -9,9 +9,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
 
-use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
 use tokio_util::sync::CancellationToken;
+use tungstenite::Utf8Bytes;
 
 use crate::protocol::close;
 use crate::socket_queue::{self, TrySendError};

@@ -9,7 +9,7 @@
 //!
 //! Every close is polite (RFC 6455 §5.5.1, §7.1.1): the node answers a client's Close, and
 //! after sending its own Close it reads and discards input until the client's Close, EOF or
-//! [`CLOSE_LINGER`]. Dropping a socket with unread input makes the kernel send a TCP reset,
+//! [`CLOSE_LINGER`] (see [`close_politely`]). Dropping a socket with unread input makes the kernel send a TCP reset,
 //! and the client's stack then throws away what it had not read yet: the error frame and
 //! the Close that said why.
 
@@ -18,44 +18,20 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Interval;
+use tungstenite::Message;
 
 use crate::hub::{Delivery, Outbound, SessionInbox};
 use crate::node::Node;
 use crate::outbox::Outgoing;
 use crate::protocol::{ClientError, Command, close, encode_error, encode_message, parse_command};
 use crate::user::UserId;
+use crate::websocket::{CLOSE_LINGER, Socket, close_politely};
 
 /// Frames written per flush at most, so reads are not starved by a long queue.
 const MAX_FRAMES_PER_FLUSH: usize = 256;
-
-/// How long closing may take: the Close going out, then the client's Close coming back.
-pub const CLOSE_LINGER: Duration = Duration::from_secs(1);
-
-/// Closes `socket` with `code`: sends the Close frame (after whatever is buffered), then stops
-/// acting on input but reads and discards it until the client's Close, EOF, or
-/// [`CLOSE_LINGER`]. Dropping the socket afterwards sends a FIN, not a reset, so the client
-/// reads everything that was sent before the Close, and the Close itself.
-pub async fn close_politely(socket: &mut WebSocket, code: u16, reason: &'static str) {
-    let frame = Message::Close(Some(CloseFrame {
-        code,
-        reason: reason.into(),
-    }));
-    let _ = tokio::time::timeout(CLOSE_LINGER, async {
-        if socket.send(frame).await.is_err() {
-            return;
-        }
-        while let Some(Ok(msg)) = socket.recv().await {
-            if matches!(msg, Message::Close(_)) {
-                break;
-            }
-        }
-    })
-    .await;
-}
 
 /// Releases the user's registration when the session ends, however it ends (including an
 /// upgrade that never completed, when the session is dropped without running).
@@ -105,7 +81,7 @@ enum End {
 
 /// The socket of a session and what the session knows about the client's liveness.
 struct Link {
-    socket: WebSocket,
+    socket: Socket,
     live: Liveness,
 }
 
@@ -121,7 +97,7 @@ struct Liveness {
 }
 
 impl Link {
-    fn new(socket: WebSocket, ping_interval: Duration) -> Self {
+    fn new(socket: Socket, ping_interval: Duration) -> Self {
         let first = tokio::time::Instant::now() + ping_interval;
         let mut ping = tokio::time::interval_at(first, ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -223,7 +199,7 @@ impl Session {
     }
 
     /// Serves the socket until either side ends the session.
-    pub async fn run(mut self, socket: WebSocket) {
+    pub async fn run(mut self, socket: Socket) {
         self.node.metrics.connections_active.increment(1.0);
         let mut link = Link::new(socket, self.node.config.ping_interval);
         let end = self.serve(&mut link).await;
@@ -264,7 +240,7 @@ impl Session {
                         return end;
                     }
                 }
-                incoming = link.socket.recv() => {
+                incoming = link.socket.next() => {
                     link.live.heard_from = true;
                     match incoming {
                         None => return End::Gone,
@@ -284,7 +260,7 @@ impl Session {
                                 return end;
                             }
                         }
-                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
                         Some(Err(e)) => return self.read_failed(link, e).await,
                     }
                 }
@@ -346,20 +322,19 @@ impl Session {
 
     /// Answers a read error: the close code for a frame the client should not have sent, or
     /// nothing when the connection just broke.
-    async fn read_failed(&mut self, link: &mut Link, error: axum::Error) -> End {
+    async fn read_failed(&mut self, link: &mut Link, error: tungstenite::Error) -> End {
         use tungstenite::error::{Error, ProtocolError};
-        let error = error.into_inner();
-        match error.downcast_ref::<Error>() {
-            Some(Error::Capacity(_)) => {
+        match error {
+            Error::Capacity(_) => {
                 let limit = self.node.config.max_frame_bytes;
                 let _ = self
                     .write_error(link, &ClientError::FrameTooLarge(limit))
                     .await;
                 End::Close(close::TOO_BIG, "frame too large")
             }
-            Some(Error::Utf8(_)) => End::Close(close::INVALID_PAYLOAD, "invalid UTF-8"),
-            Some(Error::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => End::Gone,
-            Some(Error::Protocol(violation)) => {
+            Error::Utf8(_) => End::Close(close::INVALID_PAYLOAD, "invalid UTF-8"),
+            Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Gone,
+            Error::Protocol(violation) => {
                 tracing::debug!(user = %self.user, %violation, "protocol violation");
                 End::Close(close::PROTOCOL_ERROR, "protocol error")
             }

@@ -78,7 +78,7 @@ async fn a_shutdown_close_reaches_a_client_that_floods() {
 }
 
 /// Each violation of RFC 6455 gets its close code (1007 for invalid UTF-8, 1002 for the
-/// rest), and the node goes on serving everyone else.
+/// rest) even while the client keeps sending, and the node goes on serving everyone else.
 #[tokio::test]
 async fn protocol_violations_are_closed_with_their_codes() {
     let redis = Redis::start().await.unwrap();
@@ -145,7 +145,7 @@ async fn protocol_violations_are_closed_with_their_codes() {
         if what == "invalid UTF-8 across fragments" {
             client.send(&Frame::new(0x0, vec![0xffu8])).await;
         }
-        let closing = client.read_until_end().await;
+        let closing = client.flood_until_end(flood(2000, 200)).await;
         assert_eq!(closing.close, Some(Some(code)), "{what}");
         assert_eq!(closing.ending, Ending::Eof, "{what}");
     }
@@ -176,4 +176,18 @@ async fn protocol_violations_are_closed_with_their_codes() {
     let mut bob = a.connect("bob").await;
     alice.send_to("bob", "still serving").await;
     bob.expect_message("alice", "still serving").await;
+}
+
+/// An oversized frame cannot be skipped; its error and the 1009 Close still reach a client
+/// that keeps sending the frame's bytes.
+#[tokio::test]
+async fn a_frame_too_large_close_reaches_a_client_still_sending_it() {
+    let redis = Redis::start().await.unwrap();
+    let a = Node::start("a", &redis.url()).await;
+    let client = RawClient::connect(a.addr, "alice").await;
+    let big = Frame::text(&"y".repeat(1024 * 1024)).encode();
+    let closing = client.flood_until_end(big).await;
+    assert_eq!(closing.errors(), ["frame too large (max 65536 bytes)"]);
+    assert_eq!(closing.close, Some(Some(1009)));
+    assert_eq!(closing.ending, Ending::Eof);
 }
