@@ -7,11 +7,10 @@
 //! dropped as a slow consumer (its queue fills) or for not answering pings (a write stays
 //! blocked across two ping ticks).
 //!
-//! Every close is polite (RFC 6455 §5.5.1, §7.1.1): the node answers a client's Close, and
-//! after sending its own Close it reads and discards input until the client's Close, EOF or
-//! [`CLOSE_LINGER`] (see [`close_politely`]). Dropping a socket with unread input makes the kernel send a TCP reset,
-//! and the client's stack then throws away what it had not read yet: the error frame and
-//! the Close that said why.
+//! Every close is polite (RFC 6455 §5.5.1, §7.1.1): the session answers a client's Close
+//! (flushing the echo tungstenite queued), and ends its own closes with [`close_politely`],
+//! which keeps reading until the client's Close, EOF or [`CLOSE_LINGER`], so that the client
+//! gets a FIN after the Close rather than a reset that destroys it.
 
 use std::borrow::Cow;
 use std::sync::Arc;
