@@ -161,14 +161,14 @@ impl Hub {
             return Delivery::NotHere;
         };
         // A session being dropped as a slow consumer no longer drains its queue.
-        let refused = if session.kick.code() == Some(close::SLOW_CONSUMER) {
+        let queued = if session.kick.code() == Some(close::SLOW_CONSUMER) {
             Err(TrySendError::Full)
         } else {
             let out = make();
             let size = out.frame.len();
             session.tx.try_send(out, size)
         };
-        match refused {
+        match queued {
             Ok(()) => Delivery::Queued,
             Err(TrySendError::Closed) => Delivery::NotHere,
             Err(TrySendError::Full) => {
