@@ -130,6 +130,12 @@ pub struct NodeConfig {
     #[arg(long, env = "WSBUS_SESSION_QUEUE", default_value_t = 1024)]
     pub session_queue: usize,
 
+    /// Bytes of frames queued for one client before it is disconnected as a slow consumer
+    /// (4002). Bounds what a client that stops reading pins: about this plus its socket
+    /// buffers. One frame always fits into an empty queue.
+    #[arg(long, env = "WSBUS_SESSION_QUEUE_BYTES", default_value_t = 1024 * 1024)]
+    pub session_queue_bytes: usize,
+
     /// Per-socket read chunk in bytes (tungstenite's default is 128 KiB). Small saves memory
     /// per connection (idle: 9.9 → 7.5 KiB going from 4 KiB/8 KiB to 1 KiB/2 KiB) at no
     /// measured throughput cost; larger frames just take several reads.

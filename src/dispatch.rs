@@ -151,6 +151,9 @@ impl Node {
             self.metrics
                 .delivered_local
                 .increment(u64::from(here.queued));
+            if here.queued == 0 {
+                return Err(ClientError::RecipientTooSlow(to.to_string()));
+            }
             return Ok(());
         }
         if here.found() {

@@ -7,18 +7,20 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::SinkExt;
+use tungstenite::Message;
+use tungstenite::protocol::WebSocketConfig;
 
 use crate::node::Node;
 use crate::presence::Claim;
 use crate::protocol::{ClientError, close, encode_error};
 use crate::session::{Session, SessionGuard};
 use crate::user::UserId;
+use crate::websocket::{Socket, Upgrade, close_politely};
 
 /// The routes clients use: the WebSocket endpoint, the page and its client module.
 pub fn client_router(node: Arc<Node>) -> Router {
@@ -43,7 +45,7 @@ async fn connect(
     Path(user_id): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: Upgrade,
 ) -> Response {
     let Some(user) = UserId::parse(&user_id) else {
         return (StatusCode::BAD_REQUEST, "invalid user id\n").into_response();
@@ -145,24 +147,22 @@ async fn claim_patiently(
     Ok(claim)
 }
 
-fn configure(ws: WebSocketUpgrade, node: &Node) -> WebSocketUpgrade {
+fn configure(ws: Upgrade, node: &Node) -> Upgrade {
     let c = &node.config;
-    ws.max_message_size(c.max_frame_bytes)
-        .max_frame_size(c.max_frame_bytes)
-        .read_buffer_size(c.ws_read_buffer)
-        .write_buffer_size(c.ws_write_buffer)
-        .max_write_buffer_size(c.ws_write_buffer + c.max_frame_bytes * 2 + 1024)
+    ws.config(
+        WebSocketConfig::default()
+            .max_message_size(Some(c.max_frame_bytes))
+            .max_frame_size(Some(c.max_frame_bytes))
+            .read_buffer_size(c.ws_read_buffer)
+            .write_buffer_size(c.ws_write_buffer)
+            .max_write_buffer_size(c.ws_write_buffer + c.max_frame_bytes * 2 + 1024),
+    )
 }
 
-async fn refuse_not_unique(mut socket: WebSocket, user: UserId) {
+async fn refuse_not_unique(mut socket: Socket, user: UserId) {
     let error = encode_error(user.as_str(), &ClientError::NotUniqueSession.to_string());
     let _ = socket.feed(Message::Text(error.into())).await;
-    let _ = socket
-        .send(Message::Close(Some(CloseFrame {
-            code: close::NOT_UNIQUE,
-            reason: "not unique session".into(),
-        })))
-        .await;
+    close_politely(&mut socket, close::NOT_UNIQUE, "not unique session").await;
 }
 
 /// The demo chat page and the client module, embedded in the binary.

@@ -1,18 +1,21 @@
 //! The hub: the sessions connected to this node, by user id (a user may hold several), and
 //! delivery into their queues.
 //!
-//! Delivery never waits: it `try_send`s into the session's bounded queue, and a full queue
-//! disconnects that session as a slow consumer (close code 4002). Nothing here touches Redis.
+//! Delivery never waits: it `try_send`s into the session's socket queue (bounded in messages
+//! and bytes), and a full queue disconnects that session as a slow consumer (close code 4002).
+//! A message refused because its recipient is being disconnected that way is counted in
+//! `wsbus_messages_dropped_total{reason="slow_consumer"}`, and the caller answers its sender.
+//! Nothing here touches Redis.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 
-use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tungstenite::Utf8Bytes;
 
 use crate::protocol::close;
+use crate::socket_queue::{self, TrySendError};
 use crate::user::UserId;
 
 /// One frame queued for a session, with when its message entered the cluster.
@@ -40,7 +43,7 @@ impl Outbound {
 pub struct SessionHandle {
     /// Session id, unique on this node; with the node id it names the session in Redis.
     pub sid: u64,
-    tx: mpsc::Sender<Outbound>,
+    tx: socket_queue::Sender<Outbound>,
     kick: Arc<Kick>,
 }
 
@@ -59,12 +62,15 @@ impl Kick {
         }
     }
 
-    /// Ends the session with close code `code` (the first kick wins).
-    pub fn kick(&self, code: u16) {
-        let _ = self
+    /// Ends the session with close code `code`. The first kick wins; returns whether this
+    /// was it.
+    pub fn kick(&self, code: u16) -> bool {
+        let first = self
             .code
-            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
         self.token.cancel();
+        first
     }
 
     /// Resolves once the session was kicked or the node began shutting down.
@@ -84,7 +90,7 @@ impl Kick {
 /// What the session task itself keeps: the receiving end of its queue and its kick.
 pub struct SessionInbox {
     /// Frames to write to the socket.
-    pub rx: mpsc::Receiver<Outbound>,
+    pub rx: socket_queue::Receiver<Outbound>,
     /// Set when another task ends this session.
     pub kick: Arc<Kick>,
 }
@@ -96,7 +102,8 @@ pub enum Delivery {
     Queued,
     /// No such session here.
     NotHere,
-    /// The session's queue was full; the session is being disconnected.
+    /// The session's queue was full, or the session is already being disconnected as a slow
+    /// consumer: the message was dropped (and counted); tell its sender.
     SlowConsumer,
 }
 
@@ -122,25 +129,27 @@ pub struct Hub {
     /// Number of sessions (not users), kept beside the map so reading it locks nothing.
     sessions: AtomicUsize,
     queue_len: usize,
+    queue_bytes: usize,
     /// The node's shutdown token, parent of every session's kick.
     shutdown: CancellationToken,
 }
 
 impl Hub {
-    /// An empty hub whose sessions queue up to `queue_len` frames each and end when
-    /// `shutdown` is cancelled.
-    pub fn new(queue_len: usize, shutdown: CancellationToken) -> Self {
+    /// An empty hub whose sessions queue up to `queue_len` frames and about `queue_bytes`
+    /// bytes each, and end when `shutdown` is cancelled.
+    pub fn new(queue_len: usize, queue_bytes: usize, shutdown: CancellationToken) -> Self {
         Self {
             users: DashMap::new(),
             sessions: AtomicUsize::new(0),
             queue_len: queue_len.max(1),
+            queue_bytes,
             shutdown,
         }
     }
 
     /// Registers session `sid` of `user` (the per-user limit is the claim's business).
     pub fn insert(&self, user: UserId, sid: u64) -> SessionInbox {
-        let (tx, rx) = mpsc::channel(self.queue_len);
+        let (tx, rx) = socket_queue::channel(self.queue_len, self.queue_bytes);
         let kick = Arc::new(Kick::new(&self.shutdown));
         self.users.entry(user).or_default().push(SessionHandle {
             sid,
@@ -253,14 +262,25 @@ impl Hub {
 }
 
 impl SessionHandle {
-    /// Queues `frame` without waiting; a full queue kicks the session as a slow consumer.
+    /// Queues `frame` without waiting; a full queue kicks the session as a slow consumer,
+    /// and the frame is dropped and counted.
     pub fn offer(&self, frame: Outbound) -> Delivery {
-        match self.tx.try_send(frame) {
+        // A session being dropped as a slow consumer no longer drains its queue.
+        let queued = if self.kick.code() == Some(close::SLOW_CONSUMER) {
+            Err(TrySendError::Full)
+        } else {
+            let size = frame.frame.len();
+            self.tx.try_send(frame, size)
+        };
+        match queued {
             Ok(()) => Delivery::Queued,
-            Err(mpsc::error::TrySendError::Closed(_)) => Delivery::NotHere,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.kick.kick(close::SLOW_CONSUMER);
-                metrics::counter!("wsbus_slow_consumer_disconnects_total").increment(1);
+            Err(TrySendError::Closed) => Delivery::NotHere,
+            Err(TrySendError::Full) => {
+                if self.kick.kick(close::SLOW_CONSUMER) {
+                    metrics::counter!("wsbus_slow_consumer_disconnects_total").increment(1);
+                }
+                metrics::counter!("wsbus_messages_dropped_total", "reason" => "slow_consumer")
+                    .increment(1);
                 Delivery::SlowConsumer
             }
         }
@@ -281,7 +301,7 @@ mod tests {
 
     #[tokio::test]
     async fn delivers_to_every_session_and_kicks_slow_consumers() {
-        let hub = Hub::new(2, CancellationToken::new());
+        let hub = Hub::new(2, 1 << 20, CancellationToken::new());
         let mut one = hub.insert(uid("a"), 1);
         let mut two = hub.insert(uid("a"), 2);
         assert_eq!(hub.len(), 2);
@@ -297,14 +317,29 @@ mod tests {
         assert_eq!(one.kick.code(), None);
         assert_eq!(one.rx.recv().await.map(|o| o.frame).as_deref(), Some("x"));
         assert_eq!(two.rx.recv().await.map(|o| o.frame).as_deref(), Some("x"));
+        // Room again, but session 2 is on its way out: still refused.
+        let after = hub.deliver_user("a", Some(1), frame);
+        assert_eq!((after.queued, after.slow), (0, 1));
         assert!(!hub.deliver_user("b", None, frame).found());
         assert_eq!(hub.deliver_session("a", 1, frame()), Delivery::Queued);
         assert_eq!(hub.deliver_session("a", 9, frame()), Delivery::NotHere);
     }
 
     #[test]
+    fn a_queue_over_its_byte_bound_is_a_slow_consumer() {
+        let hub = Hub::new(1000, 10, CancellationToken::new());
+        let inbox = hub.insert(uid("a"), 1);
+        let frame = || Outbound::unmeasured(Utf8Bytes::from_static("12345"));
+        assert_eq!(hub.deliver_session("a", 1, frame()), Delivery::Queued);
+        assert_eq!(hub.deliver_session("a", 1, frame()), Delivery::Queued);
+        assert_eq!(inbox.rx.bytes(), 10);
+        assert_eq!(hub.deliver_session("a", 1, frame()), Delivery::SlowConsumer);
+        assert_eq!(inbox.kick.code(), Some(close::SLOW_CONSUMER));
+    }
+
+    #[test]
     fn builds_the_frame_only_for_someone() {
-        let hub = Hub::new(1, CancellationToken::new());
+        let hub = Hub::new(1, 1 << 20, CancellationToken::new());
         let _a = hub.insert(uid("a"), 1);
         let built = std::cell::Cell::new(0);
         let make = || {
@@ -319,7 +354,7 @@ mod tests {
 
     #[test]
     fn removes_only_the_named_session() {
-        let hub = Hub::new(1, CancellationToken::new());
+        let hub = Hub::new(1, 1 << 20, CancellationToken::new());
         let _one = hub.insert(uid("a"), 1);
         let _two = hub.insert(uid("a"), 2);
         assert!(

@@ -19,8 +19,10 @@
 //! - [`protocol`]: the edge JSON, error texts and close codes (the one list of them).
 //! - [`user`]: user and node ids.
 //! - [`edge`]: HTTP routes and the upgrade (auth, then claim before upgrade). [`auth`]: tokens.
+//! - [`websocket`]: the upgrade handshake and closing a socket politely.
 //! - [`session`]: one connected client's task.
-//! - [`hub`]: local sessions and non-blocking delivery.
+//! - [`hub`]: local sessions and non-blocking delivery. [`socket_queue`]: one session's
+//!   queue, bounded in messages and bytes.
 //! - [`outbox`]: the bus writer. [`inbox`]: the inbox consumer.
 //! - [`wire`]: the MessagePack envelope.
 //! - [`presence`]: user → node registration. [`registry`]: nodes, heartbeats, reaping.
@@ -45,8 +47,10 @@ pub mod protocol;
 pub mod registry;
 pub mod rooms;
 pub mod session;
+pub mod socket_queue;
 pub mod telemetry;
 pub mod user;
+pub mod websocket;
 pub mod wire;
 
 pub use config::NodeConfig;

@@ -226,7 +226,11 @@ pub async fn run(
             live.clone(),
             config.inbox_maxlen,
         ),
-        hub: Hub::new(config.session_queue, stop.clone()),
+        hub: Hub::new(
+            config.session_queue,
+            config.session_queue_bytes,
+            stop.clone(),
+        ),
         rooms: crate::rooms::Rooms::new(),
         connections: Arc::new(Semaphore::new(config.max_connections)),
         id,

@@ -112,6 +112,8 @@ struct Routes<'b> {
 struct Outcome {
     /// Some session of the recipient has it (here, or a node that already had it).
     reached: bool,
+    /// The recipient's sessions here refused it as slow consumers (and nothing else got it).
+    too_slow: bool,
     /// An append for the recipient failed (so the answer is `bus unavailable`).
     failed: bool,
 }
@@ -254,6 +256,7 @@ impl Writer {
                         plan,
                         Outcome {
                             reached: true,
+                            too_slow: false,
                             failed: false,
                         },
                     )
@@ -319,6 +322,7 @@ impl Writer {
         };
         let mut outcome = Outcome {
             reached: msg.delivered_here,
+            too_slow: false,
             failed: false,
         };
         if !msg.delivered_here
@@ -330,7 +334,8 @@ impl Writer {
                 frame: encode_message(from, to, text).into(),
                 born_us: msg.born_us,
             });
-            outcome.reached |= here.found();
+            outcome.reached |= here.queued > 0;
+            outcome.too_slow = here.slow > 0 && here.queued == 0;
         }
         let (tried, hops): (&[Box<str>], u8) = match &msg.origin {
             Origin::Forward { tried, hops, .. } => (tried, *hops),
@@ -436,9 +441,12 @@ impl Writer {
                 let to = match &msg.target {
                     Target::User(to) | Target::Room(to) => to,
                 };
-                let error = match outcome.failed {
-                    true => ClientError::BusUnavailable,
-                    false => ClientError::UserNotFound(to.to_string()),
+                let error = if outcome.failed {
+                    ClientError::BusUnavailable
+                } else if outcome.too_slow {
+                    ClientError::RecipientTooSlow(to.to_string())
+                } else {
+                    ClientError::UserNotFound(to.to_string())
                 };
                 errors.extend(node.answer_error(&msg.origin, &error));
             }

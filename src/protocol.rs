@@ -15,6 +15,11 @@ use crate::user::is_valid_id;
 pub mod close {
     /// The node is shutting down (or restarting); reconnect, possibly to another node.
     pub const GOING_AWAY: u16 = 1001;
+    /// The client broke the WebSocket protocol: an unmasked frame, reserved bits set, an
+    /// unknown opcode, a fragmented or oversized control frame, a bad close code or payload.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text frame that is not valid UTF-8.
+    pub const INVALID_PAYLOAD: u16 = 1007;
     /// A frame exceeded the maximum frame size and the stream could not be resynchronised.
     pub const TOO_BIG: u16 = 1009;
     /// Another live session holds this user id (sent after the `not unique session` error).
@@ -93,6 +98,9 @@ pub enum ClientError {
     /// The session is in `--max-rooms-per-session` rooms already.
     #[error("too many rooms")]
     TooManyRooms,
+    /// The recipient is being disconnected as a slow consumer; the message was dropped.
+    #[error("User '{0}' is too slow; message dropped")]
+    RecipientTooSlow(String),
 }
 
 impl ClientError {
@@ -118,6 +126,7 @@ impl ClientError {
             ClientError::NotInRoom(_) => "not_in_room",
             ClientError::RoomFull(_) => "room_full",
             ClientError::TooManyRooms => "too_many_rooms",
+            ClientError::RecipientTooSlow(_) => "recipient_too_slow",
         }
     }
 

@@ -2,17 +2,25 @@
 //! pings it, and cleans up after it. One task per connection.
 //!
 //! Writes drain the whole queue with `feed` and finish with one `flush`. Every await that
-//! can block on the client (a write) also watches the session's kick and the node's
-//! shutdown, so a client that stops reading cannot hold its task hostage.
+//! can block on the client (a write) also watches the session's kick, the node's shutdown
+//! and the ping timer, so a client that stops reading cannot hold its task hostage: it is
+//! dropped as a slow consumer (its queue fills) or for not answering pings (a write stays
+//! blocked across two ping ticks).
+//!
+//! Every close is polite (RFC 6455 §5.5.1, §7.1.1): the session answers a client's Close
+//! (flushing the echo tungstenite queued), and ends its own closes with [`close_politely`],
+//! which keeps reading until the client's Close, EOF or [`CLOSE_LINGER`], so that the client
+//! gets a FIN after the Close rather than a reset that destroys it.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Interval;
+use tungstenite::Message;
 
 use crate::dispatch::{Origin, Target};
 use crate::hub::{Outbound, SessionInbox};
@@ -20,6 +28,7 @@ use crate::node::Node;
 use crate::protocol::{ClientError, Command, close, encode_error, encode_frame, parse_command};
 use crate::user::RoomId;
 use crate::user::UserId;
+use crate::websocket::{CLOSE_LINGER, Socket, close_politely};
 use serde_json::json;
 
 /// Frames written per flush at most, so reads are not starved by a long queue.
@@ -31,17 +40,48 @@ pub struct SessionGuard {
     node: Arc<Node>,
     user: UserId,
     sid: u64,
+    /// [`SessionGuard::release`] ran; nothing is left to do on drop.
+    released: bool,
 }
 
 impl SessionGuard {
     /// A guard for session `sid` of `user`.
     pub fn new(node: Arc<Node>, user: UserId, sid: u64) -> Self {
-        Self { node, user, sid }
+        Self {
+            node,
+            user,
+            sid,
+            released: false,
+        }
+    }
+
+    /// Takes the session out of the hub and releases its registration now, waiting for
+    /// Redis: a session that is closing accepts no more messages, and a client that
+    /// reconnects right after the close handshake (to any node) is never refused for its own
+    /// previous session.
+    pub async fn release(&mut self) {
+        self.released = true;
+        let last_here = self.node.hub.remove(self.user.as_str(), self.sid);
+        if self.node.shutdown.is_cancelled() {
+            // The node deregisters all its users at once on shutdown.
+            return;
+        }
+        if let Err(e) = self
+            .node
+            .presence
+            .release(&self.user, self.sid, last_here)
+            .await
+        {
+            tracing::warn!(user = %self.user, error = %e, "could not release user");
+        }
     }
 }
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
+        if self.released {
+            return;
+        }
         let last_here = self.node.hub.remove(self.user.as_str(), self.sid);
         if self.node.shutdown.is_cancelled() {
             // The node deregisters all its users at once on shutdown.
@@ -64,8 +104,44 @@ impl Drop for SessionGuard {
 enum End {
     /// Close the socket with this code.
     Close(u16, &'static str),
+    /// The client sent a Close; tungstenite queued the answer (the same code), still to be
+    /// flushed.
+    ClosedByClient,
     /// The connection is gone or broken; nothing more to write.
     Gone,
+}
+
+/// The socket of a session and what the session knows about the client's liveness.
+struct Link {
+    socket: Socket,
+    live: Liveness,
+}
+
+/// Ping bookkeeping, apart from the socket so a pending write can watch the timer.
+struct Liveness {
+    /// Ticks every ping interval.
+    ping: Interval,
+    /// Whether the client showed life since the last tick: a frame from it, or a blocked
+    /// write that went through (so it read).
+    heard_from: bool,
+    /// A tick came while a write was blocked: its ping goes out once the write is done.
+    ping_due: bool,
+}
+
+impl Link {
+    fn new(socket: Socket, ping_interval: Duration) -> Self {
+        let first = tokio::time::Instant::now() + ping_interval;
+        let mut ping = tokio::time::interval_at(first, ping_interval);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self {
+            socket,
+            live: Liveness {
+                ping,
+                heard_from: true,
+                ping_due: false,
+            },
+        }
+    }
 }
 
 /// A session about to run.
@@ -77,7 +153,7 @@ pub struct Session {
     rooms: HashSet<RoomId>,
     queue: SessionInbox,
     bucket: TokenBucket,
-    _guard: SessionGuard,
+    guard: SessionGuard,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -154,55 +230,62 @@ impl Session {
             user,
             queue,
             bucket,
-            _guard: guard,
+            guard,
             _permit: permit,
         }
     }
 
     /// Serves the socket until either side ends the session.
-    pub async fn run(mut self, mut socket: WebSocket) {
+    pub async fn run(mut self, socket: Socket) {
         self.node.metrics.connections_active.increment(1.0);
-        let end = self.serve(&mut socket).await;
-        // Before the close: a member that has left must get nothing sent after it left.
+        let mut link = Link::new(socket, self.node.config.ping_interval);
+        let end = self.serve(&mut link).await;
+        // Before the close handshake: a member that has left must get nothing sent after it
+        // left, and the client may reconnect as soon as it sees our Close.
         self.leave_rooms().await;
+        self.guard.release().await;
         self.node.metrics.connections_active.decrement(1.0);
         let code = match &end {
             End::Close(code, _) => code.to_string(),
+            End::ClosedByClient => "client".to_owned(),
             End::Gone => "none".to_owned(),
         };
         metrics::counter!("wsbus_connections_closed_total", "code" => code).increment(1);
-        if let End::Close(code, reason) = end {
-            let frame = Message::Close(Some(CloseFrame {
-                code,
-                reason: reason.into(),
-            }));
-            let _ = tokio::time::timeout(Duration::from_secs(1), socket.send(frame)).await;
+        match end {
+            End::Close(code, reason) => close_politely(&mut link.socket, code, reason).await,
+            End::ClosedByClient => {
+                let _ = tokio::time::timeout(CLOSE_LINGER, link.socket.flush()).await;
+            }
+            End::Gone => {}
         }
     }
 
-    async fn serve(&mut self, socket: &mut WebSocket) -> End {
-        let node = self.node.clone();
-        let mut ping = tokio::time::interval(node.config.ping_interval);
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ping.tick().await;
-        let mut heard_from = true;
+    async fn serve(&mut self, link: &mut Link) -> End {
         // Registered once, not once per frame. Fires on node shutdown too.
         let kick = self.queue.kick.clone();
         let mut kicked = std::pin::pin!(kick.kicked());
         loop {
+            if std::mem::take(&mut link.live.ping_due)
+                && let Err(end) = self
+                    .write(link, Message::Ping(Default::default()), true)
+                    .await
+            {
+                return end;
+            }
             tokio::select! {
                 biased;
                 _ = &mut kicked => return self.kicked(),
                 frame = self.queue.rx.recv() => {
                     let Some(frame) = frame else { return End::Gone };
-                    if let Err(end) = self.write_queued(socket, frame).await {
+                    if let Err(end) = self.write_queued(link, frame).await {
                         return end;
                     }
                 }
-                incoming = socket.recv() => {
-                    heard_from = true;
+                incoming = link.socket.next() => {
+                    link.live.heard_from = true;
                     match incoming {
-                        None | Some(Ok(Message::Close(_))) => return End::Gone,
+                        None => return End::Gone,
+                        Some(Ok(Message::Close(_))) => return End::ClosedByClient,
                         Some(Ok(frame @ (Message::Text(_) | Message::Binary(_)))) => {
                             let outcome = match (self.bucket.take(), frame) {
                                 (Admission::Closed, _) => {
@@ -213,21 +296,20 @@ impl Session {
                                 (Admission::Allowed, _) => Err(ClientError::BinaryFrame),
                             };
                             if let Err(error) = outcome
-                                && let Err(end) = self.write_error(socket, &error).await
+                                && let Err(end) = self.write_error(link, &error).await
                             {
                                 return end;
                             }
                         }
-                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                        Some(Err(e)) => return self.read_failed(socket, e).await,
+                        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                        Some(Err(e)) => return self.read_failed(link, e).await,
                     }
                 }
-                _ = ping.tick() => {
-                    if !heard_from {
+                _ = link.live.ping.tick() => {
+                    if !std::mem::replace(&mut link.live.heard_from, false) {
                         return End::Close(close::PING_TIMEOUT, "ping timeout");
                     }
-                    heard_from = false;
-                    if let Err(end) = self.write(socket, Message::Ping(Default::default()), true).await {
+                    if let Err(end) = self.write(link, Message::Ping(Default::default()), true).await {
                         return end;
                     }
                 }
@@ -319,30 +401,37 @@ impl Session {
         }
     }
 
-    async fn read_failed(&mut self, socket: &mut WebSocket, error: axum::Error) -> End {
-        let too_big = error
-            .into_inner()
-            .downcast_ref::<tungstenite::Error>()
-            .is_some_and(|e| matches!(e, tungstenite::Error::Capacity(_)));
-        if !too_big {
-            return End::Gone;
+    /// Answers a read error: the close code for a frame the client should not have sent, or
+    /// nothing when the connection just broke.
+    async fn read_failed(&mut self, link: &mut Link, error: tungstenite::Error) -> End {
+        use tungstenite::error::{Error, ProtocolError};
+        match error {
+            Error::Capacity(_) => {
+                let limit = self.node.config.max_frame_bytes;
+                let _ = self
+                    .write_error(link, &ClientError::FrameTooLarge(limit))
+                    .await;
+                End::Close(close::TOO_BIG, "frame too large")
+            }
+            Error::Utf8(_) => End::Close(close::INVALID_PAYLOAD, "invalid UTF-8"),
+            Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Gone,
+            Error::Protocol(violation) => {
+                tracing::debug!(user = %self.user, %violation, "protocol violation");
+                End::Close(close::PROTOCOL_ERROR, "protocol error")
+            }
+            _ => End::Gone,
         }
-        let limit = self.node.config.max_frame_bytes;
-        let _ = self
-            .write_error(socket, &ClientError::FrameTooLarge(limit))
-            .await;
-        End::Close(close::TOO_BIG, "frame too large")
     }
 
-    async fn write_error(&self, socket: &mut WebSocket, error: &ClientError) -> Result<(), End> {
+    async fn write_error(&self, link: &mut Link, error: &ClientError) -> Result<(), End> {
         error.count();
         let frame = encode_error(self.user.as_str(), &error.to_string());
-        self.write(socket, Message::Text(frame.into()), true).await
+        self.write(link, Message::Text(frame.into()), true).await
     }
 
     /// Writes `first` and whatever else is queued, then flushes once.
     /// Records each message's end-to-end latency as it goes into the socket's write buffer.
-    async fn write_queued(&mut self, socket: &mut WebSocket, first: Outbound) -> Result<(), End> {
+    async fn write_queued(&mut self, link: &mut Link, first: Outbound) -> Result<(), End> {
         let mut next = Some(first);
         let mut n = 0;
         while let Some(out) = next.take() {
@@ -353,17 +442,19 @@ impl Session {
                     .delivery_seconds
                     .record(latency_us as f64 / 1e6);
             }
-            self.write(socket, Message::Text(out.frame), false).await?;
+            self.write(link, Message::Text(out.frame), false).await?;
             n += 1;
             if n < MAX_FRAMES_PER_FLUSH {
-                next = self.queue.rx.try_recv().ok();
+                next = self.queue.rx.try_recv();
             }
         }
-        self.flush(socket).await
+        self.flush(link).await
     }
 
-    /// Feeds one frame (and flushes if asked), giving up when kicked or shutting down.
-    async fn write(&self, socket: &mut WebSocket, msg: Message, flush: bool) -> Result<(), End> {
+    /// Feeds one frame (and flushes if asked), giving up when kicked, shutting down, or the
+    /// client stops answering.
+    async fn write(&self, link: &mut Link, msg: Message, flush: bool) -> Result<(), End> {
+        let Link { socket, live } = link;
         let io = async {
             if flush {
                 socket.send(msg).await
@@ -371,20 +462,26 @@ impl Session {
                 socket.feed(msg).await
             }
         };
-        self.interruptible(io).await?.map_err(|_| End::Gone)
+        self.interruptible(live, io).await?.map_err(|_| End::Gone)
     }
 
-    async fn flush(&self, socket: &mut WebSocket) -> Result<(), End> {
-        self.interruptible(socket.flush())
+    async fn flush(&self, link: &mut Link) -> Result<(), End> {
+        let Link { socket, live } = link;
+        self.interruptible(live, socket.flush())
             .await?
             .map_err(|_| End::Gone)
     }
 
-    /// Runs a socket write, giving up when the session is kicked or the node shuts down.
+    /// Runs a socket write, giving up when the session is kicked, the node shuts down, or the
+    /// write stays blocked across two ping ticks (the client reads nothing: 4004).
     /// A write usually completes at once (into the write buffer, or a socket with room):
     /// only one that has to wait registers for the kick, which costs locks; the common case
     /// checks the kick's code with one atomic load.
-    async fn interruptible<T>(&self, io: impl Future<Output = T>) -> Result<T, End> {
+    async fn interruptible<T>(
+        &self,
+        live: &mut Liveness,
+        io: impl Future<Output = T>,
+    ) -> Result<T, End> {
         if self.queue.kick.code().is_some() {
             return Err(self.kicked());
         }
@@ -392,10 +489,25 @@ impl Session {
         if let Poll::Ready(done) = futures_util::poll!(io.as_mut()) {
             return Ok(done);
         }
-        tokio::select! {
-            biased;
-            _ = self.queue.kick.kicked() => Err(self.kicked()),
-            done = io => Ok(done),
+        let kick = &self.queue.kick;
+        let mut kicked = std::pin::pin!(kick.kicked());
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut kicked => return Err(self.kicked()),
+                done = io.as_mut() => {
+                    // It had to wait and went through: the client read.
+                    live.heard_from = true;
+                    return Ok(done);
+                }
+                _ = live.ping.tick() => {
+                    // No ping can go out behind a blocked write, and no pong be read.
+                    if !std::mem::replace(&mut live.heard_from, false) {
+                        return Err(End::Close(close::PING_TIMEOUT, "ping timeout"));
+                    }
+                    live.ping_due = true;
+                }
+            }
         }
     }
 }

@@ -21,6 +21,7 @@ pub use wsbus::dev::RedisChild as Redis;
 
 pub mod cluster;
 pub mod proxy;
+pub mod raw;
 
 /// How long any expected event may take before a test fails.
 pub const DEADLINE: Duration = Duration::from_secs(10);
@@ -494,6 +495,11 @@ impl NodeProcess {
 
     /// Starts `wsbus serve` with test timings and these Redis arguments.
     pub async fn start_with(id: &str, redis_args: &[String]) -> NodeProcess {
+        Self::start_with_flags(id, redis_args, &[]).await
+    }
+
+    /// Starts `wsbus serve` with test timings, these Redis arguments and more flags.
+    pub async fn start_with_flags(id: &str, redis_args: &[String], flags: &[&str]) -> NodeProcess {
         let port = wsbus::dev::free_port().unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsbus"))
@@ -508,6 +514,7 @@ impl NodeProcess {
                 "1500ms",
             ])
             .args(["--inbox-block", "500ms", "--insecure"])
+            .args(flags)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .kill_on_drop(true)
@@ -527,6 +534,25 @@ impl NodeProcess {
 
     pub fn url(&self, user: &str) -> String {
         format!("ws://{}/ws/{user}", self.addr)
+    }
+
+    /// The process's resident set size (`VmRSS`), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.child.id().expect("process running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/<pid>/status")
+    }
+
+    /// The value of the Prometheus sample `series` (name with labels, as rendered), or 0.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let (_, body) = http_get(self.addr, "/metrics").await.expect("/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map_or(0.0, |v| v.trim().parse().unwrap())
     }
 
     /// Sends `signal` (e.g. "TERM", "KILL") to the process.

@@ -265,3 +265,160 @@ async fn the_heartbeat_caps_an_unread_inbox(backend: Backend) {
 }
 
 crate::on_both!(the_heartbeat_caps_an_unread_inbox);
+
+/// Clients that never read and never send, each offered 1,000 messages of 60 KB: the node
+/// pins at most about `--session-queue-bytes` plus socket buffers for each, drops each as a
+/// slow consumer (once), removes its registration, and tells the senders what it dropped.
+#[tokio::test]
+async fn clients_that_never_read_are_dropped_and_pin_little_memory() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    const SLEEPERS: usize = 8;
+    const MESSAGES: usize = 1000;
+    const PING: Duration = Duration::from_secs(5);
+    let redis = Redis::start().await.unwrap();
+    let url = redis.url();
+    let node = NodeProcess::start_with_flags(
+        "a",
+        &["--redis-url".to_owned(), url.clone()],
+        &[
+            "--ping-interval",
+            "5s",
+            "--rate-limit",
+            "1e9",
+            "--rate-burst",
+            "1000000000",
+        ],
+    )
+    .await;
+    let mut sleepers = Vec::new();
+    for i in 0..SLEEPERS {
+        let (ws, _) = tokio_tungstenite::connect_async(node.url(&format!("sleeper{i}")))
+            .await
+            .unwrap();
+        // Never polled again: nothing is read, nothing sent, not even a pong.
+        sleepers.push(ws);
+    }
+    let rss_before = node.rss_kib();
+    let started = std::time::Instant::now();
+    let text = "m".repeat(60 * 1000);
+    let too_slow: Vec<Arc<AtomicUsize>> = (0..SLEEPERS).map(|_| Arc::default()).collect();
+    let mut senders = Vec::new();
+    for i in 0..SLEEPERS {
+        let (ws, _) = tokio_tungstenite::connect_async(node.url(&format!("sender{i}")))
+            .await
+            .unwrap();
+        let (mut sink, mut stream) = ws.split();
+        let too_slow = too_slow[i].clone();
+        let expected = format!("User 'sleeper{i}' is too slow; message dropped");
+        // Senders read their errors, or they would become slow consumers themselves.
+        tokio::spawn(async move {
+            while let Some(Ok(msg)) = stream.next().await {
+                if let Message::Text(t) = msg
+                    && t.contains(&expected)
+                {
+                    too_slow.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        let frame = serde_json::json!({"action": "message", "data": {"to": format!("sleeper{i}"), "text": text}})
+            .to_string();
+        senders.push(tokio::spawn(async move {
+            for _ in 0..MESSAGES {
+                sink.feed(Message::text(frame.clone())).await.unwrap();
+            }
+            sink.flush().await.unwrap();
+            sink
+        }));
+    }
+    let mut peak_kib = 0;
+    let mut dropped_at = None;
+    let deadline = started + DEADLINE * 3;
+    loop {
+        peak_kib = peak_kib.max(node.rss_kib());
+        let mut registered = 0;
+        for i in 0..SLEEPERS {
+            registered += usize::from(where_is(&url, &format!("sleeper{i}")).await.is_some());
+        }
+        if registered == 0 && dropped_at.is_none() {
+            dropped_at = Some(started.elapsed());
+        }
+        if dropped_at.is_some() && senders.iter().all(|s| s.is_finished()) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{registered} sleepers still registered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let dropped_at = dropped_at.unwrap();
+    let grown_kib = peak_kib.saturating_sub(rss_before);
+    eprintln!(
+        "never-reading clients: rss {rss_before} KiB before, peak {peak_kib} KiB (+{grown_kib} KiB); \
+         all {SLEEPERS} unregistered after {dropped_at:?}; flood took {:?}",
+        started.elapsed()
+    );
+    assert!(grown_kib < 32 * 1024, "node RSS grew by {grown_kib} KiB");
+    assert!(dropped_at < 2 * PING, "dropped after {dropped_at:?}");
+    assert_eq!(
+        node.metric("wsbus_slow_consumer_disconnects_total").await,
+        SLEEPERS as f64,
+        "one disconnect per client"
+    );
+    // Nothing is dropped silently: each refused message earned its sender an error (the
+    // node may still be reading the senders' last frames, hence the wait).
+    let node = &node;
+    let too_slow = &too_slow;
+    let told = eventually(DEADLINE, "each dropped message answered", || async move {
+        let dropped = node
+            .metric(r#"wsbus_messages_dropped_total{reason="slow_consumer"}"#)
+            .await;
+        let told: Vec<usize> = too_slow.iter().map(|n| n.load(Ordering::Relaxed)).collect();
+        (told.iter().all(|&n| n > 0) && told.iter().sum::<usize>() as f64 == dropped)
+            .then_some(told)
+    })
+    .await;
+    eprintln!("messages dropped and answered, per sender: {told:?}");
+    drop(sleepers);
+}
+
+/// The ping deadline holds while a write is blocked: a client that reads nothing is dropped
+/// with 4004 within two ping intervals even when its queue never fills.
+#[tokio::test]
+async fn a_blocked_write_does_not_suspend_the_ping_deadline() {
+    let redis = Redis::start().await.unwrap();
+    let mut c = config("a", &redis.url());
+    c.ping_interval = Duration::from_millis(500);
+    c.session_queue = 1_000_000;
+    c.session_queue_bytes = 1 << 30;
+    let a = Node::start_with(c).await;
+    let (sleeper, _) = tokio_tungstenite::connect_async(a.url("sleeper"))
+        .await
+        .unwrap();
+    let mut sender = a.connect("sender").await;
+    // 24 MB: more than the loopback socket buffers of both ends hold.
+    let text = "p".repeat(60 * 1000);
+    for _ in 0..400 {
+        sender.feed_to("sleeper", &text).await;
+    }
+    sender.flush().await;
+    let sent = std::time::Instant::now();
+    wait_unregistered(&redis.url(), "sleeper").await;
+    let after = sent.elapsed();
+    eprintln!(
+        "never-reading client with room in its queue: unregistered {after:?} after the flood"
+    );
+    // Blocked before the flood ended: two ping intervals, then at most 1 s of closing.
+    assert!(after < Duration::from_millis(2500), "{after:?}");
+    let (_, metrics) = http_get(a.addr, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains(r#"wsbus_connections_closed_total{code="4004"} 1"#),
+        "{metrics}"
+    );
+    drop(sleeper);
+}

@@ -4,6 +4,7 @@
 mod common;
 
 mod admin;
+mod closing;
 mod cluster;
 mod errors;
 mod faults;

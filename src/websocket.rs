@@ -1,0 +1,174 @@
+//! The WebSocket connection itself: the upgrade handshake (RFC 6455 §4.2) and closing
+//! politely (§7).
+//!
+//! The upgrade is done here rather than by axum's `WebSocketUpgrade` so that the node keeps
+//! the byte stream under the WebSocket. After a protocol violation or an oversized frame,
+//! tungstenite's stream is finished, yet the client may still be sending; unless those bytes
+//! are read and discarded, closing the socket makes the kernel send a TCP reset, and the
+//! client's stack then throws away what it had not read yet: the error frame and the Close
+//! that said why.
+
+use std::time::Duration;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::WebSocketStream;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tungstenite::{Message, Utf8Bytes};
+
+/// An upgraded client connection.
+pub type Socket = WebSocketStream<TokioIo<Upgraded>>;
+
+/// How long closing may take: the Close going out, then the client's Close (or EOF) coming
+/// back.
+pub const CLOSE_LINGER: Duration = Duration::from_secs(1);
+
+/// A request to upgrade to a WebSocket (an extractor), checked per RFC 6455 §4.2.1.
+pub struct Upgrade {
+    key: HeaderValue,
+    on_upgrade: OnUpgrade,
+    config: WebSocketConfig,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let refuse = |status: StatusCode, why: &'static str| (status, why).into_response();
+        if parts.method != axum::http::Method::GET {
+            return Err(refuse(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "WebSocket needs GET\n",
+            ));
+        }
+        let headers = &parts.headers;
+        if !has_token(headers, header::CONNECTION, "upgrade")
+            || !has_token(headers, header::UPGRADE, "websocket")
+        {
+            return Err(refuse(
+                StatusCode::UPGRADE_REQUIRED,
+                "expected a WebSocket upgrade\n",
+            ));
+        }
+        if headers
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .map(|v| v.as_bytes())
+            != Some(b"13")
+        {
+            return Err(refuse(
+                StatusCode::BAD_REQUEST,
+                "Sec-WebSocket-Version must be 13\n",
+            ));
+        }
+        let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY).cloned() else {
+            return Err(refuse(
+                StatusCode::BAD_REQUEST,
+                "missing Sec-WebSocket-Key\n",
+            ));
+        };
+        let Some(on_upgrade) = parts.extensions.remove::<OnUpgrade>() else {
+            return Err(refuse(
+                StatusCode::UPGRADE_REQUIRED,
+                "connection cannot be upgraded\n",
+            ));
+        };
+        Ok(Self {
+            key,
+            on_upgrade,
+            config: WebSocketConfig::default(),
+        })
+    }
+}
+
+/// Whether header `name` lists `token` (comma-separated, case-insensitive).
+fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+impl Upgrade {
+    /// Uses `config` for the socket (frame and buffer sizes).
+    pub fn config(mut self, config: WebSocketConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Answers `101 Switching Protocols` and runs `session` on the socket once the
+    /// connection has switched.
+    pub fn on_upgrade<F, Fut>(self, session: F) -> Response
+    where
+        F: FnOnce(Socket) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let accept = tungstenite::handshake::derive_accept_key(self.key.as_bytes());
+        let (on_upgrade, config) = (self.on_upgrade, self.config);
+        tokio::spawn(async move {
+            let upgraded = match on_upgrade.await {
+                Ok(upgraded) => upgraded,
+                Err(e) => {
+                    tracing::debug!(error = %e, "upgrade failed");
+                    return;
+                }
+            };
+            let socket = WebSocketStream::from_raw_socket(
+                TokioIo::new(upgraded),
+                Role::Server,
+                Some(config),
+            )
+            .await;
+            session(socket).await;
+        });
+        (
+            StatusCode::SWITCHING_PROTOCOLS,
+            [
+                (header::CONNECTION, HeaderValue::from_static("upgrade")),
+                (header::UPGRADE, HeaderValue::from_static("websocket")),
+                (
+                    header::SEC_WEBSOCKET_ACCEPT,
+                    HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
+                ),
+            ],
+        )
+            .into_response()
+    }
+}
+
+/// Closes `socket` with `code`: sends the Close frame (after whatever is buffered), then
+/// stops acting on input but reads and discards it until the client's Close, EOF, or
+/// [`CLOSE_LINGER`]. When tungstenite can no longer read (after a protocol violation), the
+/// node sends a FIN behind its Close and discards raw bytes until the client's EOF. Dropping
+/// the socket then sends a FIN, not a reset, so the client reads everything sent before the
+/// Close, and the Close itself.
+pub async fn close_politely(socket: &mut Socket, code: u16, reason: &'static str) {
+    let frame = Message::Close(Some(CloseFrame {
+        code: CloseCode::from(code),
+        reason: Utf8Bytes::from_static(reason),
+    }));
+    let _ = tokio::time::timeout(CLOSE_LINGER, async {
+        if socket.send(frame).await.is_err() {
+            return;
+        }
+        // The stream ends after the client's Close, or at once if it ended before.
+        while let Some(Ok(msg)) = socket.next().await {
+            if msg.is_close() {
+                return;
+            }
+        }
+        let io = socket.get_mut();
+        let _ = io.shutdown().await;
+        let mut discard = [0u8; 4096];
+        while matches!(io.read(&mut discard).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
