@@ -181,3 +181,94 @@ async fn dashboard_and_alerts_use_only_metrics_a_node_exports() {
     drop(alice);
     drop(bob);
 }
+
+/// `deploy/k8s/deployment.yaml`'s container environment, run by the real binary: every
+/// `WSBUS_*` setting must be one `wsbus serve` knows and accepts, and the probes' paths must
+/// answer on the admin port (and only there). Secrets and addresses are replaced with the
+/// test's own.
+#[tokio::test]
+async fn the_kubernetes_deployment_configures_a_node_that_gets_ready() {
+    let docs = YamlLoader::load_from_str(&repo_file("deploy/k8s/deployment.yaml"))
+        .expect("deployment.yaml is YAML");
+    let container = &docs[0]["spec"]["template"]["spec"]["containers"][0];
+    let redis = Redis::start().await.unwrap();
+    let (port, admin_port) = (
+        wsbus::dev::free_port().unwrap(),
+        wsbus::dev::free_port().unwrap(),
+    );
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsbus"));
+    cmd.env_clear().kill_on_drop(true);
+    let mut names = Vec::new();
+    for var in container["env"].as_vec().expect("env") {
+        let name = var["name"].as_str().expect("env name");
+        names.push(name.to_owned());
+        let value = match name {
+            "WSBUS_NODE_ID" => "wsbus-5d8f7c9b6-x2k4q".to_owned(),
+            "WSBUS_BIND" => format!("127.0.0.1:{port}"),
+            "WSBUS_ADMIN_BIND" => format!("127.0.0.1:{admin_port}"),
+            "WSBUS_REDIS_URL" => redis.url(),
+            "WSBUS_JWT_SECRET" => "a test secret of at least thirty-two bytes".to_owned(),
+            _ => var["value"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{name}: a plain value"))
+                .to_owned(),
+        };
+        cmd.env(name, value);
+    }
+    for needed in ["WSBUS_NODE_ID", "WSBUS_ADMIN_BIND", "WSBUS_LOG_FORMAT"] {
+        assert!(names.iter().any(|n| n == needed), "no {needed}");
+    }
+    // An unknown variable would be ignored silently: each must be one of `serve`'s.
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_wsbus"))
+        .args(["serve", "--help"])
+        .output()
+        .expect("wsbus serve --help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    for name in names.iter().filter(|n| n.starts_with("WSBUS_")) {
+        assert!(
+            help.contains(&format!("[env: {name}")),
+            "`wsbus serve` has no {name}"
+        );
+    }
+    let args: Vec<&str> = container["args"]
+        .as_vec()
+        .expect("args")
+        .iter()
+        .filter_map(Yaml::as_str)
+        .collect();
+    let mut node = cmd
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run wsbus");
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let client: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let end = Instant::now() + DEADLINE;
+    for probe in ["readinessProbe", "livenessProbe"] {
+        let path = container[probe]["httpGet"]["path"].as_str().expect("path");
+        assert_eq!(container[probe]["httpGet"]["port"].as_str(), Some("admin"));
+        loop {
+            if let Some((200, _)) = http_get(admin, path).await {
+                break;
+            }
+            if let Ok(Some(status)) = node.try_wait() {
+                panic!("wsbus exited with {status} under the Deployment's settings");
+            }
+            assert!(Instant::now() < end, "{probe} {path} not 200 in time");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    // The client port does not expose the admin endpoints.
+    let (status, _) = http_get(client, "/metrics")
+        .await
+        .expect("client port answers");
+    assert_eq!(status, 404);
+    // JSON logs, as the cluster's log pipeline expects.
+    let _ = node.start_kill();
+    let out = node.wait_with_output().await.expect("output");
+    let first = String::from_utf8_lossy(&out.stdout);
+    let line = first.lines().next().expect("the node logged");
+    let log: serde_json::Value =
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert!(log.get("level").is_some(), "{log}");
+}
