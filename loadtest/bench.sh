@@ -244,7 +244,7 @@ write_index() {
             "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$(uname -srm | html_escape)" "$(getconf _NPROCESSORS_ONLN)" \
             "$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)" "$(redis-server --version | awk '{print $3}' | sed 's/v=//')" \
             "${CLUSTER:+ (3-shard cluster)}" "$(printf '%s ' "${NODES[@]}" | sed 's/--node //g' | html_escape)"
-        [ -z "$NOISE" ] || printf '<p>%s</p>\n' "$(printf '%s' "$NOISE" | html_escape)"
+        [ -z "$NOISE" ] || printf '<p><a href="sched-noise.html">sched-noise</a>: %s</p>\n' "$(printf '%s' "$NOISE" | html_escape)"
         if [ "${#FAILED[@]}" -gt 0 ]; then
             printf '<p class="failed">FAILED: %s</p>\n' "${FAILED[*]}"
         fi
@@ -309,7 +309,8 @@ fi
 # wakes up. Stalls of milliseconds here bound the latency tail of every scenario below.
 NOISE=""
 if wanted sched-noise; then
-    if "$LT" sched-noise --run-time 5 --json >"$OUT/sched-noise.json" 2>"$OUT/sched-noise.err"; then
+    if "$LT" sched-noise --run-time 5 --json --report-file "$OUT/sched-noise.html" \
+        >"$OUT/sched-noise.json" 2>"$OUT/sched-noise.err"; then
         NOISE=$(jq -r '.noise | "machine noise (idle, \(.threads) threads, 5 s): wake-ups late by > 1 ms: \(.over_1ms_per_sec)/s, > 3 ms: \(.over_3ms); lateness p99.9 \(.late_us.p999) µs, max \(.late_us.max) µs"' "$OUT/sched-noise.json")
         echo "bench: $NOISE" >&2
     fi
