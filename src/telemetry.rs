@@ -53,6 +53,17 @@ pub fn render() -> String {
     handle().map(PrometheusHandle::render).unwrap_or_default()
 }
 
+/// Counters that can stay at zero for long: connections opened (until the first client),
+/// and those that only move on faults.
+const ZERO_AT_START: [&str; 6] = [
+    "wsbus_connections_opened_total",
+    "wsbus_slow_consumer_disconnects_total",
+    "wsbus_redis_reconnects_total",
+    "wsbus_bus_errors_total",
+    "wsbus_undecodable_entries_total",
+    "wsbus_duplicate_entries_total",
+];
+
 /// Handles of the metrics on the per-message paths, registered once per node so that
 /// recording does not look the series up each time.
 pub struct HotMetrics {
@@ -89,9 +100,15 @@ pub struct HotMetrics {
 }
 
 impl HotMetrics {
-    /// Registers the handles (installing the recorder first, if nobody has).
+    /// Registers the handles (installing the recorder first, if nobody has), and the
+    /// counters of [`ZERO_AT_START`]: those are shown at zero from the start, since an
+    /// absent series is not a zero to `rate()`, a dashboard or an alert rule
+    /// (`deploy/prometheus/alerts.yml`).
     pub fn register() -> Self {
         handle();
+        for name in ZERO_AT_START {
+            metrics::counter!(name).increment(0);
+        }
         Self {
             received: metrics::counter!("wsbus_messages_received_total"),
             delivered_local: metrics::counter!("wsbus_messages_delivered_local_total"),

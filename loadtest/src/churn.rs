@@ -15,6 +15,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::conn::{self, Incoming, Target, Ws};
 use crate::report::{ChurnStats, Counts, Latency, MessageStats, Report, ShardedHist};
+use crate::timeline::Timeline;
 use crate::{Config, ConnSpec};
 
 #[derive(Default)]
@@ -38,9 +39,11 @@ struct Shared {
     failures: Counts,
     disconnects: Counts,
     completed: AtomicU64,
+    /// The run second by second (for the HTML report).
+    tl: Arc<Timeline>,
 }
 
-pub(crate) async fn run(cfg: &Config, hard: Instant) -> Result<Report> {
+pub(crate) async fn run(cfg: &Config, hard: Instant, tl: &Arc<Timeline>) -> Result<Report> {
     let nodes = crate::resolve_nodes(cfg).await?;
     let Some(rate) = cfg.rate else {
         bail!("churn needs --rate (cycles per second)");
@@ -61,6 +64,7 @@ pub(crate) async fn run(cfg: &Config, hard: Instant) -> Result<Report> {
         failures: Counts::default(),
         disconnects: Counts::default(),
         completed: AtomicU64::new(0),
+        tl: tl.clone(),
     });
 
     // Held partner users ("anchors"), round-robin over the nodes.
@@ -78,7 +82,7 @@ pub(crate) async fn run(cfg: &Config, hard: Instant) -> Result<Report> {
         let sh = sh.clone();
         move |_i: usize, ws: Ws| anchor(sh.clone(), ws, stop_rx.clone())
     };
-    let hatched = crate::hatch(cfg, specs, 4096, &mut anchors, hard, body).await;
+    let hatched = crate::hatch(cfg, specs, 4096, &mut anchors, hard, tl, false, body).await;
     // Anchors reachable from each node: those on other nodes (any with one node).
     let by_node: Vec<Arc<Vec<String>>> = (0..nodes.len())
         .map(|node| {
@@ -128,6 +132,7 @@ pub(crate) async fn run(cfg: &Config, hard: Instant) -> Result<Report> {
         k += 1;
     }
     let run_secs = start.elapsed().as_secs_f64();
+    let measuring = (tl.secs(start), tl.secs(Instant::now()));
     let wait = (cfg.connect_timeout + Duration::from_secs(8)).min(
         hard.saturating_duration_since(Instant::now())
             .saturating_sub(Duration::from_secs(5)),
@@ -173,6 +178,7 @@ pub(crate) async fn run(cfg: &Config, hard: Instant) -> Result<Report> {
         }),
         error_frames: sh.errors.take(),
         disconnects: sh.disconnects.take(),
+        measuring: Some(measuring),
         ..Report::default()
     })
 }
@@ -184,20 +190,26 @@ async fn anchor(sh: Arc<Shared>, mut ws: Ws, mut stop: watch::Receiver<bool>) {
             f = ws.next() => match f {
                 Some(Ok(Message::Text(t))) => match conn::parse(t.as_str()) {
                     Incoming::Message(text) => on_anchor_message(&sh, &text),
-                    Incoming::Error(e) => sh.errors.add(&conn::error_key(&e)),
+                    Incoming::Error(e) => {
+                        sh.errors.add(&conn::error_key(&e));
+                        sh.tl.error();
+                    }
                     Incoming::Other => {}
                 },
                 Some(Ok(Message::Close(f))) => {
                     sh.disconnects.add(&conn::close_kind(f.as_ref()));
+                    sh.tl.error();
                     return;
                 }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
                     sh.disconnects.add(&conn::ws_error_kind(&e));
+                    sh.tl.error();
                     return;
                 }
                 None => {
                     sh.disconnects.add("eof");
+                    sh.tl.error();
                     return;
                 }
             },
@@ -223,8 +235,9 @@ fn on_anchor_message(sh: &Shared, text: &str) {
         return;
     }
     sh.delivered.fetch_add(1, Relaxed);
-    sh.msg_hist
-        .record(k as usize, now_ns.saturating_sub(send_ns) / 1000);
+    let latency_us = now_ns.saturating_sub(send_ns) / 1000;
+    sh.msg_hist.record(k as usize, latency_us);
+    sh.tl.delivered(k as usize, latency_us);
     if let Some(tx) = w.pending.remove(&k) {
         let _ = tx.send(());
     }
@@ -253,7 +266,10 @@ async fn cycle(
             sh.cycle_hist
                 .record(k as usize, intended.elapsed().as_micros() as u64);
         }
-        Err(kind) => sh.failures.add(&kind),
+        Err(kind) => {
+            sh.failures.add(&kind);
+            sh.tl.error();
+        }
     }
     sh.waiters
         .lock()
@@ -273,6 +289,7 @@ async fn cycle_inner(
     let mut ws = conn::connect(target, &id, None, 4096, connect_timeout)
         .await
         .map_err(|e| format!("connect {e}"))?;
+    let _open = sh.tl.opened();
     let to = &partners[fastrand::usize(..partners.len())];
     let (tx, mut rx) = oneshot::channel();
     sh.waiters
@@ -287,6 +304,7 @@ async fn cycle_inner(
         .await
         .map_err(|e| format!("send {}", conn::ws_error_kind(&e)))?;
     sh.sent.fetch_add(1, Relaxed);
+    sh.tl.sent();
     let wait = tokio::time::sleep(Duration::from_secs(5));
     tokio::pin!(wait);
     loop {

@@ -14,6 +14,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::conn::{self, Incoming, Ws};
 use crate::report::{Counts, Latency, MessageStats, Report, ShardedHist, SlowMessage};
+use crate::timeline::Timeline;
 use crate::{Config, ConnSpec};
 
 #[derive(Clone, Copy, PartialEq)]
@@ -69,12 +70,19 @@ struct Shared {
     slow: std::sync::Mutex<Vec<SlowMessage>>,
     /// Start of the measuring phase, ns after `epoch`.
     send_start_ns: AtomicU64,
+    /// The run second by second (for the HTML report).
+    tl: Arc<Timeline>,
 }
 
 /// Most slow messages kept for the report.
 const MAX_SLOW: usize = 1000;
 
-pub(crate) async fn run(cfg: &Config, cross: bool, hard: Instant) -> Result<Report> {
+pub(crate) async fn run(
+    cfg: &Config,
+    cross: bool,
+    hard: Instant,
+    tl: &Arc<Timeline>,
+) -> Result<Report> {
     let nodes = crate::resolve_nodes(cfg).await?;
     let n = cfg.users;
     if cross && nodes.len() < 2 {
@@ -109,6 +117,7 @@ pub(crate) async fn run(cfg: &Config, cross: bool, hard: Instant) -> Result<Repo
         slow_us: cfg.slow_us,
         slow: std::sync::Mutex::new(Vec::new()),
         send_start_ns: AtomicU64::new(0),
+        tl: tl.clone(),
     });
     let (phase_tx, phase_rx) = watch::channel(Phase::Connecting);
 
@@ -129,7 +138,7 @@ pub(crate) async fn run(cfg: &Config, cross: bool, hard: Instant) -> Result<Repo
         let sh = sh.clone();
         move |i: usize, ws: Ws| user_task(sh.clone(), i as u32, ws, phase_rx.clone())
     };
-    let hatched = crate::hatch(cfg, specs, 16 * 1024, &mut tasks, hard, body).await;
+    let hatched = crate::hatch(cfg, specs, 16 * 1024, &mut tasks, hard, tl, false, body).await;
 
     // Build the plan from the users that are actually connected.
     let mut targets = vec![Vec::new(); nodes.len()];
@@ -188,6 +197,7 @@ pub(crate) async fn run(cfg: &Config, cross: bool, hard: Instant) -> Result<Repo
     pacer_stop.store(true, Relaxed);
     let _ = phase_tx.send(Phase::Draining);
     let send_secs = send_start.elapsed().as_secs_f64();
+    let measuring = (tl.secs(send_start), tl.secs(Instant::now()));
 
     // Drain: wait until every sent message is accounted for, or the grace period ends.
     let grace_end = Instant::now() + cfg.grace;
@@ -222,6 +232,7 @@ pub(crate) async fn run(cfg: &Config, cross: bool, hard: Instant) -> Result<Repo
     report.disconnects = sh.disconnects.take();
     report.run_prefix = prefix;
     report.slow = std::mem::take(&mut *sh.slow.lock().unwrap_or_else(|e| e.into_inner()));
+    report.measuring = Some(measuring);
     Ok(report)
 }
 
@@ -319,6 +330,7 @@ async fn user_task(sh: Arc<Shared>, me: u32, mut ws: Ws, mut phase_rx: watch::Re
                         break;
                     }
                     sh.sent.fetch_add(1, Relaxed);
+                    sh.tl.sent();
                     batch += 1;
                     if open {
                         j += step;
@@ -340,15 +352,18 @@ async fn user_task(sh: Arc<Shared>, me: u32, mut ws: Ws, mut phase_rx: watch::Re
                 if let Err(e) = ws.flush().await {
                     sh.disconnects
                         .add(&format!("send {}", conn::ws_error_kind(&e)));
+                    sh.tl.error();
                     break;
                 }
             }
             Ev::Frame(None) => {
                 sh.disconnects.add("eof");
+                sh.tl.error();
                 break;
             }
             Ev::Frame(Some(Err(e))) => {
                 sh.disconnects.add(&conn::ws_error_kind(&e));
+                sh.tl.error();
                 break;
             }
             Ev::Frame(Some(Ok(msg))) => match msg {
@@ -359,6 +374,7 @@ async fn user_task(sh: Arc<Shared>, me: u32, mut ws: Ws, mut phase_rx: watch::Re
                     Incoming::Error(e) => {
                         sh.errors.add(&conn::error_key(&e));
                         sh.errored.fetch_add(1, Relaxed);
+                        sh.tl.error();
                         if !open {
                             my_permits.add_permits(1);
                         }
@@ -368,6 +384,7 @@ async fn user_task(sh: Arc<Shared>, me: u32, mut ws: Ws, mut phase_rx: watch::Re
                 Message::Close(f) => {
                     if phase != Phase::Stop {
                         sh.disconnects.add(&conn::close_kind(f.as_ref()));
+                        sh.tl.error();
                     }
                     break;
                 }
@@ -399,6 +416,7 @@ fn on_message(sh: &Shared, me: u32, rx: &mut HashMap<u32, RxPair>, text: &str) {
     let now_ns = crate::ns_since(sh.epoch);
     let Some((from, seq, send_ns)) = conn::decode_text(text) else {
         sh.errors.add("unparsable message text");
+        sh.tl.error();
         return;
     };
     let from = from as u32;
@@ -423,6 +441,7 @@ fn on_message(sh: &Shared, me: u32, rx: &mut HashMap<u32, RxPair>, text: &str) {
         sh.delivered.fetch_add(1, Relaxed);
         let latency_us = now_ns.saturating_sub(send_ns) / 1000;
         sh.hist.record(me as usize, latency_us);
+        sh.tl.delivered(me as usize, latency_us);
         if sh.slow_us.is_some_and(|t| latency_us > t) {
             let mut slow = sh.slow.lock().unwrap_or_else(|e| e.into_inner());
             if slow.len() < MAX_SLOW {

@@ -14,13 +14,14 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::conn::{self, Ws};
 use crate::report::{Counts, MemoryFit, MemorySample, ProcMemory, Report};
+use crate::timeline::Timeline;
 use crate::{Config, ConnSpec};
 
 /// How often server RSS is sampled during the ramp, and the most samples kept.
 const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 const MAX_SAMPLES: usize = 4096;
 
-pub(crate) async fn run(cfg: &Config, hard: Instant) -> Result<Report> {
+pub(crate) async fn run(cfg: &Config, hard: Instant, tl: &Arc<Timeline>) -> Result<Report> {
     let nodes = crate::resolve_nodes(cfg).await?;
     let target = nodes[0].clone();
     let n = cfg.users;
@@ -43,10 +44,10 @@ pub(crate) async fn run(cfg: &Config, hard: Instant) -> Result<Report> {
     let disconnects = Arc::new(Counts::default());
     let held = Arc::new(AtomicU64::new(0));
     let body = {
-        let (d, held) = (disconnects.clone(), held.clone());
+        let (d, held, tl) = (disconnects.clone(), held.clone(), tl.clone());
         move |_i: usize, ws: Ws| {
             held.fetch_add(1, Relaxed);
-            hold(ws, stop_rx.clone(), d.clone())
+            hold(ws, stop_rx.clone(), d.clone(), tl.clone())
         }
     };
     // Server RSS against the server's open sockets, sampled during the ramp: the slope is
@@ -71,7 +72,7 @@ pub(crate) async fn run(cfg: &Config, hard: Instant) -> Result<Report> {
         })
     });
     let mut tasks = JoinSet::new();
-    let hatched = crate::hatch(cfg, specs, 4096, &mut tasks, hard, body).await;
+    let hatched = crate::hatch(cfg, specs, 4096, &mut tasks, hard, tl, true, body).await;
     // Let the server settle (allocations after the upgrade) before sampling.
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop_sampling.store(true, Relaxed);
@@ -107,7 +108,8 @@ pub(crate) async fn run(cfg: &Config, hard: Instant) -> Result<Report> {
             "client sockets spread over {k} loopback source addresses"
         ));
     }
-    let hold_end = (Instant::now() + cfg.run_time).min(hard - Duration::from_secs(5));
+    let hold_start = Instant::now();
+    let hold_end = (hold_start + cfg.run_time).min(hard - Duration::from_secs(5));
     tokio::time::sleep_until(hold_end).await;
     let _ = stop_tx.send(true);
     crate::join_all(&mut tasks, Duration::from_secs(5)).await;
@@ -123,26 +125,36 @@ pub(crate) async fn run(cfg: &Config, hard: Instant) -> Result<Report> {
         memory_fit,
         disconnects: disconnects.take(),
         notes,
+        measuring: Some((tl.secs(hold_start), tl.secs(hold_end))),
         ..Report::default()
     })
 }
 
 /// Holds one connection (answering pings) until stopped.
-async fn hold(mut ws: Ws, mut stop: watch::Receiver<bool>, disconnects: Arc<Counts>) {
+async fn hold(
+    mut ws: Ws,
+    mut stop: watch::Receiver<bool>,
+    disconnects: Arc<Counts>,
+    tl: Arc<Timeline>,
+) {
+    let dropped = |kind: &str| {
+        disconnects.add(kind);
+        tl.error();
+    };
     loop {
         tokio::select! {
             f = ws.next() => match f {
                 Some(Ok(Message::Close(f))) => {
-                    disconnects.add(&conn::close_kind(f.as_ref()));
+                    dropped(&conn::close_kind(f.as_ref()));
                     return;
                 }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
-                    disconnects.add(&conn::ws_error_kind(&e));
+                    dropped(&conn::ws_error_kind(&e));
                     return;
                 }
                 None => {
-                    disconnects.add("eof");
+                    dropped("eof");
                     return;
                 }
             },

@@ -7,9 +7,11 @@
 mod churn;
 mod conn;
 mod dm;
+mod html;
 mod idle;
 mod noise;
 mod report;
+mod timeline;
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -21,13 +23,16 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+pub use html::render as render_html;
 pub use noise::NoiseStats;
 pub use report::{
     ChurnStats, ConnectStats, Latency, MemoryFit, MemorySample, MessageStats, ProcMemory, Report,
     SlowMessage,
 };
+pub use timeline::{Bucket, Machine, Second};
 
 use conn::{Target, Ws};
+use timeline::Timeline;
 
 /// A load-test scenario.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -145,6 +150,7 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<Report> {
     }
     let deadline = cfg.effective_deadline();
     let started = Instant::now();
+    let started_at = report::utc_now();
     let hard = started + deadline;
     let mut notes = Vec::new();
     let fds = match scenario {
@@ -154,23 +160,51 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<Report> {
     if let Some(n) = raise_nofile(fds as u64 + 256) {
         notes.push(n);
     }
+    let tl = Arc::new(Timeline::new(deadline));
+    // Seconds in which no connection opens or closes still show how many are held.
+    let sampler = tokio::spawn({
+        let tl = tl.clone();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                tick.tick().await;
+                tl.sample_connections();
+            }
+        }
+    });
     let fut = async {
         match scenario {
-            Scenario::DmCross => dm::run(cfg, true, hard).await,
-            Scenario::DmLocal => dm::run(cfg, false, hard).await,
-            Scenario::IdleConnections => idle::run(cfg, hard).await,
-            Scenario::Churn => churn::run(cfg, hard).await,
+            Scenario::DmCross => dm::run(cfg, true, hard, &tl).await,
+            Scenario::DmLocal => dm::run(cfg, false, hard, &tl).await,
+            Scenario::IdleConnections => idle::run(cfg, hard, &tl).await,
+            Scenario::Churn => churn::run(cfg, hard, &tl).await,
             Scenario::SchedNoise => noise::run(cfg).await,
         }
     };
-    let mut report = match tokio::time::timeout(deadline, fut).await {
+    let outcome = tokio::time::timeout(deadline, fut).await;
+    sampler.abort();
+    let mut report = match outcome {
         Ok(r) => r?,
         Err(_) => bail!("hard deadline of {:.0}s exceeded", deadline.as_secs_f64()),
     };
     report.scenario = scenario.name().to_owned();
     report.nodes = cfg.nodes.clone();
     report.run_time_secs = cfg.run_time.as_secs_f64();
+    report.hatch_rate = cfg.hatch_rate;
+    report.grace_secs = cfg.grace.as_secs_f64();
     report.elapsed_secs = started.elapsed().as_secs_f64();
+    report.started_at = started_at;
+    report.machine = timeline::Machine::read();
+    if scenario != Scenario::SchedNoise {
+        let (seconds, all) = tl.finish();
+        report.timeline = seconds;
+        report.latency_histogram = timeline::buckets(&all);
+        report.timeline_latency = match scenario {
+            Scenario::IdleConnections => "connect",
+            _ => "send → receive",
+        }
+        .to_owned();
+    }
     report.notes.splice(0..0, notes);
     report.finish();
     Ok(report)
@@ -228,12 +262,18 @@ pub(crate) fn source_count(cfg: &Config, n: usize) -> usize {
 
 /// Connects `specs` at the hatch rate. Each connection runs in its own task
 /// (in `tasks`): it connects, reports, then runs `body(index, ws)`.
+///
+/// Each connection counts as open in `tl` until its body returns; with `connect_latency`, its
+/// connect time is the timeline's latency sample (idle-connections has no messages).
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn hatch<F, Fut>(
     cfg: &Config,
     specs: Vec<ConnSpec>,
     read_buf: usize,
     tasks: &mut JoinSet<()>,
     hard: Instant,
+    tl: &Arc<Timeline>,
+    connect_latency: bool,
     body: F,
 ) -> Hatched
 where
@@ -256,15 +296,22 @@ where
         tokio::time::sleep_until(due).await;
         let tx = tx.clone();
         let body = body.clone();
+        let tl = tl.clone();
         spawned += 1;
         tasks.spawn(async move {
             let t0 = Instant::now();
             match conn::connect(&spec.target, &spec.id, spec.source, read_buf, timeout).await {
                 Ok(ws) => {
-                    let _ = tx.send((i, Ok(t0.elapsed())));
+                    let took = t0.elapsed();
+                    let _open = tl.opened();
+                    if connect_latency {
+                        tl.delivered(i, took.as_micros() as u64);
+                    }
+                    let _ = tx.send((i, Ok(took)));
                     body(i, ws).await;
                 }
                 Err(e) => {
+                    tl.error();
                     let _ = tx.send((i, Err(e)));
                 }
             }

@@ -55,6 +55,11 @@ struct Cli {
     /// Print the report as one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    /// Also write the report as one self-contained HTML page with charts (latency
+    /// percentiles per second, latency histogram, messages and connections per second,
+    /// errors by kind, parameters and machine) to this file.
+    #[arg(long, value_name = "FILE")]
+    report_file: Option<std::path::PathBuf>,
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -79,7 +84,14 @@ async fn main() -> ExitCode {
         slow_us: cli.slow_us,
     };
     match wsbus_loadtest::run(cli.scenario, &cfg).await {
-        Ok(report) => {
+        Ok(mut report) => {
+            report.command = std::env::args().collect();
+            if let Some(path) = &cli.report_file
+                && let Err(e) = std::fs::write(path, wsbus_loadtest::render_html(&report))
+            {
+                eprintln!("error: writing {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
             if cli.json {
                 match serde_json::to_string(&report) {
                     Ok(s) => println!("{s}"),

@@ -272,8 +272,31 @@ pub struct Report {
     pub in_flight: Option<u32>,
     /// Requested measuring time in seconds.
     pub run_time_secs: f64,
+    /// Connect ramp, users per second.
+    pub hatch_rate: f64,
+    /// Wait for outstanding messages after sending stopped, seconds.
+    pub grace_secs: f64,
+    /// When the run started (UTC, ISO 8601).
+    pub started_at: String,
+    /// The command line that ran it (set by the CLI).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// What it ran on.
+    pub machine: crate::Machine,
     /// Wall time of the whole run in seconds.
     pub elapsed_secs: f64,
+    /// The measuring phase, in seconds since the run started (the timeline's axis).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub measuring: Option<(f64, f64)>,
+    /// What the timeline's latency measures (`send → receive`, `connect`).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub timeline_latency: String,
+    /// The run second by second, from the start of the connect phase.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub timeline: Vec<crate::Second>,
+    /// Histogram of every latency in the timeline (buckets 25% apart).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub latency_histogram: Vec<crate::Bucket>,
     /// Connect phase.
     pub connect: ConnectStats,
     /// Messages (dm-*, churn).
@@ -479,6 +502,29 @@ impl Report {
         }
         o
     }
+}
+
+/// Now as `YYYY-MM-DDTHH:MM:SSZ` (civil date from days since 1970, Howard Hinnant's method).
+pub(crate) fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
 
 fn lat_header(w: &mut String, indent: &str) {

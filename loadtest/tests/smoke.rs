@@ -2,92 +2,16 @@
 //!
 //! With `WSBUS_LOADTEST_NODES=ws://127.0.0.1:8080,ws://127.0.0.1:8081` it uses
 //! that running cluster. Otherwise it starts one itself: a `redis-server` on a
-//! free port and two `<workspace>/target/debug/wsbus serve` nodes (build the
-//! server first with `cargo build`).
+//! free port and two `wsbus serve` nodes. The `wsbus` binary is looked up where cargo put
+//! this test (`CARGO_TARGET_DIR` or `<workspace>/target`, same profile); build it first with
+//! `cargo build`.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::start_cluster;
 use wsbus_loadtest::{Config, Report, Scenario};
-
-/// Kills the spawned processes on drop.
-struct Cluster {
-    children: Vec<Child>,
-    nodes: Vec<String>,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn wait_for_port(port: u16, what: &str, child: &mut Child) {
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited early with {status}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("{what} did not accept on port {port} within 20 s");
-}
-
-fn start_cluster() -> Cluster {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let bin = root.join("target/debug/wsbus");
-    assert!(
-        bin.exists(),
-        "server binary {} not found: build it with `cargo build` in the workspace root, \
-         or set WSBUS_LOADTEST_NODES=ws://host:port,ws://host:port to use a running cluster",
-        bin.display()
-    );
-    let mut cluster = Cluster {
-        children: Vec::new(),
-        nodes: Vec::new(),
-    };
-    let rport = free_port();
-    let mut redis = Command::new("redis-server")
-        .args(["--port", &rport.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no"])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server must be on PATH");
-    wait_for_port(rport, "redis-server", &mut redis);
-    cluster.children.push(redis);
-    for name in ["smoke-a", "smoke-b"] {
-        let port = free_port();
-        let mut cmd = Command::new(&bin);
-        cmd.args(["serve", "--bind", &format!("127.0.0.1:{port}")])
-            .args(["--redis-url", &format!("redis://127.0.0.1:{rport}")])
-            .args(["--node-id", name])
-            // Measure the server, not its abuse limits.
-            .args(["--insecure", "--rate-limit", "1000000000"])
-            .args(["--rate-burst", "1000000000"])
-            .stdout(Stdio::null());
-        let mut child = cmd.spawn().expect("spawn wsbus serve");
-        wait_for_port(port, name, &mut child);
-        cluster.children.push(child);
-        cluster.nodes.push(format!("ws://127.0.0.1:{port}"));
-    }
-    cluster
-}
 
 fn check_messages(r: &Report) {
     let m = r.messages.as_ref().expect("message stats");
@@ -109,6 +33,14 @@ fn check_messages(r: &Report) {
     assert_eq!(
         m.latency_us.count, m.delivered,
         "{}: latency samples",
+        r.scenario
+    );
+    // The report's timeline (what the HTML page plots) accounts for every message.
+    let total = |f: fn(&wsbus_loadtest::Second) -> u64| r.timeline.iter().map(f).sum::<u64>();
+    assert_eq!(
+        (total(|s| s.sent), total(|s| s.delivered)),
+        (m.sent, m.delivered),
+        "{}: timeline",
         r.scenario
     );
 }

@@ -9,6 +9,7 @@ mod cluster;
 mod errors;
 mod faults;
 mod messaging;
+mod observability;
 mod presence;
 mod process;
 mod resilience;

@@ -1,0 +1,97 @@
+//! A cluster for the load-test tests: a `redis-server` on a free port and two `wsbus serve`
+//! nodes, killed on drop.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Kills the spawned processes on drop.
+pub struct Cluster {
+    pub children: Vec<Child>,
+    pub nodes: Vec<String>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+pub fn wait_for_port(port: u16, what: &str, child: &mut Child) {
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited early with {status}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what} did not accept on port {port} within 20 s");
+}
+
+/// The `wsbus` binary of the same build as this test. `CARGO_BIN_EXE_*` only names binaries
+/// of this package, so it is found from the test's own path: `<target>/<profile>/deps/<test>-…`
+/// puts it at `<target>/<profile>/wsbus`, wherever `CARGO_TARGET_DIR` moved `<target>`.
+pub fn wsbus_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("path of the test executable");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("the test runs from <target>/<profile>/deps");
+    profile_dir.join(format!("wsbus{}", std::env::consts::EXE_SUFFIX))
+}
+
+pub fn start_cluster() -> Cluster {
+    let bin = wsbus_bin();
+    assert!(
+        bin.exists(),
+        "server binary {} not found: build it with `cargo build` in the workspace root, \
+         or set WSBUS_LOADTEST_NODES=ws://host:port,ws://host:port to use a running cluster",
+        bin.display()
+    );
+    let mut cluster = Cluster {
+        children: Vec::new(),
+        nodes: Vec::new(),
+    };
+    let rport = free_port();
+    let mut redis = Command::new("redis-server")
+        .args(["--port", &rport.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server must be on PATH");
+    wait_for_port(rport, "redis-server", &mut redis);
+    cluster.children.push(redis);
+    for name in ["smoke-a", "smoke-b"] {
+        let port = free_port();
+        let mut cmd = Command::new(&bin);
+        cmd.args(["serve", "--bind", &format!("127.0.0.1:{port}")])
+            .args(["--redis-url", &format!("redis://127.0.0.1:{rport}")])
+            .args(["--node-id", name])
+            // Measure the server, not its abuse limits.
+            .args(["--insecure", "--rate-limit", "1000000000"])
+            .args(["--rate-burst", "1000000000"])
+            .stdout(Stdio::null());
+        let mut child = cmd.spawn().expect("spawn wsbus serve");
+        wait_for_port(port, name, &mut child);
+        cluster.children.push(child);
+        cluster.nodes.push(format!("ws://127.0.0.1:{port}"));
+    }
+    cluster
+}
