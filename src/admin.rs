@@ -5,8 +5,8 @@ use redis::Value;
 use serde::Serialize;
 
 use crate::bus::{Bus, BusError};
+use crate::envelope::{Body, ENVELOPE_FIELD, Envelope};
 use crate::keys::Keys;
-use crate::wire::{Body, ENVELOPE_FIELD, Envelope};
 
 /// A stream entry as `XRANGE` returns it: id and field/value pairs.
 type RawEntry = (String, Vec<(Vec<u8>, Vec<u8>)>);

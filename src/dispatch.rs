@@ -10,12 +10,12 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use crate::bus::BusError;
-use crate::hub::Outbound;
+use crate::edge_protocol::{ClientError, encode_message, encode_presence, encode_room_message};
+use crate::envelope::{Body, Envelope};
+use crate::hub::SocketFrame;
 use crate::node::Node;
 use crate::presence::SessionRef;
-use crate::protocol::{ClientError, encode_message, encode_presence, encode_room_message};
 use crate::user::{RoomId, UserId};
-use crate::wire::{Body, Envelope};
 
 /// Who a message is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,10 +131,10 @@ impl Node {
             return self.send_room(origin, target, text, born_us).await;
         };
         let from = origin.user();
-        let mut built: Option<Outbound> = None;
+        let mut built: Option<SocketFrame> = None;
         let mut frame = || {
             built
-                .get_or_insert_with(|| Outbound {
+                .get_or_insert_with(|| SocketFrame {
                     frame: encode_message(from, to, &text).into(),
                     born_us,
                 })
@@ -188,7 +188,7 @@ impl Node {
             Origin::Session { sid, .. } => Some(*sid),
             _ => None,
         };
-        let queued = self.rooms.deliver(room, except, None, || Outbound {
+        let queued = self.rooms.deliver(room, except, None, || SocketFrame {
             frame: encode_room_message(origin.user(), room, &text).into(),
             born_us,
         });
@@ -210,7 +210,7 @@ impl Node {
     /// Tells the other members of `room` that `user` entered or left it (on every node).
     pub async fn send_presence(&self, room: &RoomId, user: &str, event: PresenceEvent) {
         self.rooms.deliver(room.as_str(), None, Some(user), || {
-            Outbound::unmeasured(encode_presence(user, room.as_str(), event))
+            SocketFrame::unmeasured(encode_presence(user, room.as_str(), event))
         });
         let sent = self
             .to_bus(Dispatch {
@@ -229,7 +229,7 @@ impl Node {
 
     /// Hands what is left of a message to the bus writer (waits while its queue is full).
     async fn to_bus(&self, dispatch: Dispatch) -> Result<(), ClientError> {
-        self.outbox
+        self.bus_writer
             .send(dispatch)
             .await
             .map_err(|_| ClientError::BusUnavailable)
@@ -246,9 +246,9 @@ impl Node {
                 None
             }
             Origin::Session { user, sid } => {
-                let frame = crate::protocol::encode_error(user.as_str(), &text);
+                let frame = crate::edge_protocol::encode_error(user.as_str(), &text);
                 self.hub
-                    .deliver_session(user.as_str(), *sid, Outbound::unmeasured(frame));
+                    .deliver_session(user.as_str(), *sid, SocketFrame::unmeasured(frame));
                 None
             }
             Origin::Forward {
@@ -290,7 +290,7 @@ impl Node {
         let Body::Error { error } = &env.body else {
             return;
         };
-        let frame = Outbound::unmeasured(crate::protocol::encode_error(&env.to, error));
+        let frame = SocketFrame::unmeasured(crate::edge_protocol::encode_error(&env.to, error));
         if env.origin_sid == 0 {
             self.hub.deliver_user(&env.to, None, || frame);
         } else {
@@ -330,7 +330,7 @@ impl Node {
         let mut buf = Vec::new();
         env.encode_into(&mut buf);
         let mut pipe = redis::pipe();
-        crate::outbox::append_entry(
+        crate::bus_writer::append_entry(
             &mut pipe,
             &self.keys.inbox(&session.node),
             user,

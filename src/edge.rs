@@ -15,9 +15,9 @@ use futures_util::SinkExt;
 use tungstenite::Message;
 use tungstenite::protocol::WebSocketConfig;
 
+use crate::edge_protocol::{ClientError, close, encode_error};
 use crate::node::Node;
 use crate::presence::Claim;
-use crate::protocol::{ClientError, close, encode_error};
 use crate::session::{Session, SessionGuard};
 use crate::user::UserId;
 use crate::websocket::{Socket, Upgrade, close_politely};

@@ -14,13 +14,13 @@ use dashmap::DashMap;
 use tokio_util::sync::CancellationToken;
 use tungstenite::Utf8Bytes;
 
-use crate::protocol::close;
+use crate::edge_protocol::close;
 use crate::socket_queue::{self, TrySendError};
 use crate::user::UserId;
 
 /// One frame queued for a session, with when its message entered the cluster.
 #[derive(Debug, Clone)]
-pub struct Outbound {
+pub struct SocketFrame {
     /// The encoded JSON frame.
     pub frame: Utf8Bytes,
     /// When the message's frame reached its sender's node (µs since the epoch), for the
@@ -28,7 +28,7 @@ pub struct Outbound {
     pub born_us: u64,
 }
 
-impl Outbound {
+impl SocketFrame {
     /// A frame that is not measured.
     pub fn unmeasured(frame: impl Into<Utf8Bytes>) -> Self {
         Self {
@@ -43,7 +43,7 @@ impl Outbound {
 pub struct SessionHandle {
     /// Session id, unique on this node; with the node id it names the session in Redis.
     pub sid: u64,
-    tx: socket_queue::Sender<Outbound>,
+    tx: socket_queue::Sender<SocketFrame>,
     kick: Arc<Kick>,
 }
 
@@ -88,9 +88,9 @@ impl Kick {
 }
 
 /// What the session task itself keeps: the receiving end of its queue and its kick.
-pub struct SessionInbox {
+pub struct SessionReceiver {
     /// Frames to write to the socket.
-    pub rx: socket_queue::Receiver<Outbound>,
+    pub rx: socket_queue::Receiver<SocketFrame>,
     /// Set when another task ends this session.
     pub kick: Arc<Kick>,
 }
@@ -148,7 +148,7 @@ impl Hub {
     }
 
     /// Registers session `sid` of `user` (the per-user limit is the claim's business).
-    pub fn insert(&self, user: UserId, sid: u64) -> SessionInbox {
+    pub fn insert(&self, user: UserId, sid: u64) -> SessionReceiver {
         let (tx, rx) = socket_queue::channel(self.queue_len, self.queue_bytes);
         let kick = Arc::new(Kick::new(&self.shutdown));
         self.users.entry(user).or_default().push(SessionHandle {
@@ -157,7 +157,7 @@ impl Hub {
             kick: kick.clone(),
         });
         self.sessions.fetch_add(1, Ordering::Relaxed);
-        SessionInbox { rx, kick }
+        SessionReceiver { rx, kick }
     }
 
     /// Removes session `sid` of `user`; returns whether the user has no session here left.
@@ -182,14 +182,14 @@ impl Hub {
         &self,
         user: &str,
         except: Option<u64>,
-        make: impl FnOnce() -> Outbound,
+        make: impl FnOnce() -> SocketFrame,
     ) -> Fanout {
         let mut fanout = Fanout::default();
         let Some(sessions) = self.users.get(user) else {
             return fanout;
         };
         let mut make = Some(make);
-        let mut frame: Option<Outbound> = None;
+        let mut frame: Option<SocketFrame> = None;
         for session in sessions.iter().filter(|s| Some(s.sid) != except) {
             let frame = frame.get_or_insert_with(|| (make.take().expect("built once"))());
             match session.offer(frame.clone()) {
@@ -202,7 +202,7 @@ impl Hub {
     }
 
     /// Queues `frame` for session `sid` of `user` only (errors go to the session that sent).
-    pub fn deliver_session(&self, user: &str, sid: u64, frame: Outbound) -> Delivery {
+    pub fn deliver_session(&self, user: &str, sid: u64, frame: SocketFrame) -> Delivery {
         let Some(sessions) = self.users.get(user) else {
             return Delivery::NotHere;
         };
@@ -264,7 +264,7 @@ impl Hub {
 impl SessionHandle {
     /// Queues `frame` without waiting; a full queue kicks the session as a slow consumer,
     /// and the frame is dropped and counted.
-    pub fn offer(&self, frame: Outbound) -> Delivery {
+    pub fn offer(&self, frame: SocketFrame) -> Delivery {
         // A session being dropped as a slow consumer no longer drains its queue.
         let queued = if self.kick.code() == Some(close::SLOW_CONSUMER) {
             Err(TrySendError::Full)
@@ -295,8 +295,8 @@ mod tests {
         UserId::parse(s).unwrap()
     }
 
-    fn frame() -> Outbound {
-        Outbound::unmeasured(Utf8Bytes::from_static("x"))
+    fn frame() -> SocketFrame {
+        SocketFrame::unmeasured(Utf8Bytes::from_static("x"))
     }
 
     #[tokio::test]
@@ -329,7 +329,7 @@ mod tests {
     fn a_queue_over_its_byte_bound_is_a_slow_consumer() {
         let hub = Hub::new(1000, 10, CancellationToken::new());
         let inbox = hub.insert(uid("a"), 1);
-        let frame = || Outbound::unmeasured(Utf8Bytes::from_static("12345"));
+        let frame = || SocketFrame::unmeasured(Utf8Bytes::from_static("12345"));
         assert_eq!(hub.deliver_session("a", 1, frame()), Delivery::Queued);
         assert_eq!(hub.deliver_session("a", 1, frame()), Delivery::Queued);
         assert_eq!(inbox.rx.bytes(), 10);

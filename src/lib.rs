@@ -1,49 +1,52 @@
 //! wsbus: WebSocket messaging that scales horizontally over Redis Streams.
 //!
 //! Clients connect to any node (`GET /ws/{user_id}`); any client can message any other by
-//! user id, whichever node each is on. Data flow:
+//! user id, or a room, whichever node each is on. Data flow:
 //!
 //! ```text
-//! client ─ws─▶ session (edge JSON) ─▶ recipient here? ─▶ hub ─▶ its session queue ─▶ socket
-//!                                      │ no
-//!                                      ▼
-//!                     outbox (bus writer, pipelined lookups + XADDs)
+//! origin (session | inbox entry whose recipient moved)
+//!   └─▶ dispatch: target (user | room) ─▶ local sessions here ─▶ hub ─▶ socket queue ─▶ socket
+//!                                     └─▶ other nodes with sessions/members of the target
+//!                     bus writer (pipelined lookups, one XADD per destination node)
 //!                                      ▼
 //!                     Redis stream P:inbox:<node>  (MessagePack envelopes)
 //!                                      ▼
-//!                     inbox (blocking XREAD, dedicated connection) ─▶ hub ─▶ socket
+//!                     inbox reader (blocking XREAD, dedicated connection) ─▶ hub / rooms ─▶ socket
 //! ```
 //!
 //! Modules, by what they own:
 //! - [`config`]: every tunable and its default.
-//! - [`protocol`]: the edge JSON, error texts and close codes (the one list of them).
-//! - [`user`]: user and node ids.
+//! - [`edge_protocol`]: the client-side JSON frames, error texts and close codes (the one list
+//!   of them). [`envelope`]: the bus side, the MessagePack envelope in an inbox entry.
+//! - [`user`]: user, room and node ids.
 //! - [`edge`]: HTTP routes and the upgrade (auth, then claim before upgrade). [`auth`]: tokens.
-//! - [`websocket`]: the upgrade handshake and closing a socket politely.
-//! - [`session`]: one connected client's task.
-//! - [`hub`]: local sessions and non-blocking delivery. [`socket_queue`]: one session's
-//!   queue, bounded in messages and bytes.
-//! - [`outbox`]: the bus writer. [`inbox`]: the inbox consumer.
-//! - [`wire`]: the MessagePack envelope.
-//! - [`presence`]: user → node registration. [`registry`]: nodes, heartbeats, reaping.
+//!   [`websocket`]: the upgrade handshake and polite closes.
+//! - [`session`]: one connected client's task. [`socket_queue`]: its bounded queue.
+//! - [`hub`]: local sessions by user, non-blocking delivery. [`rooms`]: local room membership
+//!   and the room operations.
+//! - [`dispatch`]: the one path from any origin to any target.
+//! - [`bus_writer`]: appends to other nodes' inboxes. [`inbox_reader`]: reads this node's.
+//! - [`presence`]: sessions and room membership in Redis. [`registry`]: nodes, heartbeats,
+//!   reaping.
 //! - [`bus`]: Redis connections and the functions in `migrations/`. [`keys`]: key names.
-//! - [`node`]: a running node and its shutdown. [`dev`]: the local dev cluster.
+//! - [`node`]: a running node's shared state. [`dev`]: the local dev cluster.
 //! - [`admin`]: read-only operator commands. [`telemetry`]: `/metrics`.
 
 pub mod admin;
 pub mod auth;
 pub mod bus;
+pub mod bus_writer;
 pub mod config;
 pub mod dev;
 pub mod dispatch;
 pub mod edge;
+pub mod edge_protocol;
+pub mod envelope;
 pub mod hub;
-pub mod inbox;
+pub mod inbox_reader;
 pub mod keys;
 pub mod node;
-pub mod outbox;
 pub mod presence;
-pub mod protocol;
 pub mod registry;
 pub mod rooms;
 pub mod session;
@@ -51,7 +54,6 @@ pub mod socket_queue;
 pub mod telemetry;
 pub mod user;
 pub mod websocket;
-pub mod wire;
 
 pub use config::NodeConfig;
 pub use node::{NodeError, run};

@@ -17,10 +17,10 @@ use tokio_util::task::TaskTracker;
 use crate::bus::{Bus, BusError};
 use crate::config::NodeConfig;
 use crate::dispatch::Dispatch;
+use crate::edge_protocol::close;
 use crate::hub::Hub;
 use crate::keys::Keys;
 use crate::presence::Presence;
-use crate::protocol::close;
 use crate::registry::{LiveNodes, Registry};
 use crate::user::{is_valid_id, random_node_id};
 
@@ -108,7 +108,7 @@ pub struct Node {
     /// This node's registration.
     pub registry: Registry,
     /// Queue of the bus writer.
-    pub outbox: mpsc::Sender<Dispatch>,
+    pub bus_writer: mpsc::Sender<Dispatch>,
     /// Cancelled when the node shuts down.
     pub shutdown: CancellationToken,
     /// Session tasks, awaited on shutdown (axum does not track upgraded sockets).
@@ -205,7 +205,7 @@ pub async fn run(
     )?);
     let live = Arc::new(LiveNodes::new(&keys, config.node_ttl));
     let id: Arc<str> = Arc::from(id);
-    let (outbox, outbox_rx) = mpsc::channel(config.bus_queue.max(1));
+    let (bus_writer, bus_writer_rx) = mpsc::channel(config.bus_queue.max(1));
     // The one shutdown token; every session's kick is a child of it.
     let stop = CancellationToken::new();
     let node = Arc::new(Node {
@@ -237,7 +237,7 @@ pub async fn run(
         keys,
         bus,
         live,
-        outbox,
+        bus_writer,
         shutdown: stop,
         sessions: TaskTracker::new(),
         auth,
@@ -266,8 +266,12 @@ pub async fn run(
     let drain = CancellationToken::new();
     tasks.spawn(heartbeat_loop(node.clone()));
     tasks.spawn(crate::telemetry::run_upkeep(node.shutdown.clone()));
-    tasks.spawn(crate::inbox::run(node.clone()));
-    let writer = tokio::spawn(crate::outbox::run(node.clone(), outbox_rx, drain.clone()));
+    tasks.spawn(crate::inbox_reader::run(node.clone()));
+    let writer = tokio::spawn(crate::bus_writer::run(
+        node.clone(),
+        bus_writer_rx,
+        drain.clone(),
+    ));
     let mut app = crate::edge::client_router(node.clone());
     match admin_listener {
         None => app = app.merge(crate::edge::admin_router(node.clone())),

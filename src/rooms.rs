@@ -14,9 +14,9 @@ use std::sync::Arc;
 use dashmap::DashMap;
 
 use crate::dispatch::PresenceEvent;
-use crate::hub::{Delivery, Outbound, SessionHandle};
+use crate::edge_protocol::ClientError;
+use crate::hub::{Delivery, SessionHandle, SocketFrame};
 use crate::node::Node;
-use crate::protocol::ClientError;
 use crate::user::{RoomId, UserId};
 
 /// One session in a room.
@@ -120,13 +120,13 @@ impl Rooms {
         room: &str,
         except_sid: Option<u64>,
         except_user: Option<&str>,
-        make: impl FnOnce() -> Outbound,
+        make: impl FnOnce() -> SocketFrame,
     ) -> u32 {
         let Some(members) = self.rooms.get(room) else {
             return 0;
         };
         let mut make = Some(make);
-        let mut frame: Option<Outbound> = None;
+        let mut frame: Option<SocketFrame> = None;
         let mut queued = 0;
         for m in members.iter() {
             if Some(m.handle.sid) == except_sid || Some(m.user.as_str()) == except_user {
@@ -308,7 +308,7 @@ mod tests {
         assert!(j.first_of_user && !j.first_here);
         assert_eq!(rooms.snapshot().len(), 2);
 
-        let frame = || Outbound::unmeasured(Utf8Bytes::from_static("m"));
+        let frame = || SocketFrame::unmeasured(Utf8Bytes::from_static("m"));
         // A message from session 1: everyone else in the room.
         assert_eq!(rooms.deliver("lobby", Some(1), None, frame), 2);
         // A presence event about alice: only bob.

@@ -23,9 +23,11 @@ use tokio::time::Interval;
 use tungstenite::Message;
 
 use crate::dispatch::{Origin, Target};
-use crate::hub::{Outbound, SessionInbox};
+use crate::edge_protocol::{
+    ClientError, Command, close, encode_error, encode_frame, parse_command,
+};
+use crate::hub::{SessionReceiver, SocketFrame};
 use crate::node::Node;
-use crate::protocol::{ClientError, Command, close, encode_error, encode_frame, parse_command};
 use crate::user::RoomId;
 use crate::user::UserId;
 use crate::websocket::{CLOSE_LINGER, Socket, close_politely};
@@ -151,7 +153,7 @@ pub struct Session {
     sid: u64,
     /// The rooms this session is in (the hub's room map has the other direction).
     rooms: HashSet<RoomId>,
-    queue: SessionInbox,
+    queue: SessionReceiver,
     bucket: TokenBucket,
     guard: SessionGuard,
     _permit: OwnedSemaphorePermit,
@@ -214,7 +216,7 @@ impl Session {
     pub fn new(
         node: Arc<Node>,
         user: UserId,
-        queue: SessionInbox,
+        queue: SessionReceiver,
         guard: SessionGuard,
         permit: OwnedSemaphorePermit,
     ) -> Self {
@@ -385,7 +387,7 @@ impl Session {
 
     /// Queues a reply frame `{"from": <own id>, "action": .., "data": ..}` for this session.
     fn reply(&self, action: &str, data: serde_json::Value) -> Result<(), ClientError> {
-        let frame = Outbound::unmeasured(encode_frame(self.user.as_str(), action, data));
+        let frame = SocketFrame::unmeasured(encode_frame(self.user.as_str(), action, data));
         self.node
             .hub
             .deliver_session(self.user.as_str(), self.sid, frame);
@@ -431,7 +433,7 @@ impl Session {
 
     /// Writes `first` and whatever else is queued, then flushes once.
     /// Records each message's end-to-end latency as it goes into the socket's write buffer.
-    async fn write_queued(&mut self, link: &mut Link, first: Outbound) -> Result<(), End> {
+    async fn write_queued(&mut self, link: &mut Link, first: SocketFrame) -> Result<(), End> {
         let mut next = Some(first);
         let mut n = 0;
         while let Some(out) = next.take() {

@@ -8,10 +8,10 @@
 use std::borrow::Cow;
 
 use serde_json::{Value, json};
-use wsbus::protocol::{
+use wsbus::edge_protocol::{
     ClientError, Command, encode_error, encode_message, encode_room_message, parse_command,
 };
-use wsbus::wire::{Body, Envelope};
+use wsbus::envelope::{Body, Envelope};
 
 // ---------------------------------------------------------------------------------------------
 // Edge frames
@@ -586,7 +586,7 @@ fn error_bodies_round_trip() {
         body: Body::Error {
             error: Cow::Borrowed("User 'bob' not found"),
         },
-        hops: wsbus::wire::MAX_HOPS,
+        hops: wsbus::envelope::MAX_HOPS,
         id: u64::MAX,
         sent_us: u64::MAX,
         ..sample()

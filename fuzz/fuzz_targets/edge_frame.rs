@@ -1,4 +1,4 @@
-//! Fuzzes the edge frame decoder (`wsbus::protocol::parse_command`) and the frame encoders.
+//! Fuzzes the edge frame decoder (`wsbus::edge_protocol::parse_command`) and the frame encoders.
 //!
 //! Invariants checked (a violation panics, which libFuzzer reports as a crash):
 //! - `parse_command` never panics, on any UTF-8 input;
@@ -11,7 +11,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Value, json};
-use wsbus::protocol::{Command, encode_error, encode_message, encode_room_message, parse_command};
+use wsbus::edge_protocol::{Command, encode_error, encode_message, encode_room_message, parse_command};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(frame) = std::str::from_utf8(data) else {

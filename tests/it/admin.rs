@@ -39,7 +39,7 @@ async fn nodes_whereis_and_inspect_report_the_bus() {
     // Put an entry in a stream nobody reads and decode it.
     let mut conn = redis_conn(&url).await;
     let mut env = Vec::new();
-    wsbus::wire::Envelope {
+    wsbus::envelope::Envelope {
         id: 9,
         boot: 0,
         origin: "a".into(),
@@ -51,7 +51,7 @@ async fn nodes_whereis_and_inspect_report_the_bus() {
         to_recipient: true,
         to_sender: false,
         tried: Vec::new(),
-        body: wsbus::wire::Body::Message {
+        body: wsbus::envelope::Body::Message {
             text: "queued".into(),
         },
     }

@@ -162,7 +162,7 @@ async fn entries_for_users_who_moved_are_rerouted_or_answered() {
     let mut conn = redis_conn(&url).await;
     for (to, text) in [("mover", "follow me"), ("nobody", "lost")] {
         let mut env = Vec::new();
-        wsbus::wire::Envelope {
+        wsbus::envelope::Envelope {
             id: 1,
             boot: 0,
             origin: "b".into(),
@@ -174,7 +174,7 @@ async fn entries_for_users_who_moved_are_rerouted_or_answered() {
             to_recipient: true,
             to_sender: false,
             tried: Vec::new(),
-            body: wsbus::wire::Body::Message { text: text.into() },
+            body: wsbus::envelope::Body::Message { text: text.into() },
         }
         .encode_into(&mut env);
         // Delivered to node a, where neither user is.
@@ -248,7 +248,7 @@ async fn the_heartbeat_caps_an_unread_inbox(backend: Backend) {
     let inbox = keys.inbox("capped");
     let mut pipe = redis::pipe();
     for _ in 0..1000 {
-        wsbus::outbox::append_entry(&mut pipe, &inbox, "a", "b", "message", b"\x80");
+        wsbus::bus_writer::append_entry(&mut pipe, &inbox, "a", "b", "message", b"\x80");
     }
     let ids: Vec<Option<String>> = pipe.query_async(&mut conn).await.unwrap();
     assert!(ids.iter().all(Option::is_some), "all 1,000 appended");

@@ -14,11 +14,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{BusConn, BusError};
 use crate::dispatch::{Dispatch, Origin, Payload, Plan, Target};
-use crate::hub::Outbound;
+use crate::edge_protocol::{ClientError, encode_message};
+use crate::envelope::{Body, ENVELOPE_FIELD, Envelope, MAX_HOPS};
+use crate::hub::SocketFrame;
 use crate::node::Node;
 use crate::presence::nodes_of;
-use crate::protocol::{ClientError, encode_message};
-use crate::wire::{Body, ENVELOPE_FIELD, Envelope, MAX_HOPS};
 
 /// Runs the bus writer until `drain` is cancelled and the queue is empty.
 pub async fn run(node: Arc<Node>, mut rx: mpsc::Receiver<Dispatch>, drain: CancellationToken) {
@@ -330,7 +330,7 @@ impl Writer {
             && let Payload::Text(text) = &msg.payload
         {
             // The recipient connected here since its sender's check (or moved here).
-            let here = node.hub.deliver_user(to, None, || Outbound {
+            let here = node.hub.deliver_user(to, None, || SocketFrame {
                 frame: encode_message(from, to, text).into(),
                 born_us: msg.born_us,
             });

@@ -18,10 +18,10 @@ use redis::Value;
 
 use crate::bus::{BusConn, BusError};
 use crate::dispatch::{Dispatch, Origin, Payload, Target};
-use crate::hub::Outbound;
+use crate::edge_protocol::{encode_message, encode_presence, encode_room_message};
+use crate::envelope::{Body, ENVELOPE_FIELD, Envelope};
+use crate::hub::SocketFrame;
 use crate::node::Node;
-use crate::protocol::{encode_message, encode_presence, encode_room_message};
-use crate::wire::{Body, ENVELOPE_FIELD, Envelope};
 
 /// Extra time allowed past the block time before a read counts as hung.
 const READ_MARGIN: Duration = Duration::from_secs(1);
@@ -263,10 +263,10 @@ impl Consumer {
         let hub = &self.node.hub;
         match &env.body {
             Body::Message { text } => {
-                let mut built: Option<Outbound> = None;
+                let mut built: Option<SocketFrame> = None;
                 let mut frame = || {
                     built
-                        .get_or_insert_with(|| Outbound {
+                        .get_or_insert_with(|| SocketFrame {
                             frame: encode_message(&env.from, &env.to, text).into(),
                             born_us: env.sent_us,
                         })
@@ -286,7 +286,7 @@ impl Consumer {
                 Some(queued)
             }
             Body::RoomMessage { room, text } => {
-                let queued = self.node.rooms.deliver(room, None, None, || Outbound {
+                let queued = self.node.rooms.deliver(room, None, None, || SocketFrame {
                     frame: encode_room_message(&env.from, room, text).into(),
                     born_us: env.sent_us,
                 });
@@ -298,7 +298,7 @@ impl Consumer {
             }
             Body::Presence { room, event } => {
                 self.node.rooms.deliver(room, None, Some(&env.from), || {
-                    Outbound::unmeasured(encode_presence(&env.from, room, *event))
+                    SocketFrame::unmeasured(encode_presence(&env.from, room, *event))
                 });
                 Some(0)
             }
@@ -338,7 +338,7 @@ impl Consumer {
                 delivered_here: false,
                 echo: false,
             };
-            if self.node.outbox.send(dispatch).await.is_err() {
+            if self.node.bus_writer.send(dispatch).await.is_err() {
                 return Err(BusError::Reply("the bus writer has stopped"));
             }
         }
