@@ -50,10 +50,11 @@
  *   `truncated` is `true` when the server cut the list. Works for any room, joined or not.
  * - `sendRoom(room, text)`: sends `text` to every other session in `room` (no reply, like
  *   `send()`). Throws an `Error` if the connection is not open or `room` is not in `rooms`.
- * - `rooms`: the rooms this client is in, sorted. They are kept across reconnects: after its
- *   automatic reconnect the client joins each of them again (a `joined` event per room; a
- *   room it can no longer join, e.g. `room 'lobby' is full`, is dropped with an `error`
- *   event). `close()` forgets them.
+ * - `rooms`: the rooms this client is in, sorted. The server takes a session out of every
+ *   room when it disconnects, so the client keeps the list and joins each room again on
+ *   its next connection (the automatic reconnect, or `connect()` after the server closed
+ *   the connection): a `joined` event per room; a room it can no longer join (e.g.
+ *   `room 'lobby' is full`) is dropped with an `error` event. `close()` forgets them.
  *
  * `join`, `leave` and `members` reject at once with an `Error` if the connection is not open
  * and with a `TypeError` for an invalid room id; a promise still pending when the
@@ -100,12 +101,14 @@
  *   not reconnect. Codes: 1000 closed by `close()`, 1001 node shutting down, 1006 dropped
  *   or refused (a browser is not told why: node down, HTTP 401 or 503 ...), 1009 a frame was too
  *   large, 4001 not unique session, 4002 slow consumer, 4003 session replaced,
- *   4004 ping timeout.
+ *   4004 ping timeout, 4005 rate limit exceeded, 4006 replaced by a newer session.
  *
- * The client does **not** reconnect after close 4001 (`not unique session`: another live
- * session holds this user id) or 4003 (`session replaced`: another session took it over),
- * since reconnecting would only fight that session; it reports the close and goes to
- * `"closed"`. Call `connect()` again to retry deliberately.
+ * The client does **not** reconnect after close 4001 (`not unique session`: the user holds
+ * as many live sessions as the nodes allow), 4003 (`session replaced`: another session took
+ * it over) or 4006 (`replaced by a newer session`: with `--on-session-limit replace`, a
+ * newer session of this user closed this one, the oldest), since reconnecting would only
+ * fight that session (after 4006 it would replace the next oldest, which would do the same);
+ * it reports the close and goes to `"closed"`. Call `connect()` again to retry deliberately.
  */
 
 /** WebSocket close codes a wsbus node uses. */
@@ -118,6 +121,8 @@ export const CloseCode = Object.freeze({
   SLOW_CONSUMER: 4002,
   SESSION_REPLACED: 4003,
   PING_TIMEOUT: 4004,
+  RATE_LIMITED: 4005,
+  REPLACED_BY_NEWER: 4006,
 });
 
 /** What each close code means, for people. */
@@ -130,6 +135,8 @@ export const closeCodeText = Object.freeze({
   4002: "slow consumer",
   4003: "session replaced",
   4004: "ping timeout",
+  4005: "rate limit exceeded",
+  4006: "replaced by a newer session",
 });
 
 const ID = /^[A-Za-z0-9_.-]{1,64}$/;
@@ -416,7 +423,8 @@ export class WsbusClient extends EventTarget {
   #closed(code, reason, wasClean) {
     this.#ws = null;
     this.#rejectPending();
-    const final = code === CloseCode.NOT_UNIQUE || code === CloseCode.SESSION_REPLACED;
+    const final =
+      code === CloseCode.NOT_UNIQUE || code === CloseCode.SESSION_REPLACED || code === CloseCode.REPLACED_BY_NEWER;
     let delay = null;
     if (this.#opts.reconnect && !final) {
       const { minDelayMs, maxDelayMs } = this.#opts;

@@ -357,8 +357,10 @@ async fn a_room_across_nodes_in_the_browser() {
     let redis = Redis::start().await.unwrap();
     let node = |id: &str| {
         let mut config = common::config(id, &redis.url());
-        // alice also has a second session (another "tab"): a raw WebSocket client.
+        // alice also has other sessions (other "tabs"): raw WebSocket clients. The newest
+        // two win, so that the page's session can be replaced at the end.
         config.max_sessions_per_user = 2;
+        config.on_session_limit = wsbus::config::OnSessionLimit::Replace;
         Node::start_with(config)
     };
     let a = node("a").await;
@@ -464,6 +466,21 @@ async fn a_room_across_nodes_in_the_browser() {
             .await;
         alice.wait_texts("#members li", &["alice"]).await;
         alice.screenshot("room-left").await;
+
+        // Two newer sessions of alice replace the page's (close 4006): the page must not
+        // reconnect, which would replace one of them in turn, and so on.
+        let newer = [other_tab().await.unwrap(), other_tab().await.unwrap()];
+        alice.wait_state("closed").await;
+        assert_eq!(alice.text("#connect").await, "Connect");
+        alice
+            .wait_texts(
+                "#log li.info:last-child .body",
+                &["disconnected (4006 replaced by a newer session): alice connected in another tab or device"],
+            )
+            .await;
+        for tab in newer {
+            tab.close().await;
+        }
     })
     .await;
 }
