@@ -125,6 +125,9 @@ export const CloseCode = Object.freeze({
   REPLACED_BY_NEWER: 4006,
 });
 
+/** Close codes after which reconnecting would only fight another session of the user. */
+const NO_RECONNECT = new Set([CloseCode.NOT_UNIQUE, CloseCode.SESSION_REPLACED, CloseCode.REPLACED_BY_NEWER]);
+
 /** What each close code means, for people. */
 export const closeCodeText = Object.freeze({
   1000: "closed",
@@ -159,7 +162,9 @@ function answers(req, error) {
   if (error === "bus unavailable" || error === "rate limited") return true;
   switch (req.action) {
     case "join":
-      return error === "invalid room id" || error === "too many rooms" || error === `room '${req.room}' is full`;
+      return (
+        error === "invalid room id" || error === "too many rooms" || error === `room '${req.room}' is full`
+      );
     case "leave":
       return error === `not in room '${req.room}'`;
     default:
@@ -346,6 +351,7 @@ export class WsbusClient extends EventTarget {
     const from = frame?.from;
     switch (frame?.action) {
       case "message":
+        // A message to oneself is incoming; other messages from oneself are another session's.
         this.#emit("message", { from, to: d.to, text: d.text, own: from === this.#userId && d.to !== from });
         break;
       case "room_message":
@@ -423,8 +429,7 @@ export class WsbusClient extends EventTarget {
   #closed(code, reason, wasClean) {
     this.#ws = null;
     this.#rejectPending();
-    const final =
-      code === CloseCode.NOT_UNIQUE || code === CloseCode.SESSION_REPLACED || code === CloseCode.REPLACED_BY_NEWER;
+    const final = NO_RECONNECT.has(code);
     let delay = null;
     if (this.#opts.reconnect && !final) {
       const { minDelayMs, maxDelayMs } = this.#opts;
