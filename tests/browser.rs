@@ -20,6 +20,7 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::json;
 
+use common::proxy::{Mode, Proxy};
 use common::{DEADLINE, Node, Redis};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -369,8 +370,11 @@ async fn a_room_across_nodes_in_the_browser() {
     let other_tab = move || async move {
         common::Client::connect_url(&format!("ws://{a_node}/ws/alice"), "alice").await
     };
+    // alice's page reaches node a through a proxy, so that its connection can be cut.
+    let proxy = Proxy::start(a.addr.port()).await;
+    let alice_page: SocketAddr = ([127, 0, 0, 1], proxy.port).into();
 
-    with_two_pages(a.addr, b.addr, move |alice, bob| async move {
+    with_two_pages(alice_page, b.addr, move |alice, bob| async move {
         alice.connect_as("alice").await;
         bob.connect_as("bob").await;
 
@@ -408,6 +412,27 @@ async fn a_room_across_nodes_in_the_browser() {
             .wait_texts(
                 r#"#log li.msg[data-room="lobby"][data-from="bob"] .body"#,
                 &["hi from b"],
+            )
+            .await;
+
+        // alice's connection drops: her user leaves the room; her page reconnects by itself
+        // and joins the room again.
+        proxy.set(Mode::Cut);
+        alice.wait_state("reconnecting").await;
+        proxy.set(Mode::Forward);
+        alice.wait_state("open").await;
+        bob.wait_texts(
+            r#"#log li.presence[data-room="lobby"] .body"#,
+            &["alice left lobby", "alice joined lobby"],
+        )
+        .await;
+        alice.wait_texts("#rooms li .room", &["#lobby"]).await;
+        alice.wait_texts("#members li", &["alice", "bob"]).await;
+        bob.send_to_room("lobby", "welcome back").await;
+        alice
+            .wait_texts(
+                r#"#log li.msg[data-room="lobby"][data-from="bob"] .body"#,
+                &["hi from b", "welcome back"],
             )
             .await;
 
