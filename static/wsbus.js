@@ -55,6 +55,12 @@
  *   its next connection (the automatic reconnect, or `connect()` after the server closed
  *   the connection): a `joined` event per room; a room it can no longer join (e.g.
  *   `room 'lobby' is full`) is dropped with an `error` event. `close()` forgets them.
+ * - `close(code = 1000, reason = "")`: closes the connection and stops reconnecting.
+ * - `on(type, handler)`: shorthand for `addEventListener` that calls `handler(detail)`;
+ *   returns a function that removes the listener.
+ * - `state`: `"idle"` (never connected), `"connecting"`, `"open"`, `"reconnecting"`
+ *   (waiting to retry) or `"closed"`.
+ * - `userId`, `url`: the user id and the WebSocket URL (without the token).
  *
  * `join`, `leave` and `members` reject at once with an `Error` if the connection is not open
  * and with a `TypeError` for an invalid room id; a promise still pending when the
@@ -71,12 +77,6 @@
  * such an error arrives while a request is pending, that request is rejected with it even
  * if the server then carries it out. `rooms` follows the server's `joined`/`left` frames,
  * not the promises, so it stays right in that case.
- * - `close(code = 1000, reason = "")`: closes the connection and stops reconnecting.
- * - `on(type, handler)`: shorthand for `addEventListener` that calls `handler(detail)`;
- *   returns a function that removes the listener.
- * - `state`: `"idle"` (never connected), `"connecting"`, `"open"`, `"reconnecting"`
- *   (waiting to retry) or `"closed"`.
- * - `userId`, `url`: the user id and the WebSocket URL (without the token).
  *
  * ## Events (`CustomEvent`s; the fields below are in `event.detail`)
  *
@@ -153,9 +153,6 @@ export function isValidUserId(id) {
 export function isValidRoomId(room) {
   return isValidUserId(room);
 }
-
-/** The reply action the server answers each request action with. */
-const REPLY = Object.freeze({ join: "joined", leave: "left", members: "members" });
 
 /** Whether error text `error` can be the server's answer to pending request `req`. */
 function answers(req, error) {
