@@ -1,10 +1,10 @@
 //! End to end in a real browser: headless Chromium, driven through chromedriver (WebDriver),
 //! uses the chat page (`static/index.html`) and the client module (`static/wsbus.js`) served
-//! by two in-process nodes, and two users chat across the nodes.
+//! by two in-process nodes, and two users chat across the nodes: directly, and in a room.
 //!
 //! Needs `/usr/bin/chromium` and `/usr/bin/chromedriver` (Debian: `apt-get install -y chromium
 //! chromium-driver`); without them the test fails and says so. Set `WSBUS_SCREENSHOT_DIR` to
-//! also save screenshots of the pages there (`a-chat.png`, `b-chat.png`, ...).
+//! also save screenshots of the pages there (`a-chat.png`, `b-chat.png`, `a-room.png`, ...).
 
 #![allow(unreachable_pub)]
 
@@ -20,6 +20,7 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::json;
 
+use common::proxy::{Mode, Proxy};
 use common::{DEADLINE, Node, Redis};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -169,6 +170,33 @@ impl Page {
         self.wait(css).await.text().await.unwrap()
     }
 
+    /// The visible texts of the elements matching `css`, in document order; `None` if the
+    /// page changed them while they were being read.
+    async fn texts(&self, css: &str) -> Option<Vec<String>> {
+        let mut texts = Vec::new();
+        for element in self.client.find_all(Locator::Css(css)).await.ok()? {
+            texts.push(element.text().await.ok()?);
+        }
+        Some(texts)
+    }
+
+    /// Waits until the elements matching `css` show exactly `expected`.
+    async fn wait_texts(&self, css: &str, expected: &[&str]) {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            let got = self.texts(css).await;
+            if got.as_deref().is_some_and(|got| got == expected) {
+                return;
+            }
+            assert!(
+                Instant::now() < end,
+                "page {}: `{css}` shows {got:?}, not {expected:?}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     /// Replaces the value of the input `css` with `value` by typing it.
     async fn type_into(&self, css: &str, value: &str) {
         let input = self.wait(css).await;
@@ -195,6 +223,36 @@ impl Page {
         self.type_into("#to", to).await;
         self.type_into("#text", text).await;
         self.click("#send").await;
+    }
+
+    /// Joins `room` through the rooms panel and waits until the page lists it.
+    async fn join(&self, room: &str) {
+        self.type_into("#room", room).await;
+        self.click("#join").await;
+        self.wait(&format!(r#"#rooms li[data-room="{room}"]"#))
+            .await;
+    }
+
+    /// Selects `room` in the rooms panel and sends `text` to it.
+    async fn send_to_room(&self, room: &str, text: &str) {
+        self.click(&format!(r#"#rooms li[data-room="{room}"] .room"#))
+            .await;
+        assert_eq!(
+            self.value("#to").await,
+            format!("#{room}"),
+            "selecting a room"
+        );
+        self.type_into("#text", text).await;
+        self.click("#send").await;
+    }
+
+    async fn value(&self, css: &str) -> String {
+        self.wait(css)
+            .await
+            .prop("value")
+            .await
+            .unwrap()
+            .unwrap_or_default()
     }
 
     /// Saves a screenshot as `<dir>/<page>-<label>.png` if `WSBUS_SCREENSHOT_DIR` is set.
@@ -293,4 +351,161 @@ async fn two_users_chat_across_nodes_in_the_browser() {
     .await;
 
     carol.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_across_nodes_in_the_browser() {
+    let redis = Redis::start().await.unwrap();
+    let node = |id: &str| {
+        let mut config = common::config(id, &redis.url());
+        // alice also has other sessions (other "tabs"): raw WebSocket clients. The newest
+        // two win, so that the page's session can be replaced at the end.
+        config.max_sessions_per_user = 2;
+        config.on_session_limit = wsbus::config::OnSessionLimit::Replace;
+        Node::start_with(config)
+    };
+    let a = node("a").await;
+    let b = node("b").await;
+    let a_node = a.addr;
+    let other_tab = move || async move {
+        common::Client::connect_url(&format!("ws://{a_node}/ws/alice"), "alice").await
+    };
+    // alice's page reaches node a through a proxy, so that its connection can be cut.
+    let proxy = Proxy::start(a.addr.port()).await;
+    let alice_page: SocketAddr = ([127, 0, 0, 1], proxy.port).into();
+
+    with_two_pages(alice_page, b.addr, move |alice, bob| async move {
+        alice.connect_as("alice").await;
+        bob.connect_as("bob").await;
+
+        // alice (node a) opens the room; bob (node b) joins it: each sees both members,
+        // and alice sees bob's presence event.
+        alice.join("lobby").await;
+        alice.wait_texts("#members li", &["alice"]).await;
+        bob.join("lobby").await;
+        bob.wait_texts("#members li", &["alice", "bob"]).await;
+        alice
+            .wait_texts(
+                r#"#log li.presence[data-room="lobby"] .body"#,
+                &["bob joined lobby"],
+            )
+            .await;
+        alice.wait_texts("#members li", &["alice", "bob"]).await;
+
+        // Room messages both ways, shown as text.
+        alice
+            .send_to_room("lobby", "hello lobby <i>from a</i>")
+            .await;
+        bob.wait_texts(
+            r#"#log li.msg[data-room="lobby"][data-from="alice"] .body"#,
+            &["hello lobby <i>from a</i>"],
+        )
+        .await;
+        alice
+            .wait_texts(
+                r#"#log li.out[data-room="lobby"] .body"#,
+                &["hello lobby <i>from a</i>"],
+            )
+            .await;
+        bob.send_to_room("lobby", "hi from b").await;
+        alice
+            .wait_texts(
+                r#"#log li.msg[data-room="lobby"][data-from="bob"] .body"#,
+                &["hi from b"],
+            )
+            .await;
+
+        // alice's connection drops: her user leaves the room; her page reconnects by itself
+        // and joins the room again.
+        proxy.set(Mode::Cut);
+        alice.wait_state("reconnecting").await;
+        proxy.set(Mode::Forward);
+        alice.wait_state("open").await;
+        bob.wait_texts(
+            r#"#log li.presence[data-room="lobby"] .body"#,
+            &["alice left lobby", "alice joined lobby"],
+        )
+        .await;
+        alice.wait_texts("#rooms li .room", &["#lobby"]).await;
+        alice.wait_texts("#members li", &["alice", "bob"]).await;
+        bob.send_to_room("lobby", "welcome back").await;
+        alice
+            .wait_texts(
+                r#"#log li.msg[data-room="lobby"][data-from="bob"] .body"#,
+                &["hi from b", "welcome back"],
+            )
+            .await;
+
+        // What alice's other session sends shows on her page as hers, sent elsewhere.
+        let mut tab = other_tab().await.expect("alice's second session");
+        tab.send_to("bob", "direct, from another tab").await;
+        tab.send_raw(r#"{"action":"join","data":{"room":"lobby"}}"#)
+            .await;
+        let joined = tab.recv().await;
+        assert_eq!(joined["action"], "joined", "{joined}");
+        tab.send_raw(
+            r#"{"action":"room_message","data":{"room":"lobby","text":"room, from another tab"}}"#,
+        )
+        .await;
+        alice
+            .wait_texts(
+                r#"#log li.out[data-own][data-to="bob"] .body"#,
+                &["direct, from another tab"],
+            )
+            .await;
+        alice
+            .wait_texts(
+                r#"#log li.out[data-own][data-room="lobby"] .body"#,
+                &["room, from another tab"],
+            )
+            .await;
+        assert_eq!(
+            alice
+                .text(r#"#log li.out[data-own][data-to="bob"] .meta b"#)
+                .await,
+            "bob"
+        );
+        bob.wait_texts(
+            r#"#log li.msg[data-from="alice"]:not([data-room]) .body"#,
+            &["direct, from another tab"],
+        )
+        .await;
+        bob.wait_texts(
+            r#"#log li.msg[data-room="lobby"][data-from="alice"] .body"#,
+            &["hello lobby <i>from a</i>", "room, from another tab"],
+        )
+        .await;
+        tab.close().await;
+
+        alice.screenshot("room").await;
+        bob.screenshot("room").await;
+
+        // bob leaves: his page drops the room, alice sees the leave and the member list shrink.
+        bob.click(r#"#rooms li[data-room="lobby"] .leave"#).await;
+        bob.wait_texts("#rooms li", &[]).await;
+        alice
+            .wait_texts(
+                r#"#log li.presence[data-room="lobby"] .body"#,
+                &["bob joined lobby", "bob left lobby"],
+            )
+            .await;
+        alice.wait_texts("#members li", &["alice"]).await;
+        alice.screenshot("room-left").await;
+
+        // Two newer sessions of alice replace the page's (close 4006): the page must not
+        // reconnect, which would replace one of them in turn, and so on.
+        let newer = [other_tab().await.unwrap(), other_tab().await.unwrap()];
+        alice.wait_state("closed").await;
+        assert_eq!(alice.text("#connect").await, "Connect");
+        alice
+            .wait_texts(
+                "#log li.info:last-child .body",
+                &["disconnected (4006 replaced by a newer session): alice connected in another tab or device"],
+            )
+            .await;
+        for tab in newer {
+            tab.close().await;
+        }
+    })
+    .await;
 }

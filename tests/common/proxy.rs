@@ -1,6 +1,6 @@
-//! A TCP proxy for fault injection between nodes and Redis: forward, cut (close every
-//! connection and refuse new ones), or black-hole (keep connections open but forward
-//! nothing, like a dead network path).
+//! A TCP proxy for fault injection between nodes and Redis (or a browser and a node):
+//! forward, cut (close every connection and refuse new ones), or black-hole (keep
+//! connections open but forward nothing, like a dead network path).
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
