@@ -23,6 +23,11 @@ pub mod cluster;
 pub mod proxy;
 pub mod raw;
 
+/// Key names under the default prefix, as the nodes build them.
+pub fn key_names() -> wsbus::keys::Keys {
+    wsbus::keys::Keys::new("wsbus")
+}
+
 /// How long any expected event may take before a test fails.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -78,6 +83,18 @@ impl Backend {
 
     pub async fn node(&self, id: &str) -> Node {
         Node::start_with(self.config(id)).await
+    }
+
+    /// A node with test timings and whatever `tune` changes.
+    pub async fn node_with(&self, id: &str, tune: impl FnOnce(&mut NodeConfig)) -> Node {
+        let mut config = self.config(id);
+        tune(&mut config);
+        Node::start_with(config).await
+    }
+
+    /// The two-node fixture: nodes `a` and `b` on this backend.
+    pub async fn pair(&self) -> (Node, Node) {
+        (self.node("a").await, self.node("b").await)
     }
 
     /// Extra `wsbus` arguments that select this backend.
@@ -459,7 +476,7 @@ pub async fn keys(url: &str) -> Vec<String> {
 /// Every session of `user` (live node or not), oldest first, as `wsbus whereis` reads them.
 pub async fn sessions(url: &str, cluster: bool, user: &str) -> Vec<wsbus::admin::UserLocation> {
     let bus = wsbus::admin::open(url, cluster).unwrap();
-    let keys = wsbus::keys::Keys::new("wsbus");
+    let keys = key_names();
     wsbus::admin::where_is(&bus, &keys, user).await.unwrap()
 }
 

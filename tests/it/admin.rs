@@ -57,7 +57,7 @@ async fn nodes_whereis_and_inspect_report_the_bus() {
     }
     .encode_into(&mut env);
     let _: String = redis::cmd("XADD")
-        .arg("wsbus:inbox:parked")
+        .arg(key_names().inbox("parked"))
         .arg("*")
         .arg("from")
         .arg("alice")

@@ -8,8 +8,7 @@ use crate::common::*;
 
 /// Nodes a and b, alice on a and bob on b, one message through already.
 async fn alice_on_a_bob_on_b(backend: &Backend) -> (Node, Node, Client, Client) {
-    let a = backend.node("a").await;
-    let b = backend.node("b").await;
+    let (a, b) = backend.pair().await;
     let mut alice = a.connect("alice").await;
     let mut bob = b.connect("bob").await;
     alice.send_to("bob", "warm-up").await;
@@ -65,7 +64,7 @@ async fn delivery_continues_while_an_inbox_slot_migrates() {
     };
     let (_a, _b, mut alice, mut bob) = alice_on_a_bob_on_b(&backend).await;
 
-    let (from, slot) = cluster.owner("wsbus:inbox:b").await;
+    let (from, slot) = cluster.owner(&key_names().inbox("b")).await;
     let to = *cluster.ports.iter().find(|&&p| p != from).unwrap();
     let send = stream_to_bob(&mut alice, N);
     let migrate = async {
@@ -79,7 +78,11 @@ async fn delivery_continues_while_an_inbox_slot_migrates() {
         }
     };
     tokio::join!(send, migrate, receive);
-    assert_eq!(cluster.owner("wsbus:inbox:b").await.0, to, "the slot moved");
+    assert_eq!(
+        cluster.owner(&key_names().inbox("b")).await.0,
+        to,
+        "the slot moved"
+    );
     assert!(
         alice
             .next_event_within(Duration::from_millis(200))
@@ -102,7 +105,7 @@ async fn delivery_continues_through_a_failover() {
     };
     let (_a, _b, mut alice, mut bob) = alice_on_a_bob_on_b(&backend).await;
 
-    let (primary, _) = cluster.owner("wsbus:inbox:b").await;
+    let (primary, _) = cluster.owner(&key_names().inbox("b")).await;
     let replica = cluster.replica_of(primary).await;
     let send = stream_to_bob(&mut alice, N);
     let failover = async {
@@ -144,7 +147,7 @@ async fn delivery_continues_through_a_failover() {
         "messages vanished in the failover"
     );
     assert_eq!(
-        cluster.owner("wsbus:inbox:b").await.0,
+        cluster.owner(&key_names().inbox("b")).await.0,
         replica,
         "the replica took over"
     );

@@ -179,7 +179,7 @@ async fn entries_for_users_who_moved_are_rerouted_or_answered() {
         .encode_into(&mut env);
         // Delivered to node a, where neither user is.
         let _: String = redis::cmd("XADD")
-            .arg("wsbus:inbox:a")
+            .arg(key_names().inbox("a"))
             .arg("*")
             .arg("from")
             .arg("sender")
@@ -213,7 +213,7 @@ async fn undecodable_inbox_entries_are_skipped() {
         vec![("from", b"x".to_vec())],
     ] {
         let mut cmd = redis::cmd("XADD");
-        cmd.arg("wsbus:inbox:b").arg("*");
+        cmd.arg(key_names().inbox("b")).arg("*");
         for (k, v) in fields {
             cmd.arg(k).arg(v);
         }

@@ -16,15 +16,14 @@ on_both!(
 async fn inbox_len(backend: &Backend, node: &str) -> u64 {
     let mut conn = backend.conn().await;
     redis::cmd("XLEN")
-        .arg(format!("wsbus:inbox:{node}"))
+        .arg(key_names().inbox(node))
         .query_async(&mut conn)
         .await
         .unwrap()
 }
 
 async fn delivers_across_nodes_and_on_the_same_node(backend: Backend) {
-    let a = backend.node("a").await;
-    let b = backend.node("b").await;
+    let (a, b) = backend.pair().await;
     let mut alice = a.connect("alice").await;
     let mut bob = b.connect("bob").await;
     let mut carol = a.connect("carol").await;
@@ -63,8 +62,7 @@ async fn three_nodes_all_pairs(backend: Backend) {
 }
 
 async fn user_is_reachable_as_soon_as_the_handshake_completes(backend: Backend) {
-    let a = backend.node("a").await;
-    let b = backend.node("b").await;
+    let (a, b) = backend.pair().await;
     let mut sender = a.connect("sender").await;
     for i in 0..20 {
         let user = format!("fresh{i}");

@@ -12,8 +12,7 @@ on_both!(
 );
 
 async fn a_second_session_is_refused_and_the_first_is_untouched(backend: Backend) {
-    let a = backend.node("a").await;
-    let b = backend.node("b").await;
+    let (a, b) = backend.pair().await;
     let mut first = a.connect("neo").await;
     for node in [&a, &b] {
         let mut second = node.connect("neo").await;
@@ -27,8 +26,7 @@ async fn a_second_session_is_refused_and_the_first_is_untouched(backend: Backend
 }
 
 async fn racing_connections_from_two_nodes_leave_exactly_one_session(backend: Backend) {
-    let a = backend.node("a").await;
-    let b = backend.node("b").await;
+    let (a, b) = backend.pair().await;
     let mut witness = a.connect("witness").await;
     for round in 0..25 {
         let user = format!("racer{round}");
@@ -47,8 +45,7 @@ async fn racing_connections_from_two_nodes_leave_exactly_one_session(backend: Ba
 }
 
 async fn disconnect_frees_the_id_for_any_node(backend: Backend) {
-    let a = backend.node("a").await;
-    let b = backend.node("b").await;
+    let (a, b) = backend.pair().await;
     a.connect("morpheus").await.close().await;
     backend.wait_unregistered("morpheus").await;
     let c = b.connect("morpheus").await;

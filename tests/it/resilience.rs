@@ -177,7 +177,7 @@ async fn messages_to_a_user_who_moves_are_delivered_or_reported() {
         let mut conn = redis_conn(&redis.url()).await;
         let info: Vec<redis::Value> = redis::cmd("XINFO")
             .arg("STREAM")
-            .arg("wsbus:inbox:b")
+            .arg(key_names().inbox("b"))
             .query_async(&mut conn)
             .await
             .unwrap();

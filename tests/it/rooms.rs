@@ -9,12 +9,15 @@ use wsbus::config::OnSessionLimit;
 use crate::common::*;
 use crate::on_both;
 
+/// Nodes where a user may hold 4 sessions, tuned further by `tune`.
 async fn node_with(backend: &Backend, id: &str, tune: impl FnOnce(&mut wsbus::NodeConfig)) -> Node {
-    let mut config = backend.config(id);
-    config.max_sessions_per_user = 4;
-    config.on_session_limit = OnSessionLimit::Reject;
-    tune(&mut config);
-    Node::start_with(config).await
+    backend
+        .node_with(id, |c| {
+            c.max_sessions_per_user = 4;
+            c.on_session_limit = OnSessionLimit::Reject;
+            tune(c);
+        })
+        .await
 }
 
 async fn node(backend: &Backend, id: &str) -> Node {

@@ -12,10 +12,12 @@ use crate::common::*;
 use crate::on_both;
 
 async fn node(backend: &Backend, id: &str, max: u32, mode: OnSessionLimit) -> Node {
-    let mut config = backend.config(id);
-    config.max_sessions_per_user = max;
-    config.on_session_limit = mode;
-    Node::start_with(config).await
+    backend
+        .node_with(id, |c| {
+            c.max_sessions_per_user = max;
+            c.on_session_limit = mode;
+        })
+        .await
 }
 
 /// What became of one connect attempt: accepted and open, or refused/closed with a code.
