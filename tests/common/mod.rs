@@ -275,6 +275,15 @@ impl Drop for Node {
     }
 }
 
+/// The value of the Prometheus sample `series` (name with labels, as rendered) on the node at
+/// `addr`, or 0.
+pub async fn metric(addr: SocketAddr, series: &str) -> f64 {
+    let (_, body) = http_get(addr, "/metrics").await.expect("/metrics");
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
 /// `GET path` on `addr`: (status, body), or `None` if nothing answered.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -566,10 +575,7 @@ impl NodeProcess {
 
     /// The value of the Prometheus sample `series` (name with labels, as rendered), or 0.
     pub async fn metric(&self, series: &str) -> f64 {
-        let (_, body) = http_get(self.addr, "/metrics").await.expect("/metrics");
-        body.lines()
-            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-            .map_or(0.0, |v| v.trim().parse().unwrap())
+        metric(self.addr, series).await
     }
 
     /// Sends `signal` (e.g. "TERM", "KILL") to the process.

@@ -6,6 +6,7 @@ use crate::common::*;
 use crate::on_both;
 
 on_both!(
+    close_and_reconnect_at_once_to_another_node_is_never_refused,
     a_second_session_is_refused_and_the_first_is_untouched,
     racing_connections_from_two_nodes_leave_exactly_one_session,
     disconnect_frees_the_id_for_any_node,
@@ -23,6 +24,45 @@ async fn a_second_session_is_refused_and_the_first_is_untouched(backend: Backend
     other.send_to("neo", "still yours").await;
     first.expect_message("trinity", "still yours").await;
     assert_eq!(backend.where_is("neo").await.as_deref(), Some("a"));
+}
+
+/// A page reload or a client's reconnect is never refused for its own previous session: the
+/// node releases the claim before it answers the client's Close.
+async fn close_and_reconnect_at_once_to_another_node_is_never_refused(backend: Backend) {
+    let (a, b) = backend.pair().await;
+    let mut refused = 0;
+    for i in 0..200 {
+        let node = if i % 2 == 0 { &a } else { &b };
+        let mut client = node.connect("reloader").await;
+        // A live session gets its own message back; a refused one gets the error instead.
+        client.send_to("reloader", &i.to_string()).await;
+        match client.next_event().await {
+            Event::Json(v) if v["action"] == "message" => {
+                assert_eq!(v["data"]["text"], i.to_string())
+            }
+            other => {
+                eprintln!("cycle {i}: {other:?}");
+                refused += 1;
+            }
+        }
+        client.close().await;
+    }
+    assert_eq!(refused, 0, "reconnects refused");
+}
+
+/// A duplicate refused on the node that holds the user is counted like one refused elsewhere.
+#[tokio::test]
+async fn refusals_on_the_holding_node_are_counted() {
+    let redis = Redis::start().await.unwrap();
+    let a = Node::start("a", &redis.url()).await;
+    let _first = a.connect("neo").await;
+    let mut second = a.connect("neo").await;
+    second.expect_error("not unique session").await;
+    second.expect_close(4001).await;
+    let refused = r#"wsbus_connections_refused_total{reason="not_unique"}"#;
+    assert_eq!(metric(a.addr, refused).await, 1.0);
+    let errors = r#"wsbus_client_errors_total{kind="not_unique_session"}"#;
+    assert_eq!(metric(a.addr, errors).await, 1.0);
 }
 
 async fn racing_connections_from_two_nodes_leave_exactly_one_session(backend: Backend) {
