@@ -121,6 +121,30 @@ async fn room_messages_reach_every_member_but_the_sending_session(backend: Backe
         json!({"from": "bob", "action": "members", "data": {"room": "lobby", "users": ["alice", "bob", "carol"]}})
     );
 
+    // The operator's view: `wsbus rooms` and `wsbus members`.
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsbus"))
+            .args(args)
+            .args(backend.cli_args())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let rooms = run(&["rooms"]);
+    let row: Vec<&str> = rooms
+        .lines()
+        .find(|l| l.starts_with("lobby "))
+        .unwrap_or_else(|| panic!("no lobby in {rooms}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(row, ["lobby", "3", "a,b"]);
+    assert_eq!(
+        run(&["members", "lobby"]),
+        "alice a,b\nbob b\ncarol a\n",
+        "each member with the nodes it is in the room on"
+    );
+
     // Leaving: `left`, then nothing more; the user is still in while another session is.
     bob.act("leave", json!({"room": "lobby"})).await;
     assert_eq!(
