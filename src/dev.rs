@@ -159,7 +159,7 @@ pub async fn run(
         addrs.push(listener.local_addr()?);
         let config = NodeConfig::new(format!("dev-{}", i + 1), redis_url.clone());
         let stop = stop.clone();
-        nodes.push(tokio::spawn(crate::node::run(
+        nodes.push(tokio::spawn(crate::server::run(
             config,
             listener,
             stop.cancelled_owned(),

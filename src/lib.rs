@@ -29,7 +29,8 @@
 //! - [`presence`]: sessions and room membership in Redis. [`registry`]: nodes, heartbeats,
 //!   reaping.
 //! - [`bus`]: Redis connections and the functions in `migrations/`. [`keys`]: key names.
-//! - [`node`]: a running node's shared state. [`dev`]: the local dev cluster.
+//! - [`node`]: a node's shared state. [`server`]: starting, wiring and stopping its tasks.
+//!   [`heartbeat`]: registration, liveness, reaping. [`dev`]: the local dev cluster.
 //! - [`admin`]: read-only operator commands. [`telemetry`]: `/metrics`.
 
 pub mod admin;
@@ -42,6 +43,7 @@ pub mod dispatch;
 pub mod edge;
 pub mod edge_protocol;
 pub mod envelope;
+pub mod heartbeat;
 pub mod hub;
 pub mod inbox_reader;
 pub mod keys;
@@ -49,6 +51,7 @@ pub mod node;
 pub mod presence;
 pub mod registry;
 pub mod rooms;
+pub mod server;
 pub mod session;
 pub mod socket_queue;
 pub mod telemetry;
@@ -56,4 +59,5 @@ pub mod user;
 pub mod websocket;
 
 pub use config::NodeConfig;
-pub use node::{NodeError, run};
+pub use node::NodeError;
+pub use server::run;

@@ -1,15 +1,12 @@
-//! A running node: its identity and shared state, and [`run`], which wires the heartbeat,
-//! the inbox consumer, the bus writer and the edge together and shuts them down in order.
-//!
-//! Shutdown goes through one [`CancellationToken`]: stop accepting, close every socket with
-//! 1001, drain the bus writer, remove this node's keys, return.
+//! A node's shared state: its identity, configuration, Redis access, local sessions and
+//! rooms, the bus writer's queue and the one shutdown token. Building it checks the
+//! configuration; starting, wiring and stopping the tasks is [`crate::server`]'s business.
 
-use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -17,7 +14,6 @@ use tokio_util::task::TaskTracker;
 use crate::bus::{Bus, BusError};
 use crate::config::NodeConfig;
 use crate::dispatch::Dispatch;
-use crate::edge_protocol::close;
 use crate::hub::Hub;
 use crate::keys::Keys;
 use crate::presence::Presence;
@@ -155,255 +151,95 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Runs a node on `listener` until `shutdown` resolves, then shuts it down cleanly.
-pub async fn run(
-    config: NodeConfig,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), NodeError> {
-    let id = config.node_id.clone().unwrap_or_else(random_node_id);
-    if !is_valid_id(&id) {
-        return Err(NodeError::Config(format!(
-            "node id {id:?}: use 1-64 of [A-Za-z0-9_.-]"
-        )));
-    }
-    if !is_valid_id(&config.prefix.replace(':', "_")) {
-        return Err(NodeError::Config(format!("prefix {:?}", config.prefix)));
-    }
-    let auth = match (&config.jwt_secret, &config.jwt_public_key) {
-        (Some(_), Some(_)) => {
-            return Err(NodeError::Config(
-                "give either --jwt-secret or --jwt-public-key, not both".into(),
-            ));
+impl Node {
+    /// Checks `config` and builds the state of a node serving clients on `addr` (not yet
+    /// registered, no task started). Returns the receiving end of the bus writer's queue too.
+    pub fn build(
+        config: NodeConfig,
+        addr: SocketAddr,
+    ) -> Result<(Arc<Node>, mpsc::Receiver<Dispatch>), NodeError> {
+        let id = config.node_id.clone().unwrap_or_else(random_node_id);
+        if !is_valid_id(&id) {
+            return Err(NodeError::Config(format!(
+                "node id {id:?}: use 1-64 of [A-Za-z0-9_.-]"
+            )));
         }
-        (Some(secret), None) => Some(crate::auth::Verifier::hs256(secret.as_bytes())),
-        (None, Some(path)) => Some(
-            crate::auth::Verifier::from_public_key_file(path)
-                .map_err(|e| NodeError::Config(e.to_string()))?,
-        ),
-        (None, None) if config.insecure => None,
-        (None, None) => {
-            return Err(NodeError::Config(
-                "refusing to start without authentication: set WSBUS_JWT_SECRET or \
-                 --jwt-public-key, or pass --insecure to accept anyone"
-                    .into(),
-            ));
+        if !is_valid_id(&config.prefix.replace(':', "_")) {
+            return Err(NodeError::Config(format!("prefix {:?}", config.prefix)));
         }
-    };
-    let addr = listener.local_addr()?;
-    let admin_listener = match config.admin_bind {
-        Some(admin_addr) => Some(TcpListener::bind(admin_addr).await?),
-        None => None,
-    };
-    let keys = Keys::new(&config.prefix);
-    let bus = Arc::new(Bus::new(
-        &config.redis_url,
-        config.redis_cluster,
-        config.redis_ca_file.as_deref(),
-        config.redis_timeout,
-        16,
-    )?);
-    let live = Arc::new(LiveNodes::new(&keys, config.node_ttl));
-    let id: Arc<str> = Arc::from(id);
-    let (bus_writer, bus_writer_rx) = mpsc::channel(config.bus_queue.max(1));
-    // The one shutdown token; every session's kick is a child of it.
-    let stop = CancellationToken::new();
-    let node = Arc::new(Node {
-        presence: Presence::new(
-            bus.clone(),
-            keys.clone(),
-            id.clone(),
-            live.clone(),
-            config.max_sessions_per_user,
-            config.on_session_limit,
-        ),
-        registry: Registry::new(
-            keys.clone(),
-            id.to_string(),
-            addr.to_string(),
-            now_ms(),
-            config.node_ttl,
-            live.clone(),
-            config.inbox_maxlen,
-        ),
-        hub: Hub::new(
-            config.session_queue,
-            config.session_queue_bytes,
-            stop.clone(),
-        ),
-        rooms: crate::rooms::Rooms::new(),
-        connections: Arc::new(Semaphore::new(config.max_connections)),
-        id,
-        keys,
-        bus,
-        live,
-        bus_writer,
-        shutdown: stop,
-        sessions: TaskTracker::new(),
-        auth,
-        health: Health::default(),
-        metrics: crate::telemetry::HotMetrics::register(),
-        next_sid: AtomicU64::new(1),
-        next_message_id: AtomicU64::new(1),
-        boot: fastrand::u64(1..),
-        config,
-    });
-    tracing::info!(node = %node.id, %addr, "node starting");
-
-    // The first heartbeat registers the node; if Redis is down, the loop keeps trying and
-    // the node serves same-node traffic meanwhile.
-    match node.bus.conn().await {
-        Ok(mut conn) => {
-            if let Err(e) = node.bus.load_functions(&mut conn).await {
-                tracing::warn!(error = %e, "cannot load the Redis functions yet");
+        let auth = match (&config.jwt_secret, &config.jwt_public_key) {
+            (Some(_), Some(_)) => {
+                return Err(NodeError::Config(
+                    "give either --jwt-secret or --jwt-public-key, not both".into(),
+                ));
             }
-        }
-        Err(e) => tracing::warn!(error = %e, "Redis is not reachable yet"),
-    }
-    heartbeat_once(&node).await;
-
-    let tasks = TaskTracker::new();
-    let drain = CancellationToken::new();
-    tasks.spawn(heartbeat_loop(node.clone()));
-    tasks.spawn(crate::telemetry::run_upkeep(node.shutdown.clone()));
-    tasks.spawn(crate::inbox_reader::run(node.clone()));
-    let writer = tokio::spawn(crate::bus_writer::run(
-        node.clone(),
-        bus_writer_rx,
-        drain.clone(),
-    ));
-    let mut app = crate::edge::client_router(node.clone());
-    match admin_listener {
-        None => app = app.merge(crate::edge::admin_router(node.clone())),
-        Some(admin) => {
-            tracing::info!(addr = %admin.local_addr()?, "admin endpoints listening");
-            let routes = crate::edge::admin_router(node.clone());
-            let stop = node.shutdown.clone();
-            tasks.spawn(async move {
-                let served = axum::serve(admin, routes)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await;
-                if let Err(e) = served {
-                    tracing::warn!(error = %e, "admin listener failed");
-                }
-            });
-        }
-    }
-    let stop = node.shutdown.clone();
-    // Nagle's algorithm with delayed ACKs would hold small frames for up to 40 ms.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
-    });
-
-    tokio::select! {
-        _ = shutdown => {}
-        _ = node.shutdown.cancelled() => {}
-    }
-    let started = Instant::now();
-    tracing::info!(node = %node.id, sessions = node.hub.len(), "node shutting down");
-    node.shutdown.cancel();
-    node.sessions.close();
-    let budget = node.config.shutdown_timeout;
-    if tokio::time::timeout(budget, node.sessions.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("sessions did not all close in time");
-    }
-    drain.cancel();
-    let _ = tokio::time::timeout(remaining(budget, started), writer).await;
-    tasks.close();
-    let _ = tokio::time::timeout(remaining(budget, started), tasks.wait()).await;
-    let deregistered = async {
-        let mut conn = node.bus.conn().await?;
-        node.registry.deregister(&node.bus, &mut conn).await
-    };
-    match tokio::time::timeout(
-        remaining(budget, started).max(Duration::from_secs(1)),
-        deregistered,
-    )
-    .await
-    {
-        Ok(Ok(())) => tracing::info!(node = %node.id, "node removed from Redis"),
-        Ok(Err(e)) => tracing::warn!(error = %e, "could not remove the node from Redis"),
-        Err(_) => tracing::warn!("removing the node from Redis timed out"),
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
-    Ok(())
-}
-
-/// Presence `leave` events for the users a dead node took out of its rooms.
-async fn announce_departures(node: &Node, drops: Vec<crate::presence::RoomDrop>) {
-    for drop in drops {
-        let before = drop.members + drop.gone.len() as u64;
-        let Some(room) = crate::user::RoomId::parse(&drop.room) else {
-            continue;
+            (Some(secret), None) => Some(crate::auth::Verifier::hs256(secret.as_bytes())),
+            (None, Some(path)) => Some(
+                crate::auth::Verifier::from_public_key_file(path)
+                    .map_err(|e| NodeError::Config(e.to_string()))?,
+            ),
+            (None, None) if config.insecure => None,
+            (None, None) => {
+                return Err(NodeError::Config(
+                    "refusing to start without authentication: set WSBUS_JWT_SECRET or \
+                     --jwt-public-key, or pass --insecure to accept anyone"
+                        .into(),
+                ));
+            }
         };
-        if before > node.config.presence_events_max_members {
-            continue;
-        }
-        for user in &drop.gone {
-            node.send_presence(&room, user, crate::dispatch::PresenceEvent::Leave)
-                .await;
-        }
+        let keys = Keys::new(&config.prefix);
+        let bus = Arc::new(Bus::new(
+            &config.redis_url,
+            config.redis_cluster,
+            config.redis_ca_file.as_deref(),
+            config.redis_timeout,
+            16,
+        )?);
+        let live = Arc::new(LiveNodes::new(&keys, config.node_ttl));
+        let id: Arc<str> = Arc::from(id);
+        let (bus_writer, bus_writer_rx) = mpsc::channel(config.bus_queue.max(1));
+        // The one shutdown token; every session's kick is a child of it.
+        let stop = CancellationToken::new();
+        let node = Arc::new(Node {
+            presence: Presence::new(
+                bus.clone(),
+                keys.clone(),
+                id.clone(),
+                live.clone(),
+                config.max_sessions_per_user,
+                config.on_session_limit,
+            ),
+            registry: Registry::new(
+                keys.clone(),
+                id.to_string(),
+                addr.to_string(),
+                now_ms(),
+                config.node_ttl,
+                live.clone(),
+                config.inbox_maxlen,
+            ),
+            hub: Hub::new(
+                config.session_queue,
+                config.session_queue_bytes,
+                stop.clone(),
+            ),
+            rooms: crate::rooms::Rooms::new(),
+            connections: Arc::new(Semaphore::new(config.max_connections)),
+            id,
+            keys,
+            bus,
+            live,
+            bus_writer,
+            shutdown: stop,
+            sessions: TaskTracker::new(),
+            auth,
+            health: Health::default(),
+            metrics: crate::telemetry::HotMetrics::register(),
+            next_sid: AtomicU64::new(1),
+            next_message_id: AtomicU64::new(1),
+            boot: fastrand::u64(1..),
+            config,
+        });
+        Ok((node, bus_writer_rx))
     }
-}
-
-fn remaining(budget: Duration, since: Instant) -> Duration {
-    budget.saturating_sub(since.elapsed())
-}
-
-async fn heartbeat_loop(node: Arc<Node>) {
-    let mut tick = tokio::time::interval(node.config.heartbeat_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = node.shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        heartbeat_once(&node).await;
-    }
-}
-
-/// One heartbeat, with what follows from it: re-registering local users if Redis lost them,
-/// and reaping dead nodes.
-async fn heartbeat_once(node: &Node) {
-    let result = async {
-        let mut conn = node.bus.conn().await?;
-        let beat = node.registry.beat(&node.bus, &mut conn).await?;
-        node.metrics.inbox_length.set(beat.inbox_len as f64);
-        if beat.lost {
-            let sessions = node.hub.snapshot();
-            tracing::warn!(
-                sessions = sessions.len(),
-                "registration was missing from Redis; registering local users again"
-            );
-            let lost = node.presence.reclaim(&sessions).await?;
-            for (user, sid) in lost {
-                node.hub.kick(user.as_str(), sid, close::SESSION_REPLACED);
-            }
-            node.presence.rejoin_rooms(&node.rooms.snapshot()).await?;
-        }
-        for dead in &beat.dead {
-            match node.registry.reap(&node.bus, &mut conn, dead).await {
-                Ok(Some(drops)) => announce_departures(node, drops).await,
-                Ok(None) => {}
-                Err(e) => tracing::warn!(node = %dead, error = %e, "reaping failed"),
-            }
-        }
-        Ok::<(), BusError>(())
-    }
-    .await;
-    if let Err(e) = &result {
-        tracing::warn!(error = %e, "heartbeat failed");
-    }
-    node.health.set_redis_ok(result.is_ok());
 }

@@ -1,0 +1,77 @@
+//! The heartbeat task: every `--heartbeat-interval`, refresh this node's registration and its
+//! view of which nodes are alive; register every local session and room membership again when
+//! Redis lost them; reap dead nodes and announce their users' departures from rooms.
+
+use std::sync::Arc;
+
+use crate::bus::BusError;
+use crate::dispatch::PresenceEvent;
+use crate::edge_protocol::close;
+use crate::node::Node;
+use crate::presence::RoomDrop;
+use crate::user::RoomId;
+
+/// Beats until the node shuts down (the first beat is [`beat`], run before serving).
+pub async fn run(node: Arc<Node>) {
+    let mut tick = tokio::time::interval(node.config.heartbeat_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = node.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        beat(&node).await;
+    }
+}
+
+/// One heartbeat, with what follows from it: re-registering local sessions and rooms if Redis
+/// lost them, and reaping dead nodes. Readiness learns whether it reached Redis.
+pub async fn beat(node: &Node) {
+    let result = async {
+        let mut conn = node.bus.conn().await?;
+        let beat = node.registry.beat(&node.bus, &mut conn).await?;
+        node.metrics.inbox_length.set(beat.inbox_len as f64);
+        if beat.lost {
+            let sessions = node.hub.snapshot();
+            tracing::warn!(
+                sessions = sessions.len(),
+                "registration was missing from Redis; registering local users again"
+            );
+            let lost = node.presence.reclaim(&sessions).await?;
+            for (user, sid) in lost {
+                node.hub.kick(user.as_str(), sid, close::SESSION_REPLACED);
+            }
+            node.presence.rejoin_rooms(&node.rooms.snapshot()).await?;
+        }
+        for dead in &beat.dead {
+            match node.registry.reap(&node.bus, &mut conn, dead).await {
+                Ok(Some(drops)) => announce_departures(node, drops).await,
+                Ok(None) => {}
+                Err(e) => tracing::warn!(node = %dead, error = %e, "reaping failed"),
+            }
+        }
+        Ok::<(), BusError>(())
+    }
+    .await;
+    if let Err(e) = &result {
+        tracing::warn!(error = %e, "heartbeat failed");
+    }
+    node.health.set_redis_ok(result.is_ok());
+}
+
+/// Presence `leave` events for the users a dead node took out of its rooms.
+async fn announce_departures(node: &Node, drops: Vec<RoomDrop>) {
+    for drop in drops {
+        let before = drop.members + drop.gone.len() as u64;
+        let Some(room) = RoomId::parse(&drop.room) else {
+            continue;
+        };
+        if before > node.config.presence_events_max_members {
+            continue;
+        }
+        for user in &drop.gone {
+            node.send_presence(&room, user, PresenceEvent::Leave).await;
+        }
+    }
+}
