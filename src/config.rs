@@ -17,11 +17,11 @@ pub struct NodeConfig {
     pub node_id: Option<String>,
 
     /// Run without authentication (anyone may connect as anyone). Required when no JWT
-    /// setting is given; `wsbus dev` implies it.
+    /// setting is given, refused beside one; `wsbus dev` implies it.
     #[arg(long, env = "WSBUS_INSECURE")]
     pub insecure: bool,
 
-    /// Shared secret for HS256 tokens.
+    /// Shared secret for HS256 tokens, at least 32 bytes (RFC 7518 §3.2).
     #[arg(long, env = "WSBUS_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
 
