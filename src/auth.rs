@@ -1,8 +1,8 @@
 //! Authentication: signed tokens (JWT) checked before the WebSocket upgrade.
 //!
 //! A token comes as `?token=` (browsers cannot set headers on a WebSocket) or as
-//! `Authorization: Bearer`. Its `sub` must equal the user id in the path and `exp` must be in
-//! the future. HS256 uses a shared secret; RS256 and ES256 use a public key file (PEM).
+//! `Authorization: Bearer` (the scheme in any case, RFC 7235). Its `sub` must equal the user id
+//! in the path, `exp` must be in the future and `nbf`, if given, in the past. HS256 uses a shared secret; RS256 and ES256 use a public key file (PEM).
 //! Tokens are never logged.
 
 use std::path::Path;
@@ -20,6 +20,9 @@ pub struct Claims {
     /// Issued at, seconds since the epoch.
     #[serde(default)]
     pub iat: u64,
+    /// Not before, seconds since the epoch: a token is refused until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
 }
 
 /// Why a connection was refused (HTTP 401); the texts are the response bodies.
@@ -31,6 +34,9 @@ pub enum AuthError {
     /// `exp` has passed.
     #[error("token expired")]
     Expired,
+    /// `nbf` is still ahead.
+    #[error("token not yet valid")]
+    NotYetValid,
     /// `sub` is not the user id in the path.
     #[error("token is for another user")]
     WrongUser,
@@ -152,9 +158,11 @@ impl Verifier {
     pub fn verify(&self, token: &str, user: &str) -> Result<(), AuthError> {
         let mut validation = Validation::new(self.algorithm);
         validation.leeway = 5;
+        validation.validate_nbf = true;
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &validation).map_err(|e| {
             match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+                jsonwebtoken::errors::ErrorKind::ImmatureSignature => AuthError::NotYetValid,
                 _ => AuthError::Invalid,
             }
         })?;
@@ -173,13 +181,9 @@ pub fn token_from<'a>(query: Option<&'a str>, authorization: Option<&'a str>) ->
             .filter(|t| !t.is_empty())
     });
     from_query.or_else(|| {
-        authorization
-            .and_then(|h| {
-                h.strip_prefix("Bearer ")
-                    .or_else(|| h.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
+        let (scheme, token) = authorization?.trim_start().split_once([' ', '\t'])?;
+        let token = token.trim();
+        (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
     })
 }
 
@@ -196,6 +200,7 @@ pub fn mint(
         sub: user.to_owned(),
         exp: now + ttl_secs,
         iat: now,
+        nbf: None,
     };
     let (algorithm, key) = match (secret, private_key_pem) {
         (Some(secret), None) => {
@@ -239,6 +244,7 @@ mod tests {
             sub: "alice".into(),
             exp: jsonwebtoken::get_current_timestamp() - 120,
             iat: 0,
+            nbf: None,
         };
         let expired = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
@@ -247,6 +253,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(v.verify(&expired, "alice"), Err(AuthError::Expired));
+        let now = jsonwebtoken::get_current_timestamp();
+        let with_nbf = |nbf| {
+            let claims = Claims {
+                sub: "alice".into(),
+                exp: now + 7200,
+                iat: now,
+                nbf: Some(nbf),
+            };
+            let key = EncodingKey::from_secret(SECRET);
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap()
+        };
+        assert_eq!(
+            v.verify(&with_nbf(now + 3600), "alice"),
+            Err(AuthError::NotYetValid),
+            "valid from an hour ahead"
+        );
+        assert_eq!(v.verify(&with_nbf(now - 1), "alice"), Ok(()));
     }
 
     #[test]
@@ -283,6 +306,13 @@ mod tests {
         assert_eq!(token_from(Some("a=1&token=abc"), None), Some("abc"));
         assert_eq!(token_from(Some("token="), Some("Bearer xyz")), Some("xyz"));
         assert_eq!(token_from(None, Some("Basic xyz")), None);
+        for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+            let header = format!("{scheme} xyz");
+            assert_eq!(token_from(None, Some(&header)), Some("xyz"), "{scheme}");
+        }
+        assert_eq!(token_from(None, Some("Bearer  xyz ")), Some("xyz"));
+        assert_eq!(token_from(None, Some("Bearerxyz")), None);
+        assert_eq!(token_from(None, Some("Bearer ")), None);
         assert_eq!(token_from(None, None), None);
     }
 }

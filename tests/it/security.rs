@@ -76,14 +76,14 @@ async fn hs256_tokens_are_checked_before_the_upgrade() {
         &["--jwt-secret", "a-different-secret-of-32-bytes-or-more"],
     )
     .await;
-    let claims_exp_in_past = {
-        // Expired a minute ago (the node allows 5 s of leeway).
+    let now = jsonwebtoken::get_current_timestamp();
+    let signed = |exp: u64, nbf: Option<u64>| {
         use jsonwebtoken::{EncodingKey, Header, encode};
-        let now = jsonwebtoken::get_current_timestamp();
         let claims = wsbus::auth::Claims {
             sub: "alice".into(),
-            exp: now - 60,
+            exp,
             iat: now - 120,
+            nbf,
         };
         encode(
             &Header::default(),
@@ -92,12 +92,16 @@ async fn hs256_tokens_are_checked_before_the_upgrade() {
         )
         .unwrap()
     };
+    // A minute past or ahead (the node allows 5 s of leeway).
+    let claims_exp_in_past = signed(now - 60, None);
+    let claims_nbf_ahead = signed(now + 3600, Some(now + 60));
     let url = a.url("alice");
     for (query, why) in [
         (String::new(), "missing"),
         (format!("?token={forged}"), "forged"),
         (format!("?token={other_user}"), "another user's"),
         (format!("?token={claims_exp_in_past}"), "expired"),
+        (format!("?token={claims_nbf_ahead}"), "not yet valid"),
         ("?token=garbage".to_owned(), "garbage"),
     ] {
         let status = Client::connect_url(&format!("{url}{query}"), "alice")
@@ -117,11 +121,11 @@ async fn hs256_tokens_are_checked_before_the_upgrade() {
     let mut request = a.url("bob").into_client_request().unwrap();
     request.headers_mut().insert(
         "Authorization",
-        HeaderValue::from_str(&format!("Bearer {other_user}")).unwrap(),
+        HeaderValue::from_str(&format!("BEARER {other_user}")).unwrap(),
     );
     let mut bob = Client::connect_request(request, "bob")
         .await
-        .expect("a valid token in the Authorization header is accepted");
+        .expect("a valid token in the Authorization header is accepted, scheme in any case");
     alice.send_to("bob", "authenticated").await;
     bob.expect_message("alice", "authenticated").await;
 }
