@@ -185,7 +185,18 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Inspect { node, count, admin } => {
             let keys = Keys::new(&admin.prefix);
-            for entry in wsbus::admin::inspect(&admin.bus()?, &keys, &node, count).await? {
+            let Some(entries) = wsbus::admin::inspect(&admin.bus()?, &keys, &node, count).await?
+            else {
+                eprintln!(
+                    "no node {node:?} under prefix {:?}: not registered, no inbox (`wsbus nodes` lists them)",
+                    admin.prefix
+                );
+                std::process::exit(1);
+            };
+            if entries.is_empty() {
+                eprintln!("the inbox of {node} is empty (a node trims what it delivered)");
+            }
+            for entry in entries {
                 println!("{entry}");
             }
         }
