@@ -204,10 +204,16 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Logs go to stderr, so stdout carries only what a command prints (tokens, `inspect`'s JSON
+/// lines, `dev`'s instructions); colour only on a terminal, so a redirected log stays plain.
 fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -108,6 +108,7 @@ async fn dev_runs_a_two_node_cluster_and_stops_on_sigint() {
         .env("RUST_LOG", "warn")
         .env_remove("WSBUS_REDIS_URL")
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -151,5 +152,18 @@ async fn dev_runs_a_two_node_cluster_and_stops_on_sigint() {
     assert!(
         out.contains(&format!("ws://127.0.0.1:{base}/ws/<user-id>")),
         "{out}"
+    );
+    let mut log = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .await
+        .unwrap();
+    assert!(log.contains("dev mode: no authentication"), "{log}");
+    assert!(
+        !log.contains('\x1b') && !out.contains('\x1b'),
+        "no colour codes when not on a terminal: {log:?}"
     );
 }
