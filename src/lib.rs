@@ -18,6 +18,8 @@
 //! - [`config`]: every tunable and its default.
 //! - [`protocol`]: the edge JSON, error texts and close codes (the one list of them).
 //! - [`user`]: user and node ids.
+//! - [`listener`]: the accept loop and connections before they upgrade (header timeout,
+//!   head size, stalled and pending connections).
 //! - [`edge`]: HTTP routes and the upgrade (auth, then claim before upgrade). [`auth`]: tokens.
 //! - [`session`]: one connected client's task.
 //! - [`hub`]: local sessions and non-blocking delivery.
@@ -37,6 +39,7 @@ pub mod edge;
 pub mod hub;
 pub mod inbox;
 pub mod keys;
+pub mod listener;
 pub mod node;
 pub mod outbox;
 pub mod presence;

@@ -241,29 +241,22 @@ pub async fn run(
         Some(admin) => {
             tracing::info!(addr = %admin.local_addr()?, "admin endpoints listening");
             let routes = crate::edge::admin_router(node.clone());
-            let stop = node.shutdown.clone();
-            tasks.spawn(async move {
-                let served = axum::serve(admin, routes)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await;
-                if let Err(e) = served {
-                    tracing::warn!(error = %e, "admin listener failed");
-                }
-            });
+            let limits = crate::listener::HttpLimits::from_config(&node.config);
+            tasks.spawn(crate::listener::serve(
+                admin,
+                routes,
+                limits,
+                node.shutdown.clone(),
+            ));
         }
     }
-    let stop = node.shutdown.clone();
-    // Nagle's algorithm with delayed ACKs would hold small frames for up to 40 ms.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
-    });
+    let limits = crate::listener::HttpLimits::from_config(&node.config);
+    let server = tokio::spawn(crate::listener::serve(
+        listener,
+        app,
+        limits,
+        node.shutdown.clone(),
+    ));
 
     tokio::select! {
         _ = shutdown => {}

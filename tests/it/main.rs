@@ -7,6 +7,7 @@ mod admin;
 mod cluster;
 mod errors;
 mod faults;
+mod http;
 mod messaging;
 mod presence;
 mod process;
