@@ -10,6 +10,7 @@ mod dm;
 mod idle;
 mod noise;
 mod report;
+mod slowloris;
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -43,6 +44,9 @@ pub enum Scenario {
     /// No server: how late this machine wakes a thread that slept 100 µs (the noise
     /// floor under every latency above).
     SchedNoise,
+    /// Stalled and oversized request heads against the first node while real clients
+    /// connect and message (see `slowloris.rs` for its settings).
+    Slowloris,
 }
 
 impl Scenario {
@@ -54,6 +58,7 @@ impl Scenario {
             Self::IdleConnections => "idle-connections",
             Self::Churn => "churn",
             Self::SchedNoise => "sched-noise",
+            Self::Slowloris => "slowloris",
         }
     }
 }
@@ -161,6 +166,7 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<Report> {
             Scenario::IdleConnections => idle::run(cfg, hard).await,
             Scenario::Churn => churn::run(cfg, hard).await,
             Scenario::SchedNoise => noise::run(cfg).await,
+            Scenario::Slowloris => slowloris::run(cfg, hard).await,
         }
     };
     let mut report = match tokio::time::timeout(deadline, fut).await {
