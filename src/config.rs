@@ -156,7 +156,7 @@ pub struct NodeConfig {
     /// Connections per listener open without having upgraded to a WebSocket (sending a
     /// request head, or plain HTTP). Past it, each new connection closes the oldest of them,
     /// so stalled connections cannot lock real clients out.
-    #[arg(long, env = "WSBUS_MAX_PENDING_CONNECTIONS", default_value_t = 4096)]
+    #[arg(long, env = "WSBUS_MAX_PENDING_CONNECTIONS", default_value_t = 8192)]
     pub max_pending_connections: usize,
 
     /// How long shutdown waits for sockets to close and the bus to drain.

@@ -6,10 +6,13 @@
 //! `axum::serve` gives hyper no timer, so hyper's header-read timeout never fires, and it
 //! bounds neither the request head (hyper's default buffer is ~400 KB) nor the connections
 //! that never finish one: dribbling clients (slowloris) held their sockets forever. Here:
-//! - hyper's header-read timeout runs on a Tokio timer. It runs whenever hyper waits for a
-//!   head, so it also closes a kept-alive connection idle between requests;
-//! - a head larger than the limit gets HTTP 431 (hyper's answer when its read buffer fills
-//!   before the head ends) and the connection closes;
+//! - the first request head is read here, before hyper sees the connection, within the
+//!   header timeout and the head limit (431 past it). A connection still sending its head
+//!   costs its task and the bytes it sent, not hyper's buffers;
+//! - later heads on a kept-alive connection get the same limits from hyper: its header-read
+//!   timeout runs on a Tokio timer whenever it waits for a head (so it also closes a
+//!   connection idle between requests), and its read buffer is capped at the head limit
+//!   (hyper answers 431 when it fills before the head ends);
 //! - a connection that moves no byte for the idle timeout (a client that does not read its
 //!   response) is closed;
 //! - at most `max_pending` connections per listener are open without having upgraded. Past
@@ -38,7 +41,7 @@ use axum::response::Response;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -77,6 +80,22 @@ impl HttpLimits {
     }
 }
 
+/// Connections the kernel queues for `accept` (it caps this at `net.core.somaxconn`).
+/// Tokio's `TcpListener::bind` asks for 1,024: a node starved of CPU for a moment during a
+/// connection flood then drops SYNs, and a real client waits a second for its retry.
+pub const ACCEPT_BACKLOG: u32 = 4096;
+
+/// A listener on `addr` with an [`ACCEPT_BACKLOG`]-deep accept queue.
+pub fn bind(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)
+}
+
 /// Serves `router` on `listener` until `shutdown` is cancelled, then closes the connections
 /// that have not upgraded (after their handler, if one runs) and returns once they are gone.
 pub async fn serve(
@@ -90,6 +109,7 @@ pub async fn serve(
         .header_read_timeout(limits.header_timeout)
         .max_buf_size(limits.max_head_bytes.max(MIN_HEAD_BYTES));
     let pending = Arc::new(Pending::new(limits.max_pending));
+    let limits = Arc::new(limits);
     let connections = TaskTracker::new();
     loop {
         let tcp = tokio::select! {
@@ -112,7 +132,7 @@ pub async fn serve(
             tcp,
             router.clone(),
             slot,
-            limits.idle_timeout,
+            limits.clone(),
         ));
     }
     connections.close();
@@ -138,21 +158,48 @@ async fn accept_failed(e: io::Error, shutdown: &CancellationToken) {
 /// WebSocket task and this future ends) or closes.
 async fn serve_connection(
     http: http1::Builder,
-    tcp: TcpStream,
+    mut tcp: TcpStream,
     router: Router,
     slot: Slot,
-    idle_timeout: Duration,
+    limits: Arc<HttpLimits>,
 ) {
+    let head = tokio::select! {
+        biased;
+        _ = slot.stop.cancelled() => Err(if slot.shutdown.is_cancelled() {
+            HeadError::Closed
+        } else {
+            HeadError::Evicted
+        }),
+        head = read_head(&mut tcp, limits.max_head_bytes, limits.header_timeout) => head,
+    };
+    let head = match head {
+        Ok(head) => head,
+        Err(e) => {
+            if e == HeadError::TooLarge {
+                // One small write on a fresh socket: its buffer takes it, or it is lost.
+                let _ = tcp.try_write(TOO_LARGE);
+            }
+            if let Some(reason) = e.reason() {
+                metrics::counter!("wsbus_http_connections_dropped_total", "reason" => reason)
+                    .increment(1);
+            }
+            return;
+        }
+    };
+    let idle_timeout = limits.idle_timeout;
     let state = Arc::new(ConnState::default());
     let io = TokioIo::new(Watched {
         inner: tcp,
+        head,
+        head_read: 0,
         state: state.clone(),
     });
     let service = Handler {
         router,
         state: state.clone(),
     };
-    let mut conn = pin!(http.serve_connection(io, service).with_upgrades());
+    // Boxed: hyper's connection is large, and a task's future is allocated at its largest.
+    let mut conn = Box::pin(http.serve_connection(io, service).with_upgrades());
     let idle = tokio::time::sleep(idle_timeout);
     let mut idle = pin!(idle);
     let mut seen = state.activity();
@@ -193,6 +240,78 @@ async fn serve_connection(
     if let Some(reason) = reason {
         metrics::counter!("wsbus_http_connections_dropped_total", "reason" => reason).increment(1);
     }
+}
+
+/// The answer to a first request head over the limit (hyper answers later ones itself).
+const TOO_LARGE: &[u8] =
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+
+/// Why a connection ended before its first request head was complete.
+#[derive(Debug, PartialEq, Eq)]
+enum HeadError {
+    Timeout,
+    TooLarge,
+    Evicted,
+    /// The peer went away, or the listener is shutting down.
+    Closed,
+}
+
+impl HeadError {
+    /// The `reason` label of `wsbus_http_connections_dropped_total`, if it counts.
+    fn reason(&self) -> Option<&'static str> {
+        match self {
+            Self::Timeout => Some("header_timeout"),
+            Self::TooLarge => Some("head_too_large"),
+            Self::Evicted => Some("evicted"),
+            Self::Closed => None,
+        }
+    }
+}
+
+/// Reads a connection's first request head, up to its blank line, within `timeout` and
+/// `max` bytes; returns what was read (the head, and whatever followed it).
+///
+/// This happens before hyper sees the connection, so a connection that is still sending
+/// its head costs only its task and the bytes it sent: hyper would give it an 8 KiB read
+/// buffer, an 8 KiB write buffer and its connection state at once (~30 KiB each, measured
+/// with 4,096 stalled connections).
+async fn read_head(
+    tcp: &mut TcpStream,
+    max: usize,
+    timeout: Duration,
+) -> Result<Vec<u8>, HeadError> {
+    let read = async {
+        tcp.readable().await.map_err(|_| HeadError::Closed)?;
+        let mut buf = Vec::with_capacity(1024.min(max));
+        loop {
+            if buf.capacity() - buf.len() < 256 {
+                buf.reserve(buf.len().min(max));
+            }
+            let searched = buf.len().saturating_sub(2);
+            match tcp.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return Err(HeadError::Closed),
+                Ok(_) => {}
+            }
+            if head_ends(&buf[searched..]) {
+                return Ok(buf);
+            }
+            if buf.len() >= max {
+                return Err(HeadError::TooLarge);
+            }
+        }
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .unwrap_or(Err(HeadError::Timeout))
+}
+
+/// Whether `bytes` hold the blank line that ends a head (`\r\n\r\n`, or bare `\n`s, which
+/// hyper's parser accepts too).
+fn head_ends(bytes: &[u8]) -> bool {
+    bytes
+        .windows(2)
+        .enumerate()
+        .any(|(i, w)| w == b"\n\n" || (w == b"\n\r" && bytes.get(i + 2) == Some(&b'\n')))
 }
 
 /// What the connection task learns from the socket and the handler.
@@ -255,11 +374,15 @@ impl hyper::service::Service<Request<Incoming>> for Handler {
     }
 }
 
-/// The socket, counting reads and writes that move bytes (for the idle check). It stays
-/// under the WebSocket after an upgrade; one relaxed increment per read or write is all it
-/// costs there.
+/// The socket as hyper reads it: first the bytes [`read_head`] read, then the socket. It
+/// counts reads and writes that move bytes (for the idle check), and stays under the
+/// WebSocket after an upgrade, where one relaxed increment per read or write is all it costs.
 struct Watched {
     inner: TcpStream,
+    /// The first head (and what followed it), read before hyper took over.
+    head: Vec<u8>,
+    /// How much of `head` hyper has read.
+    head_read: usize,
     state: Arc<ConnState>,
 }
 
@@ -275,6 +398,16 @@ impl AsyncRead for Watched {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.head_read < self.head.len() {
+            let n = buf.remaining().min(self.head.len() - self.head_read);
+            buf.put_slice(&self.head[self.head_read..self.head_read + n]);
+            self.head_read += n;
+            if self.head_read == self.head.len() {
+                self.head = Vec::new();
+                self.head_read = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
@@ -400,6 +533,15 @@ impl Drop for Slot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_the_end_of_a_head() {
+        assert!(head_ends(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert!(head_ends(b"\r\n\r\nafter"));
+        assert!(head_ends(b"GET / HTTP/1.1\nHost: a\n\n"));
+        assert!(!head_ends(b"GET / HTTP/1.1\r\nHost: a\r\n"));
+        assert!(!head_ends(b"GET / HTTP/1.1\r\nHost: a\r\n\r"));
+    }
 
     #[test]
     fn a_full_table_closes_the_oldest_connection() {

@@ -114,9 +114,8 @@ async fn main() -> anyhow::Result<()> {
     init_logging(cli.log_format);
     match cli.command {
         Cmd::Serve { bind, config } => {
-            let listener = tokio::net::TcpListener::bind(bind)
-                .await
-                .with_context(|| format!("cannot listen on {bind}"))?;
+            let listener =
+                wsbus::listener::bind(bind).with_context(|| format!("cannot listen on {bind}"))?;
             wsbus::run(*config, listener, shutdown_signal()).await?;
         }
         Cmd::Dev(options) => {

@@ -214,14 +214,13 @@ pub(crate) async fn run(cfg: &Config, hard: Instant) -> Result<Report> {
     let stopped = Instant::now();
     let mut recovered_after = None;
     if let (Some(pid), Some(base)) = (pid, baseline) {
+        // Watch the whole grace period: the end of it is reported too.
         let recovery_end = stopped + cfg.grace;
-        loop {
-            if conn::rss_kib(pid).is_some_and(|r| r <= base + BASELINE_SLACK_MIB * 1024) {
+        while Instant::now() < recovery_end {
+            if recovered_after.is_none()
+                && conn::rss_kib(pid).is_some_and(|r| r <= base + BASELINE_SLACK_MIB * 1024)
+            {
                 recovered_after = Some(stopped.elapsed());
-                break;
-            }
-            if Instant::now() >= recovery_end {
-                break;
             }
             tokio::time::sleep(SAMPLE_EVERY).await;
         }
@@ -322,11 +321,12 @@ pub(crate) async fn run(cfg: &Config, hard: Instant) -> Result<Report> {
         });
         let mib = |kib: u64| kib as f64 / 1024.0;
         notes.push(format!(
-            "node RSS: {:.1} MiB before, peak {:.1} MiB (+{:.1} MiB), {:.1} MiB at the end; back within {BASELINE_SLACK_MIB} MiB of before {}; peak open files {peak_fds}",
+            "node RSS: {:.1} MiB before, peak {:.1} MiB (+{:.1} MiB), {:.1} MiB {:.0} s after the siege; back within {BASELINE_SLACK_MIB} MiB of before {}; peak open files {peak_fds}",
             mib(base),
             mib(peak),
             mib(peak - base),
             mib(now),
+            cfg.grace.as_secs_f64(),
             match recovered_after {
                 Some(d) => format!("{:.1} s after the siege", d.as_secs_f64()),
                 None => format!("not within {:.0} s", cfg.grace.as_secs_f64()),

@@ -93,6 +93,20 @@ async fn an_oversized_head_gets_431_and_an_8_kib_token_fits() {
         "answer to a 32 KiB head: {answer:?}"
     );
 
+    // On a kept-alive connection, hyper holds the next heads to the same limit.
+    let mut s = tokio::net::TcpStream::connect(a.addr).await.unwrap();
+    let mut both = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n".to_vec();
+    both.extend_from_slice(&head);
+    let _ = s.write_all(&both).await;
+    let answers = closed_within(&mut s, DEADLINE)
+        .await
+        .expect("the node closes the connection");
+    let answers = String::from_utf8_lossy(&answers);
+    assert!(
+        answers.starts_with("HTTP/1.1 200 ") && answers.contains("HTTP/1.1 431 "),
+        "answers to a small head, then a 32 KiB one: {answers:?}"
+    );
+
     // A browser-sized request with an 8 KiB token in the query is served.
     let token = "t".repeat(8 * 1024);
     let url = format!("{}?token={token}", a.url("alice"));
