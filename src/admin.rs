@@ -203,15 +203,22 @@ pub async fn members(
     Ok(out)
 }
 
-/// The first `count` entries of `node`'s inbox, envelopes decoded to JSON.
+/// The first `count` entries of `node`'s inbox, envelopes decoded to JSON; `None` when no
+/// such node is registered and no inbox of that name exists (a mistyped id, another prefix).
 pub async fn inspect(
     bus: &Bus,
     keys: &Keys,
     node: &str,
     count: usize,
-) -> Result<Vec<serde_json::Value>, BusError> {
+) -> Result<Option<Vec<serde_json::Value>>, BusError> {
     let mut conn = bus.conn().await?;
-    let entries: Vec<RawEntry> = redis::cmd("XRANGE")
+    let (registered, inbox_exists, entries): (Option<f64>, bool, Vec<RawEntry>) = redis::pipe()
+        .cmd("ZSCORE")
+        .arg(keys.nodes())
+        .arg(node)
+        .cmd("EXISTS")
+        .arg(keys.inbox(node))
+        .cmd("XRANGE")
         .arg(keys.inbox(node))
         .arg("-")
         .arg("+")
@@ -219,19 +226,24 @@ pub async fn inspect(
         .arg(count)
         .query_async(&mut conn)
         .await?;
-    Ok(entries
-        .into_iter()
-        .filter_map(|(id, fields)| {
-            let env = fields
-                .iter()
-                .find(|(k, _)| k == ENVELOPE_FIELD.as_bytes())
-                .map(|(_, v)| v.as_slice())?;
-            Some(match Envelope::decode(env) {
-                Ok(env) => envelope_json(&id, &env),
-                Err(e) => serde_json::json!({"id": id, "error": e.to_string()}),
+    if registered.is_none() && !inbox_exists {
+        return Ok(None);
+    }
+    Ok(Some(
+        entries
+            .into_iter()
+            .filter_map(|(id, fields)| {
+                let env = fields
+                    .iter()
+                    .find(|(k, _)| k == ENVELOPE_FIELD.as_bytes())
+                    .map(|(_, v)| v.as_slice())?;
+                Some(match Envelope::decode(env) {
+                    Ok(env) => envelope_json(&id, &env),
+                    Err(e) => serde_json::json!({"id": id, "error": e.to_string()}),
+                })
             })
-        })
-        .collect())
+            .collect(),
+    ))
 }
 
 fn envelope_json(id: &str, env: &Envelope<'_>) -> serde_json::Value {

@@ -1,8 +1,8 @@
 //! Authentication: signed tokens (JWT) checked before the WebSocket upgrade.
 //!
 //! A token comes as `?token=` (browsers cannot set headers on a WebSocket) or as
-//! `Authorization: Bearer`. Its `sub` must equal the user id in the path and `exp` must be in
-//! the future. HS256 uses a shared secret; RS256 and ES256 use a public key file (PEM).
+//! `Authorization: Bearer` (the scheme in any case, RFC 7235). Its `sub` must equal the user id
+//! in the path, `exp` must be in the future and `nbf`, if given, in the past. HS256 uses a shared secret; RS256 and ES256 use a public key file (PEM).
 //! Tokens are never logged.
 
 use std::path::Path;
@@ -20,6 +20,9 @@ pub struct Claims {
     /// Issued at, seconds since the epoch.
     #[serde(default)]
     pub iat: u64,
+    /// Not before, seconds since the epoch: a token is refused until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
 }
 
 /// Why a connection was refused (HTTP 401); the texts are the response bodies.
@@ -31,6 +34,9 @@ pub enum AuthError {
     /// `exp` has passed.
     #[error("token expired")]
     Expired,
+    /// `nbf` is still ahead.
+    #[error("token not yet valid")]
+    NotYetValid,
     /// `sub` is not the user id in the path.
     #[error("token is for another user")]
     WrongUser,
@@ -53,6 +59,58 @@ pub enum AuthConfigError {
     /// The key is neither an RSA nor an EC public key in PEM.
     #[error("{0}: not an RSA or EC (P-256) key in PEM format")]
     Key(String),
+    /// An HS256 secret shorter than the hash output, which RFC 7518 §3.2 forbids (an empty
+    /// one would let anyone who guesses it mint tokens).
+    #[error(
+        "the HS256 secret (WSBUS_JWT_SECRET / --jwt-secret) is {0} bytes; it must be at least \
+         {MIN_HS256_SECRET_BYTES} (RFC 7518 §3.2), e.g. `openssl rand -hex 32`"
+    )]
+    ShortSecret(usize),
+    /// Both a secret and a public key, or `--insecure` with either.
+    #[error("{0}")]
+    Conflict(&'static str),
+    /// No JWT setting and no `--insecure`.
+    #[error(
+        "refusing to start without authentication: set WSBUS_JWT_SECRET or \
+         --jwt-public-key, or pass --insecure to accept anyone"
+    )]
+    Missing,
+}
+
+/// The shortest HS256 secret accepted: the size of the SHA-256 output (RFC 7518 §3.2).
+pub const MIN_HS256_SECRET_BYTES: usize = 32;
+
+/// Refuses an HS256 secret shorter than [`MIN_HS256_SECRET_BYTES`].
+pub fn check_hs256_secret(secret: &[u8]) -> Result<(), AuthConfigError> {
+    if secret.len() < MIN_HS256_SECRET_BYTES {
+        return Err(AuthConfigError::ShortSecret(secret.len()));
+    }
+    Ok(())
+}
+
+/// The token checks a node's settings ask for: `None` when it runs `--insecure`.
+///
+/// Exactly one of a secret, a public key or `--insecure` must be given: `--insecure` beside
+/// a JWT setting is refused rather than silently ignored, so an operator never believes a
+/// node checks tokens when it does not (or the reverse).
+pub fn from_config(config: &crate::NodeConfig) -> Result<Option<Verifier>, AuthConfigError> {
+    match (&config.jwt_secret, &config.jwt_public_key, config.insecure) {
+        (Some(_), Some(_), _) => Err(AuthConfigError::Conflict(
+            "give either --jwt-secret or --jwt-public-key, not both",
+        )),
+        (Some(_), None, true) => Err(AuthConfigError::Conflict(
+            "--insecure contradicts WSBUS_JWT_SECRET (--jwt-secret): drop --insecure \
+             (WSBUS_INSECURE) to require tokens, or drop the secret to accept anyone",
+        )),
+        (None, Some(_), true) => Err(AuthConfigError::Conflict(
+            "--insecure contradicts --jwt-public-key (WSBUS_JWT_PUBLIC_KEY): drop --insecure \
+             (WSBUS_INSECURE) to require tokens, or drop the key to accept anyone",
+        )),
+        (Some(secret), None, false) => Verifier::hs256(secret.as_bytes()).map(Some),
+        (None, Some(path), false) => Verifier::from_public_key_file(path).map(Some),
+        (None, None, true) => Ok(None),
+        (None, None, false) => Err(AuthConfigError::Missing),
+    }
 }
 
 /// Checks tokens for one node.
@@ -62,12 +120,13 @@ pub struct Verifier {
 }
 
 impl Verifier {
-    /// HS256 with a shared secret.
-    pub fn hs256(secret: &[u8]) -> Self {
-        Self {
+    /// HS256 with a shared secret of at least [`MIN_HS256_SECRET_BYTES`].
+    pub fn hs256(secret: &[u8]) -> Result<Self, AuthConfigError> {
+        check_hs256_secret(secret)?;
+        Ok(Self {
             key: DecodingKey::from_secret(secret),
             algorithm: Algorithm::HS256,
-        }
+        })
     }
 
     /// RS256 or ES256, by the kind of public key in the PEM file at `path`.
@@ -99,9 +158,11 @@ impl Verifier {
     pub fn verify(&self, token: &str, user: &str) -> Result<(), AuthError> {
         let mut validation = Validation::new(self.algorithm);
         validation.leeway = 5;
+        validation.validate_nbf = true;
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &validation).map_err(|e| {
             match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+                jsonwebtoken::errors::ErrorKind::ImmatureSignature => AuthError::NotYetValid,
                 _ => AuthError::Invalid,
             }
         })?;
@@ -120,18 +181,14 @@ pub fn token_from<'a>(query: Option<&'a str>, authorization: Option<&'a str>) ->
             .filter(|t| !t.is_empty())
     });
     from_query.or_else(|| {
-        authorization
-            .and_then(|h| {
-                h.strip_prefix("Bearer ")
-                    .or_else(|| h.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
+        let (scheme, token) = authorization?.trim_start().split_once([' ', '\t'])?;
+        let token = token.trim();
+        (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
     })
 }
 
-/// Mints a token for `user` valid for `ttl_secs`: HS256 with `secret`, or RS256/ES256 with a
-/// private key PEM (`wsbus token`).
+/// Mints a token for `user` valid for `ttl_secs`: HS256 with `secret` (at least
+/// [`MIN_HS256_SECRET_BYTES`]), or RS256/ES256 with a private key PEM (`wsbus token`).
 pub fn mint(
     user: &str,
     ttl_secs: u64,
@@ -143,9 +200,13 @@ pub fn mint(
         sub: user.to_owned(),
         exp: now + ttl_secs,
         iat: now,
+        nbf: None,
     };
     let (algorithm, key) = match (secret, private_key_pem) {
-        (Some(secret), None) => (Algorithm::HS256, EncodingKey::from_secret(secret)),
+        (Some(secret), None) => {
+            check_hs256_secret(secret).map_err(|e| e.to_string())?;
+            (Algorithm::HS256, EncodingKey::from_secret(secret))
+        }
         (None, Some(pem)) => match EncodingKey::from_rsa_pem(pem) {
             Ok(key) => (Algorithm::RS256, key),
             Err(_) => (
@@ -162,27 +223,82 @@ pub fn mint(
 mod tests {
     use super::*;
 
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
     #[test]
     fn hs256_round_trip_and_refusals() {
-        let v = Verifier::hs256(b"s3cret");
-        let token = mint("alice", 60, Some(b"s3cret"), None).unwrap();
+        let v = Verifier::hs256(SECRET).unwrap();
+        let token = mint("alice", 60, Some(SECRET), None).unwrap();
         assert_eq!(v.verify(&token, "alice"), Ok(()));
         assert_eq!(v.verify(&token, "bob"), Err(AuthError::WrongUser));
-        let forged = mint("alice", 60, Some(b"other"), None).unwrap();
+        let forged = mint(
+            "alice",
+            60,
+            Some(b"another secret of at least 32 bytes"),
+            None,
+        )
+        .unwrap();
         assert_eq!(v.verify(&forged, "alice"), Err(AuthError::Invalid));
         assert_eq!(v.verify("not.a.token", "alice"), Err(AuthError::Invalid));
         let claims = Claims {
             sub: "alice".into(),
             exp: jsonwebtoken::get_current_timestamp() - 120,
             iat: 0,
+            nbf: None,
         };
         let expired = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
             &claims,
-            &EncodingKey::from_secret(b"s3cret"),
+            &EncodingKey::from_secret(SECRET),
         )
         .unwrap();
         assert_eq!(v.verify(&expired, "alice"), Err(AuthError::Expired));
+        let now = jsonwebtoken::get_current_timestamp();
+        let with_nbf = |nbf| {
+            let claims = Claims {
+                sub: "alice".into(),
+                exp: now + 7200,
+                iat: now,
+                nbf: Some(nbf),
+            };
+            let key = EncodingKey::from_secret(SECRET);
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap()
+        };
+        assert_eq!(
+            v.verify(&with_nbf(now + 3600), "alice"),
+            Err(AuthError::NotYetValid),
+            "valid from an hour ahead"
+        );
+        assert_eq!(v.verify(&with_nbf(now - 1), "alice"), Ok(()));
+    }
+
+    #[test]
+    fn short_hs256_secrets_are_refused() {
+        for short in [&b""[..], b"s3cret", &SECRET[..31]] {
+            assert!(matches!(
+                Verifier::hs256(short),
+                Err(AuthConfigError::ShortSecret(n)) if n == short.len()
+            ));
+            assert!(mint("alice", 60, Some(short), None).is_err());
+        }
+        assert!(Verifier::hs256(SECRET).is_ok());
+    }
+
+    #[test]
+    fn insecure_beside_a_jwt_setting_is_refused() {
+        let mut c = crate::NodeConfig::new("n", "redis://127.0.0.1:1");
+        c.jwt_secret = Some(String::from_utf8(SECRET.to_vec()).unwrap());
+        let e = from_config(&c).err().unwrap().to_string();
+        assert!(e.contains("drop --insecure"), "{e}");
+        c.jwt_secret = None;
+        c.jwt_public_key = Some("key.pub".into());
+        let e = from_config(&c).err().unwrap().to_string();
+        assert!(e.contains("drop --insecure"), "{e}");
+        c.insecure = false;
+        c.jwt_public_key = None;
+        assert!(matches!(from_config(&c), Err(AuthConfigError::Missing)));
+        c.insecure = true;
+        assert!(matches!(from_config(&c), Ok(None)));
     }
 
     #[test]
@@ -190,6 +306,13 @@ mod tests {
         assert_eq!(token_from(Some("a=1&token=abc"), None), Some("abc"));
         assert_eq!(token_from(Some("token="), Some("Bearer xyz")), Some("xyz"));
         assert_eq!(token_from(None, Some("Basic xyz")), None);
+        for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+            let header = format!("{scheme} xyz");
+            assert_eq!(token_from(None, Some(&header)), Some("xyz"), "{scheme}");
+        }
+        assert_eq!(token_from(None, Some("Bearer  xyz ")), Some("xyz"));
+        assert_eq!(token_from(None, Some("Bearerxyz")), None);
+        assert_eq!(token_from(None, Some("Bearer ")), None);
         assert_eq!(token_from(None, None), None);
     }
 }

@@ -28,6 +28,15 @@ impl OnSessionLimit {
     }
 }
 
+fn parse_head_bytes(s: &str) -> Result<usize, String> {
+    let min = crate::listener::MIN_HEAD_BYTES;
+    match s.parse::<usize>() {
+        Ok(n) if n >= min => Ok(n),
+        Ok(_) => Err(format!("at least {min} (hyper's smallest buffer)")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Everything a node needs to run. `Default` gives the documented defaults.
 #[derive(Debug, Clone, Args)]
 pub struct NodeConfig {
@@ -36,11 +45,11 @@ pub struct NodeConfig {
     pub node_id: Option<String>,
 
     /// Run without authentication (anyone may connect as anyone). Required when no JWT
-    /// setting is given; `wsbus dev` implies it.
+    /// setting is given, refused beside one; `wsbus dev` implies it.
     #[arg(long, env = "WSBUS_INSECURE")]
     pub insecure: bool,
 
-    /// Shared secret for HS256 tokens.
+    /// Shared secret for HS256 tokens, at least 32 bytes (RFC 7518 §3.2).
     #[arg(long, env = "WSBUS_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
 
@@ -186,6 +195,28 @@ pub struct NodeConfig {
     /// Most connections this node holds; past it, new ones get HTTP 503.
     #[arg(long, env = "WSBUS_MAX_CONNECTIONS", default_value_t = 200_000)]
     pub max_connections: usize,
+
+    /// Most time a client may take to send a request head (request line and headers), and
+    /// that a kept-alive HTTP connection may wait for its next request; then it is closed.
+    /// Slow-header clients (slowloris) hold a socket no longer than this.
+    #[arg(long, env = "WSBUS_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub http_header_timeout: Duration,
+
+    /// A connection that has not upgraded to a WebSocket and moves no byte for this long
+    /// (e.g. a client that does not read its response) is closed.
+    #[arg(long, env = "WSBUS_HTTP_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub http_idle_timeout: Duration,
+
+    /// Largest request head (request line and headers) in bytes; a larger one gets HTTP 431.
+    /// The default leaves room for an 8 KiB token in the query; hyper's own is ~400 KB.
+    #[arg(long, env = "WSBUS_MAX_HEAD_BYTES", default_value_t = 16 * 1024, value_parser = parse_head_bytes)]
+    pub max_head_bytes: usize,
+
+    /// Connections per listener open without having upgraded to a WebSocket (sending a
+    /// request head, or plain HTTP). Past it, each new connection closes the oldest of them,
+    /// so stalled connections cannot lock real clients out.
+    #[arg(long, env = "WSBUS_MAX_PENDING_CONNECTIONS", default_value_t = 8192)]
+    pub max_pending_connections: usize,
 
     /// How long shutdown waits for sockets to close and the bus to drain.
     #[arg(long, env = "WSBUS_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]

@@ -117,6 +117,69 @@ pub fn free_port() -> std::io::Result<u16> {
         .port())
 }
 
+/// The id of the dev cluster's `i`th node (from 0).
+fn node_id(i: u16) -> String {
+    format!("dev-{}", i + 1)
+}
+
+/// What to type to run this very binary: `wsbus` if that is it on `PATH` (after
+/// `cargo install --path .`), else its path (after `cargo run` it is in `target/`, not on
+/// `PATH`), relative to the working directory when it lies under it.
+fn wsbus_command() -> String {
+    let Ok(exe) = std::env::current_exe().and_then(|e| e.canonicalize()) else {
+        return "wsbus".to_owned();
+    };
+    let on_path = std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path)
+            .any(|dir| dir.join("wsbus").canonicalize().is_ok_and(|p| p == exe))
+    });
+    if on_path {
+        return "wsbus".to_owned();
+    }
+    let relative = std::env::current_dir()
+        .ok()
+        .and_then(|cwd| exe.strip_prefix(cwd).ok().map(|p| p.to_path_buf()));
+    relative.unwrap_or(exe).display().to_string()
+}
+
+/// What `wsbus dev` prints: its nodes, and commands to paste that point at *its* Redis and
+/// node ids (the README's examples assume `redis://127.0.0.1:6379`, which may be another
+/// Redis). Only tools the setup installs: a browser, `wsbus` itself and `redis-cli`.
+fn banner(redis_url: &str, ids: &[String], addrs: &[SocketAddr], wsbus: &str) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "wsbus dev cluster: {} nodes on Redis {redis_url}",
+        addrs.len()
+    );
+    for (id, addr) in ids.iter().zip(addrs) {
+        let _ = writeln!(
+            out,
+            "  node {id}: ws://{addr}/ws/<user-id>  (page: http://{addr}/)"
+        );
+    }
+    let (first, last) = (addrs[0], addrs[addrs.len() - 1]);
+    let _ = writeln!(
+        out,
+        "Chat: open these in two browser tabs and press Connect in each:"
+    );
+    let _ = writeln!(out, "  http://{first}/?user=alice&to=bob");
+    let _ = writeln!(out, "  http://{last}/?user=bob&to=alice");
+    let last_id = &ids[ids.len() - 1];
+    let _ = writeln!(out, "Look at the bus from another terminal:");
+    let _ = writeln!(out, "  {wsbus} nodes --redis-url {redis_url}");
+    let _ = writeln!(out, "  {wsbus} whereis --redis-url {redis_url} bob");
+    let _ = writeln!(out, "  {wsbus} inspect --redis-url {redis_url} {last_id}");
+    let _ = writeln!(
+        out,
+        "  redis-cli -u {redis_url} XRANGE wsbus:inbox:{last_id} - +"
+    );
+    let _ = writeln!(out, "Metrics: http://{first}/metrics");
+    let _ = writeln!(out, "Ctrl-C stops everything.");
+    out
+}
+
 /// Options of `wsbus dev`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DevOptions {
@@ -157,7 +220,7 @@ pub async fn run(
         let port = options.base_port + i;
         let listener = TcpListener::bind((options.host.as_str(), port)).await?;
         addrs.push(listener.local_addr()?);
-        let config = NodeConfig::new(format!("dev-{}", i + 1), redis_url.clone());
+        let config = NodeConfig::new(node_id(i), redis_url.clone());
         let stop = stop.clone();
         nodes.push(tokio::spawn(crate::server::run(
             config,
@@ -165,29 +228,8 @@ pub async fn run(
             stop.cancelled_owned(),
         )));
     }
-    println!(
-        "wsbus dev cluster: {} nodes on Redis {redis_url}",
-        addrs.len()
-    );
-    for (i, addr) in addrs.iter().enumerate() {
-        println!("  node dev-{}: ws://{addr}/ws/<user-id>", i + 1);
-    }
-    if let [a, b, ..] = addrs.as_slice() {
-        println!("Open http://{a}/ and http://{b}/ in two browser tabs, or, in two terminals:");
-    } else {
-        println!(
-            "Open http://{}/ in two browser tabs, or, in two terminals:",
-            addrs[0]
-        );
-    }
-    if let [a, b, ..] = addrs.as_slice() {
-        println!("  websocat ws://{a}/ws/alice");
-        println!("  websocat ws://{b}/ws/bob");
-    } else if let [a] = addrs.as_slice() {
-        println!("  websocat ws://{a}/ws/alice   and   websocat ws://{a}/ws/bob");
-    }
-    println!(r#"  then type in alice's: {{"action":"message","data":{{"to":"bob","text":"hi"}}}}"#);
-    println!("Ctrl-C stops everything.");
+    let ids: Vec<String> = (0..options.nodes).map(node_id).collect();
+    print!("{}", banner(&redis_url, &ids, &addrs, &wsbus_command()));
     shutdown.await;
     stop.cancel();
     for node in nodes {

@@ -19,6 +19,8 @@
 //! - [`edge_protocol`]: the client-side JSON frames, error texts and close codes (the one list
 //!   of them). [`envelope`]: the bus side, the MessagePack envelope in an inbox entry.
 //! - [`user`]: user, room and node ids.
+//! - [`listener`]: the accept loop and connections before they upgrade (header timeout,
+//!   head size, stalled and pending connections).
 //! - [`edge`]: HTTP routes and the upgrade (auth, then claim before upgrade). [`auth`]: tokens.
 //!   [`websocket`]: the upgrade handshake and polite closes.
 //! - [`session`]: one connected client's task. [`socket_queue`]: its bounded queue.
@@ -47,6 +49,7 @@ pub mod heartbeat;
 pub mod hub;
 pub mod inbox_reader;
 pub mod keys;
+pub mod listener;
 pub mod node;
 pub mod presence;
 pub mod registry;

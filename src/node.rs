@@ -167,26 +167,8 @@ impl Node {
         if !is_valid_id(&config.prefix.replace(':', "_")) {
             return Err(NodeError::Config(format!("prefix {:?}", config.prefix)));
         }
-        let auth = match (&config.jwt_secret, &config.jwt_public_key) {
-            (Some(_), Some(_)) => {
-                return Err(NodeError::Config(
-                    "give either --jwt-secret or --jwt-public-key, not both".into(),
-                ));
-            }
-            (Some(secret), None) => Some(crate::auth::Verifier::hs256(secret.as_bytes())),
-            (None, Some(path)) => Some(
-                crate::auth::Verifier::from_public_key_file(path)
-                    .map_err(|e| NodeError::Config(e.to_string()))?,
-            ),
-            (None, None) if config.insecure => None,
-            (None, None) => {
-                return Err(NodeError::Config(
-                    "refusing to start without authentication: set WSBUS_JWT_SECRET or \
-                     --jwt-public-key, or pass --insecure to accept anyone"
-                        .into(),
-                ));
-            }
-        };
+        let auth =
+            crate::auth::from_config(&config).map_err(|e| NodeError::Config(e.to_string()))?;
         let keys = Keys::new(&config.prefix);
         let bus = Arc::new(Bus::new(
             &config.redis_url,

@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::NodeConfig;
 use crate::dispatch::Dispatch;
+use crate::listener::HttpLimits;
 use crate::node::{Node, NodeError};
 
 /// Runs a node on `listener` until `shutdown` resolves, then shuts it down cleanly.
@@ -89,41 +90,34 @@ fn serve_http(
     listener: TcpListener,
     admin_listener: Option<TcpListener>,
     tasks: &TaskTracker,
-) -> Result<JoinHandle<std::io::Result<()>>, NodeError> {
+) -> Result<JoinHandle<()>, NodeError> {
     let mut app = crate::edge::client_router(node.clone());
     match admin_listener {
         None => app = app.merge(crate::edge::admin_router(node.clone())),
         Some(admin) => {
             tracing::info!(addr = %admin.local_addr()?, "admin endpoints listening");
             let routes = crate::edge::admin_router(node.clone());
-            let stop = node.shutdown.clone();
-            tasks.spawn(async move {
-                let served = axum::serve(admin, routes)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await;
-                if let Err(e) = served {
-                    tracing::warn!(error = %e, "admin listener failed");
-                }
-            });
+            let limits = HttpLimits::from_config(&node.config);
+            tasks.spawn(crate::listener::serve(
+                admin,
+                routes,
+                limits,
+                node.shutdown.clone(),
+            ));
         }
     }
-    let stop = node.shutdown.clone();
-    // Nagle's algorithm with delayed ACKs would hold small frames for up to 40 ms.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    Ok(tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
-    }))
+    let limits = HttpLimits::from_config(&node.config);
+    Ok(tokio::spawn(crate::listener::serve(
+        listener,
+        app,
+        limits,
+        node.shutdown.clone(),
+    )))
 }
 
 /// Closes every session (1001), drains the bus writer, stops the tasks and removes this node
 /// from Redis, all within `--shutdown-timeout`.
-async fn stop(node: &Node, running: Running, server: JoinHandle<std::io::Result<()>>) {
+async fn stop(node: &Node, running: Running, server: JoinHandle<()>) {
     let started = Instant::now();
     tracing::info!(node = %node.id, sessions = node.hub.len(), "node shutting down");
     node.shutdown.cancel();

@@ -11,6 +11,7 @@ mod html;
 mod idle;
 mod noise;
 mod report;
+mod slowloris;
 mod timeline;
 
 use std::future::Future;
@@ -48,6 +49,9 @@ pub enum Scenario {
     /// No server: how late this machine wakes a thread that slept 100 µs (the noise
     /// floor under every latency above).
     SchedNoise,
+    /// Stalled and oversized request heads against the first node while real clients
+    /// connect and message (see `slowloris.rs` for its settings).
+    Slowloris,
 }
 
 impl Scenario {
@@ -59,6 +63,7 @@ impl Scenario {
             Self::IdleConnections => "idle-connections",
             Self::Churn => "churn",
             Self::SchedNoise => "sched-noise",
+            Self::Slowloris => "slowloris",
         }
     }
 }
@@ -179,6 +184,7 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<Report> {
             Scenario::IdleConnections => idle::run(cfg, hard, &tl).await,
             Scenario::Churn => churn::run(cfg, hard, &tl).await,
             Scenario::SchedNoise => noise::run(cfg).await,
+            Scenario::Slowloris => slowloris::run(cfg, hard).await,
         }
     };
     let outcome = tokio::time::timeout(deadline, fut).await;

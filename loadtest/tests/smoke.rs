@@ -8,6 +8,7 @@
 
 mod common;
 
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::start_cluster;
@@ -210,4 +211,27 @@ fn all_scenarios_smoke() {
     assert_eq!(c.started, c.completed, "churn failures: {:?}", c.failures);
     assert_eq!(c.cycle_latency_us.count, c.completed);
     assert!(r.ok, "{:?}", r.problems);
+
+    // slowloris takes its attack from the environment, so it runs as the binary. The siege
+    // is shorter than the nodes' 10 s header timeout: the slow heads are still open at its
+    // end (and then closed by the tool), the oversized ones get their 431 at once.
+    let out = Command::new(env!("CARGO_BIN_EXE_wsbus-loadtest"))
+        .args(["slowloris", "--node", &base.nodes[0], "--json"])
+        .args(["--run-time", "1.5", "--grace", "5", "--hatch-rate", "200"])
+        .env("SLOWLORIS_SLOW", "50")
+        .env("SLOWLORIS_BIG", "20")
+        .output()
+        .expect("run wsbus-loadtest");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(r["messages"]["delivered"].as_u64() > Some(0), "{r}");
+    let big = r["notes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n.as_str())
+        .find(|n| n.starts_with("big heads"))
+        .unwrap_or_else(|| panic!("no big-heads note: {r}"));
+    assert!(big.contains("20 connections, 20 answered 431"), "{big}");
 }

@@ -599,3 +599,28 @@ impl NodeProcess {
         (status, start.elapsed())
     }
 }
+
+/// A raw TCP connection that has sent `bytes` (e.g. part of a request head) and stops there.
+pub async fn stalled_connection(addr: SocketAddr, bytes: &[u8]) -> TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    s
+}
+
+/// Reads until the server closes `stream` (EOF or reset), discarding what arrives; the
+/// bytes read, or `None` if it is still open after `wait`.
+pub async fn closed_within(stream: &mut TcpStream, wait: Duration) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(wait, read).await.ok().map(|()| got)
+}

@@ -68,7 +68,8 @@ async fn nodes_whereis_and_inspect_report_the_bus() {
         .unwrap();
     let entries = wsbus::admin::inspect(&bus, &keys, "parked", 10)
         .await
-        .unwrap();
+        .unwrap()
+        .expect("an inbox without a registration still exists");
     assert_eq!(entries.len(), 1);
     assert_eq!(entries[0]["from"], "alice");
     assert_eq!(entries[0]["data"]["text"], "queued");
@@ -102,6 +103,25 @@ async fn nodes_whereis_and_inspect_report_the_bus() {
         .unwrap();
     let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(line["to"], "zed");
+
+    // A node that does not exist is an error, not an empty inbox.
+    let missing = wsbus::admin::inspect(&bus, &keys, "nosuchnode", 10).await;
+    assert!(missing.unwrap().is_none());
+    let registered = wsbus::admin::inspect(&bus, &keys, "a", 10).await;
+    assert_eq!(registered.unwrap(), Some(vec![]), "node a, its inbox empty");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsbus"))
+        .args(["inspect", "nosuchnode", "--redis-url", &url])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no node \"nosuchnode\""), "{err}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsbus"))
+        .args(["inspect", "a", "--redis-url", &url])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "an empty inbox is not an error");
 }
 
 #[tokio::test]

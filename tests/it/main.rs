@@ -8,6 +8,7 @@ mod closing;
 mod cluster;
 mod errors;
 mod faults;
+mod http;
 mod messaging;
 mod observability;
 mod presence;

@@ -238,7 +238,7 @@ async fn the_kubernetes_deployment_configures_a_node_that_gets_ready() {
         .collect();
     let mut node = cmd
         .args(&args)
-        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("run wsbus");
     let admin: std::net::SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
@@ -263,10 +263,10 @@ async fn the_kubernetes_deployment_configures_a_node_that_gets_ready() {
         .await
         .expect("client port answers");
     assert_eq!(status, 404);
-    // JSON logs, as the cluster's log pipeline expects.
+    // JSON logs (on stderr), as the cluster's log pipeline expects.
     let _ = node.start_kill();
     let out = node.wait_with_output().await.expect("output");
-    let first = String::from_utf8_lossy(&out.stdout);
+    let first = String::from_utf8_lossy(&out.stderr);
     let line = first.lines().next().expect("the node logged");
     let log: serde_json::Value =
         serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));

@@ -108,6 +108,7 @@ async fn dev_runs_a_two_node_cluster_and_stops_on_sigint() {
         .env("RUST_LOG", "warn")
         .env_remove("WSBUS_REDIS_URL")
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -125,6 +126,54 @@ async fn dev_runs_a_two_node_cluster_and_stops_on_sigint() {
     alice.send_to("bob", "hello dev").await;
     bob.expect_message("alice", "hello dev").await;
 
+    // The banner's commands point at dev's own Redis and node ids, ready to paste.
+    use tokio::io::AsyncBufReadExt;
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut out = String::new();
+    tokio::time::timeout(DEADLINE, async {
+        while let Some(line) = stdout.next_line().await.unwrap() {
+            out.push_str(&line);
+            out.push('\n');
+            if line.starts_with("Ctrl-C") {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the banner is printed");
+    let command = |words: &str| {
+        out.lines()
+            .map(str::trim)
+            .find(|l| l.contains(words))
+            .unwrap_or_else(|| panic!("no `{words}` command in {out}"))
+            .to_owned()
+    };
+    let run = |line: String| async move {
+        let out = tokio::process::Command::new("sh")
+            .args(["-c", &line])
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success(), "{line}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let where_bob = run(command(" whereis --redis-url ")).await;
+    assert!(
+        where_bob
+            .lines()
+            .any(|l| l.starts_with("dev-2 ") && l.ends_with("live")),
+        "{where_bob}"
+    );
+    let nodes = run(command(" nodes --redis-url ")).await;
+    assert!(
+        nodes.contains("dev-1") && nodes.contains("dev-2"),
+        "{nodes}"
+    );
+    run(command(" inspect --redis-url ")).await;
+    let xrange = command("redis-cli");
+    assert!(xrange.contains("wsbus:inbox:dev-2"), "{xrange}");
+    run(xrange).await;
+
     let pid = child.id().unwrap();
     assert!(
         std::process::Command::new("kill")
@@ -139,17 +188,22 @@ async fn dev_runs_a_two_node_cluster_and_stops_on_sigint() {
         .expect("dev exits in time")
         .unwrap();
     assert!(status.success(), "{status}");
-    let mut out = String::new();
     use tokio::io::AsyncReadExt;
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .await
-        .unwrap();
     assert!(
         out.contains(&format!("ws://127.0.0.1:{base}/ws/<user-id>")),
         "{out}"
+    );
+    let mut log = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .await
+        .unwrap();
+    assert!(log.contains("dev mode: no authentication"), "{log}");
+    assert!(
+        !log.contains('\x1b') && !out.contains('\x1b'),
+        "no colour codes when not on a terminal: {log:?}"
     );
 }

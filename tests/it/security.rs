@@ -41,6 +41,9 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
+/// An HS256 secret of the minimum length (32 bytes).
+const SECRET: &str = "test-secret-test-secret-test-sec";
+
 /// `wsbus token` through the binary.
 async fn mint(user: &str, args: &[&str]) -> String {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsbus"))
@@ -64,33 +67,41 @@ async fn hs256_tokens_are_checked_before_the_upgrade() {
     let redis = Redis::start().await.unwrap();
     let mut c = config("a", &redis.url());
     c.insecure = false;
-    c.jwt_secret = Some("test-secret".into());
+    c.jwt_secret = Some(SECRET.into());
     let a = Node::start_with(c).await;
-    let good = mint("alice", &["--jwt-secret", "test-secret"]).await;
-    let other_user = mint("bob", &["--jwt-secret", "test-secret"]).await;
-    let forged = mint("alice", &["--jwt-secret", "wrong-secret"]).await;
-    let claims_exp_in_past = {
-        // Expired a minute ago (the node allows 5 s of leeway).
+    let good = mint("alice", &["--jwt-secret", SECRET]).await;
+    let other_user = mint("bob", &["--jwt-secret", SECRET]).await;
+    let forged = mint(
+        "alice",
+        &["--jwt-secret", "a-different-secret-of-32-bytes-or-more"],
+    )
+    .await;
+    let now = jsonwebtoken::get_current_timestamp();
+    let signed = |exp: u64, nbf: Option<u64>| {
         use jsonwebtoken::{EncodingKey, Header, encode};
-        let now = jsonwebtoken::get_current_timestamp();
         let claims = wsbus::auth::Claims {
             sub: "alice".into(),
-            exp: now - 60,
+            exp,
             iat: now - 120,
+            nbf,
         };
         encode(
             &Header::default(),
             &claims,
-            &EncodingKey::from_secret(b"test-secret"),
+            &EncodingKey::from_secret(SECRET.as_bytes()),
         )
         .unwrap()
     };
+    // A minute past or ahead (the node allows 5 s of leeway).
+    let claims_exp_in_past = signed(now - 60, None);
+    let claims_nbf_ahead = signed(now + 3600, Some(now + 60));
     let url = a.url("alice");
     for (query, why) in [
         (String::new(), "missing"),
         (format!("?token={forged}"), "forged"),
         (format!("?token={other_user}"), "another user's"),
         (format!("?token={claims_exp_in_past}"), "expired"),
+        (format!("?token={claims_nbf_ahead}"), "not yet valid"),
         ("?token=garbage".to_owned(), "garbage"),
     ] {
         let status = Client::connect_url(&format!("{url}{query}"), "alice")
@@ -110,11 +121,11 @@ async fn hs256_tokens_are_checked_before_the_upgrade() {
     let mut request = a.url("bob").into_client_request().unwrap();
     request.headers_mut().insert(
         "Authorization",
-        HeaderValue::from_str(&format!("Bearer {other_user}")).unwrap(),
+        HeaderValue::from_str(&format!("BEARER {other_user}")).unwrap(),
     );
     let mut bob = Client::connect_request(request, "bob")
         .await
-        .expect("a valid token in the Authorization header is accepted");
+        .expect("a valid token in the Authorization header is accepted, scheme in any case");
     alice.send_to("bob", "authenticated").await;
     bob.expect_message("alice", "authenticated").await;
 }
@@ -171,7 +182,7 @@ async fn rs256_and_es256_public_keys_verify_tokens_from_private_keys() {
             ok.is_ok(),
             "{kind}: a token signed with the private key is accepted"
         );
-        let hs = wsbus::auth::mint(&user, 60, Some(b"x"), None).unwrap();
+        let hs = wsbus::auth::mint(&user, 60, Some(SECRET.as_bytes()), None).unwrap();
         let refused =
             Client::connect_url(&format!("{}?token={hs}", node.url("other")), "other").await;
         assert_eq!(
@@ -182,26 +193,71 @@ async fn rs256_and_es256_public_keys_verify_tokens_from_private_keys() {
     }
 }
 
+/// `wsbus serve` with these extra arguments and environment; its stderr once it exited.
+async fn serve_fails(args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsbus"))
+        .args(["serve", "--bind", "127.0.0.1:0"])
+        .args(["--redis-url", "redis://127.0.0.1:1"])
+        .args(args)
+        .env_remove("WSBUS_JWT_SECRET")
+        .env_remove("WSBUS_JWT_PUBLIC_KEY")
+        .env_remove("WSBUS_INSECURE")
+        .envs(env.iter().copied())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(DEADLINE, out)
+        .await
+        .expect("serve exits at once")
+        .unwrap();
+    assert!(!out.status.success(), "serve {args:?} {env:?} started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[tokio::test]
 async fn serve_refuses_to_start_without_authentication() {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsbus"))
-        .args([
-            "serve",
-            "--bind",
-            "127.0.0.1:0",
-            "--redis-url",
-            "redis://127.0.0.1:1",
-        ])
-        .env_remove("WSBUS_JWT_SECRET")
-        .env_remove("WSBUS_INSECURE")
-        .stderr(Stdio::piped())
-        .output()
-        .await
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = serve_fails(&[], &[]).await;
     assert!(
         err.contains("refusing to start without authentication"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn short_or_empty_hs256_secrets_are_refused() {
+    for secret in ["", "short", &SECRET[..31]] {
+        let err = serve_fails(&[], &[("WSBUS_JWT_SECRET", secret)]).await;
+        assert!(
+            err.contains(&format!(
+                "secret (WSBUS_JWT_SECRET / --jwt-secret) is {} bytes",
+                secret.len()
+            )) && err.contains("at least 32"),
+            "{secret:?}: {err}"
+        );
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsbus"))
+            .args(["token", "alice"])
+            .env("WSBUS_JWT_SECRET", secret)
+            .output()
+            .await
+            .unwrap();
+        assert!(!out.status.success(), "token with {secret:?}");
+        assert!(out.stdout.is_empty(), "no token printed");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("at least 32"), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn insecure_beside_a_jwt_setting_is_a_startup_error() {
+    let err = serve_fails(&["--insecure"], &[("WSBUS_JWT_SECRET", SECRET)]).await;
+    assert!(err.contains("drop --insecure"), "{err}");
+    let err = serve_fails(
+        &["--jwt-public-key", "/nonexistent.pub"],
+        &[("WSBUS_INSECURE", "true")],
+    )
+    .await;
+    assert!(
+        err.contains("--insecure contradicts --jwt-public-key"),
         "{err}"
     );
 }
