@@ -23,8 +23,8 @@ use tokio::time::Instant;
 
 pub use noise::NoiseStats;
 pub use report::{
-    ChurnStats, ConnectStats, Latency, MemoryFit, MemorySample, MessageStats, ProcMemory, Report,
-    SlowMessage,
+    ChurnStats, ConnectStats, DeliveryKind, Fanout, Latency, MemoryFit, MemorySample, MessageStats,
+    ProcMemory, Report, SlowMessage,
 };
 
 use conn::{Target, Ws};
@@ -36,6 +36,10 @@ pub enum Scenario {
     DmCross,
     /// Direct messages between users on the same node.
     DmLocal,
+    /// Every user holds one session on every node (start the nodes with
+    /// `--max-sessions-per-user` ≥ the node count) and sends from one; every session of
+    /// the recipient and the sender's other sessions must get each message.
+    DmMulti,
     /// Many idle connections to the first node; connect rate and server memory.
     IdleConnections,
     /// Connect, send one message to a held user on another node, close; at a rate.
@@ -51,6 +55,7 @@ impl Scenario {
         match self {
             Self::DmCross => "dm-cross",
             Self::DmLocal => "dm-local",
+            Self::DmMulti => "dm-multi",
             Self::IdleConnections => "idle-connections",
             Self::Churn => "churn",
             Self::SchedNoise => "sched-noise",
@@ -149,6 +154,7 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<Report> {
     let mut notes = Vec::new();
     let fds = match scenario {
         Scenario::Churn => cfg.users + cfg.max_cycles_in_flight,
+        Scenario::DmMulti => cfg.users * cfg.nodes.len(),
         _ => cfg.users,
     };
     if let Some(n) = raise_nofile(fds as u64 + 256) {
@@ -156,8 +162,9 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<Report> {
     }
     let fut = async {
         match scenario {
-            Scenario::DmCross => dm::run(cfg, true, hard).await,
-            Scenario::DmLocal => dm::run(cfg, false, hard).await,
+            Scenario::DmCross => dm::run(cfg, dm::Shape::Cross, hard).await,
+            Scenario::DmLocal => dm::run(cfg, dm::Shape::Local, hard).await,
+            Scenario::DmMulti => dm::run(cfg, dm::Shape::Multi, hard).await,
             Scenario::IdleConnections => idle::run(cfg, hard).await,
             Scenario::Churn => churn::run(cfg, hard).await,
             Scenario::SchedNoise => noise::run(cfg).await,

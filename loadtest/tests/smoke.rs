@@ -1,9 +1,12 @@
 //! Smoke test: runs every scenario for about a second against a cluster.
 //!
 //! With `WSBUS_LOADTEST_NODES=ws://127.0.0.1:8080,ws://127.0.0.1:8081` it uses
-//! that running cluster. Otherwise it starts one itself: a `redis-server` on a
-//! free port and two `<workspace>/target/debug/wsbus serve` nodes (build the
-//! server first with `cargo build`).
+//! that running cluster (and for dm-multi `WSBUS_LOADTEST_MULTI_NODES`, nodes started
+//! with `--max-sessions-per-user 2`; dm-multi is skipped without it). Otherwise it
+//! starts one itself: a `redis-server` on a free port, two
+//! `<workspace>/target/debug/wsbus serve` nodes with the default one session per user
+//! and two more with `--max-sessions-per-user 2` (build the server first with
+//! `cargo build`).
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -16,6 +19,8 @@ use wsbus_loadtest::{Config, Report, Scenario};
 struct Cluster {
     children: Vec<Child>,
     nodes: Vec<String>,
+    /// Nodes that allow two sessions per user (dm-multi), on the same Redis.
+    multi_nodes: Vec<String>,
 }
 
 impl Drop for Cluster {
@@ -61,6 +66,7 @@ fn start_cluster() -> Cluster {
     let mut cluster = Cluster {
         children: Vec::new(),
         nodes: Vec::new(),
+        multi_nodes: Vec::new(),
     };
     let rport = free_port();
     let mut redis = Command::new("redis-server")
@@ -71,12 +77,18 @@ fn start_cluster() -> Cluster {
         .expect("redis-server must be on PATH");
     wait_for_port(rport, "redis-server", &mut redis);
     cluster.children.push(redis);
-    for name in ["smoke-a", "smoke-b"] {
+    for (name, sessions) in [
+        ("smoke-a", "1"),
+        ("smoke-b", "1"),
+        ("smoke-multi-a", "2"),
+        ("smoke-multi-b", "2"),
+    ] {
         let port = free_port();
         let mut cmd = Command::new(&bin);
         cmd.args(["serve", "--bind", &format!("127.0.0.1:{port}")])
             .args(["--redis-url", &format!("redis://127.0.0.1:{rport}")])
             .args(["--node-id", name])
+            .args(["--max-sessions-per-user", sessions])
             // Measure the server, not its abuse limits.
             .args(["--insecure", "--rate-limit", "1000000000"])
             .args(["--rate-burst", "1000000000"])
@@ -84,9 +96,46 @@ fn start_cluster() -> Cluster {
         let mut child = cmd.spawn().expect("spawn wsbus serve");
         wait_for_port(port, name, &mut child);
         cluster.children.push(child);
-        cluster.nodes.push(format!("ws://127.0.0.1:{port}"));
+        let url = format!("ws://127.0.0.1:{port}");
+        if sessions == "1" {
+            cluster.nodes.push(url);
+        } else {
+            cluster.multi_nodes.push(url);
+        }
     }
     cluster
+}
+
+/// dm-multi: every kind of delivery arrived once per message and session, in order.
+fn check_fanout(r: &Report) {
+    check_messages(r);
+    let f = r.fanout.as_ref().expect("fanout stats");
+    let m = r.messages.as_ref().expect("message stats");
+    assert!(f.messages > 0, "nothing sent");
+    // Two nodes: the recipient's two sessions and the sender's other one.
+    assert_eq!(f.deliveries_per_message, 3);
+    assert_eq!(m.sent, f.messages * 3);
+    assert_eq!(f.kinds.len(), 3);
+    for k in &f.kinds {
+        assert_eq!(k.expected, f.messages - f.errored, "{}", k.kind);
+        assert_eq!(k.delivered, k.expected, "{}: delivered", k.kind);
+        assert_eq!(
+            (k.lost, k.duplicated, k.out_of_order),
+            (0, 0, 0),
+            "{}",
+            k.kind
+        );
+        assert_eq!(
+            k.latency_us.count, k.delivered,
+            "{}: latency samples",
+            k.kind
+        );
+    }
+    assert_eq!(
+        f.kinds.iter().map(|k| k.delivered).sum::<u64>(),
+        m.delivered,
+        "the kinds add up to the deliveries"
+    );
 }
 
 fn check_messages(r: &Report) {
@@ -115,17 +164,24 @@ fn check_messages(r: &Report) {
 
 #[test]
 fn all_scenarios_smoke() {
-    let (cluster, nodes) = match std::env::var("WSBUS_LOADTEST_NODES") {
+    let urls = |v: String| {
+        v.split(',')
+            .map(|s| s.trim().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let (cluster, nodes, multi_nodes) = match std::env::var("WSBUS_LOADTEST_NODES") {
         Ok(v) if !v.trim().is_empty() => (
             None,
-            v.split(',')
-                .map(|s| s.trim().to_owned())
-                .collect::<Vec<_>>(),
+            urls(v),
+            std::env::var("WSBUS_LOADTEST_MULTI_NODES")
+                .ok()
+                .filter(|v| !v.trim().is_empty())
+                .map(urls),
         ),
         _ => {
             let c = start_cluster();
-            let nodes = c.nodes.clone();
-            (Some(c), nodes)
+            let (nodes, multi) = (c.nodes.clone(), c.multi_nodes.clone());
+            (Some(c), nodes, Some(multi))
         }
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -196,6 +252,22 @@ fn all_scenarios_smoke() {
     let r = run(Scenario::DmLocal, &open);
     check_messages(&r);
     assert!(r.ok, "{:?}", r.problems);
+
+    match &multi_nodes {
+        Some(multi_nodes) => {
+            for cfg in [&open, &closed] {
+                let multi = Config {
+                    nodes: multi_nodes.clone(),
+                    ..cfg.clone()
+                };
+                let r = run(Scenario::DmMulti, &multi);
+                check_fanout(&r);
+                assert_eq!(r.connect.connected, 40, "two sessions per user");
+                assert!(r.ok, "{:?}", r.problems);
+            }
+        }
+        None => eprintln!("dm-multi skipped: set WSBUS_LOADTEST_MULTI_NODES"),
+    }
 
     // Client sockets bound to 127.0.0.1, .2 and .3 (how runs pass ~28k connections).
     let idle = Config {
