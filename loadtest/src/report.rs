@@ -461,9 +461,19 @@ impl Report {
                     k.kind, k.expected, k.delivered, k.lost, k.duplicated, k.out_of_order
                 );
             }
-            lat_header(w, "  ");
+            // The kinds' names are longer than `lat_row`'s column.
+            let _ = writeln!(
+                w,
+                "  {:<24} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}   (µs)",
+                "latency", "count", "p50", "p90", "p99", "p99.9", "max", "mean"
+            );
             for k in &f.kinds {
-                lat_row(w, &format!("  {}", k.kind), &k.latency_us);
+                let l = &k.latency_us;
+                let _ = writeln!(
+                    w,
+                    "  {:<24} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9.0}",
+                    k.kind, l.count, l.p50, l.p90, l.p99, l.p999, l.max, l.mean
+                );
             }
         }
         if let Some(ch) = &self.churn {
