@@ -26,7 +26,8 @@
 #   NODE_THREADS        Tokio worker threads of each node (TOKIO_WORKER_THREADS) [one per CPU]
 #   ONLY                space-separated names of what to run, as in the summary (sched-noise,
 #                       idle-400, dm-cross-open, dm-cross-closed, dm-local-open,
-#                       dm-local-closed, idle-20000, churn); default: all
+#                       dm-local-closed, idle-20000, churn, dm-multi-open, dm-multi-closed);
+#                       default: all
 #   REPEAT [1]          run each chosen scenario this many times (name-1, name-2, ...)
 #   SLOW_US             dm-*: list messages slower than this (µs) in their JSON report
 set -euo pipefail
@@ -296,7 +297,7 @@ if [ -n "${SOAK_SECONDS:-}" ]; then
     done
     rc=0; wait "$LTPID" || rc=$?
     # Users have disconnected: only the nodes' own keys may remain.
-    users_left=$(redis_cli --scan --pattern 'wsbus:user:*' | wc -l)
+    users_left=$(redis_cli --scan --pattern 'wsbus:{u:*}:sessions' | wc -l)
     column -t -s $'\t' "$T"
     jq -r '"soak: sent \(.messages.sent), delivered \(.messages.delivered) (\(.messages.delivered_per_sec | round)/s), lost \(.messages.lost), dup \(.messages.duplicated), reordered \(.messages.out_of_order), p50 \(.messages.latency_us.p50) us, p99 \(.messages.latency_us.p99) us, p99.9 \(.messages.latency_us.p999) us"' "$OUT/soak.json" 2>/dev/null \
         || echo "soak: no report (rc $rc): $(tail -n 3 "$OUT/soak.err")"
@@ -328,6 +329,25 @@ if [ "$BIG_IDLE" -gt 0 ]; then
 fi
 run churn churn --users 20 --rate "$CHURN_RATE" --run-time "$RUN_TIME"
 
+# dm-multi holds two sessions per user. Allowing that also turns the bus writer's route cache
+# off, so the nodes restart with it for these runs alone, after everything else.
+if wanted dm-multi-open || wanted dm-multi-closed; then
+    kill "$APID" "$BPID"
+    wait "$APID" "$BPID" 2>/dev/null || true
+    env "${NODE_ENV[@]}" "$WSBUS" serve --bind "127.0.0.1:$APORT" --node-id bench-a \
+        "${SERVE_ARGS[@]}" --max-sessions-per-user 2 >>"$OUT/bench-a.log" 2>&1 &
+    APID=$!
+    env "${NODE_ENV[@]}" "$WSBUS" serve --bind "127.0.0.1:$BPORT" --node-id bench-b \
+        "${SERVE_ARGS[@]}" --max-sessions-per-user 2 >>"$OUT/bench-b.log" 2>&1 &
+    BPID=$!
+    PIDS+=("$APID" "$BPID")
+    wait_port "$APORT" "$APID" bench-a
+    wait_port "$BPORT" "$BPID" bench-b
+    echo "bench: nodes restarted with --max-sessions-per-user 2 (pids $APID, $BPID)" >&2
+fi
+run dm-multi-open dm-multi --users "$USERS" --rate "$RATE" --run-time "$RUN_TIME"
+run dm-multi-closed dm-multi --users "$USERS" --in-flight "$IN_FLIGHT" --run-time "$RUN_TIME"
+
 echo
 echo "rate/s = delivered msg/s (dm), sessions/s (churn), connections/s (idle); latency in µs"
 echo "(dm: send->receive; churn: full cycle; idle: connect). CPU per delivered message,"
@@ -337,6 +357,18 @@ column -t -s $'\t' "$SUMMARY"
 for f in "$OUT"/idle-*.json; do
     [ -f "$f" ] || continue
     jq -r --arg f "$(basename "$f" .json)" '.memory_fit // empty | "\($f): RSS ≈ \(.base_kib) KiB + \(.kib_per_conn) KiB × connections (r² \(.r2), \(.samples) samples up to \(.max_connections)); at 100,000 connections: \(.at_100k_mib) MiB"' "$f"
+done
+# dm-multi's summary rows count deliveries (three per message); per message written:
+for f in "$OUT"/dm-multi-*.json; do
+    [ -f "$f" ] || continue
+    name=$(basename "$f" .json)
+    msgs=$(jq -r '.fanout.messages // 0' "$f")
+    [ "$msgs" -gt 0 ] && [ -f "$OUT/$name.redis-commandstats" ] || continue
+    awk -F'[:=,]' -v n="$msgs" -v name="$name" '
+        { calls[$1] += $3; total += $3 }
+        END { printf "%s: %d messages; Redis commands per message: XADD %.3f, HKEYS %.3f, all %.3f\n",
+              name, n, calls["cmdstat_xadd"] / n, calls["cmdstat_hkeys"] / n, total / n }' \
+        "$OUT/$name.redis-commandstats"
 done
 write_index
 echo "results: $OUT (open $OUT/index.html)"

@@ -1,4 +1,10 @@
-//! dm-cross / dm-local: direct messages between held users, open or closed loop.
+//! dm-cross / dm-local / dm-multi: direct messages between held users, open or closed loop.
+//!
+//! dm-multi gives every user one session on every node; a user sends from its session on
+//! its home node, and each message must reach every session of the recipient and every
+//! other session of the sender (the server's copy). Each receiving session tracks order per
+//! sender→recipient pair on its own, so a session that misses, repeats or reorders what its
+//! sibling got shows up.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -13,9 +19,73 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::conn::{self, Incoming, Ws};
-use crate::report::{Counts, Latency, MessageStats, Report, ShardedHist, SlowMessage};
+use crate::report::{
+    Counts, DeliveryKind, Fanout, Latency, MessageStats, Report, ShardedHist, SlowMessage,
+};
 use crate::timeline::Timeline;
 use crate::{Config, ConnSpec};
+
+/// Who talks to whom, over how many sessions per user.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Shape {
+    /// One session per user; recipients on other nodes.
+    Cross,
+    /// One session per user; recipients on the sender's node.
+    Local,
+    /// One session per user on every node; recipients anywhere (each has a session on
+    /// every node); the sender's other sessions receive a copy.
+    Multi,
+}
+
+/// The sessions a dm-multi delivery can reach, as counted in [`Fanout`].
+#[derive(Clone, Copy)]
+enum Kind {
+    /// The recipient's session on the node the message was sent to.
+    SameNode,
+    /// A recipient's session on another node.
+    OtherNode,
+    /// A session of the sender other than the one that sent (on another node).
+    SenderCopy,
+}
+
+impl Kind {
+    const ALL: [Self; 3] = [Self::SameNode, Self::OtherNode, Self::SenderCopy];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::SameNode => "recipient, sending node",
+            Self::OtherNode => "recipient, other node",
+            Self::SenderCopy => "sender's other session",
+        }
+    }
+
+    /// Deliveries of this kind per message with `nodes` nodes (one session on each).
+    fn per_message(self, nodes: u64) -> u64 {
+        match self {
+            Self::SameNode => 1,
+            Self::OtherNode | Self::SenderCopy => nodes - 1,
+        }
+    }
+}
+
+/// Receive-side counters of one [`Kind`].
+struct KindCounters {
+    delivered: AtomicU64,
+    duplicated: AtomicU64,
+    out_of_order: AtomicU64,
+    hist: ShardedHist,
+}
+
+impl KindCounters {
+    fn new() -> Self {
+        Self {
+            delivered: AtomicU64::new(0),
+            duplicated: AtomicU64::new(0),
+            out_of_order: AtomicU64::new(0),
+            hist: ShardedHist::new(16),
+        }
+    }
+}
 
 #[derive(Clone, Copy, PartialEq)]
 enum Phase {
@@ -49,15 +119,23 @@ impl Plan {
 struct Shared {
     epoch: Instant,
     ids: Vec<String>,
+    /// Each user's home node: where its (only) sending session is.
     node_of: Vec<usize>,
-    cross: bool,
+    shape: Shape,
+    /// Sessions per user (dm-multi: one per node; else 1). Connection `c` belongs to user
+    /// `c / sessions`.
+    sessions: usize,
+    /// dm-multi: counters per [`Kind`], indexed like [`Kind::ALL`]; empty otherwise.
+    kinds: Vec<KindCounters>,
     closed_loop: bool,
     plan: OnceLock<Plan>,
     /// Open loop: the pacer thread wakes a user when its next send is due.
     wake: Vec<Notify>,
     /// Closed loop: free in-flight slots per sender.
     permits: Vec<Semaphore>,
+    /// Messages written (dm-multi: each is expected [`Shared::per_message`] times).
     sent: AtomicU64,
+    /// Distinct deliveries, all receiving sessions together.
     delivered: AtomicU64,
     errored: AtomicU64,
     duplicated: AtomicU64,
@@ -74,23 +152,46 @@ struct Shared {
     tl: Arc<Timeline>,
 }
 
+impl Shared {
+    /// Deliveries one message must make: 1, or in dm-multi every session of the recipient
+    /// and every other session of the sender.
+    fn per_message(&self) -> u64 {
+        2 * self.sessions as u64 - 1
+    }
+
+    /// The user and node of connection `c`.
+    fn session_of(&self, c: usize) -> (u32, usize) {
+        let user = c / self.sessions;
+        let node = if self.sessions > 1 {
+            c % self.sessions
+        } else {
+            self.node_of[user]
+        };
+        (user as u32, node)
+    }
+}
+
 /// Most slow messages kept for the report.
 const MAX_SLOW: usize = 1000;
 
 pub(crate) async fn run(
     cfg: &Config,
-    cross: bool,
+    shape: Shape,
     hard: Instant,
     tl: &Arc<Timeline>,
 ) -> Result<Report> {
     let nodes = crate::resolve_nodes(cfg).await?;
     let n = cfg.users;
-    if cross && nodes.len() < 2 {
-        bail!("dm-cross needs at least two --node URLs");
+    match shape {
+        Shape::Cross if nodes.len() < 2 => bail!("dm-cross needs at least two --node URLs"),
+        Shape::Local if n < 2 * nodes.len() => bail!("dm-local needs at least two users per node"),
+        Shape::Multi if nodes.len() < 2 || n < 2 => {
+            bail!("dm-multi needs at least two --node URLs and two users")
+        }
+        _ => {}
     }
-    if !cross && n < 2 * nodes.len() {
-        bail!("dm-local needs at least two users per node");
-    }
+    let multi = shape == Shape::Multi;
+    let sessions = if multi { nodes.len() } else { 1 };
     let prefix = conn::run_prefix();
     let ids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
     let node_of: Vec<usize> = (0..n).map(|i| i % nodes.len()).collect();
@@ -99,7 +200,13 @@ pub(crate) async fn run(
         epoch: Instant::now(),
         ids,
         node_of,
-        cross,
+        shape,
+        sessions,
+        kinds: if multi {
+            Kind::ALL.iter().map(|_| KindCounters::new()).collect()
+        } else {
+            Vec::new()
+        },
         closed_loop,
         plan: OnceLock::new(),
         wake: (0..n).map(|_| Notify::new()).collect(),
@@ -122,38 +229,47 @@ pub(crate) async fn run(
     let (phase_tx, phase_rx) = watch::channel(Phase::Connecting);
 
     // Per-node source address counters so that each node's connections are spread.
-    let k = crate::source_count(cfg, n.div_ceil(nodes.len()));
-    let specs = (0..n)
-        .map(|i| {
-            let node = sh.node_of[i];
+    let conns = n * sessions;
+    let k = crate::source_count(cfg, conns.div_ceil(nodes.len()));
+    let specs = (0..conns)
+        .map(|c| {
+            let (user, node) = sh.session_of(c);
             ConnSpec {
                 target: nodes[node].clone(),
-                source: nodes[node].source_addr(i / nodes.len(), k),
-                id: sh.ids[i].clone(),
+                source: nodes[node].source_addr(c / nodes.len(), k),
+                id: sh.ids[user as usize].clone(),
             }
         })
         .collect();
     let mut tasks = JoinSet::new();
     let body = {
         let sh = sh.clone();
-        move |i: usize, ws: Ws| user_task(sh.clone(), i as u32, ws, phase_rx.clone())
+        move |c: usize, ws: Ws| {
+            let (user, node) = sh.session_of(c);
+            user_task(sh.clone(), user, node, ws, phase_rx.clone())
+        }
     };
     let hatched = crate::hatch(cfg, specs, 16 * 1024, &mut tasks, hard, tl, false, body).await;
 
-    // Build the plan from the users that are actually connected.
+    // Build the plan from the users that are actually connected (all their sessions).
     let mut targets = vec![Vec::new(); nodes.len()];
     let mut slot = vec![0u32; n];
     let mut live = 0u32;
     let mut by_slot = Vec::new();
-    for (i, &ok) in hatched.connected.iter().enumerate() {
-        if !ok {
+    for (i, sessions_up) in hatched.connected.chunks(sessions).enumerate() {
+        if !sessions_up.iter().all(|&ok| ok) {
             continue;
         }
         slot[i] = live;
         by_slot.push(i as u32);
         live += 1;
         for (node, t) in targets.iter_mut().enumerate() {
-            if (node == sh.node_of[i]) != cross {
+            let wanted = match shape {
+                Shape::Cross => node != sh.node_of[i],
+                Shape::Local => node == sh.node_of[i],
+                Shape::Multi => true,
+            };
+            if wanted {
                 t.push(i as u32);
             }
         }
@@ -203,9 +319,10 @@ pub(crate) async fn run(
     let grace_end = Instant::now() + cfg.grace;
     // Let senders observe the phase change before reading `sent`.
     tokio::time::sleep(Duration::from_millis(20)).await;
+    let per = sh.per_message();
     while Instant::now() < grace_end {
-        let done = sh.delivered.load(Relaxed) + sh.errored.load(Relaxed);
-        if done >= sh.sent.load(Relaxed) {
+        let done = sh.delivered.load(Relaxed) + sh.errored.load(Relaxed) * per;
+        if done >= sh.sent.load(Relaxed) * per {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -213,9 +330,37 @@ pub(crate) async fn run(
     let _ = phase_tx.send(Phase::Stop);
     crate::join_all(&mut tasks, Duration::from_secs(3)).await;
 
-    let sent = sh.sent.load(Relaxed);
+    // dm-multi counts deliveries: each message written is expected `per` times.
+    let written = sh.sent.load(Relaxed);
+    let errored_msgs = sh.errored.load(Relaxed);
+    let (sent, errored) = (written * per, errored_msgs * per);
     let delivered = sh.delivered.load(Relaxed);
-    let errored = sh.errored.load(Relaxed);
+    if multi {
+        let nodes = sessions as u64;
+        let kinds = Kind::ALL
+            .iter()
+            .zip(&sh.kinds)
+            .map(|(&kind, c)| {
+                let expected = (written - errored_msgs) * kind.per_message(nodes);
+                let delivered = c.delivered.load(Relaxed);
+                DeliveryKind {
+                    kind: kind.name().to_owned(),
+                    expected,
+                    delivered,
+                    lost: expected.saturating_sub(delivered),
+                    duplicated: c.duplicated.load(Relaxed),
+                    out_of_order: c.out_of_order.load(Relaxed),
+                    latency_us: Latency::from_hist(&c.hist.merged()),
+                }
+            })
+            .collect();
+        report.fanout = Some(Fanout {
+            messages: written,
+            errored: errored_msgs,
+            deliveries_per_message: per,
+            kinds,
+        });
+    }
     report.messages = Some(MessageStats {
         sent,
         delivered,
@@ -252,10 +397,21 @@ enum Ev {
     Send,
 }
 
-async fn user_task(sh: Arc<Shared>, me: u32, mut ws: Ws, mut phase_rx: watch::Receiver<Phase>) {
+/// One session of user `me` on node `node`. Only the session on the user's home node sends.
+async fn user_task(
+    sh: Arc<Shared>,
+    me: u32,
+    node: usize,
+    mut ws: Ws,
+    mut phase_rx: watch::Receiver<Phase>,
+) {
     let mut rng = fastrand::Rng::new();
     let mut tx_seq: HashMap<u32, u64> = HashMap::new();
-    let mut rx: HashMap<u32, RxPair> = HashMap::new();
+    // Keyed by sender→recipient pair: a session receives its own user's messages to
+    // others too (dm-multi copies).
+    let mut rx: HashMap<(u32, u32), RxPair> = HashMap::new();
+    let sender = node == sh.node_of[me as usize];
+    let multi = sh.shape == Shape::Multi;
     let mut buf = String::with_capacity(160);
     let mut phase = Phase::Connecting;
     let mut sending = false;
@@ -290,7 +446,7 @@ async fn user_task(sh: Arc<Shared>, me: u32, mut ws: Ws, mut phase_rx: watch::Re
                             j = u64::from(plan.slot[me as usize]);
                             step = u64::from(plan.live.max(1));
                         }
-                        sending = true;
+                        sending = sender;
                     }
                     Phase::Draining | Phase::Connecting => sending = false,
                     Phase::Stop => break,
@@ -298,7 +454,7 @@ async fn user_task(sh: Arc<Shared>, me: u32, mut ws: Ws, mut phase_rx: watch::Re
             }
             Ev::Send => {
                 let plan = sh.plan.get().expect("plan is set before sending");
-                let cands = &plan.targets[sh.node_of[me as usize]];
+                let cands = &plan.targets[node];
                 let mut batch = 0u32;
                 let now = Instant::now();
                 loop {
@@ -306,7 +462,7 @@ async fn user_task(sh: Arc<Shared>, me: u32, mut ws: Ws, mut phase_rx: watch::Re
                     if open && due > now {
                         break;
                     }
-                    let to = match pick(&mut rng, cands, me, sh.cross) {
+                    let to = match pick(&mut rng, cands, me, sh.shape == Shape::Cross) {
                         Some(t) => t,
                         None => {
                             sending = false;
@@ -320,17 +476,25 @@ async fn user_task(sh: Arc<Shared>, me: u32, mut ws: Ws, mut phase_rx: watch::Re
                         crate::ns_since(sh.epoch)
                     };
                     buf.clear();
-                    conn::encode_message(
-                        &mut buf,
-                        &sh.ids[to as usize],
-                        format_args!("{me}:{seq}:{send_ns}:"),
-                    );
+                    let to_id = &sh.ids[to as usize];
+                    if multi {
+                        // Names the recipient too: copies reach the sender's other sessions.
+                        let header = format_args!("{me}:{seq}:{send_ns}:{to}:");
+                        conn::encode_message(&mut buf, to_id, header);
+                    } else {
+                        conn::encode_message(
+                            &mut buf,
+                            to_id,
+                            format_args!("{me}:{seq}:{send_ns}:"),
+                        );
+                    }
                     *seq += 1;
                     if ws.feed(Message::text(buf.as_str())).await.is_err() {
                         break;
                     }
                     sh.sent.fetch_add(1, Relaxed);
-                    sh.tl.sent();
+                    // The timeline counts deliveries due, as the report's `sent` does.
+                    sh.tl.sent_n(sh.per_message());
                     batch += 1;
                     if open {
                         j += step;
@@ -369,7 +533,7 @@ async fn user_task(sh: Arc<Shared>, me: u32, mut ws: Ws, mut phase_rx: watch::Re
             Ev::Frame(Some(Ok(msg))) => match msg {
                 Message::Text(t) => match conn::parse(t.as_str()) {
                     Incoming::Message(text) => {
-                        on_message(&sh, me, &mut rx, &text);
+                        on_message(&sh, me, node, &mut rx, &text);
                     }
                     Incoming::Error(e) => {
                         sh.errors.add(&conn::error_key(&e));
@@ -412,7 +576,8 @@ fn pick(rng: &mut fastrand::Rng, cands: &[u32], me: u32, cross: bool) -> Option<
     }
 }
 
-fn on_message(sh: &Shared, me: u32, rx: &mut HashMap<u32, RxPair>, text: &str) {
+/// Counts one message received by user `me`'s session on `node`.
+fn on_message(sh: &Shared, me: u32, node: usize, rx: &mut HashMap<(u32, u32), RxPair>, text: &str) {
     let now_ns = crate::ns_since(sh.epoch);
     let Some((from, seq, send_ns)) = conn::decode_text(text) else {
         sh.errors.add("unparsable message text");
@@ -420,7 +585,19 @@ fn on_message(sh: &Shared, me: u32, rx: &mut HashMap<u32, RxPair>, text: &str) {
         return;
     };
     let from = from as u32;
-    let pair = rx.entry(from).or_default();
+    let (to, kind) = if sh.shape == Shape::Multi {
+        match multi_kind(sh, me, node, from, text) {
+            Ok(k) => k,
+            Err(e) => {
+                sh.errors.add(e);
+                return;
+            }
+        }
+    } else {
+        (me, None)
+    };
+    let counters = kind.map(|k| &sh.kinds[k as usize]);
+    let pair = rx.entry((from, to)).or_default();
     let unique = if seq == pair.next {
         pair.next += 1;
         true
@@ -432,9 +609,15 @@ fn on_message(sh: &Shared, me: u32, rx: &mut HashMap<u32, RxPair>, text: &str) {
         true
     } else if pair.missing.remove(&seq) {
         sh.out_of_order.fetch_add(1, Relaxed);
+        if let Some(c) = counters {
+            c.out_of_order.fetch_add(1, Relaxed);
+        }
         true
     } else {
         sh.duplicated.fetch_add(1, Relaxed);
+        if let Some(c) = counters {
+            c.duplicated.fetch_add(1, Relaxed);
+        }
         false
     };
     if unique {
@@ -442,6 +625,10 @@ fn on_message(sh: &Shared, me: u32, rx: &mut HashMap<u32, RxPair>, text: &str) {
         let latency_us = now_ns.saturating_sub(send_ns) / 1000;
         sh.hist.record(me as usize, latency_us);
         sh.tl.delivered(me as usize, latency_us);
+        if let Some(c) = counters {
+            c.delivered.fetch_add(1, Relaxed);
+            c.hist.record(me as usize, latency_us);
+        }
         if sh.slow_us.is_some_and(|t| latency_us > t) {
             let mut slow = sh.slow.lock().unwrap_or_else(|e| e.into_inner());
             if slow.len() < MAX_SLOW {
@@ -454,12 +641,50 @@ fn on_message(sh: &Shared, me: u32, rx: &mut HashMap<u32, RxPair>, text: &str) {
                 });
             }
         }
+        // dm-multi: one delivery per message gives the permit back, the recipient's on the
+        // node after the sender's (the cross-node path, as in dm-cross).
+        let returns_permit = match kind {
+            None => true,
+            Some(Kind::OtherNode) => node == (sh.node_of[from as usize] + 1) % sh.sessions,
+            Some(_) => false,
+        };
         if sh.closed_loop
+            && returns_permit
             && let Some(p) = sh.permits.get(from as usize)
         {
             p.add_permits(1);
         }
     }
+}
+
+/// dm-multi: the recipient named in `text` and what kind of delivery reached user `me`'s
+/// session on `node`; an error text when no session should have received it.
+fn multi_kind(
+    sh: &Shared,
+    me: u32,
+    node: usize,
+    from: u32,
+    text: &str,
+) -> Result<(u32, Option<Kind>), &'static str> {
+    let to = text
+        .split(':')
+        .nth(3)
+        .and_then(|t| t.parse::<u32>().ok())
+        .ok_or("unparsable message text")?;
+    let from_node = *sh.node_of.get(from as usize).ok_or("unknown sender")?;
+    let kind = if from == me {
+        if node == from_node {
+            return Err("copy received by the sending session");
+        }
+        Kind::SenderCopy
+    } else if to != me {
+        return Err("message for another user");
+    } else if node == from_node {
+        Kind::SameNode
+    } else {
+        Kind::OtherNode
+    };
+    Ok((to, Some(kind)))
 }
 
 /// Open-loop pacer: a dedicated thread (precise sleeps, unlike the 1 ms tokio

@@ -27,8 +27,8 @@ use tokio::time::Instant;
 pub use html::render as render_html;
 pub use noise::NoiseStats;
 pub use report::{
-    ChurnStats, ConnectStats, Latency, MemoryFit, MemorySample, MessageStats, ProcMemory, Report,
-    SlowMessage,
+    ChurnStats, ConnectStats, DeliveryKind, Fanout, Latency, MemoryFit, MemorySample, MessageStats,
+    ProcMemory, Report, SlowMessage,
 };
 pub use timeline::{Bucket, Machine, Second};
 
@@ -42,6 +42,10 @@ pub enum Scenario {
     DmCross,
     /// Direct messages between users on the same node.
     DmLocal,
+    /// Every user holds one session on every node (start the nodes with
+    /// `--max-sessions-per-user` ≥ the node count) and sends from one; every session of
+    /// the recipient and the sender's other sessions must get each message.
+    DmMulti,
     /// Many idle connections to the first node; connect rate and server memory.
     IdleConnections,
     /// Connect, send one message to a held user on another node, close; at a rate.
@@ -60,6 +64,7 @@ impl Scenario {
         match self {
             Self::DmCross => "dm-cross",
             Self::DmLocal => "dm-local",
+            Self::DmMulti => "dm-multi",
             Self::IdleConnections => "idle-connections",
             Self::Churn => "churn",
             Self::SchedNoise => "sched-noise",
@@ -160,6 +165,7 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<Report> {
     let mut notes = Vec::new();
     let fds = match scenario {
         Scenario::Churn => cfg.users + cfg.max_cycles_in_flight,
+        Scenario::DmMulti => cfg.users * cfg.nodes.len(),
         _ => cfg.users,
     };
     if let Some(n) = raise_nofile(fds as u64 + 256) {
@@ -179,8 +185,9 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<Report> {
     });
     let fut = async {
         match scenario {
-            Scenario::DmCross => dm::run(cfg, true, hard, &tl).await,
-            Scenario::DmLocal => dm::run(cfg, false, hard, &tl).await,
+            Scenario::DmCross => dm::run(cfg, dm::Shape::Cross, hard, &tl).await,
+            Scenario::DmLocal => dm::run(cfg, dm::Shape::Local, hard, &tl).await,
+            Scenario::DmMulti => dm::run(cfg, dm::Shape::Multi, hard, &tl).await,
             Scenario::IdleConnections => idle::run(cfg, hard, &tl).await,
             Scenario::Churn => churn::run(cfg, hard, &tl).await,
             Scenario::SchedNoise => noise::run(cfg).await,

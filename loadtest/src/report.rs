@@ -120,6 +120,8 @@ pub struct ConnectStats {
 }
 
 /// Message statistics (dm scenarios; churn reuses it for its one message per cycle).
+/// dm-multi counts deliveries: every message written counts once per session it must
+/// reach ([`Fanout::deliveries_per_message`]), in `sent` and `errored` alike.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct MessageStats {
     /// Messages written to the sockets.
@@ -141,6 +143,42 @@ pub struct MessageStats {
     /// Delivered messages per second of sending phase.
     pub delivered_per_sec: f64,
     /// Send → receive latency, µs (open loop: from the intended send time).
+    pub latency_us: Latency,
+}
+
+/// dm-multi: the messages written and their deliveries by kind of receiving session.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Fanout {
+    /// Messages written by the sending sessions.
+    pub messages: u64,
+    /// Of those, answered with an error frame (they reach no session).
+    pub errored: u64,
+    /// Sessions each message must reach: every session of the recipient and every other
+    /// session of the sender.
+    pub deliveries_per_message: u64,
+    /// Per kind: the recipient's session on the sending node, the recipient's sessions on
+    /// the other nodes, the sender's other sessions.
+    pub kinds: Vec<DeliveryKind>,
+}
+
+/// Deliveries of one kind (dm-multi). Order is checked per sender→recipient pair within
+/// each receiving session.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DeliveryKind {
+    /// Which sessions (`recipient, sending node`, `recipient, other node`,
+    /// `sender's other session`).
+    pub kind: String,
+    /// Deliveries due: messages not errored × sessions of this kind.
+    pub expected: u64,
+    /// Distinct deliveries received.
+    pub delivered: u64,
+    /// `expected − delivered`.
+    pub lost: u64,
+    /// Deliveries received more than once by the same session.
+    pub duplicated: u64,
+    /// Deliveries received after a later message of the same pair, by the same session.
+    pub out_of_order: u64,
+    /// Send → receive latency, µs.
     pub latency_us: Latency,
 }
 
@@ -301,6 +339,9 @@ pub struct Report {
     pub connect: ConnectStats,
     /// Messages (dm-*, churn).
     pub messages: Option<MessageStats>,
+    /// dm-multi: deliveries by kind of receiving session.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fanout: Option<Fanout>,
     /// Churn cycles.
     pub churn: Option<ChurnStats>,
     /// sched-noise: the machine's wake-up lateness.
@@ -429,6 +470,34 @@ impl Report {
             );
             lat_header(w, "  ");
             lat_row(w, "  send→recv", &m.latency_us);
+        }
+        if let Some(f) = &self.fanout {
+            let _ = writeln!(
+                w,
+                "\n-- deliveries: {} messages written, {} errored, {} sessions each",
+                f.messages, f.errored, f.deliveries_per_message
+            );
+            for k in &f.kinds {
+                let _ = writeln!(
+                    w,
+                    "  {:<24} expected {:>10}   delivered {:>10}   lost {:>6}   duplicated {:>6}   out-of-order {:>6}",
+                    k.kind, k.expected, k.delivered, k.lost, k.duplicated, k.out_of_order
+                );
+            }
+            // The kinds' names are longer than `lat_row`'s column.
+            let _ = writeln!(
+                w,
+                "  {:<24} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}   (µs)",
+                "latency", "count", "p50", "p90", "p99", "p99.9", "max", "mean"
+            );
+            for k in &f.kinds {
+                let l = &k.latency_us;
+                let _ = writeln!(
+                    w,
+                    "  {:<24} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9.0}",
+                    k.kind, l.count, l.p50, l.p90, l.p99, l.p999, l.max, l.mean
+                );
+            }
         }
         if let Some(ch) = &self.churn {
             let _ = writeln!(w, "\n-- churn cycles");

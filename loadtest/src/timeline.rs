@@ -72,7 +72,12 @@ impl Timeline {
 
     /// One message sent.
     pub(crate) fn sent(&self) {
-        self.slot().sent.fetch_add(1, Relaxed);
+        self.sent_n(1);
+    }
+
+    /// `n` deliveries due from one message sent (dm-multi expects several per message).
+    pub(crate) fn sent_n(&self, n: u64) {
+        self.slot().sent.fetch_add(n, Relaxed);
     }
 
     /// One message delivered (or, for idle-connections, one connection made) after `micros`.

@@ -1,10 +1,12 @@
 //! Smoke test: runs every scenario for about a second against a cluster.
 //!
 //! With `WSBUS_LOADTEST_NODES=ws://127.0.0.1:8080,ws://127.0.0.1:8081` it uses
-//! that running cluster. Otherwise it starts one itself: a `redis-server` on a
-//! free port and two `wsbus serve` nodes. The `wsbus` binary is looked up where cargo put
-//! this test (`CARGO_TARGET_DIR` or `<workspace>/target`, same profile); build it first with
-//! `cargo build`.
+//! that running cluster (and for dm-multi `WSBUS_LOADTEST_MULTI_NODES`, nodes started
+//! with `--max-sessions-per-user 2`; dm-multi is skipped without it). Otherwise it starts
+//! one itself: a `redis-server` on a free port, two `wsbus serve` nodes with the default one
+//! session per user and two more with `--max-sessions-per-user 2`. The `wsbus` binary is
+//! looked up where cargo put this test (`CARGO_TARGET_DIR` or `<workspace>/target`, same
+//! profile); build it first with `cargo build`.
 
 mod common;
 
@@ -13,6 +15,38 @@ use std::time::{Duration, Instant};
 
 use common::start_cluster;
 use wsbus_loadtest::{Config, Report, Scenario};
+
+/// dm-multi: every kind of delivery arrived once per message and session, in order.
+fn check_fanout(r: &Report) {
+    check_messages(r);
+    let f = r.fanout.as_ref().expect("fanout stats");
+    let m = r.messages.as_ref().expect("message stats");
+    assert!(f.messages > 0, "nothing sent");
+    // Two nodes: the recipient's two sessions and the sender's other one.
+    assert_eq!(f.deliveries_per_message, 3);
+    assert_eq!(m.sent, f.messages * 3);
+    assert_eq!(f.kinds.len(), 3);
+    for k in &f.kinds {
+        assert_eq!(k.expected, f.messages - f.errored, "{}", k.kind);
+        assert_eq!(k.delivered, k.expected, "{}: delivered", k.kind);
+        assert_eq!(
+            (k.lost, k.duplicated, k.out_of_order),
+            (0, 0, 0),
+            "{}",
+            k.kind
+        );
+        assert_eq!(
+            k.latency_us.count, k.delivered,
+            "{}: latency samples",
+            k.kind
+        );
+    }
+    assert_eq!(
+        f.kinds.iter().map(|k| k.delivered).sum::<u64>(),
+        m.delivered,
+        "the kinds add up to the deliveries"
+    );
+}
 
 fn check_messages(r: &Report) {
     let m = r.messages.as_ref().expect("message stats");
@@ -48,17 +82,24 @@ fn check_messages(r: &Report) {
 
 #[test]
 fn all_scenarios_smoke() {
-    let (cluster, nodes) = match std::env::var("WSBUS_LOADTEST_NODES") {
+    let urls = |v: String| {
+        v.split(',')
+            .map(|s| s.trim().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let (cluster, nodes, multi_nodes) = match std::env::var("WSBUS_LOADTEST_NODES") {
         Ok(v) if !v.trim().is_empty() => (
             None,
-            v.split(',')
-                .map(|s| s.trim().to_owned())
-                .collect::<Vec<_>>(),
+            urls(v),
+            std::env::var("WSBUS_LOADTEST_MULTI_NODES")
+                .ok()
+                .filter(|v| !v.trim().is_empty())
+                .map(urls),
         ),
         _ => {
             let c = start_cluster();
-            let nodes = c.nodes.clone();
-            (Some(c), nodes)
+            let (nodes, multi) = (c.nodes.clone(), c.multi_nodes.clone());
+            (Some(c), nodes, Some(multi))
         }
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -129,6 +170,22 @@ fn all_scenarios_smoke() {
     let r = run(Scenario::DmLocal, &open);
     check_messages(&r);
     assert!(r.ok, "{:?}", r.problems);
+
+    match &multi_nodes {
+        Some(multi_nodes) => {
+            for cfg in [&open, &closed] {
+                let multi = Config {
+                    nodes: multi_nodes.clone(),
+                    ..cfg.clone()
+                };
+                let r = run(Scenario::DmMulti, &multi);
+                check_fanout(&r);
+                assert_eq!(r.connect.connected, 40, "two sessions per user");
+                assert!(r.ok, "{:?}", r.problems);
+            }
+        }
+        None => eprintln!("dm-multi skipped: set WSBUS_LOADTEST_MULTI_NODES"),
+    }
 
     // Client sockets bound to 127.0.0.1, .2 and .3 (how runs pass ~28k connections).
     let idle = Config {

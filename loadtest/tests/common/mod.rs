@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 pub struct Cluster {
     pub children: Vec<Child>,
     pub nodes: Vec<String>,
+    /// Nodes that allow two sessions per user (dm-multi), on the same Redis.
+    pub multi_nodes: Vec<String>,
 }
 
 impl Drop for Cluster {
@@ -68,6 +70,7 @@ pub fn start_cluster() -> Cluster {
     let mut cluster = Cluster {
         children: Vec::new(),
         nodes: Vec::new(),
+        multi_nodes: Vec::new(),
     };
     let rport = free_port();
     let mut redis = Command::new("redis-server")
@@ -78,12 +81,18 @@ pub fn start_cluster() -> Cluster {
         .expect("redis-server must be on PATH");
     wait_for_port(rport, "redis-server", &mut redis);
     cluster.children.push(redis);
-    for name in ["smoke-a", "smoke-b"] {
+    for (name, sessions) in [
+        ("smoke-a", "1"),
+        ("smoke-b", "1"),
+        ("smoke-multi-a", "2"),
+        ("smoke-multi-b", "2"),
+    ] {
         let port = free_port();
         let mut cmd = Command::new(&bin);
         cmd.args(["serve", "--bind", &format!("127.0.0.1:{port}")])
             .args(["--redis-url", &format!("redis://127.0.0.1:{rport}")])
             .args(["--node-id", name])
+            .args(["--max-sessions-per-user", sessions])
             // Measure the server, not its abuse limits.
             .args(["--insecure", "--rate-limit", "1000000000"])
             .args(["--rate-burst", "1000000000"])
@@ -91,7 +100,12 @@ pub fn start_cluster() -> Cluster {
         let mut child = cmd.spawn().expect("spawn wsbus serve");
         wait_for_port(port, name, &mut child);
         cluster.children.push(child);
-        cluster.nodes.push(format!("ws://127.0.0.1:{port}"));
+        let url = format!("ws://127.0.0.1:{port}");
+        if sessions == "1" {
+            cluster.nodes.push(url);
+        } else {
+            cluster.multi_nodes.push(url);
+        }
     }
     cluster
 }
