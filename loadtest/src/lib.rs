@@ -5,11 +5,13 @@
 //! CLI around this library; `tests/smoke.rs` calls it directly.
 
 mod churn;
+mod cmdstats;
 mod conn;
 mod dm;
 mod idle;
 mod noise;
 mod report;
+mod room;
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -26,6 +28,7 @@ pub use report::{
     ChurnStats, ConnectStats, Latency, MemoryFit, MemorySample, MessageStats, ProcMemory, Report,
     SlowMessage,
 };
+pub use room::{RedisCost, RoomChurnStats, RoomStats};
 
 use conn::{Target, Ws};
 
@@ -43,6 +46,10 @@ pub enum Scenario {
     /// No server: how late this machine wakes a thread that slept 100 µs (the noise
     /// floor under every latency above).
     SchedNoise,
+    /// Room messages into `--rooms` rooms whose members are spread over the nodes.
+    RoomFanout,
+    /// room-fanout's messages while `--churners` users join and leave rooms at `--join-rate`.
+    RoomChurn,
 }
 
 impl Scenario {
@@ -54,6 +61,8 @@ impl Scenario {
             Self::IdleConnections => "idle-connections",
             Self::Churn => "churn",
             Self::SchedNoise => "sched-noise",
+            Self::RoomFanout => "room-fanout",
+            Self::RoomChurn => "room-churn",
         }
     }
 }
@@ -90,6 +99,15 @@ pub struct Config {
     /// dm-*: list messages slower than this (µs) in the report, with when they were sent
     /// (to tell periodic stalls from random ones).
     pub slow_us: Option<u64>,
+    /// room-*: rooms the `users` members are spread over.
+    pub rooms: usize,
+    /// room-churn: join/leave cycles per second (default 50).
+    pub join_rate: Option<f64>,
+    /// room-churn: users doing the join/leave cycles (besides the `users` members).
+    pub churners: usize,
+    /// Redis addresses (`host:port`, every shard of a cluster) whose `INFO commandstats` a
+    /// room scenario reads around its sending phase.
+    pub redis: Vec<String>,
 }
 
 impl Default for Config {
@@ -108,6 +126,10 @@ impl Default for Config {
             deadline: None,
             max_cycles_in_flight: 2000,
             slow_us: None,
+            rooms: 1,
+            join_rate: None,
+            churners: 20,
+            redis: Vec::new(),
         }
     }
 }
@@ -149,6 +171,7 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<Report> {
     let mut notes = Vec::new();
     let fds = match scenario {
         Scenario::Churn => cfg.users + cfg.max_cycles_in_flight,
+        Scenario::RoomChurn => cfg.users + cfg.churners,
         _ => cfg.users,
     };
     if let Some(n) = raise_nofile(fds as u64 + 256) {
@@ -161,6 +184,8 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<Report> {
             Scenario::IdleConnections => idle::run(cfg, hard).await,
             Scenario::Churn => churn::run(cfg, hard).await,
             Scenario::SchedNoise => noise::run(cfg).await,
+            Scenario::RoomFanout => room::run(cfg, false, hard).await,
+            Scenario::RoomChurn => room::run(cfg, true, hard).await,
         }
     };
     let mut report = match tokio::time::timeout(deadline, fut).await {
