@@ -78,7 +78,8 @@ pub struct Config {
     pub hatch_rate: f64,
     /// Measuring phase after all users are connected.
     pub run_time: Duration,
-    /// Open-loop total rate (messages/s for dm-*, cycles/s for churn). For dm-*,
+    /// Open-loop total rate (messages/s for dm-*, room messages/s for room-*, cycles/s for
+    /// churn). For dm-* and room-fanout,
     /// `None` means closed loop with [`Config::in_flight`].
     pub rate: Option<f64>,
     /// Closed-loop messages in flight per user.

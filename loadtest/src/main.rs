@@ -28,9 +28,11 @@ struct Cli {
     #[arg(long, default_value_t = 10.0)]
     run_time: f64,
     /// dm-*: open loop at this total rate (messages/s). churn: cycles/s (required).
+    /// room-*: room messages/s in total (required by room-churn).
     #[arg(long)]
     rate: Option<f64>,
-    /// dm-*: closed loop with this many messages in flight per user (when no --rate).
+    /// dm-*, room-fanout: closed loop with this many messages in flight per user (when no
+    /// --rate; room-fanout: a message is done when every other member has it).
     #[arg(long, default_value_t = 8)]
     in_flight: u32,
     /// Server pid whose VmRSS is reported (idle-connections); repeatable.

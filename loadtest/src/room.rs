@@ -34,7 +34,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::conn::{self, Ws};
-use crate::report::{Counts, Latency, MessageStats, Report, ShardedHist};
+use crate::report::{ConnectStats, Counts, Latency, MessageStats, Report, ShardedHist};
 use crate::{Config, ConnSpec};
 
 /// A churner stays in a room for a time drawn uniformly from zero to twice this.
@@ -107,8 +107,11 @@ pub struct RedisCost {
     pub per_room_message: BTreeMap<String, f64>,
     /// `XADD`s per room message.
     pub xadd_per_room_message: f64,
-    /// What the design promises: one per other node with members (nodes − 1 here).
+    /// What the design promises per room message: one per other node with members (with
+    /// every room on every node: nodes − 1).
     pub xadd_expected: f64,
+    /// The same, in calls for all the room messages sent.
+    pub xadd_expected_calls: u64,
 }
 
 impl RoomStats {
@@ -143,9 +146,8 @@ impl RoomStats {
         if let Some(r) = &self.redis
             && scenario == "room-fanout"
         {
-            let want = self.room_messages as f64 * r.xadd_expected;
-            let got = r.calls.get("xadd").copied().unwrap_or(0) as f64;
-            if got != want {
+            let got = r.calls.get("xadd").copied().unwrap_or(0);
+            if got != r.xadd_expected_calls {
                 problems.push(format!(
                     "{got} XADDs for {} room messages: {:.3} per message, expected {}",
                     self.room_messages, r.xadd_per_room_message, r.xadd_expected
@@ -210,6 +212,8 @@ enum Phase {
 struct Plan {
     /// Per room: members that joined, less one (the receivers of each message).
     receivers: Vec<u32>,
+    /// Per room: nodes with members, less one (the inbox entries of each message).
+    other_nodes: Vec<u32>,
     /// Position of each member in the open-loop send order.
     slot: Vec<u32>,
     /// Member of each slot (the pacer's order: rooms interleaved).
@@ -227,6 +231,12 @@ struct Shared {
     pos: Vec<u32>,
     /// Members of each room.
     room_len: Vec<u32>,
+    /// Members per room (the last room may have fewer).
+    per_room: usize,
+    /// Nodes; member `i` is on node `i % nodes`.
+    nodes: usize,
+    /// Random prefix of this run's user and room ids.
+    prefix: String,
     rate: Option<f64>,
     in_flight: u32,
     plan: OnceLock<Plan>,
@@ -241,6 +251,8 @@ struct Shared {
     /// receipts of one sender arrive in order, so its messages complete in order).
     owed: Vec<Box<[AtomicU32]>>,
     room_messages: AtomicU64,
+    /// `XADD`s the room messages sent should cost: one per other node with members.
+    xadd_owed: AtomicU64,
     /// Deliveries owed for the room messages sent.
     expected: AtomicU64,
     delivered: AtomicU64,
@@ -271,13 +283,9 @@ struct ChurnShared {
 
 pub(crate) async fn run(cfg: &Config, churn: bool, hard: Instant) -> Result<Report> {
     let nodes = crate::resolve_nodes(cfg).await?;
-    let n = cfg.users;
-    let rooms = cfg.rooms.max(1);
-    let per_room = n.div_ceil(rooms);
-    if per_room < 2 || n < rooms * 2 - 1 {
+    if cfg.users < 2 * cfg.rooms.max(1) {
         bail!("rooms need at least two members each (--users >= 2 × --rooms)");
     }
-    let rooms = n.div_ceil(per_room);
     if churn && cfg.rate.is_none() {
         bail!("room-churn needs --rate (room messages per second)");
     }
@@ -285,58 +293,13 @@ pub(crate) async fn run(cfg: &Config, churn: bool, hard: Instant) -> Result<Repo
     if churn && (join_rate.is_nan() || join_rate <= 0.0 || cfg.churners == 0) {
         bail!("room-churn needs a positive --join-rate and --churners");
     }
-    let prefix = conn::run_prefix();
-    let in_flight = cfg.in_flight.max(1);
-    let sh = Arc::new(Shared {
-        epoch: Instant::now(),
-        ids: (0..n).map(|i| format!("{prefix}-{i}")).collect(),
-        room_ids: (0..rooms).map(|r| format!("{prefix}-r{r}")).collect(),
-        room_of: (0..n).map(|i| (i / per_room) as u32).collect(),
-        pos: (0..n).map(|i| (i % per_room) as u32).collect(),
-        room_len: (0..rooms)
-            .map(|r| (n - r * per_room).min(per_room) as u32)
-            .collect(),
-        rate: cfg.rate,
-        in_flight,
-        plan: OnceLock::new(),
-        joined: (0..n).map(|_| AtomicBool::new(false)).collect(),
-        joined_count: AtomicU64::new(0),
-        join_hist: ShardedHist::new(16),
-        wake: (0..n).map(|_| Notify::new()).collect(),
-        permits: (0..n).map(|_| Semaphore::new(in_flight as usize)).collect(),
-        owed: (0..n)
-            .map(|_| (0..in_flight).map(|_| AtomicU32::new(0)).collect())
-            .collect(),
-        room_messages: AtomicU64::new(0),
-        expected: AtomicU64::new(0),
-        delivered: AtomicU64::new(0),
-        errored: AtomicU64::new(0),
-        duplicated: AtomicU64::new(0),
-        out_of_order: AtomicU64::new(0),
-        misrouted: AtomicU64::new(0),
-        presence: AtomicU64::new(0),
-        hist: ShardedHist::new(64),
-        errors: Counts::default(),
-        disconnects: Counts::default(),
-        churn: churn.then(|| ChurnShared {
-            ids: (0..cfg.churners)
-                .map(|c| format!("{prefix}-c{c}"))
-                .collect(),
-            tickets: Semaphore::new(0),
-            started: AtomicU64::new(0),
-            completed: AtomicU64::new(0),
-            deliveries: AtomicU64::new(0),
-            stale: AtomicU64::new(0),
-            after_left: AtomicU64::new(0),
-            join_hist: ShardedHist::new(8),
-            leave_hist: ShardedHist::new(8),
-            failures: Counts::default(),
-        }),
-    });
+    let sh = Arc::new(Shared::new(cfg, nodes.len(), churn));
     let (phase_tx, phase_rx) = watch::channel(Phase::Joining);
+    let mut tasks = JoinSet::new();
+    let mut notes = Vec::new();
 
-    let k = crate::source_count(cfg, n.div_ceil(nodes.len()));
-    let specs = (0..n)
+    let k = crate::source_count(cfg, cfg.users.div_ceil(nodes.len()));
+    let specs = (0..cfg.users)
         .map(|i| {
             let node = i % nodes.len();
             ConnSpec {
@@ -346,91 +309,40 @@ pub(crate) async fn run(cfg: &Config, churn: bool, hard: Instant) -> Result<Repo
             }
         })
         .collect();
-    let mut tasks = JoinSet::new();
     let body = {
         let (sh, rx) = (sh.clone(), phase_rx.clone());
         move |i: usize, ws: Ws| member(sh.clone(), i as u32, ws, rx.clone())
     };
-    let hatched = crate::hatch(cfg, specs, 16 * 1024, &mut tasks, hard, body).await;
-    let mut connect = hatched.stats;
-
-    // Every connected member's `joined`, then the presence events those joins sent.
-    let want = hatched.connected.iter().filter(|&&c| c).count() as u64;
-    let join_deadline = Instant::now() + Duration::from_secs(30).min(hard - Instant::now());
-    while sh.joined_count.load(Relaxed) < want && Instant::now() < join_deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let mut notes = Vec::new();
-    let mut receivers = vec![0u32; rooms];
-    let mut joined_users = Vec::new();
-    for (i, j) in sh.joined.iter().enumerate() {
-        if j.load(Relaxed) {
-            receivers[sh.room_of[i] as usize] += 1;
-            joined_users.push(i);
+    let mut connect = crate::hatch(cfg, specs, 16 * 1024, &mut tasks, hard, body)
+        .await
+        .stats;
+    let members = connect.connected;
+    wait_for_joins(&sh, members, hard).await;
+    let plan = Plan::of_joined(&sh);
+    notes.extend(wait_for_presence(&sh, &plan).await);
+    let live = plan.live;
+    let _ = sh.plan.set(plan);
+    let churners = match &sh.churn {
+        Some(ch) => {
+            let specs = (0..ch.ids.len())
+                .map(|c| ConnSpec {
+                    target: nodes[c % nodes.len()].clone(),
+                    source: None,
+                    id: ch.ids[c].clone(),
+                })
+                .collect();
+            let body = {
+                let (sh, rx) = (sh.clone(), phase_rx.clone());
+                move |c: usize, ws: Ws| churner(sh.clone(), c, ws, rx.clone())
+            };
+            let h = crate::hatch(cfg, specs, 16 * 1024, &mut tasks, hard, body).await;
+            merge_connect(&mut connect, h.stats)
         }
-    }
-    let presence_due: u64 = receivers
-        .iter()
-        .map(|&j| u64::from(j) * u64::from(j.saturating_sub(1)) / 2)
-        .sum();
-    let settle_end = Instant::now() + SETTLE;
-    while sh.presence.load(Relaxed) < presence_due && Instant::now() < settle_end {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    if sh.presence.load(Relaxed) < presence_due {
-        notes.push(format!(
-            "{} of {presence_due} presence events of the joins arrived before sending",
-            sh.presence.load(Relaxed)
-        ));
-    }
-    for r in &mut receivers {
-        *r = r.saturating_sub(1);
-    }
-    // Interleave the rooms in the send order: one member of each room in turn.
-    joined_users.sort_by_key(|&i| (sh.pos[i], sh.room_of[i]));
-    let mut slot = vec![0u32; n];
-    for (s, &i) in joined_users.iter().enumerate() {
-        slot[i] = s as u32;
-    }
-    let live = joined_users.len() as u32;
-    let _ = sh.plan.set(Plan {
-        receivers,
-        slot,
-        by_slot: joined_users.iter().map(|&i| i as u32).collect(),
-        live,
-    });
-
-    let mut churners = 0;
-    if let Some(ch) = &sh.churn {
-        let specs = (0..ch.ids.len())
-            .map(|c| ConnSpec {
-                target: nodes[c % nodes.len()].clone(),
-                source: None,
-                id: ch.ids[c].clone(),
-            })
-            .collect();
-        let body = {
-            let (sh, rx) = (sh.clone(), phase_rx.clone());
-            move |c: usize, ws: Ws| churner(sh.clone(), c, ws, rx.clone())
-        };
-        let h = crate::hatch(cfg, specs, 16 * 1024, &mut tasks, hard, body).await;
-        churners = h.stats.connected;
-        connect.attempted += h.stats.attempted;
-        connect.connected += h.stats.connected;
-        connect.failed += h.stats.failed;
-        for (k, v) in h.stats.failures {
-            *connect.failures.entry(k).or_default() += v;
-        }
-    }
+        None => 0,
+    };
 
     // Measuring phase.
-    let redis_before = match crate::cmdstats::snapshot(&cfg.redis).await {
-        Ok(s) => Some(s),
-        Err(e) => {
-            notes.push(format!("Redis commandstats not read: {e:#}"));
-            None
-        }
-    };
+    let redis_before = redis_calls(cfg, &mut notes).await;
     let send_start = Instant::now();
     let _ = phase_tx.send(Phase::Sending(send_start));
     let pacer_stop = Arc::new(AtomicBool::new(false));
@@ -439,118 +351,298 @@ pub(crate) async fn run(cfg: &Config, churn: bool, hard: Instant) -> Result<Repo
         std::thread::spawn(move || pacer(&sh, send_start.into_std(), rate, &stop));
     }
     let send_end = (send_start + cfg.run_time).min(hard - cfg.grace - Duration::from_secs(5));
-    let mut skipped = 0;
-    if let Some(ch) = &sh.churn {
-        let mut k = 0u64;
-        loop {
-            let due = send_start + Duration::from_secs_f64(k as f64 / join_rate);
-            if due >= send_end {
-                break;
-            }
-            tokio::time::sleep_until(due).await;
-            if ch.tickets.available_permits() as u64 >= churners {
-                skipped += 1;
-            } else {
-                ch.tickets.add_permits(1);
-            }
-            k += 1;
-        }
-    }
+    let skipped = match &sh.churn {
+        Some(ch) => pace_churn(ch, send_start, send_end, join_rate, churners).await,
+        None => 0,
+    };
     tokio::time::sleep_until(send_end).await;
     pacer_stop.store(true, Relaxed);
     let _ = phase_tx.send(Phase::Draining);
     let send_secs = send_start.elapsed().as_secs_f64();
+    drain(&sh, cfg.grace).await;
+    let redis_after = redis_calls(cfg, &mut notes).await;
+    let _ = phase_tx.send(Phase::Stop);
+    crate::join_all(&mut tasks, Duration::from_secs(3)).await;
 
-    // Drain: until every owed delivery arrived, or the grace period ends.
-    let grace_end = Instant::now() + cfg.grace;
+    let redis = match (redis_before, redis_after) {
+        (Some(before), Some(after)) => Some(sh.redis_cost(crate::cmdstats::delta(&before, &after))),
+        _ => None,
+    };
+    let mut report = sh.report(cfg, connect, send_secs, churners, skipped, redis);
+    report.notes = notes;
+    if u64::from(live) < members {
+        report.problems.push(format!(
+            "{} of {members} connected members did not join their room",
+            members - u64::from(live)
+        ));
+    }
+    Ok(report)
+}
+
+/// Adds the churners' connect phase to the members'; returns the churners connected.
+fn merge_connect(total: &mut ConnectStats, churners: ConnectStats) -> u64 {
+    total.attempted += churners.attempted;
+    total.connected += churners.connected;
+    total.failed += churners.failed;
+    for (k, v) in churners.failures {
+        *total.failures.entry(k).or_default() += v;
+    }
+    churners.connected
+}
+
+/// Waits for the `joined` of every connected member (30 s at most).
+async fn wait_for_joins(sh: &Shared, members: u64, hard: Instant) {
+    let deadline = Instant::now() + Duration::from_secs(30).min(hard - Instant::now());
+    while sh.joined_count.load(Relaxed) < members && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits for the presence events of the members' joins (a room of j members sends
+/// j(j − 1)/2), at most [`SETTLE`]; says how many were missing, if any.
+async fn wait_for_presence(sh: &Shared, plan: &Plan) -> Option<String> {
+    let due: u64 = plan
+        .receivers
+        .iter()
+        .map(|&r| u64::from(r) * u64::from(r + 1) / 2)
+        .sum();
+    let end = Instant::now() + SETTLE;
+    while sh.presence.load(Relaxed) < due && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let got = sh.presence.load(Relaxed);
+    (got < due)
+        .then(|| format!("{got} of {due} presence events of the joins arrived before sending"))
+}
+
+/// Hands out one join/leave ticket per 1 / `rate` s until `end` (a ticket is skipped when
+/// every churner is busy already); returns the tickets skipped.
+async fn pace_churn(
+    ch: &ChurnShared,
+    start: Instant,
+    end: Instant,
+    rate: f64,
+    churners: u64,
+) -> u64 {
+    let mut skipped = 0;
+    for k in 0u64.. {
+        let due = start + Duration::from_secs_f64(k as f64 / rate);
+        if due >= end {
+            break;
+        }
+        tokio::time::sleep_until(due).await;
+        if ch.tickets.available_permits() as u64 >= churners {
+            skipped += 1;
+        } else {
+            ch.tickets.add_permits(1);
+        }
+    }
+    skipped
+}
+
+/// Waits until every owed delivery arrived, or `grace` ends.
+async fn drain(sh: &Shared, grace: Duration) {
+    let end = Instant::now() + grace;
+    // Let the members see the phase change before `expected` is read.
     tokio::time::sleep(Duration::from_millis(20)).await;
-    while Instant::now() < grace_end {
+    while Instant::now() < end {
         let done = sh.delivered.load(Relaxed) + sh.errored.load(Relaxed);
         if done >= sh.expected.load(Relaxed) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let redis_after = match crate::cmdstats::snapshot(&cfg.redis).await {
-        Ok(s) => Some(s),
-        Err(e) => {
-            notes.push(format!("Redis commandstats not read: {e:#}"));
-            None
-        }
-    };
-    let _ = phase_tx.send(Phase::Stop);
-    crate::join_all(&mut tasks, Duration::from_secs(3)).await;
+}
 
-    let room_messages = sh.room_messages.load(Relaxed);
-    let redis = match (redis_before, redis_after) {
-        (Some(b), Some(a)) if !cfg.redis.is_empty() => {
-            let calls = crate::cmdstats::delta(&b, &a);
-            let per = |v: u64| v as f64 / room_messages.max(1) as f64;
-            Some(RedisCost {
-                per_room_message: calls.iter().map(|(k, &v)| (k.clone(), per(v))).collect(),
-                xadd_per_room_message: per(calls.get("xadd").copied().unwrap_or(0)),
-                xadd_expected: nodes.len().saturating_sub(1) as f64,
-                calls,
-            })
+/// Redis's calls per command so far, when `--redis` is given and readable.
+async fn redis_calls(cfg: &Config, notes: &mut Vec<String>) -> Option<BTreeMap<String, u64>> {
+    if cfg.redis.is_empty() {
+        return None;
+    }
+    crate::cmdstats::snapshot(&cfg.redis)
+        .await
+        .map_err(|e| notes.push(format!("Redis commandstats not read: {e:#}")))
+        .ok()
+}
+
+impl Plan {
+    /// The plan for the members that joined.
+    fn of_joined(sh: &Shared) -> Self {
+        let rooms = sh.room_ids.len();
+        let mut receivers = vec![0u32; rooms];
+        let mut on_node = vec![vec![false; sh.nodes]; rooms];
+        let mut joined = Vec::new();
+        for (i, j) in sh.joined.iter().enumerate() {
+            if j.load(Relaxed) {
+                let r = sh.room_of[i] as usize;
+                receivers[r] += 1;
+                on_node[r][i % sh.nodes] = true;
+                joined.push(i);
+            }
         }
-        _ => None,
-    };
-    let expected = sh.expected.load(Relaxed);
-    let delivered = sh.delivered.load(Relaxed);
-    let errored = sh.errored.load(Relaxed);
-    let closed_loop = cfg.rate.is_none();
-    Ok(Report {
-        mode: if closed_loop {
-            "closed-loop"
-        } else {
-            "open-loop"
+        for r in &mut receivers {
+            *r = r.saturating_sub(1);
         }
-        .to_owned(),
-        run_prefix: prefix,
-        users: n as u64,
-        target_rate: cfg.rate,
-        in_flight: closed_loop.then_some(in_flight),
-        connect,
-        messages: Some(MessageStats {
-            sent: expected,
-            delivered,
-            errored,
-            lost: expected.saturating_sub(delivered + errored),
-            duplicated: sh.duplicated.load(Relaxed),
-            out_of_order: sh.out_of_order.load(Relaxed),
-            send_secs,
-            sent_per_sec: expected as f64 / send_secs,
-            delivered_per_sec: delivered as f64 / send_secs,
-            latency_us: Latency::from_hist(&sh.hist.merged()),
-        }),
-        rooms: Some(RoomStats {
-            rooms: rooms as u64,
-            members_per_room: per_room as u64,
-            joined: u64::from(live),
-            join_latency_us: Latency::from_hist(&sh.join_hist.merged()),
-            room_messages,
-            room_messages_per_sec: room_messages as f64 / send_secs,
-            presence_events: sh.presence.load(Relaxed),
-            misrouted: sh.misrouted.load(Relaxed),
-            churn: sh.churn.as_ref().map(|ch| RoomChurnStats {
-                churners,
-                started: ch.started.load(Relaxed),
-                completed: ch.completed.load(Relaxed),
-                skipped,
-                join_latency_us: Latency::from_hist(&ch.join_hist.merged()),
-                leave_latency_us: Latency::from_hist(&ch.leave_hist.merged()),
-                deliveries: ch.deliveries.load(Relaxed),
-                stale: ch.stale.load(Relaxed),
-                after_left: ch.after_left.load(Relaxed),
-                failures: ch.failures.take(),
+        // Interleave the rooms in the send order: one member of each room in turn.
+        joined.sort_by_key(|&i| (sh.pos[i], sh.room_of[i]));
+        let mut slot = vec![0u32; sh.ids.len()];
+        for (s, &i) in joined.iter().enumerate() {
+            slot[i] = s as u32;
+        }
+        Self {
+            receivers,
+            other_nodes: on_node
+                .iter()
+                .map(|n| (n.iter().filter(|&&b| b).count() as u32).saturating_sub(1))
+                .collect(),
+            slot,
+            live: joined.len() as u32,
+            by_slot: joined.into_iter().map(|i| i as u32).collect(),
+        }
+    }
+}
+
+impl Shared {
+    fn new(cfg: &Config, nodes: usize, churn: bool) -> Self {
+        let n = cfg.users;
+        let per_room = n.div_ceil(cfg.rooms.max(1));
+        let rooms = n.div_ceil(per_room);
+        let prefix = conn::run_prefix();
+        let in_flight = cfg.in_flight.max(1);
+        Self {
+            epoch: Instant::now(),
+            ids: (0..n).map(|i| format!("{prefix}-{i}")).collect(),
+            room_ids: (0..rooms).map(|r| format!("{prefix}-r{r}")).collect(),
+            room_of: (0..n).map(|i| (i / per_room) as u32).collect(),
+            pos: (0..n).map(|i| (i % per_room) as u32).collect(),
+            room_len: (0..rooms)
+                .map(|r| (n - r * per_room).min(per_room) as u32)
+                .collect(),
+            per_room,
+            nodes,
+            rate: cfg.rate,
+            in_flight,
+            plan: OnceLock::new(),
+            joined: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            joined_count: AtomicU64::new(0),
+            join_hist: ShardedHist::new(16),
+            wake: (0..n).map(|_| Notify::new()).collect(),
+            permits: (0..n).map(|_| Semaphore::new(in_flight as usize)).collect(),
+            owed: (0..n)
+                .map(|_| (0..in_flight).map(|_| AtomicU32::new(0)).collect())
+                .collect(),
+            room_messages: AtomicU64::new(0),
+            xadd_owed: AtomicU64::new(0),
+            expected: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            errored: AtomicU64::new(0),
+            duplicated: AtomicU64::new(0),
+            out_of_order: AtomicU64::new(0),
+            misrouted: AtomicU64::new(0),
+            presence: AtomicU64::new(0),
+            hist: ShardedHist::new(64),
+            errors: Counts::default(),
+            disconnects: Counts::default(),
+            churn: churn.then(|| ChurnShared {
+                ids: (0..cfg.churners)
+                    .map(|c| format!("{prefix}-c{c}"))
+                    .collect(),
+                tickets: Semaphore::new(0),
+                started: AtomicU64::new(0),
+                completed: AtomicU64::new(0),
+                deliveries: AtomicU64::new(0),
+                stale: AtomicU64::new(0),
+                after_left: AtomicU64::new(0),
+                join_hist: ShardedHist::new(8),
+                leave_hist: ShardedHist::new(8),
+                failures: Counts::default(),
             }),
-            redis,
-        }),
-        error_frames: sh.errors.take(),
-        disconnects: sh.disconnects.take(),
-        notes,
-        ..Report::default()
-    })
+            prefix,
+        }
+    }
+
+    /// The sending phase's Redis calls against what the room messages sent should cost.
+    fn redis_cost(&self, calls: BTreeMap<String, u64>) -> RedisCost {
+        let msgs = self.room_messages.load(Relaxed).max(1) as f64;
+        let xadd_expected_calls = self.xadd_owed.load(Relaxed);
+        RedisCost {
+            per_room_message: calls
+                .iter()
+                .map(|(k, &v)| (k.clone(), v as f64 / msgs))
+                .collect(),
+            xadd_per_room_message: calls.get("xadd").copied().unwrap_or(0) as f64 / msgs,
+            xadd_expected: xadd_expected_calls as f64 / msgs,
+            xadd_expected_calls,
+            calls,
+        }
+    }
+
+    fn report(
+        &self,
+        cfg: &Config,
+        connect: ConnectStats,
+        send_secs: f64,
+        churners: u64,
+        skipped: u64,
+        redis: Option<RedisCost>,
+    ) -> Report {
+        let room_messages = self.room_messages.load(Relaxed);
+        let expected = self.expected.load(Relaxed);
+        let delivered = self.delivered.load(Relaxed);
+        let errored = self.errored.load(Relaxed);
+        let closed_loop = cfg.rate.is_none();
+        Report {
+            mode: if closed_loop {
+                "closed-loop"
+            } else {
+                "open-loop"
+            }
+            .to_owned(),
+            run_prefix: self.prefix.clone(),
+            users: cfg.users as u64,
+            target_rate: cfg.rate,
+            in_flight: closed_loop.then_some(self.in_flight),
+            connect,
+            messages: Some(MessageStats {
+                sent: expected,
+                delivered,
+                errored,
+                lost: expected.saturating_sub(delivered + errored),
+                duplicated: self.duplicated.load(Relaxed),
+                out_of_order: self.out_of_order.load(Relaxed),
+                send_secs,
+                sent_per_sec: expected as f64 / send_secs,
+                delivered_per_sec: delivered as f64 / send_secs,
+                latency_us: Latency::from_hist(&self.hist.merged()),
+            }),
+            rooms: Some(RoomStats {
+                rooms: self.room_ids.len() as u64,
+                members_per_room: self.per_room as u64,
+                joined: self.plan.get().map_or(0, |p| u64::from(p.live)),
+                join_latency_us: Latency::from_hist(&self.join_hist.merged()),
+                room_messages,
+                room_messages_per_sec: room_messages as f64 / send_secs,
+                presence_events: self.presence.load(Relaxed),
+                misrouted: self.misrouted.load(Relaxed),
+                churn: self.churn.as_ref().map(|ch| RoomChurnStats {
+                    churners,
+                    started: ch.started.load(Relaxed),
+                    completed: ch.completed.load(Relaxed),
+                    skipped,
+                    join_latency_us: Latency::from_hist(&ch.join_hist.merged()),
+                    leave_latency_us: Latency::from_hist(&ch.leave_hist.merged()),
+                    deliveries: ch.deliveries.load(Relaxed),
+                    stale: ch.stale.load(Relaxed),
+                    after_left: ch.after_left.load(Relaxed),
+                    failures: ch.failures.take(),
+                }),
+                redis,
+            }),
+            error_frames: self.errors.take(),
+            disconnects: self.disconnects.take(),
+            ..Report::default()
+        }
+    }
 }
 
 /// A server frame, as much of it as the room scenarios read.
@@ -711,6 +803,7 @@ async fn member(sh: Arc<Shared>, me: u32, mut ws: Ws, mut phase_rx: watch::Recei
             Ev::Send => {
                 let plan = sh.plan.get().expect("plan is set before sending");
                 let receivers = plan.receivers[room];
+                let other_nodes = u64::from(plan.other_nodes[room]);
                 let now = Instant::now();
                 let mut batch = 0;
                 loop {
@@ -732,6 +825,7 @@ async fn member(sh: Arc<Shared>, me: u32, mut ws: Ws, mut phase_rx: watch::Recei
                     }
                     sh.room_messages.fetch_add(1, Relaxed);
                     sh.expected.fetch_add(u64::from(receivers), Relaxed);
+                    sh.xadd_owed.fetch_add(other_nodes, Relaxed);
                     batch += 1;
                     if open {
                         j += step;
