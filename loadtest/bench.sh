@@ -18,6 +18,14 @@
 #                       or a hard open-file limit >= 101000)
 #   IDLE_HATCH [5000]   connect rate of the large idle scenario
 #   CHURN_RATE [200]    churn cycles/s
+#   ROOMS [20]          room-fanout-open and room-churn: rooms ...
+#   ROOM_MEMBERS [200]  ... of this many members each, spread over both nodes
+#   ROOM_RATE [1000]    room messages/s in total (open loop, room-churn too)
+#   ROOM_CLOSED_ROOMS [1]  room-fanout-closed: rooms of ROOM_MEMBERS members
+#   ROOM_IN_FLIGHT [2]  room-fanout-closed: room messages in flight per member (done when every
+#                       other member has it; keep (ROOM_MEMBERS - 1) x this under --session-queue)
+#   ROOM_JOIN_RATE [100]  room-churn: join/leave cycles/s ...
+#   ROOM_CHURNERS [50]  ... by this many extra users
 #   SKIP_BUILD          set to skip `cargo build --release --workspace`
 #   WSBUS_BIN, LOADTEST_BIN  override the binaries [<target>/release/...]
 #   OUT                 results dir [<target>/bench/<timestamp>]
@@ -26,8 +34,8 @@
 #   NODE_THREADS        Tokio worker threads of each node (TOKIO_WORKER_THREADS) [one per CPU]
 #   ONLY                space-separated names of what to run, as in the summary (sched-noise,
 #                       idle-400, dm-cross-open, dm-cross-closed, dm-local-open,
-#                       dm-local-closed, idle-20000, churn, dm-multi-open, dm-multi-closed);
-#                       default: all
+#                       dm-local-closed, idle-20000, churn, dm-multi-open, dm-multi-closed,
+#                       room-fanout-open, room-fanout-closed, room-churn); default: all
 #   REPEAT [1]          run each chosen scenario this many times (name-1, name-2, ...)
 #   SLOW_US             dm-*: list messages slower than this (µs) in their JSON report
 set -euo pipefail
@@ -41,6 +49,13 @@ IN_FLIGHT=${IN_FLIGHT:-8}
 BIG_IDLE=${BIG_IDLE:-20000}
 IDLE_HATCH=${IDLE_HATCH:-5000}
 CHURN_RATE=${CHURN_RATE:-200}
+ROOMS=${ROOMS:-20}
+ROOM_MEMBERS=${ROOM_MEMBERS:-200}
+ROOM_RATE=${ROOM_RATE:-1000}
+ROOM_CLOSED_ROOMS=${ROOM_CLOSED_ROOMS:-1}
+ROOM_IN_FLIGHT=${ROOM_IN_FLIGHT:-2}
+ROOM_JOIN_RATE=${ROOM_JOIN_RATE:-100}
+ROOM_CHURNERS=${ROOM_CHURNERS:-50}
 for tool in redis-server jq getconf timeout; do
     command -v "$tool" >/dev/null || { echo "bench: $tool is required" >&2; exit 2; }
 done
@@ -64,7 +79,8 @@ LT=${LOADTEST_BIN:-$TARGET/release/wsbus-loadtest}
 # still gives the memory per connection).
 BIG_ASKED=$BIG_IDLE
 big_wanted() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" idle-$BIG_ASKED "* ]]; }
-need=$((BIG_IDLE + USERS + 1000))
+room_users=$((ROOMS * ROOM_MEMBERS + ROOM_CHURNERS))
+need=$((BIG_IDLE + (USERS > room_users ? USERS : room_users) + 1000))
 if big_wanted && [ "$BIG_IDLE" -gt 0 ] && [ "$(ulimit -Hn)" != unlimited ] && [ "$(ulimit -Hn)" -lt "$need" ]; then
     ulimit -Hn "$need" 2>/dev/null || true
 fi
@@ -328,6 +344,17 @@ if [ "$BIG_IDLE" -gt 0 ]; then
         --server-pid "$APID" --server-pid "$BPID"
 fi
 run churn churn --users 20 --rate "$CHURN_RATE" --run-time "$RUN_TIME"
+# Rooms: each reads Redis's commandstats around its own sending phase (XADD per room message).
+ROOM_REDIS=()
+for p in "${REDIS_PORTS[@]}"; do ROOM_REDIS+=(--redis "127.0.0.1:$p"); done
+run room-fanout-open room-fanout --rooms "$ROOMS" --users $((ROOMS * ROOM_MEMBERS)) \
+    --rate "$ROOM_RATE" --run-time "$RUN_TIME" --hatch-rate 2000 "${ROOM_REDIS[@]}"
+run room-fanout-closed room-fanout --rooms "$ROOM_CLOSED_ROOMS" \
+    --users $((ROOM_CLOSED_ROOMS * ROOM_MEMBERS)) --in-flight "$ROOM_IN_FLIGHT" \
+    --run-time "$RUN_TIME" "${ROOM_REDIS[@]}"
+run room-churn room-churn --rooms "$ROOMS" --users $((ROOMS * ROOM_MEMBERS)) --rate "$ROOM_RATE" \
+    --join-rate "$ROOM_JOIN_RATE" --churners "$ROOM_CHURNERS" --run-time "$RUN_TIME" \
+    --hatch-rate 2000 "${ROOM_REDIS[@]}"
 
 # dm-multi holds two sessions per user. Allowing that also turns the bus writer's route cache
 # off, so the nodes restart with it for these runs alone, after everything else.
@@ -349,14 +376,21 @@ run dm-multi-open dm-multi --users "$USERS" --rate "$RATE" --run-time "$RUN_TIME
 run dm-multi-closed dm-multi --users "$USERS" --in-flight "$IN_FLIGHT" --run-time "$RUN_TIME"
 
 echo
-echo "rate/s = delivered msg/s (dm), sessions/s (churn), connections/s (idle); latency in µs"
-echo "(dm: send->receive; churn: full cycle; idle: connect). CPU per delivered message,"
+echo "rate/s = delivered msg/s (dm; room-*: deliveries, one per message and receiver), sessions/s"
+echo "(churn), connections/s (idle); latency in µs (dm, room-*: send->receive; churn: full cycle;"
+echo "idle: connect). CPU per delivered message (room-*: per delivery),"
 echo "per completed session (churn) or per connection (idle), over the whole scenario run."
 column -t -s $'\t' "$SUMMARY"
 [ -z "$NOISE" ] || echo "$NOISE"
 for f in "$OUT"/idle-*.json; do
     [ -f "$f" ] || continue
     jq -r --arg f "$(basename "$f" .json)" '.memory_fit // empty | "\($f): RSS ≈ \(.base_kib) KiB + \(.kib_per_conn) KiB × connections (r² \(.r2), \(.samples) samples up to \(.max_connections)); at 100,000 connections: \(.at_100k_mib) MiB"' "$f"
+done
+for f in "$OUT"/room-*.json; do
+    [ -f "$f" ] || continue
+    jq -r --arg f "$(basename "$f" .json)" '.rooms // empty | "\($f): \(.room_messages) room messages into \(.rooms) rooms of \(.members_per_room) (\(.room_messages_per_sec | round)/s)"
+        + (if .redis then "; Redis per room message: XADD \(.redis.xadd_per_room_message * 1000 | round / 1000) (expected \(.redis.xadd_expected)), SMEMBERS \(.redis.per_room_message.smembers // 0 | . * 1000 | round / 1000)" else "" end)
+        + (if .churn then "; churn: \(.churn.completed) join/leave cycles, \(.churn.after_left) messages after left, \(.churn.stale) stale" else "" end)' "$f"
 done
 # dm-multi's summary rows count deliveries (three per message); per message written:
 for f in "$OUT"/dm-multi-*.json; do

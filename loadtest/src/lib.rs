@@ -5,12 +5,14 @@
 //! CLI around this library; `tests/smoke.rs` calls it directly.
 
 mod churn;
+mod cmdstats;
 mod conn;
 mod dm;
 mod html;
 mod idle;
 mod noise;
 mod report;
+mod room;
 mod slowloris;
 mod timeline;
 
@@ -30,6 +32,7 @@ pub use report::{
     ChurnStats, ConnectStats, DeliveryKind, Fanout, Latency, MemoryFit, MemorySample, MessageStats,
     ProcMemory, Report, SlowMessage,
 };
+pub use room::{RedisCost, RoomChurnStats, RoomStats};
 pub use timeline::{Bucket, Machine, Second};
 
 use conn::{Target, Ws};
@@ -56,6 +59,10 @@ pub enum Scenario {
     /// Stalled and oversized request heads against the first node while real clients
     /// connect and message (see `slowloris.rs` for its settings).
     Slowloris,
+    /// Room messages into `--rooms` rooms whose members are spread over the nodes.
+    RoomFanout,
+    /// room-fanout's messages while `--churners` users join and leave rooms at `--join-rate`.
+    RoomChurn,
 }
 
 impl Scenario {
@@ -69,6 +76,8 @@ impl Scenario {
             Self::Churn => "churn",
             Self::SchedNoise => "sched-noise",
             Self::Slowloris => "slowloris",
+            Self::RoomFanout => "room-fanout",
+            Self::RoomChurn => "room-churn",
         }
     }
 }
@@ -84,7 +93,8 @@ pub struct Config {
     pub hatch_rate: f64,
     /// Measuring phase after all users are connected.
     pub run_time: Duration,
-    /// Open-loop total rate (messages/s for dm-*, cycles/s for churn). For dm-*,
+    /// Open-loop total rate (messages/s for dm-*, room messages/s for room-*, cycles/s for
+    /// churn). For dm-* and room-fanout,
     /// `None` means closed loop with [`Config::in_flight`].
     pub rate: Option<f64>,
     /// Closed-loop messages in flight per user.
@@ -105,6 +115,15 @@ pub struct Config {
     /// dm-*: list messages slower than this (µs) in the report, with when they were sent
     /// (to tell periodic stalls from random ones).
     pub slow_us: Option<u64>,
+    /// room-*: rooms the `users` members are spread over.
+    pub rooms: usize,
+    /// room-churn: join/leave cycles per second (default 50).
+    pub join_rate: Option<f64>,
+    /// room-churn: users doing the join/leave cycles (besides the `users` members).
+    pub churners: usize,
+    /// Redis addresses (`host:port`, every shard of a cluster) whose `INFO commandstats` a
+    /// room scenario reads around its sending phase.
+    pub redis: Vec<String>,
 }
 
 impl Default for Config {
@@ -123,6 +142,10 @@ impl Default for Config {
             deadline: None,
             max_cycles_in_flight: 2000,
             slow_us: None,
+            rooms: 1,
+            join_rate: None,
+            churners: 20,
+            redis: Vec::new(),
         }
     }
 }
@@ -166,6 +189,7 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<Report> {
     let fds = match scenario {
         Scenario::Churn => cfg.users + cfg.max_cycles_in_flight,
         Scenario::DmMulti => cfg.users * cfg.nodes.len(),
+        Scenario::RoomChurn => cfg.users + cfg.churners,
         _ => cfg.users,
     };
     if let Some(n) = raise_nofile(fds as u64 + 256) {
@@ -192,6 +216,8 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<Report> {
             Scenario::Churn => churn::run(cfg, hard, &tl).await,
             Scenario::SchedNoise => noise::run(cfg).await,
             Scenario::Slowloris => slowloris::run(cfg, hard).await,
+            Scenario::RoomFanout => room::run(cfg, false, hard, &tl).await,
+            Scenario::RoomChurn => room::run(cfg, true, hard, &tl).await,
         }
     };
     let outcome = tokio::time::timeout(deadline, fut).await;

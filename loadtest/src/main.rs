@@ -28,9 +28,11 @@ struct Cli {
     #[arg(long, default_value_t = 10.0)]
     run_time: f64,
     /// dm-*: open loop at this total rate (messages/s). churn: cycles/s (required).
+    /// room-*: room messages/s in total (required by room-churn).
     #[arg(long)]
     rate: Option<f64>,
-    /// dm-*: closed loop with this many messages in flight per user (when no --rate).
+    /// dm-*, room-fanout: closed loop with this many messages in flight per user (when no
+    /// --rate; room-fanout: a message is done when every other member has it).
     #[arg(long, default_value_t = 8)]
     in_flight: u32,
     /// Server pid whose VmRSS is reported (idle-connections); repeatable.
@@ -52,6 +54,20 @@ struct Cli {
     /// dm-*: list the messages slower than this many µs in the report (at most 1,000).
     #[arg(long)]
     slow_us: Option<u64>,
+    /// room-*: rooms the --users members are spread over (room by room, each room over
+    /// every node).
+    #[arg(long, default_value_t = 1)]
+    rooms: usize,
+    /// room-churn: join/leave cycles per second, in total.
+    #[arg(long)]
+    join_rate: Option<f64>,
+    /// room-churn: users doing the join/leave cycles, besides the --users members.
+    #[arg(long, default_value_t = 20)]
+    churners: usize,
+    /// room-*: Redis address (`host:port`; repeatable, every shard of a cluster) whose
+    /// `INFO commandstats` is read around the sending phase (Redis calls per room message).
+    #[arg(long = "redis", value_delimiter = ',')]
+    redis: Vec<String>,
     /// Print the report as one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -82,6 +98,10 @@ async fn main() -> ExitCode {
         deadline: cli.deadline.map(|d| Duration::from_secs_f64(d.max(1.0))),
         max_cycles_in_flight: cli.max_cycles_in_flight.max(1),
         slow_us: cli.slow_us,
+        rooms: cli.rooms,
+        join_rate: cli.join_rate,
+        churners: cli.churners,
+        redis: cli.redis,
     };
     match wsbus_loadtest::run(cli.scenario, &cfg).await {
         Ok(mut report) => {

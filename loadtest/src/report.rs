@@ -344,6 +344,9 @@ pub struct Report {
     pub fanout: Option<Fanout>,
     /// Churn cycles.
     pub churn: Option<ChurnStats>,
+    /// room-*: rooms, room messages, churn cycles, Redis calls per room message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rooms: Option<crate::RoomStats>,
     /// sched-noise: the machine's wake-up lateness.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub noise: Option<crate::NoiseStats>,
@@ -406,6 +409,9 @@ impl Report {
             if failed > 0 {
                 self.problems.push(format!("{failed} churn cycles failed"));
             }
+        }
+        if let Some(r) = &self.rooms {
+            r.problems(&self.scenario, &mut self.problems);
         }
         let dropped: u64 = self.disconnects.values().sum();
         if dropped > 0 {
@@ -512,6 +518,9 @@ impl Report {
                 let _ = writeln!(w, "  failure {k:<40} {v:>10}");
             }
         }
+        if let Some(r) = &self.rooms {
+            r.write_human(w);
+        }
         if let Some(n) = &self.noise {
             let _ = writeln!(w, "\n-- wake-up lateness after a {} µs sleep", n.sleep_us);
             let _ = writeln!(
@@ -596,7 +605,7 @@ pub(crate) fn utc_now() -> String {
     )
 }
 
-fn lat_header(w: &mut String, indent: &str) {
+pub(crate) fn lat_header(w: &mut String, indent: &str) {
     let _ = writeln!(
         w,
         "{indent}{:<12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}   (µs)",
@@ -604,7 +613,7 @@ fn lat_header(w: &mut String, indent: &str) {
     );
 }
 
-fn lat_row(w: &mut String, name: &str, l: &Latency) {
+pub(crate) fn lat_row(w: &mut String, name: &str, l: &Latency) {
     let _ = writeln!(
         w,
         "{name:<14} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9.0}",

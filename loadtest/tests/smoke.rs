@@ -269,6 +269,62 @@ fn all_scenarios_smoke() {
     assert_eq!(c.cycle_latency_us.count, c.completed);
     assert!(r.ok, "{:?}", r.problems);
 
+    // Rooms: 3 rooms of 6 members over both nodes; with our own Redis, its calls too.
+    let redis: Vec<String> = cluster.iter().map(|c| c.redis.clone()).collect();
+    let rooms = Config {
+        users: 18,
+        rooms: 3,
+        rate: Some(150.0),
+        redis: redis.clone(),
+        ..base.clone()
+    };
+    let r = run(Scenario::RoomFanout, &rooms);
+    check_room_messages(&r);
+    assert!(r.ok, "{:?}", r.problems);
+    let st = r.rooms.as_ref().expect("room stats");
+    assert_eq!((st.rooms, st.members_per_room, st.joined), (3, 6, 18));
+    // Every member got every other member's join as a presence event before sending.
+    assert_eq!(st.presence_events, 3 * 15);
+    // One room message: 5 deliveries (every member but the sender).
+    let m = r.messages.as_ref().expect("messages");
+    assert_eq!(m.sent, st.room_messages * 5);
+    if let Some(cost) = &st.redis {
+        // One XADD per room message, to the one other node (checked by the report too).
+        assert_eq!(cost.xadd_per_room_message, 1.0, "{cost:?}");
+    } else {
+        assert!(redis.is_empty());
+    }
+
+    let closed_rooms = Config {
+        rate: None,
+        in_flight: 2,
+        ..rooms.clone()
+    };
+    let r = run(Scenario::RoomFanout, &closed_rooms);
+    check_room_messages(&r);
+    assert!(r.ok, "{:?}", r.problems);
+
+    let churn = Config {
+        users: 12,
+        rooms: 2,
+        rate: Some(100.0),
+        join_rate: Some(30.0),
+        churners: 6,
+        ..rooms.clone()
+    };
+    let r = run(Scenario::RoomChurn, &churn);
+    check_room_messages(&r);
+    assert!(r.ok, "{:?}", r.problems);
+    let c = r
+        .rooms
+        .as_ref()
+        .and_then(|s| s.churn.as_ref())
+        .expect("churn stats");
+    assert_eq!(c.churners, 6);
+    assert!(c.completed > 10, "{c:?}");
+    assert_eq!((c.after_left, c.stale), (0, 0), "{c:?}");
+    assert!(c.failures.is_empty(), "{c:?}");
+
     // slowloris takes its attack from the environment, so it runs as the binary. The siege
     // is shorter than the nodes' 10 s header timeout: the slow heads are still open at its
     // end (and then closed by the tool), the oversized ones get their 431 at once.
@@ -291,4 +347,12 @@ fn all_scenarios_smoke() {
         .find(|n| n.starts_with("big heads"))
         .unwrap_or_else(|| panic!("no big-heads note: {r}"));
     assert!(big.contains("20 connections, 20 answered 431"), "{big}");
+}
+
+/// Deliveries add up (nothing lost, duplicated, reordered) and nothing went astray.
+fn check_room_messages(r: &Report) {
+    check_messages(r);
+    let st = r.rooms.as_ref().expect("room stats");
+    assert!(st.room_messages > 0, "{}: no room message", r.scenario);
+    assert_eq!(st.misrouted, 0, "{}: misrouted", r.scenario);
 }

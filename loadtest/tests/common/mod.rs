@@ -14,6 +14,8 @@ pub struct Cluster {
     pub nodes: Vec<String>,
     /// Nodes that allow two sessions per user (dm-multi), on the same Redis.
     pub multi_nodes: Vec<String>,
+    /// `127.0.0.1:<port>` of its redis-server.
+    pub redis: String,
 }
 
 impl Drop for Cluster {
@@ -71,8 +73,10 @@ pub fn start_cluster() -> Cluster {
         children: Vec::new(),
         nodes: Vec::new(),
         multi_nodes: Vec::new(),
+        redis: String::new(),
     };
     let rport = free_port();
+    cluster.redis = format!("127.0.0.1:{rport}");
     let mut redis = Command::new("redis-server")
         .args(["--port", &rport.to_string(), "--bind", "127.0.0.1"])
         .args(["--save", "", "--appendonly", "no"])
