@@ -46,7 +46,8 @@ pub struct NodeConfig {
 
     /// Run without authentication (anyone may connect as anyone). Required when no JWT
     /// setting is given, refused beside one; `wsbus dev` implies it.
-    #[arg(long, env = "WSBUS_INSECURE")]
+    #[arg(long, env = "WSBUS_INSECURE", value_parser = clap::builder::BoolishValueParser::new(),
+          action = clap::ArgAction::SetTrue)]
     pub insecure: bool,
 
     /// Shared secret for HS256 tokens, at least 32 bytes (RFC 7518 §3.2).

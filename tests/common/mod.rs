@@ -526,6 +526,22 @@ impl NodeProcess {
 
     /// Starts `wsbus serve` with test timings, these Redis arguments and more flags.
     pub async fn start_with_flags(id: &str, redis_args: &[String], flags: &[&str]) -> NodeProcess {
+        Self::start_with_flags_env(id, redis_args, flags, &[]).await
+    }
+
+    /// As [`NodeProcess::start_with_flags`], with environment variables; `--insecure` is
+    /// left to `WSBUS_INSECURE` when `env` sets it.
+    pub async fn start_with_flags_env(
+        id: &str,
+        redis_args: &[String],
+        flags: &[&str],
+        env: &[(&str, &str)],
+    ) -> NodeProcess {
+        let insecure = if env.iter().any(|(k, _)| *k == "WSBUS_INSECURE") {
+            None
+        } else {
+            Some("--insecure")
+        };
         let port = wsbus::dev::free_port().unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsbus"))
@@ -539,8 +555,10 @@ impl NodeProcess {
                 "--node-ttl",
                 "1500ms",
             ])
-            .args(["--inbox-block", "500ms", "--insecure"])
+            .args(["--inbox-block", "500ms"])
+            .args(insecure)
             .args(flags)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .kill_on_drop(true)

@@ -221,6 +221,29 @@ async fn serve_refuses_to_start_without_authentication() {
         err.contains("refusing to start without authentication"),
         "{err}"
     );
+    // WSBUS_INSECURE takes the usual spellings of false, too.
+    for off in ["0", "false", "no", "off"] {
+        let err = serve_fails(&[], &[("WSBUS_INSECURE", off)]).await;
+        assert!(err.contains("refusing to start"), "{off}: {err}");
+    }
+}
+
+/// WSBUS_INSECURE=1 (as containers set it) starts a node, like `true`.
+#[tokio::test]
+async fn insecure_from_the_environment_takes_1_and_yes() {
+    let redis = Redis::start().await.unwrap();
+    for on in ["1", "yes", "true"] {
+        let mut p = NodeProcess::start_with_flags_env(
+            "envnode",
+            &["--redis-url".to_owned(), redis.url()],
+            &[],
+            &[("WSBUS_INSECURE", on)],
+        )
+        .await;
+        p.signal("TERM");
+        let (status, _) = p.wait_exit().await;
+        assert!(status.success(), "WSBUS_INSECURE={on}: {status}");
+    }
 }
 
 #[tokio::test]
