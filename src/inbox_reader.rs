@@ -17,8 +17,9 @@ use std::time::Duration;
 use redis::Value;
 
 use crate::bus::{BusConn, BusError};
+use crate::bus_writer::append_entry;
 use crate::dispatch::{Dispatch, Origin, Payload, Target};
-use crate::edge_protocol::{encode_message, encode_presence, encode_room_message};
+use crate::edge_protocol::{ClientError, encode_message, encode_presence, encode_room_message};
 use crate::envelope::{Body, ENVELOPE_FIELD, Envelope};
 use crate::hub::SocketFrame;
 use crate::node::Node;
@@ -73,6 +74,7 @@ pub async fn run(node: Arc<Node>) {
         trim_to: None,
         run_id: None,
         last_seen: HashMap::new(),
+        answers: Vec::new(),
     };
     let mut backoff = BACKOFF_MIN;
     loop {
@@ -114,6 +116,8 @@ struct Consumer {
     run_id: Option<String>,
     /// Highest message id seen per sending process (`boot`), to drop entries appended twice.
     last_seen: HashMap<u64, u64>,
+    /// Error answers for other nodes' senders, sent after the batch that produced them.
+    answers: Vec<Envelope<'static>>,
 }
 
 impl Consumer {
@@ -221,6 +225,11 @@ impl Consumer {
             }
         }
         self.node.metrics.from_bus.increment(delivered);
+        if !self.answers.is_empty()
+            && let Err(e) = self.send_answers().await
+        {
+            tracing::warn!(error = %e, "could not tell senders their recipients are too slow");
+        }
         if let Some(last) = last {
             let lag_ms = crate::node::now_ms().saturating_sub(last.ms);
             self.node
@@ -259,7 +268,7 @@ impl Consumer {
 
     /// Delivers `env` to its local sessions; `None` if it must be forwarded (a message for
     /// a recipient with no session here: it moved).
-    fn deliver(&self, env: &Envelope<'_>) -> Option<u32> {
+    fn deliver(&mut self, env: &Envelope<'_>) -> Option<u32> {
         let hub = &self.node.hub;
         match &env.body {
             Body::Message { text } => {
@@ -280,6 +289,9 @@ impl Consumer {
                     let fanout = hub.deliver_user(&env.to, None, &mut frame);
                     if !fanout.found() {
                         return None;
+                    }
+                    if fanout.queued == 0 {
+                        self.answer_too_slow(env);
                     }
                     queued += fanout.queued;
                 }
@@ -311,6 +323,44 @@ impl Consumer {
                 Some(0)
             }
         }
+    }
+
+    /// Queues, for the sender of `env`, the answer that its recipient's sessions here all
+    /// refused it as slow consumers (the message was dropped and counted); sent to the
+    /// sending node's inbox after the batch.
+    fn answer_too_slow(&mut self, env: &Envelope<'_>) {
+        let origin = Origin::Forward {
+            node: (*env.origin).into(),
+            user: (*env.from).into(),
+            sid: env.origin_sid,
+            id: env.id,
+            boot: env.boot,
+            hops: env.hops,
+            tried: Vec::new(),
+        };
+        let error = ClientError::RecipientTooSlow(env.to.to_string());
+        self.answers.extend(self.node.answer_error(&origin, &error));
+    }
+
+    /// Sends the answers queued by [`Consumer::answer_too_slow`], one pipeline.
+    async fn send_answers(&mut self) -> Result<(), BusError> {
+        let mut pipe = redis::pipe();
+        let mut buf = Vec::new();
+        for answer in self.answers.drain(..) {
+            buf.clear();
+            answer.encode_into(&mut buf);
+            append_entry(
+                &mut pipe,
+                &self.node.keys.inbox(&answer.origin),
+                &answer.from,
+                &answer.to,
+                answer.body.action(),
+                &buf,
+            );
+        }
+        let mut conn = self.node.bus.conn().await?;
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
     }
 
     /// Hands entries whose recipient moved back to dispatch, to be forwarded once to the

@@ -422,3 +422,37 @@ async fn a_blocked_write_does_not_suspend_the_ping_deadline() {
     );
     drop(sleeper);
 }
+
+/// A sender on another node is told too when its recipient is being dropped as a slow
+/// consumer: the recipient's node answers in the sender's node's inbox.
+#[tokio::test]
+async fn a_sender_on_another_node_is_told_its_recipient_is_too_slow() {
+    let redis = Redis::start().await.unwrap();
+    let a = Node::start("a", &redis.url()).await;
+    let mut small = config("b", &redis.url());
+    small.session_queue = 8;
+    small.session_queue_bytes = 64 * 1024;
+    let b = Node::start_with(small).await;
+    // Never read: its socket buffers fill, then its queue.
+    let (sleeper, _) = tokio_tungstenite::connect_async(b.url("sleeper"))
+        .await
+        .unwrap();
+    let mut sender = a.connect("sender").await;
+    let text = "z".repeat(32 * 1024);
+    let told = tokio::time::timeout(DEADLINE, async {
+        for _ in 0..2000 {
+            sender.feed_to("sleeper", &text).await;
+        }
+        sender.flush().await;
+        loop {
+            if let Event::Json(v) = sender.next_event().await
+                && v["data"]["error"] == "User 'sleeper' is too slow; message dropped"
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(told.is_ok(), "the sender was never told");
+    drop(sleeper);
+}
