@@ -109,6 +109,12 @@ impl HotMetrics {
         for name in ZERO_AT_START {
             metrics::counter!(name).increment(0);
         }
+        // Labelled ones too, with the label every dashboard query can rely on.
+        metrics::counter!("wsbus_messages_dropped_total", "reason" => "slow_consumer").increment(0);
+        for reason in ["header_timeout", "head_too_large", "idle", "evicted"] {
+            metrics::counter!("wsbus_http_connections_dropped_total", "reason" => reason)
+                .increment(0);
+        }
         Self {
             received: metrics::counter!("wsbus_messages_received_total"),
             delivered_local: metrics::counter!("wsbus_messages_delivered_local_total"),
