@@ -18,7 +18,6 @@ use crate::edge_protocol::{ClientError, encode_message};
 use crate::envelope::{Body, ENVELOPE_FIELD, Envelope, MAX_HOPS};
 use crate::hub::SocketFrame;
 use crate::node::Node;
-use crate::presence::nodes_of;
 
 /// Runs the bus writer until `drain` is cancelled and the queue is empty.
 pub async fn run(node: Arc<Node>, mut rx: mpsc::Receiver<Dispatch>, drain: CancellationToken) {
@@ -193,19 +192,9 @@ impl Writer {
         if users.is_empty() && rooms.is_empty() {
             return Ok(routes);
         }
-        let mut pipe = redis::Pipeline::with_capacity(users.len() + rooms.len());
-        for user in &users {
-            self.node.keys.user_sessions_into(user, &mut self.key_buf);
-            pipe.cmd("HKEYS").arg(&self.key_buf);
-        }
-        for room in &rooms {
-            self.node.keys.room_nodes_into(room, &mut self.key_buf);
-            pipe.cmd("SMEMBERS").arg(&self.key_buf);
-        }
-        let mut replies: Vec<Vec<String>> = pipe.query_async(conn).await?;
-        let room_replies = replies.split_off(users.len());
-        for (user, fields) in users.into_iter().zip(replies) {
-            let nodes: Nodes = nodes_of(fields).into_iter().map(Arc::from).collect();
+        let (user_nodes, room_nodes) = self.node.presence.locate(conn, &users, &rooms).await?;
+        for (user, nodes) in users.into_iter().zip(user_nodes) {
+            let nodes: Nodes = nodes.into_iter().map(Arc::from).collect();
             // Never cache this node: the session's own hub check is authoritative.
             if self.routes.enabled && !nodes.iter().any(|n| **n == *self.node.id) {
                 self.routes.insert(user, nodes.clone(), now);
@@ -214,7 +203,7 @@ impl Writer {
             }
             routes.users.insert(user, nodes);
         }
-        for (room, nodes) in rooms.into_iter().zip(room_replies) {
+        for (room, nodes) in rooms.into_iter().zip(room_nodes) {
             routes
                 .rooms
                 .insert(room, nodes.into_iter().map(Arc::from).collect());

@@ -117,9 +117,9 @@ pub struct Dispatch {
 }
 
 impl Node {
-    /// Sends a direct message from a session on this node: to every session of the recipient
-    /// here, to the sender's other sessions here, and (through the bus writer) to the nodes
-    /// that hold the rest. Waits only when the bus writer's queue is full.
+    /// Sends a message from a session on this node to `target`: to its sessions here at once,
+    /// and (through the bus writer) to the nodes that hold the rest. Waits only when the bus
+    /// writer's queue is full.
     pub async fn send(
         &self,
         origin: Origin,
@@ -127,43 +127,50 @@ impl Node {
         text: Cow<'_, str>,
         born_us: u64,
     ) -> Result<(), ClientError> {
-        let Target::User(to) = &target else {
-            return self.send_room(origin, target, text, born_us).await;
-        };
+        match target {
+            Target::User(to) => self.send_user(origin, to, text, born_us).await,
+            Target::Room(room) => self.send_room(origin, room, text, born_us).await,
+        }
+    }
+
+    /// A direct message: every session of the recipient here, the sender's other sessions
+    /// here, and one entry per other node with sessions of either.
+    async fn send_user(
+        &self,
+        origin: Origin,
+        to: Box<str>,
+        text: Cow<'_, str>,
+        born_us: u64,
+    ) -> Result<(), ClientError> {
         let from = origin.user();
         let mut built: Option<SocketFrame> = None;
         let mut frame = || {
             built
                 .get_or_insert_with(|| SocketFrame {
-                    frame: encode_message(from, to, &text).into(),
+                    frame: encode_message(from, &to, &text).into(),
                     born_us,
                 })
                 .clone()
         };
-        let here = self.hub.deliver_user(to, None, &mut frame);
+        let here = self.hub.deliver_user(&to, None, &mut frame);
         let multi = self.config.multi_session();
-        let echo = multi && **to != *from;
+        let echo = multi && *to != *from;
         if echo && let Origin::Session { sid, .. } = &origin {
             self.hub.deliver_user(from, Some(*sid), &mut frame);
         }
+        self.metrics
+            .delivered_local
+            .increment(u64::from(here.queued));
         if here.found() && !multi {
             // One session per user: the recipient is here and nowhere else.
-            self.metrics
-                .delivered_local
-                .increment(u64::from(here.queued));
-            if here.queued == 0 {
-                return Err(ClientError::RecipientTooSlow(to.to_string()));
-            }
-            return Ok(());
-        }
-        if here.found() {
-            self.metrics
-                .delivered_local
-                .increment(u64::from(here.queued));
+            return match here.queued {
+                0 => Err(ClientError::RecipientTooSlow(to.to_string())),
+                _ => Ok(()),
+            };
         }
         self.to_bus(Dispatch {
             origin,
-            target,
+            target: Target::User(to),
             payload: Payload::Text(text.into_owned().into_boxed_str()),
             born_us,
             delivered_here: here.found(),
@@ -172,24 +179,21 @@ impl Node {
         .await
     }
 
-    /// Sends a room message: to the room's sessions here except the sending one, and one
-    /// entry to every other node with members.
+    /// A room message: the room's sessions here except the sending one, and one entry per
+    /// other node with members.
     async fn send_room(
         &self,
         origin: Origin,
-        target: Target,
+        room: Box<str>,
         text: Cow<'_, str>,
         born_us: u64,
     ) -> Result<(), ClientError> {
-        let Target::Room(room) = &target else {
-            unreachable!("send passes rooms only");
-        };
         let except = match &origin {
             Origin::Session { sid, .. } => Some(*sid),
             _ => None,
         };
-        let queued = self.rooms.deliver(room, except, None, || SocketFrame {
-            frame: encode_room_message(origin.user(), room, &text).into(),
+        let queued = self.rooms.deliver(&room, except, None, || SocketFrame {
+            frame: encode_room_message(origin.user(), &room, &text).into(),
             born_us,
         });
         self.metrics.room_messages.increment(1);
@@ -198,7 +202,7 @@ impl Node {
             .increment(u64::from(queued));
         self.to_bus(Dispatch {
             origin,
-            target,
+            target: Target::Room(room),
             payload: Payload::Text(text.into_owned().into_boxed_str()),
             born_us,
             delivered_here: queued > 0,

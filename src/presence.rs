@@ -199,20 +199,27 @@ impl Presence {
         Ok(lost)
     }
 
-    /// The nodes each user has sessions on (distinct, liveness not checked), one pipeline.
+    /// Where targets are, in one pipeline: for each user, the nodes it has sessions on
+    /// (distinct); for each room, the nodes with members. Liveness is not checked.
     pub async fn locate(
         &self,
         conn: &mut impl redis::aio::ConnectionLike,
-        users: impl Iterator<Item = impl AsRef<str>>,
-    ) -> Result<Vec<Vec<String>>, BusError> {
-        let mut pipe = redis::pipe();
+        users: &[&str],
+        rooms: &[&str],
+    ) -> Result<(Vec<Vec<String>>, Vec<Vec<String>>), BusError> {
+        let mut pipe = redis::Pipeline::with_capacity(users.len() + rooms.len());
         let mut key = String::new();
         for user in users {
-            self.keys.user_sessions_into(user.as_ref(), &mut key);
+            self.keys.user_sessions_into(user, &mut key);
             pipe.cmd("HKEYS").arg(&key);
         }
-        let fields: Vec<Vec<String>> = pipe.query_async(conn).await?;
-        Ok(fields.into_iter().map(nodes_of).collect())
+        for room in rooms {
+            self.keys.room_nodes_into(room, &mut key);
+            pipe.cmd("SMEMBERS").arg(&key);
+        }
+        let mut replies: Vec<Vec<String>> = pipe.query_async(conn).await?;
+        let rooms = replies.split_off(users.len());
+        Ok((replies.into_iter().map(nodes_of).collect(), rooms))
     }
 }
 
@@ -261,15 +268,7 @@ impl Presence {
     ) -> Result<RoomJoin, BusError> {
         let mut conn = self.bus.conn().await?;
         let mut pipe = redis::pipe();
-        pipe.cmd("FCALL")
-            .arg(func::ROOM_JOIN)
-            .arg(2)
-            .arg(self.keys.room_members(room.as_str()))
-            .arg(self.keys.room_nodes(room.as_str()))
-            .arg(user.as_str())
-            .arg(&*self.node_id)
-            .arg(max_members)
-            .arg(self.live.dead_nodes());
+        self.add_room_join(&mut pipe, room, user, max_members, &self.live.dead_nodes());
         let ((joined, user_new, members, room_new),): ((u8, u8, u64, u8),) =
             self.bus.query(&mut conn, &pipe).await?;
         if joined == 1 && (first_here || room_new == 1) {
@@ -293,6 +292,26 @@ impl Presence {
             user_new: user_new == 1,
             members,
         })
+    }
+
+    /// Adds `FCALL wsbus_v2_room_join` for `user` in `room` on this node to `pipe`.
+    fn add_room_join(
+        &self,
+        pipe: &mut redis::Pipeline,
+        room: &RoomId,
+        user: &UserId,
+        max_members: u32,
+        dead: &[String],
+    ) {
+        pipe.cmd("FCALL")
+            .arg(func::ROOM_JOIN)
+            .arg(2)
+            .arg(self.keys.room_members(room.as_str()))
+            .arg(self.keys.room_nodes(room.as_str()))
+            .arg(user.as_str())
+            .arg(&*self.node_id)
+            .arg(max_members)
+            .arg(dead);
     }
 
     /// Removes this node from `user`'s nodes in `room` (its last session here left).
@@ -363,37 +382,15 @@ impl Presence {
         Ok(users)
     }
 
-    /// The nodes with members in each room (liveness not checked), one pipeline.
-    pub async fn locate_rooms(
-        &self,
-        conn: &mut impl redis::aio::ConnectionLike,
-        rooms: impl Iterator<Item = impl AsRef<str>>,
-    ) -> Result<Vec<Vec<String>>, BusError> {
-        let mut pipe = redis::pipe();
-        let mut key = String::new();
-        for room in rooms {
-            self.keys.room_nodes_into(room.as_ref(), &mut key);
-            pipe.cmd("SMEMBERS").arg(&key);
-        }
-        Ok(pipe.query_async(conn).await?)
-    }
-
     /// Registers every local (room, user) again (after Redis lost its data), pipelined.
     pub async fn rejoin_rooms(&self, pairs: &[(RoomId, UserId)]) -> Result<(), BusError> {
         let mut conn = self.bus.conn().await?;
         for chunk in pairs.chunks(512) {
             let mut pipe = redis::pipe();
             for (room, user) in chunk {
-                pipe.cmd("FCALL")
-                    .arg(func::ROOM_JOIN)
-                    .arg(2)
-                    .arg(self.keys.room_members(room.as_str()))
-                    .arg(self.keys.room_nodes(room.as_str()))
-                    .arg(user.as_str())
-                    .arg(&*self.node_id)
-                    // Already members here: the room limit was checked when they joined.
-                    .arg(u32::MAX)
-                    .ignore()
+                // Already members here: the room limit was checked when they joined.
+                self.add_room_join(&mut pipe, room, user, u32::MAX, &[]);
+                pipe.ignore()
                     .cmd("SADD")
                     .arg(self.keys.node_rooms(&self.node_id))
                     .arg(room.as_str())
@@ -463,7 +460,7 @@ pub async fn drop_node_from_rooms(
 }
 
 /// The distinct nodes of a list of `<node>:<sid>` fields.
-pub fn nodes_of(fields: Vec<String>) -> Vec<String> {
+fn nodes_of(fields: Vec<String>) -> Vec<String> {
     let mut nodes: Vec<String> = Vec::with_capacity(fields.len());
     for field in fields {
         let Some(s) = SessionRef::parse(&field) else {

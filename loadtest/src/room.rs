@@ -60,7 +60,7 @@ pub struct RoomStats {
     pub room_messages: u64,
     /// Room messages per second of sending phase.
     pub room_messages_per_sec: f64,
-    /// Presence events the members received (the joins of the others, before sending).
+    /// Presence `join` events the members received (the joins of the others).
     pub presence_events: u64,
     /// Room messages that reached a session that should not get them: its own message, a
     /// room it is not in, or an unknown sender.
@@ -671,6 +671,8 @@ struct FrameData<'a> {
     text: Option<&'a str>,
     #[serde(borrow, default)]
     error: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    event: Option<&'a str>,
 }
 
 enum In<'a> {
@@ -695,7 +697,8 @@ fn parse(frame: &str) -> In<'_> {
         },
         ("joined", Some(room)) => In::Joined(room),
         ("left", Some(room)) => In::Left(room),
-        ("presence", _) => In::Presence,
+        // Joins only: leave events of members that finish first arrive at shutdown.
+        ("presence", _) if d.event == Some("join") => In::Presence,
         ("error", _) => {
             In::Error(conn::error_key(d.error.as_deref().unwrap_or("(no error text)")).into_owned())
         }
