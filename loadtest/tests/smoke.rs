@@ -230,8 +230,10 @@ fn all_scenarios_smoke() {
         assert!(r.ok, "{:?}", r.problems);
         assert!(r.memory_curve.len() >= 3, "{:?}", r.memory_curve);
         let fit = r.memory_fit.as_ref().expect("memory fit");
+        // Descriptors, not sockets: the node's Redis pool may close or open a connection
+        // between the baseline and a sample, so allow two either way.
         assert!(
-            fit.max_connections >= 50,
+            (48..=52).contains(&fit.max_connections),
             "the server held the 50 sockets: {fit:?}"
         );
         assert_eq!(
