@@ -6,8 +6,8 @@
 //! costs one inbox entry per other node with members, never one per member (see
 //! [`crate::presence`] for the Redis side and [`crate::dispatch`] for delivery).
 //!
-//! Membership changes of one room are serialized on this node ([`Rooms::lock`]), so the Redis
-//! write that follows one change is never overtaken by the next one's.
+//! Membership changes of one room are serialized on this node ([`Rooms::change`]), so the
+//! Redis write that follows one change is never overtaken by the next one's.
 
 use std::sync::Arc;
 
@@ -61,10 +61,15 @@ impl Rooms {
         Self::default()
     }
 
-    /// The lock that orders membership changes of `room` on this node; hold it from the
-    /// local change until its Redis write is done.
-    pub fn lock(&self, room: &RoomId) -> Arc<tokio::sync::Mutex<()>> {
-        self.locks.entry(room.clone()).or_default().clone()
+    /// Waits for the turn to change `room`'s membership on this node; hold the returned
+    /// guard from the local change until its Redis write is done.
+    pub async fn change(&self, room: &RoomId) -> RoomChange<'_> {
+        let lock = self.locks.entry(room.clone()).or_default().clone();
+        RoomChange {
+            guard: Some(lock.lock_owned().await),
+            rooms: self,
+            room: room.clone(),
+        }
     }
 
     /// Adds session `handle` of `user` to `room`.
@@ -106,10 +111,6 @@ impl Rooms {
             left.last_here = members.is_empty();
             left.last_here
         });
-        if left.last_here {
-            // No change can be waiting: the caller holds this room's lock.
-            self.locks.remove(room);
-        }
         left
     }
 
@@ -164,6 +165,24 @@ impl Rooms {
     }
 }
 
+/// A turn to change one room's membership on this node (see [`Rooms::change`]). On drop, the
+/// room's lock is forgotten unless another change is waiting for it.
+pub struct RoomChange<'a> {
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    rooms: &'a Rooms,
+    room: RoomId,
+}
+
+impl Drop for RoomChange<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        // Only the map holds it: nobody waits.
+        self.rooms
+            .locks
+            .remove_if(&self.room, |_, lock| Arc::strong_count(lock) == 1);
+    }
+}
+
 /// A `members` reply: the users, sorted, and whether the list was cut.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberList {
@@ -188,15 +207,14 @@ impl Node {
             .hub
             .handle(user.as_str(), sid)
             .ok_or(ClientError::BusUnavailable)?;
-        let lock = self.rooms.lock(room);
-        let guard = lock.lock().await;
+        let turn = self.rooms.change(room).await;
         let joined = self.rooms.join(room, user, handle);
         if !joined.already {
             self.metrics.room_joins.increment(1);
             self.metrics.rooms_active.set(self.rooms.len() as f64);
         }
         if !joined.first_of_user {
-            drop(guard);
+            drop(turn);
             return self
                 .presence
                 .room_size(room)
@@ -220,7 +238,7 @@ impl Node {
             self.metrics.rooms_active.set(self.rooms.len() as f64);
             return Err(error);
         }
-        drop(guard);
+        drop(turn);
         let joined = outcome.expect("refusals returned above");
         if joined.user_new && joined.members <= self.config.presence_events_max_members {
             self.send_presence(room, user.as_str(), PresenceEvent::Join)
@@ -236,8 +254,7 @@ impl Node {
         user: &UserId,
         sid: u64,
     ) -> Result<(), ClientError> {
-        let lock = self.rooms.lock(room);
-        let guard = lock.lock().await;
+        let turn = self.rooms.change(room).await;
         let left = self.rooms.leave(room, user, sid);
         if !left.was_in {
             return Err(ClientError::NotInRoom(room.to_string()));
@@ -248,7 +265,7 @@ impl Node {
             return Ok(());
         }
         let outcome = self.presence.room_leave(room, user, left.last_here).await;
-        drop(guard);
+        drop(turn);
         match outcome {
             // Counted before the leave: a room over the cap sends no events either way.
             Ok(r) if r.user_gone && r.members < self.config.presence_events_max_members => {
@@ -327,5 +344,20 @@ mod tests {
         assert!(l.last_of_user && l.last_here);
         assert!(rooms.is_empty());
         assert_eq!(rooms.deliver("lobby", None, None, frame), 0);
+    }
+
+    #[tokio::test]
+    async fn a_rooms_lock_is_kept_while_a_change_waits_and_forgotten_after() {
+        let rooms = Rooms::new();
+        let room = id(RoomId::parse, "r");
+        let first = rooms.change(&room).await;
+        let mut second = Box::pin(rooms.change(&room));
+        assert!(futures_util::poll!(second.as_mut()).is_pending());
+        drop(first);
+        assert_eq!(rooms.locks.len(), 1, "kept: a change is waiting for it");
+        let second = second.await;
+        assert_eq!(rooms.locks.len(), 1);
+        drop(second);
+        assert!(rooms.locks.is_empty(), "forgotten: nobody waits");
     }
 }
