@@ -92,7 +92,15 @@ async fn connect(
     let claim = claim_patiently(&node, &user, sid).await;
     tracing::debug!(user = %user, sid, ?claim, "claim");
     if !matches!(claim, Ok(Claim::Claimed | Claim::Replaced { .. })) {
-        node.hub.remove(user.as_str(), sid);
+        let last_here = node.hub.remove(user.as_str(), sid);
+        // The claim's pipeline added the user to this node's user set; a refused user with
+        // no other session here leaves it again.
+        if last_here
+            && matches!(claim, Ok(Claim::Refused { .. }))
+            && let Err(e) = node.presence.release(&user, sid, true).await
+        {
+            tracing::warn!(user = %user, error = %e, "could not undo a refused claim");
+        }
     }
     let evicted = match claim {
         Err(e) => {

@@ -20,6 +20,14 @@ async fn a_second_session_is_refused_and_the_first_is_untouched(backend: Backend
         second.expect_error("not unique session").await;
         second.expect_close(4001).await;
     }
+    // The refusal left nothing behind: b holds no user.
+    let bus = wsbus::admin::open(&backend.url(), backend.is_cluster()).unwrap();
+    let users_on = |nodes: &[wsbus::admin::NodeInfo], id: &str| {
+        nodes.iter().find(|n| n.id == id).map(|n| n.users)
+    };
+    let nodes = wsbus::admin::nodes(&bus, &key_names()).await.unwrap();
+    assert_eq!(users_on(&nodes, "a"), Some(1));
+    assert_eq!(users_on(&nodes, "b"), Some(0));
     let mut other = b.connect("trinity").await;
     other.send_to("neo", "still yours").await;
     first.expect_message("trinity", "still yours").await;
