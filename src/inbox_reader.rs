@@ -245,12 +245,16 @@ impl Consumer {
         self.reroute(moved).await
     }
 
-    /// Whether `env` was appended twice (a retried pipeline). Each sending process appends
-    /// its direct messages to an inbox in id order, so an id at or below the last one seen
-    /// from that process is a repeat. Forwarded entries and errors are exempt: they arrive
-    /// out of that order.
+    /// Whether `env` was appended twice (a retried pipeline). Each sending process's bus
+    /// writer appends to an inbox in id order (direct and room messages, presence events),
+    /// so an id at or below the last one seen from that process is a repeat. Forwarded
+    /// entries, errors and kicks are exempt: they arrive out of that order.
     fn is_duplicate(&mut self, env: &Envelope<'_>) -> bool {
-        if env.hops > 0 || env.boot == 0 || !matches!(env.body, Body::Message { .. }) {
+        let from_bus_writer = matches!(
+            env.body,
+            Body::Message { .. } | Body::RoomMessage { .. } | Body::Presence { .. }
+        );
+        if env.hops > 0 || env.boot == 0 || !from_bus_writer {
             return false;
         }
         if self.last_seen.len() > 10_000 {
