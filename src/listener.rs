@@ -377,7 +377,7 @@ impl hyper::service::Service<Request<Incoming>> for Handler {
 /// The socket as hyper reads it: first the bytes [`read_head`] read, then the socket. It
 /// counts reads and writes that move bytes (for the idle check), and stays under the
 /// WebSocket after an upgrade, where one relaxed increment per read or write is all it costs.
-struct Watched {
+pub(crate) struct Watched {
     inner: TcpStream,
     /// The first head (and what followed it), read before hyper took over.
     head: Vec<u8>,
@@ -387,6 +387,13 @@ struct Watched {
 }
 
 impl Watched {
+    /// The TCP stream, and what is left unread of the first head (after an upgrade: the
+    /// WebSocket stream takes both).
+    pub(crate) fn into_parts(mut self) -> (TcpStream, Vec<u8>) {
+        let left = self.head.split_off(self.head_read.min(self.head.len()));
+        (self.inner, left)
+    }
+
     fn moved(&self) {
         self.state.activity.fetch_add(1, Ordering::Relaxed);
     }

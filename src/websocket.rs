@@ -17,14 +17,18 @@ use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::listener::Watched;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::WebSocketStream;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Message, Utf8Bytes};
 
-/// An upgraded client connection.
-pub type Socket = WebSocketStream<TokioIo<Upgraded>>;
+/// An upgraded client connection: the TCP stream itself, taken back from hyper and the
+/// listener's wrapper, so a frame costs no layer of either.
+pub type Socket = WebSocketStream<TcpStream>;
 
 /// How long closing may take: the Close going out, then the client's Close (or EOF) coming
 /// back.
@@ -121,12 +125,12 @@ impl Upgrade {
                     return;
                 }
             };
-            let socket = WebSocketStream::from_raw_socket(
-                TokioIo::new(upgraded),
-                Role::Server,
-                Some(config),
-            )
-            .await;
+            let Some((tcp, unread)) = into_tcp(upgraded) else {
+                tracing::warn!("an upgraded connection did not come from wsbus's listener");
+                return;
+            };
+            let socket =
+                WebSocketStream::from_partially_read(tcp, unread, Role::Server, Some(config)).await;
             session(socket).await;
         });
         (
@@ -142,6 +146,16 @@ impl Upgrade {
         )
             .into_response()
     }
+}
+
+/// The TCP stream under an upgraded connection, with the bytes already read from it that
+/// nobody consumed yet (the start of the WebSocket stream).
+fn into_tcp(upgraded: Upgraded) -> Option<(TcpStream, Vec<u8>)> {
+    let parts = upgraded.downcast::<TokioIo<Watched>>().ok()?;
+    let (tcp, head_left) = parts.io.into_inner().into_parts();
+    let mut unread = parts.read_buf.to_vec();
+    unread.extend_from_slice(&head_left);
+    Some((tcp, unread))
 }
 
 /// Closes `socket` with `code`: sends the Close frame (after whatever is buffered), then
