@@ -265,7 +265,12 @@ fn envelope_json(id: &str, env: &Envelope<'_>) -> serde_json::Value {
         Body::Presence { room, event } => {
             v["data"] = serde_json::json!({"room": room, "event": event.as_str()})
         }
-        Body::Kick { sid, code } => v["data"] = serde_json::json!({"sid": sid, "code": code}),
+        Body::Kick { sid, code, reason } => {
+            v["data"] = serde_json::json!({"sid": sid, "code": code, "reason": reason})
+        }
+        Body::Publish { frame } | Body::RoomPublish { frame, .. } => {
+            v["data"] = serde_json::from_str(frame).unwrap_or_default()
+        }
     }
     v
 }

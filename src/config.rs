@@ -115,6 +115,20 @@ pub struct NodeConfig {
     #[arg(long, env = "WSBUS_ADMIN_BIND")]
     pub admin_bind: Option<std::net::SocketAddr>,
 
+    /// Keys that open the HTTP API (`/api/`), comma-separated so a key can be rotated (old
+    /// and new both valid meanwhile). Sent as `Authorization: Bearer <key>`. Without one,
+    /// every `/api/` path answers 404.
+    #[arg(long = "api-key", env = "WSBUS_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub api_keys: Vec<String>,
+
+    /// Most publishes in one batched `POST /api/publish` (a JSON array); more is a 400.
+    #[arg(long, env = "WSBUS_API_MAX_BATCH", default_value_t = 1000)]
+    pub api_max_batch: usize,
+
+    /// Largest HTTP API request body in bytes; a larger one gets 413.
+    #[arg(long, env = "WSBUS_API_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub api_max_body_bytes: usize,
+
     /// Redis URL (`redis://[user:pass@]host:port[/db]`).
     #[arg(
         long,

@@ -36,6 +36,9 @@ pub mod close {
     /// The user connected once more past `--max-sessions-per-user` with
     /// `--on-session-limit replace`, and this was its oldest session.
     pub const REPLACED_BY_NEWER: u16 = 4006;
+    /// A backend closed every session of the user through `POST /api/disconnect`; the close
+    /// frame's reason is the one the backend gave (`disconnected by the server` without one).
+    pub const DISCONNECTED: u16 = 4007;
 }
 
 /// Every error a client can receive in an `error` frame.

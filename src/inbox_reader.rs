@@ -306,8 +306,30 @@ impl Consumer {
                 self.node.deliver_error(env);
                 Some(0)
             }
-            Body::Kick { sid, code } => {
-                hub.kick(&env.to, *sid, *code);
+            Body::Publish { frame } => {
+                let frame = || SocketFrame {
+                    frame: (**frame).into(),
+                    born_us: env.sent_us,
+                };
+                let fanout = hub.deliver_user(&env.to, None, frame);
+                if !fanout.found() {
+                    return None;
+                }
+                Some(fanout.queued)
+            }
+            Body::RoomPublish { room, frame } => {
+                let queued = self.node.rooms.deliver(room, None, None, || SocketFrame {
+                    frame: (**frame).into(),
+                    born_us: env.sent_us,
+                });
+                self.node
+                    .metrics
+                    .room_delivered_from_bus
+                    .increment(u64::from(queued));
+                Some(queued)
+            }
+            Body::Kick { sid, code, reason } => {
+                hub.kick(&env.to, *sid, *code, reason);
                 Some(0)
             }
         }
@@ -332,6 +354,10 @@ impl Consumer {
                 target: Target::User((*env.to).into()),
                 payload: match env.body {
                     Body::Message { text } => Payload::Text(text.into_owned().into_boxed_str()),
+                    Body::Publish { frame } => Payload::Frame {
+                        action: action_of(&frame).into(),
+                        frame: frame.into_owned().into(),
+                    },
                     _ => continue,
                 },
                 born_us: env.sent_us,
@@ -344,6 +370,18 @@ impl Consumer {
         }
         Ok(())
     }
+}
+
+/// The action of a published frame (`{"from":..,"action":A,..}`), for the plain field of a
+/// forwarded entry.
+fn action_of(frame: &str) -> String {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        action: String,
+    }
+    serde_json::from_str::<Head>(frame)
+        .map(|h| h.action)
+        .unwrap_or_default()
 }
 
 /// The entries of an `XREAD` reply for one stream (RESP2 or RESP3 shape).
