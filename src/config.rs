@@ -118,7 +118,12 @@ pub struct NodeConfig {
     /// Keys that open the HTTP API (`/api/`), comma-separated so a key can be rotated (old
     /// and new both valid meanwhile). Sent as `Authorization: Bearer <key>`. Without one,
     /// every `/api/` path answers 404.
-    #[arg(long = "api-key", env = "WSBUS_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    #[arg(
+        long = "api-key",
+        env = "WSBUS_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     pub api_keys: Vec<String>,
 
     /// Most publishes in one batched `POST /api/publish` (a JSON array); more is a 400.

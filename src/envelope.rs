@@ -128,7 +128,7 @@ fn yes() -> bool {
     true
 }
 
-fn is_empty(s: &Cow<'_, str>) -> bool {
+fn is_empty(s: &str) -> bool {
     s.is_empty()
 }
 

@@ -33,9 +33,12 @@
 //! - [`bus`]: Redis connections and the functions in `migrations/`. [`keys`]: key names.
 //! - [`node`]: a node's shared state. [`server`]: starting, wiring and stopping its tasks.
 //!   [`heartbeat`]: registration, liveness, reaping. [`dev`]: the local dev cluster.
+//! - [`api`]: the HTTP API for backends (publish, disconnect, lookups), one more origin of
+//!   dispatch.
 //! - [`admin`]: read-only operator commands. [`telemetry`]: `/metrics`.
 
 pub mod admin;
+pub mod api;
 pub mod auth;
 pub mod bus;
 pub mod bus_writer;

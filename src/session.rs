@@ -255,7 +255,9 @@ impl Session {
         };
         metrics::counter!("wsbus_connections_closed_total", "code" => code).increment(1);
         match end {
-            End::Close(code, reason) => close_politely(&mut link.socket, code, reason.into_owned()).await,
+            End::Close(code, reason) => {
+                close_politely(&mut link.socket, code, reason.into_owned()).await
+            }
             End::ClosedByClient => {
                 let _ = tokio::time::timeout(CLOSE_LINGER, link.socket.flush()).await;
             }
@@ -322,13 +324,16 @@ impl Session {
 
     fn kicked(&self) -> End {
         match self.queue.kick.code() {
-            Some(close::SLOW_CONSUMER) => End::Close(close::SLOW_CONSUMER, Cow::Borrowed("slow consumer")),
+            Some(close::SLOW_CONSUMER) => {
+                End::Close(close::SLOW_CONSUMER, Cow::Borrowed("slow consumer"))
+            }
             Some(close::SESSION_REPLACED) => {
                 End::Close(close::SESSION_REPLACED, Cow::Borrowed("session replaced"))
             }
-            Some(close::REPLACED_BY_NEWER) => {
-                End::Close(close::REPLACED_BY_NEWER, Cow::Borrowed("replaced by a newer session"))
-            }
+            Some(close::REPLACED_BY_NEWER) => End::Close(
+                close::REPLACED_BY_NEWER,
+                Cow::Borrowed("replaced by a newer session"),
+            ),
             Some(close::DISCONNECTED) => End::Close(
                 close::DISCONNECTED,
                 match self.queue.kick.reason() {

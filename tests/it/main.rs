@@ -4,6 +4,7 @@
 mod common;
 
 mod admin;
+mod api;
 mod closing;
 mod cluster;
 mod errors;
