@@ -337,3 +337,47 @@ async fn users_rooms_and_nodes_can_be_looked_up(backend: Backend) {
     ids.sort_unstable();
     assert_eq!(ids, ["a", "b"]);
 }
+
+#[tokio::test]
+async fn wsbus_publish_sends_from_the_command_line() {
+    let backend = Backend::single().await;
+    let a = api_node(&backend, "a").await;
+    let mut alice = a.connect("alice").await;
+    let mut bob = a.connect("bob").await;
+    join(&mut bob, "lobby").await;
+    let url = format!("http://{}", a.addr);
+    let run = |args: Vec<&str>| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_wsbus"))
+            .arg("publish")
+            .args(args)
+            .args(["--url", &url])
+            .env("WSBUS_API_KEYS", format!("{KEY},{OLD_KEY}"))
+            .output()
+    };
+    let out = run(vec![
+        "--to",
+        "alice,zed",
+        "--room",
+        "lobby",
+        "--action",
+        "notice",
+        "--data",
+        r#"{"x":1}"#,
+    ])
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let reply: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        reply,
+        json!({"sent": ["alice"], "offline": ["zed"], "rooms": {"lobby": 1}})
+    );
+    let frame = json!({"from": "@server", "action": "notice", "data": {"x": 1}});
+    assert_eq!(alice.recv().await, frame);
+    assert_eq!(bob.recv().await, frame);
+    let out = run(vec!["--to", "alice", "--action", "error"])
+        .await
+        .unwrap();
+    assert!(!out.status.success(), "action `error` is refused");
+    expect_nothing(&mut alice).await;
+}
