@@ -134,6 +134,13 @@ pub struct NodeConfig {
     #[arg(long, env = "WSBUS_API_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub api_max_body_bytes: usize,
 
+    /// Custom client actions relayed as they are (comma-separated, e.g. `typing,read`): a
+    /// client sends `{"action":"typing","data":{"to":"bob",...}}` (or `"room"` instead of
+    /// `to`) and the recipients get `{"from":"alice","action":"typing","data":<data>}`,
+    /// routed like `message`. Built-in action names (and `error`) are refused. Default: none.
+    #[arg(long, env = "WSBUS_RELAY_ACTIONS", value_delimiter = ',')]
+    pub relay_actions: Vec<String>,
+
     /// Redis URL (`redis://[user:pass@]host:port[/db]`).
     #[arg(
         long,

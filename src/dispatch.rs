@@ -224,8 +224,8 @@ impl Node {
         .await
     }
 
-    /// Publishes a pre-encoded frame from a backend (`Origin::Api`) to every session of a
-    /// user or every member of a room: the sessions here at once, the other nodes through
+    /// Publishes a pre-encoded frame (from a backend, `Origin::Api`, or a client's relayed
+    /// action) to every session of a user or every member of a room: the sessions here at once, the other nodes through
     /// the bus writer (one entry per node). The frame is encoded once by the caller.
     pub async fn publish(
         &self,
@@ -247,12 +247,20 @@ impl Node {
                     .increment(u64::from(here.queued));
                 if here.found() && !self.config.multi_session() {
                     // One session per user: the recipient is here and nowhere else.
+                    if here.queued == 0 && matches!(origin, Origin::Session { .. }) {
+                        return Err(ClientError::RecipientTooSlow(to.to_string()));
+                    }
                     return Ok(());
                 }
                 here.found()
             }
             Target::Room(room) => {
-                let queued = self.rooms.deliver(room, None, None, socket_frame);
+                // A client's relayed action does not come back to the session that sent it.
+                let except = match &origin {
+                    Origin::Session { sid, .. } => Some(*sid),
+                    _ => None,
+                };
+                let queued = self.rooms.deliver(room, except, None, socket_frame);
                 self.metrics
                     .room_delivered_local
                     .increment(u64::from(queued));

@@ -25,7 +25,8 @@ use tungstenite::Message;
 
 use crate::dispatch::{Origin, Target};
 use crate::edge_protocol::{
-    ClientError, Command, close, encode_error, encode_frame, parse_command,
+    ClientError, Command, RelayTo, close, encode_error, encode_frame, encode_relay,
+    parse_command_relaying,
 };
 use crate::hub::{SessionReceiver, SocketFrame};
 use crate::node::Node;
@@ -356,7 +357,17 @@ impl Session {
             user: self.user.clone(),
             sid: self.sid,
         };
-        match parse_command(text)? {
+        match parse_command_relaying(text, &node.config.relay_actions)? {
+            Command::Relay { action, to, data } => {
+                let target = match to {
+                    RelayTo::User(user) => Target::User(user.into()),
+                    RelayTo::Room(room) if self.rooms.contains(room) => Target::Room(room.into()),
+                    RelayTo::Room(room) => return Err(ClientError::NotInRoom(room.to_owned())),
+                };
+                let frame = encode_relay(self.user.as_str(), action, data).into();
+                node.publish(origin(), target, action, &frame, born_us)
+                    .await
+            }
             Command::Message { to, text } => {
                 node.send(origin(), Target::User(to.into()), text, born_us)
                     .await

@@ -381,3 +381,64 @@ async fn wsbus_publish_sends_from_the_command_line() {
     assert!(!out.status.success(), "action `error` is refused");
     expect_nothing(&mut alice).await;
 }
+
+on_both!(relayed_actions_reach_users_and_rooms_like_messages);
+
+/// `--relay-actions`: a listed action goes to a user or a room (on any node) with its data
+/// as sent; errors are those of `message`; unlisted actions stay unknown.
+async fn relayed_actions_reach_users_and_rooms_like_messages(backend: Backend) {
+    let tune = |c: &mut wsbus::NodeConfig| c.relay_actions = vec!["typing".into(), "read".into()];
+    let a = backend.node_with("a", tune).await;
+    let b = backend.node_with("b", tune).await;
+    let mut alice = a.connect("alice").await;
+    let mut bob = b.connect("bob").await;
+    let mut carol = a.connect("carol").await;
+    alice
+        .send_raw(r#"{"action":"typing","data":{"to":"bob","state":"on","at":[1,2]}}"#)
+        .await;
+    assert_eq!(
+        bob.recv().await,
+        json!({"from": "alice", "action": "typing",
+               "data": {"to": "bob", "state": "on", "at": [1, 2]}})
+    );
+    join(&mut alice, "lobby").await;
+    join(&mut bob, "lobby").await;
+    assert_eq!(alice.recv().await["action"], "presence");
+    join(&mut carol, "lobby").await;
+    for c in [&mut alice, &mut bob] {
+        assert_eq!(c.recv().await["action"], "presence");
+    }
+    bob.send_raw(r#"{"action":"read","data":{"room":"lobby","upto":9}}"#)
+        .await;
+    let frame = json!({"from": "bob", "action": "read", "data": {"room": "lobby", "upto": 9}});
+    assert_eq!(alice.recv().await, frame);
+    assert_eq!(carol.recv().await, frame);
+    alice
+        .send_raw(r#"{"action":"typing","data":{"to":"zed"}}"#)
+        .await;
+    alice.expect_error("User 'zed' not found").await;
+    alice
+        .send_raw(r#"{"action":"typing","data":{"room":"elsewhere"}}"#)
+        .await;
+    alice.expect_error("not in room 'elsewhere'").await;
+    alice
+        .send_raw(r#"{"action":"reaction","data":{"to":"bob"}}"#)
+        .await;
+    alice.expect_error("unknown action 'reaction'").await;
+    expect_nothing(&mut bob).await;
+}
+
+#[tokio::test]
+async fn a_built_in_action_cannot_be_relayed() {
+    let backend = Backend::single().await;
+    for name in ["error", "message", "presence", "a b"] {
+        let mut config = backend.config("a");
+        config.relay_actions = vec![name.to_owned()];
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let result = wsbus::run(config, listener, std::future::pending()).await;
+        assert!(
+            matches!(result, Err(wsbus::NodeError::Config(_))),
+            "{name}: {result:?}"
+        );
+    }
+}
