@@ -223,7 +223,7 @@ pub fn parse_publish(body: &[u8], max_batch: usize) -> Result<(Vec<Publish>, boo
     }
 }
 
-fn parse_item(item: &Value, at: &str) -> Result<Publish, ApiError> {
+pub(crate) fn parse_item(item: &Value, at: &str) -> Result<Publish, ApiError> {
     let field = |name: &str| format!("{at}{name}");
     let Value::Object(map) = item else {
         return Err(ApiError::invalid(

@@ -141,6 +141,17 @@ pub struct NodeConfig {
     #[arg(long, env = "WSBUS_RELAY_ACTIONS", value_delimiter = ',')]
     pub relay_actions: Vec<String>,
 
+    /// How long an ingress entry may stay read but unacknowledged (its node died while
+    /// routing it) before another node claims it (`XAUTOCLAIM` min-idle); also how often
+    /// each node looks for such entries.
+    #[arg(long, env = "WSBUS_INGRESS_CLAIM_IDLE", default_value = "10s", value_parser = parse_duration)]
+    pub ingress_claim_idle: Duration,
+
+    /// Approximate cap on the ingress stream's length (`XTRIM MAXLEN ~`, every claim
+    /// interval): routed entries are only acknowledged, so this is what removes them.
+    #[arg(long, env = "WSBUS_INGRESS_MAXLEN", default_value_t = 100_000)]
+    pub ingress_maxlen: usize,
+
     /// Redis URL (`redis://[user:pass@]host:port[/db]`).
     #[arg(
         long,

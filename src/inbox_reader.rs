@@ -385,7 +385,7 @@ fn action_of(frame: &str) -> String {
 }
 
 /// The entries of an `XREAD` reply for one stream (RESP2 or RESP3 shape).
-fn stream_entries(reply: Value) -> Option<Vec<Value>> {
+pub(crate) fn stream_entries(reply: Value) -> Option<Vec<Value>> {
     let stream = match reply {
         Value::Array(mut streams) if !streams.is_empty() => streams.swap_remove(0),
         Value::Map(mut streams) if !streams.is_empty() => {
@@ -404,7 +404,7 @@ fn stream_entries(reply: Value) -> Option<Vec<Value>> {
 }
 
 /// An entry's id and its flat field/value list.
-fn entry_parts(entry: &Value) -> Option<(EntryId, &[Value])> {
+pub(crate) fn entry_parts(entry: &Value) -> Option<(EntryId, &[Value])> {
     let Value::Array(parts) = entry else {
         return None;
     };
@@ -415,7 +415,7 @@ fn entry_parts(entry: &Value) -> Option<(EntryId, &[Value])> {
 }
 
 /// The value of field `name` in a flat field/value list.
-fn field<'a>(fields: &'a [Value], name: &str) -> Option<&'a [u8]> {
+pub(crate) fn field<'a>(fields: &'a [Value], name: &str) -> Option<&'a [u8]> {
     fields.chunks_exact(2).find_map(|kv| match kv {
         [Value::BulkString(k), Value::BulkString(v)] if k == name.as_bytes() => Some(v.as_slice()),
         _ => None,

@@ -35,6 +35,8 @@
 //!   [`heartbeat`]: registration, liveness, reaping. [`dev`]: the local dev cluster.
 //! - [`api`]: the HTTP API for backends (publish, disconnect, lookups), one more origin of
 //!   dispatch.
+//! - [`ingress`]: publishing through the Redis stream `P:ingress` (consumer group, claims of
+//!   a dead node's entries), routed like an API publish.
 //! - [`admin`]: read-only operator commands. [`telemetry`]: `/metrics`.
 
 pub mod admin;
@@ -51,6 +53,7 @@ pub mod envelope;
 pub mod heartbeat;
 pub mod hub;
 pub mod inbox_reader;
+pub mod ingress;
 pub mod keys;
 pub mod listener;
 pub mod node;

@@ -72,6 +72,7 @@ fn start_tasks(node: &Arc<Node>, bus_writer_rx: mpsc::Receiver<Dispatch>) -> Run
     tasks.spawn(crate::heartbeat::run(node.clone()));
     tasks.spawn(crate::telemetry::run_upkeep(node.shutdown.clone()));
     tasks.spawn(crate::inbox_reader::run(node.clone()));
+    tasks.spawn(crate::ingress::run(node.clone()));
     let writer = tokio::spawn(crate::bus_writer::run(
         node.clone(),
         bus_writer_rx,

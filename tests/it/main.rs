@@ -10,6 +10,7 @@ mod cluster;
 mod errors;
 mod faults;
 mod http;
+mod ingress;
 mod messaging;
 mod observability;
 mod presence;
