@@ -2,9 +2,12 @@
 //! this node delivers to its own sessions at once, and every other node with sessions of the
 //! target gets one inbox entry (never one per session), through the bus writer.
 //!
-//! Every origin enters here: a client session ([`Node::send`]), and an inbox entry whose
-//! recipient moved (re-dispatched by the inbox consumer with [`Origin::Forward`]). Errors go
-//! back to the origin: the sending session's queue, or the origin node's inbox.
+//! Every origin enters here: a client session ([`Node::send`]; a relayed action through
+//! [`Node::publish`]), a backend through the HTTP API or the ingress stream ([`Origin::Api`],
+//! [`Node::publish`] with a frame encoded once), and an inbox entry whose recipient moved
+//! (re-dispatched by the inbox consumer with [`Origin::Forward`]). Errors go back to the
+//! origin: the sending session's queue, or the origin node's inbox; a backend learns who was
+//! offline from its reply instead.
 
 use std::borrow::Cow;
 use std::sync::Arc;

@@ -4,7 +4,7 @@
 //! user id, or a room, whichever node each is on. Data flow:
 //!
 //! ```text
-//! origin (session | inbox entry whose recipient moved)
+//! origin (session | API publish | ingress entry | inbox entry whose recipient moved)
 //!   └─▶ dispatch: target (user | room) ─▶ local sessions here ─▶ hub ─▶ socket queue ─▶ socket
 //!                                     └─▶ other nodes with sessions/members of the target
 //!                     bus writer (pipelined lookups, one XADD per destination node)
