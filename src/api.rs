@@ -473,21 +473,39 @@ async fn look_up<'a>(
     if asked.is_empty() && rooms.is_empty() {
         return Ok((online, sizes));
     }
-    let mut conn = node.bus.conn().await?;
+    let mut conn = node.bus.shared_conn().await?;
+    let found = look_up_in(node, &mut conn, &asked, rooms, &mut online, &mut sizes).await;
+    if let Err(e) = &found
+        && crate::bus::is_connection_error(e)
+    {
+        node.bus.reset_shared();
+    }
+    found.map(|()| (online, sizes))
+}
+
+/// The Redis part of [`look_up`], on `conn`.
+async fn look_up_in<'a>(
+    node: &Node,
+    conn: &mut crate::bus::BusConn,
+    asked: &[&'a str],
+    rooms: &[&'a str],
+    online: &mut HashMap<&'a str, bool>,
+    sizes: &mut HashMap<&'a str, u64>,
+) -> Result<(), crate::bus::BusError> {
     let mut pipe = redis::Pipeline::with_capacity(asked.len() + rooms.len());
-    for user in &asked {
+    for user in asked {
         pipe.cmd("HKEYS").arg(node.keys.user_sessions(user));
     }
     for room in rooms {
         pipe.cmd("HLEN").arg(node.keys.room_members(room));
     }
-    let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+    let replies: Vec<redis::Value> = pipe.query_async(conn).await?;
     let (user_replies, room_replies) = replies.split_at(asked.len());
     for (&user, reply) in asked.iter().zip(user_replies) {
         let fields: Vec<String> = redis::from_redis_value_ref(reply)?;
         let mut live = false;
         for n in crate::presence::nodes_of(fields) {
-            if node.live.is_alive(&mut conn, &n).await? {
+            if node.live.is_alive(conn, &n).await? {
                 live = true;
                 break;
             }
@@ -497,7 +515,7 @@ async fn look_up<'a>(
     for (&room, reply) in rooms.iter().zip(room_replies) {
         sizes.insert(room, redis::from_redis_value_ref(reply)?);
     }
-    Ok((online, sizes))
+    Ok(())
 }
 
 fn idempotency_key(node: &Node, headers: &HeaderMap) -> Result<Option<String>, ApiError> {

@@ -442,3 +442,27 @@ async fn a_built_in_action_cannot_be_relayed() {
         );
     }
 }
+
+/// The API's shared Redis connection is replaced after Redis restarts: publishing answers
+/// 503 (nothing sent) while Redis is away, and works again once it is back.
+#[tokio::test]
+async fn publishing_recovers_after_redis_restarts() {
+    let mut redis = Redis::start().await.unwrap();
+    let port = redis.port();
+    let mut config = config("a", &redis.url());
+    config.api_keys = vec![KEY.to_owned()];
+    let a = Node::start_with(config).await;
+    let body = json!({"to": ["zed"], "action": "n"});
+    let (status, reply) = post(a.addr, "/api/publish", &body).await;
+    assert_eq!(status, 200, "{reply}");
+    redis.kill().await;
+    let (status, reply) = post(a.addr, "/api/publish", &body).await;
+    assert_eq!(status, 503, "{reply}");
+    assert_eq!(reply, json!({"error": "bus unavailable"}));
+    let _redis = Redis::start_on(port).await.unwrap();
+    eventually(DEADLINE, "publishing works again", || async {
+        let (status, _) = post(a.addr, "/api/publish", &body).await;
+        (status == 200).then_some(())
+    })
+    .await;
+}
