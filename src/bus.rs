@@ -170,8 +170,9 @@ enum Backend {
     Single {
         pool: Pool,
         client: redis::Client,
-        /// One multiplexed connection shared by cloning (see [`Bus::shared_conn`]).
-        shared: std::sync::Mutex<Option<MultiplexedConnection>>,
+        /// One multiplexed connection shared by cloning (see [`Bus::shared_conn`]); boxed,
+        /// as the cluster variant's fields are.
+        shared: Box<std::sync::Mutex<Option<MultiplexedConnection>>>,
     },
     Cluster {
         client: Box<ClusterClient>,
@@ -268,7 +269,7 @@ impl Bus {
             backend: Backend::Single {
                 pool,
                 client,
-                shared: std::sync::Mutex::new(None),
+                shared: Box::new(std::sync::Mutex::new(None)),
             },
             timeout,
         })
