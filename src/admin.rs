@@ -265,7 +265,12 @@ fn envelope_json(id: &str, env: &Envelope<'_>) -> serde_json::Value {
         Body::Presence { room, event } => {
             v["data"] = serde_json::json!({"room": room, "event": event.as_str()})
         }
-        Body::Kick { sid, code } => v["data"] = serde_json::json!({"sid": sid, "code": code}),
+        Body::Kick { sid, code, reason } => {
+            v["data"] = serde_json::json!({"sid": sid, "code": code, "reason": reason})
+        }
+        Body::Publish { frame } | Body::RoomPublish { frame, .. } => {
+            v["data"] = serde_json::from_str(frame).unwrap_or_default()
+        }
     }
     v
 }
@@ -279,10 +284,7 @@ pub async fn probe(url: &str) -> std::io::Result<u16> {
             "expected http://host:port/path",
         )
     };
-    let rest = url.strip_prefix("http://").ok_or_else(invalid)?;
-    let (host, path) = rest
-        .split_once('/')
-        .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
+    let (host, path) = split_url(url).ok_or_else(invalid)?;
     let exchange = async {
         let mut stream = tokio::net::TcpStream::connect(host).await?;
         let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
@@ -299,4 +301,45 @@ pub async fn probe(url: &str) -> std::io::Result<u16> {
     tokio::time::timeout(std::time::Duration::from_secs(5), exchange)
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 5 s"))?
+}
+
+/// `http://host:port/path` → (`host:port`, `/path`).
+fn split_url(url: &str) -> Option<(&str, String)> {
+    let rest = url.strip_prefix("http://")?;
+    Some(
+        rest.split_once('/')
+            .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}"))),
+    )
+}
+
+/// `POST url` with a JSON `body` and `Authorization: Bearer <key>` over plain HTTP/1.1, with
+/// a 10 s deadline: (status, response body). For `wsbus publish`.
+pub async fn post_json(url: &str, key: &str, body: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let invalid =
+        |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
+    let (host, path) = split_url(url).ok_or_else(|| invalid("expected http://host:port/path"))?;
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(host).await?;
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\
+             Authorization: Bearer {key}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let mut reply = Vec::new();
+        stream.read_to_end(&mut reply).await?;
+        let reply = String::from_utf8_lossy(&reply);
+        let status = reply
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| invalid("not an HTTP response"))?;
+        let body = reply.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        Ok((status, body.to_owned()))
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 10 s"))?
 }

@@ -64,7 +64,7 @@ pub enum BusError {
 pub enum BusConn {
     /// From the pool (checked with a PING on reuse).
     Pooled(deadpool_redis::Connection),
-    /// A task's own connection to a single Redis.
+    /// A multiplexed connection to a single Redis: a task's own, or the shared one.
     Dedicated(MultiplexedConnection),
     /// A cluster connection.
     Cluster(ClusterConnection),
@@ -170,6 +170,9 @@ enum Backend {
     Single {
         pool: Pool,
         client: redis::Client,
+        /// One multiplexed connection shared by cloning (see [`Bus::shared_conn`]); boxed,
+        /// as the cluster variant's fields are.
+        shared: Box<std::sync::Mutex<Option<MultiplexedConnection>>>,
     },
     Cluster {
         client: Box<ClusterClient>,
@@ -263,7 +266,11 @@ impl Bus {
             .build()
             .map_err(|e| BusError::Config(e.to_string()))?;
         Ok(Self {
-            backend: Backend::Single { pool, client },
+            backend: Backend::Single {
+                pool,
+                client,
+                shared: Box::new(std::sync::Mutex::new(None)),
+            },
             timeout,
         })
     }
@@ -283,6 +290,35 @@ impl Bus {
                     .await?;
                 Ok(BusConn::Cluster(conn.clone()))
             }
+        }
+    }
+
+    /// A multiplexed connection shared by cloning, for request paths (the HTTP API) where a
+    /// pool checkout's PING would double the round trips of a request. Made on first use,
+    /// and again after [`Bus::reset_shared`] (call it when a command on it failed with a
+    /// connection error).
+    pub async fn shared_conn(&self) -> Result<BusConn, BusError> {
+        let Backend::Single { client, shared, .. } = &self.backend else {
+            return self.conn().await;
+        };
+        let cached = shared.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(conn) = cached {
+            return Ok(BusConn::Dedicated(conn));
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout));
+        let conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        *shared.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+        Ok(BusConn::Dedicated(conn))
+    }
+
+    /// Forgets the shared connection, so the next [`Bus::shared_conn`] makes a new one.
+    pub fn reset_shared(&self) {
+        if let Backend::Single { shared, .. } = &self.backend {
+            shared.lock().unwrap_or_else(|e| e.into_inner()).take();
         }
     }
 

@@ -252,7 +252,14 @@ impl Writer {
                 }
             };
             for (target, to_recipient, to_sender) in &plan.entries {
-                let action = self.encode(msg, &plan, *to_recipient, *to_sender);
+                let action = match &msg.payload {
+                    // People reading the inbox see what a backend published.
+                    Payload::Frame { action, .. } => {
+                        self.encode(msg, &plan, *to_recipient, *to_sender);
+                        &**action
+                    }
+                    _ => self.encode(msg, &plan, *to_recipient, *to_sender),
+                };
                 node.keys.inbox_into(target, &mut self.key_buf);
                 let to = match &msg.target {
                     Target::User(to) | Target::Room(to) => to,
@@ -314,17 +321,21 @@ impl Writer {
             too_slow: false,
             failed: false,
         };
-        if !msg.delivered_here
-            && recipient.iter().any(|n| **n == *node.id)
-            && let Payload::Text(text) = &msg.payload
-        {
+        if !msg.delivered_here && recipient.iter().any(|n| **n == *node.id) {
             // The recipient connected here since its sender's check (or moved here).
-            let here = node.hub.deliver_user(to, None, || SocketFrame {
-                frame: encode_message(from, to, text).into(),
-                born_us: msg.born_us,
-            });
-            outcome.reached |= here.queued > 0;
-            outcome.too_slow = here.slow > 0 && here.queued == 0;
+            let frame = match &msg.payload {
+                Payload::Text(text) => Some(encode_message(from, to, text).into()),
+                Payload::Frame { frame, .. } => Some(frame.clone()),
+                Payload::Presence(_) => None,
+            };
+            if let Some(frame) = frame {
+                let here = node.hub.deliver_user(to, None, || SocketFrame {
+                    frame,
+                    born_us: msg.born_us,
+                });
+                outcome.reached |= here.queued > 0;
+                outcome.too_slow = here.slow > 0 && here.queued == 0;
+            }
         }
         let (tried, hops): (&[Box<str>], u8) = match &msg.origin {
             Origin::Forward { tried, hops, .. } => (tried, *hops),
@@ -360,7 +371,7 @@ impl Writer {
             &[Box<str>],
         ) = match &msg.origin {
             Origin::Session { sid, .. } => (None, node.boot, &node.id, *sid, 0, &[]),
-            Origin::Node { .. } => (None, node.boot, &node.id, 0, 0, &[]),
+            Origin::Node { .. } | Origin::Api { .. } => (None, node.boot, &node.id, 0, 0, &[]),
             Origin::Forward {
                 node: origin,
                 sid,
@@ -388,6 +399,13 @@ impl Writer {
             (Target::Room(room), Payload::Presence(event)) => Body::Presence {
                 room: (&**room).into(),
                 event: *event,
+            },
+            (Target::User(_), Payload::Frame { frame, .. }) => Body::Publish {
+                frame: frame.as_str().into(),
+            },
+            (Target::Room(room), Payload::Frame { frame, .. }) => Body::RoomPublish {
+                room: (&**room).into(),
+                frame: frame.as_str().into(),
             },
             (Target::User(_), Payload::Presence(_)) => {
                 unreachable!("presence events go to rooms")

@@ -116,6 +116,43 @@ pub struct NodeConfig {
     #[arg(long, env = "WSBUS_ADMIN_BIND")]
     pub admin_bind: Option<std::net::SocketAddr>,
 
+    /// Keys that open the HTTP API (`/api/`), comma-separated so a key can be rotated (old
+    /// and new both valid meanwhile). Sent as `Authorization: Bearer <key>`. Without one,
+    /// every `/api/` path answers 404.
+    #[arg(
+        long = "api-key",
+        env = "WSBUS_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<String>,
+
+    /// Most publishes in one batched `POST /api/publish` (a JSON array); more is a 400.
+    #[arg(long, env = "WSBUS_API_MAX_BATCH", default_value_t = 1000)]
+    pub api_max_batch: usize,
+
+    /// Largest HTTP API request body in bytes; a larger one gets 413.
+    #[arg(long, env = "WSBUS_API_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub api_max_body_bytes: usize,
+
+    /// Custom client actions relayed as they are (comma-separated, e.g. `typing,read`): a
+    /// client sends `{"action":"typing","data":{"to":"bob",...}}` (or `"room"` instead of
+    /// `to`) and the recipients get `{"from":"alice","action":"typing","data":<data>}`,
+    /// routed like `message`. Built-in action names (and `error`) are refused. Default: none.
+    #[arg(long, env = "WSBUS_RELAY_ACTIONS", value_delimiter = ',')]
+    pub relay_actions: Vec<String>,
+
+    /// How long an ingress entry may stay read but unacknowledged (its node died while
+    /// routing it) before another node claims it (`XAUTOCLAIM` min-idle); also how often
+    /// each node looks for such entries.
+    #[arg(long, env = "WSBUS_INGRESS_CLAIM_IDLE", default_value = "10s", value_parser = parse_duration)]
+    pub ingress_claim_idle: Duration,
+
+    /// Approximate cap on the ingress stream's length (`XTRIM MAXLEN ~`, every claim
+    /// interval): routed entries are only acknowledged, so this is what removes them.
+    #[arg(long, env = "WSBUS_INGRESS_MAXLEN", default_value_t = 100_000)]
+    pub ingress_maxlen: usize,
+
     /// Redis URL (`redis://[user:pass@]host:port[/db]`).
     #[arg(
         long,

@@ -2,9 +2,12 @@
 //! this node delivers to its own sessions at once, and every other node with sessions of the
 //! target gets one inbox entry (never one per session), through the bus writer.
 //!
-//! Every origin enters here: a client session ([`Node::send`]), and an inbox entry whose
-//! recipient moved (re-dispatched by the inbox consumer with [`Origin::Forward`]). Errors go
-//! back to the origin: the sending session's queue, or the origin node's inbox.
+//! Every origin enters here: a client session ([`Node::send`]; a relayed action through
+//! [`Node::publish`]), a backend through the HTTP API or the ingress stream ([`Origin::Api`],
+//! [`Node::publish`] with a frame encoded once), and an inbox entry whose recipient moved
+//! (re-dispatched by the inbox consumer with [`Origin::Forward`]). Errors go back to the
+//! origin: the sending session's queue, or the origin node's inbox; a backend learns who was
+//! offline from its reply instead.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -16,6 +19,7 @@ use crate::hub::SocketFrame;
 use crate::node::Node;
 use crate::presence::SessionRef;
 use crate::user::{RoomId, UserId};
+use tungstenite::Utf8Bytes;
 
 /// Who a message is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +37,14 @@ pub enum Payload {
     Text(Box<str>),
     /// A user entered or left a room (for a room target; the origin's user is the subject).
     Presence(PresenceEvent),
+    /// A whole frame encoded once by its origin (an API publish), delivered as it is to
+    /// every session of the target.
+    Frame {
+        /// The frame's action (shown in the inbox entry's plain `action` field).
+        action: Box<str>,
+        /// The frame, `{"from":F,"action":A,"data":D}`.
+        frame: Utf8Bytes,
+    },
 }
 
 /// A room presence event: per user, not per session.
@@ -70,6 +82,13 @@ pub enum Origin {
         /// The user the message is about.
         user: Box<str>,
     },
+    /// A backend (the HTTP API or the ingress stream) publishing as `from` (`@server` unless
+    /// it named a user). Nothing is answered to it through the bus: it learns who was
+    /// online from its reply.
+    Api {
+        /// The `from` of the frames it sends.
+        from: Box<str>,
+    },
     /// An entry another node sent whose recipient is not here (it moved): forwarded once.
     Forward {
         /// The node the sender is on.
@@ -95,6 +114,7 @@ impl Origin {
         match self {
             Origin::Session { user, .. } => user.as_str(),
             Origin::Node { user } | Origin::Forward { user, .. } => user,
+            Origin::Api { from } => from,
         }
     }
 }
@@ -211,6 +231,63 @@ impl Node {
         .await
     }
 
+    /// Publishes a pre-encoded frame (from a backend, `Origin::Api`, or a client's relayed
+    /// action) to every session of a user or every member of a room: the sessions here at once, the other nodes through
+    /// the bus writer (one entry per node). The frame is encoded once by the caller.
+    pub async fn publish(
+        &self,
+        origin: Origin,
+        target: Target,
+        action: &str,
+        frame: &Utf8Bytes,
+        born_us: u64,
+    ) -> Result<(), ClientError> {
+        let socket_frame = || SocketFrame {
+            frame: frame.clone(),
+            born_us,
+        };
+        let delivered_here = match &target {
+            Target::User(to) => {
+                let here = self.hub.deliver_user(to, None, socket_frame);
+                self.metrics
+                    .delivered_local
+                    .increment(u64::from(here.queued));
+                if here.found() && !self.config.multi_session() {
+                    // One session per user: the recipient is here and nowhere else.
+                    if here.queued == 0 && matches!(origin, Origin::Session { .. }) {
+                        return Err(ClientError::RecipientTooSlow(to.to_string()));
+                    }
+                    return Ok(());
+                }
+                here.found()
+            }
+            Target::Room(room) => {
+                // A client's relayed action does not come back to the session that sent it.
+                let except = match &origin {
+                    Origin::Session { sid, .. } => Some(*sid),
+                    _ => None,
+                };
+                let queued = self.rooms.deliver(room, except, None, socket_frame);
+                self.metrics
+                    .room_delivered_local
+                    .increment(u64::from(queued));
+                queued > 0
+            }
+        };
+        self.to_bus(Dispatch {
+            origin,
+            target,
+            payload: Payload::Frame {
+                action: action.into(),
+                frame: frame.clone(),
+            },
+            born_us,
+            delivered_here,
+            echo: false,
+        })
+        .await
+    }
+
     /// Tells the other members of `room` that `user` entered or left it (on every node).
     pub async fn send_presence(&self, room: &RoomId, user: &str, event: PresenceEvent) {
         self.rooms.deliver(room.as_str(), None, Some(user), || {
@@ -242,9 +319,14 @@ impl Node {
     /// Answers `error` to the origin of a message: the sending session here, or the sending
     /// node through its inbox (pushed onto `remote` by the caller's pipeline).
     pub fn answer_error(&self, origin: &Origin, error: &ClientError) -> Option<Envelope<'static>> {
+        if matches!(origin, Origin::Api { .. }) {
+            // Its reply already said who was offline; a user that left since is no error.
+            return None;
+        }
         error.count();
         let text = error.to_string();
         match origin {
+            Origin::Api { .. } => None,
             Origin::Node { user } => {
                 tracing::debug!(user = %user, error = %text, "a node's own message failed");
                 None
@@ -302,16 +384,18 @@ impl Node {
         }
     }
 
-    /// Closes one session of `user` with `code`, wherever it is: here through the hub,
+    /// Closes one session of `user` with `code` and `reason` (empty: the code's usual one),
+    /// wherever it is: here through the hub,
     /// elsewhere with a `kick` entry in its node's inbox.
     pub async fn close_session(
         &self,
         user: &str,
         session: &SessionRef,
         code: u16,
+        reason: &str,
     ) -> Result<(), BusError> {
         if session.node == *self.id {
-            self.hub.kick(user, session.sid, code);
+            self.hub.kick(user, session.sid, code, reason);
             return Ok(());
         }
         let env = Envelope {
@@ -329,6 +413,7 @@ impl Node {
             body: Body::Kick {
                 sid: session.sid,
                 code,
+                reason: Cow::Borrowed(reason),
             },
         };
         let mut buf = Vec::new();

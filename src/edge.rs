@@ -121,7 +121,7 @@ async fn connect(
     for old in &evicted {
         metrics::counter!("wsbus_sessions_replaced_total").increment(1);
         if let Err(e) = node
-            .close_session(user.as_str(), old, close::REPLACED_BY_NEWER)
+            .close_session(user.as_str(), old, close::REPLACED_BY_NEWER, "")
             .await
         {
             tracing::warn!(user = %user, node = %old.node, error = %e, "could not close a replaced session");

@@ -36,6 +36,9 @@ pub mod close {
     /// The user connected once more past `--max-sessions-per-user` with
     /// `--on-session-limit replace`, and this was its oldest session.
     pub const REPLACED_BY_NEWER: u16 = 4006;
+    /// A backend closed every session of the user through `POST /api/disconnect`; the close
+    /// frame's reason is the one the backend gave (`disconnected by the server` without one).
+    pub const DISCONNECTED: u16 = 4007;
 }
 
 /// Every error a client can receive in an `error` frame.
@@ -163,6 +166,15 @@ pub enum Command<'a> {
         /// The text, unescaped.
         text: Cow<'a, str>,
     },
+    /// A `--relay-actions` action: deliver `data` as it is to a user or a room.
+    Relay {
+        /// The action (one of `--relay-actions`).
+        action: &'a str,
+        /// Where it goes.
+        to: RelayTo<'a>,
+        /// `data` exactly as sent (a JSON object's text).
+        data: &'a str,
+    },
     /// `members`: list the users in `room`.
     Members {
         /// The room (validated).
@@ -200,8 +212,49 @@ struct MessageData<'a> {
     text: Cow<'a, str>,
 }
 
-/// Parses one client text frame.
+/// Actions a server frame can carry (or a client send) that no relayed action may take:
+/// a client could otherwise forge them.
+pub const RESERVED_ACTIONS: &[&str] = &[
+    "message",
+    "room_message",
+    "join",
+    "leave",
+    "members",
+    "joined",
+    "left",
+    "presence",
+    "error",
+];
+
+/// Where a relayed action goes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RelayTo<'a> {
+    /// Every session of a user (validated id).
+    User(&'a str),
+    /// Every member of a room the sender is in (validated id).
+    Room(&'a str),
+}
+
+#[derive(Deserialize)]
+struct RelayData<'a> {
+    // `&str`, not `Cow`: serde borrows a `Cow` only outside an `Option`. A valid id has no
+    // escapes, and one with escapes fails here as malformed data.
+    #[serde(borrow, default)]
+    to: Option<&'a str>,
+    #[serde(borrow, default)]
+    room: Option<&'a str>,
+}
+
+/// Parses one client text frame (no relayed actions).
 pub fn parse_command(frame: &str) -> Result<Command<'_>, ClientError> {
+    parse_command_relaying(frame, &[])
+}
+
+/// Parses one client text frame; the actions in `relay` (`--relay-actions`) are relayed.
+pub fn parse_command_relaying<'a>(
+    frame: &'a str,
+    relay: &[String],
+) -> Result<Command<'a>, ClientError> {
     let raw: RawFrame<'_> = serde_json::from_str(frame).map_err(|_| {
         let is_json = serde_json::from_str::<serde::de::IgnoredAny>(frame).is_ok();
         match (is_json, frame.trim_start().starts_with('{')) {
@@ -215,12 +268,12 @@ pub fn parse_command(frame: &str) -> Result<Command<'_>, ClientError> {
     if !frame.trim_start().starts_with('{') {
         return Err(ClientError::NotAnObject);
     }
-    let action = raw.action.map(RawValue::get).unwrap_or("null");
-    if action == "null" {
+    let raw_action = raw.action.map(RawValue::get).unwrap_or("null");
+    if raw_action == "null" {
         return Err(ClientError::MissingAction);
     }
     let action: Cow<'_, str> =
-        serde_json::from_str(action).map_err(|_| ClientError::ActionNotString)?;
+        serde_json::from_str(raw_action).map_err(|_| ClientError::ActionNotString)?;
     match &*action {
         "" => Err(ClientError::EmptyAction),
         "message" => parse_message(raw.data),
@@ -234,6 +287,11 @@ pub fn parse_command(frame: &str) -> Result<Command<'_>, ClientError> {
             room: parse_room(raw.data)?,
         }),
         "room_message" => parse_room_message(raw.data),
+        // A listed action is a valid id, which has no escapes: its text in the frame, between
+        // the quotes, is the action itself (borrowed from the frame).
+        other if relay.iter().any(|a| a == other) && !raw_action.contains('\\') => {
+            parse_relay(&raw_action[1..raw_action.len() - 1], raw.data)
+        }
         other => Err(ClientError::UnknownAction(truncate(other, 64).to_owned())),
     }
 }
@@ -292,6 +350,38 @@ fn parse_room_message(data: Option<&RawValue>) -> Result<Command<'_>, ClientErro
         room: valid_room(data.room)?,
         text: data.text,
     })
+}
+
+fn parse_relay<'a>(
+    action: &'a str,
+    data: Option<&'a RawValue>,
+) -> Result<Command<'a>, ClientError> {
+    const SHAPE: &str = r#"expected {"to": "<user id>", ...} or {"room": "<room id>", ...}"#;
+    let target: RelayData<'_> = data_object(data, SHAPE)?;
+    let to = match (target.to, target.room) {
+        (Some(to), None) if is_valid_id(to) => RelayTo::User(to),
+        (Some(_), None) => return Err(ClientError::InvalidRecipient),
+        (None, Some(room)) => RelayTo::Room(valid_room(Cow::Borrowed(room))?),
+        _ => return Err(ClientError::MalformedData(SHAPE)),
+    };
+    Ok(Command::Relay {
+        action,
+        to,
+        data: data.expect("checked by data_object").get(),
+    })
+}
+
+/// Encodes `{"from":F,"action":A,"data":DATA}` with `data` exactly as the sender wrote it.
+pub fn encode_relay(from: &str, action: &str, data: &str) -> String {
+    let mut out = String::with_capacity(32 + from.len() + action.len() + data.len());
+    out.push_str(r#"{"from":"#);
+    push_json_str(&mut out, from);
+    out.push_str(r#","action":"#);
+    push_json_str(&mut out, action);
+    out.push_str(r#","data":"#);
+    out.push_str(data);
+    out.push('}');
+    out
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -491,6 +581,54 @@ mod tests {
         assert_eq!(
             v,
             serde_json::json!({"from":"a","action":"error","data":{"error":"User 'x' not found"}})
+        );
+    }
+
+    #[test]
+    fn relays_listed_actions_with_their_data_as_sent() {
+        let relay = vec!["typing".to_owned()];
+        let frame = r#"{"action":"typing","data":{"to":"bob","state":"on","n":[1, 2]}}"#;
+        assert_eq!(
+            parse_command_relaying(frame, &relay),
+            Ok(Command::Relay {
+                action: "typing",
+                to: RelayTo::User("bob"),
+                data: r#"{"to":"bob","state":"on","n":[1, 2]}"#,
+            })
+        );
+        assert_eq!(
+            parse_command_relaying(r#"{"action":"typing","data":{"room":"lobby"}}"#, &relay),
+            Ok(Command::Relay {
+                action: "typing",
+                to: RelayTo::Room("lobby"),
+                data: r#"{"room":"lobby"}"#,
+            })
+        );
+        assert_eq!(
+            parse_command(frame).unwrap_err().to_string(),
+            "unknown action 'typing'"
+        );
+        let shape =
+            r#"malformed data: expected {"to": "<user id>", ...} or {"room": "<room id>", ...}"#;
+        for bad in [
+            r#"{"action":"typing","data":{"x":1}}"#,
+            r#"{"action":"typing","data":{"to":"a","room":"b"}}"#,
+            r#"{"action":"typing","data":[1]}"#,
+            r#"{"action":"typing"}"#,
+        ] {
+            assert_eq!(
+                parse_command_relaying(bad, &relay).unwrap_err().to_string(),
+                shape,
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            parse_command_relaying(r#"{"action":"typing","data":{"to":"a b"}}"#, &relay),
+            Err(ClientError::InvalidRecipient)
+        );
+        assert_eq!(
+            encode_relay("alice", "typing", r#"{"to":"bob", "x":1}"#),
+            r#"{"from":"alice","action":"typing","data":{"to":"bob", "x":1}}"#
         );
     }
 }

@@ -93,6 +93,24 @@ pub enum Body<'a> {
         /// What happened.
         event: crate::dispatch::PresenceEvent,
     },
+    /// A frame a backend published (HTTP API or ingress), encoded once by the node that took
+    /// it: deliver it as it is to every session of user `to` on the receiving node. The
+    /// entry's plain `action` field shows the frame's action.
+    Publish {
+        /// The frame, `{"from":F,"action":A,"data":D}`.
+        #[serde(borrow)]
+        frame: Cow<'a, str>,
+    },
+    /// A published frame for every session in room `room` on the receiving node.
+    #[serde(rename = "room_publish")]
+    RoomPublish {
+        /// The room.
+        #[serde(borrow)]
+        room: Cow<'a, str>,
+        /// The frame, `{"from":F,"action":A,"data":D}`.
+        #[serde(borrow)]
+        frame: Cow<'a, str>,
+    },
     /// Close session `sid` of user `to` on the receiving node with close code `code` (its
     /// user connected elsewhere past the session limit, with `--on-session-limit replace`).
     Kick {
@@ -100,11 +118,18 @@ pub enum Body<'a> {
         sid: u64,
         /// The close code.
         code: u16,
+        /// The close frame's reason (empty: the code's usual one).
+        #[serde(borrow, default, skip_serializing_if = "is_empty")]
+        reason: Cow<'a, str>,
     },
 }
 
 fn yes() -> bool {
     true
+}
+
+fn is_empty(s: &str) -> bool {
+    s.is_empty()
 }
 
 fn is_false(b: &bool) -> bool {
@@ -120,6 +145,8 @@ impl Body<'_> {
             Body::RoomMessage { .. } => "room_message",
             Body::Presence { .. } => "presence",
             Body::Kick { .. } => "kick",
+            Body::Publish { .. } => "publish",
+            Body::RoomPublish { .. } => "room_publish",
         }
     }
 }
@@ -187,7 +214,18 @@ impl<'a> Envelope<'a> {
                     room: Cow::Owned(room.into_owned()),
                     event,
                 },
-                Body::Kick { sid, code } => Body::Kick { sid, code },
+                Body::Kick { sid, code, reason } => Body::Kick {
+                    sid,
+                    code,
+                    reason: Cow::Owned(reason.into_owned()),
+                },
+                Body::Publish { frame } => Body::Publish {
+                    frame: Cow::Owned(frame.into_owned()),
+                },
+                Body::RoomPublish { room, frame } => Body::RoomPublish {
+                    room: Cow::Owned(room.into_owned()),
+                    frame: Cow::Owned(frame.into_owned()),
+                },
             },
         }
     }
@@ -232,7 +270,11 @@ mod tests {
         assert_eq!(Envelope::decode(&buf).unwrap(), err);
         assert_eq!(err.body.action(), "error");
         let kick = Envelope {
-            body: Body::Kick { sid: 9, code: 4006 },
+            body: Body::Kick {
+                sid: 9,
+                code: 4006,
+                reason: "".into(),
+            },
             tried: Vec::new(),
             to_sender: false,
             ..sample()

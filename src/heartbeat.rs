@@ -40,7 +40,8 @@ pub async fn beat(node: &Node) {
             );
             let lost = node.presence.reclaim(&sessions).await?;
             for (user, sid) in lost {
-                node.hub.kick(user.as_str(), sid, close::SESSION_REPLACED);
+                node.hub
+                    .kick(user.as_str(), sid, close::SESSION_REPLACED, "");
             }
             node.presence.rejoin_rooms(&node.rooms.snapshot()).await?;
         }

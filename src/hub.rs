@@ -52,6 +52,8 @@ pub struct SessionHandle {
 pub struct Kick {
     token: CancellationToken,
     code: AtomicU16,
+    /// The close frame's reason, when the kicker gave one (`/api/disconnect`).
+    reason: std::sync::OnceLock<Box<str>>,
 }
 
 impl Kick {
@@ -59,18 +61,32 @@ impl Kick {
         Self {
             token: shutdown.child_token(),
             code: AtomicU16::new(0),
+            reason: std::sync::OnceLock::new(),
         }
     }
 
     /// Ends the session with close code `code`. The first kick wins; returns whether this
     /// was it.
     pub fn kick(&self, code: u16) -> bool {
+        self.kick_with(code, "")
+    }
+
+    /// Like [`Kick::kick`], with the close frame's reason (empty: the code's usual one).
+    pub fn kick_with(&self, code: u16, reason: &str) -> bool {
         let first = self
             .code
             .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
             .is_ok();
+        if first && !reason.is_empty() {
+            let _ = self.reason.set(reason.into());
+        }
         self.token.cancel();
         first
+    }
+
+    /// The reason the kicker gave, if any.
+    pub fn reason(&self) -> Option<&str> {
+        self.reason.get().map(|r| &**r)
     }
 
     /// Resolves once the session was kicked or the node began shutting down.
@@ -227,12 +243,13 @@ impl Hub {
         self.users.contains_key(user)
     }
 
-    /// Ends session `sid` of `user` with close code `code`.
-    pub fn kick(&self, user: &str, sid: u64, code: u16) {
+    /// Ends session `sid` of `user` with close code `code` and `reason` (empty: the code's
+    /// usual one).
+    pub fn kick(&self, user: &str, sid: u64, code: u16, reason: &str) {
         if let Some(sessions) = self.users.get(user)
             && let Some(s) = sessions.iter().find(|s| s.sid == sid)
         {
-            s.kick.kick(code);
+            s.kick.kick_with(code, reason);
         }
     }
 

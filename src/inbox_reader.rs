@@ -322,8 +322,30 @@ impl Consumer {
                 self.node.deliver_error(env);
                 Some(0)
             }
-            Body::Kick { sid, code } => {
-                hub.kick(&env.to, *sid, *code);
+            Body::Publish { frame } => {
+                let frame = || SocketFrame {
+                    frame: (**frame).into(),
+                    born_us: env.sent_us,
+                };
+                let fanout = hub.deliver_user(&env.to, None, frame);
+                if !fanout.found() {
+                    return None;
+                }
+                Some(fanout.queued)
+            }
+            Body::RoomPublish { room, frame } => {
+                let queued = self.node.rooms.deliver(room, None, None, || SocketFrame {
+                    frame: (**frame).into(),
+                    born_us: env.sent_us,
+                });
+                self.node
+                    .metrics
+                    .room_delivered_from_bus
+                    .increment(u64::from(queued));
+                Some(queued)
+            }
+            Body::Kick { sid, code, reason } => {
+                hub.kick(&env.to, *sid, *code, reason);
                 Some(0)
             }
         }
@@ -386,6 +408,10 @@ impl Consumer {
                 target: Target::User((*env.to).into()),
                 payload: match env.body {
                     Body::Message { text } => Payload::Text(text.into_owned().into_boxed_str()),
+                    Body::Publish { frame } => Payload::Frame {
+                        action: action_of(&frame).into(),
+                        frame: frame.into_owned().into(),
+                    },
                     _ => continue,
                 },
                 born_us: env.sent_us,
@@ -400,8 +426,20 @@ impl Consumer {
     }
 }
 
+/// The action of a published frame (`{"from":..,"action":A,..}`), for the plain field of a
+/// forwarded entry.
+fn action_of(frame: &str) -> String {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        action: String,
+    }
+    serde_json::from_str::<Head>(frame)
+        .map(|h| h.action)
+        .unwrap_or_default()
+}
+
 /// The entries of an `XREAD` reply for one stream (RESP2 or RESP3 shape).
-fn stream_entries(reply: Value) -> Option<Vec<Value>> {
+pub(crate) fn stream_entries(reply: Value) -> Option<Vec<Value>> {
     let stream = match reply {
         Value::Array(mut streams) if !streams.is_empty() => streams.swap_remove(0),
         Value::Map(mut streams) if !streams.is_empty() => {
@@ -420,7 +458,7 @@ fn stream_entries(reply: Value) -> Option<Vec<Value>> {
 }
 
 /// An entry's id and its flat field/value list.
-fn entry_parts(entry: &Value) -> Option<(EntryId, &[Value])> {
+pub(crate) fn entry_parts(entry: &Value) -> Option<(EntryId, &[Value])> {
     let Value::Array(parts) = entry else {
         return None;
     };
@@ -431,7 +469,7 @@ fn entry_parts(entry: &Value) -> Option<(EntryId, &[Value])> {
 }
 
 /// The value of field `name` in a flat field/value list.
-fn field<'a>(fields: &'a [Value], name: &str) -> Option<&'a [u8]> {
+pub(crate) fn field<'a>(fields: &'a [Value], name: &str) -> Option<&'a [u8]> {
     fields.chunks_exact(2).find_map(|kv| match kv {
         [Value::BulkString(k), Value::BulkString(v)] if k == name.as_bytes() => Some(v.as_slice()),
         _ => None,

@@ -11,6 +11,8 @@
 //! | `P:{r:<room>}:nodes` | set | nodes with members in the room | member added/removed on a node's first/last member |
 //! | `P:node:<id>:rooms` | set | rooms with members on that node | deleted on clean shutdown or by the reaper |
 //! | `P:rooms` | set | rooms with members anywhere (for `wsbus rooms`) | member removed when a room's last node leaves |
+//! | `P:ingress` | stream | publishes from backends (`to`/`room`, `action`, `data`, `from`), read by the nodes' consumer group `wsbus` | created by the first `XADD`; `MAXLEN ~` cap per claim interval |
+//! | `P:idem:<key>` | string | the first reply to an API publish with that `Idempotency-Key` (empty while it runs) | 5 min TTL |
 //! | `P:reap:<id>` | string | which node is reaping dead node `<id>` | short TTL |
 
 /// Builds key names under a prefix.
@@ -110,6 +112,16 @@ impl Keys {
         format!("{}:rooms", self.prefix)
     }
 
+    /// `P:ingress`: the stream backends publish through.
+    pub fn ingress(&self) -> String {
+        format!("{}:ingress", self.prefix)
+    }
+
+    /// `P:idem:<key>`: the first reply to an API publish with this `Idempotency-Key`.
+    pub fn idempotency(&self, key: &str) -> String {
+        format!("{}:idem:{key}", self.prefix)
+    }
+
     /// `P:reap:<id>`: the lock that makes one survivor reap a dead node.
     pub fn reap_lock(&self, node: &str) -> String {
         format!("{}:reap:{node}", self.prefix)
@@ -133,5 +145,7 @@ mod tests {
         assert_eq!(k.room_nodes("lobby"), "wsbus:{r:lobby}:nodes");
         assert_eq!(k.node_rooms("a"), "wsbus:node:a:rooms");
         assert_eq!(k.rooms(), "wsbus:rooms");
+        assert_eq!(k.idempotency("k1"), "wsbus:idem:k1");
+        assert_eq!(k.ingress(), "wsbus:ingress");
     }
 }

@@ -4,7 +4,7 @@
 //! user id, or a room, whichever node each is on. Data flow:
 //!
 //! ```text
-//! origin (session | inbox entry whose recipient moved)
+//! origin (session | API publish | ingress entry | inbox entry whose recipient moved)
 //!   └─▶ dispatch: target (user | room) ─▶ local sessions here ─▶ hub ─▶ socket queue ─▶ socket
 //!                                     └─▶ other nodes with sessions/members of the target
 //!                     bus writer (pipelined lookups, one XADD per destination node)
@@ -33,9 +33,14 @@
 //! - [`bus`]: Redis connections and the functions in `migrations/`. [`keys`]: key names.
 //! - [`node`]: a node's shared state. [`server`]: starting, wiring and stopping its tasks.
 //!   [`heartbeat`]: registration, liveness, reaping. [`dev`]: the local dev cluster.
+//! - [`api`]: the HTTP API for backends (publish, disconnect, lookups), one more origin of
+//!   dispatch.
+//! - [`ingress`]: publishing through the Redis stream `P:ingress` (consumer group, claims of
+//!   a dead node's entries), routed like an API publish.
 //! - [`admin`]: read-only operator commands. [`telemetry`]: `/metrics`.
 
 pub mod admin;
+pub mod api;
 pub mod auth;
 pub mod bus;
 pub mod bus_writer;
@@ -48,6 +53,7 @@ pub mod envelope;
 pub mod heartbeat;
 pub mod hub;
 pub mod inbox_reader;
+pub mod ingress;
 pub mod keys;
 pub mod listener;
 pub mod node;

@@ -92,6 +92,31 @@ enum Cmd {
         #[arg(default_value = "http://127.0.0.1:8080/healthz")]
         url: String,
     },
+    /// Publish a frame to users and rooms through a node's HTTP API (`POST /api/publish`),
+    /// printing its reply (`sent`, `offline`, `rooms`); exits 1 unless it answers 200.
+    Publish {
+        /// Users to send to (repeat, or comma-separate).
+        #[arg(long, value_delimiter = ',')]
+        to: Vec<String>,
+        /// Rooms to send to (repeat, or comma-separate).
+        #[arg(long, value_delimiter = ',')]
+        room: Vec<String>,
+        /// The frame's action (not `error`).
+        #[arg(long)]
+        action: String,
+        /// The frame's data, a JSON object.
+        #[arg(long, default_value = "{}")]
+        data: String,
+        /// Publish as this user id instead of `@server`.
+        #[arg(long)]
+        from: Option<String>,
+        /// The node's base URL (its client address, or `--admin-bind` if the API is there).
+        #[arg(long, env = "WSBUS_API_URL", default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// An API key of the node (the first of a comma-separated list is used).
+        #[arg(long, env = "WSBUS_API_KEYS", hide_env_values = true)]
+        api_key: String,
+    },
     /// Print a node's inbox entries, envelopes decoded to JSON (one per line).
     Inspect {
         /// The node id.
@@ -224,6 +249,36 @@ async fn main() -> anyhow::Result<()> {
             let status = wsbus::admin::probe(&url).await?;
             if status != 200 {
                 anyhow::bail!("{url} answered HTTP {status}");
+            }
+        }
+        Cmd::Publish {
+            to,
+            room,
+            action,
+            data,
+            from,
+            url,
+            api_key,
+        } => {
+            let data: serde_json::Value =
+                serde_json::from_str(&data).context("--data is not valid JSON")?;
+            let mut body = serde_json::json!({"action": action, "data": data});
+            if !to.is_empty() {
+                body["to"] = serde_json::json!(to);
+            }
+            if !room.is_empty() {
+                body["rooms"] = serde_json::json!(room);
+            }
+            if let Some(from) = from {
+                body["from"] = serde_json::json!(from);
+            }
+            let key = api_key.split(',').next().unwrap_or_default();
+            let endpoint = format!("{}/api/publish", url.trim_end_matches('/'));
+            let (status, reply) =
+                wsbus::admin::post_json(&endpoint, key, &body.to_string()).await?;
+            println!("{}", reply.trim_end());
+            if status != 200 {
+                anyhow::bail!("{endpoint} answered HTTP {status}");
             }
         }
         Cmd::Inspect { node, count, admin } => {

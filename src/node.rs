@@ -167,6 +167,13 @@ impl Node {
         if !is_valid_id(&config.prefix.replace(':', "_")) {
             return Err(NodeError::Config(format!("prefix {:?}", config.prefix)));
         }
+        if let Some(bad) = config.relay_actions.iter().find(|a| {
+            !is_valid_id(a) || crate::edge_protocol::RESERVED_ACTIONS.contains(&a.as_str())
+        }) {
+            return Err(NodeError::Config(format!(
+                "relay action {bad:?}: use 1-64 of [A-Za-z0-9_.-], not a built-in action"
+            )));
+        }
         let auth =
             crate::auth::from_config(&config).map_err(|e| NodeError::Config(e.to_string()))?;
         let keys = Keys::new(&config.prefix);

@@ -460,7 +460,7 @@ pub async fn drop_node_from_rooms(
 }
 
 /// The distinct nodes of a list of `<node>:<sid>` fields.
-fn nodes_of(fields: Vec<String>) -> Vec<String> {
+pub fn nodes_of(fields: Vec<String>) -> Vec<String> {
     let mut nodes: Vec<String> = Vec::with_capacity(fields.len());
     for field in fields {
         let Some(s) = SessionRef::parse(&field) else {

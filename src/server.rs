@@ -72,6 +72,7 @@ fn start_tasks(node: &Arc<Node>, bus_writer_rx: mpsc::Receiver<Dispatch>) -> Run
     tasks.spawn(crate::heartbeat::run(node.clone()));
     tasks.spawn(crate::telemetry::run_upkeep(node.shutdown.clone()));
     tasks.spawn(crate::inbox_reader::run(node.clone()));
+    tasks.spawn(crate::ingress::run(node.clone()));
     let writer = tokio::spawn(crate::bus_writer::run(
         node.clone(),
         bus_writer_rx,
@@ -84,7 +85,8 @@ fn start_tasks(node: &Arc<Node>, bus_writer_rx: mpsc::Receiver<Dispatch>) -> Run
     }
 }
 
-/// Serves the client routes (and the admin routes, on their own listener if one is given).
+/// Serves the client routes (and the admin and API routes, on their own listener if one is
+/// given).
 fn serve_http(
     node: &Arc<Node>,
     listener: TcpListener,
@@ -92,11 +94,16 @@ fn serve_http(
     tasks: &TaskTracker,
 ) -> Result<JoinHandle<()>, NodeError> {
     let mut app = crate::edge::client_router(node.clone());
+    let api = crate::api::router(node.clone());
     match admin_listener {
-        None => app = app.merge(crate::edge::admin_router(node.clone())),
+        None => {
+            app = app
+                .merge(crate::edge::admin_router(node.clone()))
+                .merge(api)
+        }
         Some(admin) => {
             tracing::info!(addr = %admin.local_addr()?, "admin endpoints listening");
-            let routes = crate::edge::admin_router(node.clone());
+            let routes = crate::edge::admin_router(node.clone()).merge(api);
             let limits = HttpLimits::from_config(&node.config);
             tasks.spawn(crate::listener::serve(
                 admin,

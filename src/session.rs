@@ -12,6 +12,7 @@
 //! which keeps reading until the client's Close, EOF or [`CLOSE_LINGER`], so that the client
 //! gets a FIN after the Close rather than a reset that destroys it.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::task::Poll;
@@ -24,7 +25,8 @@ use tungstenite::Message;
 
 use crate::dispatch::{Origin, Target};
 use crate::edge_protocol::{
-    ClientError, Command, close, encode_error, encode_frame, parse_command,
+    ClientError, Command, RelayTo, close, encode_error, encode_frame, encode_relay,
+    parse_command_relaying,
 };
 use crate::hub::{SessionReceiver, SocketFrame};
 use crate::node::Node;
@@ -105,7 +107,7 @@ impl Drop for SessionGuard {
 /// Why the session loop ended.
 enum End {
     /// Close the socket with this code.
-    Close(u16, &'static str),
+    Close(u16, Cow<'static, str>),
     /// The client sent a Close; tungstenite queued the answer (the same code), still to be
     /// flushed.
     ClosedByClient,
@@ -254,7 +256,9 @@ impl Session {
         };
         metrics::counter!("wsbus_connections_closed_total", "code" => code).increment(1);
         match end {
-            End::Close(code, reason) => close_politely(&mut link.socket, code, reason).await,
+            End::Close(code, reason) => {
+                close_politely(&mut link.socket, code, reason.into_owned()).await
+            }
             End::ClosedByClient => {
                 let _ = tokio::time::timeout(CLOSE_LINGER, link.socket.flush()).await;
             }
@@ -291,7 +295,7 @@ impl Session {
                         Some(Ok(frame @ (Message::Text(_) | Message::Binary(_)))) => {
                             let outcome = match (self.bucket.take(), frame) {
                                 (Admission::Closed, _) => {
-                                    return End::Close(close::RATE_LIMITED, "rate limit exceeded");
+                                    return End::Close(close::RATE_LIMITED, Cow::Borrowed("rate limit exceeded"));
                                 }
                                 (Admission::Refused, _) => Err(ClientError::RateLimited),
                                 (Admission::Allowed, Message::Text(text)) => self.handle(&text).await,
@@ -309,7 +313,7 @@ impl Session {
                 }
                 _ = link.live.ping.tick() => {
                     if !std::mem::replace(&mut link.live.heard_from, false) {
-                        return End::Close(close::PING_TIMEOUT, "ping timeout");
+                        return End::Close(close::PING_TIMEOUT, Cow::Borrowed("ping timeout"));
                     }
                     if let Err(end) = self.write(link, Message::Ping(Default::default()), true).await {
                         return end;
@@ -321,15 +325,25 @@ impl Session {
 
     fn kicked(&self) -> End {
         match self.queue.kick.code() {
-            Some(close::SLOW_CONSUMER) => End::Close(close::SLOW_CONSUMER, "slow consumer"),
+            Some(close::SLOW_CONSUMER) => {
+                End::Close(close::SLOW_CONSUMER, Cow::Borrowed("slow consumer"))
+            }
             Some(close::SESSION_REPLACED) => {
-                End::Close(close::SESSION_REPLACED, "session replaced")
+                End::Close(close::SESSION_REPLACED, Cow::Borrowed("session replaced"))
             }
-            Some(close::REPLACED_BY_NEWER) => {
-                End::Close(close::REPLACED_BY_NEWER, "replaced by a newer session")
-            }
-            Some(code) => End::Close(code, ""),
-            None => End::Close(close::GOING_AWAY, "node shutting down"),
+            Some(close::REPLACED_BY_NEWER) => End::Close(
+                close::REPLACED_BY_NEWER,
+                Cow::Borrowed("replaced by a newer session"),
+            ),
+            Some(close::DISCONNECTED) => End::Close(
+                close::DISCONNECTED,
+                match self.queue.kick.reason() {
+                    Some(reason) => Cow::Owned(reason.to_owned()),
+                    None => Cow::Borrowed("disconnected by the server"),
+                },
+            ),
+            Some(code) => End::Close(code, Cow::Borrowed("")),
+            None => End::Close(close::GOING_AWAY, Cow::Borrowed("node shutting down")),
         }
     }
 
@@ -343,7 +357,17 @@ impl Session {
             user: self.user.clone(),
             sid: self.sid,
         };
-        match parse_command(text)? {
+        match parse_command_relaying(text, &node.config.relay_actions)? {
+            Command::Relay { action, to, data } => {
+                let target = match to {
+                    RelayTo::User(user) => Target::User(user.into()),
+                    RelayTo::Room(room) if self.rooms.contains(room) => Target::Room(room.into()),
+                    RelayTo::Room(room) => return Err(ClientError::NotInRoom(room.to_owned())),
+                };
+                let frame = encode_relay(self.user.as_str(), action, data).into();
+                node.publish(origin(), target, action, &frame, born_us)
+                    .await
+            }
             Command::Message { to, text } => {
                 node.send(origin(), Target::User(to.into()), text, born_us)
                     .await
@@ -413,13 +437,13 @@ impl Session {
                 let _ = self
                     .write_error(link, &ClientError::FrameTooLarge(limit))
                     .await;
-                End::Close(close::TOO_BIG, "frame too large")
+                End::Close(close::TOO_BIG, Cow::Borrowed("frame too large"))
             }
-            Error::Utf8(_) => End::Close(close::INVALID_PAYLOAD, "invalid UTF-8"),
+            Error::Utf8(_) => End::Close(close::INVALID_PAYLOAD, Cow::Borrowed("invalid UTF-8")),
             Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Gone,
             Error::Protocol(violation) => {
                 tracing::debug!(user = %self.user, %violation, "protocol violation");
-                End::Close(close::PROTOCOL_ERROR, "protocol error")
+                End::Close(close::PROTOCOL_ERROR, Cow::Borrowed("protocol error"))
             }
             _ => End::Gone,
         }
@@ -505,7 +529,7 @@ impl Session {
                 _ = live.ping.tick() => {
                     // No ping can go out behind a blocked write, and no pong be read.
                     if !std::mem::replace(&mut live.heard_from, false) {
-                        return Err(End::Close(close::PING_TIMEOUT, "ping timeout"));
+                        return Err(End::Close(close::PING_TIMEOUT, Cow::Borrowed("ping timeout")));
                     }
                     live.ping_due = true;
                 }

@@ -164,10 +164,10 @@ fn into_tcp(upgraded: Upgraded) -> Option<(TcpStream, Vec<u8>)> {
 /// node sends a FIN behind its Close and discards raw bytes until the client's EOF. Dropping
 /// the socket then sends a FIN, not a reset, so the client reads everything sent before the
 /// Close, and the Close itself.
-pub async fn close_politely(socket: &mut Socket, code: u16, reason: &'static str) {
+pub async fn close_politely(socket: &mut Socket, code: u16, reason: impl Into<Utf8Bytes>) {
     let frame = Message::Close(Some(CloseFrame {
         code: CloseCode::from(code),
-        reason: Utf8Bytes::from_static(reason),
+        reason: reason.into(),
     }));
     let _ = tokio::time::timeout(CLOSE_LINGER, async {
         if socket.send(frame).await.is_err() {

@@ -20,7 +20,7 @@ use wsbus::envelope::{Body, Envelope};
 /// What the `edge_frame` fuzz target checks for one frame: no panic, a parsed recipient is a
 /// valid id, and whatever we would send back is valid JSON carrying the same strings.
 fn check_frame(frame: &str) -> Result<Command<'_>, ClientError> {
-    let parsed = parse_command(frame);
+    let parsed = wsbus::edge_protocol::parse_command_relaying(frame, &["typing".to_owned()]);
     match &parsed {
         Ok(cmd) => {
             let (out, expected) = match cmd {
@@ -35,6 +35,13 @@ fn check_frame(frame: &str) -> Result<Command<'_>, ClientError> {
                     let out = encode_room_message("sender", room, text);
                     let expected = json!({"from": "sender", "action": "room_message", "data": {"room": room, "text": text}});
                     (out, expected)
+                }
+                Command::Relay { action, data, .. } => {
+                    let out = wsbus::edge_protocol::encode_relay("sender", action, data);
+                    let v: Value = serde_json::from_str(&out).expect("the encoder yields JSON");
+                    let data: Value = serde_json::from_str(data).expect("data is JSON");
+                    assert_eq!(v, json!({"from": "sender", "action": action, "data": data}));
+                    return parsed;
                 }
                 Command::Join { room } | Command::Leave { room } | Command::Members { room } => {
                     assert!(wsbus::user::is_valid_id(room), "accepted room {room:?}");

@@ -4,6 +4,7 @@
 //! [`Config`] and produce a [`Report`]. The binary `wsbus-loadtest` is a thin
 //! CLI around this library; `tests/smoke.rs` calls it directly.
 
+mod api_publish;
 mod churn;
 mod cmdstats;
 mod conn;
@@ -26,6 +27,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+pub use api_publish::Via;
 pub use html::render as render_html;
 pub use noise::NoiseStats;
 pub use report::{
@@ -63,6 +65,9 @@ pub enum Scenario {
     RoomFanout,
     /// room-fanout's messages while `--churners` users join and leave rooms at `--join-rate`.
     RoomChurn,
+    /// A backend publishing to random online users over the HTTP API (`--batch` per
+    /// request) or the ingress stream (`--via ingress`); needs `--api-key`.
+    ApiPublish,
 }
 
 impl Scenario {
@@ -78,6 +83,7 @@ impl Scenario {
             Self::Slowloris => "slowloris",
             Self::RoomFanout => "room-fanout",
             Self::RoomChurn => "room-churn",
+            Self::ApiPublish => "api-publish",
         }
     }
 }
@@ -124,6 +130,14 @@ pub struct Config {
     /// Redis addresses (`host:port`, every shard of a cluster) whose `INFO commandstats` a
     /// room scenario reads around its sending phase.
     pub redis: Vec<String>,
+    /// api-publish: an API key of the nodes.
+    pub api_key: Option<String>,
+    /// api-publish: publishes per request (1 = single publishes) or per `XADD` pipeline.
+    pub batch: usize,
+    /// api-publish: HTTP API or ingress stream.
+    pub via: Via,
+    /// api-publish: concurrent HTTP (or Redis) connections publishing.
+    pub connections: usize,
 }
 
 impl Default for Config {
@@ -146,6 +160,10 @@ impl Default for Config {
             join_rate: None,
             churners: 20,
             redis: Vec::new(),
+            api_key: None,
+            batch: 100,
+            via: Via::Http,
+            connections: 4,
         }
     }
 }
@@ -218,6 +236,7 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<Report> {
             Scenario::Slowloris => slowloris::run(cfg, hard).await,
             Scenario::RoomFanout => room::run(cfg, false, hard, &tl).await,
             Scenario::RoomChurn => room::run(cfg, true, hard, &tl).await,
+            Scenario::ApiPublish => api_publish::run(cfg, hard, &tl).await,
         }
     };
     let outcome = tokio::time::timeout(deadline, fut).await;

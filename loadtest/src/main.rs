@@ -68,6 +68,18 @@ struct Cli {
     /// `INFO commandstats` is read around the sending phase (Redis calls per room message).
     #[arg(long = "redis", value_delimiter = ',')]
     redis: Vec<String>,
+    /// api-publish: an API key of the nodes.
+    #[arg(long, env = "WSBUS_API_KEYS")]
+    api_key: Option<String>,
+    /// api-publish: publishes per HTTP request (1 = single publishes) or per XADD pipeline.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// api-publish: through the HTTP API or the ingress stream (on the first --redis).
+    #[arg(long, value_enum, default_value_t = wsbus_loadtest::Via::Http)]
+    via: wsbus_loadtest::Via,
+    /// api-publish: concurrent publishing connections.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
     /// Print the report as one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -102,6 +114,12 @@ async fn main() -> ExitCode {
         join_rate: cli.join_rate,
         churners: cli.churners,
         redis: cli.redis,
+        api_key: cli
+            .api_key
+            .map(|k| k.split(',').next().unwrap_or_default().to_owned()),
+        batch: cli.batch,
+        via: cli.via,
+        connections: cli.connections,
     };
     match wsbus_loadtest::run(cli.scenario, &cfg).await {
         Ok(mut report) => {

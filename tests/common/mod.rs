@@ -301,6 +301,43 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// `method path` on `addr` with `headers` and a body: (status, body as JSON, or `Null` when
+/// the body is not JSON).
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        req.push_str(&format!("{name}: {value}\r\n"));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body);
+    // The server may answer (413) before the whole body is written.
+    let _ = s.write_all(&bytes).await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf))
+        .await
+        .expect("an HTTP reply in time");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
 /// A real WebSocket client.
 pub struct Client {
     pub user: String,
@@ -438,6 +475,30 @@ impl Client {
         match self.next_event().await {
             Event::Closed(got) => assert_eq!(got, Some(code), "{}: close code", self.user),
             Event::Json(v) => panic!("{}: expected close {code}, got {v}", self.user),
+        }
+    }
+
+    /// Expects the server to close with `code` and `reason` in the close frame.
+    pub async fn expect_close_with(&mut self, code: u16, reason: &str) {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            let msg = tokio::time::timeout(left, self.ws.next())
+                .await
+                .unwrap_or_else(|_| panic!("{}: no close in time", self.user));
+            match msg {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    assert_eq!(
+                        (u16::from(frame.code), frame.reason.as_str()),
+                        (code, reason),
+                        "{}: close frame",
+                        self.user
+                    );
+                    return;
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => panic!("{}: expected close {code}, got {other:?}", self.user),
+            }
         }
     }
 

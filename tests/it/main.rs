@@ -4,11 +4,13 @@
 mod common;
 
 mod admin;
+mod api;
 mod closing;
 mod cluster;
 mod errors;
 mod faults;
 mod http;
+mod ingress;
 mod messaging;
 mod observability;
 mod presence;

@@ -1,0 +1,801 @@
+//! The HTTP API for backends: publish to users and rooms, disconnect a user, look up users,
+//! rooms and nodes. Mounted under `/api/` on the client listener (or on `--admin-bind`)
+//! only when `--api-key` is given; every request needs `Authorization: Bearer <key>`.
+//!
+//! A backend is one more origin of the one dispatch path ([`Origin::Api`]): a publish is
+//! validated whole (a batch too, before anything is sent), the recipients are looked up in
+//! one pipeline (`HKEYS` per user, `HLEN` per room), each item's frame
+//! `{"from":F,"action":A,"data":D}` is encoded once, and [`Node::publish`] delivers it here
+//! and hands the rest to the bus writer (one entry per other node). Replies and errors are
+//! JSON; an error names the field it is about.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+use tungstenite::Utf8Bytes;
+
+use crate::dispatch::{Origin, Target};
+use crate::edge_protocol::close;
+use crate::node::Node;
+use crate::presence::SessionRef;
+use crate::user::{RoomId, UserId, is_valid_id};
+
+/// The `from` of a publish that names no user: `@` is outside the id alphabet, so no client
+/// can be it, and clients can trust a frame from it.
+pub const SERVER_FROM: &str = "@server";
+
+/// How long an `Idempotency-Key` remembers its first reply.
+pub const IDEMPOTENCY_TTL_SECS: u64 = 300;
+
+/// Longest `Idempotency-Key` accepted, in bytes.
+pub const MAX_IDEMPOTENCY_KEY: usize = 128;
+
+/// Longest `reason` of `/api/disconnect` (a close frame's reason holds 123 bytes).
+pub const MAX_REASON_BYTES: usize = 123;
+
+/// The API's routes, or none without an API key (every `/api/` path is then a 404).
+pub fn router(node: Arc<Node>) -> Router {
+    if node.config.api_keys.is_empty() {
+        return Router::new();
+    }
+    Router::new()
+        .route("/api/publish", post(publish))
+        .route("/api/disconnect", post(disconnect))
+        .route("/api/users/{id}", get(user))
+        .route("/api/rooms/{room}", get(room))
+        .route("/api/nodes", get(nodes))
+        .with_state(node)
+}
+
+/// An API error: an HTTP status and `{"error": "...", "field": "..."}`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// No `Authorization: Bearer` header, or a key that is not one of `--api-key`.
+    #[error("missing or invalid API key")]
+    Unauthorized,
+    /// The request is not acceptable; `field` names what is wrong.
+    #[error("{error}")]
+    Invalid {
+        /// The field (`to`, `[3].data`, `Idempotency-Key`...), empty for the whole body.
+        field: String,
+        /// What is wrong with it.
+        error: String,
+    },
+    /// The body is over `--api-max-body-bytes`.
+    #[error("body too large (max {0} bytes)")]
+    TooLarge(usize),
+    /// The same `Idempotency-Key` is being handled by another request right now.
+    #[error("a request with this Idempotency-Key is in progress")]
+    InProgress,
+    /// Redis cannot be reached (or the bus writer stopped); nothing was sent.
+    #[error("bus unavailable")]
+    BusUnavailable,
+}
+
+impl ApiError {
+    fn invalid(field: impl Into<String>, error: impl Into<String>) -> Self {
+        ApiError::Invalid {
+            field: field.into(),
+            error: error.into(),
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Invalid { .. } => StatusCode::BAD_REQUEST,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::InProgress => StatusCode::CONFLICT,
+            ApiError::BusUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// A short label for `wsbus_api_requests_total{status=...}`.
+    fn kind(&self) -> &'static str {
+        match self {
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::Invalid { .. } => "invalid",
+            ApiError::TooLarge(_) => "too_large",
+            ApiError::InProgress => "in_progress",
+            ApiError::BusUnavailable => "bus_unavailable",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        metrics::counter!("wsbus_api_requests_total", "status" => self.kind()).increment(1);
+        let mut body = json!({"error": self.to_string()});
+        if let ApiError::Invalid { field, .. } = &self
+            && !field.is_empty()
+        {
+            body["field"] = json!(field);
+        }
+        let mut response = (self.status(), axum::Json(body)).into_response();
+        if self == ApiError::Unauthorized {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("valid"));
+        }
+        response
+    }
+}
+
+/// Proof that a request carried a valid API key (an extractor every handler takes first).
+pub struct Authorized;
+
+impl FromRequestParts<Arc<Node>> for Authorized {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, node: &Arc<Node>) -> Result<Self, ApiError> {
+        let given = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| {
+                let (scheme, key) = h.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+            });
+        match given {
+            // Never log the key itself.
+            Some(key) if key_matches(&node.config.api_keys, key) => Ok(Authorized),
+            _ => {
+                tracing::info!(path = %parts.uri.path(), "API request refused: bad or missing key");
+                Err(ApiError::Unauthorized)
+            }
+        }
+    }
+}
+
+/// Whether `given` is one of `keys`, in time independent of where they differ (every key
+/// is compared, so the time says nothing about which one nearly matched either).
+pub fn key_matches(keys: &[String], given: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    let mut found = subtle::Choice::from(0);
+    for key in keys {
+        found |= key.as_bytes().ct_eq(given.as_bytes());
+    }
+    found.into()
+}
+
+/// One validated publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    /// Users whose every session gets the frame (distinct, in the order given).
+    pub to: Vec<UserId>,
+    /// Rooms whose every member gets the frame (distinct, in the order given).
+    pub rooms: Vec<RoomId>,
+    /// The frame's `from`: `@server` or a user id.
+    pub from: Box<str>,
+    /// The frame's action.
+    pub action: Box<str>,
+    /// The frame, encoded once.
+    pub frame: Utf8Bytes,
+}
+
+/// The reply to one publish.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Published {
+    /// Users handed to the nodes holding their sessions.
+    pub sent: Vec<String>,
+    /// Users with no live session anywhere.
+    pub offline: Vec<String>,
+    /// Each room's member count (users in it on any node) when it was sent.
+    pub rooms: HashMap<String, u64>,
+}
+
+/// Parses a publish body: one object, or an array of at most `max_batch` of them (`true`
+/// as the second value). The whole body is checked before anything is sent.
+pub fn parse_publish(body: &[u8], max_batch: usize) -> Result<(Vec<Publish>, bool), ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid("", format!("invalid JSON: {e}")))?;
+    match value {
+        Value::Array(items) => {
+            if items.is_empty() {
+                return Err(ApiError::invalid("", "empty batch"));
+            }
+            if items.len() > max_batch {
+                return Err(ApiError::invalid(
+                    "",
+                    format!(
+                        "batch of {} items, over the limit of {max_batch}",
+                        items.len()
+                    ),
+                ));
+            }
+            let items = items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| parse_item(item, &format!("[{i}].")))
+                .collect::<Result<_, _>>()?;
+            Ok((items, true))
+        }
+        item => Ok((vec![parse_item(&item, "")?], false)),
+    }
+}
+
+pub(crate) fn parse_item(item: &Value, at: &str) -> Result<Publish, ApiError> {
+    let field = |name: &str| format!("{at}{name}");
+    let Value::Object(map) = item else {
+        return Err(ApiError::invalid(
+            at.trim_end_matches('.'),
+            "must be a JSON object",
+        ));
+    };
+    if let Some(unknown) = map
+        .keys()
+        .find(|k| !matches!(k.as_str(), "to" | "rooms" | "action" | "data" | "from"))
+    {
+        return Err(ApiError::invalid(field(unknown), "unknown field"));
+    }
+    let to = id_list(map, "to", &field("to"), UserId::parse, "user id")?;
+    let rooms = id_list(map, "rooms", &field("rooms"), RoomId::parse, "room id")?;
+    if to.is_empty() && rooms.is_empty() {
+        return Err(ApiError::invalid(
+            field("to"),
+            "no recipient: give `to` (user ids) or `rooms`",
+        ));
+    }
+    let action = match map.get("action") {
+        None | Some(Value::Null) => return Err(ApiError::invalid(field("action"), "missing")),
+        Some(Value::String(a)) if a == "error" => {
+            return Err(ApiError::invalid(field("action"), "must not be `error`"));
+        }
+        Some(Value::String(a)) if is_valid_id(a) => a.as_str(),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                field("action"),
+                "must be a string of 1-64 letters, digits, `_`, `.` or `-`",
+            ));
+        }
+    };
+    let from = match map.get("from") {
+        None | Some(Value::Null) => SERVER_FROM,
+        Some(Value::String(f)) if is_valid_id(f) => f.as_str(),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                field("from"),
+                "must be a user id (or absent, for `@server`)",
+            ));
+        }
+    };
+    let empty = Value::Object(Map::new());
+    let data = match map.get("data") {
+        None => &empty,
+        Some(d @ Value::Object(_)) => d,
+        Some(_) => return Err(ApiError::invalid(field("data"), "must be a JSON object")),
+    };
+    Ok(Publish {
+        to,
+        rooms,
+        from: from.into(),
+        action: action.into(),
+        frame: encode_frame(from, action, data).into(),
+    })
+}
+
+/// `{"from":F,"action":A,"data":D}`, the frame every recipient gets.
+pub fn encode_frame(from: &str, action: &str, data: &Value) -> String {
+    #[derive(Serialize)]
+    struct Frame<'a> {
+        from: &'a str,
+        action: &'a str,
+        data: &'a Value,
+    }
+    serde_json::to_string(&Frame { from, action, data }).expect("a JSON value serializes")
+}
+
+fn id_list<T: PartialEq>(
+    map: &Map<String, Value>,
+    name: &str,
+    field: &str,
+    parse: fn(&str) -> Option<T>,
+    what: &str,
+) -> Result<Vec<T>, ApiError> {
+    let Some(value) = map.get(name) else {
+        return Ok(Vec::new());
+    };
+    let Value::Array(items) = value else {
+        return Err(ApiError::invalid(
+            field,
+            format!("must be an array of {what}s"),
+        ));
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let id = item
+            .as_str()
+            .and_then(parse)
+            .ok_or_else(|| ApiError::invalid(field, format!("invalid {what}: {item}")))?;
+        if !out.contains(&id) {
+            out.push(id);
+        }
+    }
+    Ok(out)
+}
+
+/// Reads the body, refusing one over `--api-max-body-bytes` with 413.
+async fn read_body(node: &Node, headers: &HeaderMap, body: Body) -> Result<Vec<u8>, ApiError> {
+    let limit = node.config.api_max_body_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::TooLarge(limit));
+    }
+    axum::body::to_bytes(body, limit)
+        .await
+        .map(|b| b.to_vec())
+        .map_err(|_| ApiError::TooLarge(limit))
+}
+
+async fn publish(
+    State(node): State<Arc<Node>>,
+    _: Authorized,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let body = read_body(&node, &headers, body).await?;
+    let (items, batch) = parse_publish(&body, node.config.api_max_batch)?;
+    let idempotency = idempotency_key(&node, &headers)?;
+    if let Some(key) = &idempotency
+        && let Some(first) = claim_idempotency(&node, key).await?
+    {
+        metrics::counter!("wsbus_api_requests_total", "status" => "repeat").increment(1);
+        return Ok(json_response(first));
+    }
+    let replies = match send(&node, &items).await {
+        Ok(replies) => replies,
+        Err(e) => {
+            if let Some(key) = &idempotency {
+                release_idempotency(&node, key).await;
+            }
+            return Err(e);
+        }
+    };
+    let reply = match batch {
+        true => serde_json::to_string(&replies),
+        false => serde_json::to_string(&replies[0]),
+    }
+    .expect("replies serialize");
+    if let Some(key) = &idempotency {
+        remember_reply(&node, key, &reply).await;
+    }
+    metrics::counter!("wsbus_api_requests_total", "status" => "ok").increment(1);
+    metrics::counter!("wsbus_api_published_total").increment(items.len() as u64);
+    Ok(json_response(reply))
+}
+
+fn json_response(body: String) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from(body),
+    )
+        .into_response()
+}
+
+/// Sends validated publishes: one lookup pipeline for every user and room of the request,
+/// then each frame through [`Node::publish`] to the online users and the rooms.
+pub async fn send(node: &Node, items: &[Publish]) -> Result<Vec<Published>, ApiError> {
+    let mut users: Vec<&str> = Vec::new();
+    let mut rooms: Vec<&str> = Vec::new();
+    for item in items {
+        for u in &item.to {
+            if !users.contains(&u.as_str()) {
+                users.push(u.as_str());
+            }
+        }
+        for r in &item.rooms {
+            if !rooms.contains(&r.as_str()) {
+                rooms.push(r.as_str());
+            }
+        }
+    }
+    let (online, sizes) = look_up(node, &users, &rooms).await.map_err(|e| {
+        tracing::warn!(error = %e, "API publish: lookup failed");
+        ApiError::BusUnavailable
+    })?;
+    let born_us = crate::node::now_us();
+    let mut replies = Vec::with_capacity(items.len());
+    for item in items {
+        let mut reply = Published {
+            sent: Vec::new(),
+            offline: Vec::new(),
+            rooms: HashMap::new(),
+        };
+        for user in &item.to {
+            if !online[user.as_str()] {
+                reply.offline.push(user.as_str().to_owned());
+                continue;
+            }
+            node.publish(
+                Origin::Api {
+                    from: item.from.clone(),
+                },
+                Target::User(user.as_str().into()),
+                &item.action,
+                &item.frame,
+                born_us,
+            )
+            .await
+            .map_err(|_| ApiError::BusUnavailable)?;
+            reply.sent.push(user.as_str().to_owned());
+        }
+        for room in &item.rooms {
+            node.publish(
+                Origin::Api {
+                    from: item.from.clone(),
+                },
+                Target::Room(room.as_str().into()),
+                &item.action,
+                &item.frame,
+                born_us,
+            )
+            .await
+            .map_err(|_| ApiError::BusUnavailable)?;
+            reply
+                .rooms
+                .insert(room.as_str().to_owned(), sizes[room.as_str()]);
+        }
+        replies.push(reply);
+    }
+    Ok(replies)
+}
+
+/// Which users have a live session anywhere, and how many members each room has: one
+/// pipeline (`HKEYS` per user, `HLEN` per room). A user with a session here is online
+/// whatever Redis says.
+async fn look_up<'a>(
+    node: &Node,
+    users: &[&'a str],
+    rooms: &[&'a str],
+) -> Result<(HashMap<&'a str, bool>, HashMap<&'a str, u64>), crate::bus::BusError> {
+    let mut online = HashMap::with_capacity(users.len());
+    let mut sizes = HashMap::with_capacity(rooms.len());
+    let mut asked: Vec<&str> = Vec::with_capacity(users.len());
+    for &user in users {
+        if node.hub.contains(user) {
+            online.insert(user, true);
+        } else {
+            asked.push(user);
+        }
+    }
+    if asked.is_empty() && rooms.is_empty() {
+        return Ok((online, sizes));
+    }
+    let mut conn = node.bus.shared_conn().await?;
+    let found = look_up_in(node, &mut conn, &asked, rooms, &mut online, &mut sizes).await;
+    if let Err(e) = &found
+        && crate::bus::is_connection_error(e)
+    {
+        node.bus.reset_shared();
+    }
+    found.map(|()| (online, sizes))
+}
+
+/// The Redis part of [`look_up`], on `conn`.
+async fn look_up_in<'a>(
+    node: &Node,
+    conn: &mut crate::bus::BusConn,
+    asked: &[&'a str],
+    rooms: &[&'a str],
+    online: &mut HashMap<&'a str, bool>,
+    sizes: &mut HashMap<&'a str, u64>,
+) -> Result<(), crate::bus::BusError> {
+    let mut pipe = redis::Pipeline::with_capacity(asked.len() + rooms.len());
+    for user in asked {
+        pipe.cmd("HKEYS").arg(node.keys.user_sessions(user));
+    }
+    for room in rooms {
+        pipe.cmd("HLEN").arg(node.keys.room_members(room));
+    }
+    let replies: Vec<redis::Value> = pipe.query_async(conn).await?;
+    let (user_replies, room_replies) = replies.split_at(asked.len());
+    for (&user, reply) in asked.iter().zip(user_replies) {
+        let fields: Vec<String> = redis::from_redis_value_ref(reply)?;
+        let mut live = false;
+        for n in crate::presence::nodes_of(fields) {
+            if node.live.is_alive(conn, &n).await? {
+                live = true;
+                break;
+            }
+        }
+        online.insert(user, live);
+    }
+    for (&room, reply) in rooms.iter().zip(room_replies) {
+        sizes.insert(room, redis::from_redis_value_ref(reply)?);
+    }
+    Ok(())
+}
+
+fn idempotency_key(node: &Node, headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "Idempotency-Key",
+                format!("must be 1-{MAX_IDEMPOTENCY_KEY} visible ASCII characters"),
+            )
+        })?;
+    Ok(Some(node.keys.idempotency(key)))
+}
+
+/// Claims `key` for this request (`SET NX`, empty until the reply is stored). Returns the
+/// first reply when the key was used before; refuses while its first request is running.
+async fn claim_idempotency(node: &Node, key: &str) -> Result<Option<String>, ApiError> {
+    let unavailable = |e: crate::bus::BusError| {
+        tracing::warn!(error = %e, "idempotency key lookup failed");
+        ApiError::BusUnavailable
+    };
+    let mut conn = node.bus.conn().await.map_err(unavailable)?;
+    let claimed: Option<String> = redis::cmd("SET")
+        .arg(key)
+        .arg("")
+        .arg("NX")
+        .arg("EX")
+        .arg(IDEMPOTENCY_TTL_SECS)
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| unavailable(e.into()))?;
+    if claimed.is_some() {
+        return Ok(None);
+    }
+    let first: Option<String> = redis::cmd("GET")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| unavailable(e.into()))?;
+    match first {
+        Some(reply) if !reply.is_empty() => Ok(Some(reply)),
+        // Claimed by a request still running (or one whose key just expired).
+        _ => Err(ApiError::InProgress),
+    }
+}
+
+async fn remember_reply(node: &Node, key: &str, reply: &str) {
+    let stored = async {
+        let mut conn = node.bus.conn().await?;
+        redis::cmd("SET")
+            .arg(key)
+            .arg(reply)
+            .arg("XX")
+            .arg("EX")
+            .arg(IDEMPOTENCY_TTL_SECS)
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok::<_, crate::bus::BusError>(())
+    };
+    if let Err(e) = stored.await {
+        tracing::warn!(error = %e, "could not store an idempotent reply");
+    }
+}
+
+async fn release_idempotency(node: &Node, key: &str) {
+    let released = async {
+        let mut conn = node.bus.conn().await?;
+        redis::cmd("DEL")
+            .arg(key)
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok::<_, crate::bus::BusError>(())
+    };
+    if let Err(e) = released.await {
+        tracing::warn!(error = %e, "could not release an idempotency key");
+    }
+}
+
+/// The body of `POST /api/disconnect`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DisconnectRequest {
+    user: String,
+    #[serde(default)]
+    reason: String,
+}
+
+async fn disconnect(
+    State(node): State<Arc<Node>>,
+    _: Authorized,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let body = read_body(&node, &headers, body).await?;
+    let request: DisconnectRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid(serde_field(&e.to_string()), e.to_string()))?;
+    let user =
+        UserId::parse(&request.user).ok_or_else(|| ApiError::invalid("user", "invalid user id"))?;
+    if request.reason.len() > MAX_REASON_BYTES {
+        return Err(ApiError::invalid(
+            "reason",
+            format!("longer than {MAX_REASON_BYTES} bytes"),
+        ));
+    }
+    let sessions = user_sessions(&node, user.as_str()).await?;
+    let mut closed = 0;
+    for (session, _) in &sessions {
+        match node
+            .close_session(user.as_str(), session, close::DISCONNECTED, &request.reason)
+            .await
+        {
+            Ok(()) => closed += 1,
+            Err(e) => {
+                tracing::warn!(user = %user, node = %session.node, error = %e, "disconnect failed");
+                return Err(ApiError::BusUnavailable);
+            }
+        }
+    }
+    metrics::counter!("wsbus_api_requests_total", "status" => "ok").increment(1);
+    Ok(axum::Json(json!({"user": user.as_str(), "sessions": closed})).into_response())
+}
+
+/// The field a serde error is about, if its message names one (`missing field `x``).
+fn serde_field(message: &str) -> String {
+    message
+        .split('`')
+        .nth(1)
+        .filter(|f| is_valid_id(f))
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// The user's sessions on live nodes, with when each connected (ms since the epoch).
+async fn user_sessions(node: &Node, user: &str) -> Result<Vec<(SessionRef, u64)>, ApiError> {
+    let found = async {
+        let mut conn = node.bus.conn().await?;
+        let all: Vec<(String, u64)> = redis::cmd("HGETALL")
+            .arg(node.keys.user_sessions(user))
+            .query_async(&mut conn)
+            .await?;
+        let mut out = Vec::with_capacity(all.len());
+        for (field, since_us) in all {
+            if let Some(s) = SessionRef::parse(&field)
+                && (s.node == *node.id || node.live.is_alive(&mut conn, &s.node).await?)
+            {
+                out.push((s, since_us / 1000));
+            }
+        }
+        out.sort_by_key(|(s, since)| (*since, s.sid));
+        Ok::<_, crate::bus::BusError>(out)
+    };
+    found.await.map_err(|e| {
+        tracing::warn!(error = %e, "API user lookup failed");
+        ApiError::BusUnavailable
+    })
+}
+
+async fn user(
+    State(node): State<Arc<Node>>,
+    _: Authorized,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let user = UserId::parse(&id).ok_or_else(|| ApiError::invalid("id", "invalid user id"))?;
+    let sessions = user_sessions(&node, user.as_str()).await?;
+    let list: Vec<Value> = sessions
+        .iter()
+        .map(|(s, since)| json!({"node": s.node, "since": since}))
+        .collect();
+    metrics::counter!("wsbus_api_requests_total", "status" => "ok").increment(1);
+    Ok(axum::Json(json!({"online": !list.is_empty(), "sessions": list})).into_response())
+}
+
+async fn room(
+    State(node): State<Arc<Node>>,
+    _: Authorized,
+    Path(room): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = RoomId::parse(&room).ok_or_else(|| ApiError::invalid("room", "invalid room id"))?;
+    let list = node
+        .room_member_list(&id)
+        .await
+        .map_err(|_| ApiError::BusUnavailable)?;
+    let mut data = json!({"room": room, "users": list.users});
+    if list.truncated {
+        data["truncated"] = json!(true);
+    }
+    metrics::counter!("wsbus_api_requests_total", "status" => "ok").increment(1);
+    Ok(axum::Json(data).into_response())
+}
+
+async fn nodes(State(node): State<Arc<Node>>, _: Authorized) -> Result<Response, ApiError> {
+    let list = crate::admin::nodes(&node.bus, &node.keys)
+        .await
+        .map_err(|_| ApiError::BusUnavailable)?;
+    metrics::counter!("wsbus_api_requests_total", "status" => "ok").increment(1);
+    Ok(axum::Json(json!({"nodes": list})).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str) -> Result<(Vec<Publish>, bool), ApiError> {
+        parse_publish(body.as_bytes(), 3)
+    }
+
+    fn field_of(body: &str) -> String {
+        match parse(body) {
+            Err(ApiError::Invalid { field, .. }) => field,
+            other => panic!("{body}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_one_publish_and_encodes_its_frame_once() {
+        let (items, batch) = parse(
+            r#"{"to":["alice","bob","alice"],"rooms":["lobby"],"action":"notice","data":{"x":1}}"#,
+        )
+        .unwrap();
+        assert!(!batch);
+        let item = &items[0];
+        assert_eq!(
+            item.to.iter().map(|u| u.as_str()).collect::<Vec<_>>(),
+            ["alice", "bob"]
+        );
+        assert_eq!(&*item.from, "@server");
+        assert_eq!(
+            item.frame.as_str(),
+            r#"{"from":"@server","action":"notice","data":{"x":1}}"#
+        );
+        let (items, _) = parse(r#"{"to":["a"],"action":"n","from":"billing"}"#).unwrap();
+        assert_eq!(
+            items[0].frame.as_str(),
+            r#"{"from":"billing","action":"n","data":{}}"#
+        );
+    }
+
+    #[test]
+    fn names_the_field_of_bad_input() {
+        assert_eq!(field_of(r#"{"to":["a"],"action":"n","extra":1}"#), "extra");
+        assert_eq!(field_of(r#"{"to":["a b"],"action":"n"}"#), "to");
+        assert_eq!(field_of(r#"{"to":"a","action":"n"}"#), "to");
+        assert_eq!(field_of(r#"{"rooms":["@x"],"action":"n"}"#), "rooms");
+        assert_eq!(field_of(r#"{"to":["a"],"action":"error"}"#), "action");
+        assert_eq!(field_of(r#"{"to":["a"]}"#), "action");
+        assert_eq!(field_of(r#"{"to":["a"],"action":"n","data":[1]}"#), "data");
+        assert_eq!(
+            field_of(r#"{"to":["a"],"action":"n","from":"@server"}"#),
+            "from"
+        );
+        assert_eq!(field_of(r#"{"action":"n"}"#), "to");
+        assert_eq!(
+            field_of(r#"[{"to":["a"],"action":"n"},{"to":["a"],"action":"n","data":"x"}]"#),
+            "[1].data"
+        );
+        assert_eq!(field_of("{"), "");
+        assert_eq!(field_of("[1,2,3,4]"), "", "over the batch limit");
+        assert_eq!(field_of("[]"), "");
+    }
+
+    #[test]
+    fn a_batch_is_an_array() {
+        let (items, batch) =
+            parse(r#"[{"to":["a"],"action":"n"},{"rooms":["r"],"action":"m"}]"#).unwrap();
+        assert!(batch);
+        assert_eq!(items.len(), 2);
+    }
+
+    #[test]
+    fn any_of_several_keys_opens_the_api() {
+        let keys = vec!["old-key".to_owned(), "new-key".to_owned()];
+        assert!(key_matches(&keys, "old-key"));
+        assert!(key_matches(&keys, "new-key"));
+        assert!(!key_matches(&keys, "new-ke"));
+        assert!(!key_matches(&keys, ""));
+        assert!(!key_matches(&[], "x"));
+    }
+}
