@@ -246,13 +246,18 @@ impl Consumer {
     }
 
     /// Whether `env` was appended twice (a retried pipeline). Each sending process's bus
-    /// writer appends to an inbox in id order (direct and room messages, presence events),
+    /// writer appends to an inbox in id order (direct and room messages, presence events,
+    /// publishes),
     /// so an id at or below the last one seen from that process is a repeat. Forwarded
     /// entries, errors and kicks are exempt: they arrive out of that order.
     fn is_duplicate(&mut self, env: &Envelope<'_>) -> bool {
         let from_bus_writer = matches!(
             env.body,
-            Body::Message { .. } | Body::RoomMessage { .. } | Body::Presence { .. }
+            Body::Message { .. }
+                | Body::RoomMessage { .. }
+                | Body::Presence { .. }
+                | Body::Publish { .. }
+                | Body::RoomPublish { .. }
         );
         if env.hops > 0 || env.boot == 0 || !from_bus_writer {
             return false;

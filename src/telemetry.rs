@@ -55,8 +55,10 @@ pub fn render() -> String {
 
 /// Counters that can stay at zero for long: connections opened (until the first client),
 /// and those that only move on faults.
-const ZERO_AT_START: [&str; 6] = [
+const ZERO_AT_START: [&str; 8] = [
     "wsbus_connections_opened_total",
+    "wsbus_ingress_claimed_total",
+    "wsbus_api_published_total",
     "wsbus_slow_consumer_disconnects_total",
     "wsbus_redis_reconnects_total",
     "wsbus_bus_errors_total",
@@ -111,6 +113,9 @@ impl HotMetrics {
         }
         // Labelled ones too, with the label every dashboard query can rely on.
         metrics::counter!("wsbus_messages_dropped_total", "reason" => "slow_consumer").increment(0);
+        for result in ["routed", "invalid"] {
+            metrics::counter!("wsbus_ingress_entries_total", "result" => result).increment(0);
+        }
         for reason in ["header_timeout", "head_too_large", "idle", "evicted"] {
             metrics::counter!("wsbus_http_connections_dropped_total", "reason" => reason)
                 .increment(0);
