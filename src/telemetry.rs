@@ -113,6 +113,7 @@ impl HotMetrics {
         }
         // Labelled ones too, with the label every dashboard query can rely on.
         metrics::counter!("wsbus_messages_dropped_total", "reason" => "slow_consumer").increment(0);
+        metrics::counter!("wsbus_api_requests_total", "status" => "ok").increment(0);
         for result in ["routed", "invalid"] {
             metrics::counter!("wsbus_ingress_entries_total", "result" => result).increment(0);
         }
