@@ -147,93 +147,38 @@ impl Node {
         text: Cow<'_, str>,
         born_us: u64,
     ) -> Result<(), ClientError> {
-        match target {
-            Target::User(to) => self.send_user(origin, to, text, born_us).await,
-            Target::Room(room) => self.send_room(origin, room, text, born_us).await,
-        }
-    }
-
-    /// A direct message: every session of the recipient here, the sender's other sessions
-    /// here, and one entry per other node with sessions of either.
-    async fn send_user(
-        &self,
-        origin: Origin,
-        to: Box<str>,
-        text: Cow<'_, str>,
-        born_us: u64,
-    ) -> Result<(), ClientError> {
-        let from = origin.user();
         let mut built: Option<SocketFrame> = None;
-        let mut frame = || {
+        let frame = |origin: &Origin, target: &Target, payload: &Payload| {
             built
-                .get_or_insert_with(|| SocketFrame {
-                    frame: encode_message(from, &to, &text).into(),
-                    born_us,
+                .get_or_insert_with(|| {
+                    let Payload::Text(text) = payload else {
+                        unreachable!("send carries text");
+                    };
+                    let frame = match target {
+                        Target::User(to) => encode_message(origin.user(), to, text),
+                        Target::Room(room) => encode_room_message(origin.user(), room, text),
+                    };
+                    SocketFrame {
+                        frame: frame.into(),
+                        born_us,
+                    }
                 })
                 .clone()
         };
-        let here = self.hub.deliver_user(&to, None, &mut frame);
-        let multi = self.config.multi_session();
-        let echo = multi && *to != *from;
-        if echo && let Origin::Session { sid, .. } = &origin {
-            self.hub.deliver_user(from, Some(*sid), &mut frame);
+        // The sender's other sessions get a copy of a direct message to someone else.
+        let echo = self.config.multi_session()
+            && matches!(&target, Target::User(to) if **to != *origin.user());
+        if matches!(target, Target::Room(_)) {
+            self.metrics.room_messages.increment(1);
         }
-        self.metrics
-            .delivered_local
-            .increment(u64::from(here.queued));
-        if here.found() && !multi {
-            // One session per user: the recipient is here and nowhere else.
-            return match here.queued {
-                0 => Err(ClientError::RecipientTooSlow(to.to_string())),
-                _ => Ok(()),
-            };
-        }
-        self.to_bus(Dispatch {
-            origin,
-            target: Target::User(to),
-            payload: Payload::Text(text.into_owned().into_boxed_str()),
-            born_us,
-            delivered_here: here.found(),
-            echo,
-        })
-        .await
-    }
-
-    /// A room message: the room's sessions here except the sending one, and one entry per
-    /// other node with members.
-    async fn send_room(
-        &self,
-        origin: Origin,
-        room: Box<str>,
-        text: Cow<'_, str>,
-        born_us: u64,
-    ) -> Result<(), ClientError> {
-        let except = match &origin {
-            Origin::Session { sid, .. } => Some(*sid),
-            _ => None,
-        };
-        let queued = self.rooms.deliver(&room, except, None, || SocketFrame {
-            frame: encode_room_message(origin.user(), &room, &text).into(),
-            born_us,
-        });
-        self.metrics.room_messages.increment(1);
-        self.metrics
-            .room_delivered_local
-            .increment(u64::from(queued));
-        self.to_bus(Dispatch {
-            origin,
-            target: Target::Room(room),
-            payload: Payload::Text(text.into_owned().into_boxed_str()),
-            born_us,
-            delivered_here: queued > 0,
-            echo: false,
-        })
-        .await
+        let payload = Payload::Text(text.into_owned().into_boxed_str());
+        self.deliver(origin, target, payload, frame, echo, born_us)
+            .await
     }
 
     /// Publishes a pre-encoded frame (from a backend, `Origin::Api`, or a client's relayed
-    /// action) to every session of a user or every member of a room: the sessions here at once, the other nodes through
-    /// the bus writer (one entry per node). The frame is encoded once by the caller.
+    /// action) to every session of a user or every member of a room, through the same step
+    /// as [`Node::send`]. The frame is encoded once by the caller.
     pub async fn publish(
         &self,
         origin: Origin,
@@ -242,19 +187,52 @@ impl Node {
         frame: &Utf8Bytes,
         born_us: u64,
     ) -> Result<(), ClientError> {
-        let socket_frame = || SocketFrame {
+        let socket_frame = |_: &Origin, _: &Target, _: &Payload| SocketFrame {
             frame: frame.clone(),
             born_us,
         };
+        let payload = Payload::Frame {
+            action: action.into(),
+            frame: frame.clone(),
+        };
+        self.deliver(origin, target, payload, socket_frame, false, born_us)
+            .await
+    }
+
+    /// The one step behind every message: the target's sessions here get `frame` (built once,
+    /// only if someone here gets it) at once
+    /// (and, with `echo`, the sender's other sessions here); the bus writer takes the rest.
+    /// With one session per user, a recipient found here is nowhere else, and Redis is
+    /// skipped.
+    async fn deliver(
+        &self,
+        origin: Origin,
+        target: Target,
+        payload: Payload,
+        mut frame: impl FnMut(&Origin, &Target, &Payload) -> SocketFrame,
+        echo: bool,
+        born_us: u64,
+    ) -> Result<(), ClientError> {
+        let sending_session = match &origin {
+            Origin::Session { sid, .. } => Some(*sid),
+            _ => None,
+        };
         let delivered_here = match &target {
             Target::User(to) => {
-                let here = self.hub.deliver_user(to, None, socket_frame);
+                let here = self
+                    .hub
+                    .deliver_user(to, None, || frame(&origin, &target, &payload));
+                if echo && let Some(sid) = sending_session {
+                    self.hub.deliver_user(origin.user(), Some(sid), || {
+                        frame(&origin, &target, &payload)
+                    });
+                }
                 self.metrics
                     .delivered_local
                     .increment(u64::from(here.queued));
                 if here.found() && !self.config.multi_session() {
                     // One session per user: the recipient is here and nowhere else.
-                    if here.queued == 0 && matches!(origin, Origin::Session { .. }) {
+                    if here.queued == 0 && sending_session.is_some() {
                         return Err(ClientError::RecipientTooSlow(to.to_string()));
                     }
                     return Ok(());
@@ -262,12 +240,10 @@ impl Node {
                 here.found()
             }
             Target::Room(room) => {
-                // A client's relayed action does not come back to the session that sent it.
-                let except = match &origin {
-                    Origin::Session { sid, .. } => Some(*sid),
-                    _ => None,
-                };
-                let queued = self.rooms.deliver(room, except, None, socket_frame);
+                // A room message does not come back to the session that sent it.
+                let queued = self.rooms.deliver(room, sending_session, None, || {
+                    frame(&origin, &target, &payload)
+                });
                 self.metrics
                     .room_delivered_local
                     .increment(u64::from(queued));
@@ -277,13 +253,10 @@ impl Node {
         self.to_bus(Dispatch {
             origin,
             target,
-            payload: Payload::Frame {
-                action: action.into(),
-                frame: frame.clone(),
-            },
+            payload,
             born_us,
             delivered_here,
-            echo: false,
+            echo,
         })
         .await
     }
