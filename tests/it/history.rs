@@ -682,7 +682,7 @@ async fn a_killed_nodes_unread_inbox_is_recovered_elsewhere() {
     for i in 1..=5 {
         alice.send_to("bob", &i.to_string()).await;
     }
-    let inbox = format!("wsbus:inbox:victim");
+    let inbox = "wsbus:inbox:victim".to_owned();
     let mut conn = redis_conn(&url).await;
     eventually(DEADLINE, "entries wait in the victim's inbox", || {
         let mut conn = conn.clone();
