@@ -867,3 +867,43 @@ async fn a_failed_history_write_sends_nothing() {
     alice.expect_error("bus unavailable").await;
     expect_nothing(&mut bob).await;
 }
+
+on_both!(a_history_reply_gives_the_sessions_own_position);
+
+/// `history` with `limit: 0` is how a client learns its position: the offset it gives is
+/// the last one this session was sent, so every frame after the reply has a higher offset
+/// (frames still on their way from another node are not skipped by a client that takes it).
+async fn a_history_reply_gives_the_sessions_own_position(backend: Backend) {
+    let a = node(&backend, "a", |_| {}).await;
+    let b = node(&backend, "b", |_| {}).await;
+    let mut alice = a.connect("alice").await;
+    let mut bob = b.connect("bob").await;
+    let ask = json!({"action": "history", "data": {"limit": 0}}).to_string();
+    let mut sent = 0;
+    for _ in 0..5 {
+        for _ in 0..50 {
+            sent += 1;
+            bob.feed_to("alice", &sent.to_string()).await;
+        }
+        bob.flush().await;
+        alice.send_raw(&ask).await;
+        let mut position = None;
+        let mut last = 0;
+        while last < sent {
+            let v = recv(&mut alice).await;
+            if v["action"] == "history" {
+                position = Some(offset(&v["data"]));
+                assert!(position >= Some(last), "{v} after offset {last}");
+                continue;
+            }
+            last = offset(&v);
+            if let Some(p) = position {
+                assert!(last > p, "offset {last} after a reply that said {p}");
+            }
+        }
+        if position.is_none() {
+            let v = recv(&mut alice).await;
+            assert_eq!(offset(&v["data"]), sent, "{v}");
+        }
+    }
+}
