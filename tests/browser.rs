@@ -1,6 +1,8 @@
 //! End to end in a real browser: headless Chromium, driven through chromedriver (WebDriver),
 //! uses the chat page (`static/index.html`) and the client module (`static/wsbus.js`) served
-//! by two in-process nodes, and two users chat across the nodes: directly, and in a room.
+//! by two in-process nodes, and two users chat across the nodes: directly, and in a room. A
+//! third test kills (SIGKILL) the node of a page whose nodes keep history and checks that the
+//! page, back on another node, shows every message sent meanwhile, once and in order.
 //!
 //! Needs `/usr/bin/chromium` and `/usr/bin/chromedriver` (Debian: `apt-get install -y chromium
 //! chromium-driver`); without them the test fails and says so. Set `WSBUS_SCREENSHOT_DIR` to
@@ -21,7 +23,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::json;
 
 use common::proxy::{Mode, Proxy};
-use common::{DEADLINE, Node, Redis};
+use common::{DEADLINE, Node, NodeProcess, Redis};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
@@ -144,10 +146,16 @@ struct Page {
 impl Page {
     /// Loads the chat page of the node at `addr` in this tab.
     async fn goto(&self, addr: SocketAddr) {
+        self.goto_with(addr, "").await;
+    }
+
+    /// Loads the chat page of the node at `addr` with query string `query` (`?...` or "").
+    async fn goto_with(&self, addr: SocketAddr, query: &str) {
+        let url = format!("http://{addr}/{query}");
         self.client
-            .goto(&format!("http://{addr}/"))
+            .goto(&url)
             .await
-            .unwrap_or_else(|e| panic!("page {}: cannot load http://{addr}/: {e}", self.name));
+            .unwrap_or_else(|e| panic!("page {}: cannot load {url}: {e}", self.name));
         assert_eq!(
             self.text("#node").await,
             addr.to_string(),
@@ -178,6 +186,25 @@ impl Page {
             texts.push(element.text().await.ok()?);
         }
         Some(texts)
+    }
+
+    /// The values of attribute `name` of the elements matching `css`, in document order.
+    async fn attrs(&self, css: &str, name: &str) -> Vec<Option<String>> {
+        let mut values = Vec::new();
+        for element in self.client.find_all(Locator::Css(css)).await.unwrap() {
+            values.push(element.attr(name).await.unwrap());
+        }
+        values
+    }
+
+    /// Whether an element matches `css` now.
+    async fn has(&self, css: &str) -> bool {
+        !self
+            .client
+            .find_all(Locator::Css(css))
+            .await
+            .unwrap()
+            .is_empty()
     }
 
     /// Waits until the elements matching `css` show exactly `expected`.
@@ -290,7 +317,33 @@ where
         body(page_a, page_b).await;
     })
     .await;
-    for client in [client_a, client_b] {
+    end_sessions([client_a, client_b], outcome).await;
+}
+
+/// Runs `body` with one browser tab (not on any page yet), and always ends its browser
+/// session afterwards (also when `body` panics).
+async fn with_page<F, Fut>(name: &'static str, body: F)
+where
+    F: FnOnce(Page) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let driver = ChromeDriver::start().await;
+    let profile = TempDir::new(name);
+    let client = driver.session(&profile).await;
+    let page = Page {
+        name,
+        client: client.clone(),
+    };
+    let outcome = tokio::spawn(body(page)).await;
+    end_sessions([client], outcome).await;
+}
+
+/// Ends the browser sessions of `clients`, then passes on a panic of the test's body.
+async fn end_sessions<const N: usize>(
+    clients: [Client; N],
+    outcome: Result<(), tokio::task::JoinError>,
+) {
+    for client in clients {
         let _ = tokio::time::timeout(Duration::from_secs(5), client.close()).await;
     }
     if let Err(e) = outcome {
@@ -508,4 +561,182 @@ async fn a_room_across_nodes_in_the_browser() {
         }
     })
     .await;
+}
+
+/// A `wsbus serve` process on `redis` that keeps 100 messages of history per stream (a
+/// process, so that it can be killed).
+async fn history_node(id: &str, redis: &Redis) -> NodeProcess {
+    let redis_args = ["--redis-url".to_owned(), redis.url()];
+    NodeProcess::start_with_flags(id, &redis_args, &["--history", "100"]).await
+}
+
+/// bob, a plain WebSocket client, writing numbered messages to alice and to `lobby`.
+struct Writer {
+    client: common::Client,
+    /// The direct messages sent, in order.
+    direct: Vec<String>,
+    /// The room messages sent, in order.
+    room: Vec<String>,
+}
+
+impl Writer {
+    /// Sends the next direct message and the next room message.
+    async fn send_next(&mut self) {
+        let n = self.direct.len() + 1;
+        let text = format!("direct {n:03}");
+        self.client.send_to("alice", &text).await;
+        self.direct.push(text);
+        let text = format!("room {n:03}");
+        let frame = json!({"action": "room_message", "data": {"room": "lobby", "text": text}});
+        self.client.send_raw(&frame.to_string()).await;
+        self.room.push(text);
+    }
+}
+
+/// The page's line after a successful recovery of `n` messages; `what` is `reconnected` or
+/// `rejoined <room>`.
+fn recovered_line(what: &str, n: usize) -> String {
+    let messages = if n == 1 { "message" } else { "messages" };
+    format!("{what}, {n} missed {messages} recovered")
+}
+
+/// The offsets (`data-offset`) of the entries matching `css`; each must have one.
+async fn offsets(page: &Page, css: &str) -> Vec<u64> {
+    page.attrs(css, "data-offset")
+        .await
+        .into_iter()
+        .map(|o| {
+            o.expect("a message with history on has an offset")
+                .parse()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_recovers_what_was_sent_while_its_node_was_killed() {
+    let redis = Redis::start().await.unwrap();
+    let (n1, n2, n3) = tokio::join!(
+        history_node("n1", &redis),
+        history_node("n2", &redis),
+        history_node("n3", &redis)
+    );
+    let mut bob = common::Client::connect_url(&n3.url("bob"), "bob")
+        .await
+        .expect("bob connects to n3");
+    bob.send_raw(r#"{"action":"join","data":{"room":"lobby"}}"#)
+        .await;
+    let joined = bob.recv().await;
+    assert_eq!(joined["action"], "joined", "{joined}");
+    // alice's page comes from n1 and knows the other two nodes.
+    let query = format!("?nodes={},{}", n2.addr, n3.addr);
+    let survivors = [n2.addr.to_string(), n3.addr.to_string()];
+
+    with_page("alice", move |alice| async move {
+        const DIRECT: &str = r#"#log li.msg[data-from="bob"]:not([data-room])"#;
+        const ROOM: &str = r#"#log li.msg[data-from="bob"][data-room="lobby"]"#;
+        let direct = format!("{DIRECT} .body");
+        let room = format!("{ROOM} .body");
+        alice.goto_with(n1.addr, &query).await;
+        alice.connect_as("alice").await;
+        alice.join("lobby").await;
+        let mut bob = Writer {
+            client: bob,
+            direct: Vec::new(),
+            room: Vec::new(),
+        };
+
+        // Live, while n1 is up.
+        for _ in 0..3 {
+            bob.send_next().await;
+        }
+        alice.wait_texts(&direct, &strs(&bob.direct)).await;
+        alice.wait_texts(&room, &strs(&bob.room)).await;
+
+        // n1 dies while bob keeps writing, every 100 ms, until the page is back on another
+        // node and has recovered both streams, and a few more rounds after that.
+        n1.signal("KILL");
+        let end = Instant::now() + 3 * DEADLINE;
+        let mut after = 0;
+        while after < 3 {
+            bob.send_next().await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if alice.has("#log li.recovery:not([data-room])").await
+                && alice.has(r#"#log li.recovery[data-room="lobby"]"#).await
+            {
+                after += 1;
+            }
+            assert!(
+                Instant::now() < end,
+                "page a did not recover in time; bob sent {} rounds",
+                bob.direct.len()
+            );
+        }
+
+        // Every message, exactly once, in order, and consecutive in its stream.
+        alice.wait_texts(&direct, &strs(&bob.direct)).await;
+        alice.wait_texts(&room, &strs(&bob.room)).await;
+        for css in [DIRECT, ROOM] {
+            let offsets = offsets(&alice, css).await;
+            assert!(
+                offsets.windows(2).all(|w| w[1] == w[0] + 1),
+                "offsets of `{css}`: {offsets:?}"
+            );
+        }
+
+        // The page says what it recovered: the messages it shows as recovered, at least one
+        // each (bob wrote every 100 ms while the page was away).
+        let replayed = alice
+            .attrs(&format!("{DIRECT}[data-replayed]"), "data-offset")
+            .await
+            .len();
+        let replayed_room = alice
+            .attrs(&format!("{ROOM}[data-replayed]"), "data-offset")
+            .await
+            .len();
+        assert!(
+            replayed >= 1 && replayed_room >= 1,
+            "recovered {replayed} and {replayed_room}"
+        );
+        alice
+            .wait_texts(
+                "#log li.recovery:not([data-room]) .body",
+                &[&recovered_line("reconnected", replayed)],
+            )
+            .await;
+        alice
+            .wait_texts(
+                r#"#log li.recovery[data-room="lobby"] .body"#,
+                &[&recovered_line("rejoined lobby", replayed_room)],
+            )
+            .await;
+        let node = alice.text("#node").await;
+        assert!(
+            survivors.contains(&node),
+            "page a is on {node}, not n2 or n3"
+        );
+        alice.wait_state("open").await;
+        // The refusals of the dead node's session (4001) while it was still counted are
+        // retried, not shown.
+        assert!(!alice.has("#log li.err").await, "page a shows an error");
+        alice.screenshot("recovered").await;
+
+        // None of bob's messages was refused.
+        while let Some(event) = bob
+            .client
+            .next_event_within(Duration::from_millis(300))
+            .await
+        {
+            match event {
+                common::Event::Json(frame) => assert_ne!(frame["action"], "error", "bob: {frame}"),
+                common::Event::Closed(code) => panic!("bob's connection closed ({code:?})"),
+            }
+        }
+    })
+    .await;
+}
+
+/// `strings` as `&str`s, for [`Page::wait_texts`].
+fn strs(strings: &[String]) -> Vec<&str> {
+    strings.iter().map(String::as_str).collect()
 }
