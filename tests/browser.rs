@@ -2,7 +2,8 @@
 //! uses the chat page (`static/index.html`) and the client module (`static/wsbus.js`) served
 //! by two in-process nodes, and two users chat across the nodes: directly, and in a room. A
 //! third test kills (SIGKILL) the node of a page whose nodes keep history and checks that the
-//! page, back on another node, shows every message sent meanwhile, once and in order.
+//! page, back on another node, shows every message sent meanwhile, once and in order; a
+//! fourth that a page that missed more than the node keeps says the history is lost.
 //!
 //! Needs `/usr/bin/chromium` and `/usr/bin/chromedriver` (Debian: `apt-get install -y chromium
 //! chromium-driver`); without them the test fails and says so. Set `WSBUS_SCREENSHOT_DIR` to
@@ -739,4 +740,51 @@ async fn the_page_recovers_what_was_sent_while_its_node_was_killed() {
 /// `strings` as `&str`s, for [`Page::wait_texts`].
 fn strs(strings: &[String]) -> Vec<&str> {
     strings.iter().map(String::as_str).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_says_when_it_missed_more_than_history_keeps() {
+    let redis = Redis::start().await.unwrap();
+    let mut config = common::config("a", &redis.url());
+    config.history = 3;
+    let a = Node::start_with(config).await;
+    let mut bob = a.connect("bob").await;
+    // alice's page reaches the node through a proxy, so that her connection can be cut.
+    let proxy = Proxy::start(a.addr.port()).await;
+    let alice_page: SocketAddr = ([127, 0, 0, 1], proxy.port).into();
+
+    with_page("alice", move |alice| async move {
+        const DIRECT: &str = r#"#log li.msg[data-from="bob"] .body"#;
+        alice.goto(alice_page).await;
+        alice.connect_as("alice").await;
+        bob.send_to("alice", "before").await;
+        alice.wait_texts(DIRECT, &["before"]).await;
+
+        // While alice is away, bob sends more than the node keeps (3): the page cannot
+        // recover them, and says so.
+        proxy.set(Mode::Cut);
+        alice.wait_state("reconnecting").await;
+        for n in 1..=5 {
+            bob.send_to("alice", &format!("missed {n}")).await;
+        }
+        proxy.set(Mode::Forward);
+        alice
+            .wait_texts(
+                "#log li.recovery .body",
+                &["reconnected; history lost (trimmed) — reload"],
+            )
+            .await;
+        assert_eq!(
+            alice.attrs("#log li.recovery", "data-recovered").await,
+            [Some("false".to_owned())]
+        );
+        alice.wait_state("open").await;
+
+        // Live messages go on.
+        bob.send_to("alice", "after").await;
+        alice.wait_texts(DIRECT, &["before", "after"]).await;
+        alice.screenshot("history-lost").await;
+        assert!(!alice.has("#log li.err").await, "page a shows an error");
+    })
+    .await;
 }
