@@ -757,7 +757,19 @@ async fn the_page_says_when_it_missed_more_than_history_keeps() {
         const DIRECT: &str = r#"#log li.msg[data-from="bob"] .body"#;
         alice.goto(alice_page).await;
         alice.connect_as("alice").await;
+
+        // Cut before any message came: the page knows its position all the same (it asked
+        // for it once connected), and recovers what bob sent meanwhile.
+        proxy.set(Mode::Cut);
+        alice.wait_state("reconnecting").await;
         bob.send_to("alice", "before").await;
+        proxy.set(Mode::Forward);
+        alice
+            .wait_texts(
+                "#log li.recovery .body",
+                &["reconnected, 1 missed message recovered"],
+            )
+            .await;
         alice.wait_texts(DIRECT, &["before"]).await;
 
         // While alice is away, bob sends more than the node keeps (3): the page cannot
@@ -771,12 +783,15 @@ async fn the_page_says_when_it_missed_more_than_history_keeps() {
         alice
             .wait_texts(
                 "#log li.recovery .body",
-                &["reconnected; history lost (trimmed) — reload"],
+                &[
+                    "reconnected, 1 missed message recovered",
+                    "reconnected; history lost (trimmed) — reload",
+                ],
             )
             .await;
         assert_eq!(
             alice.attrs("#log li.recovery", "data-recovered").await,
-            [Some("false".to_owned())]
+            [Some("true".to_owned()), Some("false".to_owned())]
         );
         alice.wait_state("open").await;
 
