@@ -95,7 +95,9 @@
  * earlier `send()`/`sendRoom()` can get `bus unavailable` or `rate limited` too, and if
  * such an error arrives while a request is pending, that request is rejected with it even
  * if the server then carries it out. `rooms` follows the server's `joined`/`left` frames,
- * not the promises, so it stays right in that case.
+ * not the promises, so it stays right in that case. The client's own request for its
+ * position (`history`, below) waits in the same queue; what answers it is not passed on as
+ * an answer to the app (an `error` event for it has `request: null`).
  *
  * ## History and recovery
  *
@@ -128,7 +130,8 @@
  * ## Events (`CustomEvent`s; the fields below are in `event.detail`)
  *
  * - `statechange` `{state}`: `state` changed.
- * - `open` `{url}`: connected; messages to this user are delivered from now on.
+ * - `open` `{url}`: connected (to the node at `url`); messages to this user are delivered
+ *   from now on.
  * - `message` `{from, to, text, own, offset, epoch, replayed}`: a message from user `from`
  *   to user `to` (this user). With several sessions per user, what another session of this
  *   user sends arrives here too: `from` is then this user, `to` the recipient, and `own` is
