@@ -65,7 +65,7 @@ pub async fn beat(node: &Node) {
 }
 
 /// Presence `leave` events for the users a dead node took out of its rooms.
-async fn announce_departures(node: &Node, drops: Vec<RoomDrop>) {
+pub async fn announce_departures(node: &Node, drops: Vec<RoomDrop>) {
     for drop in drops {
         let before = drop.members + drop.gone.len() as u64;
         let Some(room) = RoomId::parse(&drop.room) else {

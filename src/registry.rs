@@ -289,6 +289,23 @@ impl Registry {
         release_all_users(&self.keys, bus, conn, &self.node_id).await
     }
 
+    /// Clears what an earlier run of this node id left in Redis: a node killed and restarted
+    /// under its id within the node TTL is never reaped, and its sessions would hold their
+    /// users (`not unique session`) for as long as the id heartbeats again. Run before the
+    /// node serves anyone; returns what its rooms lost, for presence `leave` events.
+    pub async fn clear_earlier_run(
+        &self,
+        bus: &Bus,
+        conn: &mut impl redis::aio::ConnectionLike,
+    ) -> Result<Vec<RoomDrop>, BusError> {
+        release_all_users(&self.keys, bus, conn, &self.node_id).await?;
+        redis::cmd("DEL")
+            .arg(self.keys.node_users(&self.node_id))
+            .query_async::<()>(conn)
+            .await?;
+        drop_node_from_rooms(&self.keys, bus, conn, &self.node_id).await
+    }
+
     /// Removes this node from Redis on clean shutdown: its users, user set, inbox, hash and
     /// registry entry.
     pub async fn deregister(

@@ -32,8 +32,14 @@ pub async fn run(
     };
     let (node, bus_writer_rx) = Node::build(config, listener.local_addr()?)?;
     tracing::info!(node = %node.id, addr = %listener.local_addr()?, "node starting");
-    register(&node).await;
+    let left_behind = register(&node).await;
     let running = start_tasks(&node, bus_writer_rx);
+    if !left_behind.is_empty() {
+        let node = node.clone();
+        running.tasks.spawn(async move {
+            crate::heartbeat::announce_departures(&node, left_behind).await;
+        });
+    }
     let server = serve_http(&node, listener, admin_listener, &running.tasks)?;
     tokio::select! {
         _ = shutdown => {}
@@ -43,18 +49,26 @@ pub async fn run(
     Ok(())
 }
 
-/// Loads the Redis functions and runs the first heartbeat, which registers the node. If Redis
-/// is down, the heartbeat keeps trying and the node serves same-node traffic meanwhile.
-async fn register(node: &Node) {
+/// Loads the Redis functions, clears what an earlier run of this node id left behind, and
+/// runs the first heartbeat, which registers the node. If Redis is down, the heartbeat keeps
+/// trying and the node serves same-node traffic meanwhile. Returns the room departures of
+/// the earlier run's users, to announce once the bus writer runs.
+async fn register(node: &Node) -> Vec<crate::presence::RoomDrop> {
+    let mut left_behind = Vec::new();
     match node.bus.conn().await {
         Ok(mut conn) => {
             if let Err(e) = node.bus.load_functions(&mut conn).await {
                 tracing::warn!(error = %e, "cannot load the Redis functions yet");
             }
+            match node.registry.clear_earlier_run(&node.bus, &mut conn).await {
+                Ok(drops) => left_behind = drops,
+                Err(e) => tracing::warn!(error = %e, "could not clear an earlier run's sessions"),
+            }
         }
         Err(e) => tracing::warn!(error = %e, "Redis is not reachable yet"),
     }
     crate::heartbeat::beat(node).await;
+    left_behind
 }
 
 /// The node's background tasks.

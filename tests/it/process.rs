@@ -94,6 +94,47 @@ async fn a_killed_node_is_detected_and_reaped(backend: Backend) {
 }
 
 /// `wsbus dev` starts its own redis-server and two nodes; Ctrl-C stops everything.
+on_both!(a_node_restarted_at_once_under_its_id_frees_its_users);
+
+/// A node killed and started again under its id before anyone saw it dead is never reaped:
+/// the new run clears its earlier run's sessions and rooms before serving, so its users
+/// reconnect at once (they used to be refused with 4001 for as long as the id heartbeats),
+/// and the room's other members hear that they left.
+async fn a_node_restarted_at_once_under_its_id_frees_its_users(backend: Backend) {
+    let other = backend.node("other").await;
+    let mut p = NodeProcess::start_with("phoenix", &backend.cli_args()).await;
+    let mut carol = other.connect("carol").await;
+    let join =
+        |room: &str| serde_json::json!({"action": "join", "data": {"room": room}}).to_string();
+    carol.send_raw(&join("r")).await;
+    assert_eq!(carol.recv().await["action"], "joined");
+    let mut bob = Client::connect_url(&p.url("bob"), "bob").await.unwrap();
+    bob.send_raw(&join("r")).await;
+    assert_eq!(bob.recv().await["action"], "joined");
+    let v = carol.recv().await;
+    assert_eq!(
+        (v["action"].as_str(), v["data"]["event"].as_str()),
+        (Some("presence"), Some("join")),
+        "{v}"
+    );
+    p.signal("KILL");
+    p.wait_exit().await;
+    drop(bob);
+    let p = NodeProcess::start_with("phoenix", &backend.cli_args()).await;
+    let mut bob = Client::connect_url(&p.url("bob"), "bob").await.unwrap();
+    if let Some(e) = bob.next_event_within(Duration::from_millis(500)).await {
+        panic!("bob was refused: {e:?}");
+    }
+    let v = carol.recv().await;
+    assert_eq!(
+        (v["from"].as_str(), v["data"]["event"].as_str()),
+        (Some("bob"), Some("leave")),
+        "{v}"
+    );
+    carol.send_to("bob", "welcome back").await;
+    bob.expect_message("carol", "welcome back").await;
+}
+
 #[tokio::test]
 async fn dev_runs_a_two_node_cluster_and_stops_on_sigint() {
     // Two consecutive free ports: retry until the pair is free.
