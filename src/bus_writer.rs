@@ -14,10 +14,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{BusConn, BusError};
 use crate::dispatch::{Dispatch, Origin, Payload, Plan, Target};
-use crate::edge_protocol::{ClientError, encode_message};
-use crate::envelope::{Body, ENVELOPE_FIELD, Envelope, MAX_HOPS};
+use crate::edge_protocol::{ClientError, encode_message, encode_room_message};
+use crate::envelope::{Body, ENVELOPE_FIELD, Envelope, MAX_HOPS, Stamp};
+use crate::history::{Appended, Seq, Stream};
 use crate::hub::SocketFrame;
 use crate::node::Node;
+use tungstenite::Utf8Bytes;
 
 /// Runs the bus writer until `drain` is cancelled and the queue is empty.
 pub async fn run(node: Arc<Node>, mut rx: mpsc::Receiver<Dispatch>, drain: CancellationToken) {
@@ -28,7 +30,8 @@ pub async fn run(node: Arc<Node>, mut rx: mpsc::Receiver<Dispatch>, drain: Cance
             capacity: 65_536,
             // With several sessions per user a cached route would miss a session that
             // connected on a new node since; lookups are then made on every batch.
-            enabled: !node.config.multi_session(),
+            // With history on, the append that stamps a message says where its target is.
+            enabled: !node.config.multi_session() && node.history.is_none(),
         },
         node,
         conn: None,
@@ -117,6 +120,37 @@ struct Outcome {
     failed: bool,
 }
 
+/// A message's place in its target's history stream (`--history`).
+enum Stamped {
+    /// In the stream: the frame as stamped, its place, and (when it was appended just now)
+    /// where the target is, from the same call.
+    Stored {
+        frame: Utf8Bytes,
+        seq: Arc<Seq>,
+        nodes: Option<Nodes>,
+    },
+    /// The recipient has no live stream and no session: nothing stored (`not found`).
+    NoStream,
+    /// The append failed: nothing was sent (`bus unavailable`).
+    Failed,
+}
+
+impl Stamped {
+    fn stored(&self) -> Option<(&Utf8Bytes, &Arc<Seq>)> {
+        match self {
+            Stamped::Stored { frame, seq, .. } => Some((frame, seq)),
+            _ => None,
+        }
+    }
+
+    fn nodes(&self) -> Option<&Nodes> {
+        match self {
+            Stamped::Stored { nodes, .. } => nodes.as_ref(),
+            _ => None,
+        }
+    }
+}
+
 impl Writer {
     async fn send(&mut self, batch: &mut Vec<Dispatch>) {
         let result = match self.conn.take() {
@@ -156,21 +190,28 @@ impl Writer {
         &mut self,
         conn: &mut BusConn,
         batch: &'b [Dispatch],
+        stamped: &[Option<Stamped>],
     ) -> Result<Routes<'b>, BusError> {
         let now = Instant::now();
         let mut routes = Routes::default();
         let mut users: Vec<&'b str> = Vec::new();
         let mut rooms: Vec<&'b str> = Vec::new();
-        for msg in batch {
+        for (msg, stamped) in batch.iter().zip(stamped) {
+            // Where the target is came with its append.
+            let known = stamped.as_ref().is_some_and(|s| s.nodes().is_some())
+                || matches!(stamped, Some(Stamped::NoStream | Stamped::Failed));
             match &msg.target {
                 Target::Room(room) => {
-                    if !rooms.contains(&&**room) {
+                    if !known && !rooms.contains(&&**room) {
                         rooms.push(room);
                     }
                 }
                 Target::User(to) => {
                     let fresh = matches!(msg.origin, Origin::Forward { .. });
-                    let wanted = [Some(&**to), msg.echo.then(|| msg.origin.user())];
+                    let wanted = [
+                        (!known).then_some(&**to),
+                        msg.echo.then(|| msg.origin.user()),
+                    ];
                     for user in wanted.into_iter().flatten() {
                         if routes.users.contains_key(user) || users.contains(&user) {
                             continue;
@@ -228,17 +269,34 @@ impl Writer {
 
     async fn try_send(&mut self, conn: &mut BusConn, batch: &[Dispatch]) -> Result<(), BusError> {
         let node = Arc::clone(&self.node);
-        let routes = self.resolve(conn, batch).await?;
+        let stamped = self.stamp(conn, batch).await?;
+        let routes = self.resolve(conn, batch, &stamped).await?;
         let mut pipe = redis::Pipeline::with_capacity(batch.len());
         pipe.ignore_errors();
         // Per entry appended: the message it belongs to, and whether it is for the recipient.
         let mut appended: Vec<(usize, bool)> = Vec::with_capacity(batch.len());
         let mut outcomes: Vec<Outcome> = Vec::with_capacity(batch.len());
         for (i, msg) in batch.iter().enumerate() {
+            let stamped = stamped[i].as_ref();
+            if let Some(Stamped::NoStream | Stamped::Failed) = stamped {
+                outcomes.push(Outcome {
+                    reached: false,
+                    too_slow: false,
+                    failed: matches!(stamped, Some(Stamped::Failed)),
+                });
+                continue;
+            }
             let (plan, outcome) = match &msg.target {
-                Target::User(to) => self.plan_user(conn, msg, to, &routes).await?,
+                Target::User(to) => self.plan_user(conn, msg, to, &routes, stamped).await?,
                 Target::Room(room) => {
-                    let nodes = self.live(conn, &routes.rooms[&**room]).await?;
+                    let nodes = match stamped.and_then(Stamped::nodes) {
+                        Some(nodes) => nodes,
+                        None => &routes.rooms[&**room],
+                    };
+                    let nodes = self.live(conn, nodes).await?;
+                    if let Some((frame, seq)) = stamped.and_then(Stamped::stored) {
+                        self.deliver_room_here(msg, room, frame, seq);
+                    }
                     let plan = Plan::new(&node.id, &nodes, &[], &[]);
                     // A room message is never answered with `not found`.
                     (
@@ -255,10 +313,10 @@ impl Writer {
                 let action = match &msg.payload {
                     // People reading the inbox see what a backend published.
                     Payload::Frame { action, .. } => {
-                        self.encode(msg, &plan, *to_recipient, *to_sender);
+                        self.encode(msg, &plan, *to_recipient, *to_sender, stamped);
                         &**action
                     }
-                    _ => self.encode(msg, &plan, *to_recipient, *to_sender),
+                    _ => self.encode(msg, &plan, *to_recipient, *to_sender, stamped),
                 };
                 node.keys.inbox_into(target, &mut self.key_buf);
                 let to = match &msg.target {
@@ -308,10 +366,15 @@ impl Writer {
         msg: &Dispatch,
         to: &str,
         routes: &Routes<'_>,
+        stamped: Option<&Stamped>,
     ) -> Result<(Plan, Outcome), BusError> {
         let node = &self.node;
         let from = msg.origin.user();
-        let recipient = self.live(conn, &routes.users[to]).await?;
+        let recipient = match stamped.and_then(Stamped::nodes) {
+            Some(nodes) => nodes,
+            None => &routes.users[to],
+        };
+        let recipient = self.live(conn, recipient).await?;
         let sender = match msg.echo {
             true => self.live(conn, &routes.users[from]).await?,
             false => Vec::new(),
@@ -321,7 +384,20 @@ impl Writer {
             too_slow: false,
             failed: false,
         };
-        if !msg.delivered_here && recipient.iter().any(|n| **n == *node.id) {
+        if let Some((frame, seq)) = stamped.and_then(Stamped::stored) {
+            // In the recipient's stream: it gets it here now, elsewhere through the entries
+            // below, or on its next reconnect. (A stamped frame is delivered here by the bus
+            // writer only: the sender's check had no place to give it.)
+            outcome.reached = true;
+            let here = node.hub.deliver_user(to, None, || SocketFrame {
+                frame: frame.clone(),
+                born_us: msg.born_us,
+                seq: Some(seq.clone()),
+            });
+            node.metrics
+                .delivered_local
+                .increment(u64::from(here.queued));
+        } else if !msg.delivered_here && recipient.iter().any(|n| **n == *node.id) {
             // The recipient connected here since its sender's check (or moved here).
             let frame = match &msg.payload {
                 Payload::Text(text) => Some(encode_message(from, to, text).into()),
@@ -332,6 +408,7 @@ impl Writer {
                 let here = node.hub.deliver_user(to, None, || SocketFrame {
                     frame,
                     born_us: msg.born_us,
+                    seq: None,
                 });
                 outcome.reached |= here.queued > 0;
                 outcome.too_slow = here.slow > 0 && here.queued == 0;
@@ -360,6 +437,7 @@ impl Writer {
         plan: &Plan,
         to_recipient: bool,
         to_sender: bool,
+        stamped: Option<&Stamped>,
     ) -> &'static str {
         let node = &self.node;
         let (id, boot, origin, origin_sid, hops, tried): (
@@ -388,7 +466,16 @@ impl Writer {
             all_tried.push((&*node.id).into());
             all_tried.extend(plan.entries.iter().map(|(n, _, _)| (&**n).into()));
         }
+        let stored = stamped.and_then(Stamped::stored);
         let body = match (&msg.target, &msg.payload) {
+            // A stamped frame travels as it is, whatever it carries.
+            (Target::User(_), _) if let Some((frame, _)) = stored => Body::Publish {
+                frame: frame.as_str().into(),
+            },
+            (Target::Room(room), _) if let Some((frame, _)) = stored => Body::RoomPublish {
+                room: (&**room).into(),
+                frame: frame.as_str().into(),
+            },
             (Target::User(_), Payload::Text(text)) => Body::Message {
                 text: (&**text).into(),
             },
@@ -427,10 +514,182 @@ impl Writer {
             to_recipient,
             to_sender,
             tried: all_tried,
+            stamp: stored.map(|(_, seq)| Stamp {
+                offset: seq.offset,
+                epoch: (&*seq.epoch).into(),
+            }),
             body,
         };
         env.encode_into(&mut self.env_buf);
-        env.body.action()
+        match (&msg.payload, &env.body) {
+            // The plain field shows what a stamped message is, not how it travels.
+            (Payload::Text(_), Body::Publish { .. }) => "message",
+            (Payload::Text(_), Body::RoomPublish { .. }) => "room_message",
+            _ => env.body.action(),
+        }
+    }
+
+    /// Appends every message of the batch that needs a place in its target's history stream
+    /// (history on; not presence events, not entries stamped already) to that stream, one
+    /// pipeline, before anything of it is delivered anywhere. One entry per message, `None`
+    /// for those without a place.
+    async fn stamp(
+        &mut self,
+        conn: &mut BusConn,
+        batch: &[Dispatch],
+    ) -> Result<Vec<Option<Stamped>>, BusError> {
+        let mut stamped: Vec<Option<Stamped>> = batch
+            .iter()
+            .map(|msg| {
+                let (stamp, Payload::Frame { frame, .. }) = (msg.stamp.as_ref()?, &msg.payload)
+                else {
+                    return None;
+                };
+                Some(Stamped::Stored {
+                    frame: frame.clone(),
+                    seq: Arc::new(Seq {
+                        room: match &msg.target {
+                            Target::Room(room) => Some(Arc::from(&**room)),
+                            Target::User(_) => None,
+                        },
+                        offset: stamp.offset,
+                        epoch: Arc::from(&*stamp.epoch),
+                        marker: false,
+                    }),
+                    nodes: None,
+                })
+            })
+            .collect();
+        let node = Arc::clone(&self.node);
+        let Some(history) = &node.history else {
+            return Ok(stamped);
+        };
+        let mut pipe = redis::Pipeline::with_capacity(batch.len());
+        pipe.ignore_errors();
+        let mut prefixes: Vec<(usize, String)> = Vec::new();
+        for (i, msg) in batch.iter().enumerate() {
+            if stamped[i].is_some() {
+                continue;
+            }
+            let from = msg.origin.user();
+            let (stream, prefix) = match (&msg.target, &msg.payload) {
+                (_, Payload::Presence(_)) => continue,
+                (Target::User(to), Payload::Text(text)) => (
+                    Stream::User(to),
+                    crate::history::frame_prefix(&encode_message(from, to, text), None),
+                ),
+                (Target::Room(room), Payload::Text(text)) => (
+                    Stream::Room(room),
+                    crate::history::frame_prefix(
+                        &encode_room_message(from, room, text),
+                        Some(room),
+                    ),
+                ),
+                (Target::User(to), Payload::Frame { frame, .. }) => (
+                    Stream::User(to),
+                    crate::history::frame_prefix(frame, None),
+                ),
+                (Target::Room(room), Payload::Frame { frame, .. }) => (
+                    Stream::Room(room),
+                    crate::history::frame_prefix(frame, Some(room)),
+                ),
+            };
+            history.add_append(&mut pipe, stream, &prefix);
+            prefixes.push((i, prefix));
+        }
+        if prefixes.is_empty() {
+            return Ok(stamped);
+        }
+        let started = Instant::now();
+        let mut results: Vec<RedisResult<Value>> = pipe.query_async(conn).await?;
+        if results
+            .iter()
+            .all(|r| matches!(r, Err(e) if crate::bus::is_missing_function(e)))
+        {
+            // Redis lost the functions (it restarted): nothing was appended.
+            node.bus.load_functions(conn).await?;
+            results = pipe.query_async(conn).await?;
+        }
+        node.metrics
+            .history_append_seconds
+            .record(started.elapsed().as_secs_f64());
+        for ((i, prefix), result) in prefixes.into_iter().zip(results) {
+            let msg = &batch[i];
+            let parsed = result.map_err(BusError::from).and_then(Appended::parse);
+            stamped[i] = Some(match parsed {
+                Ok(Appended::Stored {
+                    offset,
+                    epoch,
+                    nodes,
+                }) => {
+                    let room = match &msg.target {
+                        Target::Room(room) => Some(Arc::from(&**room)),
+                        Target::User(_) => None,
+                    };
+                    let nodes: Nodes = match room {
+                        Some(_) => nodes.into_iter().map(Arc::from).collect(),
+                        None => crate::presence::nodes_of(nodes)
+                            .into_iter()
+                            .map(Arc::from)
+                            .collect(),
+                    };
+                    Stamped::Stored {
+                        frame: crate::history::stamp(&prefix, offset, &epoch).into(),
+                        seq: Arc::new(Seq {
+                            room,
+                            offset,
+                            epoch: epoch.into(),
+                            marker: false,
+                        }),
+                        nodes: Some(nodes),
+                    }
+                }
+                Ok(Appended::NoStream) => Stamped::NoStream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "history append failed");
+                    metrics::counter!("wsbus_bus_errors_total").increment(1);
+                    Stamped::Failed
+                }
+            });
+        }
+        Ok(stamped)
+    }
+
+    /// Delivers a stamped room message to the room's members here (not the session that
+    /// sent it, which gets only its place, so its order of the room's frames has no hole).
+    fn deliver_room_here(&self, msg: &Dispatch, room: &str, frame: &Utf8Bytes, seq: &Arc<Seq>) {
+        let node = &self.node;
+        let sender = match &msg.origin {
+            Origin::Session { user, sid } => Some((user, *sid)),
+            _ => None,
+        };
+        let queued = node.rooms.deliver(room, sender.map(|(_, sid)| sid), None, || {
+            SocketFrame {
+                frame: frame.clone(),
+                born_us: msg.born_us,
+                seq: Some(seq.clone()),
+            }
+        });
+        node.metrics
+            .room_delivered_local
+            .increment(u64::from(queued));
+        if let Some((user, sid)) = sender {
+            let marker = Seq {
+                room: seq.room.clone(),
+                offset: seq.offset,
+                epoch: seq.epoch.clone(),
+                marker: true,
+            };
+            node.hub.deliver_session(
+                user.as_str(),
+                sid,
+                SocketFrame {
+                    frame: Utf8Bytes::from_static(""),
+                    born_us: 0,
+                    seq: Some(Arc::new(marker)),
+                },
+            );
+        }
     }
 
     /// Answers `not found` (or `bus unavailable`) to the origin of every message that

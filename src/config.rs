@@ -73,6 +73,22 @@ pub struct NodeConfig {
     #[arg(long, env = "WSBUS_RATE_BURST", default_value_t = 100)]
     pub rate_burst: u32,
 
+    /// Messages kept per user stream and per room stream for recovery after a reconnect
+    /// (0 = history off: frames carry no offset and nothing is stored).
+    #[arg(long, env = "WSBUS_HISTORY", default_value_t = 0)]
+    pub history: u32,
+
+    /// A history stream nobody wrote to (and whose user neither connected nor disconnected)
+    /// for this long expires.
+    #[arg(long, env = "WSBUS_HISTORY_TTL", default_value = "5m", value_parser = parse_duration)]
+    pub history_ttl: Duration,
+
+    /// Messages one recovery replays at most; a client that missed more is told
+    /// `recovered: false, reason: "too_many"` (and `history` pages are capped at this).
+    #[arg(long, env = "WSBUS_RECOVER_MAX", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub recover_max: u32,
+
     /// Sessions one user may hold at once, across the cluster (phone, laptop, tabs). `1` keeps
     /// one session per user.
     #[arg(long, env = "WSBUS_MAX_SESSIONS_PER_USER", default_value_t = 1,

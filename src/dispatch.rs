@@ -134,6 +134,10 @@ pub struct Dispatch {
     pub delivered_here: bool,
     /// Copies go to the sender's sessions on other nodes too.
     pub echo: bool,
+    /// Its place in its target's history stream, when it has one already (an entry
+    /// forwarded after its recipient moved: its frame is stamped). With history on, a
+    /// message without one is appended to the stream first.
+    pub stamp: Option<crate::envelope::Stamp<'static>>,
 }
 
 impl Node {
@@ -161,6 +165,7 @@ impl Node {
                     SocketFrame {
                         frame: frame.into(),
                         born_us,
+                        seq: None,
                     }
                 })
                 .clone()
@@ -190,6 +195,7 @@ impl Node {
         let socket_frame = |_: &Origin, _: &Target, _: &Payload| SocketFrame {
             frame: frame.clone(),
             born_us,
+            seq: None,
         };
         let payload = Payload::Frame {
             action: action.into(),
@@ -217,6 +223,27 @@ impl Node {
             Origin::Session { sid, .. } => Some(*sid),
             _ => None,
         };
+        if self.history.is_some() {
+            // The frame's place comes from its target's stream: the bus writer appends it
+            // there first and then delivers it, here and elsewhere. Only the sender's copies
+            // (no frame of its own streams) go out at once.
+            if echo && let Some(sid) = sending_session {
+                self.hub.deliver_user(origin.user(), Some(sid), || {
+                    frame(&origin, &target, &payload)
+                });
+            }
+            return self
+                .to_bus(Dispatch {
+                    origin,
+                    target,
+                    payload,
+                    born_us,
+                    delivered_here: false,
+                    echo,
+                    stamp: None,
+                })
+                .await;
+        }
         let delivered_here = match &target {
             Target::User(to) => {
                 let here = self
@@ -257,6 +284,7 @@ impl Node {
             born_us,
             delivered_here,
             echo,
+            stamp: None,
         })
         .await
     }
@@ -274,6 +302,7 @@ impl Node {
                 born_us: 0,
                 delivered_here: true,
                 echo: false,
+                stamp: None,
             })
             .await;
         if sent.is_err() {
@@ -331,6 +360,7 @@ impl Node {
                     to_recipient: true,
                     to_sender: false,
                     tried: Vec::new(),
+                    stamp: None,
                     body: Body::Error {
                         error: Cow::Owned(text),
                     },
@@ -383,6 +413,7 @@ impl Node {
             to_recipient: true,
             to_sender: false,
             tried: Vec::new(),
+            stamp: None,
             body: Body::Kick {
                 sid: session.sid,
                 code,

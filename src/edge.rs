@@ -127,11 +127,12 @@ async fn connect(
             tracing::warn!(user = %user, node = %old.node, error = %e, "could not close a replaced session");
         }
     }
+    let recover = crate::edge_protocol::Position::from_query(query.as_deref());
     let guard = SessionGuard::new(node.clone(), user.clone(), sid);
     let tracker = node.sessions.clone();
     metrics::counter!("wsbus_connections_opened_total").increment(1);
     ws.on_upgrade(move |socket| {
-        tracker.track_future(Session::new(node, user, queue, guard, permit).run(socket))
+        tracker.track_future(Session::new(node, user, queue, guard, permit, recover).run(socket))
     })
 }
 

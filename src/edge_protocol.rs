@@ -104,6 +104,9 @@ pub enum ClientError {
     /// The recipient is being disconnected as a slow consumer; the message was dropped.
     #[error("User '{0}' is too slow; message dropped")]
     RecipientTooSlow(String),
+    /// `history` or `recover` on a node running without `--history`.
+    #[error("history is off")]
+    HistoryOff,
 }
 
 impl ClientError {
@@ -130,6 +133,7 @@ impl ClientError {
             ClientError::RoomFull(_) => "room_full",
             ClientError::TooManyRooms => "too_many_rooms",
             ClientError::RecipientTooSlow(_) => "recipient_too_slow",
+            ClientError::HistoryOff => "history_off",
         }
     }
 
@@ -149,10 +153,26 @@ pub enum Command<'a> {
         /// The text, unescaped.
         text: Cow<'a, str>,
     },
-    /// `join`: enter room `room`.
+    /// `join`: enter room `room` (with `since`/`epoch`: and recover what it missed).
     Join {
         /// The room (validated).
         room: &'a str,
+        /// Where the client's copy of the room's stream ends.
+        since: Option<Position<'a>>,
+    },
+    /// `recover`: replay the user's stream after a position (the first-frame form of
+    /// `?since=&epoch=`).
+    Recover(Position<'a>),
+    /// `history`: the frames of the user's stream (or a room's) after `since`.
+    History {
+        /// The room (validated), or the user's own stream.
+        room: Option<&'a str>,
+        /// Frames after this offset.
+        since: u64,
+        /// At most this many (0: only the position).
+        limit: u32,
+        /// The epoch the client knows, if any.
+        epoch: Option<Cow<'a, str>>,
     },
     /// `leave`: leave room `room`.
     Leave {
@@ -187,6 +207,70 @@ struct RoomData<'a> {
     #[serde(borrow)]
     room: Cow<'a, str>,
 }
+
+/// A place in a history stream, as a client gives it: after offset `since` in `epoch`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position<'a> {
+    /// The last offset the client has.
+    pub since: u64,
+    /// The epoch of that offset.
+    pub epoch: Cow<'a, str>,
+}
+
+impl Position<'static> {
+    /// The position in a connect URL's query (`since=<offset>&epoch=<epoch>`), if `since`
+    /// is there. A `since` that is no offset is ignored; a missing `epoch` is empty (and
+    /// recovers nothing).
+    pub fn from_query(query: Option<&str>) -> Option<Self> {
+        let mut since = None;
+        let mut epoch = String::new();
+        for pair in query?.split('&') {
+            if let Some(v) = pair.strip_prefix("since=") {
+                since = v.parse::<u64>().ok();
+            } else if let Some(v) = pair.strip_prefix("epoch=") {
+                // Epochs are `[0-9a-f-]`: nothing to percent-decode in one of ours.
+                epoch = v.chars().take(64).collect();
+            }
+        }
+        Some(Position {
+            since: since?,
+            epoch: Cow::Owned(epoch),
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct JoinData<'a> {
+    #[serde(borrow)]
+    room: Cow<'a, str>,
+    #[serde(default)]
+    since: Option<u64>,
+    #[serde(borrow, default)]
+    epoch: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct RecoverData<'a> {
+    since: u64,
+    #[serde(borrow, default)]
+    epoch: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct HistoryData<'a> {
+    // `&str`: serde borrows a `Cow` only outside an `Option` (see `RelayData`).
+    #[serde(borrow, default)]
+    room: Option<&'a str>,
+    #[serde(default)]
+    since: Option<u64>,
+    #[serde(default)]
+    limit: Option<u32>,
+    #[serde(borrow, default)]
+    epoch: Option<Cow<'a, str>>,
+}
+
+/// Most frames one `history` request returns.
+pub const MAX_HISTORY_LIMIT: u32 = 1000;
 
 #[derive(Deserialize)]
 struct RoomMessageData<'a> {
@@ -224,6 +308,9 @@ pub const RESERVED_ACTIONS: &[&str] = &[
     "left",
     "presence",
     "error",
+    "recover",
+    "recovered",
+    "history",
 ];
 
 /// Where a relayed action goes.
@@ -277,9 +364,18 @@ pub fn parse_command_relaying<'a>(
     match &*action {
         "" => Err(ClientError::EmptyAction),
         "message" => parse_message(raw.data),
-        "join" => Ok(Command::Join {
-            room: parse_room(raw.data)?,
-        }),
+        "join" => parse_join(raw.data),
+        "recover" => {
+            let data: RecoverData<'_> = data_object(
+                raw.data,
+                r#"expected {"since": <offset>, "epoch": "<epoch>"}"#,
+            )?;
+            Ok(Command::Recover(Position {
+                since: data.since,
+                epoch: data.epoch.unwrap_or_default(),
+            }))
+        }
+        "history" => parse_history(raw.data),
         "leave" => Ok(Command::Leave {
             room: parse_room(raw.data)?,
         }),
@@ -334,6 +430,44 @@ fn valid_room(room: Cow<'_, str>) -> Result<&str, ClientError> {
         Cow::Borrowed(room) if is_valid_id(room) => Ok(room),
         _ => Err(ClientError::InvalidRoom),
     }
+}
+
+fn parse_join(data: Option<&RawValue>) -> Result<Command<'_>, ClientError> {
+    let data: JoinData<'_> = data_object(
+        data,
+        r#"expected {"room": "<room id>"}"#,
+    )?;
+    Ok(Command::Join {
+        room: valid_room(data.room)?,
+        since: data.since.map(|since| Position {
+            since,
+            epoch: data.epoch.unwrap_or_default(),
+        }),
+    })
+}
+
+fn parse_history(data: Option<&RawValue>) -> Result<Command<'_>, ClientError> {
+    const SHAPE: &str = r#"expected {"since": <offset>, "limit": 0..1000} (optionally with "room", "epoch")"#;
+    // `data` may be left out: the user's stream from the start, 50 frames.
+    let data: HistoryData<'_> = match data {
+        None => HistoryData {
+            room: None,
+            since: None,
+            limit: None,
+            epoch: None,
+        },
+        data => data_object(data, SHAPE)?,
+    };
+    let limit = data.limit.unwrap_or(50);
+    if limit > MAX_HISTORY_LIMIT {
+        return Err(ClientError::MalformedData(SHAPE));
+    }
+    Ok(Command::History {
+        room: data.room.map(|r| valid_room(Cow::Borrowed(r))).transpose()?,
+        since: data.since.unwrap_or(0),
+        limit,
+        epoch: data.epoch,
+    })
 }
 
 fn parse_room(data: Option<&RawValue>) -> Result<&str, ClientError> {
@@ -520,7 +654,13 @@ mod tests {
     fn parses_room_commands_and_names_their_malformations() {
         assert_eq!(
             parse_command(r#"{"action":"join","data":{"room":"lobby","since":3}}"#),
-            Ok(Command::Join { room: "lobby" })
+            Ok(Command::Join {
+                room: "lobby",
+                since: Some(Position {
+                    since: 3,
+                    epoch: "".into()
+                })
+            })
         );
         assert_eq!(
             parse_command(r#"{"action":"leave","data":{"room":"lobby"}}"#),

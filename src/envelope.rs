@@ -53,9 +53,33 @@ pub struct Envelope<'a> {
     /// moved) skips these, so no session gets it twice. Empty with one session per user.
     #[serde(borrow, default, skip_serializing_if = "Vec::is_empty")]
     pub tried: Vec<Cow<'a, str>>,
+    /// The place of the frame it carries in its target's history stream (`--history`):
+    /// `Publish`/`RoomPublish` bodies carry the frame already stamped with it.
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub stamp: Option<Stamp<'a>>,
     /// What it carries.
     #[serde(borrow)]
     pub body: Body<'a>,
+}
+
+/// A frame's place in a history stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stamp<'a> {
+    /// The offset.
+    pub offset: u64,
+    /// The stream's epoch.
+    #[serde(borrow)]
+    pub epoch: Cow<'a, str>,
+}
+
+impl Stamp<'_> {
+    /// Copies the epoch, detaching the stamp from its buffer.
+    pub fn into_owned(self) -> Stamp<'static> {
+        Stamp {
+            offset: self.offset,
+            epoch: Cow::Owned(self.epoch.into_owned()),
+        }
+    }
 }
 
 /// The payload of an envelope; its variant is the action.
@@ -199,6 +223,7 @@ impl<'a> Envelope<'a> {
                 .into_iter()
                 .map(|n| Cow::Owned(n.into_owned()))
                 .collect(),
+            stamp: self.stamp.map(Stamp::into_owned),
             body: match self.body {
                 Body::Message { text } => Body::Message {
                     text: Cow::Owned(text.into_owned()),
@@ -248,6 +273,10 @@ mod tests {
             to_recipient: true,
             to_sender: true,
             tried: vec!["node-a".into(), "node-b".into()],
+            stamp: Some(Stamp {
+                offset: 17,
+                epoch: "18c3f0a2b1-7f3a".into(),
+            }),
             body: Body::Message {
                 text: "hello ✓".into(),
             },

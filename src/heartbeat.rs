@@ -33,6 +33,9 @@ pub async fn beat(node: &Node) {
         let beat = node.registry.beat(&node.bus, &mut conn).await?;
         node.metrics.inbox_length.set(beat.inbox_len as f64);
         if beat.lost {
+            if let Some(history) = &node.history {
+                history.redis_reset();
+            }
             let sessions = node.hub.snapshot();
             tracing::warn!(
                 sessions = sessions.len(),

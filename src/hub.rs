@@ -26,6 +26,8 @@ pub struct SocketFrame {
     /// When the message's frame reached its sender's node (µs since the epoch), for the
     /// end-to-end latency histogram; 0 for frames not measured (errors).
     pub born_us: u64,
+    /// Its place in a history stream (`--history`), for the session's sequencer.
+    pub seq: Option<Arc<crate::history::Seq>>,
 }
 
 impl SocketFrame {
@@ -34,6 +36,7 @@ impl SocketFrame {
         Self {
             frame: frame.into(),
             born_us: 0,
+            seq: None,
         }
     }
 }

@@ -21,6 +21,7 @@ use crate::bus_writer::append_entry;
 use crate::dispatch::{Dispatch, Origin, Payload, Target};
 use crate::edge_protocol::{ClientError, encode_message, encode_presence, encode_room_message};
 use crate::envelope::{Body, ENVELOPE_FIELD, Envelope};
+use crate::history::{Seq, unstamped};
 use crate::hub::SocketFrame;
 use crate::node::Node;
 
@@ -287,6 +288,7 @@ impl Consumer {
                         .get_or_insert_with(|| SocketFrame {
                             frame: encode_message(&env.from, &env.to, text).into(),
                             born_us: env.sent_us,
+                            seq: None,
                         })
                         .clone()
                 };
@@ -310,6 +312,7 @@ impl Consumer {
                 let queued = self.node.rooms.deliver(room, None, None, || SocketFrame {
                     frame: encode_room_message(&env.from, room, text).into(),
                     born_us: env.sent_us,
+                    seq: None,
                 });
                 self.node
                     .metrics
@@ -328,20 +331,57 @@ impl Consumer {
                 Some(0)
             }
             Body::Publish { frame } => {
-                let frame = || SocketFrame {
-                    frame: (**frame).into(),
-                    born_us: env.sent_us,
-                };
-                let fanout = hub.deliver_user(&env.to, None, frame);
-                if !fanout.found() {
-                    return None;
+                let seq = env.stamp.as_ref().map(|stamp| {
+                    Arc::new(Seq {
+                        room: None,
+                        offset: stamp.offset,
+                        epoch: Arc::from(&*stamp.epoch),
+                        marker: false,
+                    })
+                });
+                let mut queued = 0;
+                if env.to_sender {
+                    // The sender's own copy of a stamped direct message: no frame of its
+                    // streams, so without the recipient's stamp.
+                    let copy = match &env.stamp {
+                        Some(stamp) => unstamped(frame, stamp.offset, &stamp.epoch),
+                        None => frame.to_string(),
+                    };
+                    queued += hub
+                        .deliver_user(&env.from, None, || SocketFrame {
+                            frame: copy.into(),
+                            born_us: env.sent_us,
+                            seq: None,
+                        })
+                        .queued;
                 }
-                Some(fanout.queued)
+                if env.to_recipient {
+                    let frame = || SocketFrame {
+                        frame: (**frame).into(),
+                        born_us: env.sent_us,
+                        seq: seq.clone(),
+                    };
+                    let fanout = hub.deliver_user(&env.to, None, frame);
+                    if !fanout.found() {
+                        return None;
+                    }
+                    queued += fanout.queued;
+                }
+                Some(queued)
             }
             Body::RoomPublish { room, frame } => {
+                let seq = env.stamp.as_ref().map(|stamp| {
+                    Arc::new(Seq {
+                        room: Some(Arc::from(&**room)),
+                        offset: stamp.offset,
+                        epoch: Arc::from(&*stamp.epoch),
+                        marker: false,
+                    })
+                });
                 let queued = self.node.rooms.deliver(room, None, None, || SocketFrame {
                     frame: (**frame).into(),
                     born_us: env.sent_us,
+                    seq: seq.clone(),
                 });
                 self.node
                     .metrics
@@ -422,6 +462,7 @@ impl Consumer {
                 born_us: env.sent_us,
                 delivered_here: false,
                 echo: false,
+                stamp: env.stamp.map(|s| s.into_owned()),
             };
             if self.node.bus_writer.send(dispatch).await.is_err() {
                 return Err(BusError::Reply("the bus writer has stopped"));

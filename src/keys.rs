@@ -102,6 +102,26 @@ impl Keys {
         out.push_str("}:nodes");
     }
 
+    /// `P:{u:<uid>}:history`: a user's history stream (`--history`), in its user's slot.
+    pub fn user_history(&self, user: &str) -> String {
+        format!("{}:{{u:{user}}}:history", self.prefix)
+    }
+
+    /// `P:{u:<uid>}:hmeta`: the epoch and top offset of a user's history stream.
+    pub fn user_history_meta(&self, user: &str) -> String {
+        format!("{}:{{u:{user}}}:hmeta", self.prefix)
+    }
+
+    /// `P:{r:<room>}:history`: a room's history stream, in its room's slot.
+    pub fn room_history(&self, room: &str) -> String {
+        format!("{}:{{r:{room}}}:history", self.prefix)
+    }
+
+    /// `P:{r:<room>}:hmeta`: the epoch and top offset of a room's history stream.
+    pub fn room_history_meta(&self, room: &str) -> String {
+        format!("{}:{{r:{room}}}:hmeta", self.prefix)
+    }
+
     /// `P:node:<id>:rooms`: the rooms a node has members in.
     pub fn node_rooms(&self, node: &str) -> String {
         format!("{}:node:{node}:rooms", self.prefix)

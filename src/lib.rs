@@ -26,7 +26,9 @@
 //! - [`session`]: one connected client's task. [`socket_queue`]: its bounded queue.
 //! - [`hub`]: local sessions by user, non-blocking delivery. [`rooms`]: local room membership
 //!   and the room operations.
-//! - [`dispatch`]: the one path from any origin to any target.
+//! - [`dispatch`]: the one path from any origin to any target. [`history`]: per-user and
+//!   per-room streams (`--history`), offsets and epochs, recovery, and the session's
+//!   in-order hand-over of stream frames.
 //! - [`bus_writer`]: appends to other nodes' inboxes. [`inbox_reader`]: reads this node's.
 //! - [`presence`]: sessions and room membership in Redis. [`registry`]: nodes, heartbeats,
 //!   reaping.
@@ -51,6 +53,7 @@ pub mod edge;
 pub mod edge_protocol;
 pub mod envelope;
 pub mod heartbeat;
+pub mod history;
 pub mod hub;
 pub mod inbox_reader;
 pub mod ingress;

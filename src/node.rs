@@ -117,6 +117,8 @@ pub struct Node {
     pub health: Health,
     /// Metric handles of the per-message paths.
     pub metrics: crate::telemetry::HotMetrics,
+    /// History streams and recovery (`--history`); `None` when off.
+    pub history: Option<crate::history::History>,
     next_sid: AtomicU64,
     next_message_id: AtomicU64,
     /// Random id of this process, stamped on every envelope (see `wire::Envelope::boot`).
@@ -189,7 +191,10 @@ impl Node {
         let (bus_writer, bus_writer_rx) = mpsc::channel(config.bus_queue.max(1));
         // The one shutdown token; every session's kick is a child of it.
         let stop = CancellationToken::new();
+        let boot = fastrand::u64(1..);
+        let history = crate::history::History::new(&config, &keys, boot);
         let node = Arc::new(Node {
+            history,
             presence: Presence::new(
                 bus.clone(),
                 keys.clone(),
@@ -226,7 +231,7 @@ impl Node {
             metrics: crate::telemetry::HotMetrics::register(),
             next_sid: AtomicU64::new(1),
             next_message_id: AtomicU64::new(1),
-            boot: fastrand::u64(1..),
+            boot,
             config,
         });
         Ok((node, bus_writer_rx))

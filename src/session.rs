@@ -25,9 +25,10 @@ use tungstenite::Message;
 
 use crate::dispatch::{Origin, Target};
 use crate::edge_protocol::{
-    ClientError, Command, RelayTo, close, encode_error, encode_frame, encode_relay,
+    ClientError, Command, Position, RelayTo, close, encode_error, encode_frame, encode_relay,
     parse_command_relaying,
 };
+use crate::history::{Gap, Sequencer, StreamOf};
 use crate::hub::{SessionReceiver, SocketFrame};
 use crate::node::Node;
 use crate::user::RoomId;
@@ -77,6 +78,14 @@ impl SessionGuard {
             .await
         {
             tracing::warn!(user = %self.user, error = %e, "could not release user");
+        }
+        if let Some(history) = &self.node.history {
+            // The user was connected until now: its stream lives `--history-ttl` from here,
+            // so what is sent to it meanwhile is kept for its reconnect.
+            let stream = crate::history::Stream::User(self.user.as_str());
+            if let Err(e) = history.open(&self.node.bus, stream, None, 0, true).await {
+                tracing::debug!(user = %self.user, error = %e, "could not refresh the user's stream");
+            }
         }
     }
 }
@@ -159,7 +168,17 @@ pub struct Session {
     bucket: TokenBucket,
     guard: SessionGuard,
     _permit: OwnedSemaphorePermit,
+    /// With history on: hands each stream's frames over in offset order.
+    seq: Sequencer,
+    /// Frames the sequencer let out, to write.
+    ready: Vec<SocketFrame>,
+    /// The position the client asked to recover from in its connect URL.
+    recover: Option<Position<'static>>,
 }
+
+/// Frames to write to the socket at once, ahead of the queue (a replay and the reply that
+/// ends it), from handling a client frame.
+type Direct = Vec<String>;
 
 /// What the rate limiter says about one client frame.
 #[derive(Debug, PartialEq, Eq)]
@@ -221,6 +240,7 @@ impl Session {
         queue: SessionReceiver,
         guard: SessionGuard,
         permit: OwnedSemaphorePermit,
+        recover: Option<Position<'static>>,
     ) -> Self {
         let bucket = TokenBucket::new(
             node.config.rate_limit,
@@ -236,6 +256,9 @@ impl Session {
             bucket,
             guard,
             _permit: permit,
+            seq: Sequencer::default(),
+            ready: Vec::new(),
+            recover,
         }
     }
 
@@ -243,7 +266,10 @@ impl Session {
     pub async fn run(mut self, socket: Socket) {
         self.node.metrics.connections_active.increment(1.0);
         let mut link = Link::new(socket, self.node.config.ping_interval);
-        let end = self.serve(&mut link).await;
+        let end = match self.open_user_stream(&mut link).await {
+            Ok(()) => self.serve(&mut link).await,
+            Err(end) => end,
+        };
         // Before the close handshake: a member that has left must get nothing sent after it
         // left, and the client may reconnect as soon as it sees our Close.
         self.leave_rooms().await;
@@ -278,9 +304,15 @@ impl Session {
             {
                 return end;
             }
+            let gap_due = self.seq.next_deadline();
             tokio::select! {
                 biased;
                 _ = &mut kicked => return self.kicked(),
+                _ = until(gap_due) => {
+                    if let Err(end) = self.fill_gaps(link).await {
+                        return end;
+                    }
+                }
                 frame = self.queue.rx.recv() => {
                     let Some(frame) = frame else { return End::Gone };
                     if let Err(end) = self.write_queued(link, frame).await {
@@ -301,9 +333,11 @@ impl Session {
                                 (Admission::Allowed, Message::Text(text)) => self.handle(&text).await,
                                 (Admission::Allowed, _) => Err(ClientError::BinaryFrame),
                             };
-                            if let Err(error) = outcome
-                                && let Err(end) = self.write_error(link, &error).await
-                            {
+                            let written = match outcome {
+                                Ok(direct) => self.write_direct(link, direct).await,
+                                Err(error) => self.write_error(link, &error).await,
+                            };
+                            if let Err(end) = written {
                                 return end;
                             }
                         }
@@ -349,8 +383,8 @@ impl Session {
 
     /// Handles one client frame; a frame that answers the client (`joined`, `left`,
     /// `members`) is queued for it like any other.
-    async fn handle(&mut self, text: &str) -> Result<(), ClientError> {
-        let node = &self.node;
+    async fn handle(&mut self, text: &str) -> Result<Direct, ClientError> {
+        let node = self.node.clone();
         node.metrics.received.increment(1);
         let born_us = crate::node::now_us();
         let origin = || Origin::Session {
@@ -366,20 +400,23 @@ impl Session {
                 };
                 let frame = encode_relay(self.user.as_str(), action, data).into();
                 node.publish(origin(), target, action, &frame, born_us)
-                    .await
+                    .await?;
+                Ok(Direct::new())
             }
             Command::Message { to, text } => {
                 node.send(origin(), Target::User(to.into()), text, born_us)
-                    .await
+                    .await?;
+                Ok(Direct::new())
             }
             Command::RoomMessage { room, text } => {
                 if !self.rooms.contains(room) {
                     return Err(ClientError::NotInRoom(room.to_owned()));
                 }
                 node.send(origin(), Target::Room(room.into()), text, born_us)
-                    .await
+                    .await?;
+                Ok(Direct::new())
             }
-            Command::Join { room } => {
+            Command::Join { room, since } => {
                 let id = RoomId::parse(room).ok_or(ClientError::InvalidRoom)?;
                 if !self.rooms.contains(room)
                     && self.rooms.len() >= node.config.max_rooms_per_session
@@ -388,14 +425,44 @@ impl Session {
                 }
                 let members = node.join_room(&id, &self.user, self.sid).await?;
                 self.rooms.insert(id);
-                self.reply("joined", json!({"room": room, "members": members}))
+                let data = json!({"room": room, "members": members});
+                if node.history.is_none() {
+                    self.reply("joined", data)?;
+                    return Ok(Direct::new());
+                }
+                self.recover_stream(Some(room.into()), since, "joined", data)
+                    .await
+            }
+            Command::Recover(position) => {
+                if node.history.is_none() {
+                    return Err(ClientError::HistoryOff);
+                }
+                self.recover_stream(None, Some(position), "recovered", json!({}))
+                    .await
+            }
+            Command::History {
+                room,
+                since,
+                limit,
+                epoch,
+            } => {
+                if let Some(room) = room
+                    && !self.rooms.contains(room)
+                {
+                    return Err(ClientError::NotInRoom(room.to_owned()));
+                }
+                self.history(room, since, limit, epoch.as_deref())
+                    .await?;
+                Ok(Direct::new())
             }
             Command::Leave { room } => {
                 let Some(id) = self.rooms.take(room) else {
                     return Err(ClientError::NotInRoom(room.to_owned()));
                 };
+                self.seq.stop(room);
                 node.leave_room(&id, &self.user, self.sid).await?;
-                self.reply("left", json!({"room": room}))
+                self.reply("left", json!({"room": room}))?;
+                Ok(Direct::new())
             }
             Command::Members { room } => {
                 let id = RoomId::parse(room).ok_or(ClientError::InvalidRoom)?;
@@ -404,8 +471,218 @@ impl Session {
                 if list.truncated {
                     data["truncated"] = json!(true);
                 }
-                self.reply("members", data)
+                self.reply("members", data)?;
+                Ok(Direct::new())
             }
+        }
+    }
+
+    /// With history on, before anything else is written: starts ordering the user's stream
+    /// from its current position and, if the connect URL asked (`?since=&epoch=`), replays
+    /// what the client missed and says how that went (`recovered`). The session is
+    /// registered already, so a frame sent meanwhile is either in what is replayed or
+    /// queued (the sequencer drops those it replayed): no gap, no duplicate.
+    async fn open_user_stream(&mut self, link: &mut Link) -> Result<(), End> {
+        if self.node.history.is_none() {
+            return Ok(());
+        }
+        let asked = self.recover.take();
+        let replied = asked.is_some();
+        match self
+            .recover_stream(None, asked, "recovered", json!({}))
+            .await
+        {
+            Ok(direct) if replied => self.write_direct(link, direct).await,
+            Ok(_) => Ok(()),
+            Err(error) => self.write_error(link, &error).await,
+        }
+    }
+
+    /// Opens one stream of this session (`room`, or the user's own): starts ordering its
+    /// frames (unless it already does) and, with a position `since`, replays what came after
+    /// it. Returns the frames to write at once: the replay, then the `action` reply (`data`
+    /// completed with the position, and the recovery's outcome when one was asked).
+    async fn recover_stream(
+        &mut self,
+        room: StreamOf,
+        since: Option<Position<'_>>,
+        action: &str,
+        mut data: serde_json::Value,
+    ) -> Result<Direct, ClientError> {
+        let node = self.node.clone();
+        let Some(history) = &node.history else {
+            return Err(ClientError::HistoryOff);
+        };
+        let stream = match &room {
+            Some(room) => crate::history::Stream::Room(room),
+            None => crate::history::Stream::User(self.user.as_str()),
+        };
+        let opened = history
+            .open(
+                &node.bus,
+                stream,
+                since.as_ref().map(|p| p.since),
+                history.recover_max,
+                true,
+            )
+            .await
+            .map_err(|e| {
+                tracing::warn!(user = %self.user, room = ?room, error = %e, "history read failed");
+                ClientError::BusUnavailable
+            })?;
+        if self.seq.position(&room).is_none() {
+            self.seq.start(room.clone(), &opened.epoch, opened.top);
+        }
+        let (epoch, next) = self.seq.position(&room).expect("started above");
+        let mut direct = Direct::new();
+        if let Some(since) = since {
+            let outcome = match *epoch == *opened.epoch {
+                true => history.recovery(since.since, &since.epoch, &opened),
+                false => Err(crate::history::Unrecoverable::Epoch),
+            };
+            let result = match outcome {
+                Ok(()) => {
+                    // Offsets from `next` on reach the client live (or did already).
+                    direct.extend(
+                        opened
+                            .frames
+                            .into_iter()
+                            .filter(|(offset, _)| *offset < next)
+                            .map(|(_, frame)| frame),
+                    );
+                    data["recovered"] = json!(true);
+                    data["count"] = json!(direct.len());
+                    "recovered"
+                }
+                Err(why) => {
+                    data["recovered"] = json!(false);
+                    data["reason"] = json!(why.as_str());
+                    data["count"] = json!(0);
+                    why.as_str()
+                }
+            };
+            metrics::counter!("wsbus_recoveries_total", "result" => result).increment(1);
+        }
+        data["offset"] = json!(next - 1);
+        data["epoch"] = json!(&*epoch);
+        direct.push(encode_frame(self.user.as_str(), action, data));
+        Ok(direct)
+    }
+
+    /// Answers `history`: the frames of the user's stream (or `room`'s) after `since`, at
+    /// most `limit`, as a `history` reply.
+    async fn history(
+        &mut self,
+        room: Option<&str>,
+        since: u64,
+        limit: u32,
+        epoch: Option<&str>,
+    ) -> Result<(), ClientError> {
+        let node = self.node.clone();
+        let Some(history) = &node.history else {
+            return Err(ClientError::HistoryOff);
+        };
+        let stream = match room {
+            Some(room) => crate::history::Stream::Room(room),
+            None => crate::history::Stream::User(self.user.as_str()),
+        };
+        let opened = history
+            .open(&node.bus, stream, Some(since), limit, true)
+            .await
+            .map_err(|_| ClientError::BusUnavailable)?;
+        let mut data = json!({"since": since, "offset": opened.top, "epoch": opened.epoch});
+        if let Some(room) = room {
+            data["room"] = json!(room);
+        }
+        let mut frames = opened.frames;
+        if epoch.is_some_and(|e| e != opened.epoch) {
+            data["reason"] = json!("epoch");
+            frames.clear();
+        } else if since < opened.top && (opened.first == 0 || since + 1 < opened.first) {
+            data["reason"] = json!("trimmed");
+        }
+        let last = frames.last().map_or(since, |(offset, _)| *offset);
+        data["more"] = json!(data.get("reason").is_none_or(|r| r != "epoch") && last < opened.top);
+        let messages: Vec<Box<serde_json::value::RawValue>> = frames
+            .into_iter()
+            .filter_map(|(_, frame)| serde_json::value::RawValue::from_string(frame).ok())
+            .collect();
+        data["messages"] = json!(messages);
+        self.reply("history", data)
+    }
+
+    /// Reads the gaps that waited [`crate::history::GAP_WAIT`] from their streams and
+    /// writes what they let out.
+    async fn fill_gaps(&mut self, link: &mut Link) -> Result<(), End> {
+        let now = Instant::now();
+        while let Some(gap) = self.seq.gap(now) {
+            let frames = self.read_gap(&gap).await;
+            let mut ready = std::mem::take(&mut self.ready);
+            self.seq.fill(&gap, frames, &mut ready);
+            metrics::counter!("wsbus_history_gap_fills_total").increment(1);
+            let written = self.write_ready(link, &mut ready).await;
+            self.ready = ready;
+            written?;
+        }
+        self.flush(link).await
+    }
+
+    /// The frames of a gap, from its stream (none if it cannot be read).
+    async fn read_gap(&self, gap: &Gap) -> Vec<(u64, String)> {
+        let Some(history) = &self.node.history else {
+            return Vec::new();
+        };
+        let stream = match &gap.room {
+            Some(room) => crate::history::Stream::Room(room),
+            None => crate::history::Stream::User(self.user.as_str()),
+        };
+        let want = u32::try_from(gap.until - gap.from).unwrap_or(u32::MAX);
+        match history
+            .open(&self.node.bus, stream, Some(gap.from - 1), want, false)
+            .await
+        {
+            Ok(opened) if self.seq.position(&gap.room).is_some_and(|(e, _)| *e == *opened.epoch) => {
+                opened.frames
+            }
+            Ok(_) => Vec::new(),
+            Err(e) => {
+                tracing::debug!(user = %self.user, error = %e, "could not read a gap");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Writes frames the sequencer let out (no flush).
+    async fn write_ready(
+        &mut self,
+        link: &mut Link,
+        ready: &mut Vec<SocketFrame>,
+    ) -> Result<(), End> {
+        for out in ready.drain(..) {
+            self.record_latency(&out);
+            self.write(link, Message::Text(out.frame), false).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes `direct` and flushes.
+    async fn write_direct(&mut self, link: &mut Link, direct: Direct) -> Result<(), End> {
+        if direct.is_empty() {
+            return Ok(());
+        }
+        for frame in direct {
+            self.write(link, Message::Text(frame.into()), false).await?;
+        }
+        self.flush(link).await
+    }
+
+    fn record_latency(&self, out: &SocketFrame) {
+        if out.born_us != 0 {
+            let latency_us = crate::node::now_us().saturating_sub(out.born_us);
+            self.node
+                .metrics
+                .delivery_seconds
+                .record(latency_us as f64 / 1e6);
         }
     }
 
@@ -461,14 +738,17 @@ impl Session {
         let mut next = Some(first);
         let mut n = 0;
         while let Some(out) = next.take() {
-            if out.born_us != 0 {
-                let latency_us = crate::node::now_us().saturating_sub(out.born_us);
-                self.node
-                    .metrics
-                    .delivery_seconds
-                    .record(latency_us as f64 / 1e6);
+            if out.seq.is_some() {
+                // A history stream's frame: in offset order, once.
+                let mut ready = std::mem::take(&mut self.ready);
+                self.seq.accept(out, Instant::now(), &mut ready);
+                let written = self.write_ready(link, &mut ready).await;
+                self.ready = ready;
+                written?;
+            } else {
+                self.record_latency(&out);
+                self.write(link, Message::Text(out.frame), false).await?;
             }
-            self.write(link, Message::Text(out.frame), false).await?;
             n += 1;
             if n < MAX_FRAMES_PER_FLUSH {
                 next = self.queue.rx.try_recv();
@@ -535,6 +815,14 @@ impl Session {
                 }
             }
         }
+    }
+}
+
+/// Resolves at `deadline`, never without one.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -55,7 +55,7 @@ pub fn render() -> String {
 
 /// Counters that can stay at zero for long: connections opened (until the first client),
 /// and those that only move on faults.
-const ZERO_AT_START: [&str; 8] = [
+const ZERO_AT_START: [&str; 11] = [
     "wsbus_connections_opened_total",
     "wsbus_ingress_claimed_total",
     "wsbus_api_published_total",
@@ -64,6 +64,9 @@ const ZERO_AT_START: [&str; 8] = [
     "wsbus_bus_errors_total",
     "wsbus_undecodable_entries_total",
     "wsbus_duplicate_entries_total",
+    "wsbus_history_duplicates_dropped_total",
+    "wsbus_history_gap_fills_total",
+    "wsbus_history_gap_messages_lost_total",
 ];
 
 /// Handles of the metrics on the per-message paths, registered once per node so that
@@ -79,6 +82,8 @@ pub struct HotMetrics {
     pub from_bus: Counter,
     /// Time of one pipelined `XADD` batch.
     pub xadd_seconds: Histogram,
+    /// Time of one pipelined batch of history appends (`--history`).
+    pub history_append_seconds: Histogram,
     /// Client frame in on the sender's node → frame written to the recipient's socket.
     pub delivery_seconds: Histogram,
     /// Sessions open on this process's nodes.
@@ -117,6 +122,9 @@ impl HotMetrics {
         for result in ["routed", "invalid"] {
             metrics::counter!("wsbus_ingress_entries_total", "result" => result).increment(0);
         }
+        for result in ["recovered", "epoch", "trimmed", "expired", "too_many"] {
+            metrics::counter!("wsbus_recoveries_total", "result" => result).increment(0);
+        }
         for reason in ["header_timeout", "head_too_large", "idle", "evicted"] {
             metrics::counter!("wsbus_http_connections_dropped_total", "reason" => reason)
                 .increment(0);
@@ -127,6 +135,7 @@ impl HotMetrics {
             to_bus: metrics::counter!("wsbus_messages_to_bus_total"),
             from_bus: metrics::counter!("wsbus_messages_from_bus_total"),
             xadd_seconds: metrics::histogram!("wsbus_bus_xadd_seconds"),
+            history_append_seconds: metrics::histogram!("wsbus_history_append_seconds"),
             delivery_seconds: metrics::histogram!("wsbus_delivery_latency_seconds"),
             connections_active: metrics::gauge!("wsbus_connections_active"),
             inbox_length: metrics::gauge!("wsbus_inbox_length"),

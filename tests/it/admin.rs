@@ -51,6 +51,7 @@ async fn nodes_whereis_and_inspect_report_the_bus() {
         to_recipient: true,
         to_sender: false,
         tried: Vec::new(),
+        stamp: None,
         body: wsbus::envelope::Body::Message {
             text: "queued".into(),
         },

@@ -174,6 +174,7 @@ async fn entries_for_users_who_moved_are_rerouted_or_answered() {
             to_recipient: true,
             to_sender: false,
             tried: Vec::new(),
+            stamp: None,
             body: wsbus::envelope::Body::Message { text: text.into() },
         }
         .encode_into(&mut env);
