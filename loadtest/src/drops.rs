@@ -149,7 +149,9 @@ pub struct DropsStats {
     pub rejoin_not_recovered: BTreeMap<String, u64>,
     /// Sum of the `count`s of `recovered` and re-join `joined` frames, against `replayed`.
     pub replay_count_claimed: u64,
-    /// Stamped frames whose offset was not the previous one + 1 in the same epoch.
+    /// Direct-message frames whose offset was not the previous one + 1 in the same epoch
+    /// (room streams are not checked: a member's own room messages take offsets it never
+    /// receives live).
     pub offset_gaps: u64,
     /// The client's own room messages received (in a room replay).
     pub own_room_messages: u64,
@@ -1172,8 +1174,10 @@ impl Client {
             "message" => {
                 let Some(body) = d.text else { return };
                 let replay = self.recovering;
-                if let Some(pos) = &mut self.user_pos {
-                    step(pos, &sh, f.offset, f.epoch.as_deref());
+                if let Some(pos) = &mut self.user_pos
+                    && step(pos, &sh, f.offset, f.epoch.as_deref())
+                {
+                    sh.offset_gaps.fetch_add(1, Relaxed);
                 }
                 self.receive(body, 0, replay);
             }
@@ -1329,19 +1333,19 @@ impl Client {
     }
 }
 
-/// Advances a stream position by a stamped frame, counting gaps.
-fn step(pos: &mut Position, sh: &Shared, offset: Option<u64>, epoch: Option<&str>) {
+/// Advances a stream position by a stamped frame; `true` when the frame skipped offsets of
+/// the same epoch.
+fn step(pos: &mut Position, sh: &Shared, offset: Option<u64>, epoch: Option<&str>) -> bool {
     let (Some(offset), Some(epoch)) = (offset, epoch) else {
         sh.errors.add("stream frame without offset/epoch");
-        return;
+        return false;
     };
-    if epoch == pos.epoch && offset != pos.offset + 1 {
-        sh.offset_gaps.fetch_add(1, Relaxed);
-    }
+    let gap = epoch == pos.epoch && offset != pos.offset + 1;
     pos.offset = offset;
     if epoch != pos.epoch {
         pos.epoch = epoch.to_owned();
     }
+    gap
 }
 
 /// Percent-encodes everything but unreserved characters (RFC 3986).
