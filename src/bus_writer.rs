@@ -585,10 +585,9 @@ impl Writer {
                         Some(room),
                     ),
                 ),
-                (Target::User(to), Payload::Frame { frame, .. }) => (
-                    Stream::User(to),
-                    crate::history::frame_prefix(frame, None),
-                ),
+                (Target::User(to), Payload::Frame { frame, .. }) => {
+                    (Stream::User(to), crate::history::frame_prefix(frame, None))
+                }
                 (Target::Room(room), Payload::Frame { frame, .. }) => (
                     Stream::Room(room),
                     crate::history::frame_prefix(frame, Some(room)),
@@ -663,13 +662,13 @@ impl Writer {
             Origin::Session { user, sid } => Some((user, *sid)),
             _ => None,
         };
-        let queued = node.rooms.deliver(room, sender.map(|(_, sid)| sid), None, || {
-            SocketFrame {
+        let queued = node
+            .rooms
+            .deliver(room, sender.map(|(_, sid)| sid), None, || SocketFrame {
                 frame: frame.clone(),
                 born_us: msg.born_us,
                 seq: Some(seq.clone()),
-            }
-        });
+            });
         node.metrics
             .room_delivered_local
             .increment(u64::from(queued));

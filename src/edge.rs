@@ -15,10 +15,10 @@ use futures_util::SinkExt;
 use tungstenite::Message;
 use tungstenite::protocol::WebSocketConfig;
 
-use crate::edge_protocol::{ClientError, close, encode_error};
+use crate::edge_protocol::{ClientError, Position, close, encode_error};
 use crate::node::Node;
 use crate::presence::Claim;
-use crate::session::{Session, SessionGuard};
+use crate::session::{Session, SessionGuard, StartAt};
 use crate::user::UserId;
 use crate::websocket::{Socket, Upgrade, close_politely};
 
@@ -85,6 +85,34 @@ async fn connect(
         return (StatusCode::SERVICE_UNAVAILABLE, "too many connections\n").into_response();
     };
     let ws = configure(ws, &node);
+    // With history on, where the user's stream starts for this session: where the client
+    // says (`?since=&epoch=`), or where the stream is now, before the session registers, so
+    // that what is sent meanwhile reaches it too.
+    let start = match (&node.history, Position::from_query(query.as_deref())) {
+        (None, _) => None,
+        (Some(_), Some(position)) => Some(StartAt {
+            position,
+            asked: true,
+        }),
+        (Some(history), None) => {
+            let stream = crate::history::Stream::User(user.as_str());
+            match history.open(&node.bus, stream, None, 0, true).await {
+                Ok(opened) => Some(StartAt {
+                    position: Position {
+                        since: opened.top,
+                        epoch: opened.epoch.into(),
+                    },
+                    asked: false,
+                }),
+                Err(e) => {
+                    tracing::warn!(user = %user, error = %e, "history read failed; refusing connection");
+                    metrics::counter!("wsbus_connections_refused_total", "reason" => "bus")
+                        .increment(1);
+                    return (StatusCode::SERVICE_UNAVAILABLE, "bus unavailable\n").into_response();
+                }
+            }
+        }
+    };
     let sid = node.next_session_id();
     // In the hub before the claim: once the claim is in Redis, another node may evict this
     // session (`--on-session-limit replace`), and its kick must find the session here.
@@ -127,12 +155,11 @@ async fn connect(
             tracing::warn!(user = %user, node = %old.node, error = %e, "could not close a replaced session");
         }
     }
-    let recover = crate::edge_protocol::Position::from_query(query.as_deref());
     let guard = SessionGuard::new(node.clone(), user.clone(), sid);
     let tracker = node.sessions.clone();
     metrics::counter!("wsbus_connections_opened_total").increment(1);
     ws.on_upgrade(move |socket| {
-        tracker.track_future(Session::new(node, user, queue, guard, permit, recover).run(socket))
+        tracker.track_future(Session::new(node, user, queue, guard, permit, start).run(socket))
     })
 }
 

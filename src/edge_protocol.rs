@@ -217,6 +217,16 @@ pub struct Position<'a> {
     pub epoch: Cow<'a, str>,
 }
 
+impl Position<'_> {
+    /// Copies the epoch, detaching the position from its frame.
+    pub fn into_owned(self) -> Position<'static> {
+        Position {
+            since: self.since,
+            epoch: Cow::Owned(self.epoch.into_owned()),
+        }
+    }
+}
+
 impl Position<'static> {
     /// The position in a connect URL's query (`since=<offset>&epoch=<epoch>`), if `since`
     /// is there. A `since` that is no offset is ignored; a missing `epoch` is empty (and
@@ -433,10 +443,7 @@ fn valid_room(room: Cow<'_, str>) -> Result<&str, ClientError> {
 }
 
 fn parse_join(data: Option<&RawValue>) -> Result<Command<'_>, ClientError> {
-    let data: JoinData<'_> = data_object(
-        data,
-        r#"expected {"room": "<room id>"}"#,
-    )?;
+    let data: JoinData<'_> = data_object(data, r#"expected {"room": "<room id>"}"#)?;
     Ok(Command::Join {
         room: valid_room(data.room)?,
         since: data.since.map(|since| Position {
@@ -447,7 +454,8 @@ fn parse_join(data: Option<&RawValue>) -> Result<Command<'_>, ClientError> {
 }
 
 fn parse_history(data: Option<&RawValue>) -> Result<Command<'_>, ClientError> {
-    const SHAPE: &str = r#"expected {"since": <offset>, "limit": 0..1000} (optionally with "room", "epoch")"#;
+    const SHAPE: &str =
+        r#"expected {"since": <offset>, "limit": 0..1000} (optionally with "room", "epoch")"#;
     // `data` may be left out: the user's stream from the start, 50 frames.
     let data: HistoryData<'_> = match data {
         None => HistoryData {
@@ -463,7 +471,10 @@ fn parse_history(data: Option<&RawValue>) -> Result<Command<'_>, ClientError> {
         return Err(ClientError::MalformedData(SHAPE));
     }
     Ok(Command::History {
-        room: data.room.map(|r| valid_room(Cow::Borrowed(r))).transpose()?,
+        room: data
+            .room
+            .map(|r| valid_room(Cow::Borrowed(r)))
+            .transpose()?,
         since: data.since.unwrap_or(0),
         limit,
         epoch: data.epoch,

@@ -628,7 +628,9 @@ mod tests {
             top,
             created,
             first,
-            frames: (top - frames + 1..=top).map(|o| (o, String::new())).collect(),
+            frames: (top - frames + 1..=top)
+                .map(|o| (o, String::new()))
+                .collect(),
         }
     }
 

@@ -279,6 +279,16 @@ impl Registry {
         Ok(Some(drops))
     }
 
+    /// Releases every session of this node in Redis at once (it is shutting down), so
+    /// that its clients, told 1001 next, can reconnect to another node at once.
+    pub async fn release_users(
+        &self,
+        bus: &Bus,
+        conn: &mut impl redis::aio::ConnectionLike,
+    ) -> Result<(), BusError> {
+        release_all_users(&self.keys, bus, conn, &self.node_id).await
+    }
+
     /// Removes this node from Redis on clean shutdown: its users, user set, inbox, hash and
     /// registry entry.
     pub async fn deregister(

@@ -127,6 +127,18 @@ fn serve_http(
 async fn stop(node: &Node, running: Running, server: JoinHandle<()>) {
     let started = Instant::now();
     tracing::info!(node = %node.id, sessions = node.hub.len(), "node shutting down");
+    // Registrations first: a client told 1001 below may reconnect to another node at once,
+    // and must not be refused for its own session here. (Messages sent to it meanwhile are
+    // answered `not found`, or, with history on, kept for its reconnect.)
+    let released = async {
+        let mut conn = node.bus.conn().await?;
+        node.registry.release_users(&node.bus, &mut conn).await
+    };
+    match tokio::time::timeout(Duration::from_secs(1), released).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not release the sessions early"),
+        Err(_) => tracing::warn!("releasing the sessions early timed out"),
+    }
     node.shutdown.cancel();
     node.sessions.close();
     let budget = node.config.shutdown_timeout;

@@ -172,8 +172,18 @@ pub struct Session {
     seq: Sequencer,
     /// Frames the sequencer let out, to write.
     ready: Vec<SocketFrame>,
-    /// The position the client asked to recover from in its connect URL.
-    recover: Option<Position<'static>>,
+    /// Where the user's stream starts for this session: the position the client asked to
+    /// recover from in its connect URL, or the stream's top read before the session was
+    /// registered.
+    recover: Option<StartAt>,
+}
+
+/// Where a session's view of one of its streams starts.
+pub struct StartAt {
+    /// After this position.
+    pub position: Position<'static>,
+    /// The client asked for it (`since`): it is told how the recovery went.
+    pub asked: bool,
 }
 
 /// Frames to write to the socket at once, ahead of the queue (a replay and the reply that
@@ -240,7 +250,7 @@ impl Session {
         queue: SessionReceiver,
         guard: SessionGuard,
         permit: OwnedSemaphorePermit,
-        recover: Option<Position<'static>>,
+        recover: Option<StartAt>,
     ) -> Self {
         let bucket = TokenBucket::new(
             node.config.rate_limit,
@@ -423,6 +433,29 @@ impl Session {
                 {
                     return Err(ClientError::TooManyRooms);
                 }
+                // Without `since`, the room's frames start for this session where its stream
+                // is before the join, so none sent while it joins is missed.
+                let start = match (&node.history, since) {
+                    (None, _) => None,
+                    (Some(_), Some(position)) => Some(StartAt {
+                        position: position.into_owned(),
+                        asked: true,
+                    }),
+                    (Some(history), None) => {
+                        let stream = crate::history::Stream::Room(room);
+                        let opened = history
+                            .open(&node.bus, stream, None, 0, true)
+                            .await
+                            .map_err(|_| ClientError::BusUnavailable)?;
+                        Some(StartAt {
+                            position: Position {
+                                since: opened.top,
+                                epoch: opened.epoch.into(),
+                            },
+                            asked: false,
+                        })
+                    }
+                };
                 let members = node.join_room(&id, &self.user, self.sid).await?;
                 self.rooms.insert(id);
                 let data = json!({"room": room, "members": members});
@@ -430,14 +463,18 @@ impl Session {
                     self.reply("joined", data)?;
                     return Ok(Direct::new());
                 }
-                self.recover_stream(Some(room.into()), since, "joined", data)
+                self.recover_stream(Some(room.into()), start, "joined", data)
                     .await
             }
             Command::Recover(position) => {
                 if node.history.is_none() {
                     return Err(ClientError::HistoryOff);
                 }
-                self.recover_stream(None, Some(position), "recovered", json!({}))
+                let start = StartAt {
+                    position: position.into_owned(),
+                    asked: true,
+                };
+                self.recover_stream(None, Some(start), "recovered", json!({}))
                     .await
             }
             Command::History {
@@ -451,8 +488,7 @@ impl Session {
                 {
                     return Err(ClientError::NotInRoom(room.to_owned()));
                 }
-                self.history(room, since, limit, epoch.as_deref())
-                    .await?;
+                self.history(room, since, limit, epoch.as_deref()).await?;
                 Ok(Direct::new())
             }
             Command::Leave { room } => {
@@ -486,14 +522,20 @@ impl Session {
         if self.node.history.is_none() {
             return Ok(());
         }
-        let asked = self.recover.take();
-        let replied = asked.is_some();
+        let start = self.recover.take();
+        let asked = start.as_ref().is_some_and(|s| s.asked);
         match self
-            .recover_stream(None, asked, "recovered", json!({}))
+            .recover_stream(None, start, "recovered", json!({}))
             .await
         {
-            Ok(direct) if replied => self.write_direct(link, direct).await,
-            Ok(_) => Ok(()),
+            Ok(mut direct) => {
+                if !asked {
+                    // Frames sent while the session registered, but no `recovered`: the client
+                    // asked for nothing.
+                    direct.pop();
+                }
+                self.write_direct(link, direct).await
+            }
             Err(error) => self.write_error(link, &error).await,
         }
     }
@@ -505,10 +547,12 @@ impl Session {
     async fn recover_stream(
         &mut self,
         room: StreamOf,
-        since: Option<Position<'_>>,
+        start: Option<StartAt>,
         action: &str,
         mut data: serde_json::Value,
     ) -> Result<Direct, ClientError> {
+        let asked = start.as_ref().is_some_and(|s| s.asked);
+        let since = start.map(|s| s.position);
         let node = self.node.clone();
         let Some(history) = &node.history else {
             return Err(ClientError::HistoryOff);
@@ -561,7 +605,15 @@ impl Session {
                     why.as_str()
                 }
             };
-            metrics::counter!("wsbus_recoveries_total", "result" => result).increment(1);
+            if asked {
+                metrics::counter!("wsbus_recoveries_total", "result" => result).increment(1);
+            } else {
+                for field in ["recovered", "reason", "count"] {
+                    if let Some(data) = data.as_object_mut() {
+                        data.remove(field);
+                    }
+                }
+            }
         }
         data["offset"] = json!(next - 1);
         data["epoch"] = json!(&*epoch);
@@ -641,7 +693,12 @@ impl Session {
             .open(&self.node.bus, stream, Some(gap.from - 1), want, false)
             .await
         {
-            Ok(opened) if self.seq.position(&gap.room).is_some_and(|(e, _)| *e == *opened.epoch) => {
+            Ok(opened)
+                if self
+                    .seq
+                    .position(&gap.room)
+                    .is_some_and(|(e, _)| *e == *opened.epoch) =>
+            {
                 opened.frames
             }
             Ok(_) => Vec::new(),

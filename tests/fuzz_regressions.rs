@@ -43,10 +43,20 @@ fn check_frame(frame: &str) -> Result<Command<'_>, ClientError> {
                     assert_eq!(v, json!({"from": "sender", "action": action, "data": data}));
                     return parsed;
                 }
-                Command::Join { room } | Command::Leave { room } | Command::Members { room } => {
+                Command::Join { room, .. }
+                | Command::Leave { room }
+                | Command::Members { room } => {
                     assert!(wsbus::user::is_valid_id(room), "accepted room {room:?}");
                     return parsed;
                 }
+                Command::History { room, .. } => {
+                    assert!(
+                        room.is_none_or(wsbus::user::is_valid_id),
+                        "accepted room {room:?}"
+                    );
+                    return parsed;
+                }
+                Command::Recover(_) => return parsed,
             };
             let v: Value = serde_json::from_str(&out).expect("the encoder yields JSON");
             assert_eq!(v, expected);

@@ -342,6 +342,8 @@ pub async fn http_request(
 pub struct Client {
     pub user: String,
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Frames read ahead and handed back ([`Client::pushed_back`]), returned first.
+    ahead: std::collections::VecDeque<Value>,
 }
 
 /// What arrived from the server.
@@ -374,6 +376,7 @@ impl Client {
             Ok((ws, _)) => Ok(Client {
                 user: user.to_owned(),
                 ws,
+                ahead: Default::default(),
             }),
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
             Err(tokio_tungstenite::tungstenite::Error::Io(_)) => Err(0),
@@ -420,6 +423,9 @@ impl Client {
 
     /// The next JSON frame or close, or `None` if nothing arrives within `wait`.
     pub async fn next_event_within(&mut self, wait: Duration) -> Option<Event> {
+        if let Some(v) = self.ahead.pop_front() {
+            return Some(Event::Json(v));
+        }
         let end = Instant::now() + wait;
         loop {
             let left = end.saturating_duration_since(Instant::now());
@@ -438,6 +444,11 @@ impl Client {
                 None | Some(Err(_)) => return Some(Event::Closed(None)),
             }
         }
+    }
+
+    /// Hands a frame read ahead back: the next read returns it.
+    pub fn pushed_back(&mut self, v: Value) {
+        self.ahead.push_back(v);
     }
 
     /// The next frame, which must be JSON.

@@ -9,6 +9,7 @@ mod closing;
 mod cluster;
 mod errors;
 mod faults;
+mod history;
 mod http;
 mod ingress;
 mod messaging;
