@@ -41,9 +41,12 @@
 #   HISTORY [1000]      --history of the nodes in the history runs below (messages kept per stream)
 #   DROPS_USERS [300]   drops: users over three history nodes (a third on the cut path) ...
 #   DROPS_RATE [2000]   ... sending this many messages/s in total (direct and room in turn) ...
-#   DROPS_ROOMS [3]     ... into this many rooms ...
+#   DROPS_ROOMS [10]    ... into this many rooms (100 room messages/s each: a client away for
+#                       the 5 s node TTL misses ~500, under the nodes' --recover-max) ...
 #   DROPS_RUN_TIME [30] ... for this long, cut 2 s every 10 s, the third node killed (SIGKILL)
-#                       at 40 % and restarted 3 s later
+#                       at 40 % and restarted DROPS_DOWN_FOR [3] s later (under the nodes'
+#                       5 s node TTL: the node comes back before anyone saw it dead)
+#   RECOVER_MAX         --recover-max of the history nodes [the node's default, 1000]
 #   FILL_MSGS [100]     history-memory: messages per user stored by a dm-cross open-loop fill of
 #                       USERS users (Redis used_memory before/after, XLEN and MEMORY USAGE)
 # History names for ONLY: drops, ab-history-off, ab-history-on (dm-cross closed loop on nodes
@@ -70,9 +73,10 @@ ROOM_CHURNERS=${ROOM_CHURNERS:-50}
 HISTORY=${HISTORY:-1000}
 DROPS_USERS=${DROPS_USERS:-300}
 DROPS_RATE=${DROPS_RATE:-2000}
-DROPS_ROOMS=${DROPS_ROOMS:-3}
+DROPS_ROOMS=${DROPS_ROOMS:-10}
 DROPS_RUN_TIME=${DROPS_RUN_TIME:-30}
 FILL_MSGS=${FILL_MSGS:-100}
+DROPS_DOWN_FOR=${DROPS_DOWN_FOR:-3}
 for tool in redis-server jq getconf timeout; do
     command -v "$tool" >/dev/null || { echo "bench: $tool is required" >&2; exit 2; }
 done
@@ -401,14 +405,16 @@ run dm-multi-closed dm-multi --users "$USERS" --in-flight "$IN_FLIGHT" --run-tim
 # History. drops: three history nodes; the third runs from a script with a pid file, so that
 # the scenario can kill it (SIGKILL, a crash) and start it again mid-run.
 if wanted drops; then
-    restart_nodes --history "$HISTORY"
+    HISTORY_ARGS=(--history "$HISTORY")
+    [ -z "${RECOVER_MAX:-}" ] || HISTORY_ARGS+=(--recover-max "$RECOVER_MAX")
+    restart_nodes "${HISTORY_ARGS[@]}"
     CPORT=$(free_port)
     while [ "$CPORT" = "$APORT" ] || [ "$CPORT" = "$BPORT" ]; do CPORT=$(free_port); done
     {
         printf '#!/usr/bin/env bash\n'
         printf 'case $1 in\n'
         printf '  start) env %s %q serve --bind 127.0.0.1:%s --node-id bench-c' "${NODE_ENV[*]:-}" "$WSBUS" "$CPORT"
-        printf ' %q' "${SERVE_ARGS[@]}" --history "$HISTORY"
+        printf ' %q' "${SERVE_ARGS[@]}" "${HISTORY_ARGS[@]}"
         printf ' >>%q 2>&1 &\n    echo $! >%q ;;\n' "$OUT/bench-c.log" "$TMP/node-c.pid"
         printf '  kill) kill -9 "$(cat %q)" ;;\n' "$TMP/node-c.pid"
         printf 'esac\n'
@@ -418,7 +424,7 @@ if wanted drops; then
     wait_port "$CPORT" "$(cat "$TMP/node-c.pid")" bench-c
     run drops drops --node "ws://127.0.0.1:$CPORT" --kill-node 0 --users "$DROPS_USERS" \
         --rate "$DROPS_RATE" --rooms "$DROPS_ROOMS" --run-time "$DROPS_RUN_TIME" --grace 15 \
-        --kill-cmd "$TMP/node-c.sh kill" --restart-cmd "$TMP/node-c.sh start"
+        --down-for "$DROPS_DOWN_FOR" --kill-cmd "$TMP/node-c.sh kill" --restart-cmd "$TMP/node-c.sh start"
     "$TMP/node-c.sh" kill 2>/dev/null || true
 fi
 # The cost of history: the same closed loop on nodes without, then with --history.
@@ -497,7 +503,7 @@ if [ -f "$OUT/ab-history-off.json" ] && [ -f "$OUT/ab-history-on.json" ]; then
 fi
 [ -z "$MEMORY_LINE" ] || echo "$MEMORY_LINE"
 if [ -f "$OUT/drops.json" ]; then
-    jq -r '"drops: sent \(.messages.sent) deliveries (\(.drops.sent_direct) direct, \(.drops.sent_room) room messages), delivered \(.messages.delivered), lost \(.messages.lost), duplicated \(.messages.duplicated), out of order \(.messages.out_of_order); in doubt \(.drops.in_doubt); \(.drops.cuts) cuts, \(.drops.reconnects) reconnects, recovered \(.drops.recovered) / not \(.drops.not_recovered); replayed \(.drops.replayed): send→recv p50 \(.drops.replay_latency_us.p50) p99 \(.drops.replay_latency_us.p99) max \(.drops.replay_latency_us.max) us, reconnect→recv p99 \(.drops.replay_after_reconnect_us.p99) us"' "$OUT/drops.json"
+    jq -r '"drops: sent \(.messages.sent) deliveries (\(.drops.sent_direct) direct, \(.drops.sent_room) room messages), delivered \(.messages.delivered), lost \(.messages.lost) (\(.drops.lost_silent) silently, \(.drops.lost_announced) after recovered:false), \(.drops.unsettled) clients never back, duplicated \(.messages.duplicated), out of order \(.messages.out_of_order); in doubt \(.drops.in_doubt); \(.drops.cuts) cuts, \(.drops.reconnects) reconnects, recovered \(.drops.recovered) / not \(.drops.not_recovered), re-joins \(.drops.rejoined) / not \(.drops.rejoin_not_recovered); replayed \(.drops.replayed): send→recv p50 \(.drops.replay_latency_us.p50) p99 \(.drops.replay_latency_us.p99) max \(.drops.replay_latency_us.max) us, reconnect→recv p99 \(.drops.replay_after_reconnect_us.p99) us"' "$OUT/drops.json"
 fi
 write_index
 echo "results: $OUT (open $OUT/index.html)"

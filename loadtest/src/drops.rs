@@ -159,9 +159,17 @@ pub struct DropsStats {
     pub misrouted: u64,
     /// Error frames by text.
     pub errors: BTreeMap<String, u64>,
+    /// Clients not settled when the drain ended: not reconnected, not recovered, or with
+    /// messages unconfirmed.
+    pub unsettled: u64,
     /// The node kill, when a `--kill-cmd` was given.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kill: Option<KillStats>,
+    /// Lost deliveries (also in the report's `messages.lost`) to a receiver whose stream a
+    /// node answered `recovered: false` at some point during the run (the node said it
+    /// could not replay: `too_many`, `trimmed`, ...), and the others: lost silently.
+    pub lost_announced: u64,
+    pub lost_silent: u64,
     /// Up to 50 lost deliveries, for diagnosis.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub lost: Vec<LostDelivery>,
@@ -204,6 +212,23 @@ pub struct LostDelivery {
 impl DropsStats {
     /// Adds this run's failures to `problems`.
     pub(crate) fn problems(&self, problems: &mut Vec<String>) {
+        if self.lost_announced + self.lost_silent > 0 {
+            problems.push(format!(
+                "of the lost deliveries, {} silently and {} to a stream a node answered \
+                 recovered:false for (rejoin {:?}, user stream {:?})",
+                self.lost_silent,
+                self.lost_announced,
+                self.rejoin_not_recovered,
+                self.not_recovered
+            ));
+        }
+        if self.unsettled > 0 {
+            problems.push(format!(
+                "{} clients had not reconnected and recovered by the end of the drain \
+                 (disconnects {:?})",
+                self.unsettled, self.disconnects
+            ));
+        }
         if self.misrouted > 0 {
             problems.push(format!(
                 "{} receipts of messages never sent",
@@ -254,7 +279,9 @@ impl DropsStats {
         );
         let _ = writeln!(
             w,
-            "  replayed {} (servers claimed {})   offset gaps {}   own room messages {}   misrouted {}",
+            "  lost: {} announced (after recovered:false), {} silent\n  replayed {} (servers claimed {})   offset gaps {}   own room messages {}   misrouted {}",
+            self.lost_announced,
+            self.lost_silent,
             self.replayed,
             self.replay_count_claimed,
             self.offset_gaps,
@@ -358,6 +385,9 @@ struct UserLog {
     sent: Vec<Sent>,
     /// Sequence numbers received per (sender, stream), sorted.
     rx: HashMap<(u32, u32), Vec<u64>>,
+    /// Streams (0: the user's, 1 + r: room r) for which a node answered `recovered: false`:
+    /// the node said messages were gone, so their losses are announced, not silent.
+    given_up: Vec<u32>,
 }
 
 /// Fixed once the connect phase is over.
@@ -570,11 +600,6 @@ pub(crate) async fn run(cfg: &Config, hard: Instant, tl: &Arc<Timeline>) -> Resu
         .iter()
         .filter(|&&i| !sh.settled[i as usize].load(Relaxed))
         .count();
-    if unsettled > 0 {
-        notes.push(format!(
-            "{unsettled} clients were not settled (reconnected, recovered, messages confirmed) at the end of the drain"
-        ));
-    }
     let _ = phase_tx.send(Phase::Stop);
     crate::join_all(&mut tasks, Duration::from_secs(3)).await;
     let proxy_resets = proxies.iter().map(Proxy::resets).sum();
@@ -584,6 +609,7 @@ pub(crate) async fn run(cfg: &Config, hard: Instant, tl: &Arc<Timeline>) -> Resu
     stats.stats.cuts = cuts;
     stats.stats.proxy_resets = proxy_resets;
     stats.stats.kill = kill;
+    stats.stats.unsettled = unsettled as u64;
     let expected = stats.expected;
     let delivered = stats.delivered;
     let mut report = Report {
@@ -761,7 +787,14 @@ impl Shared {
                     expected += 1;
                     if got {
                         delivered += 1;
-                    } else if st.lost.len() < MAX_LOST_LISTED {
+                        continue;
+                    }
+                    if logs[r as usize].given_up.contains(&m.to.stream()) {
+                        st.lost_announced += 1;
+                    } else {
+                        st.lost_silent += 1;
+                    }
+                    if st.lost.len() < MAX_LOST_LISTED {
                         st.lost.push(LostDelivery {
                             from: s,
                             seq,
@@ -1202,7 +1235,10 @@ impl Client {
                     Some(true) => {
                         sh.recovered.fetch_add(1, Relaxed);
                     }
-                    _ => sh.not_recovered.add(d.reason.unwrap_or("(no reason)")),
+                    _ => {
+                        sh.not_recovered.add(d.reason.unwrap_or("(no reason)"));
+                        self.log.given_up.push(0);
+                    }
                 }
                 sh.claimed.fetch_add(d.count.unwrap_or(0), Relaxed);
                 if let (Some(offset), Some(epoch)) = (d.offset, d.epoch) {
@@ -1218,9 +1254,13 @@ impl Client {
                     Some(true) => {
                         sh.rejoined.fetch_add(1, Relaxed);
                     }
-                    Some(false) => sh
-                        .rejoin_not_recovered
-                        .add(d.reason.unwrap_or("(no reason)")),
+                    Some(false) => {
+                        sh.rejoin_not_recovered
+                            .add(d.reason.unwrap_or("(no reason)"));
+                        self.log
+                            .given_up
+                            .push(1 + self.sh.room_of[self.me as usize]);
+                    }
                     None => {}
                 }
                 sh.claimed.fetch_add(d.count.unwrap_or(0), Relaxed);

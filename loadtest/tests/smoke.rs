@@ -366,6 +366,41 @@ fn check_room_messages(r: &Report) {
 #[test]
 fn drops_smoke() {
     let c = common::start_history_cluster();
+    let r = run_drops(&c, Duration::from_secs(2));
+    let m = r.messages.as_ref().expect("message stats");
+    let d = r.drops.as_ref().expect("drops stats");
+    assert!(
+        d.reconnects >= d.cut_users,
+        "every cut client came back: {d:?}"
+    );
+    assert_eq!(
+        (m.lost, m.duplicated, m.out_of_order, d.misrouted),
+        (0, 0, 0, 0),
+        "lost {:?}",
+        d.lost
+    );
+    assert_eq!(m.delivered, m.sent);
+    assert!(d.replayed > 0, "{d:?}");
+    assert!(r.ok, "{:?}", r.problems);
+}
+
+/// The killed node comes back (same node id) before the others saw it dead: its users'
+/// old sessions must not lock them out. Fails today: every user the node held is refused
+/// with `not unique session` (close 4001) until the end of the run, because the restarted
+/// node heartbeats under the id that still holds their sessions.
+#[test]
+#[ignore = "server: a node restarted within --node-ttl keeps its previous run's sessions"]
+fn drops_restart_within_node_ttl() {
+    let c = common::start_history_cluster();
+    let r = run_drops(&c, Duration::from_millis(300));
+    let d = r.drops.as_ref().expect("drops stats");
+    assert_eq!(d.unsettled, 0, "{:?}", d.disconnects);
+    assert!(r.ok, "{:?}", r.problems);
+}
+
+/// drops for 8 s on `c`: cuts at 2 s and 6 s for 1 s; the third node killed at 3 s and
+/// restarted `down_for` later (the nodes see a node dead 1 s after its last heartbeat).
+fn run_drops(c: &common::HistoryCluster, down_for: Duration) -> Report {
     let cfg = Config {
         nodes: c.nodes.clone(),
         users: 30,
@@ -381,7 +416,7 @@ fn drops_smoke() {
             kill_cmd: Some(c.kill_cmd.clone()),
             restart_cmd: Some(c.restart_cmd.clone()),
             kill_at: Some(Duration::from_secs(3)),
-            down_for: Duration::from_secs(2),
+            down_for,
             ..wsbus_loadtest::Drops::default()
         },
         ..Config::default()
@@ -394,25 +429,12 @@ fn drops_smoke() {
         .block_on(wsbus_loadtest::run(Scenario::Drops, &cfg))
         .expect("run");
     eprintln!("{}", r.to_human());
-    let m = r.messages.as_ref().expect("message stats");
     let d = r.drops.as_ref().expect("drops stats");
     assert_eq!(r.connect.failed, 0, "{:?}", r.connect.failures);
     assert!(d.sent_direct > 0 && d.sent_room > 0, "{d:?}");
     assert_eq!(d.cuts, 2, "{d:?}");
-    assert!(
-        d.reconnects >= d.cut_users,
-        "every cut client came back: {d:?}"
-    );
     let kill = d.kill.as_ref().expect("kill stats");
     assert!(kill.errors.is_empty(), "{kill:?}");
     assert!(kill.listening_after.is_some(), "{kill:?}");
-    assert_eq!(
-        (m.lost, m.duplicated, m.out_of_order, d.misrouted),
-        (0, 0, 0, 0),
-        "lost {:?}",
-        d.lost
-    );
-    assert_eq!(m.delivered, m.sent);
-    assert!(d.replayed > 0, "{d:?}");
-    assert!(r.ok, "{:?}", r.problems);
+    r
 }
