@@ -416,7 +416,11 @@ pub async fn send(node: &Node, items: &[Publish]) -> Result<Vec<Published>, ApiE
         for user in &item.to {
             if !online[user.as_str()] {
                 reply.offline.push(user.as_str().to_owned());
-                continue;
+                if node.history.is_none() {
+                    continue;
+                }
+                // With history on it is still appended to the user's stream if that is alive
+                // (the user was connected within --history-ttl): it gets it on reconnect.
             }
             node.publish(
                 Origin::Api {
@@ -429,7 +433,9 @@ pub async fn send(node: &Node, items: &[Publish]) -> Result<Vec<Published>, ApiE
             )
             .await
             .map_err(|_| ApiError::BusUnavailable)?;
-            reply.sent.push(user.as_str().to_owned());
+            if online[user.as_str()] {
+                reply.sent.push(user.as_str().to_owned());
+            }
         }
         for room in &item.rooms {
             node.publish(

@@ -259,10 +259,27 @@ async fn a_reconnect_with_since_replays_the_gap_then_goes_live(backend: Backend)
     let (since, e) = (offset(&v), epoch(&v));
     bob.close().await;
     backend.wait_unregistered("bob").await;
-    for text in ["2", "3", "4"] {
+    for text in ["2", "3"] {
         alice.send_to("bob", text).await;
     }
     expect_nothing(&mut alice).await;
+    // A backend's publish is kept too; its reply says bob is offline.
+    let auth = format!("Bearer {KEY}");
+    let body = json!({"to": ["bob"], "action": "notice", "data": {"text": "4"}});
+    let (status, reply) = http_request(
+        a.addr,
+        "POST",
+        "/api/publish",
+        &[("Authorization", &auth)],
+        body.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(
+        (status, &reply["offline"]),
+        (200, &json!(["bob"])),
+        "{reply}"
+    );
+    wait_top(&backend, "u:bob", 4).await;
 
     let mut bob = connect_since(&a, "bob", since, &e).await;
     for (text, off) in [("2", 2), ("3", 3), ("4", 4)] {
@@ -682,7 +699,7 @@ async fn a_killed_nodes_unread_inbox_is_recovered_elsewhere() {
     for i in 1..=5 {
         alice.send_to("bob", &i.to_string()).await;
     }
-    let inbox = format!("wsbus:inbox:victim");
+    let inbox = "wsbus:inbox:victim".to_owned();
     let mut conn = redis_conn(&url).await;
     eventually(DEADLINE, "entries wait in the victim's inbox", || {
         let mut conn = conn.clone();
