@@ -136,10 +136,12 @@ pub struct DropsStats {
     pub proxy_resets: u64,
     /// Connections lost, by kind (`eof`, `io ConnectionReset`, `close 4001`, ...).
     pub disconnects: BTreeMap<String, u64>,
-    /// Successful reconnects, and failed attempts by kind.
+    /// Sessions that came back (a `recovered` frame after a reconnect), and failed connect
+    /// attempts by kind (attempts refused after the upgrade, e.g. `not unique session` then
+    /// close 4001, are in `disconnects`).
     pub reconnects: u64,
     pub reconnect_failures: BTreeMap<String, u64>,
-    /// Connection lost → reconnected, µs.
+    /// Session lost → `recovered` on the next session, µs.
     pub outage_us: Latency,
     /// `recovered` frames with `recovered: true`, and with `false` by reason.
     pub recovered: u64,
@@ -295,7 +297,7 @@ impl DropsStats {
         crate::report::lat_row(w, "  outage", &self.outage_us);
         let _ = writeln!(
             w,
-            "  (replay: send → receive; replay-rc: reconnect → receive; outage: drop → reconnected)"
+            "  (replay: send → receive; replay-rc: reconnect → receive; outage: session lost → recovered)"
         );
         for (k, v) in &self.disconnects {
             let _ = writeln!(w, "  disconnect {k:<37} {v:>10}");
@@ -899,7 +901,10 @@ struct Client {
     /// Node of the current connection, and when it opened.
     node: usize,
     connected_at: Instant,
-    /// Reconnects: when the connection was lost, the next attempt, attempts made.
+    /// The connection is a session that recovered (not one refused, e.g. `not unique
+    /// session` while the node of its previous session is not yet seen dead).
+    up: bool,
+    /// Reconnects: when the last session was lost, the next attempt, attempts made.
     lost_at: Instant,
     retry_at: Instant,
     attempt: usize,
@@ -932,6 +937,7 @@ async fn user_task(sh: Arc<Shared>, me: u32, ws: Ws, mut phase_rx: watch::Receiv
         ws: Some(ws),
         node,
         connected_at: now,
+        up: true,
         lost_at: now,
         retry_at: now,
         attempt: 0,
@@ -1075,9 +1081,15 @@ impl Client {
         self.joining = false;
         self.rejoining = false;
         let now = Instant::now();
-        self.lost_at = now;
-        self.attempt = 0;
-        self.retry_at = now + RETRY.mul_f64(self.rng.f64() * 0.5);
+        // A lost session is retried at once; a refused one after the usual pause.
+        let pause = if std::mem::take(&mut self.up) {
+            self.lost_at = now;
+            self.attempt = 0;
+            Duration::ZERO
+        } else {
+            RETRY
+        };
+        self.retry_at = now + pause + RETRY.mul_f64(self.rng.f64() * 0.5);
     }
 
     fn mark_in_doubt(&mut self) {
@@ -1104,9 +1116,6 @@ impl Client {
                 self.node = node;
                 self.connected_at = now;
                 self.recovering = self.user_pos.is_some();
-                sh.reconnects.fetch_add(1, Relaxed);
-                sh.outage_hist
-                    .record(self.me as usize, (now - self.lost_at).as_micros() as u64);
                 self.opened().await;
             }
             Err(kind) => {
@@ -1231,6 +1240,10 @@ impl Client {
             }
             "recovered" => {
                 self.recovering = false;
+                self.up = true;
+                sh.reconnects.fetch_add(1, Relaxed);
+                sh.outage_hist
+                    .record(self.me as usize, self.lost_at.elapsed().as_micros() as u64);
                 match d.recovered {
                     Some(true) => {
                         sh.recovered.fetch_add(1, Relaxed);
