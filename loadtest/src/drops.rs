@@ -172,6 +172,9 @@ pub struct DropsStats {
     /// could not replay: `too_many`, `trimmed`, ...), and the others: lost silently.
     pub lost_announced: u64,
     pub lost_silent: u64,
+    /// Lost deliveries to receivers that had not come back by the end of the drain (counted
+    /// here, not in the two above).
+    pub lost_absent: u64,
     /// Up to 50 lost deliveries, for diagnosis.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub lost: Vec<LostDelivery>,
@@ -214,10 +217,11 @@ pub struct LostDelivery {
 impl DropsStats {
     /// Adds this run's failures to `problems`.
     pub(crate) fn problems(&self, problems: &mut Vec<String>) {
-        if self.lost_announced + self.lost_silent > 0 {
+        if self.lost_announced + self.lost_silent + self.lost_absent > 0 {
             problems.push(format!(
-                "of the lost deliveries, {} silently and {} to a stream a node answered \
-                 recovered:false for (rejoin {:?}, user stream {:?})",
+                "of the lost deliveries, {} to clients that never came back, {} silently and \
+                 {} to a stream a node answered recovered:false for (rejoin {:?}, user stream {:?})",
+                self.lost_absent,
                 self.lost_silent,
                 self.lost_announced,
                 self.rejoin_not_recovered,
@@ -281,7 +285,8 @@ impl DropsStats {
         );
         let _ = writeln!(
             w,
-            "  lost: {} announced (after recovered:false), {} silent\n  replayed {} (servers claimed {})   offset gaps {}   own room messages {}   misrouted {}",
+            "  lost: {} to clients never back, {} announced (after recovered:false), {} silent\n  replayed {} (servers claimed {})   offset gaps {}   own room messages {}   misrouted {}",
+            self.lost_absent,
             self.lost_announced,
             self.lost_silent,
             self.replayed,
@@ -791,7 +796,9 @@ impl Shared {
                         delivered += 1;
                         continue;
                     }
-                    if logs[r as usize].given_up.contains(&m.to.stream()) {
+                    if !self.settled[r as usize].load(Relaxed) {
+                        st.lost_absent += 1;
+                    } else if logs[r as usize].given_up.contains(&m.to.stream()) {
                         st.lost_announced += 1;
                     } else {
                         st.lost_silent += 1;
