@@ -564,9 +564,9 @@ impl Writer {
         let Some(history) = &node.history else {
             return Ok(stamped);
         };
-        let mut pipe = redis::Pipeline::with_capacity(batch.len());
-        pipe.ignore_errors();
-        let mut prefixes: Vec<(usize, String)> = Vec::new();
+        // One append per stream of the batch, with its frames in batch order: a stream's
+        // offsets are given in one call, contiguous, in the order its senders sent.
+        let mut groups: Vec<(Stream<'_>, Vec<(usize, String)>)> = Vec::new();
         for (i, msg) in batch.iter().enumerate() {
             if stamped[i].is_some() {
                 continue;
@@ -593,11 +593,23 @@ impl Writer {
                     crate::history::frame_prefix(frame, Some(room)),
                 ),
             };
-            history.add_append(&mut pipe, stream, &prefix);
-            prefixes.push((i, prefix));
+            let same = |s: &Stream<'_>| match (s, &stream) {
+                (Stream::User(a), Stream::User(b)) | (Stream::Room(a), Stream::Room(b)) => a == b,
+                _ => false,
+            };
+            match groups.iter_mut().find(|(s, _)| same(s)) {
+                Some((_, frames)) => frames.push((i, prefix)),
+                None => groups.push((stream, vec![(i, prefix)])),
+            }
         }
-        if prefixes.is_empty() {
+        if groups.is_empty() {
             return Ok(stamped);
+        }
+        let mut pipe = redis::Pipeline::with_capacity(groups.len());
+        pipe.ignore_errors();
+        for (stream, frames) in &groups {
+            let stored: Vec<String> = frames.iter().map(|(_, p)| format!("{p}}}")).collect();
+            history.add_append(&mut pipe, *stream, stored.iter().map(String::as_str));
         }
         let started = Instant::now();
         let mut results: Vec<RedisResult<Value>> = pipe.query_async(conn).await?;
@@ -612,44 +624,54 @@ impl Writer {
         node.metrics
             .history_append_seconds
             .record(started.elapsed().as_secs_f64());
-        for ((i, prefix), result) in prefixes.into_iter().zip(results) {
-            let msg = &batch[i];
+        for ((stream, frames), result) in groups.into_iter().zip(results) {
             let parsed = result.map_err(BusError::from).and_then(Appended::parse);
-            stamped[i] = Some(match parsed {
+            let (first, epoch, nodes) = match parsed {
                 Ok(Appended::Stored {
-                    offset,
+                    first,
                     epoch,
                     nodes,
-                }) => {
-                    let room = match &msg.target {
-                        Target::Room(room) => Some(Arc::from(&**room)),
-                        Target::User(_) => None,
-                    };
-                    let nodes: Nodes = match room {
-                        Some(_) => nodes.into_iter().map(Arc::from).collect(),
-                        None => crate::presence::nodes_of(nodes)
-                            .into_iter()
-                            .map(Arc::from)
-                            .collect(),
-                    };
-                    Stamped::Stored {
-                        frame: crate::history::stamp(&prefix, offset, &epoch).into(),
-                        seq: Arc::new(Seq {
-                            room,
-                            offset,
-                            epoch: epoch.into(),
-                            marker: false,
-                        }),
-                        nodes: Some(nodes),
+                }) => (first, epoch, nodes),
+                Ok(Appended::NoStream) => {
+                    for (i, _) in frames {
+                        stamped[i] = Some(Stamped::NoStream);
                     }
+                    continue;
                 }
-                Ok(Appended::NoStream) => Stamped::NoStream,
                 Err(e) => {
                     tracing::warn!(error = %e, "history append failed");
                     metrics::counter!("wsbus_bus_errors_total").increment(1);
-                    Stamped::Failed
+                    for (i, _) in frames {
+                        stamped[i] = Some(Stamped::Failed);
+                    }
+                    continue;
                 }
-            });
+            };
+            let room = match stream {
+                Stream::Room(room) => Some(Arc::from(room)),
+                Stream::User(_) => None,
+            };
+            let nodes: Nodes = match room {
+                Some(_) => nodes.into_iter().map(Arc::from).collect(),
+                None => crate::presence::nodes_of(nodes)
+                    .into_iter()
+                    .map(Arc::from)
+                    .collect(),
+            };
+            let epoch: Arc<str> = epoch.into();
+            for (k, (i, prefix)) in frames.into_iter().enumerate() {
+                let offset = first + k as u64;
+                stamped[i] = Some(Stamped::Stored {
+                    frame: crate::history::stamp(&prefix, offset, &epoch).into(),
+                    seq: Arc::new(Seq {
+                        room: room.clone(),
+                        offset,
+                        epoch: epoch.clone(),
+                        marker: false,
+                    }),
+                    nodes: Some(nodes.clone()),
+                });
+            }
         }
         Ok(stamped)
     }

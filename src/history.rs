@@ -24,11 +24,9 @@ use crate::keys::Keys;
 
 /// Function names (library `wsbus_v3`).
 pub mod func {
-    /// Append a frame to a user's stream (if it is alive or the user connected) and list
-    /// the user's sessions.
-    pub const USER: &str = "wsbus_v3_history_user";
-    /// Append a frame to a room's stream and list the nodes with members.
-    pub const ROOM: &str = "wsbus_v3_history_room";
+    /// Append frames to a user's stream (if it is alive or the user has a session) or a
+    /// room's, and say where the target is.
+    pub const APPEND: &str = "wsbus_v3_history_append";
     /// Read a stream's position (and the frames after an offset), refreshing its TTL.
     pub const OPEN: &str = "wsbus_v3_history_open";
 }
@@ -82,14 +80,15 @@ pub struct History {
     counter: AtomicU64,
 }
 
-/// What appending one frame gave.
+/// What appending frames to one stream gave.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Appended {
-    /// Stored at `offset` in epoch `epoch`; the target is on `nodes` (for a user: its
-    /// session fields `<node>:<sid>`; for a room: nodes with members).
+    /// Stored from offset `first` on (one each, in order) in epoch `epoch`; the target is on
+    /// `nodes` (for a user: its session fields `<node>:<sid>`; for a room: nodes with
+    /// members).
     Stored {
-        /// The frame's offset.
-        offset: u64,
+        /// The first frame's offset.
+        first: u64,
         /// The stream's epoch.
         epoch: String,
         /// Where the target is.
@@ -110,7 +109,7 @@ pub struct Opened {
     pub created: bool,
     /// The oldest offset still kept (0: none).
     pub first: u64,
-    /// The frames read, in offset order.
+    /// The frames read, in offset order, stamped with their place.
     pub frames: Vec<(u64, String)>,
 }
 
@@ -181,24 +180,37 @@ impl History {
         }
     }
 
-    /// Adds the append of one frame (`prefix`: the frame without its closing brace, see
-    /// [`frame_prefix`]) to `stream` to `pipe`; its reply parses with [`Appended::parse`].
-    pub fn add_append(&self, pipe: &mut redis::Pipeline, stream: Stream<'_>, prefix: &str) {
+    /// Adds the append of `frames` (in order, each as stored: without offset and epoch) to
+    /// `stream` to `pipe`; its reply parses with [`Appended::parse`].
+    pub fn add_append<'f>(
+        &self,
+        pipe: &mut redis::Pipeline,
+        stream: Stream<'_>,
+        frames: impl Iterator<Item = &'f str>,
+    ) {
         let (history, meta) = self.stream_keys(stream);
-        let (func, where_key) = match stream {
-            Stream::User(user) => (func::USER, self.keys.user_sessions(user)),
-            Stream::Room(room) => (func::ROOM, self.keys.room_nodes(room)),
+        let (where_key, kind) = match stream {
+            Stream::User(user) => (self.keys.user_sessions(user), "u"),
+            Stream::Room(room) => (self.keys.room_nodes(room), "r"),
         };
-        pipe.cmd("FCALL")
-            .arg(func)
+        // Exact trimming below a stream node's 100 entries; above, Redis drops whole nodes
+        // (`~`), which is far cheaper and keeps up to 100 more.
+        let trim = if self.keep < 100 { "=" } else { "~" };
+        let cmd = pipe
+            .cmd("FCALL")
+            .arg(func::APPEND)
             .arg(3)
             .arg(history)
             .arg(meta)
             .arg(where_key)
+            .arg(trim)
             .arg(self.keep)
             .arg(self.ttl_ms)
             .arg(self.new_epoch())
-            .arg(prefix);
+            .arg(kind);
+        for frame in frames {
+            cmd.arg(frame);
+        }
     }
 
     /// Reads the position of `stream` and (with `since`) up to `limit` frames after it,
@@ -285,11 +297,11 @@ impl Appended {
             return Err(BusError::Reply("history append"));
         };
         let mut items = items.into_iter();
-        let offset: u64 = match items.next() {
+        let first: u64 = match items.next() {
             Some(v) => redis::from_redis_value(v)?,
             None => return Err(BusError::Reply("history append")),
         };
-        if offset == 0 {
+        if first == 0 {
             return Ok(Appended::NoStream);
         }
         let epoch: String = match items.next() {
@@ -300,7 +312,7 @@ impl Appended {
             .map(redis::from_redis_value::<String>)
             .collect::<Result<_, _>>()?;
         Ok(Appended::Stored {
-            offset,
+            first,
             epoch,
             nodes,
         })
@@ -324,10 +336,9 @@ impl Opened {
         let mut frames = Vec::new();
         let rest: Vec<Value> = items.collect();
         for pair in rest.chunks_exact(2) {
-            frames.push((
-                redis::from_redis_value(pair[0].clone())?,
-                redis::from_redis_value(pair[1].clone())?,
-            ));
+            let offset: u64 = redis::from_redis_value(pair[0].clone())?;
+            let stored: String = redis::from_redis_value(pair[1].clone())?;
+            frames.push((offset, stamp(&frame_prefix(&stored, None), offset, &epoch)));
         }
         Ok(Opened {
             epoch,
@@ -354,8 +365,7 @@ pub fn frame_prefix(frame: &str, room: Option<&str>) -> String {
     out
 }
 
-/// Completes a [`frame_prefix`] with its place: `,"offset":N,"epoch":"E"}` (exactly what the
-/// Redis function stores).
+/// Completes a [`frame_prefix`] with its place: `,"offset":N,"epoch":"E"}`.
 pub fn stamp(prefix: &str, offset: u64, epoch: &str) -> String {
     let mut out = String::with_capacity(prefix.len() + 36 + epoch.len());
     out.push_str(prefix);
