@@ -496,11 +496,11 @@ for f in "$OUT"/dm-multi-*.json; do
               name, n, calls["cmdstat_xadd"] / n, calls["cmdstat_hkeys"] / n, total / n }' \
         "$OUT/$name.redis-commandstats"
 done
-if [ -f "$OUT/ab-history-off.json" ] && [ -f "$OUT/ab-history-on.json" ]; then
-    awk -F'\t' '$1 == "ab-history-off" { r0 = $3; c0 = $8 } $1 == "ab-history-on" { r1 = $3; c1 = $8 }
-        END { if (r0 > 0 && c0 > 0) printf "history cost (dm-cross closed loop): %s msg/s off, %s msg/s on (%.2fx); Redis CPU %s us/msg off, %s us/msg on (%.2fx)\n", r0, r1, r1 / r0, c0, c1, c1 / c0 }' \
-        "$SUMMARY" | tee "$OUT/history-cost.txt"
-fi
+# The A/B, averaged over REPEAT runs (ab-history-off, or ab-history-off-1, -2, ...).
+awk -F'\t' '$1 ~ /^ab-history-off(-[0-9]+)?$/ && $8 != "-" { r0 += $3; c0 += $8; n0++ }
+    $1 ~ /^ab-history-on(-[0-9]+)?$/ && $8 != "-" { r1 += $3; c1 += $8; n1++ }
+    END { if (n0 > 0 && n1 > 0) printf "history cost (dm-cross closed loop, %d+%d runs): %.0f msg/s off, %.0f msg/s on (%.2fx); Redis CPU %.2f us/msg off, %.2f us/msg on (%.2fx)\n", n0, n1, r0 / n0, r1 / n1, (r1 / n1) / (r0 / n0), c0 / n0, c1 / n1, (c1 / n1) / (c0 / n0) }' \
+    "$SUMMARY" | tee "$OUT/history-cost.txt"
 [ -z "$MEMORY_LINE" ] || echo "$MEMORY_LINE"
 if [ -f "$OUT/drops.json" ]; then
     jq -r '"drops: sent \(.messages.sent) deliveries (\(.drops.sent_direct) direct, \(.drops.sent_room) room messages), delivered \(.messages.delivered), lost \(.messages.lost) (\(.drops.lost_absent) to clients never back, \(.drops.lost_silent) silently, \(.drops.lost_announced) after recovered:false), \(.drops.unsettled) clients never back, duplicated \(.messages.duplicated), out of order \(.messages.out_of_order); in doubt \(.drops.in_doubt); \(.drops.cuts) cuts, \(.drops.reconnects) reconnects, recovered \(.drops.recovered) / not \(.drops.not_recovered), re-joins \(.drops.rejoined) / not \(.drops.rejoin_not_recovered); replayed \(.drops.replayed): send→recv p50 \(.drops.replay_latency_us.p50) p99 \(.drops.replay_latency_us.p99) max \(.drops.replay_latency_us.max) us, reconnect→recv p99 \(.drops.replay_after_reconnect_us.p99) us"' "$OUT/drops.json"
