@@ -105,13 +105,17 @@ const MAX_LOST_LISTED: usize = 50;
 /// messages: one per direct message, one per other room member per room message).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct DropsStats {
-    /// Nodes, users, users behind the cut path, rooms.
+    /// Nodes.
     pub nodes: u64,
+    /// Users.
     pub users: u64,
+    /// Users connected through the cut path.
     pub cut_users: u64,
+    /// Rooms.
     pub rooms: u64,
-    /// Messages the node confirmed (a later checkpoint was answered), direct and room.
+    /// Direct messages the node confirmed (a later checkpoint was answered).
     pub sent_direct: u64,
+    /// Room messages the node confirmed.
     pub sent_room: u64,
     /// Messages written whose connection broke before their checkpoint's reply, or in a batch
     /// an error frame came back for: neither sent nor lost.
@@ -131,8 +135,9 @@ pub struct DropsStats {
     pub replay_after_reconnect_us: Latency,
     /// Deliveries that arrived live, send → receive, µs.
     pub live_latency_us: Latency,
-    /// Cuts made, and connections the proxies reset during them.
+    /// Cuts made.
     pub cuts: u64,
+    /// Connections the proxies reset during cuts (open ones and attempts).
     pub proxy_resets: u64,
     /// Connections lost, by kind (`eof`, `io ConnectionReset`, `close 4001`, ...).
     pub disconnects: BTreeMap<String, u64>,
@@ -140,14 +145,17 @@ pub struct DropsStats {
     /// attempts by kind (attempts refused after the upgrade, e.g. `not unique session` then
     /// close 4001, are in `disconnects`).
     pub reconnects: u64,
+    /// Connect attempts that failed before the upgrade, by kind.
     pub reconnect_failures: BTreeMap<String, u64>,
     /// Session lost → `recovered` on the next session, µs.
     pub outage_us: Latency,
-    /// `recovered` frames with `recovered: true`, and with `false` by reason.
+    /// `recovered` frames with `recovered: true`.
     pub recovered: u64,
+    /// `recovered` frames with `recovered: false`, by reason.
     pub not_recovered: BTreeMap<String, u64>,
-    /// Re-joins answered `recovered: true`, and `false` by reason.
+    /// Re-joins answered `joined` with `recovered: true`.
     pub rejoined: u64,
+    /// Re-joins answered with `recovered: false`, by reason.
     pub rejoin_not_recovered: BTreeMap<String, u64>,
     /// Sum of the `count`s of `recovered` and re-join `joined` frames, against `replayed`.
     pub replay_count_claimed: u64,
@@ -169,8 +177,9 @@ pub struct DropsStats {
     pub kill: Option<KillStats>,
     /// Lost deliveries (also in the report's `messages.lost`) to a receiver whose stream a
     /// node answered `recovered: false` at some point during the run (the node said it
-    /// could not replay: `too_many`, `trimmed`, ...), and the others: lost silently.
+    /// could not replay: `too_many`, `trimmed`, ...).
     pub lost_announced: u64,
+    /// Lost deliveries to receivers that came back and were never told: the node's fault.
     pub lost_silent: u64,
     /// Lost deliveries to receivers that had not come back by the end of the drain (counted
     /// here, not in the two above).
@@ -185,8 +194,9 @@ pub struct DropsStats {
 pub struct KillStats {
     /// The node's URL.
     pub node: String,
-    /// Seconds into the sending phase of the kill and of the restart.
+    /// Seconds into the sending phase of the kill.
     pub killed_at: f64,
+    /// Seconds into the sending phase of the restart.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restarted_at: Option<f64>,
     /// Restart → the node accepts TCP again, seconds.
@@ -200,8 +210,9 @@ pub struct KillStats {
 /// One sent message a receiver never got.
 #[derive(Debug, Clone, Serialize)]
 pub struct LostDelivery {
-    /// Sender's user index and sequence number.
+    /// Sender's user index.
     pub from: u32,
+    /// Its sequence number.
     pub seq: u64,
     /// `user <i>` or `room <r>`.
     pub to: String,
@@ -209,8 +220,9 @@ pub struct LostDelivery {
     pub receiver: u32,
     /// When it was (due to be) sent, ms into the sending phase.
     pub sent_at_ms: f64,
-    /// The node the sender was connected to, and whether through the cut path.
+    /// The node the sender was connected to.
     pub sender_node: u8,
+    /// Whether the sender is on the cut path.
     pub sender_cut: bool,
 }
 
@@ -454,21 +466,7 @@ struct Shared {
 pub(crate) async fn run(cfg: &Config, hard: Instant, tl: &Arc<Timeline>) -> Result<Report> {
     let d = &cfg.drops;
     let nodes = crate::resolve_nodes(cfg).await?;
-    let Some(rate) = cfg.rate else {
-        bail!("drops needs --rate (messages/s in total, open loop)");
-    };
-    let n = cfg.users;
-    let rooms = cfg.rooms.max(1);
-    if n < 2 * rooms {
-        bail!("drops needs at least two users per room");
-    }
-    if d.cut_for.is_zero() || d.cut_every <= d.cut_for {
-        bail!("--cut-every must be longer than --cut-for, and --cut-for positive");
-    }
-    let kill_node = d.kill_node.unwrap_or(nodes.len() - 1);
-    if d.kill_cmd.is_some() && kill_node >= nodes.len() {
-        bail!("--kill-node {kill_node}: there are {} nodes", nodes.len());
-    }
+    let (rate, kill_node) = check(cfg, nodes.len())?;
     let mut proxies = Vec::new();
     let mut via_proxy = Vec::new();
     for t in &nodes {
@@ -479,51 +477,10 @@ pub(crate) async fn run(cfg: &Config, hard: Instant, tl: &Arc<Timeline>) -> Resu
         proxies.push(p);
     }
     let prefix = conn::run_prefix();
-    let nn = nodes.len();
-    let sh = Arc::new(Shared {
-        epoch: Instant::now(),
-        ids: (0..n).map(|i| format!("{prefix}-{i}")).collect(),
-        room_ids: (0..rooms).map(|r| format!("{prefix}-r{r}")).collect(),
-        room_of: (0..n).map(|i| ((i / (3 * nn)) % rooms) as u32).collect(),
-        home: (0..n).map(|i| i % nn).collect(),
-        cut_path: (0..n).map(|i| (i / nn) % 3 == 0).collect(),
-        direct: nodes.clone(),
-        via_proxy,
-        period: n as f64 / rate,
-        plan: OnceLock::new(),
-        ready: AtomicU64::new(0),
-        settled: (0..n).map(|_| AtomicBool::new(false)).collect(),
-        history_off: AtomicBool::new(false),
-        logs: (0..n).map(|_| Mutex::new(None)).collect(),
-        send_start_ns: AtomicU64::new(0),
-        written_direct: AtomicU64::new(0),
-        written_room: AtomicU64::new(0),
-        not_sent_offline: AtomicU64::new(0),
-        not_sent_rejoining: AtomicU64::new(0),
-        deliveries: AtomicU64::new(0),
-        duplicated: AtomicU64::new(0),
-        out_of_order: AtomicU64::new(0),
-        replayed: AtomicU64::new(0),
-        reconnects: AtomicU64::new(0),
-        recovered: AtomicU64::new(0),
-        rejoined: AtomicU64::new(0),
-        claimed: AtomicU64::new(0),
-        offset_gaps: AtomicU64::new(0),
-        own_room: AtomicU64::new(0),
-        live_hist: ShardedHist::new(16),
-        replay_hist: ShardedHist::new(16),
-        replay_rc_hist: ShardedHist::new(16),
-        outage_hist: ShardedHist::new(4),
-        disconnects: Counts::default(),
-        reconnect_failures: Counts::default(),
-        not_recovered: Counts::default(),
-        rejoin_not_recovered: Counts::default(),
-        errors: Counts::default(),
-        tl: tl.clone(),
-    });
+    let sh = Arc::new(Shared::new(cfg, &prefix, &nodes, via_proxy, rate, tl));
     let (phase_tx, phase_rx) = watch::channel(Phase::Connecting);
 
-    let specs = (0..n)
+    let specs = (0..cfg.users)
         .map(|i| ConnSpec {
             target: sh.target(i, sh.home[i]),
             source: None,
@@ -536,10 +493,10 @@ pub(crate) async fn run(cfg: &Config, hard: Instant, tl: &Arc<Timeline>) -> Resu
         move |i: usize, ws: Ws| user_task(sh.clone(), i as u32, ws, rx.clone())
     };
     let hatched = crate::hatch(cfg, specs, 16 * 1024, &mut tasks, hard, tl, false, body).await;
-    let live: Vec<u32> = (0..n as u32)
+    let live: Vec<u32> = (0..cfg.users as u32)
         .filter(|&i| hatched.connected[i as usize])
         .collect();
-    let mut members = vec![Vec::new(); rooms];
+    let mut members = vec![Vec::new(); sh.room_ids.len()];
     for &i in &live {
         members[sh.room_of[i as usize] as usize].push(i);
     }
@@ -547,23 +504,7 @@ pub(crate) async fn run(cfg: &Config, hard: Instant, tl: &Arc<Timeline>) -> Resu
         live: live.clone(),
         members,
     });
-    let mut notes = Vec::new();
-    // Every live user must know where its streams stand before anything can be recovered.
-    let ready_by = Instant::now() + Duration::from_secs(15);
-    while sh.ready.load(Relaxed) < live.len() as u64 && Instant::now() < ready_by {
-        if sh.history_off.load(Relaxed) {
-            bail!("the nodes answered `history is off`: start them with --history N");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let ready = sh.ready.load(Relaxed);
-    if ready < live.len() as u64 {
-        notes.push(format!(
-            "{} of {} users did not get their position and room before sending",
-            live.len() as u64 - ready,
-            live.len()
-        ));
-    }
+    let notes = wait_ready(&sh, &live).await?.into_iter().collect();
 
     let send_start = Instant::now();
     sh.send_start_ns.store(
@@ -586,13 +527,88 @@ pub(crate) async fn run(cfg: &Config, hard: Instant, tl: &Arc<Timeline>) -> Resu
     let _ = phase_tx.send(Phase::Draining);
     let send_secs = send_start.elapsed().as_secs_f64();
     let measuring = (tl.secs(send_start), tl.secs(Instant::now()));
-
-    // Drain: every client settled (reconnected, recovered, its last messages confirmed), then
-    // no delivery for a moment.
     let drain_end = (Instant::now() + cfg.grace.max(Duration::from_secs(10)))
         .min(hard - Duration::from_secs(4));
+    let unsettled = drain(&sh, &live, drain_end).await;
+    let _ = phase_tx.send(Phase::Stop);
+    crate::join_all(&mut tasks, Duration::from_secs(3)).await;
+    let proxy_resets = proxies.iter().map(Proxy::resets).sum();
+    drop(proxies);
+
+    let mut count = sh.count(&live, cfg.users, nodes.len());
+    let st = &mut count.stats;
+    st.cuts = cuts;
+    st.proxy_resets = proxy_resets;
+    st.kill = kill;
+    st.unsettled = unsettled as u64;
+    let mut report = Report {
+        mode: "open-loop".to_owned(),
+        users: cfg.users as u64,
+        target_rate: Some(rate),
+        connect: hatched.stats,
+        messages: Some(sh.messages(&count, send_secs)),
+        run_prefix: prefix,
+        measuring: Some(measuring),
+        notes,
+        ..Report::default()
+    };
+    let p99 = count.stats.replay_after_reconnect_us.p99;
+    if count.stats.replayed > 0 {
+        report.notes.push(format!(
+            "replay p99 after reconnect {:.3} s: {} the 1 s target",
+            p99 as f64 / 1e6,
+            if p99 <= 1_000_000 { "meets" } else { "misses" }
+        ));
+    }
+    report.drops = Some(count.stats);
+    Ok(report)
+}
+
+/// The open-loop rate and the index of the node to kill, or why the settings cannot run.
+fn check(cfg: &Config, nodes: usize) -> Result<(f64, usize)> {
+    let d = &cfg.drops;
+    let Some(rate) = cfg.rate else {
+        bail!("drops needs --rate (messages/s in total, open loop)");
+    };
+    if cfg.users < 2 * cfg.rooms.max(1) {
+        bail!("drops needs at least two users per room");
+    }
+    if d.cut_for.is_zero() || d.cut_every <= d.cut_for {
+        bail!("--cut-every must be longer than --cut-for, and --cut-for positive");
+    }
+    let kill_node = d.kill_node.unwrap_or(nodes - 1);
+    if d.kill_cmd.is_some() && kill_node >= nodes {
+        bail!("--kill-node {kill_node}: there are {nodes} nodes");
+    }
+    Ok((rate, kill_node))
+}
+
+/// Waits (15 s at most) until every live user knows where its streams stand: nothing can be
+/// recovered before. Returns a note when some did not.
+async fn wait_ready(sh: &Shared, live: &[u32]) -> Result<Option<String>> {
+    let ready_by = Instant::now() + Duration::from_secs(15);
+    while sh.ready.load(Relaxed) < live.len() as u64 && Instant::now() < ready_by {
+        if sh.history_off.load(Relaxed) {
+            bail!("the nodes answered `history is off`: start them with --history N");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ready = sh.ready.load(Relaxed);
+    Ok((ready < live.len() as u64).then(|| {
+        format!(
+            "{} of {} users did not get their position and room before sending",
+            live.len() as u64 - ready,
+            live.len()
+        )
+    }))
+}
+
+/// Waits until every client is settled (reconnected, recovered, its last messages
+/// confirmed) and no delivery came for [`QUIET`], or `until`. Returns the clients not
+/// settled.
+async fn drain(sh: &Shared, live: &[u32], until: Instant) -> usize {
     let mut last = (sh.deliveries.load(Relaxed), Instant::now());
-    while Instant::now() < drain_end {
+    while Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(20)).await;
         let now = sh.deliveries.load(Relaxed);
         if now != last.0 {
@@ -603,58 +619,9 @@ pub(crate) async fn run(cfg: &Config, hard: Instant, tl: &Arc<Timeline>) -> Resu
             break;
         }
     }
-    let unsettled = live
-        .iter()
+    live.iter()
         .filter(|&&i| !sh.settled[i as usize].load(Relaxed))
-        .count();
-    let _ = phase_tx.send(Phase::Stop);
-    crate::join_all(&mut tasks, Duration::from_secs(3)).await;
-    let proxy_resets = proxies.iter().map(Proxy::resets).sum();
-    drop(proxies);
-
-    let mut stats = sh.count(&live, n, rooms, nn);
-    stats.stats.cuts = cuts;
-    stats.stats.proxy_resets = proxy_resets;
-    stats.stats.kill = kill;
-    stats.stats.unsettled = unsettled as u64;
-    let expected = stats.expected;
-    let delivered = stats.delivered;
-    let mut report = Report {
-        mode: "open-loop".to_owned(),
-        users: n as u64,
-        target_rate: Some(rate),
-        connect: hatched.stats,
-        messages: Some(MessageStats {
-            sent: expected,
-            delivered,
-            errored: 0,
-            lost: expected - delivered,
-            duplicated: sh.duplicated.load(Relaxed),
-            out_of_order: sh.out_of_order.load(Relaxed),
-            send_secs,
-            sent_per_sec: expected as f64 / send_secs,
-            delivered_per_sec: delivered as f64 / send_secs,
-            latency_us: Latency::from_hist(&{
-                let mut h = sh.live_hist.merged();
-                let _ = h.add(sh.replay_hist.merged());
-                h
-            }),
-        }),
-        run_prefix: prefix,
-        measuring: Some(measuring),
-        notes,
-        ..Report::default()
-    };
-    let p99 = stats.stats.replay_after_reconnect_us.p99;
-    if stats.stats.replayed > 0 {
-        report.notes.push(format!(
-            "replay p99 after reconnect {:.3} s: {} the 1 s target",
-            p99 as f64 / 1e6,
-            if p99 <= 1_000_000 { "meets" } else { "misses" }
-        ));
-    }
-    report.drops = Some(stats.stats);
-    Ok(report)
+        .count()
 }
 
 /// Cuts every proxy for `cut_for` every `cut_every`, the first half a period in; no cut
@@ -738,6 +705,78 @@ struct Count {
 }
 
 impl Shared {
+    fn new(
+        cfg: &Config,
+        prefix: &str,
+        nodes: &[Arc<Target>],
+        via_proxy: Vec<Arc<Target>>,
+        rate: f64,
+        tl: &Arc<Timeline>,
+    ) -> Self {
+        let (n, nn, rooms) = (cfg.users, nodes.len(), cfg.rooms.max(1));
+        Self {
+            epoch: Instant::now(),
+            ids: (0..n).map(|i| format!("{prefix}-{i}")).collect(),
+            room_ids: (0..rooms).map(|r| format!("{prefix}-r{r}")).collect(),
+            room_of: (0..n).map(|i| ((i / (3 * nn)) % rooms) as u32).collect(),
+            home: (0..n).map(|i| i % nn).collect(),
+            cut_path: (0..n).map(|i| (i / nn) % 3 == 0).collect(),
+            direct: nodes.to_vec(),
+            via_proxy,
+            period: n as f64 / rate,
+            plan: OnceLock::new(),
+            ready: AtomicU64::new(0),
+            settled: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            history_off: AtomicBool::new(false),
+            logs: (0..n).map(|_| Mutex::new(None)).collect(),
+            send_start_ns: AtomicU64::new(0),
+            written_direct: AtomicU64::new(0),
+            written_room: AtomicU64::new(0),
+            not_sent_offline: AtomicU64::new(0),
+            not_sent_rejoining: AtomicU64::new(0),
+            deliveries: AtomicU64::new(0),
+            duplicated: AtomicU64::new(0),
+            out_of_order: AtomicU64::new(0),
+            replayed: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            recovered: AtomicU64::new(0),
+            rejoined: AtomicU64::new(0),
+            claimed: AtomicU64::new(0),
+            offset_gaps: AtomicU64::new(0),
+            own_room: AtomicU64::new(0),
+            live_hist: ShardedHist::new(16),
+            replay_hist: ShardedHist::new(16),
+            replay_rc_hist: ShardedHist::new(16),
+            outage_hist: ShardedHist::new(4),
+            disconnects: Counts::default(),
+            reconnect_failures: Counts::default(),
+            not_recovered: Counts::default(),
+            rejoin_not_recovered: Counts::default(),
+            errors: Counts::default(),
+            tl: tl.clone(),
+        }
+    }
+
+    /// The report's `messages`: deliveries of sent messages; the latency is of every
+    /// delivery, live and replayed, in-doubt messages' included.
+    fn messages(&self, count: &Count, send_secs: f64) -> MessageStats {
+        let (expected, delivered) = (count.expected, count.delivered);
+        let mut latency = self.live_hist.merged();
+        let _ = latency.add(self.replay_hist.merged());
+        MessageStats {
+            sent: expected,
+            delivered,
+            errored: 0,
+            lost: expected - delivered,
+            duplicated: self.duplicated.load(Relaxed),
+            out_of_order: self.out_of_order.load(Relaxed),
+            send_secs,
+            sent_per_sec: expected as f64 / send_secs,
+            delivered_per_sec: delivered as f64 / send_secs,
+            latency_us: Latency::from_hist(&latency),
+        }
+    }
+
     /// Where user `i` connects to reach node `node`.
     fn target(&self, i: usize, node: usize) -> Arc<Target> {
         if self.cut_path[i] {
@@ -748,7 +787,7 @@ impl Shared {
     }
 
     /// Checks every sender's log against every receiver's receipts.
-    fn count(&self, live: &[u32], n: usize, rooms: usize, nodes: usize) -> Count {
+    fn count(&self, live: &[u32], n: usize, nodes: usize) -> Count {
         let logs: Vec<UserLog> = self
             .logs
             .iter()
@@ -765,7 +804,7 @@ impl Shared {
             nodes: nodes as u64,
             users: n as u64,
             cut_users: live.iter().filter(|&&i| self.cut_path[i as usize]).count() as u64,
-            rooms: rooms as u64,
+            rooms: self.room_ids.len() as u64,
             ..DropsStats::default()
         };
         let (mut expected, mut delivered, mut matched) = (0u64, 0u64, 0u64);
@@ -1008,7 +1047,7 @@ async fn user_task(sh: Arc<Shared>, me: u32, ws: Ws, mut phase_rx: watch::Receiv
             Ev::Retry => c.reconnect().await,
             Ev::Frame(None) => c.lost("eof".to_owned()),
             Ev::Frame(Some(Err(e))) => c.lost(conn::ws_error_kind(&e)),
-            Ev::Frame(Some(Ok(Message::Text(t)))) => c.frame(t.as_str()).await,
+            Ev::Frame(Some(Ok(Message::Text(t)))) => c.frame(t.as_str()),
             Ev::Frame(Some(Ok(Message::Close(f)))) => c.lost(conn::close_kind(f.as_ref())),
             Ev::Frame(Some(Ok(_))) => {}
         }
@@ -1212,7 +1251,7 @@ impl Client {
         }
     }
 
-    async fn frame(&mut self, text: &str) {
+    fn frame(&mut self, text: &str) {
         let Ok(f) = serde_json::from_str::<Frame<'_>>(text) else {
             self.sh.errors.add("unparsable frame");
             return;
@@ -1234,7 +1273,7 @@ impl Client {
                 let (Some(body), Some(room)) = (d.text, d.room) else {
                     return;
                 };
-                let mine = self.sh.room_of[self.me as usize];
+                let mine = sh.room_of[self.me as usize];
                 if room != sh.room_ids[mine as usize] {
                     sh.errors.add("room message from another room");
                     return;
@@ -1245,88 +1284,9 @@ impl Client {
                 }
                 self.receive(body, 1 + mine, replay);
             }
-            "recovered" => {
-                self.recovering = false;
-                self.up = true;
-                sh.reconnects.fetch_add(1, Relaxed);
-                sh.outage_hist
-                    .record(self.me as usize, self.lost_at.elapsed().as_micros() as u64);
-                match d.recovered {
-                    Some(true) => {
-                        sh.recovered.fetch_add(1, Relaxed);
-                    }
-                    _ => {
-                        sh.not_recovered.add(d.reason.unwrap_or("(no reason)"));
-                        self.log.given_up.push(0);
-                    }
-                }
-                sh.claimed.fetch_add(d.count.unwrap_or(0), Relaxed);
-                if let (Some(offset), Some(epoch)) = (d.offset, d.epoch) {
-                    self.user_pos = Some(Position {
-                        offset,
-                        epoch: epoch.into_owned(),
-                    });
-                }
-            }
-            "joined" => {
-                let first = self.room_pos.is_none();
-                match d.recovered {
-                    Some(true) => {
-                        sh.rejoined.fetch_add(1, Relaxed);
-                    }
-                    Some(false) => {
-                        sh.rejoin_not_recovered
-                            .add(d.reason.unwrap_or("(no reason)"));
-                        self.log
-                            .given_up
-                            .push(1 + self.sh.room_of[self.me as usize]);
-                    }
-                    None => {}
-                }
-                sh.claimed.fetch_add(d.count.unwrap_or(0), Relaxed);
-                if let (Some(offset), Some(epoch)) = (d.offset, d.epoch) {
-                    self.room_pos = Some(Position {
-                        offset,
-                        epoch: epoch.into_owned(),
-                    });
-                } else {
-                    sh.errors.add("joined without offset/epoch");
-                }
-                self.joining = false;
-                self.rejoining = false;
-                if first && self.user_pos.is_some() {
-                    sh.ready.fetch_add(1, Relaxed);
-                }
-            }
-            "history" => {
-                let first = self.user_pos.is_none();
-                if first {
-                    if let (Some(offset), Some(epoch)) = (d.offset, d.epoch) {
-                        self.user_pos = Some(Position {
-                            offset,
-                            epoch: epoch.into_owned(),
-                        });
-                        if self.room_pos.is_some() {
-                            sh.ready.fetch_add(1, Relaxed);
-                        }
-                    } else {
-                        sh.errors.add("history reply without offset/epoch");
-                    }
-                }
-                if let Some(upto) = self.checkpoints.pop_front() {
-                    let fate = if self.errored {
-                        Fate::InDoubt
-                    } else {
-                        Fate::Sent
-                    };
-                    let from = self.decided.min(upto);
-                    for m in &mut self.log.sent[from..upto] {
-                        m.fate = fate;
-                    }
-                    self.decided = self.decided.max(upto);
-                    self.errored = false;
-                }
-            }
+            "recovered" => self.on_recovered(d),
+            "joined" => self.on_joined(d),
+            "history" => self.on_history(d),
             "error" => {
                 let e = d.error.as_deref().unwrap_or("(no error text)");
                 if e == "history is off" {
@@ -1338,6 +1298,93 @@ impl Client {
             }
             _ => {}
         }
+    }
+
+    /// The end of a user-stream replay: the session is back.
+    fn on_recovered(&mut self, d: Data<'_>) {
+        let sh = &self.sh;
+        self.recovering = false;
+        self.up = true;
+        sh.reconnects.fetch_add(1, Relaxed);
+        sh.outage_hist
+            .record(self.me as usize, self.lost_at.elapsed().as_micros() as u64);
+        if d.recovered == Some(true) {
+            sh.recovered.fetch_add(1, Relaxed);
+        } else {
+            sh.not_recovered.add(d.reason.unwrap_or("(no reason)"));
+            self.log.given_up.push(0);
+        }
+        sh.claimed.fetch_add(d.count.unwrap_or(0), Relaxed);
+        if let (Some(offset), Some(epoch)) = (d.offset, d.epoch) {
+            self.user_pos = Some(Position {
+                offset,
+                epoch: epoch.into_owned(),
+            });
+        }
+    }
+
+    /// A join's answer: the room's position, and after a re-join the end of its replay.
+    fn on_joined(&mut self, d: Data<'_>) {
+        let sh = &self.sh;
+        let first = self.room_pos.is_none();
+        match d.recovered {
+            Some(true) => {
+                sh.rejoined.fetch_add(1, Relaxed);
+            }
+            Some(false) => {
+                sh.rejoin_not_recovered
+                    .add(d.reason.unwrap_or("(no reason)"));
+                self.log.given_up.push(1 + sh.room_of[self.me as usize]);
+            }
+            None => {}
+        }
+        sh.claimed.fetch_add(d.count.unwrap_or(0), Relaxed);
+        if let (Some(offset), Some(epoch)) = (d.offset, d.epoch) {
+            self.room_pos = Some(Position {
+                offset,
+                epoch: epoch.into_owned(),
+            });
+        } else {
+            sh.errors.add("joined without offset/epoch");
+        }
+        self.joining = false;
+        self.rejoining = false;
+        if first && self.user_pos.is_some() {
+            sh.ready.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// A `history` reply: the user stream's position (first one), and a checkpoint: every
+    /// message written before its request was read by the node.
+    fn on_history(&mut self, d: Data<'_>) {
+        let sh = &self.sh;
+        if self.user_pos.is_none() {
+            if let (Some(offset), Some(epoch)) = (d.offset, d.epoch) {
+                self.user_pos = Some(Position {
+                    offset,
+                    epoch: epoch.into_owned(),
+                });
+                if self.room_pos.is_some() {
+                    sh.ready.fetch_add(1, Relaxed);
+                }
+            } else {
+                sh.errors.add("history reply without offset/epoch");
+            }
+        }
+        let Some(upto) = self.checkpoints.pop_front() else {
+            return;
+        };
+        let fate = if self.errored {
+            Fate::InDoubt
+        } else {
+            Fate::Sent
+        };
+        let from = self.decided.min(upto);
+        for m in &mut self.log.sent[from..upto] {
+            m.fate = fate;
+        }
+        self.decided = self.decided.max(upto);
+        self.errored = false;
     }
 
     /// A message body from `stream` (0: the user's, 1 + r: room r).
