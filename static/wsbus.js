@@ -26,12 +26,24 @@
  *   reconnect delay doubles from `minDelayMs` after each failed attempt, up to `maxDelayMs`,
  *   and each delay is drawn at random between half of it and all of it (jitter, so that
  *   clients dropped together by a restarting node do not all come back at the same
- *   moment). The count starts again once a connection opens.
+ *   moment). The count starts again after a connection the node accepted (one that
+ *   opened and was not refused with 4001).
  * - `options.token`: for nodes that require a signed token: the token (a string), or a
  *   function returning it (or a promise of it), called before every connection attempt so
  *   that a fresh token can be fetched for each reconnect. Sent as `?token=`, since browsers
  *   cannot set headers on a WebSocket; it is not part of `url`. If the function throws,
  *   the attempt counts as a failed connection (a `close` with code 1006 and the reason).
+ * - `options.urls`: more base URLs (same forms as `baseUrl`), other nodes of the cluster.
+ *   The client connects to `baseUrl` first; every reconnect attempt goes to the next node
+ *   of `[baseUrl, ...urls]` (wrapping around), so a client whose node died (or is down when
+ *   the attempt is made) reaches another one. Any node serves any user; with history on
+ *   (below), the messages sent while the client was away are recovered from any node.
+ * - `options.staleSessionMs` (default `15000`): after a connection that the node had
+ *   accepted drops, a refusal with 4001 (`not unique session`) is taken, for this long, for
+ *   the client's own previous session: when its node dies, the cluster counts that session
+ *   until it notices the node is gone (`--node-ttl`, 5 s by default). The client then retries
+ *   (with the backoff, and without an `error` event) instead of giving up; after this long,
+ *   4001 ends reconnecting as usual. `0` turns that off.
  * - `options.WebSocket`: a WebSocket constructor to use instead of `globalThis.WebSocket`.
  *
  * ## Methods and properties
@@ -42,8 +54,9 @@
  *   connection is not open. Delivery is not acknowledged: if `to` is not connected
  *   anywhere, an `error` event follows (`User 'bob' not found`).
  * - `join(room)`: enters room `room` (same alphabet as a user id). Returns a promise of the
- *   `joined` reply's data, `{room, members}` (`members`: how many users are in it now).
- *   Joining a room this session is in already is harmless (the server answers `joined`).
+ *   `joined` event's detail (`members`: how many users are in it now; the other fields are
+ *   about history, see the `joined` event). Joining a room this session is in already is
+ *   harmless (the server answers `joined`).
  * - `leave(room)`: leaves `room`; a promise of `{room}`. Rejects with `not in room 'lobby'`
  *   if this session is not in it.
  * - `members(room)`: a promise of `{room, users, truncated}`: the users in `room`, sorted;
@@ -60,7 +73,13 @@
  *   returns a function that removes the listener.
  * - `state`: `"idle"` (never connected), `"connecting"`, `"open"`, `"reconnecting"`
  *   (waiting to retry) or `"closed"`.
- * - `userId`, `url`: the user id and the WebSocket URL (without the token).
+ * - `userId`: the user id. `url`: the WebSocket URL (without token or `since`) of the node
+ *   of the current connection, or of the next attempt; `urls`: those of every node it tries.
+ * - `position`: where this client is in its user stream, `{offset, epoch}` (a copy), or
+ *   `null` (history off, or not known yet). `roomPositions`: the same per joined room,
+ *   `{lobby: {offset, epoch}, ...}`. See "History and recovery".
+ * - `historyEnabled`: `true` once a frame showed that the nodes keep history, `false` once
+ *   a node said `history is off`, `null` before either.
  *
  * `join`, `leave` and `members` reject at once with an `Error` if the connection is not open
  * and with a `TypeError` for an invalid room id; a promise still pending when the
@@ -76,22 +95,66 @@
  * earlier `send()`/`sendRoom()` can get `bus unavailable` or `rate limited` too, and if
  * such an error arrives while a request is pending, that request is rejected with it even
  * if the server then carries it out. `rooms` follows the server's `joined`/`left` frames,
- * not the promises, so it stays right in that case.
+ * not the promises, so it stays right in that case. The client's own request for its
+ * position (`history`, below) waits in the same queue; what answers it is not passed on as
+ * an answer to the app (an `error` event for it has `request: null`).
+ *
+ * ## History and recovery
+ *
+ * When the nodes run with `--history N`, every message from a stream (the user's own: direct
+ * messages, publishes and relays to the user; or a room's) carries an `offset` (one more per
+ * message of that stream) and an `epoch` (changes when the stream's past was lost). The
+ * client keeps the offset and epoch of the last message of the user stream (`position`) and
+ * of each joined room (`roomPositions`), and after a reconnect it asks for what it missed:
+ *
+ * - it connects with `?since=<offset>&epoch=<epoch>`; the node sends the user's missed
+ *   messages (as `message` events with `replayed: true`), then a `recovered` event;
+ * - it joins each of its rooms again with `since`/`epoch`; the node sends the room's missed
+ *   messages (`roommessage` events, `replayed: true`), then `joined` (with `recovered`,
+ *   `count`) and a `recovered` event for the room.
+ *
+ * A client that has no position yet (its first connection, or no message came before the
+ * drop) asks for it once connected (`{"action":"history","data":{"limit":0}}`) and takes the
+ * reply's offset (or a later one it has seen). If the node answers `history is off`, the
+ * client stops asking, silently (no `error` event). With history off nothing of this
+ * happens and the client behaves as before. A message whose offset the client has had
+ * already (same stream and epoch) is dropped, so none shows twice. `close()` forgets the
+ * rooms and their positions but keeps the user stream's: a later `connect()` recovers what
+ * was sent in between, as far as the nodes keep it (`--history`, `--history-ttl`).
+ *
+ * When the node cannot recover (`recovered: false`: `reason` is `"epoch"` the stream's past
+ * was lost, `"trimmed"` more was sent than it keeps, `"expired"` away longer than it keeps
+ * it, `"too_many"` more than `--recover-max`), the messages sent in between are lost to this
+ * client: reload the conversation from your backend. Live messages continue either way.
  *
  * ## Events (`CustomEvent`s; the fields below are in `event.detail`)
  *
  * - `statechange` `{state}`: `state` changed.
- * - `open` `{url}`: connected; messages to this user are delivered from now on.
- * - `message` `{from, to, text, own}`: a message from user `from` to user `to` (this user).
- *   With several sessions per user, what another session of this user sends arrives here
- *   too: `from` is then this user, `to` the recipient, and `own` is `true`.
- * - `roommessage` `{room, from, text, own}`: a message to `room` from user `from`; `own`
- *   is `true` when another session of this user sent it.
+ * - `open` `{url}`: connected (to the node at `url`); messages to this user are delivered
+ *   from now on.
+ * - `message` `{from, to, text, own, offset, epoch, replayed}`: a message from user `from`
+ *   to user `to` (this user). With several sessions per user, what another session of this
+ *   user sends arrives here too: `from` is then this user, `to` the recipient, and `own` is
+ *   `true`. `offset` and `epoch` are the message's place in the user stream (`null` with
+ *   history off, and for the copy of what another session sent); `replayed` is `true` for a
+ *   message recovered after a reconnect (sent while this client was away).
+ * - `roommessage` `{room, from, text, own, offset, epoch, replayed}`: a message to `room`
+ *   from user `from`; `own` is `true` when another session of this user sent it; `offset`,
+ *   `epoch` and `replayed` as for `message`, in the room's stream.
  * - `presence` `{room, user, event}`: `event` is `"join"` when `user` entered `room` (its
  *   first session joined) and `"leave"` when it left (its last session left, disconnected
  *   or its node died). Sent to the other members of the room.
- * - `joined` `{room, members}` and `left` `{room}`: this session entered or left `room`
- *   (the server's replies to `join`/`leave`, including the re-joins after a reconnect).
+ * - `joined` `{room, members, offset, epoch, recovered, count, reason}` and `left` `{room}`:
+ *   this session entered or left `room` (the server's replies to `join`/`leave`, including
+ *   the re-joins after a reconnect). With history on, `offset`/`epoch` are where the room's
+ *   stream is (else `null`); for a re-join that recovered, `recovered` (`true`/`false`),
+ *   `count` (messages replayed) and `reason` (when `false`) as in `recovered`, else `null`.
+ * - `recovered` `{room, recovered, count, reason, offset, epoch}`: the result of recovering
+ *   after a reconnect: `room` is `null` for the user stream (after the replayed `message`
+ *   events), or the room (after its replayed `roommessage` events, with its `joined`).
+ *   `recovered: true`: the `count` missed messages were delivered, none lost. `false`: the
+ *   node could not (`reason`, see "History and recovery"); messages were lost.
+ *   `offset`/`epoch`: where the stream is now.
  * - `error` `{error, request}`: an error from the server, e.g. `User 'bob' not found`,
  *   `bus unavailable` (the message was not sent) or `not unique session`. `request` is
  *   `{action, room}` when the error was matched to a pending `join`, `leave` or `members`
@@ -104,7 +167,8 @@
  *   4004 ping timeout, 4005 rate limit exceeded, 4006 replaced by a newer session.
  *
  * The client does **not** reconnect after close 4001 (`not unique session`: the user holds
- * as many live sessions as the nodes allow), 4003 (`session replaced`: another session took
+ * as many live sessions as the nodes allow; except shortly after a drop, see
+ * `options.staleSessionMs`), 4003 (`session replaced`: another session took
  * it over) or 4006 (`replaced by a newer session`: with `--on-session-limit replace`, a
  * newer session of this user closed this one, the oldest), since reconnecting would only
  * fight that session (after 4006 it would replace the next oldest, which would do the same);
@@ -154,10 +218,18 @@ export function isValidRoomId(room) {
   return isValidUserId(room);
 }
 
+/**
+ * The errors that answer a `history` request when the nodes keep no history: `history is off`,
+ * or, from a node older than history, the unknown action.
+ */
+const HISTORY_OFF = new Set(["history is off", "unknown action 'history'"]);
+
 /** Whether error text `error` can be the server's answer to pending request `req`. */
 function answers(req, error) {
   if (error === "bus unavailable" || error === "rate limited") return true;
   switch (req.action) {
+    case "history":
+      return HISTORY_OFF.has(error);
     case "join":
       return (
         error === "invalid room id" || error === "too many rooms" || error === `room '${req.room}' is full`
@@ -185,9 +257,43 @@ export function wsUrl(baseUrl, userId) {
   return new URL(`ws/${encodeURIComponent(userId)}`, base).href;
 }
 
+/** What `#stamp` returns for a frame this client has had already. */
+const DUPLICATE = Symbol("duplicate");
+
+/** `pos` moved to `offset` in `epoch`: the later of the two in one epoch; a new epoch wins. */
+function advance(pos, offset, epoch) {
+  return pos && pos.epoch === epoch && pos.offset >= offset ? pos : { offset, epoch };
+}
+
+/** The `{offset, epoch}` that reply data `d` carries, or `null`. */
+function positionOf(d) {
+  return Number.isSafeInteger(d.offset) && typeof d.epoch === "string" ? { offset: d.offset, epoch: d.epoch } : null;
+}
+
+/** The `recovered` event's detail from a `recovered` or `joined` frame's data. */
+function recovery(d, room) {
+  const pos = positionOf(d);
+  return {
+    room,
+    recovered: d.recovered === true,
+    count: Number.isSafeInteger(d.count) ? d.count : 0,
+    reason: typeof d.reason === "string" ? d.reason : null,
+    offset: pos?.offset ?? null,
+    epoch: pos?.epoch ?? null,
+  };
+}
+
+/** The fields a `message`/`roommessage` event adds for stamp `s` (see `#stamp`). */
+function stampDetail(s) {
+  return { offset: s?.offset ?? null, epoch: s?.epoch ?? null, replayed: s?.replayed ?? false };
+}
+
 /** A wsbus connection for one user; see the file header for the API. */
 export class WsbusClient extends EventTarget {
-  #url;
+  /** The WebSocket URLs of the nodes to try, in turn (`baseUrl`, then `options.urls`). */
+  #urls;
+  /** Index in `#urls` of the current connection's node, or of the next attempt's. */
+  #index = 0;
   #userId;
   #opts;
   #WebSocket;
@@ -201,6 +307,27 @@ export class WsbusClient extends EventTarget {
   #rooms = new Set();
   /** Requests sent on this connection and not answered yet, oldest first. */
   #pending = [];
+  /** Whether the nodes keep history: `null` until a frame tells (see `historyEnabled`). */
+  #history = null;
+  /** The user stream's position, `{offset, epoch}`: the `since` of the next connection. */
+  #position = null;
+  /** Room → its position: the `since` of the room's next re-join. */
+  #roomPositions = new Map();
+  /**
+   * Stream (`null` for the user's, else the room) → `{offset, epoch}` of the last stamped
+   * frame received from it. Kept apart from the positions, which also move on replies
+   * (`history`, `joined`) that can overtake frames still on their way.
+   */
+  #seen = new Map();
+  /** This connection asked to recover the user stream and its `recovered` has not come. */
+  #recovering = false;
+  /** Rooms joined again with `since` whose `joined` has not come. */
+  #recoveringRooms = new Set();
+  /**
+   * Until when (`Date.now()` ms) a refusal with 4001 is taken for this user's previous
+   * session, still counted on a node that died, and retried (see `options.staleSessionMs`).
+   */
+  #staleUntil = 0;
 
   constructor(baseUrl, userId, options = {}) {
     super();
@@ -212,11 +339,13 @@ export class WsbusClient extends EventTarget {
       reconnect: options.reconnect ?? true,
       minDelayMs,
       maxDelayMs: Math.max(minDelayMs, Number(options.maxDelayMs ?? 30000)),
+      staleSessionMs: Math.max(0, Number(options.staleSessionMs ?? 15000)),
     };
     this.#WebSocket = options.WebSocket ?? globalThis.WebSocket;
     this.#token = options.token ?? null;
     this.#userId = userId;
-    this.#url = wsUrl(baseUrl, userId);
+    const bases = [baseUrl, ...(options.urls ?? [])];
+    this.#urls = [...new Set(bases.map((base) => wsUrl(base, userId)))];
   }
 
   get userId() {
@@ -224,7 +353,11 @@ export class WsbusClient extends EventTarget {
   }
 
   get url() {
-    return this.#url;
+    return this.#urls[this.#index];
+  }
+
+  get urls() {
+    return [...this.#urls];
   }
 
   get state() {
@@ -233,6 +366,18 @@ export class WsbusClient extends EventTarget {
 
   get rooms() {
     return [...this.#rooms].sort();
+  }
+
+  get position() {
+    return this.#position && { ...this.#position };
+  }
+
+  get roomPositions() {
+    return Object.fromEntries([...this.#roomPositions].map(([room, pos]) => [room, { ...pos }]));
+  }
+
+  get historyEnabled() {
+    return this.#history;
   }
 
   connect() {
@@ -269,8 +414,10 @@ export class WsbusClient extends EventTarget {
 
   close(code = CloseCode.NORMAL, reason = "") {
     this.#gen += 1;
-    this.#rooms.clear();
+    for (const room of this.#rooms) this.#forgetRoom(room);
     this.#rejectPending();
+    this.#recovering = false;
+    this.#staleUntil = 0;
     clearTimeout(this.#timer);
     this.#timer = null;
     const ws = this.#ws;
@@ -299,7 +446,9 @@ export class WsbusClient extends EventTarget {
     this.#timer = null;
     this.#setState("connecting");
     const gen = ++this.#gen;
-    let url = this.#url;
+    const params = [];
+    const since = this.#history === false ? null : this.#position;
+    if (since) params.push(`since=${since.offset}`, `epoch=${encodeURIComponent(since.epoch)}`);
     if (this.#token !== null) {
       let token;
       try {
@@ -310,8 +459,9 @@ export class WsbusClient extends EventTarget {
       }
       // close() (or another connect()) while the token was being fetched.
       if (gen !== this.#gen || this.#state !== "connecting") return;
-      if (token) url += `?token=${encodeURIComponent(token)}`;
+      if (token) params.push(`token=${encodeURIComponent(token)}`);
     }
+    const url = params.length ? `${this.url}?${params.join("&")}` : this.url;
     let ws;
     try {
       ws = new this.#WebSocket(url);
@@ -320,18 +470,21 @@ export class WsbusClient extends EventTarget {
       return;
     }
     this.#ws = ws;
+    this.#recovering = since !== null;
+    let opened = false;
     ws.onopen = () => {
       if (this.#ws !== ws) return;
-      this.#attempt = 0;
+      opened = true;
       this.#setState("open");
+      if (this.#position === null && this.#history !== false) this.#askPosition();
       this.#rejoin();
-      this.#emit("open", { url: this.#url });
+      this.#emit("open", { url: this.url });
     };
     ws.onmessage = (e) => {
       if (this.#ws === ws) this.#frame(e.data);
     };
     ws.onclose = (e) => {
-      if (this.#ws === ws) this.#closed(e.code, e.reason, e.wasClean);
+      if (this.#ws === ws) this.#closed(e.code, e.reason, e.wasClean, opened);
     };
     // A failed connection also fires `close` (1006), which is where it is handled.
     ws.onerror = () => {};
@@ -344,47 +497,152 @@ export class WsbusClient extends EventTarget {
     } catch {
       return;
     }
+    const stamp = this.#stamp(frame);
+    if (stamp === DUPLICATE) return;
     const d = frame?.data ?? {};
     const from = frame?.from;
     switch (frame?.action) {
       case "message":
         // A message to oneself is incoming; other messages from oneself are another session's.
-        this.#emit("message", { from, to: d.to, text: d.text, own: from === this.#userId && d.to !== from });
+        this.#emit("message", {
+          from,
+          to: d.to,
+          text: d.text,
+          own: from === this.#userId && d.to !== from,
+          ...stampDetail(stamp),
+        });
         break;
       case "room_message":
-        this.#emit("roommessage", { room: d.room, from, text: d.text, own: from === this.#userId });
+        this.#emit("roommessage", {
+          room: d.room,
+          from,
+          text: d.text,
+          own: from === this.#userId,
+          ...stampDetail(stamp),
+        });
         break;
       case "presence":
         this.#emit("presence", { room: d.room, user: from, event: d.event });
         break;
       case "joined":
-        this.#rooms.add(d.room);
-        this.#settle("join", d, { room: d.room, members: d.members });
-        this.#emit("joined", { room: d.room, members: d.members });
+        this.#joined(d);
         break;
       case "left":
         this.#rooms.delete(d.room);
+        this.#forgetRoom(d.room);
         this.#settle("leave", d, { room: d.room });
         this.#emit("left", { room: d.room });
         break;
       case "members":
         this.#settle("members", d, { room: d.room, users: d.users ?? [], truncated: d.truncated === true });
         break;
-      case "error": {
-        const error = String(d.error);
-        const req = this.#pending[0];
-        let request = null;
-        if (req && answers(req, error)) {
-          this.#pending.shift();
-          // A room that cannot be joined again after a reconnect is gone.
-          if (req.rejoin) this.#rooms.delete(req.room);
-          req.reject(new Error(error));
-          request = { action: req.action, room: req.room };
-        }
-        this.#emit("error", { error, request });
+      case "recovered": {
+        this.#recovering = false;
+        this.#history = true;
+        const result = recovery(d, null);
+        // The server's word on where the stream is, also when it could not recover.
+        if (result.offset !== null) this.#position = { offset: result.offset, epoch: result.epoch };
+        this.#emit("recovered", result);
         break;
       }
+      case "history": {
+        // Only the user stream's position is asked for (see #askPosition).
+        if (d.room != null) break;
+        const req = this.#pending[0];
+        if (req?.action === "history") {
+          this.#pending.shift();
+          req.resolve();
+        }
+        const pos = positionOf(d);
+        if (pos) {
+          this.#history = true;
+          this.#position = advance(this.#position, pos.offset, pos.epoch);
+        }
+        break;
+      }
+      case "error":
+        this.#error(String(d.error));
+        break;
     }
+  }
+
+  /**
+   * Notes the offset of a stamped frame (top-level `offset` and `epoch`; a top-level `room`
+   * names a room's stream, none the user's): `{offset, epoch, replayed}`, `DUPLICATE` for a
+   * frame already received, `null` for a frame without offset.
+   */
+  #stamp(frame) {
+    const { offset, epoch } = frame ?? {};
+    if (!Number.isSafeInteger(offset) || typeof epoch !== "string") return null;
+    const room = typeof frame.room === "string" ? frame.room : null;
+    const seen = this.#seen.get(room);
+    if (seen && seen.epoch === epoch && offset <= seen.offset) return DUPLICATE;
+    this.#seen.set(room, { offset, epoch });
+    this.#history = true;
+    if (room === null) {
+      this.#position = advance(this.#position, offset, epoch);
+      return { offset, epoch, replayed: this.#recovering };
+    }
+    this.#roomPositions.set(room, advance(this.#roomPositions.get(room) ?? null, offset, epoch));
+    return { offset, epoch, replayed: this.#recoveringRooms.has(room) };
+  }
+
+  /** A `joined` reply: to a `join`, or to a re-join after a reconnect (with its recovery). */
+  #joined(d) {
+    const room = d.room;
+    this.#rooms.add(room);
+    this.#recoveringRooms.delete(room);
+    const pos = positionOf(d);
+    const result = typeof d.recovered === "boolean" ? recovery(d, room) : null;
+    if (pos) {
+      this.#history = true;
+      // After a recovery the reply says where the room is; a plain join only moves forward.
+      const known = result ? null : (this.#roomPositions.get(room) ?? null);
+      this.#roomPositions.set(room, advance(known, pos.offset, pos.epoch));
+    }
+    const detail = () => ({
+      room,
+      members: d.members,
+      offset: pos?.offset ?? null,
+      epoch: pos?.epoch ?? null,
+      recovered: result?.recovered ?? null,
+      count: result?.count ?? null,
+      reason: result?.reason ?? null,
+    });
+    this.#settle("join", d, detail());
+    this.#emit("joined", detail());
+    if (result) this.#emit("recovered", result);
+  }
+
+  #error(error) {
+    const req = this.#pending[0];
+    let request = null;
+    if (req && answers(req, error)) {
+      this.#pending.shift();
+      // A room that cannot be joined again after a reconnect is gone.
+      if (req.rejoin) {
+        this.#rooms.delete(req.room);
+        this.#forgetRoom(req.room);
+      }
+      req.reject(new Error(error));
+      // The position request is the client's own: its errors are not answers to the app.
+      if (req.action !== "history") request = { action: req.action, room: req.room };
+    }
+    if (HISTORY_OFF.has(error)) {
+      // The nodes keep no history (or predate it): stop asking, quietly.
+      this.#history = false;
+      return;
+    }
+    // Most likely this user's previous session, held for a node that has died (see #closed).
+    if (error === "not unique session" && Date.now() < this.#staleUntil) return;
+    this.#emit("error", { error, request });
+  }
+
+  /** Asks for the user stream's position (`history` with `limit` 0); see `#frame`. */
+  #askPosition() {
+    const ignore = () => {};
+    this.#pending.push({ action: "history", room: null, rejoin: false, resolve: ignore, reject: ignore });
+    this.#ws.send(JSON.stringify({ action: "history", data: { limit: 0 } }));
   }
 
   /** Sends request `action` for `room`; a promise of its reply (see the header). */
@@ -393,9 +651,16 @@ export class WsbusClient extends EventTarget {
       return Promise.reject(new TypeError("wsbus: a room id is 1-64 characters of A-Z a-z 0-9 _ . -"));
     }
     if (this.#state !== "open") return Promise.reject(new Error(`wsbus: not connected (${this.#state})`));
+    const data = { room };
+    const since = rejoin && this.#history !== false ? this.#roomPositions.get(room) : undefined;
+    if (since) {
+      data.since = since.offset;
+      data.epoch = since.epoch;
+      this.#recoveringRooms.add(room);
+    }
     return new Promise((resolve, reject) => {
       this.#pending.push({ action, room, rejoin, resolve, reject });
-      this.#ws.send(JSON.stringify({ action, data: { room } }));
+      this.#ws.send(JSON.stringify({ action, data }));
     });
   }
 
@@ -409,12 +674,20 @@ export class WsbusClient extends EventTarget {
     }
   }
 
-  /** Joins every room in `rooms` again on a new connection. */
+  /** Joins every room in `rooms` again on a new connection, from where each was left. */
   #rejoin() {
     for (const room of this.#rooms) {
-      // Failures are reported by the error event (and drop the room, see #frame).
+      // Failures are reported by the error event (and drop the room, see #error).
       this.#request("join", room, true).catch(() => {});
     }
+  }
+
+  /** Drops what the client knows of `room`'s stream (when it is no longer in it). */
+  #forgetRoom(room) {
+    this.#rooms.delete(room);
+    this.#roomPositions.delete(room);
+    this.#seen.delete(room);
+    this.#recoveringRooms.delete(room);
   }
 
   #rejectPending() {
@@ -423,16 +696,30 @@ export class WsbusClient extends EventTarget {
     for (const req of pending) req.reject(new Error("wsbus: connection closed"));
   }
 
-  #closed(code, reason, wasClean) {
+  /** The connection closed; `opened`: it had opened (the node accepted it, or refused it late). */
+  #closed(code, reason, wasClean, opened = false) {
     this.#ws = null;
     this.#rejectPending();
-    const final = NO_RECONNECT.has(code);
+    this.#recovering = false;
+    this.#recoveringRooms.clear();
+    const now = Date.now();
+    if (opened && code !== CloseCode.NOT_UNIQUE) {
+      // A session that was accepted: the backoff starts again. If its node died, the
+      // cluster counts the session until it notices (the node TTL), so for a while a
+      // refusal (4001) is most likely this very session.
+      this.#attempt = 0;
+      this.#staleUntil = now + this.#opts.staleSessionMs;
+    }
+    const stale = code === CloseCode.NOT_UNIQUE && now < this.#staleUntil;
+    const final = NO_RECONNECT.has(code) && !stale;
     let delay = null;
     if (this.#opts.reconnect && !final) {
       const { minDelayMs, maxDelayMs } = this.#opts;
       const ceiling = Math.min(maxDelayMs, minDelayMs * 2 ** Math.min(this.#attempt, 30));
       delay = Math.round(ceiling / 2 + (Math.random() * ceiling) / 2);
       this.#attempt += 1;
+      // Each attempt goes to the next node in the list: the last one may be down.
+      this.#index = (this.#index + 1) % this.#urls.length;
     }
     this.#setState(delay === null ? "closed" : "reconnecting");
     this.#emit("close", { code, reason, wasClean, reconnectInMs: delay });

@@ -1,6 +1,9 @@
 //! End to end in a real browser: headless Chromium, driven through chromedriver (WebDriver),
 //! uses the chat page (`static/index.html`) and the client module (`static/wsbus.js`) served
-//! by two in-process nodes, and two users chat across the nodes: directly, and in a room.
+//! by two in-process nodes, and two users chat across the nodes: directly, and in a room. A
+//! third test kills (SIGKILL) the node of a page whose nodes keep history and checks that the
+//! page, back on another node, shows every message sent meanwhile, once and in order; a
+//! fourth that a page that missed more than the node keeps says the history is lost.
 //!
 //! Needs `/usr/bin/chromium` and `/usr/bin/chromedriver` (Debian: `apt-get install -y chromium
 //! chromium-driver`); without them the test fails and says so. Set `WSBUS_SCREENSHOT_DIR` to
@@ -21,7 +24,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::json;
 
 use common::proxy::{Mode, Proxy};
-use common::{DEADLINE, Node, Redis};
+use common::{DEADLINE, Node, NodeProcess, Redis};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
@@ -144,10 +147,16 @@ struct Page {
 impl Page {
     /// Loads the chat page of the node at `addr` in this tab.
     async fn goto(&self, addr: SocketAddr) {
+        self.goto_with(addr, "").await;
+    }
+
+    /// Loads the chat page of the node at `addr` with query string `query` (`?...` or "").
+    async fn goto_with(&self, addr: SocketAddr, query: &str) {
+        let url = format!("http://{addr}/{query}");
         self.client
-            .goto(&format!("http://{addr}/"))
+            .goto(&url)
             .await
-            .unwrap_or_else(|e| panic!("page {}: cannot load http://{addr}/: {e}", self.name));
+            .unwrap_or_else(|e| panic!("page {}: cannot load {url}: {e}", self.name));
         assert_eq!(
             self.text("#node").await,
             addr.to_string(),
@@ -178,6 +187,25 @@ impl Page {
             texts.push(element.text().await.ok()?);
         }
         Some(texts)
+    }
+
+    /// The values of attribute `name` of the elements matching `css`, in document order.
+    async fn attrs(&self, css: &str, name: &str) -> Vec<Option<String>> {
+        let mut values = Vec::new();
+        for element in self.client.find_all(Locator::Css(css)).await.unwrap() {
+            values.push(element.attr(name).await.unwrap());
+        }
+        values
+    }
+
+    /// Whether an element matches `css` now.
+    async fn has(&self, css: &str) -> bool {
+        !self
+            .client
+            .find_all(Locator::Css(css))
+            .await
+            .unwrap()
+            .is_empty()
     }
 
     /// Waits until the elements matching `css` show exactly `expected`.
@@ -290,7 +318,33 @@ where
         body(page_a, page_b).await;
     })
     .await;
-    for client in [client_a, client_b] {
+    end_sessions([client_a, client_b], outcome).await;
+}
+
+/// Runs `body` with one browser tab (not on any page yet), and always ends its browser
+/// session afterwards (also when `body` panics).
+async fn with_page<F, Fut>(name: &'static str, body: F)
+where
+    F: FnOnce(Page) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let driver = ChromeDriver::start().await;
+    let profile = TempDir::new(name);
+    let client = driver.session(&profile).await;
+    let page = Page {
+        name,
+        client: client.clone(),
+    };
+    let outcome = tokio::spawn(body(page)).await;
+    end_sessions([client], outcome).await;
+}
+
+/// Ends the browser sessions of `clients`, then passes on a panic of the test's body.
+async fn end_sessions<const N: usize>(
+    clients: [Client; N],
+    outcome: Result<(), tokio::task::JoinError>,
+) {
+    for client in clients {
         let _ = tokio::time::timeout(Duration::from_secs(5), client.close()).await;
     }
     if let Err(e) = outcome {
@@ -506,6 +560,246 @@ async fn a_room_across_nodes_in_the_browser() {
         for tab in newer {
             tab.close().await;
         }
+    })
+    .await;
+}
+
+/// A `wsbus serve` process on `redis` that keeps 100 messages of history per stream (a
+/// process, so that it can be killed).
+async fn history_node(id: &str, redis: &Redis) -> NodeProcess {
+    let redis_args = ["--redis-url".to_owned(), redis.url()];
+    NodeProcess::start_with_flags(id, &redis_args, &["--history", "100"]).await
+}
+
+/// bob, a plain WebSocket client, writing numbered messages to alice and to `lobby`.
+struct Writer {
+    client: common::Client,
+    /// The direct messages sent, in order.
+    direct: Vec<String>,
+    /// The room messages sent, in order.
+    room: Vec<String>,
+}
+
+impl Writer {
+    /// Sends the next direct message and the next room message.
+    async fn send_next(&mut self) {
+        let n = self.direct.len() + 1;
+        let text = format!("direct {n:03}");
+        self.client.send_to("alice", &text).await;
+        self.direct.push(text);
+        let text = format!("room {n:03}");
+        let frame = json!({"action": "room_message", "data": {"room": "lobby", "text": text}});
+        self.client.send_raw(&frame.to_string()).await;
+        self.room.push(text);
+    }
+}
+
+/// The page's line after a successful recovery of `n` messages; `what` is `reconnected` or
+/// `rejoined <room>`.
+fn recovered_line(what: &str, n: usize) -> String {
+    let messages = if n == 1 { "message" } else { "messages" };
+    format!("{what}, {n} missed {messages} recovered")
+}
+
+/// The offsets (`data-offset`) of the entries matching `css`; each must have one.
+async fn offsets(page: &Page, css: &str) -> Vec<u64> {
+    page.attrs(css, "data-offset")
+        .await
+        .into_iter()
+        .map(|o| {
+            o.expect("a message with history on has an offset")
+                .parse()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_recovers_what_was_sent_while_its_node_was_killed() {
+    let redis = Redis::start().await.unwrap();
+    let (n1, n2, n3) = tokio::join!(
+        history_node("n1", &redis),
+        history_node("n2", &redis),
+        history_node("n3", &redis)
+    );
+    let mut bob = common::Client::connect_url(&n3.url("bob"), "bob")
+        .await
+        .expect("bob connects to n3");
+    bob.send_raw(r#"{"action":"join","data":{"room":"lobby"}}"#)
+        .await;
+    let joined = bob.recv().await;
+    assert_eq!(joined["action"], "joined", "{joined}");
+    // alice's page comes from n1 and knows the other two nodes.
+    let query = format!("?nodes={},{}", n2.addr, n3.addr);
+    let survivors = [n2.addr.to_string(), n3.addr.to_string()];
+
+    with_page("alice", move |alice| async move {
+        const DIRECT: &str = r#"#log li.msg[data-from="bob"]:not([data-room])"#;
+        const ROOM: &str = r#"#log li.msg[data-from="bob"][data-room="lobby"]"#;
+        let direct = format!("{DIRECT} .body");
+        let room = format!("{ROOM} .body");
+        alice.goto_with(n1.addr, &query).await;
+        alice.connect_as("alice").await;
+        alice.join("lobby").await;
+        let mut bob = Writer {
+            client: bob,
+            direct: Vec::new(),
+            room: Vec::new(),
+        };
+
+        // Live, while n1 is up.
+        for _ in 0..3 {
+            bob.send_next().await;
+        }
+        alice.wait_texts(&direct, &strs(&bob.direct)).await;
+        alice.wait_texts(&room, &strs(&bob.room)).await;
+
+        // n1 dies while bob keeps writing, every 100 ms, until the page is back on another
+        // node and has recovered both streams, and a few more rounds after that.
+        n1.signal("KILL");
+        let end = Instant::now() + 3 * DEADLINE;
+        let mut after = 0;
+        while after < 3 {
+            bob.send_next().await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if alice.has("#log li.recovery:not([data-room])").await
+                && alice.has(r#"#log li.recovery[data-room="lobby"]"#).await
+            {
+                after += 1;
+            }
+            assert!(
+                Instant::now() < end,
+                "page a did not recover in time; bob sent {} rounds",
+                bob.direct.len()
+            );
+        }
+
+        // Every message, exactly once, in order, and consecutive in its stream.
+        alice.wait_texts(&direct, &strs(&bob.direct)).await;
+        alice.wait_texts(&room, &strs(&bob.room)).await;
+        for css in [DIRECT, ROOM] {
+            let offsets = offsets(&alice, css).await;
+            assert!(
+                offsets.windows(2).all(|w| w[1] == w[0] + 1),
+                "offsets of `{css}`: {offsets:?}"
+            );
+        }
+
+        // The page says what it recovered: the messages it shows as recovered, at least one
+        // each (bob wrote every 100 ms while the page was away).
+        let replayed = alice
+            .attrs(&format!("{DIRECT}[data-replayed]"), "data-offset")
+            .await
+            .len();
+        let replayed_room = alice
+            .attrs(&format!("{ROOM}[data-replayed]"), "data-offset")
+            .await
+            .len();
+        assert!(
+            replayed >= 1 && replayed_room >= 1,
+            "recovered {replayed} and {replayed_room}"
+        );
+        alice
+            .wait_texts(
+                "#log li.recovery:not([data-room]) .body",
+                &[&recovered_line("reconnected", replayed)],
+            )
+            .await;
+        alice
+            .wait_texts(
+                r#"#log li.recovery[data-room="lobby"] .body"#,
+                &[&recovered_line("rejoined lobby", replayed_room)],
+            )
+            .await;
+        let node = alice.text("#node").await;
+        assert!(
+            survivors.contains(&node),
+            "page a is on {node}, not n2 or n3"
+        );
+        alice.wait_state("open").await;
+        // The refusals of the dead node's session (4001) while it was still counted are
+        // retried, not shown.
+        assert!(!alice.has("#log li.err").await, "page a shows an error");
+        alice.screenshot("recovered").await;
+
+        // None of bob's messages was refused.
+        while let Some(event) = bob
+            .client
+            .next_event_within(Duration::from_millis(300))
+            .await
+        {
+            match event {
+                common::Event::Json(frame) => assert_ne!(frame["action"], "error", "bob: {frame}"),
+                common::Event::Closed(code) => panic!("bob's connection closed ({code:?})"),
+            }
+        }
+    })
+    .await;
+}
+
+/// `strings` as `&str`s, for [`Page::wait_texts`].
+fn strs(strings: &[String]) -> Vec<&str> {
+    strings.iter().map(String::as_str).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_says_when_it_missed_more_than_history_keeps() {
+    let redis = Redis::start().await.unwrap();
+    let mut config = common::config("a", &redis.url());
+    config.history = 3;
+    let a = Node::start_with(config).await;
+    let mut bob = a.connect("bob").await;
+    // alice's page reaches the node through a proxy, so that her connection can be cut.
+    let proxy = Proxy::start(a.addr.port()).await;
+    let alice_page: SocketAddr = ([127, 0, 0, 1], proxy.port).into();
+
+    with_page("alice", move |alice| async move {
+        const DIRECT: &str = r#"#log li.msg[data-from="bob"] .body"#;
+        alice.goto(alice_page).await;
+        alice.connect_as("alice").await;
+
+        // Cut before any message came: the page knows its position all the same (it asked
+        // for it once connected), and recovers what bob sent meanwhile.
+        proxy.set(Mode::Cut);
+        alice.wait_state("reconnecting").await;
+        bob.send_to("alice", "before").await;
+        proxy.set(Mode::Forward);
+        alice
+            .wait_texts(
+                "#log li.recovery .body",
+                &["reconnected, 1 missed message recovered"],
+            )
+            .await;
+        alice.wait_texts(DIRECT, &["before"]).await;
+
+        // While alice is away, bob sends more than the node keeps (3): the page cannot
+        // recover them, and says so.
+        proxy.set(Mode::Cut);
+        alice.wait_state("reconnecting").await;
+        for n in 1..=5 {
+            bob.send_to("alice", &format!("missed {n}")).await;
+        }
+        proxy.set(Mode::Forward);
+        alice
+            .wait_texts(
+                "#log li.recovery .body",
+                &[
+                    "reconnected, 1 missed message recovered",
+                    "reconnected; history lost (trimmed) — reload",
+                ],
+            )
+            .await;
+        assert_eq!(
+            alice.attrs("#log li.recovery", "data-recovered").await,
+            [Some("true".to_owned()), Some("false".to_owned())]
+        );
+        alice.wait_state("open").await;
+
+        // Live messages go on.
+        bob.send_to("alice", "after").await;
+        alice.wait_texts(DIRECT, &["before", "after"]).await;
+        alice.screenshot("history-lost").await;
+        assert!(!alice.has("#log li.err").await, "page a shows an error");
     })
     .await;
 }

@@ -29,6 +29,23 @@ async fn node(
         .await
 }
 
+/// Node `a` with history on Redis `url` (for tests that stop or restart their Redis).
+async fn node_at(url: &str) -> Node {
+    let mut c = config("a", url);
+    c.history = 100;
+    Node::start_with(c).await
+}
+
+/// Node `a` in this process and a `wsbus serve` process `id`, both with history on `url`.
+async fn node_and_process(url: &str, id: &str) -> (Node, NodeProcess) {
+    let a = node_at(url).await;
+    let args = ["--redis-url".to_owned(), url.to_owned()];
+    (
+        a,
+        NodeProcess::start_with_flags(id, &args, &["--history", "100"]).await,
+    )
+}
+
 fn since_url(node: &Node, user: &str, since: u64, epoch: &str) -> String {
     format!("{}?since={since}&epoch={epoch}", node.url(user))
 }
@@ -682,18 +699,7 @@ async fn a_message_costs_one_append_more(backend: Backend) {
 async fn a_killed_nodes_unread_inbox_is_recovered_elsewhere() {
     let redis = Redis::start().await.unwrap();
     let url = redis.url();
-    let a = Node::start_with({
-        let mut c = config("a", &url);
-        c.history = 100;
-        c
-    })
-    .await;
-    let mut victim = NodeProcess::start_with_flags(
-        "victim",
-        &["--redis-url".to_owned(), url.clone()],
-        &["--history", "100"],
-    )
-    .await;
+    let (a, mut victim) = node_and_process(&url, "victim").await;
     let mut alice = a.connect("alice").await;
     let mut bob = Client::connect_url(&victim.url("bob"), "bob")
         .await
@@ -745,18 +751,7 @@ async fn a_killed_nodes_unread_inbox_is_recovered_elsewhere() {
 async fn a_deploy_loses_nothing() {
     let redis = Redis::start().await.unwrap();
     let url = redis.url();
-    let a = Node::start_with({
-        let mut c = config("a", &url);
-        c.history = 100;
-        c
-    })
-    .await;
-    let mut old = NodeProcess::start_with_flags(
-        "old",
-        &["--redis-url".to_owned(), url.clone()],
-        &["--history", "100"],
-    )
-    .await;
+    let (a, mut old) = node_and_process(&url, "old").await;
     let mut alice = a.connect("alice").await;
     let mut bob = Client::connect_url(&old.url("bob"), "bob").await.unwrap();
     alice.send_to("bob", "0").await;
@@ -807,12 +802,7 @@ async fn redis_restarted_empty_changes_the_epoch() {
     let mut redis = Redis::start().await.unwrap();
     let port = redis.port();
     let url = redis.url();
-    let a = Node::start_with({
-        let mut c = config("a", &url);
-        c.history = 100;
-        c
-    })
-    .await;
+    let a = node_at(&url).await;
     let mut alice = a.connect("alice").await;
     let mut bob = a.connect("bob").await;
     alice.send_to("bob", "before").await;
@@ -852,12 +842,7 @@ async fn redis_restarted_empty_changes_the_epoch() {
 async fn a_failed_history_write_sends_nothing() {
     let mut redis = Redis::start().await.unwrap();
     let url = redis.url();
-    let a = Node::start_with({
-        let mut c = config("a", &url);
-        c.history = 100;
-        c
-    })
-    .await;
+    let a = node_at(&url).await;
     let mut alice = a.connect("alice").await;
     let mut bob = a.connect("bob").await;
     alice.send_to("bob", "stored").await;
@@ -866,4 +851,44 @@ async fn a_failed_history_write_sends_nothing() {
     alice.send_to("bob", "lost").await;
     alice.expect_error("bus unavailable").await;
     expect_nothing(&mut bob).await;
+}
+
+on_both!(a_history_reply_gives_the_sessions_own_position);
+
+/// `history` with `limit: 0` is how a client learns its position: the offset it gives is
+/// the last one this session was sent, so every frame after the reply has a higher offset
+/// (frames still on their way from another node are not skipped by a client that takes it).
+async fn a_history_reply_gives_the_sessions_own_position(backend: Backend) {
+    let a = node(&backend, "a", |_| {}).await;
+    let b = node(&backend, "b", |_| {}).await;
+    let mut alice = a.connect("alice").await;
+    let mut bob = b.connect("bob").await;
+    let ask = json!({"action": "history", "data": {"limit": 0}}).to_string();
+    let mut sent = 0;
+    for _ in 0..5 {
+        for _ in 0..50 {
+            sent += 1;
+            bob.feed_to("alice", &sent.to_string()).await;
+        }
+        bob.flush().await;
+        alice.send_raw(&ask).await;
+        let mut position = None;
+        let mut last = 0;
+        while last < sent {
+            let v = recv(&mut alice).await;
+            if v["action"] == "history" {
+                position = Some(offset(&v["data"]));
+                assert!(position >= Some(last), "{v} after offset {last}");
+                continue;
+            }
+            last = offset(&v);
+            if let Some(p) = position {
+                assert!(last > p, "offset {last} after a reply that said {p}");
+            }
+        }
+        if position.is_none() {
+            let v = recv(&mut alice).await;
+            assert_eq!(offset(&v["data"]), sent, "{v}");
+        }
+    }
 }

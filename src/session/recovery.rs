@@ -1,0 +1,224 @@
+//! The history side of a session (`--history`): where its streams start, recovery on
+//! connect, `recover` and `join` (replay, then the reply that ends it), the `history` action,
+//! and filling the gaps its sequencer waited on from the streams.
+
+use serde_json::json;
+use std::time::Instant;
+
+use super::{Direct, End, Link, Session};
+use crate::edge_protocol::{ClientError, Position, encode_frame};
+use crate::history::{Gap, StreamOf};
+
+/// Where a session's view of one of its streams starts.
+pub struct StartAt {
+    /// After this position.
+    pub position: Position<'static>,
+    /// The client asked for it (`since`): it is told how the recovery went.
+    pub asked: bool,
+}
+
+impl Session {
+    /// With history on, before anything else is written: starts ordering the user's stream
+    /// from its current position and, if the connect URL asked (`?since=&epoch=`), replays
+    /// what the client missed and says how that went (`recovered`). The session is
+    /// registered already, so a frame sent meanwhile is either in what is replayed or
+    /// queued (the sequencer drops those it replayed): no gap, no duplicate.
+    pub(super) async fn open_user_stream(&mut self, link: &mut Link) -> Result<(), End> {
+        if self.node.history.is_none() {
+            return Ok(());
+        }
+        let start = self.recover.take();
+        let asked = start.as_ref().is_some_and(|s| s.asked);
+        match self
+            .recover_stream(None, start, "recovered", json!({}))
+            .await
+        {
+            Ok(mut direct) => {
+                if !asked {
+                    // Frames sent while the session registered, but no `recovered`: the client
+                    // asked for nothing.
+                    direct.pop();
+                }
+                self.write_direct(link, direct).await
+            }
+            Err(error) => self.write_error(link, &error).await,
+        }
+    }
+
+    /// Opens one stream of this session (`room`, or the user's own): starts ordering its
+    /// frames (unless it already does) and, with a position `since`, replays what came after
+    /// it. Returns the frames to write at once: the replay, then the `action` reply (`data`
+    /// completed with the position, and the recovery's outcome when one was asked).
+    pub(super) async fn recover_stream(
+        &mut self,
+        room: StreamOf,
+        start: Option<StartAt>,
+        action: &str,
+        mut data: serde_json::Value,
+    ) -> Result<Direct, ClientError> {
+        let asked = start.as_ref().is_some_and(|s| s.asked);
+        let since = start.map(|s| s.position);
+        let node = self.node.clone();
+        let Some(history) = &node.history else {
+            return Err(ClientError::HistoryOff);
+        };
+        let stream = match &room {
+            Some(room) => crate::history::Stream::Room(room),
+            None => crate::history::Stream::User(self.user.as_str()),
+        };
+        let opened = history
+            .open(
+                &node.bus,
+                stream,
+                since.as_ref().map(|p| p.since),
+                history.recover_max,
+                true,
+            )
+            .await
+            .map_err(|e| {
+                tracing::warn!(user = %self.user, room = ?room, error = %e, "history read failed");
+                ClientError::BusUnavailable
+            })?;
+        if self.seq.position(&room).is_none() {
+            self.seq.start(room.clone(), &opened.epoch, opened.top);
+        }
+        let (epoch, next) = self.seq.position(&room).expect("started above");
+        let mut direct = Direct::new();
+        if let Some(since) = since {
+            let outcome = match *epoch == *opened.epoch {
+                true => history.recovery(since.since, &since.epoch, &opened),
+                false => Err(crate::history::Unrecoverable::Epoch),
+            };
+            let result = match outcome {
+                Ok(()) => {
+                    // Offsets from `next` on reach the client live (or did already).
+                    direct.extend(
+                        opened
+                            .frames
+                            .into_iter()
+                            .filter(|(offset, _)| *offset < next)
+                            .map(|(_, frame)| frame),
+                    );
+                    data["recovered"] = json!(true);
+                    data["count"] = json!(direct.len());
+                    "recovered"
+                }
+                Err(why) => {
+                    data["recovered"] = json!(false);
+                    data["reason"] = json!(why.as_str());
+                    data["count"] = json!(0);
+                    why.as_str()
+                }
+            };
+            if asked {
+                metrics::counter!("wsbus_recoveries_total", "result" => result).increment(1);
+            } else {
+                for field in ["recovered", "reason", "count"] {
+                    if let Some(data) = data.as_object_mut() {
+                        data.remove(field);
+                    }
+                }
+            }
+        }
+        data["offset"] = json!(next - 1);
+        data["epoch"] = json!(&*epoch);
+        direct.push(encode_frame(self.user.as_str(), action, data));
+        Ok(direct)
+    }
+
+    /// Answers `history`: the frames of the user's stream (or `room`'s) after `since`, at
+    /// most `limit`, as a `history` reply.
+    pub(super) async fn history(
+        &mut self,
+        room: Option<&str>,
+        since: u64,
+        limit: u32,
+        epoch: Option<&str>,
+    ) -> Result<Direct, ClientError> {
+        let node = self.node.clone();
+        let Some(history) = &node.history else {
+            return Err(ClientError::HistoryOff);
+        };
+        let stream = match room {
+            Some(room) => crate::history::Stream::Room(room),
+            None => crate::history::Stream::User(self.user.as_str()),
+        };
+        let opened = history
+            .open(&node.bus, stream, Some(since), limit, true)
+            .await
+            .map_err(|_| ClientError::BusUnavailable)?;
+        // The position is this session's: the last offset it was sent. Frames of the stream
+        // with a lower offset may still be on their way to it (the stream's top is ahead of
+        // them); the reply is written at once, so every frame still queued comes after it.
+        let stream_of: StreamOf = room.map(Into::into);
+        let offset = match self.seq.position(&stream_of) {
+            Some((e, next)) if *e == *opened.epoch => next - 1,
+            _ => opened.top,
+        };
+        let mut data = json!({"since": since, "offset": offset, "epoch": opened.epoch});
+        if let Some(room) = room {
+            data["room"] = json!(room);
+        }
+        let mut frames = opened.frames;
+        if epoch.is_some_and(|e| e != opened.epoch) {
+            data["reason"] = json!("epoch");
+            frames.clear();
+        } else if since < opened.top && (opened.first == 0 || since + 1 < opened.first) {
+            data["reason"] = json!("trimmed");
+        }
+        let last = frames.last().map_or(since, |(offset, _)| *offset);
+        data["more"] = json!(data.get("reason").is_none_or(|r| r != "epoch") && last < opened.top);
+        let messages: Vec<Box<serde_json::value::RawValue>> = frames
+            .into_iter()
+            .filter_map(|(_, frame)| serde_json::value::RawValue::from_string(frame).ok())
+            .collect();
+        data["messages"] = json!(messages);
+        Ok(vec![encode_frame(self.user.as_str(), "history", data)])
+    }
+
+    /// Reads the gaps that waited [`crate::history::GAP_WAIT`] from their streams and
+    /// writes what they let out.
+    pub(super) async fn fill_gaps(&mut self, link: &mut Link) -> Result<(), End> {
+        let now = Instant::now();
+        while let Some(gap) = self.seq.gap(now) {
+            let frames = self.read_gap(&gap).await;
+            let mut ready = std::mem::take(&mut self.ready);
+            self.seq.fill(&gap, frames, &mut ready);
+            metrics::counter!("wsbus_history_gap_fills_total").increment(1);
+            let written = self.write_ready(link, &mut ready).await;
+            self.ready = ready;
+            written?;
+        }
+        self.flush(link).await
+    }
+
+    /// The frames of a gap, from its stream (none if it cannot be read).
+    pub(super) async fn read_gap(&self, gap: &Gap) -> Vec<(u64, String)> {
+        let Some(history) = &self.node.history else {
+            return Vec::new();
+        };
+        let stream = match &gap.room {
+            Some(room) => crate::history::Stream::Room(room),
+            None => crate::history::Stream::User(self.user.as_str()),
+        };
+        let want = u32::try_from(gap.until - gap.from).unwrap_or(u32::MAX);
+        match history
+            .open(&self.node.bus, stream, Some(gap.from - 1), want, false)
+            .await
+        {
+            Ok(opened)
+                if self
+                    .seq
+                    .position(&gap.room)
+                    .is_some_and(|(e, _)| *e == *opened.epoch) =>
+            {
+                opened.frames
+            }
+            Ok(_) => Vec::new(),
+            Err(e) => {
+                tracing::debug!(user = %self.user, error = %e, "could not read a gap");
+                Vec::new()
+            }
+        }
+    }
+}
