@@ -38,6 +38,20 @@
 #                       room-fanout-open, room-fanout-closed, room-churn); default: all
 #   REPEAT [1]          run each chosen scenario this many times (name-1, name-2, ...)
 #   SLOW_US             dm-*: list messages slower than this (µs) in their JSON report
+#   HISTORY [1000]      --history of the nodes in the history runs below (messages kept per stream)
+#   DROPS_USERS [300]   drops: users over three history nodes (a third on the cut path) ...
+#   DROPS_RATE [2000]   ... sending this many messages/s in total (direct and room in turn) ...
+#   DROPS_ROOMS [10]    ... into this many rooms (100 room messages/s each: a client away for
+#                       the 5 s node TTL misses ~500, under the nodes' --recover-max) ...
+#   DROPS_RUN_TIME [30] ... for this long, cut 2 s every 10 s, the third node killed (SIGKILL)
+#                       at 40 % and restarted DROPS_DOWN_FOR [3] s later (under the nodes'
+#                       5 s node TTL: the node comes back before anyone saw it dead)
+#   RECOVER_MAX         --recover-max of the history nodes [the node's default, 1000]
+#   FILL_MSGS [100]     history-memory: messages per user stored by a dm-cross open-loop fill of
+#                       USERS users (Redis used_memory before/after, XLEN and MEMORY USAGE)
+# History names for ONLY: drops, ab-history-off, ab-history-on (dm-cross closed loop on nodes
+# restarted without / with --history, back to back: msg/s and Redis CPU per message),
+# history-memory. They run last, each on nodes restarted for it.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -56,6 +70,13 @@ ROOM_CLOSED_ROOMS=${ROOM_CLOSED_ROOMS:-1}
 ROOM_IN_FLIGHT=${ROOM_IN_FLIGHT:-2}
 ROOM_JOIN_RATE=${ROOM_JOIN_RATE:-100}
 ROOM_CHURNERS=${ROOM_CHURNERS:-50}
+HISTORY=${HISTORY:-1000}
+DROPS_USERS=${DROPS_USERS:-300}
+DROPS_RATE=${DROPS_RATE:-2000}
+DROPS_ROOMS=${DROPS_ROOMS:-10}
+DROPS_RUN_TIME=${DROPS_RUN_TIME:-30}
+FILL_MSGS=${FILL_MSGS:-100}
+DROPS_DOWN_FOR=${DROPS_DOWN_FOR:-3}
 for tool in redis-server jq getconf timeout; do
     command -v "$tool" >/dev/null || { echo "bench: $tool is required" >&2; exit 2; }
 done
@@ -102,6 +123,8 @@ PIDS=()
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
+    # drops' third node runs from a script (the scenario kills and restarts it).
+    [ ! -f "$TMP/node-c.pid" ] || PIDS+=("$(cat "$TMP/node-c.pid")")
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     for p in "${PIDS[@]}"; do
         for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
@@ -358,22 +381,92 @@ run room-churn room-churn --rooms "$ROOMS" --users $((ROOMS * ROOM_MEMBERS)) --r
 
 # dm-multi holds two sessions per user. Allowing that also turns the bus writer's route cache
 # off, so the nodes restart with it for these runs alone, after everything else.
-if wanted dm-multi-open || wanted dm-multi-closed; then
+# Restarts nodes a and b with SERVE_ARGS and the extra arguments given.
+restart_nodes() {
     kill "$APID" "$BPID"
     wait "$APID" "$BPID" 2>/dev/null || true
     env "${NODE_ENV[@]}" "$WSBUS" serve --bind "127.0.0.1:$APORT" --node-id bench-a \
-        "${SERVE_ARGS[@]}" --max-sessions-per-user 2 >>"$OUT/bench-a.log" 2>&1 &
+        "${SERVE_ARGS[@]}" "$@" >>"$OUT/bench-a.log" 2>&1 &
     APID=$!
     env "${NODE_ENV[@]}" "$WSBUS" serve --bind "127.0.0.1:$BPORT" --node-id bench-b \
-        "${SERVE_ARGS[@]}" --max-sessions-per-user 2 >>"$OUT/bench-b.log" 2>&1 &
+        "${SERVE_ARGS[@]}" "$@" >>"$OUT/bench-b.log" 2>&1 &
     BPID=$!
     PIDS+=("$APID" "$BPID")
     wait_port "$APORT" "$APID" bench-a
     wait_port "$BPORT" "$BPID" bench-b
-    echo "bench: nodes restarted with --max-sessions-per-user 2 (pids $APID, $BPID)" >&2
+    echo "bench: nodes restarted with: ${*:-(defaults)} (pids $APID, $BPID)" >&2
+}
+if wanted dm-multi-open || wanted dm-multi-closed; then
+    restart_nodes --max-sessions-per-user 2
 fi
 run dm-multi-open dm-multi --users "$USERS" --rate "$RATE" --run-time "$RUN_TIME"
 run dm-multi-closed dm-multi --users "$USERS" --in-flight "$IN_FLIGHT" --run-time "$RUN_TIME"
+
+# History. drops: three history nodes; the third runs from a script with a pid file, so that
+# the scenario can kill it (SIGKILL, a crash) and start it again mid-run.
+if wanted drops; then
+    HISTORY_ARGS=(--history "$HISTORY")
+    [ -z "${RECOVER_MAX:-}" ] || HISTORY_ARGS+=(--recover-max "$RECOVER_MAX")
+    restart_nodes "${HISTORY_ARGS[@]}"
+    CPORT=$(free_port)
+    while [ "$CPORT" = "$APORT" ] || [ "$CPORT" = "$BPORT" ]; do CPORT=$(free_port); done
+    {
+        printf '#!/usr/bin/env bash\n'
+        printf 'case $1 in\n'
+        printf '  start) env %s %q serve --bind 127.0.0.1:%s --node-id bench-c' "${NODE_ENV[*]:-}" "$WSBUS" "$CPORT"
+        printf ' %q' "${SERVE_ARGS[@]}" "${HISTORY_ARGS[@]}"
+        printf ' >>%q 2>&1 &\n    echo $! >%q ;;\n' "$OUT/bench-c.log" "$TMP/node-c.pid"
+        printf '  kill) kill -9 "$(cat %q)" ;;\n' "$TMP/node-c.pid"
+        printf 'esac\n'
+    } >"$TMP/node-c.sh"
+    chmod +x "$TMP/node-c.sh"
+    "$TMP/node-c.sh" start
+    wait_port "$CPORT" "$(cat "$TMP/node-c.pid")" bench-c
+    run drops drops --node "ws://127.0.0.1:$CPORT" --kill-node 0 --users "$DROPS_USERS" \
+        --rate "$DROPS_RATE" --rooms "$DROPS_ROOMS" --run-time "$DROPS_RUN_TIME" --grace 15 \
+        --down-for "$DROPS_DOWN_FOR" --kill-cmd "$TMP/node-c.sh kill" --restart-cmd "$TMP/node-c.sh start"
+    "$TMP/node-c.sh" kill 2>/dev/null || true
+fi
+# The cost of history: the same closed loop on nodes without, then with --history.
+if wanted ab-history-off; then
+    restart_nodes
+    run ab-history-off dm-cross --users "$USERS" --in-flight "$IN_FLIGHT" --run-time "$RUN_TIME"
+fi
+if wanted ab-history-on; then
+    restart_nodes --history "$HISTORY"
+    run ab-history-on dm-cross --users "$USERS" --in-flight "$IN_FLIGHT" --run-time "$RUN_TIME"
+fi
+# Redis memory of stored history: used_memory before and after an open-loop fill of USERS
+# users with FILL_MSGS messages each (the inbox streams are trimmed as delivered; the history
+# streams stay for --history-ttl), against the messages the history streams hold (XLEN).
+MEMORY_LINE=""
+if wanted history-memory; then
+    restart_nodes --history "$HISTORY"
+    sleep 1
+    used() { redis_cli INFO memory | tr -d '\r' | awk -F: '/^used_memory:/ {print $2}'; }
+    used0=$(used)
+    # Once whatever REPEAT says: the memory is read around this one fill.
+    run_once history-memory dm-cross --users "$USERS" --rate $((USERS * FILL_MSGS / RUN_TIME)) --run-time "$RUN_TIME"
+    sleep 2
+    used1=$(used)
+    prefix=$(jq -r '.run_prefix // empty' "$OUT/history-memory.json" 2>/dev/null || true)
+    if [ -n "$prefix" ]; then
+        streams=0; stored=0; sample_bytes=0; sample_len=0
+        while IFS= read -r key; do
+            len=$(redis_cli XLEN "$key")
+            streams=$((streams + 1)); stored=$((stored + len))
+            if [ "$streams" -le 20 ]; then
+                sample_bytes=$((sample_bytes + $(redis_cli MEMORY USAGE "$key" SAMPLES 0)))
+                sample_len=$((sample_len + len))
+            fi
+        done < <(redis_cli --scan --pattern "wsbus:{u:$prefix-*}:history")
+        if [ "$stored" -gt 0 ]; then
+            MEMORY_LINE=$(awk -v d=$((used1 - used0)) -v s="$stored" -v n="$streams" -v sb="$sample_bytes" -v sl="$sample_len" 'BEGIN {
+                printf "history-memory: %d user streams hold %d messages (%.1f per user); Redis used_memory +%.1f MiB: %.0f bytes per stored message, %.0f bytes per user; MEMORY USAGE of 20 streams: %.0f bytes per message", n, s, s / n, d / 1048576, d / s, d / n, sb / sl }')
+            echo "$MEMORY_LINE" | tee "$OUT/history-memory.txt" >&2
+        fi
+    fi
+fi
 
 echo
 echo "rate/s = delivered msg/s (dm; room-*: deliveries, one per message and receiver), sessions/s"
@@ -404,6 +497,15 @@ for f in "$OUT"/dm-multi-*.json; do
               name, n, calls["cmdstat_xadd"] / n, calls["cmdstat_hkeys"] / n, total / n }' \
         "$OUT/$name.redis-commandstats"
 done
+# The A/B, averaged over REPEAT runs (ab-history-off, or ab-history-off-1, -2, ...).
+awk -F'\t' '$1 ~ /^ab-history-off(-[0-9]+)?$/ && $8 != "-" { r0 += $3; c0 += $8; n0++ }
+    $1 ~ /^ab-history-on(-[0-9]+)?$/ && $8 != "-" { r1 += $3; c1 += $8; n1++ }
+    END { if (n0 > 0 && n1 > 0) printf "history cost (dm-cross closed loop, %d+%d runs): %.0f msg/s off, %.0f msg/s on (%.2fx); Redis CPU %.2f us/msg off, %.2f us/msg on (%.2fx)\n", n0, n1, r0 / n0, r1 / n1, (r1 / n1) / (r0 / n0), c0 / n0, c1 / n1, (c1 / n1) / (c0 / n0) }' \
+    "$SUMMARY" | tee "$OUT/history-cost.txt"
+[ -z "$MEMORY_LINE" ] || echo "$MEMORY_LINE"
+if [ -f "$OUT/drops.json" ]; then
+    jq -r '"drops: sent \(.messages.sent) deliveries (\(.drops.sent_direct) direct, \(.drops.sent_room) room messages), delivered \(.messages.delivered), lost \(.messages.lost) (\(.drops.lost_absent) to clients never back, \(.drops.lost_silent) silently, \(.drops.lost_announced) after recovered:false), \(.drops.unsettled) clients never back, duplicated \(.messages.duplicated), out of order \(.messages.out_of_order); in doubt \(.drops.in_doubt); \(.drops.cuts) cuts, \(.drops.reconnects) reconnects, recovered \(.drops.recovered) / not \(.drops.not_recovered), re-joins \(.drops.rejoined) / not \(.drops.rejoin_not_recovered); replayed \(.drops.replayed): send→recv p50 \(.drops.replay_latency_us.p50) p99 \(.drops.replay_latency_us.p99) max \(.drops.replay_latency_us.max) us, reconnect→recv p99 \(.drops.replay_after_reconnect_us.p99) us"' "$OUT/drops.json"
+fi
 write_index
 echo "results: $OUT (open $OUT/index.html)"
 if [ "${#FAILED[@]}" -gt 0 ]; then

@@ -9,9 +9,11 @@ mod churn;
 mod cmdstats;
 mod conn;
 mod dm;
+mod drops;
 mod html;
 mod idle;
 mod noise;
+mod proxy;
 mod report;
 mod room;
 mod slowloris;
@@ -28,6 +30,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 pub use api_publish::Via;
+pub use drops::{Drops, DropsStats, KillStats, LostDelivery};
 pub use html::render as render_html;
 pub use noise::NoiseStats;
 pub use report::{
@@ -68,6 +71,11 @@ pub enum Scenario {
     /// A backend publishing to random online users over the HTTP API (`--batch` per
     /// request) or the ingress stream (`--via ingress`); needs `--api-key`.
     ApiPublish,
+    /// Direct and room messages at `--rate` over the nodes (started with `--history`) while
+    /// a third of the clients lose their network path for `--cut-for` every `--cut-every`
+    /// and one node is killed and restarted (`--kill-cmd`, `--restart-cmd`); clients recover
+    /// with `since`/`epoch`, and every message must arrive exactly once, in order.
+    Drops,
 }
 
 impl Scenario {
@@ -84,6 +92,7 @@ impl Scenario {
             Self::RoomFanout => "room-fanout",
             Self::RoomChurn => "room-churn",
             Self::ApiPublish => "api-publish",
+            Self::Drops => "drops",
         }
     }
 }
@@ -138,6 +147,8 @@ pub struct Config {
     pub via: Via,
     /// api-publish: concurrent HTTP (or Redis) connections publishing.
     pub connections: usize,
+    /// drops: the cuts and the node kill.
+    pub drops: Drops,
 }
 
 impl Default for Config {
@@ -164,6 +175,7 @@ impl Default for Config {
             batch: 100,
             via: Via::Http,
             connections: 4,
+            drops: Drops::default(),
         }
     }
 }
@@ -237,6 +249,7 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<Report> {
             Scenario::RoomFanout => room::run(cfg, false, hard, &tl).await,
             Scenario::RoomChurn => room::run(cfg, true, hard, &tl).await,
             Scenario::ApiPublish => api_publish::run(cfg, hard, &tl).await,
+            Scenario::Drops => drops::run(cfg, hard, &tl).await,
         }
     };
     let outcome = tokio::time::timeout(deadline, fut).await;

@@ -80,6 +80,27 @@ struct Cli {
     /// api-publish: concurrent publishing connections.
     #[arg(long, default_value_t = 4)]
     connections: usize,
+    /// drops: seconds between the starts of two cuts of the cut path.
+    #[arg(long, default_value_t = 10.0)]
+    cut_every: f64,
+    /// drops: seconds each cut lasts.
+    #[arg(long, default_value_t = 2.0)]
+    cut_for: f64,
+    /// drops: shell command (`sh -c`) that kills a node mid-run (e.g. `kill -9 $(cat node.pid)`).
+    #[arg(long)]
+    kill_cmd: Option<String>,
+    /// drops: shell command that starts the killed node again; it must return at once.
+    #[arg(long)]
+    restart_cmd: Option<String>,
+    /// drops: which --node (0-based) the commands kill and restart [default: the last].
+    #[arg(long)]
+    kill_node: Option<usize>,
+    /// drops: seconds into the sending phase of the kill [default: 40 % of --run-time].
+    #[arg(long)]
+    kill_at: Option<f64>,
+    /// drops: seconds the killed node stays down.
+    #[arg(long, default_value_t = 3.0)]
+    down_for: f64,
     /// Print the report as one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -120,6 +141,15 @@ async fn main() -> ExitCode {
         batch: cli.batch,
         via: cli.via,
         connections: cli.connections,
+        drops: wsbus_loadtest::Drops {
+            cut_every: Duration::from_secs_f64(cli.cut_every.max(0.0)),
+            cut_for: Duration::from_secs_f64(cli.cut_for.max(0.0)),
+            kill_cmd: cli.kill_cmd,
+            restart_cmd: cli.restart_cmd,
+            kill_node: cli.kill_node,
+            kill_at: cli.kill_at.map(|s| Duration::from_secs_f64(s.max(0.0))),
+            down_for: Duration::from_secs_f64(cli.down_for.max(0.0)),
+        },
     };
     match wsbus_loadtest::run(cli.scenario, &cfg).await {
         Ok(mut report) => {

@@ -347,6 +347,9 @@ pub struct Report {
     /// room-*: rooms, room messages, churn cycles, Redis calls per room message.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rooms: Option<crate::RoomStats>,
+    /// drops: cuts, reconnects, recovery and replay.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drops: Option<crate::DropsStats>,
     /// sched-noise: the machine's wake-up lateness.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub noise: Option<crate::NoiseStats>,
@@ -412,6 +415,9 @@ impl Report {
         }
         if let Some(r) = &self.rooms {
             r.problems(&self.scenario, &mut self.problems);
+        }
+        if let Some(d) = &self.drops {
+            d.problems(&mut self.problems);
         }
         let dropped: u64 = self.disconnects.values().sum();
         if dropped > 0 {
@@ -520,6 +526,9 @@ impl Report {
         }
         if let Some(r) = &self.rooms {
             r.write_human(w);
+        }
+        if let Some(d) = &self.drops {
+            d.write_human(w);
         }
         if let Some(n) = &self.noise {
             let _ = writeln!(w, "\n-- wake-up lateness after a {} µs sleep", n.sleep_us);

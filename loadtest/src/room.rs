@@ -714,7 +714,7 @@ fn encode_room_op(buf: &mut String, action: &str, room: &str) {
 
 /// Appends a `room_message` frame whose text is `header` padded with `.` to
 /// [`conn::TEXT_LEN`] bytes (plain ASCII, as in dm-*).
-fn encode_room_message(buf: &mut String, room: &str, header: std::fmt::Arguments<'_>) {
+pub(crate) fn encode_room_message(buf: &mut String, room: &str, header: std::fmt::Arguments<'_>) {
     buf.clear();
     buf.push_str(r#"{"action":"room_message","data":{"room":""#);
     buf.push_str(room);

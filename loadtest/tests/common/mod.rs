@@ -113,3 +113,124 @@ pub fn start_cluster() -> Cluster {
     }
     cluster
 }
+
+/// Three history nodes on their own `redis-server`, the third started (and restarted) by
+/// shell commands the drops scenario runs, with its pid in a file.
+pub struct HistoryCluster {
+    /// Redis and the first two nodes.
+    pub cluster: Cluster,
+    /// `ws://` URLs of the three nodes.
+    pub nodes: Vec<String>,
+    /// Kills the third node (SIGKILL: a crash, no clean shutdown).
+    pub kill_cmd: String,
+    /// Starts the third node in the background and returns at once.
+    pub restart_cmd: String,
+    pidfile: PathBuf,
+}
+
+impl Drop for HistoryCluster {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(&self.pidfile) {
+            let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+        }
+        let _ = std::fs::remove_file(&self.pidfile);
+    }
+}
+
+/// Common arguments of a history node: fast heartbeats, so that a killed node reads as
+/// dead (and its users as free to reconnect elsewhere) within a second.
+fn history_args(port: u16, rport: u16, name: &str) -> Vec<String> {
+    [
+        "serve",
+        "--bind",
+        &format!("127.0.0.1:{port}"),
+        "--redis-url",
+        &format!("redis://127.0.0.1:{rport}"),
+        "--node-id",
+        name,
+        "--history",
+        "1000",
+        "--heartbeat-interval",
+        "250ms",
+        "--node-ttl",
+        "1s",
+        "--insecure",
+        "--rate-limit",
+        "1000000000",
+        "--rate-burst",
+        "1000000000",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect()
+}
+
+pub fn start_history_cluster() -> HistoryCluster {
+    let bin = wsbus_bin();
+    assert!(bin.exists(), "server binary {} not found", bin.display());
+    let mut cluster = Cluster {
+        children: Vec::new(),
+        nodes: Vec::new(),
+        multi_nodes: Vec::new(),
+        redis: String::new(),
+    };
+    let rport = free_port();
+    cluster.redis = format!("127.0.0.1:{rport}");
+    let mut redis = Command::new("redis-server")
+        .args(["--port", &rport.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server must be on PATH");
+    wait_for_port(rport, "redis-server", &mut redis);
+    cluster.children.push(redis);
+    let mut nodes = Vec::new();
+    for name in ["drops-a", "drops-b"] {
+        let port = free_port();
+        let mut child = Command::new(&bin)
+            .args(history_args(port, rport, name))
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn wsbus serve");
+        wait_for_port(port, name, &mut child);
+        cluster.children.push(child);
+        nodes.push(format!("ws://127.0.0.1:{port}"));
+    }
+    let port = free_port();
+    let pidfile = std::env::temp_dir().join(format!("wsbus-drops-{rport}.pid"));
+    let args: Vec<String> = history_args(port, rport, "drops-c")
+        .into_iter()
+        .map(|a| format!("'{a}'"))
+        .collect();
+    let restart_cmd = format!(
+        "'{}' {} >/dev/null 2>&1 & echo $! > '{}'",
+        bin.display(),
+        args.join(" "),
+        pidfile.display()
+    );
+    let kill_cmd = format!("kill -9 $(cat '{}')", pidfile.display());
+    let started = Command::new("sh")
+        .args(["-c", &restart_cmd])
+        .status()
+        .expect("sh");
+    assert!(started.success(), "starting drops-c: {started}");
+    let c = HistoryCluster {
+        cluster,
+        nodes,
+        kill_cmd,
+        restart_cmd,
+        pidfile,
+    };
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "drops-c did not listen within 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut c = c;
+    c.nodes.push(format!("ws://127.0.0.1:{port}"));
+    c
+}
