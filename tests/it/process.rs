@@ -93,7 +93,6 @@ async fn a_killed_node_is_detected_and_reaped(backend: Backend) {
     bob.expect_message("alice", "fine").await;
 }
 
-/// `wsbus dev` starts its own redis-server and two nodes; Ctrl-C stops everything.
 on_both!(a_node_restarted_at_once_under_its_id_frees_its_users);
 
 /// A node killed and started again under its id before anyone saw it dead is never reaped:
@@ -135,6 +134,7 @@ async fn a_node_restarted_at_once_under_its_id_frees_its_users(backend: Backend)
     bob.expect_message("carol", "welcome back").await;
 }
 
+/// `wsbus dev` starts its own redis-server and two nodes; Ctrl-C stops everything.
 #[tokio::test]
 async fn dev_runs_a_two_node_cluster_and_stops_on_sigint() {
     // Two consecutive free ports: retry until the pair is free.
