@@ -385,11 +385,9 @@ fn drops_smoke() {
 }
 
 /// The killed node comes back (same node id) before the others saw it dead: its users'
-/// old sessions must not lock them out. Fails today: every user the node held is refused
-/// with `not unique session` (close 4001) until the end of the run, because the restarted
-/// node heartbeats under the id that still holds their sessions.
+/// old sessions must not lock them out. (They did, with `not unique session` until the end
+/// of the run, until a node cleared its earlier run's sessions at start.)
 #[test]
-#[ignore = "server: a node restarted within --node-ttl keeps its previous run's sessions"]
 fn drops_restart_within_node_ttl() {
     let c = common::start_history_cluster();
     let r = run_drops(&c, Duration::from_millis(300));
