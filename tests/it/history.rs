@@ -365,9 +365,10 @@ async fn each_reason_a_recovery_cannot_be_made() {
     bob.close().await;
     backend.wait_unregistered("bob").await;
     for i in 2..=5 {
+        // One at a time: messages a bus writer batches share a stream entry, trimmed whole.
         alice.send_to("bob", &i.to_string()).await;
+        wait_top(&backend, "u:bob", i).await;
     }
-    wait_top(&backend, "u:bob", 5).await;
     let recovered = |reason: &str, top: u64, e: &str| {
         json!({"from": "bob", "action": "recovered",
                "data": {"recovered": false, "reason": reason, "count": 0, "offset": top, "epoch": e}})
@@ -890,5 +891,50 @@ async fn a_history_reply_gives_the_sessions_own_position(backend: Backend) {
             let v = recv(&mut alice).await;
             assert_eq!(offset(&v["data"]), sent, "{v}");
         }
+    }
+}
+
+#[tokio::test]
+async fn a_burst_is_replayed_from_any_offset() {
+    // Messages a bus writer batches for one stream are appended in one call; recovery and
+    // `history` start at any offset among them.
+    let backend = Backend::single().await;
+    let a = node(&backend, "a", |c| c.history = 1000).await;
+    let b = node(&backend, "b", |c| c.history = 1000).await;
+    let mut alice = a.connect("alice").await;
+    let mut bob = b.connect("bob").await;
+    alice.send_to("bob", "0").await;
+    let e = epoch(&recv(&mut bob).await);
+    bob.close().await;
+    backend.wait_unregistered("bob").await;
+    for i in 1..=200 {
+        alice.feed_to("bob", &i.to_string()).await;
+    }
+    alice.flush().await;
+    wait_top(&backend, "u:bob", 201).await;
+    for since in [57, 1, 150] {
+        let mut bob = connect_since(&b, "bob", since, &e).await;
+        for want in since + 1..=201 {
+            let v = recv(&mut bob).await;
+            assert_eq!(
+                (offset(&v), v["data"]["text"].as_str()),
+                (want, Some((want - 1).to_string().as_str()))
+            );
+        }
+        assert_eq!(recv(&mut bob).await["data"]["count"], 201 - since);
+        bob.send_raw(
+            &json!({"action": "history", "data": {"since": since + 3, "limit": 2}}).to_string(),
+        )
+        .await;
+        let v = recv(&mut bob).await;
+        let got: Vec<u64> = v["data"]["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(offset)
+            .collect();
+        assert_eq!(got, [since + 4, since + 5], "{v}");
+        bob.close().await;
+        backend.wait_unregistered("bob").await;
     }
 }
