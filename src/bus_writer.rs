@@ -561,9 +561,9 @@ impl Writer {
             })
             .collect();
         let node = Arc::clone(&self.node);
-        let Some(history) = &node.history else {
+        if node.history.is_none() {
             return Ok(stamped);
-        };
+        }
         // One append per stream of the batch, with its frames in batch order: a stream's
         // offsets are given in one call, contiguous, in the order its senders sent.
         let mut groups: Vec<(Stream<'_>, Vec<(usize, String)>)> = Vec::new();
@@ -605,27 +605,23 @@ impl Writer {
         if groups.is_empty() {
             return Ok(stamped);
         }
-        let mut pipe = redis::Pipeline::with_capacity(groups.len());
-        pipe.ignore_errors();
-        for (stream, frames) in &groups {
-            let stored: Vec<String> = frames.iter().map(|(_, p)| format!("{p}}}")).collect();
-            history.add_append(&mut pipe, *stream, stored.iter().map(String::as_str));
-        }
-        let started = Instant::now();
-        let mut results: Vec<RedisResult<Value>> = pipe.query_async(conn).await?;
-        if results
+        let stored: Vec<(Stream<'_>, Vec<String>)> = groups
             .iter()
-            .all(|r| matches!(r, Err(e) if crate::bus::is_missing_function(e)))
-        {
-            // Redis lost the functions (it restarted): nothing was appended.
-            node.bus.load_functions(conn).await?;
-            results = pipe.query_async(conn).await?;
-        }
+            .map(|(stream, frames)| {
+                let frames = frames.iter().map(|(_, p)| format!("{p}}}")).collect();
+                (*stream, frames)
+            })
+            .collect();
+        let started = Instant::now();
+        let results = match node.config.redis_cluster {
+            // A transaction cannot span a cluster's slots: one function call per stream.
+            true => append_by_function(conn, &node, &stored).await?,
+            false => append_plainly(conn, &node, &stored).await?,
+        };
         node.metrics
             .history_append_seconds
             .record(started.elapsed().as_secs_f64());
-        for ((stream, frames), result) in groups.into_iter().zip(results) {
-            let parsed = result.map_err(BusError::from).and_then(Appended::parse);
+        for ((stream, frames), parsed) in groups.into_iter().zip(results) {
             let (first, epoch, nodes) = match parsed {
                 Ok(Appended::Stored {
                     first,
@@ -758,6 +754,79 @@ impl Writer {
         pipe.query_async::<()>(conn).await?;
         Ok(())
     }
+}
+
+/// Appends frames to streams (each stream with its frames in order) with one history
+/// function call per stream; one outcome per stream.
+async fn append_by_function(
+    conn: &mut BusConn,
+    node: &Node,
+    streams: &[(Stream<'_>, Vec<String>)],
+) -> Result<Vec<Result<Appended, BusError>>, BusError> {
+    let history = node.history.as_ref().expect("history is on");
+    let mut pipe = redis::Pipeline::with_capacity(streams.len());
+    pipe.ignore_errors();
+    for (stream, frames) in streams {
+        history.add_append(&mut pipe, *stream, frames.iter().map(String::as_str));
+    }
+    let mut results: Vec<RedisResult<Value>> = pipe.query_async(conn).await?;
+    if results
+        .iter()
+        .all(|r| matches!(r, Err(e) if crate::bus::is_missing_function(e)))
+    {
+        // Redis lost the functions (it restarted): nothing was appended.
+        node.bus.load_functions(conn).await?;
+        results = pipe.query_async(conn).await?;
+    }
+    Ok(results
+        .into_iter()
+        .map(|r| r.map_err(BusError::from).and_then(Appended::parse))
+        .collect())
+}
+
+/// Appends frames to streams on a single Redis in one transaction of plain commands (see
+/// [`crate::history::History::add_plain_append`]); the streams whose epoch was missing (new,
+/// expired, or lost with Redis's data) go through the function afterwards. One outcome per
+/// stream.
+async fn append_plainly(
+    conn: &mut BusConn,
+    node: &Node,
+    streams: &[(Stream<'_>, Vec<String>)],
+) -> Result<Vec<Result<Appended, BusError>>, BusError> {
+    let history = node.history.as_ref().expect("history is on");
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for (stream, frames) in streams {
+        history.add_plain_append(&mut pipe, *stream, frames);
+    }
+    let replies: Vec<Value> = pipe.query_async(conn).await?;
+    let mut outcomes = Vec::with_capacity(streams.len());
+    let mut unknown = Vec::new();
+    let mut at = 0;
+    for (i, (_, frames)) in streams.iter().enumerate() {
+        let n = frames.len() + 4;
+        let Some(replies) = replies.get(at..at + n) else {
+            return Err(BusError::Reply("history append transaction"));
+        };
+        at += n;
+        match Appended::parse_plain(replies) {
+            Ok(Some(appended)) => outcomes.push(Ok(appended)),
+            Ok(None) => {
+                unknown.push(i);
+                outcomes.push(Err(BusError::Reply("history append")));
+            }
+            Err(e) => outcomes.push(Err(e)),
+        }
+    }
+    if !unknown.is_empty() {
+        let retry: Vec<(Stream<'_>, Vec<String>)> =
+            unknown.iter().map(|&i| streams[i].clone()).collect();
+        let again = append_by_function(conn, node, &retry).await?;
+        for (i, outcome) in unknown.into_iter().zip(again) {
+            outcomes[i] = outcome;
+        }
+    }
+    Ok(outcomes)
 }
 
 /// Adds `XADD <inbox> NOMKSTREAM * from .. to .. action .. env ..` to `pipe`. (The length

@@ -213,6 +213,38 @@ impl History {
         }
     }
 
+    /// Adds to an atomic (`MULTI`) pipeline on a single Redis the plain commands that append
+    /// `frames` to `stream` (Redis numbers the entries `0-1`, `0-2`, …: contiguous offsets
+    /// within the transaction), refresh its TTL, read its epoch and say where its target is:
+    /// no function call, whose argument passing costs Redis more than the appends. Its
+    /// `frames.len() + 4` replies parse with [`Appended::parse_plain`].
+    pub fn add_plain_append<S: AsRef<str>>(
+        &self,
+        pipe: &mut redis::Pipeline,
+        stream: Stream<'_>,
+        frames: &[S],
+    ) {
+        let (history, meta) = self.stream_keys(stream);
+        pipe.cmd("HGET").arg(&meta).arg("epoch");
+        let trim = if self.keep < 100 { "=" } else { "~" };
+        for frame in frames {
+            pipe.cmd("XADD")
+                .arg(&history)
+                .arg("MAXLEN")
+                .arg(trim)
+                .arg(self.keep)
+                .arg("0-*")
+                .arg("frame")
+                .arg(frame.as_ref());
+        }
+        pipe.cmd("PEXPIRE").arg(&history).arg(self.ttl_ms);
+        pipe.cmd("PEXPIRE").arg(&meta).arg(self.ttl_ms);
+        match stream {
+            Stream::User(user) => pipe.cmd("HKEYS").arg(self.keys.user_sessions(user)),
+            Stream::Room(room) => pipe.cmd("SMEMBERS").arg(self.keys.room_nodes(room)),
+        };
+    }
+
     /// Reads the position of `stream` and (with `since`) up to `limit` frames after it,
     /// refreshing its TTL; `create` makes a missing stream (new epoch) instead of reporting
     /// it missing.
@@ -291,6 +323,31 @@ fn decide(
 }
 
 impl Appended {
+    /// Parses the replies of [`History::add_plain_append`] for one stream. `None`: the
+    /// stream's meta was missing, so whether it is alive (and its epoch) is for the append
+    /// function to decide: what the plain commands appended went to a stream without an
+    /// epoch, which that function empties when it makes one.
+    pub fn parse_plain(replies: &[Value]) -> Result<Option<Self>, BusError> {
+        let (Some(epoch), Some(first), Some(nodes)) =
+            (replies.first(), replies.get(1), replies.last())
+        else {
+            return Err(BusError::Reply("history append"));
+        };
+        let Some(epoch): Option<String> = redis::from_redis_value(epoch.clone())? else {
+            return Ok(None);
+        };
+        let first: String = redis::from_redis_value(first.clone())?;
+        let first = first
+            .strip_prefix("0-")
+            .and_then(|n| n.parse().ok())
+            .ok_or(BusError::Reply("history entry id"))?;
+        Ok(Some(Appended::Stored {
+            first,
+            epoch,
+            nodes: redis::from_redis_value(nodes.clone())?,
+        }))
+    }
+
     /// Parses the reply of [`History::add_append`].
     pub fn parse(reply: Value) -> Result<Self, BusError> {
         let Value::Array(items) = reply else {
