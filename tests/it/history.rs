@@ -36,14 +36,12 @@ async fn node_at(url: &str) -> Node {
     Node::start_with(c).await
 }
 
-/// Node `a` in this process and a `wsbus serve` process `id`, both with history on `url`.
-async fn node_and_process(url: &str, id: &str) -> (Node, NodeProcess) {
-    let a = node_at(url).await;
-    let args = ["--redis-url".to_owned(), url.to_owned()];
-    (
-        a,
-        NodeProcess::start_with_flags(id, &args, &["--history", "100"]).await,
-    )
+/// Node `a` in this process and a `wsbus serve` process `id`, both with history.
+async fn node_and_process(backend: &Backend, id: &str) -> (Node, NodeProcess) {
+    let a = node(backend, "a", |_| {}).await;
+    let flags = ["--history", "100"];
+    let p = NodeProcess::start_with_flags(id, &backend.cli_args(), &flags).await;
+    (a, p)
 }
 
 fn since_url(node: &Node, user: &str, since: u64, epoch: &str) -> String {
@@ -349,9 +347,9 @@ async fn a_reconnect_with_since_replays_the_gap_then_goes_live(backend: Backend)
     alice.expect_error("User 'nobody' not found").await;
 }
 
-#[tokio::test]
-async fn each_reason_a_recovery_cannot_be_made() {
-    let backend = Backend::single().await;
+on_both!(each_reason_a_recovery_cannot_be_made);
+
+async fn each_reason_a_recovery_cannot_be_made(backend: Backend) {
     let a = node(&backend, "a", |c| {
         c.history = 3;
         c.recover_max = 5;
@@ -393,15 +391,11 @@ async fn each_reason_a_recovery_cannot_be_made() {
     bob.close().await;
     backend.wait_unregistered("bob").await;
     // Nobody writes for the TTL: the stream expires.
-    let url = backend.url();
-    eventually(DEADLINE, "bob's stream expired", || {
-        let url = url.clone();
-        async move {
-            let keys = keys(&url).await;
-            (!keys.iter().any(|k| k.contains("{u:bob}:h"))).then_some(())
-        }
-    })
-    .await;
+    let expired = || async {
+        let keys = backend.keys().await;
+        (!keys.iter().any(|k| k.contains("{u:bob}:h"))).then_some(())
+    };
+    eventually(DEADLINE, "bob's stream expired", expired).await;
     let mut bob = connect_since(&a, "bob", 12, &e).await;
     let v = recv(&mut bob).await;
     assert_eq!(v["data"]["reason"], "expired", "{v}");
@@ -410,14 +404,7 @@ async fn each_reason_a_recovery_cannot_be_made() {
     // After the TTL a user with no session is no one to store for.
     bob.close().await;
     backend.wait_unregistered("bob").await;
-    eventually(DEADLINE, "bob's stream expired again", || {
-        let url = url.clone();
-        async move {
-            let keys = keys(&url).await;
-            (!keys.iter().any(|k| k.contains("{u:bob}:h"))).then_some(())
-        }
-    })
-    .await;
+    eventually(DEADLINE, "bob's stream expired again", expired).await;
     alice.send_to("bob", "too late").await;
     alice.expect_error("User 'bob' not found").await;
 }
@@ -695,13 +682,12 @@ async fn a_message_costs_one_append_more(backend: Backend) {
     assert!((1..=N).contains(&hkeys), "{hkeys}");
 }
 
+on_both!(a_killed_nodes_unread_inbox_is_recovered_elsewhere);
+
 /// A node killed with entries in its inbox that it never read: the recipient reconnects to
 /// another node with `since` and gets every one of them.
-#[tokio::test]
-async fn a_killed_nodes_unread_inbox_is_recovered_elsewhere() {
-    let redis = Redis::start().await.unwrap();
-    let url = redis.url();
-    let (a, mut victim) = node_and_process(&url, "victim").await;
+async fn a_killed_nodes_unread_inbox_is_recovered_elsewhere(backend: Backend) {
+    let (a, mut victim) = node_and_process(&backend, "victim").await;
     let mut alice = a.connect("alice").await;
     let mut bob = Client::connect_url(&victim.url("bob"), "bob")
         .await
@@ -714,19 +700,14 @@ async fn a_killed_nodes_unread_inbox_is_recovered_elsewhere() {
     for i in 1..=5 {
         alice.send_to("bob", &i.to_string()).await;
     }
-    let inbox = "wsbus:inbox:victim".to_owned();
-    let mut conn = redis_conn(&url).await;
-    eventually(DEADLINE, "entries wait in the victim's inbox", || {
-        let mut conn = conn.clone();
-        let inbox = inbox.clone();
-        async move {
-            let n: u64 = redis::cmd("XLEN")
-                .arg(&inbox)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            (n >= 5).then_some(())
-        }
+    eventually(DEADLINE, "entries wait in the victim's inbox", || async {
+        let mut conn = backend.conn().await;
+        let n: u64 = redis::cmd("XLEN")
+            .arg("wsbus:inbox:victim")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        (n >= 5).then_some(())
     })
     .await;
     victim.signal("KILL");
@@ -743,17 +724,15 @@ async fn a_killed_nodes_unread_inbox_is_recovered_elsewhere() {
         (Some("recovered"), Some(5)),
         "{v}"
     );
-    let _: () = redis::cmd("PING").query_async(&mut conn).await.unwrap();
     expect_nothing(&mut alice).await;
 }
 
+on_both!(a_deploy_loses_nothing);
+
 /// A deploy: SIGTERM closes bob's session with 1001; messages sent while he reconnects to
 /// another node are all there after `since`.
-#[tokio::test]
-async fn a_deploy_loses_nothing() {
-    let redis = Redis::start().await.unwrap();
-    let url = redis.url();
-    let (a, mut old) = node_and_process(&url, "old").await;
+async fn a_deploy_loses_nothing(backend: Backend) {
+    let (a, mut old) = node_and_process(&backend, "old").await;
     let mut alice = a.connect("alice").await;
     let mut bob = Client::connect_url(&old.url("bob"), "bob").await.unwrap();
     alice.send_to("bob", "0").await;
