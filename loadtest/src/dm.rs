@@ -87,8 +87,10 @@ impl KindCounters {
     }
 }
 
+/// Where a run is: connecting its users, sending (since when), waiting for what is in
+/// flight, stopped.
 #[derive(Clone, Copy, PartialEq)]
-enum Phase {
+pub(crate) enum Phase {
     Connecting,
     Sending(Instant),
     Draining,

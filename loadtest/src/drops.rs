@@ -45,6 +45,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::conn::{self, Target, Ws};
+use crate::dm::Phase;
 use crate::proxy::Proxy;
 use crate::report::{Counts, Latency, MessageStats, Report, ShardedHist};
 use crate::timeline::Timeline;
@@ -352,14 +353,6 @@ impl DropsStats {
             );
         }
     }
-}
-
-#[derive(Clone, Copy, PartialEq)]
-enum Phase {
-    Connecting,
-    Sending(Instant),
-    Draining,
-    Stop,
 }
 
 /// State of one message in its sender's log.

@@ -61,14 +61,8 @@ pub fn wsbus_bin() -> PathBuf {
     profile_dir.join(format!("wsbus{}", std::env::consts::EXE_SUFFIX))
 }
 
-pub fn start_cluster() -> Cluster {
-    let bin = wsbus_bin();
-    assert!(
-        bin.exists(),
-        "server binary {} not found: build it with `cargo build` in the workspace root, \
-         or set WSBUS_LOADTEST_NODES=ws://host:port,ws://host:port to use a running cluster",
-        bin.display()
-    );
+/// A cluster with nothing but its own `redis-server` yet, and that Redis's port.
+fn with_redis() -> (Cluster, u16) {
     let mut cluster = Cluster {
         children: Vec::new(),
         nodes: Vec::new(),
@@ -85,6 +79,18 @@ pub fn start_cluster() -> Cluster {
         .expect("redis-server must be on PATH");
     wait_for_port(rport, "redis-server", &mut redis);
     cluster.children.push(redis);
+    (cluster, rport)
+}
+
+pub fn start_cluster() -> Cluster {
+    let bin = wsbus_bin();
+    assert!(
+        bin.exists(),
+        "server binary {} not found: build it with `cargo build` in the workspace root, \
+         or set WSBUS_LOADTEST_NODES=ws://host:port,ws://host:port to use a running cluster",
+        bin.display()
+    );
+    let (mut cluster, rport) = with_redis();
     for (name, sessions) in [
         ("smoke-a", "1"),
         ("smoke-b", "1"),
@@ -168,22 +174,7 @@ fn history_args(port: u16, rport: u16, name: &str) -> Vec<String> {
 pub fn start_history_cluster() -> HistoryCluster {
     let bin = wsbus_bin();
     assert!(bin.exists(), "server binary {} not found", bin.display());
-    let mut cluster = Cluster {
-        children: Vec::new(),
-        nodes: Vec::new(),
-        multi_nodes: Vec::new(),
-        redis: String::new(),
-    };
-    let rport = free_port();
-    cluster.redis = format!("127.0.0.1:{rport}");
-    let mut redis = Command::new("redis-server")
-        .args(["--port", &rport.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no"])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server must be on PATH");
-    wait_for_port(rport, "redis-server", &mut redis);
-    cluster.children.push(redis);
+    let (mut cluster, rport) = with_redis();
     let mut nodes = Vec::new();
     for name in ["drops-a", "drops-b"] {
         let port = free_port();
