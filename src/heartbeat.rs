@@ -1,6 +1,7 @@
 //! The heartbeat task: every `--heartbeat-interval`, refresh this node's registration and its
 //! view of which nodes are alive; register every local session and room membership again when
-//! Redis lost them; reap dead nodes and announce their users' departures from rooms.
+//! Redis lost them; reap dead nodes and announce their users' departures from rooms; with
+//! history on, keep the streams of local users and rooms from expiring under them.
 
 use std::sync::Arc;
 
@@ -9,19 +10,42 @@ use crate::dispatch::PresenceEvent;
 use crate::edge_protocol::close;
 use crate::node::Node;
 use crate::presence::RoomDrop;
-use crate::user::RoomId;
+use crate::user::{RoomId, UserId};
 
 /// Beats until the node shuts down (the first beat is [`beat`], run before serving).
 pub async fn run(node: Arc<Node>) {
     let mut tick = tokio::time::interval(node.config.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
+    let mut streams_refreshed = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = node.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
         beat(&node).await;
+        if let Some(history) = &node.history
+            && streams_refreshed.elapsed() >= node.config.history_ttl / 3
+        {
+            streams_refreshed = tokio::time::Instant::now();
+            keep_streams_alive(&node, history).await;
+        }
+    }
+}
+
+/// Keeps the history streams of this node's users and rooms from expiring under them
+/// (every third of `--history-ttl`: one `PEXPIRE` pair per user and room with sessions here).
+async fn keep_streams_alive(node: &Node, history: &crate::history::History) {
+    let mut users: Vec<UserId> = node.hub.snapshot().into_iter().map(|(u, _)| u).collect();
+    users.sort_unstable();
+    users.dedup();
+    let mut rooms: Vec<RoomId> = node.rooms.snapshot().into_iter().map(|(r, _)| r).collect();
+    rooms.sort_unstable();
+    rooms.dedup();
+    let users: Vec<&str> = users.iter().map(UserId::as_str).collect();
+    let rooms: Vec<&str> = rooms.iter().map(RoomId::as_str).collect();
+    if let Err(e) = history.keep_alive(&node.bus, &users, &rooms).await {
+        tracing::warn!(error = %e, "could not refresh the history streams' TTL");
     }
 }
 

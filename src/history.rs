@@ -273,6 +273,40 @@ impl History {
         Opened::parse(reply)
     }
 
+    /// Refreshes the TTL of the streams of `users` and `rooms` (those with sessions or
+    /// members on this node), so a stream does not expire under a user who is connected but
+    /// gets nothing for longer than `--history-ttl`. Plain `PEXPIRE`s (a missing key stays
+    /// missing), pipelined in chunks.
+    pub async fn keep_alive(
+        &self,
+        bus: &crate::bus::Bus,
+        users: &[&str],
+        rooms: &[&str],
+    ) -> Result<(), BusError> {
+        let streams = users
+            .iter()
+            .map(|u| Stream::User(u))
+            .chain(rooms.iter().map(|r| Stream::Room(r)));
+        let mut conn = bus.conn().await?;
+        let mut pipe = redis::pipe();
+        let mut queued = 0;
+        for stream in streams {
+            let (history, meta) = self.stream_keys(stream);
+            pipe.cmd("PEXPIRE").arg(history).arg(self.ttl_ms).ignore();
+            pipe.cmd("PEXPIRE").arg(meta).arg(self.ttl_ms).ignore();
+            queued += 1;
+            if queued == 500 {
+                pipe.query_async::<()>(&mut conn).await?;
+                pipe = redis::pipe();
+                queued = 0;
+            }
+        }
+        if queued > 0 {
+            pipe.query_async::<()>(&mut conn).await?;
+        }
+        Ok(())
+    }
+
     /// Decides a recovery from `since` in `epoch` against the stream as `opened` (read with
     /// `since` and a limit of `recover_max`).
     pub fn recovery(&self, since: u64, epoch: &str, opened: &Opened) -> Result<(), Unrecoverable> {

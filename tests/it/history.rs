@@ -918,3 +918,46 @@ async fn a_burst_is_replayed_from_any_offset() {
         backend.wait_unregistered("bob").await;
     }
 }
+
+on_both!(streams_of_connected_users_and_joined_rooms_do_not_expire);
+
+/// A user connected (and a room joined) for longer than `--history-ttl` with no traffic keeps
+/// its stream: the nodes refresh the TTL of their users' and rooms' streams, so a reconnect
+/// later recovers in the same epoch instead of being told its past is gone.
+async fn streams_of_connected_users_and_joined_rooms_do_not_expire(backend: Backend) {
+    let tune = |c: &mut wsbus::config::NodeConfig| c.history_ttl = Duration::from_millis(900);
+    let a = node(&backend, "a", tune).await;
+    let mut alice = a.connect("alice").await;
+    let mut bob = a.connect("bob").await;
+    join(&mut alice, json!({"room": "r"})).await;
+    join(&mut bob, json!({"room": "r"})).await;
+    alice.send_to("bob", "1").await;
+    let v = recv(&mut bob).await;
+    let e = epoch(&v);
+    alice
+        .send_raw(
+            &json!({"action": "room_message", "data": {"room": "r", "text": "a"}}).to_string(),
+        )
+        .await;
+    let room_epoch = epoch(&recv(&mut bob).await);
+    // Three TTLs without a message.
+    expect_nothing(&mut bob).await;
+    tokio::time::sleep(Duration::from_millis(2400)).await;
+    alice
+        .send_raw(
+            &json!({"action": "room_message", "data": {"room": "r", "text": "b"}}).to_string(),
+        )
+        .await;
+    let v = recv(&mut bob).await;
+    assert_eq!((offset(&v), epoch(&v)), (2, room_epoch), "{v}");
+    bob.close().await;
+    backend.wait_unregistered("bob").await;
+    alice.send_to("bob", "2").await;
+    wait_top(&backend, "u:bob", 2).await;
+    let mut bob = connect_since(&a, "bob", 1, &e).await;
+    assert_eq!(recv(&mut bob).await["data"]["text"], "2");
+    assert_eq!(
+        recv(&mut bob).await["data"],
+        json!({"recovered": true, "count": 1, "offset": 2, "epoch": e})
+    );
+}
