@@ -271,14 +271,15 @@ impl Session {
     pub async fn run(mut self, socket: Socket) {
         self.node.metrics.connections_active.increment(1.0);
         let mut link = Link::new(socket, self.node.config.ping_interval);
-        let end = match self.open_user_stream(&mut link).await {
+        // Boxed, as the other steps that wait on Redis (see `handle`).
+        let end = match Box::pin(self.open_user_stream(&mut link)).await {
             Ok(()) => self.serve(&mut link).await,
             Err(end) => end,
         };
         // Before the close handshake: a member that has left must get nothing sent after it
         // left, and the client may reconnect as soon as it sees our Close.
-        self.leave_rooms().await;
-        self.guard.release().await;
+        Box::pin(self.leave_rooms()).await;
+        Box::pin(self.guard.release()).await;
         self.node.metrics.connections_active.decrement(1.0);
         let code = match &end {
             End::Close(code, _) => code.to_string(),
@@ -288,7 +289,7 @@ impl Session {
         metrics::counter!("wsbus_connections_closed_total", "code" => code).increment(1);
         match end {
             End::Close(code, reason) => {
-                close_politely(&mut link.socket, code, reason.into_owned()).await
+                Box::pin(close_politely(&mut link.socket, code, reason.into_owned())).await
             }
             End::ClosedByClient => {
                 let _ = tokio::time::timeout(CLOSE_LINGER, link.socket.flush()).await;
@@ -314,7 +315,7 @@ impl Session {
                 biased;
                 _ = &mut kicked => return self.kicked(),
                 _ = until(gap_due) => {
-                    if let Err(end) = self.fill_gaps(link).await {
+                    if let Err(end) = Box::pin(self.fill_gaps(link)).await {
                         return end;
                     }
                 }
@@ -421,46 +422,9 @@ impl Session {
                     .await?;
                 Ok(Direct::new())
             }
-            Command::Join { room, since } => {
-                let id = RoomId::parse(room).ok_or(ClientError::InvalidRoom)?;
-                if !self.rooms.contains(room)
-                    && self.rooms.len() >= node.config.max_rooms_per_session
-                {
-                    return Err(ClientError::TooManyRooms);
-                }
-                // Without `since`, the room's frames start for this session where its stream
-                // is before the join, so none sent while it joins is missed.
-                let start = match (&node.history, since) {
-                    (None, _) => None,
-                    (Some(_), Some(position)) => Some(StartAt {
-                        position: position.into_owned(),
-                        asked: true,
-                    }),
-                    (Some(history), None) => {
-                        let stream = crate::history::Stream::Room(room);
-                        let opened = history
-                            .open(&node.bus, stream, None, 0, true)
-                            .await
-                            .map_err(|_| ClientError::BusUnavailable)?;
-                        Some(StartAt {
-                            position: Position {
-                                since: opened.top,
-                                epoch: opened.epoch.into(),
-                            },
-                            asked: false,
-                        })
-                    }
-                };
-                let members = node.join_room(&id, &self.user, self.sid).await?;
-                self.rooms.insert(id);
-                let data = json!({"room": room, "members": members});
-                if node.history.is_none() {
-                    self.reply("joined", data)?;
-                    return Ok(Direct::new());
-                }
-                self.recover_stream(Some(room.into()), start, "joined", data)
-                    .await
-            }
+            // The steps that wait on Redis are boxed: inline, their futures would sit in every
+            // session's task, used or not (they were most of an idle connection's memory).
+            Command::Join { room, since } => Box::pin(self.join(room, since)).await,
             Command::Recover(position) => {
                 if node.history.is_none() {
                     return Err(ClientError::HistoryOff);
@@ -469,8 +433,7 @@ impl Session {
                     position: position.into_owned(),
                     asked: true,
                 };
-                self.recover_stream(None, Some(start), "recovered", json!({}))
-                    .await
+                Box::pin(self.recover_stream(None, Some(start), "recovered", json!({}))).await
             }
             Command::History {
                 room,
@@ -483,20 +446,20 @@ impl Session {
                 {
                     return Err(ClientError::NotInRoom(room.to_owned()));
                 }
-                self.history(room, since, limit, epoch.as_deref()).await
+                Box::pin(self.history(room, since, limit, epoch.as_deref())).await
             }
             Command::Leave { room } => {
                 let Some(id) = self.rooms.take(room) else {
                     return Err(ClientError::NotInRoom(room.to_owned()));
                 };
                 self.seq.stop(room);
-                node.leave_room(&id, &self.user, self.sid).await?;
+                Box::pin(node.leave_room(&id, &self.user, self.sid)).await?;
                 self.reply("left", json!({"room": room}))?;
                 Ok(Direct::new())
             }
             Command::Members { room } => {
                 let id = RoomId::parse(room).ok_or(ClientError::InvalidRoom)?;
-                let list = node.room_member_list(&id).await?;
+                let list = Box::pin(node.room_member_list(&id)).await?;
                 let mut data = json!({"room": room, "users": list.users});
                 if list.truncated {
                     data["truncated"] = json!(true);
@@ -539,6 +502,51 @@ impl Session {
                 .delivery_seconds
                 .record(latency_us as f64 / 1e6);
         }
+    }
+
+    /// `join`: enters `room` (and, with history on, replays what came after `since`).
+    async fn join(
+        &mut self,
+        room: &str,
+        since: Option<Position<'_>>,
+    ) -> Result<Direct, ClientError> {
+        let node = self.node.clone();
+        let id = RoomId::parse(room).ok_or(ClientError::InvalidRoom)?;
+        if !self.rooms.contains(room) && self.rooms.len() >= node.config.max_rooms_per_session {
+            return Err(ClientError::TooManyRooms);
+        }
+        // Without `since`, the room's frames start for this session where its stream
+        // is before the join, so none sent while it joins is missed.
+        let start = match (&node.history, since) {
+            (None, _) => None,
+            (Some(_), Some(position)) => Some(StartAt {
+                position: position.into_owned(),
+                asked: true,
+            }),
+            (Some(history), None) => {
+                let stream = crate::history::Stream::Room(room);
+                let opened = history
+                    .open(&node.bus, stream, None, 0, true)
+                    .await
+                    .map_err(|_| ClientError::BusUnavailable)?;
+                Some(StartAt {
+                    position: Position {
+                        since: opened.top,
+                        epoch: opened.epoch.into(),
+                    },
+                    asked: false,
+                })
+            }
+        };
+        let members = node.join_room(&id, &self.user, self.sid).await?;
+        self.rooms.insert(id);
+        let data = json!({"room": room, "members": members});
+        if node.history.is_none() {
+            self.reply("joined", data)?;
+            return Ok(Direct::new());
+        }
+        self.recover_stream(Some(room.into()), start, "joined", data)
+            .await
     }
 
     /// Queues a reply frame `{"from": <own id>, "action": .., "data": ..}` for this session.
