@@ -567,6 +567,8 @@ impl Writer {
         // One append per stream of the batch, with its frames in batch order: a stream's
         // offsets are given in one call, contiguous, in the order its senders sent.
         let mut groups: Vec<(Stream<'_>, Vec<(usize, String)>)> = Vec::new();
+        // Which group each stream is, by (is a room, id).
+        let mut group_of: HashMap<(bool, &str), usize> = HashMap::new();
         for (i, msg) in batch.iter().enumerate() {
             if stamped[i].is_some() {
                 continue;
@@ -593,13 +595,16 @@ impl Writer {
                     crate::history::frame_prefix(frame, Some(room)),
                 ),
             };
-            let same = |s: &Stream<'_>| match (s, &stream) {
-                (Stream::User(a), Stream::User(b)) | (Stream::Room(a), Stream::Room(b)) => a == b,
-                _ => false,
+            let key = match stream {
+                Stream::User(id) => (false, id),
+                Stream::Room(id) => (true, id),
             };
-            match groups.iter_mut().find(|(s, _)| same(s)) {
-                Some((_, frames)) => frames.push((i, prefix)),
-                None => groups.push((stream, vec![(i, prefix)])),
+            match group_of.get(&key) {
+                Some(&g) => groups[g].1.push((i, prefix)),
+                None => {
+                    group_of.insert(key, groups.len());
+                    groups.push((stream, vec![(i, prefix)]));
+                }
             }
         }
         if groups.is_empty() {
