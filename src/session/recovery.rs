@@ -18,6 +18,14 @@ pub struct StartAt {
 }
 
 impl Session {
+    /// One of this session's streams: `room`'s, or its user's.
+    fn stream<'a>(&'a self, room: Option<&'a str>) -> crate::history::Stream<'a> {
+        match room {
+            Some(room) => crate::history::Stream::Room(room),
+            None => crate::history::Stream::User(self.user.as_str()),
+        }
+    }
+
     /// With history on, before anything else is written: starts ordering the user's stream
     /// from its current position and, if the connect URL asked (`?since=&epoch=`), replays
     /// what the client missed and says how that went (`recovered`). The session is
@@ -62,10 +70,7 @@ impl Session {
         let Some(history) = &node.history else {
             return Err(ClientError::HistoryOff);
         };
-        let stream = match &room {
-            Some(room) => crate::history::Stream::Room(room),
-            None => crate::history::Stream::User(self.user.as_str()),
-        };
+        let stream = self.stream(room.as_deref());
         let opened = history
             .open(
                 &node.bus,
@@ -139,10 +144,7 @@ impl Session {
         let Some(history) = &node.history else {
             return Err(ClientError::HistoryOff);
         };
-        let stream = match room {
-            Some(room) => crate::history::Stream::Room(room),
-            None => crate::history::Stream::User(self.user.as_str()),
-        };
+        let stream = self.stream(room);
         let opened = history
             .open(&node.bus, stream, Some(since), limit, true)
             .await
@@ -197,10 +199,7 @@ impl Session {
         let Some(history) = &self.node.history else {
             return Vec::new();
         };
-        let stream = match &gap.room {
-            Some(room) => crate::history::Stream::Room(room),
-            None => crate::history::Stream::User(self.user.as_str()),
-        };
+        let stream = self.stream(gap.room.as_deref());
         let want = u32::try_from(gap.until - gap.from).unwrap_or(u32::MAX);
         match history
             .open(&self.node.bus, stream, Some(gap.from - 1), want, false)
