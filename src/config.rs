@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use clap::Args;
 
+/// The smallest head limit hyper accepts (its minimum buffer size).
+pub const MIN_HEAD_BYTES: usize = 8192;
+
 fn parse_duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
 }
@@ -29,7 +32,7 @@ impl OnSessionLimit {
 }
 
 fn parse_head_bytes(s: &str) -> Result<usize, String> {
-    let min = crate::listener::MIN_HEAD_BYTES;
+    let min = MIN_HEAD_BYTES;
     match s.parse::<usize>() {
         Ok(n) if n >= min => Ok(n),
         Ok(_) => Err(format!("at least {min} (hyper's smallest buffer)")),

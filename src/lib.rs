@@ -5,70 +5,65 @@
 //!
 //! ```text
 //! origin (session | API publish | ingress entry | inbox entry whose recipient moved)
-//!   └─▶ dispatch: target (user | room) ─▶ local sessions here ─▶ hub ─▶ socket queue ─▶ socket
-//!                                     └─▶ other nodes with sessions/members of the target
-//!                     bus writer (pipelined lookups, one XADD per destination node)
+//!   └─▶ node::dispatch: target (user | room) ─▶ local sessions ─▶ delivery::hub ─▶ socket queue ─▶ socket
+//!                                           └─▶ other nodes with sessions/members of the target
+//!                     bus::writer (pipelined lookups, one XADD per destination node)
 //!                                      ▼
-//!                     Redis stream P:inbox:<node>  (MessagePack envelopes)
+//!                     Redis stream P:inbox:<node>  (MessagePack envelopes, wire::envelope)
 //!                                      ▼
-//!                     inbox reader (blocking XREAD, dedicated connection) ─▶ hub / rooms ─▶ socket
+//!                     bus::reader (blocking XREAD, dedicated connection) ─▶ delivery ─▶ socket
 //! ```
 //!
-//! Modules, by what they own:
-//! - [`config`]: every tunable and its default.
-//! - [`edge_protocol`]: the client-side JSON frames, error texts and close codes (the one list
-//!   of them). [`envelope`]: the bus side, the MessagePack envelope in an inbox entry.
-//! - [`user`]: user, room and node ids.
-//! - [`listener`]: the accept loop and connections before they upgrade (header timeout,
-//!   head size, stalled and pending connections).
-//! - [`edge`]: HTTP routes and the upgrade (auth, then claim before upgrade). [`auth`]: tokens.
-//!   [`websocket`]: the upgrade handshake and polite closes.
-//! - [`session`]: one connected client's task. [`socket_queue`]: its bounded queue.
-//! - [`hub`]: local sessions by user, non-blocking delivery. [`rooms`]: local room membership
-//!   and the room operations.
-//! - [`dispatch`]: the one path from any origin to any target. [`history`]: per-user and
-//!   per-room streams (`--history`), offsets and epochs, recovery, and the session's
-//!   in-order hand-over of stream frames.
-//! - [`bus_writer`]: appends to other nodes' inboxes. [`inbox_reader`]: reads this node's.
-//! - [`presence`]: sessions and room membership in Redis. [`registry`]: nodes, heartbeats,
-//!   reaping.
-//! - [`bus`]: Redis connections and the functions in `migrations/`. [`keys`]: key names.
-//! - [`node`]: a node's shared state. [`server`]: starting, wiring and stopping its tasks.
-//!   [`heartbeat`]: registration, liveness, reaping. [`dev`]: the local dev cluster.
-//! - [`api`]: the HTTP API for backends (publish, disconnect, lookups), one more origin of
-//!   dispatch.
-//! - [`ingress`]: publishing through the Redis stream `P:ingress` (consumer group, claims of
-//!   a dead node's entries), routed like an API publish.
-//! - [`admin`]: read-only operator commands. [`telemetry`]: `/metrics`.
+//! The tree is the architecture; imports point down (`tests/layers.rs` keeps them so):
+//!
+//! ```text
+//! main, cli, dev                       the binary's commands
+//! server                               starts, wires and stops a node's tasks (heartbeat too)
+//! edge, backend                        where clients and the application's backend come in
+//! session                              one connected client's task and its recovery
+//! bus                                  the writer to other nodes' inboxes, the reader of ours
+//! node                                 a node's shared state, and the one dispatch path
+//! delivery, history, cluster           local sessions and rooms; history streams and the
+//!                                      sequencer; the registry of nodes and sessions in Redis
+//! redis, auth, config, telemetry       Redis access and keys; tokens; settings; metrics
+//! wire                                 frames, envelopes, ids, clocks (imports nothing)
+//! ```
+//!
+//! - [`wire`]: client frames, error texts and close codes (the one list), the bus envelope,
+//!   ids, clocks.
+//! - [`redis`]: connections, the functions in `migrations/`, key names, stream replies.
+//! - [`config`]: every tunable and its default. [`auth`]: tokens. [`telemetry`]: `/metrics`.
+//! - [`cluster`]: live nodes, this node's registration and reaping, sessions and room
+//!   membership in Redis.
+//! - [`history`]: per-user and per-room streams (`--history`), offsets and epochs, recovery,
+//!   and the session's in-order hand-over of stream frames.
+//! - [`delivery`]: local sessions by user, their socket queues, local rooms, and what a
+//!   dispatch is (origin, target, payload, node plan).
+//! - [`node`]: a node's shared state, the dispatch path from any origin to any target, and
+//!   the room operations.
+//! - [`bus`]: appends to other nodes' inboxes; reads this node's.
+//! - [`session`]: one connected client's task, its recovery.
+//! - [`edge`]: the listener, the HTTP routes and the gates of a connect, the upgrade.
+//! - [`backend`]: the HTTP API for backends and the ingress stream.
+//! - [`server`]: starting, wiring and stopping a node's tasks; the heartbeat.
+//! - [`dev`]: the local dev cluster. [`cli`]: read-only operator commands.
 
-pub mod admin;
-pub mod api;
 pub mod auth;
+pub mod backend;
 pub mod bus;
-pub mod bus_writer;
+pub mod cli;
+pub mod cluster;
 pub mod config;
+pub mod delivery;
 pub mod dev;
-pub mod dispatch;
 pub mod edge;
-pub mod edge_protocol;
-pub mod envelope;
-pub mod heartbeat;
 pub mod history;
-pub mod hub;
-pub mod inbox_reader;
-pub mod ingress;
-pub mod keys;
-pub mod listener;
 pub mod node;
-pub mod presence;
-pub mod registry;
-pub mod rooms;
+pub mod redis;
 pub mod server;
 pub mod session;
-pub mod socket_queue;
 pub mod telemetry;
-pub mod user;
-pub mod websocket;
+pub mod wire;
 
 pub use config::NodeConfig;
 pub use node::NodeError;

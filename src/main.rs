@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use wsbus::NodeConfig;
 use wsbus::dev::DevOptions;
-use wsbus::keys::Keys;
+use wsbus::redis::keys::Keys;
 
 /// jemalloc instead of glibc's malloc: allocation was ~15% of a node's CPU under load. Its
 /// background thread (the `background_threads` feature) returns freed pages to the system
@@ -147,8 +147,8 @@ struct AdminArgs {
 }
 
 impl AdminArgs {
-    fn bus(&self) -> anyhow::Result<wsbus::bus::Bus> {
-        Ok(wsbus::admin::open(&self.redis_url, self.redis_cluster)?)
+    fn redis(&self) -> anyhow::Result<wsbus::redis::Redis> {
+        Ok(wsbus::cli::open(&self.redis_url, self.redis_cluster)?)
     }
 }
 
@@ -158,8 +158,8 @@ async fn main() -> anyhow::Result<()> {
     init_logging(cli.log_format);
     match cli.command {
         Cmd::Serve { bind, config } => {
-            let listener =
-                wsbus::listener::bind(bind).with_context(|| format!("cannot listen on {bind}"))?;
+            let listener = wsbus::edge::listener::bind(bind)
+                .with_context(|| format!("cannot listen on {bind}"))?;
             wsbus::run(*config, listener, shutdown_signal()).await?;
         }
         Cmd::Dev(options) => {
@@ -169,7 +169,7 @@ async fn main() -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!(e))?;
         }
         Cmd::Nodes(admin) => {
-            let nodes = wsbus::admin::nodes(&admin.bus()?, &Keys::new(&admin.prefix)).await?;
+            let nodes = wsbus::cli::nodes(&admin.redis()?, &Keys::new(&admin.prefix)).await?;
             println!(
                 "{:<24} {:<22} {:>8} {:>10} {:>8} {:>8}",
                 "NODE", "ADDR", "AGE(s)", "HEARTBEAT", "USERS", "INBOX"
@@ -188,7 +188,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Whereis { user, admin } => {
             let keys = Keys::new(&admin.prefix);
-            let sessions = wsbus::admin::where_is(&admin.bus()?, &keys, &user).await?;
+            let sessions = wsbus::cli::where_is(&admin.redis()?, &keys, &user).await?;
             if sessions.is_empty() {
                 println!("{user} is not connected");
                 std::process::exit(1);
@@ -204,7 +204,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Rooms { count, admin } => {
             let keys = Keys::new(&admin.prefix);
-            let rooms = wsbus::admin::rooms(&admin.bus()?, &keys, count).await?;
+            let rooms = wsbus::cli::rooms(&admin.redis()?, &keys, count).await?;
             println!("{:<32} {:>8}  nodes", "room", "members");
             for r in rooms {
                 println!("{:<32} {:>8}  {}", r.room, r.members, r.nodes.join(","));
@@ -212,7 +212,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Members { room, admin } => {
             let keys = Keys::new(&admin.prefix);
-            let members = wsbus::admin::members(&admin.bus()?, &keys, &room).await?;
+            let members = wsbus::cli::members(&admin.redis()?, &keys, &room).await?;
             if members.is_empty() {
                 println!("room {room} has no members");
                 std::process::exit(1);
@@ -246,7 +246,7 @@ async fn main() -> anyhow::Result<()> {
             println!("{token}");
         }
         Cmd::Probe { url } => {
-            let status = wsbus::admin::probe(&url).await?;
+            let status = wsbus::cli::probe(&url).await?;
             if status != 200 {
                 anyhow::bail!("{url} answered HTTP {status}");
             }
@@ -274,8 +274,7 @@ async fn main() -> anyhow::Result<()> {
             }
             let key = api_key.split(',').next().unwrap_or_default();
             let endpoint = format!("{}/api/publish", url.trim_end_matches('/'));
-            let (status, reply) =
-                wsbus::admin::post_json(&endpoint, key, &body.to_string()).await?;
+            let (status, reply) = wsbus::cli::post_json(&endpoint, key, &body.to_string()).await?;
             println!("{}", reply.trim_end());
             if status != 200 {
                 anyhow::bail!("{endpoint} answered HTTP {status}");
@@ -283,7 +282,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Inspect { node, count, admin } => {
             let keys = Keys::new(&admin.prefix);
-            let Some(entries) = wsbus::admin::inspect(&admin.bus()?, &keys, &node, count).await?
+            let Some(entries) = wsbus::cli::inspect(&admin.redis()?, &keys, &node, count).await?
             else {
                 eprintln!(
                     "no node {node:?} under prefix {:?}: not registered, no inbox (`wsbus nodes` lists them)",

@@ -8,10 +8,10 @@
 use std::borrow::Cow;
 
 use serde_json::{Value, json};
-use wsbus::edge_protocol::{
+use wsbus::wire::client::{
     ClientError, Command, encode_error, encode_message, encode_room_message, parse_command,
 };
-use wsbus::envelope::{Body, Envelope};
+use wsbus::wire::envelope::{Body, Envelope};
 
 // ---------------------------------------------------------------------------------------------
 // Edge frames
@@ -20,24 +20,30 @@ use wsbus::envelope::{Body, Envelope};
 /// What the `edge_frame` fuzz target checks for one frame: no panic, a parsed recipient is a
 /// valid id, and whatever we would send back is valid JSON carrying the same strings.
 fn check_frame(frame: &str) -> Result<Command<'_>, ClientError> {
-    let parsed = wsbus::edge_protocol::parse_command_relaying(frame, &["typing".to_owned()]);
+    let parsed = wsbus::wire::client::parse_command_relaying(frame, &["typing".to_owned()]);
     match &parsed {
         Ok(cmd) => {
             let (out, expected) = match cmd {
                 Command::Message { to, text } => {
-                    assert!(wsbus::user::is_valid_id(to), "accepted recipient {to:?}");
+                    assert!(
+                        wsbus::wire::ids::is_valid_id(to),
+                        "accepted recipient {to:?}"
+                    );
                     let out = encode_message("sender", to, text);
                     let expected = json!({"from": "sender", "action": "message", "data": {"to": to, "text": text}});
                     (out, expected)
                 }
                 Command::RoomMessage { room, text } => {
-                    assert!(wsbus::user::is_valid_id(room), "accepted room {room:?}");
+                    assert!(
+                        wsbus::wire::ids::is_valid_id(room),
+                        "accepted room {room:?}"
+                    );
                     let out = encode_room_message("sender", room, text);
                     let expected = json!({"from": "sender", "action": "room_message", "data": {"room": room, "text": text}});
                     (out, expected)
                 }
                 Command::Relay { action, data, .. } => {
-                    let out = wsbus::edge_protocol::encode_relay("sender", action, data);
+                    let out = wsbus::wire::client::encode_relay("sender", action, data);
                     let v: Value = serde_json::from_str(&out).expect("the encoder yields JSON");
                     let data: Value = serde_json::from_str(data).expect("data is JSON");
                     assert_eq!(v, json!({"from": "sender", "action": action, "data": data}));
@@ -46,12 +52,15 @@ fn check_frame(frame: &str) -> Result<Command<'_>, ClientError> {
                 Command::Join { room, .. }
                 | Command::Leave { room }
                 | Command::Members { room } => {
-                    assert!(wsbus::user::is_valid_id(room), "accepted room {room:?}");
+                    assert!(
+                        wsbus::wire::ids::is_valid_id(room),
+                        "accepted room {room:?}"
+                    );
                     return parsed;
                 }
                 Command::History { room, .. } => {
                     assert!(
-                        room.is_none_or(wsbus::user::is_valid_id),
+                        room.is_none_or(wsbus::wire::ids::is_valid_id),
                         "accepted room {room:?}"
                     );
                     return parsed;
@@ -297,7 +306,7 @@ fn unknown_action_text_is_valid_json_in_the_error_frame() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Bus envelopes
+// Redis envelopes
 // ---------------------------------------------------------------------------------------------
 
 /// What the `bus_envelope` fuzz target checks for one input: no panic, and a decoded envelope
@@ -603,7 +612,7 @@ fn error_bodies_round_trip() {
         body: Body::Error {
             error: Cow::Borrowed("User 'bob' not found"),
         },
-        hops: wsbus::envelope::MAX_HOPS,
+        hops: wsbus::wire::envelope::MAX_HOPS,
         id: u64::MAX,
         sent_us: u64::MAX,
         ..sample()

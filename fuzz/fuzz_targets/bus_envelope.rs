@@ -1,4 +1,4 @@
-//! Fuzzes the bus envelope decoder (`wsbus::envelope::Envelope::decode`, MessagePack).
+//! Fuzzes the bus envelope decoder (`wsbus::wire::envelope::Envelope::decode`, MessagePack).
 //!
 //! Invariants checked (a violation panics, which libFuzzer reports as a crash):
 //! - `Envelope::decode` never panics, on any bytes;
@@ -8,7 +8,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use wsbus::envelope::{Body, Envelope};
+use wsbus::wire::envelope::{Body, Envelope};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(env) = Envelope::decode(data) else {

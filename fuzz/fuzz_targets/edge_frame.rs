@@ -1,4 +1,4 @@
-//! Fuzzes the edge frame decoder (`wsbus::edge_protocol::parse_command`) and the frame encoders.
+//! Fuzzes the edge frame decoder (`wsbus::wire::client::parse_command`) and the frame encoders.
 //!
 //! Invariants checked (a violation panics, which libFuzzer reports as a crash):
 //! - `parse_command` never panics, on any UTF-8 input;
@@ -11,7 +11,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Value, json};
-use wsbus::edge_protocol::{Command, encode_error, encode_message, encode_room_message, parse_command};
+use wsbus::wire::client::{Command, encode_error, encode_message, encode_room_message, parse_command};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(frame) = std::str::from_utf8(data) else {
@@ -21,19 +21,19 @@ fuzz_target!(|data: &[u8]| {
         Ok(cmd) => {
             let (out, expected) = match &cmd {
                 Command::Message { to, text } => {
-                    assert!(wsbus::user::is_valid_id(to), "accepted recipient {to:?}");
+                    assert!(wsbus::wire::ids::is_valid_id(to), "accepted recipient {to:?}");
                     let out = encode_message("fuzz-sender", to, text);
                     let expected = json!({"from": "fuzz-sender", "action": "message", "data": {"to": to, "text": text}});
                     (out, expected)
                 }
                 Command::RoomMessage { room, text } => {
-                    assert!(wsbus::user::is_valid_id(room), "accepted room {room:?}");
+                    assert!(wsbus::wire::ids::is_valid_id(room), "accepted room {room:?}");
                     let out = encode_room_message("fuzz-sender", room, text);
                     let expected = json!({"from": "fuzz-sender", "action": "room_message", "data": {"room": room, "text": text}});
                     (out, expected)
                 }
                 Command::Join { room } | Command::Leave { room } | Command::Members { room } => {
-                    assert!(wsbus::user::is_valid_id(room), "accepted room {room:?}");
+                    assert!(wsbus::wire::ids::is_valid_id(room), "accepted room {room:?}");
                     return;
                 }
             };

@@ -6,8 +6,8 @@ use serde_json::json;
 use std::time::Instant;
 
 use super::{Direct, End, Link, Session};
-use crate::edge_protocol::{ClientError, Position, encode_frame};
 use crate::history::{Gap, StreamOf};
+use crate::wire::client::{ClientError, Position, encode_frame};
 
 /// Where a session's view of one of its streams starts.
 pub struct StartAt {
@@ -73,7 +73,7 @@ impl Session {
         let stream = self.stream(room.as_deref());
         let opened = history
             .open(
-                &node.bus,
+                &node.redis,
                 stream,
                 since.as_ref().map(|p| p.since),
                 history.recover_max,
@@ -146,7 +146,7 @@ impl Session {
         };
         let stream = self.stream(room);
         let opened = history
-            .open(&node.bus, stream, Some(since), limit, true)
+            .open(&node.redis, stream, Some(since), limit, true)
             .await
             .map_err(|_| ClientError::BusUnavailable)?;
         // The position is this session's: the last offset it was sent. Frames of the stream
@@ -202,7 +202,7 @@ impl Session {
         let stream = self.stream(gap.room.as_deref());
         let want = u32::try_from(gap.until - gap.from).unwrap_or(u32::MAX);
         match history
-            .open(&self.node.bus, stream, Some(gap.from - 1), want, false)
+            .open(&self.node.redis, stream, Some(gap.from - 1), want, false)
             .await
         {
             Ok(opened)

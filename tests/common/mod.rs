@@ -24,8 +24,8 @@ pub mod proxy;
 pub mod raw;
 
 /// Key names under the default prefix, as the nodes build them.
-pub fn key_names() -> wsbus::keys::Keys {
-    wsbus::keys::Keys::new("wsbus")
+pub fn key_names() -> wsbus::redis::keys::Keys {
+    wsbus::redis::keys::Keys::new("wsbus")
 }
 
 /// How long any expected event may take before a test fails.
@@ -107,9 +107,9 @@ impl Backend {
     }
 
     /// A connection that routes like the nodes' own (cluster-aware).
-    pub async fn conn(&self) -> wsbus::bus::BusConn {
-        let bus = wsbus::admin::open(&self.url(), self.is_cluster()).unwrap();
-        bus.conn().await.unwrap()
+    pub async fn conn(&self) -> wsbus::redis::RedisConn {
+        let redis = wsbus::cli::open(&self.url(), self.is_cluster()).unwrap();
+        redis.conn().await.unwrap()
     }
 
     /// How often Redis ran `command` since it started (summed over every shard), from
@@ -141,7 +141,7 @@ impl Backend {
     }
 
     /// Every session of `user` (live node or not), oldest first.
-    pub async fn sessions(&self, user: &str) -> Vec<wsbus::admin::UserLocation> {
+    pub async fn sessions(&self, user: &str) -> Vec<wsbus::cli::UserLocation> {
         sessions(&self.url(), self.is_cluster(), user).await
     }
 
@@ -555,10 +555,10 @@ pub async fn keys(url: &str) -> Vec<String> {
 }
 
 /// Every session of `user` (live node or not), oldest first, as `wsbus whereis` reads them.
-pub async fn sessions(url: &str, cluster: bool, user: &str) -> Vec<wsbus::admin::UserLocation> {
-    let bus = wsbus::admin::open(url, cluster).unwrap();
+pub async fn sessions(url: &str, cluster: bool, user: &str) -> Vec<wsbus::cli::UserLocation> {
+    let redis = wsbus::cli::open(url, cluster).unwrap();
     let keys = key_names();
-    wsbus::admin::where_is(&bus, &keys, user).await.unwrap()
+    wsbus::cli::where_is(&redis, &keys, user).await.unwrap()
 }
 
 /// The node of `user`'s oldest session on a single Redis, if any.

@@ -1,6 +1,6 @@
 //! The operator commands (`nodes`, `whereis`, `inspect`) as a library and as the binary.
 
-use wsbus::keys::Keys;
+use wsbus::redis::keys::Keys;
 
 use crate::common::*;
 
@@ -9,13 +9,13 @@ async fn nodes_whereis_and_inspect_report_the_bus() {
     let redis = Redis::start().await.unwrap();
     let url = redis.url();
     let keys = Keys::new("wsbus");
-    let bus = wsbus::admin::open(&url, false).unwrap();
+    let redis = wsbus::cli::open(&url, false).unwrap();
     let a = Node::start("a", &url).await;
     let b = Node::start("b", &url).await;
     let _alice = a.connect("alice").await;
     let _bob = b.connect("bob").await;
 
-    let nodes = wsbus::admin::nodes(&bus, &keys).await.unwrap();
+    let nodes = wsbus::cli::nodes(&redis, &keys).await.unwrap();
     let mut ids: Vec<_> = nodes.iter().map(|n| (n.id.as_str(), n.users)).collect();
     ids.sort();
     assert_eq!(ids, [("a", 1), ("b", 1)]);
@@ -25,12 +25,12 @@ async fn nodes_whereis_and_inspect_report_the_bus() {
             .all(|n| n.addr.is_some() && n.last_heartbeat_ms < 5_000)
     );
 
-    let locs = wsbus::admin::where_is(&bus, &keys, "bob").await.unwrap();
+    let locs = wsbus::cli::where_is(&redis, &keys, "bob").await.unwrap();
     assert_eq!(locs.len(), 1);
     assert_eq!(locs[0].node, "b");
     assert!(locs[0].alive);
     assert!(
-        wsbus::admin::where_is(&bus, &keys, "nobody")
+        wsbus::cli::where_is(&redis, &keys, "nobody")
             .await
             .unwrap()
             .is_empty()
@@ -39,7 +39,7 @@ async fn nodes_whereis_and_inspect_report_the_bus() {
     // Put an entry in a stream nobody reads and decode it.
     let mut conn = redis_conn(&url).await;
     let mut env = Vec::new();
-    wsbus::envelope::Envelope {
+    wsbus::wire::envelope::Envelope {
         id: 9,
         boot: 0,
         origin: "a".into(),
@@ -52,7 +52,7 @@ async fn nodes_whereis_and_inspect_report_the_bus() {
         to_sender: false,
         tried: Vec::new(),
         stamp: None,
-        body: wsbus::envelope::Body::Message {
+        body: wsbus::wire::envelope::Body::Message {
             text: "queued".into(),
         },
     }
@@ -67,7 +67,7 @@ async fn nodes_whereis_and_inspect_report_the_bus() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let entries = wsbus::admin::inspect(&bus, &keys, "parked", 10)
+    let entries = wsbus::cli::inspect(&redis, &keys, "parked", 10)
         .await
         .unwrap()
         .expect("an inbox without a registration still exists");
@@ -106,9 +106,9 @@ async fn nodes_whereis_and_inspect_report_the_bus() {
     assert_eq!(line["to"], "zed");
 
     // A node that does not exist is an error, not an empty inbox.
-    let missing = wsbus::admin::inspect(&bus, &keys, "nosuchnode", 10).await;
+    let missing = wsbus::cli::inspect(&redis, &keys, "nosuchnode", 10).await;
     assert!(missing.unwrap().is_none());
-    let registered = wsbus::admin::inspect(&bus, &keys, "a", 10).await;
+    let registered = wsbus::cli::inspect(&redis, &keys, "a", 10).await;
     assert_eq!(registered.unwrap(), Some(vec![]), "node a, its inbox empty");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsbus"))
         .args(["inspect", "nosuchnode", "--redis-url", &url])

@@ -162,7 +162,7 @@ async fn entries_for_users_who_moved_are_rerouted_or_answered() {
     let mut conn = redis_conn(&url).await;
     for (to, text) in [("mover", "follow me"), ("nobody", "lost")] {
         let mut env = Vec::new();
-        wsbus::envelope::Envelope {
+        wsbus::wire::envelope::Envelope {
             id: 1,
             boot: 0,
             origin: "b".into(),
@@ -175,7 +175,7 @@ async fn entries_for_users_who_moved_are_rerouted_or_answered() {
             to_sender: false,
             tried: Vec::new(),
             stamp: None,
-            body: wsbus::envelope::Body::Message { text: text.into() },
+            body: wsbus::wire::envelope::Body::Message { text: text.into() },
         }
         .encode_into(&mut env);
         // Delivered to node a, where neither user is.
@@ -227,10 +227,11 @@ async fn undecodable_inbox_entries_are_skipped() {
 /// The backstop for an inbox nobody reads (its consumer stuck while the node lives): each
 /// heartbeat trims it to about `inbox_maxlen` entries. XADDs themselves carry no cap.
 async fn the_heartbeat_caps_an_unread_inbox(backend: Backend) {
-    use wsbus::keys::Keys;
-    use wsbus::registry::{LiveNodes, Registry};
+    use wsbus::cluster::live::LiveNodes;
+    use wsbus::cluster::registry::Registry;
+    use wsbus::redis::keys::Keys;
 
-    let bus = wsbus::admin::open(&backend.url(), backend.is_cluster()).unwrap();
+    let redis = wsbus::cli::open(&backend.url(), backend.is_cluster()).unwrap();
     let keys = Keys::new("wsbus");
     let live = std::sync::Arc::new(LiveNodes::new(&keys, Duration::from_secs(5)));
     let registry = Registry::new(
@@ -242,19 +243,19 @@ async fn the_heartbeat_caps_an_unread_inbox(backend: Backend) {
         live,
         100,
     );
-    let mut conn = bus.conn().await.unwrap();
-    let first = registry.beat(&bus, &mut conn).await.unwrap();
+    let mut conn = redis.conn().await.unwrap();
+    let first = registry.beat(&redis, &mut conn).await.unwrap();
     assert_eq!(first.inbox_len, 0, "the first beat creates an empty inbox");
 
     let inbox = keys.inbox("capped");
     let mut pipe = redis::pipe();
     for _ in 0..1000 {
-        wsbus::bus_writer::append_entry(&mut pipe, &inbox, "a", "b", "message", b"\x80");
+        wsbus::wire::envelope::append_entry(&mut pipe, &inbox, "a", "b", "message", b"\x80");
     }
     let ids: Vec<Option<String>> = pipe.query_async(&mut conn).await.unwrap();
     assert!(ids.iter().all(Option::is_some), "all 1,000 appended");
 
-    let beat = registry.beat(&bus, &mut conn).await.unwrap();
+    let beat = registry.beat(&redis, &mut conn).await.unwrap();
     assert_eq!(beat.inbox_len, 1000, "XLEN is read before the trim");
     let left: u64 = redis::cmd("XLEN")
         .arg(&inbox)

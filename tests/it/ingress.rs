@@ -17,7 +17,7 @@ async fn node(backend: &Backend, id: &str) -> Node {
         .await
 }
 
-async fn xadd(conn: &mut wsbus::bus::BusConn, fields: &[(&str, &str)]) {
+async fn xadd(conn: &mut wsbus::redis::RedisConn, fields: &[(&str, &str)]) {
     let mut cmd = redis::cmd("XADD");
     cmd.arg(STREAM).arg("*");
     for (k, v) in fields {
@@ -26,7 +26,7 @@ async fn xadd(conn: &mut wsbus::bus::BusConn, fields: &[(&str, &str)]) {
     let _: String = cmd.query_async(conn).await.unwrap();
 }
 
-async fn pending(conn: &mut wsbus::bus::BusConn) -> u64 {
+async fn pending(conn: &mut wsbus::redis::RedisConn) -> u64 {
     let reply: redis::Value = redis::cmd("XPENDING")
         .arg(STREAM)
         .arg("wsbus")

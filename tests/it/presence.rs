@@ -21,11 +21,11 @@ async fn a_second_session_is_refused_and_the_first_is_untouched(backend: Backend
         second.expect_close(4001).await;
     }
     // The refusal left nothing behind: b holds no user.
-    let bus = wsbus::admin::open(&backend.url(), backend.is_cluster()).unwrap();
-    let users_on = |nodes: &[wsbus::admin::NodeInfo], id: &str| {
+    let redis = wsbus::cli::open(&backend.url(), backend.is_cluster()).unwrap();
+    let users_on = |nodes: &[wsbus::cli::NodeInfo], id: &str| {
         nodes.iter().find(|n| n.id == id).map(|n| n.users)
     };
-    let nodes = wsbus::admin::nodes(&bus, &key_names()).await.unwrap();
+    let nodes = wsbus::cli::nodes(&redis, &key_names()).await.unwrap();
     assert_eq!(users_on(&nodes, "a"), Some(1));
     assert_eq!(users_on(&nodes, "b"), Some(0));
     let mut other = b.connect("trinity").await;

@@ -1,7 +1,7 @@
 //! Ingress: publishing through Redis, no HTTP needed. Backends in any language append plain
 //! fields to the stream `P:ingress` (`XADD P:ingress * to alice action notice data {"x":1}`);
 //! every node reads it through the consumer group `wsbus`, so each entry is handled by one
-//! live node, routes it like an API publish ([`crate::api::send`]) and acknowledges it.
+//! live node, routes it like an API publish ([`crate::backend::api::send`]) and acknowledges it.
 //!
 //! Delivery is at least once: an entry is acknowledged after it was routed, and the entries
 //! of a node that died before acknowledging are claimed by another after
@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 use redis::Value;
 use serde_json::json;
 
-use crate::api::Publish;
-use crate::bus::{BusConn, BusError};
-use crate::inbox_reader::{entry_parts, field, stream_entries};
+use crate::backend::api::Publish;
 use crate::node::Node;
+use crate::redis::stream::{entry_parts, field, stream_entries};
+use crate::redis::{RedisConn, RedisError};
 
 /// The consumer group every node reads the ingress stream in.
 pub const GROUP: &str = "wsbus";
@@ -44,7 +44,7 @@ pub async fn run(node: Arc<Node>) {
         let shutdown = reader.node.shutdown.clone();
         let connected = tokio::select! {
             _ = shutdown.cancelled() => return,
-            c = reader.node.bus.dedicated_conn() => c,
+            c = reader.node.redis.dedicated_conn() => c,
         };
         match connected {
             Ok(mut conn) => {
@@ -77,7 +77,7 @@ struct Reader {
 }
 
 impl Reader {
-    async fn read_loop(&mut self, conn: &mut BusConn) -> BusError {
+    async fn read_loop(&mut self, conn: &mut RedisConn) -> RedisError {
         let node = self.node.clone();
         let config = &node.config;
         let block = config.inbox_block;
@@ -120,7 +120,7 @@ impl Reader {
                 .arg(">");
             let reply = match tokio::time::timeout(deadline, read.query_async::<Value>(conn)).await
             {
-                Err(_) => return BusError::Reply("XREADGROUP passed its deadline"),
+                Err(_) => return RedisError::Reply("XREADGROUP passed its deadline"),
                 Ok(Err(e)) if is_no_group(&e.clone().into()) => {
                     // The stream (and its group) vanished: Redis lost its data, or someone
                     // deleted the key.
@@ -141,7 +141,7 @@ impl Reader {
 
     /// Creates the consumer group from the stream's start; `false` when the stream does
     /// not exist yet (not created here, so an unused ingress leaves no key behind).
-    async fn create_group(&self, conn: &mut BusConn) -> Result<bool, BusError> {
+    async fn create_group(&self, conn: &mut RedisConn) -> Result<bool, RedisError> {
         let created = redis::cmd("XGROUP")
             .arg("CREATE")
             .arg(&self.key)
@@ -162,7 +162,7 @@ impl Reader {
 
     /// Claims entries other consumers (dead nodes) read but did not acknowledge within
     /// `--ingress-claim-idle`, routes them, and trims the stream.
-    async fn claim_idle(&mut self, conn: &mut BusConn) -> Result<(), BusError> {
+    async fn claim_idle(&mut self, conn: &mut RedisConn) -> Result<(), RedisError> {
         let config = &self.node.config;
         let reply: Value = redis::cmd("XAUTOCLAIM")
             .arg(&self.key)
@@ -199,7 +199,7 @@ impl Reader {
     /// Routes a batch of entries (one lookup for all) and acknowledges them. Entries that
     /// do not parse are acknowledged at once; if routing fails (Redis), the rest stay
     /// pending and are claimed again later.
-    async fn handle(&self, conn: &mut BusConn, entries: &[Value]) -> Result<(), BusError> {
+    async fn handle(&self, conn: &mut RedisConn, entries: &[Value]) -> Result<(), RedisError> {
         let mut garbage: Vec<String> = Vec::new();
         let mut routed: Vec<String> = Vec::new();
         let mut items: Vec<Publish> = Vec::with_capacity(entries.len());
@@ -222,7 +222,7 @@ impl Reader {
             }
         }
         if !items.is_empty() {
-            match crate::api::send(&self.node, &items).await {
+            match crate::backend::api::send(&self.node, &items).await {
                 Ok(_) => {
                     metrics::counter!("wsbus_ingress_entries_total", "result" => "routed")
                         .increment(items.len() as u64);
@@ -246,9 +246,9 @@ impl Reader {
     }
 }
 
-fn is_no_group(e: &BusError) -> bool {
+fn is_no_group(e: &RedisError) -> bool {
     match e {
-        BusError::Redis(e) => e.code() == Some("NOGROUP"),
+        RedisError::Redis(e) => e.code() == Some("NOGROUP"),
         _ => false,
     }
 }
@@ -290,8 +290,8 @@ pub fn parse_entry(fields: &[Value]) -> Result<Publish, String> {
     if let Some(from) = text("from")? {
         item["from"] = json!(from);
     }
-    crate::api::parse_item(&item, "").map_err(|e| match e {
-        crate::api::ApiError::Invalid { field, error } => {
+    crate::backend::api::parse_item(&item, "").map_err(|e| match e {
+        crate::backend::api::ApiError::Invalid { field, error } => {
             let field = if field == "rooms" { "room" } else { &field };
             format!("`{field}`: {error}")
         }

@@ -9,18 +9,19 @@
 //! Keys, hash-tagged by target so each function touches one slot:
 //! `P:{u:<uid>}:history` / `P:{u:<uid>}:hmeta` and `P:{r:<room>}:history` / `P:{r:<room>}:hmeta`.
 
-use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 use redis::Value;
 
-use crate::bus::BusError;
 use crate::config::NodeConfig;
-use crate::hub::SocketFrame;
-use crate::keys::Keys;
+use crate::redis::RedisError;
+use crate::redis::keys::Keys;
+
+pub mod sequencer;
+
+pub use crate::wire::frame::{Seq, StreamOf};
+pub use sequencer::{GAP_WAIT, Gap, Sequencer};
 
 /// Function names (library `wsbus_v3`).
 pub mod func {
@@ -29,31 +30,6 @@ pub mod func {
     pub const APPEND: &str = "wsbus_v3_history_append";
     /// Read a stream's position (and the frames after an offset), refreshing its TTL.
     pub const OPEN: &str = "wsbus_v3_history_open";
-}
-
-/// How long a session holds a frame that came before an earlier offset of its stream
-/// (it was sent by another node and is still on its way) before it reads the missing ones
-/// from the stream.
-pub const GAP_WAIT: Duration = Duration::from_millis(250);
-
-/// Frames a session holds at most while waiting for a gap to close.
-const MAX_HELD: usize = 4096;
-
-/// Which stream of a session a frame belongs to: its user's (`None`) or a room's.
-pub type StreamOf = Option<Arc<str>>;
-
-/// A frame's place in its stream.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Seq {
-    /// The room whose stream it is (`None`: the user's).
-    pub room: StreamOf,
-    /// Its offset there.
-    pub offset: u64,
-    /// The stream's epoch.
-    pub epoch: Arc<str>,
-    /// Nothing to write: the session sent this room message itself (which does not come
-    /// back to its sender); only its offset counts.
-    pub marker: bool,
 }
 
 /// One stream: a user's or a room's.
@@ -157,14 +133,14 @@ impl History {
     pub fn new_epoch(&self) -> String {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let mix = (self.seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)).rotate_left(17);
-        format!("{:x}-{:08x}", crate::node::now_ms(), mix as u32)
+        format!("{:x}-{:08x}", crate::wire::clock::now_ms(), mix as u32)
     }
 
     /// Records that Redis lost its data (the heartbeat found this node's registration gone):
     /// a stream missing since then was lost, not expired.
     pub fn redis_reset(&self) {
         self.reset_ms
-            .store(crate::node::now_ms(), Ordering::Relaxed);
+            .store(crate::wire::clock::now_ms(), Ordering::Relaxed);
     }
 
     fn stream_keys(&self, stream: Stream<'_>) -> (String, String) {
@@ -250,12 +226,12 @@ impl History {
     /// it missing.
     pub async fn open(
         &self,
-        bus: &crate::bus::Bus,
+        redis: &crate::redis::Redis,
         stream: Stream<'_>,
         since: Option<u64>,
         limit: u32,
         create: bool,
-    ) -> Result<Opened, BusError> {
+    ) -> Result<Opened, RedisError> {
         let (history, meta) = self.stream_keys(stream);
         let mut pipe = redis::pipe();
         pipe.cmd("FCALL")
@@ -268,8 +244,8 @@ impl History {
             .arg(since.map_or(-1, |s| s.min(i64::MAX as u64) as i64))
             .arg(limit)
             .arg(u8::from(create));
-        let mut conn = bus.conn().await?;
-        let (reply,): (Value,) = bus.query(&mut conn, &pipe).await?;
+        let mut conn = redis.conn().await?;
+        let (reply,): (Value,) = redis.query(&mut conn, &pipe).await?;
         Opened::parse(reply)
     }
 
@@ -279,15 +255,15 @@ impl History {
     /// missing), pipelined in chunks.
     pub async fn keep_alive(
         &self,
-        bus: &crate::bus::Bus,
+        redis: &crate::redis::Redis,
         users: &[&str],
         rooms: &[&str],
-    ) -> Result<(), BusError> {
+    ) -> Result<(), RedisError> {
         let streams = users
             .iter()
             .map(|u| Stream::User(u))
             .chain(rooms.iter().map(|r| Stream::Room(r)));
-        let mut conn = bus.conn().await?;
+        let mut conn = redis.conn().await?;
         let mut pipe = redis::pipe();
         let mut queued = 0;
         for stream in streams {
@@ -361,11 +337,11 @@ impl Appended {
     /// stream's meta was missing, so whether it is alive (and its epoch) is for the append
     /// function to decide: what the plain commands appended went to a stream without an
     /// epoch, which that function empties when it makes one.
-    pub fn parse_plain(replies: &[Value]) -> Result<Option<Self>, BusError> {
+    pub fn parse_plain(replies: &[Value]) -> Result<Option<Self>, RedisError> {
         let (Some(epoch), Some(first), Some(nodes)) =
             (replies.first(), replies.get(1), replies.last())
         else {
-            return Err(BusError::Reply("history append"));
+            return Err(RedisError::Reply("history append"));
         };
         let Some(epoch): Option<String> = redis::from_redis_value(epoch.clone())? else {
             return Ok(None);
@@ -374,7 +350,7 @@ impl Appended {
         let first = first
             .strip_prefix("0-")
             .and_then(|n| n.parse().ok())
-            .ok_or(BusError::Reply("history entry id"))?;
+            .ok_or(RedisError::Reply("history entry id"))?;
         Ok(Some(Appended::Stored {
             first,
             epoch,
@@ -383,21 +359,21 @@ impl Appended {
     }
 
     /// Parses the reply of [`History::add_append`].
-    pub fn parse(reply: Value) -> Result<Self, BusError> {
+    pub fn parse(reply: Value) -> Result<Self, RedisError> {
         let Value::Array(items) = reply else {
-            return Err(BusError::Reply("history append"));
+            return Err(RedisError::Reply("history append"));
         };
         let mut items = items.into_iter();
         let first: u64 = match items.next() {
             Some(v) => redis::from_redis_value(v)?,
-            None => return Err(BusError::Reply("history append")),
+            None => return Err(RedisError::Reply("history append")),
         };
         if first == 0 {
             return Ok(Appended::NoStream);
         }
         let epoch: String = match items.next() {
             Some(v) => redis::from_redis_value(v)?,
-            None => return Err(BusError::Reply("history append")),
+            None => return Err(RedisError::Reply("history append")),
         };
         let nodes = items
             .map(redis::from_redis_value::<String>)
@@ -411,12 +387,12 @@ impl Appended {
 }
 
 impl Opened {
-    fn parse(reply: Value) -> Result<Self, BusError> {
+    fn parse(reply: Value) -> Result<Self, RedisError> {
         let Value::Array(items) = reply else {
-            return Err(BusError::Reply("history open"));
+            return Err(RedisError::Reply("history open"));
         };
         if items.len() < 4 {
-            return Err(BusError::Reply("history open"));
+            return Err(RedisError::Reply("history open"));
         }
         let mut items = items.into_iter();
         let mut next = || items.next().expect("length checked");
@@ -474,254 +450,9 @@ pub fn unstamped(frame: &str, offset: u64, epoch: &str) -> String {
     }
 }
 
-/// Where one stream of a session is: the next offset to hand the client, and frames that
-/// came early.
-struct Track {
-    epoch: Arc<str>,
-    next: u64,
-    held: BTreeMap<u64, SocketFrame>,
-    /// When the oldest held frame arrived.
-    holding_since: Option<Instant>,
-}
-
-/// A gap a session should fill from its stream: offsets `from..until` are missing.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Gap {
-    /// The stream (`None`: the user's).
-    pub room: StreamOf,
-    /// The first missing offset.
-    pub from: u64,
-    /// The first held offset after the gap.
-    pub until: u64,
-}
-
-/// Hands a session's stream frames to its client in offset order, each once: a frame
-/// already handed (a replay overlapping live delivery, a forwarded copy) is dropped, one
-/// that came before an earlier offset (sent through another node) waits for it, at most
-/// [`GAP_WAIT`], after which the session reads the missing ones from the stream
-/// ([`Sequencer::gap`], [`Sequencer::fill`]).
-#[derive(Default)]
-pub struct Sequencer {
-    tracks: HashMap<StreamOf, Track>,
-}
-
-impl Sequencer {
-    /// Starts ordering `room`'s stream (`None`: the user's) after `top` in `epoch`.
-    pub fn start(&mut self, room: StreamOf, epoch: &str, top: u64) {
-        self.tracks.insert(
-            room,
-            Track {
-                epoch: epoch.into(),
-                next: top + 1,
-                held: BTreeMap::new(),
-                holding_since: None,
-            },
-        );
-    }
-
-    /// Stops ordering `room`'s stream (the session left it).
-    pub fn stop(&mut self, room: &str) {
-        self.tracks.remove(&Some(Arc::from(room)));
-    }
-
-    /// Takes one queued frame; pushes onto `out` what is ready to be written, in order.
-    pub fn accept(&mut self, frame: SocketFrame, now: Instant, out: &mut Vec<SocketFrame>) {
-        let Some(seq) = frame.seq.clone() else {
-            out.push(frame);
-            return;
-        };
-        let Some(track) = self.tracks.get_mut(&seq.room) else {
-            // A stream this session does not order (not joined any more): as it comes.
-            if !seq.marker {
-                out.push(frame);
-            }
-            return;
-        };
-        if *seq.epoch != *track.epoch {
-            // The stream's past was lost and it started again: follow the new epoch.
-            for (_, held) in std::mem::take(&mut track.held) {
-                push_unless_marker(out, held);
-            }
-            track.epoch = seq.epoch.clone();
-            track.next = seq.offset;
-            track.holding_since = None;
-        }
-        if seq.offset < track.next {
-            metrics::counter!("wsbus_history_duplicates_dropped_total").increment(1);
-            return;
-        }
-        if seq.offset > track.next {
-            track.held.insert(seq.offset, frame);
-            track.holding_since.get_or_insert(now);
-            return;
-        }
-        track.next += 1;
-        push_unless_marker(out, frame);
-        track.release(out);
-    }
-
-    /// The gap that waited longest, if it waited [`GAP_WAIT`] (or too much is held).
-    pub fn gap(&self, now: Instant) -> Option<Gap> {
-        self.tracks.iter().find_map(|(room, track)| {
-            let since = track.holding_since?;
-            let (&until, _) = track.held.first_key_value()?;
-            (now.duration_since(since) >= GAP_WAIT || track.held.len() >= MAX_HELD).then(|| Gap {
-                room: room.clone(),
-                from: track.next,
-                until,
-            })
-        })
-    }
-
-    /// When the next gap is due to be filled, if any frame is held.
-    pub fn next_deadline(&self) -> Option<Instant> {
-        self.tracks
-            .values()
-            .filter_map(|t| t.holding_since)
-            .min()
-            .map(|since| since + GAP_WAIT)
-    }
-
-    /// Fills `gap` with `frames` read from its stream (offset, frame); what is still
-    /// missing is lost (counted), and the held frames after it go out.
-    pub fn fill(&mut self, gap: &Gap, frames: Vec<(u64, String)>, out: &mut Vec<SocketFrame>) {
-        let Some(track) = self.tracks.get_mut(&gap.room) else {
-            return;
-        };
-        let mut lost = 0;
-        for (offset, frame) in frames {
-            if offset >= track.next && offset < gap.until {
-                lost += offset - track.next;
-                track.next = offset + 1;
-                out.push(SocketFrame::unmeasured(frame));
-            }
-        }
-        if track.next < gap.until {
-            lost += gap.until - track.next;
-            track.next = gap.until;
-        }
-        if lost > 0 {
-            metrics::counter!("wsbus_history_gap_messages_lost_total").increment(lost);
-            tracing::debug!(room = ?gap.room, lost, until = gap.until, "gap not in history");
-        }
-        track.release(out);
-    }
-
-    /// The epoch and next offset of a stream (for a gap's read).
-    pub fn position(&self, room: &StreamOf) -> Option<(Arc<str>, u64)> {
-        self.tracks.get(room).map(|t| (t.epoch.clone(), t.next))
-    }
-}
-
-impl Track {
-    /// Hands out the held frames that are next in line.
-    fn release(&mut self, out: &mut Vec<SocketFrame>) {
-        while let Some(entry) = self.held.first_entry() {
-            if *entry.key() != self.next {
-                break;
-            }
-            self.next += 1;
-            push_unless_marker(out, entry.remove());
-        }
-        if self.held.is_empty() {
-            self.holding_since = None;
-        } else if self.held.len() < MAX_HELD {
-            // Still waiting; the clock runs from the frame now first in line.
-            self.holding_since = self.holding_since.or(Some(Instant::now()));
-        }
-    }
-}
-
-fn push_unless_marker(out: &mut Vec<SocketFrame>, frame: SocketFrame) {
-    if !frame.seq.as_ref().is_some_and(|s| s.marker) {
-        out.push(frame);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn framed(room: Option<&str>, offset: u64, epoch: &str, marker: bool) -> SocketFrame {
-        SocketFrame {
-            frame: format!("{offset}").into(),
-            born_us: 0,
-            seq: Some(Arc::new(Seq {
-                room: room.map(Arc::from),
-                offset,
-                epoch: epoch.into(),
-                marker,
-            })),
-        }
-    }
-
-    fn texts(out: &[SocketFrame]) -> Vec<String> {
-        out.iter().map(|f| f.frame.to_string()).collect()
-    }
-
-    #[test]
-    fn hands_frames_in_offset_order_once_each() {
-        let mut seq = Sequencer::default();
-        seq.start(None, "e", 3);
-        let now = Instant::now();
-        let mut out = Vec::new();
-        // 3 was replayed already; 5 comes before 4; 4 twice.
-        for offset in [3, 5, 4, 4, 6] {
-            seq.accept(framed(None, offset, "e", false), now, &mut out);
-        }
-        assert_eq!(texts(&out), ["4", "5", "6"]);
-        assert_eq!(seq.gap(now + GAP_WAIT), None);
-    }
-
-    #[test]
-    fn a_gap_waits_then_is_filled_from_the_stream() {
-        let mut seq = Sequencer::default();
-        seq.start(Some("r".into()), "e", 0);
-        let now = Instant::now();
-        let mut out = Vec::new();
-        seq.accept(framed(Some("r"), 1, "e", false), now, &mut out);
-        seq.accept(framed(Some("r"), 4, "e", false), now, &mut out);
-        assert_eq!(texts(&out), ["1"]);
-        assert_eq!(seq.gap(now), None, "not yet overdue");
-        assert_eq!(seq.next_deadline(), Some(now + GAP_WAIT));
-        let gap = seq.gap(now + GAP_WAIT).expect("overdue");
-        assert_eq!(
-            gap,
-            Gap {
-                room: Some("r".into()),
-                from: 2,
-                until: 4
-            }
-        );
-        // The stream still has 3 but lost 2: 3 and 4 go out, 2 is lost.
-        seq.fill(&gap, vec![(3, "3".into()), (4, "4 again".into())], &mut out);
-        assert_eq!(texts(&out), ["1", "3", "4"]);
-        let mut out = Vec::new();
-        let mut seq = Sequencer::default();
-        seq.start(None, "e", 0);
-        seq.accept(framed(None, 3, "e", false), now, &mut out);
-        let gap = seq.gap(now + GAP_WAIT).unwrap();
-        seq.fill(&gap, vec![(1, "1".into()), (2, "2".into())], &mut out);
-        assert_eq!(texts(&out), ["1", "2", "3"]);
-    }
-
-    #[test]
-    fn markers_advance_without_writing_and_new_epochs_restart() {
-        let mut seq = Sequencer::default();
-        seq.start(Some("r".into()), "e", 0);
-        let now = Instant::now();
-        let mut out = Vec::new();
-        seq.accept(framed(Some("r"), 2, "e", false), now, &mut out);
-        seq.accept(framed(Some("r"), 1, "e", true), now, &mut out);
-        assert_eq!(texts(&out), ["2"]);
-        seq.accept(framed(Some("r"), 1, "f", false), now, &mut out);
-        seq.accept(framed(Some("r"), 2, "f", false), now, &mut out);
-        assert_eq!(texts(&out), ["2", "1", "2"]);
-        // Frames of streams not ordered, and frames without a place, pass.
-        seq.accept(framed(Some("x"), 9, "e", false), now, &mut out);
-        seq.accept(SocketFrame::unmeasured("plain"), now, &mut out);
-        assert_eq!(texts(&out), ["2", "1", "2", "9", "plain"]);
-    }
 
     fn opened(epoch: &str, top: u64, first: u64, frames: u64, created: bool) -> Opened {
         Opened {

@@ -6,7 +6,7 @@
 //! The call has its own deadline (block time + margin): a half-open connection is dropped and
 //! replaced, with backoff. After a reconnect to a different Redis server (`run_id` changed:
 //! a restart or failover), the cursor restarts at the beginning of the (new) stream.
-//! An entry for a user who is no longer here goes back to [`crate::dispatch`], which forwards it
+//! An entry for a user who is no longer here goes back to [`crate::delivery::target`], which forwards it
 //! once to the user's current nodes or answers `not found` to the sender's node; it is never
 //! dropped silently.
 
@@ -16,55 +16,19 @@ use std::time::Duration;
 
 use redis::Value;
 
-use crate::bus::{BusConn, BusError};
-use crate::bus_writer::append_entry;
-use crate::dispatch::{Dispatch, Origin, Payload, Target};
-use crate::edge_protocol::{ClientError, encode_message, encode_presence, encode_room_message};
-use crate::envelope::{Body, ENVELOPE_FIELD, Envelope};
+use crate::delivery::target::{Dispatch, Origin, Payload, Target};
 use crate::history::{Seq, unstamped};
-use crate::hub::SocketFrame;
 use crate::node::Node;
+use crate::redis::stream::{EntryId, entry_parts, field, stream_entries};
+use crate::redis::{RedisConn, RedisError};
+use crate::wire::client::{ClientError, encode_message, encode_presence, encode_room_message};
+use crate::wire::envelope::{Body, ENVELOPE_FIELD, Envelope, append_entry};
+use crate::wire::frame::SocketFrame;
 
 /// Extra time allowed past the block time before a read counts as hung.
 const READ_MARGIN: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
-
-/// A stream entry id, `ms-seq`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
-pub struct EntryId {
-    ms: u64,
-    seq: u64,
-}
-
-impl EntryId {
-    /// Parses `ms-seq`.
-    pub fn parse(s: &[u8]) -> Option<Self> {
-        let s = std::str::from_utf8(s).ok()?;
-        let (ms, seq) = s.split_once('-')?;
-        Some(Self {
-            ms: ms.parse().ok()?,
-            seq: seq.parse().ok()?,
-        })
-    }
-
-    /// The smallest id after this one.
-    pub fn next(self) -> Self {
-        match self.seq.checked_add(1) {
-            Some(seq) => Self { ms: self.ms, seq },
-            None => Self {
-                ms: self.ms + 1,
-                seq: 0,
-            },
-        }
-    }
-}
-
-impl std::fmt::Display for EntryId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}-{}", self.ms, self.seq)
-    }
-}
 
 /// Runs the consumer until the node shuts down.
 pub async fn run(node: Arc<Node>) {
@@ -122,9 +86,9 @@ struct Consumer {
 }
 
 impl Consumer {
-    async fn connect(&mut self) -> Result<BusConn, BusError> {
-        let mut conn = self.node.bus.dedicated_conn().await?;
-        if self.node.bus.is_cluster() {
+    async fn connect(&mut self) -> Result<RedisConn, RedisError> {
+        let mut conn = self.node.redis.dedicated_conn().await?;
+        if self.node.redis.is_cluster() {
             // Each shard has its own run_id; a failover keeps the stream on the replica.
             return Ok(conn);
         }
@@ -133,7 +97,7 @@ impl Consumer {
             redis::cmd("INFO").arg("server").query_async(&mut conn),
         )
         .await
-        .map_err(|_| BusError::Reply("INFO timed out"))??;
+        .map_err(|_| RedisError::Reply("INFO timed out"))??;
         let run_id = info
             .lines()
             .find_map(|l| l.strip_prefix("run_id:"))
@@ -148,7 +112,7 @@ impl Consumer {
     }
 
     /// Reads and delivers until the connection fails; returns why.
-    async fn read_loop(&mut self, conn: &mut BusConn) -> BusError {
+    async fn read_loop(&mut self, conn: &mut RedisConn) -> RedisError {
         let block_ms = self.node.config.inbox_block.as_millis() as u64;
         let deadline = self.node.config.inbox_block + READ_MARGIN;
         loop {
@@ -172,7 +136,7 @@ impl Consumer {
                 .await
             {
                 Err(_) => {
-                    return BusError::Reply("XREAD passed its deadline (half-open connection?)");
+                    return RedisError::Reply("XREAD passed its deadline (half-open connection?)");
                 }
                 Ok(Err(e)) => return e.into(),
                 Ok(Ok((reply,))) => reply,
@@ -186,7 +150,7 @@ impl Consumer {
     }
 
     /// Delivers one `XREAD` reply; forwards or answers entries whose recipient left.
-    async fn handle(&mut self, reply: Value) -> Result<(), BusError> {
+    async fn handle(&mut self, reply: Value) -> Result<(), RedisError> {
         let Some(entries) = stream_entries(reply) else {
             return Ok(());
         };
@@ -232,7 +196,7 @@ impl Consumer {
             tracing::warn!(error = %e, "could not tell senders their recipients are too slow");
         }
         if let Some(last) = last {
-            let lag_ms = crate::node::now_ms().saturating_sub(last.ms);
+            let lag_ms = crate::wire::clock::now_ms().saturating_sub(last.ms());
             self.node
                 .metrics
                 .inbox_read_lag_seconds
@@ -414,7 +378,7 @@ impl Consumer {
     }
 
     /// Sends the answers queued by [`Consumer::answer_too_slow`], one pipeline.
-    async fn send_answers(&mut self) -> Result<(), BusError> {
+    async fn send_answers(&mut self) -> Result<(), RedisError> {
         let mut pipe = redis::pipe();
         let mut buf = Vec::new();
         for answer in self.answers.drain(..) {
@@ -429,14 +393,14 @@ impl Consumer {
                 &buf,
             );
         }
-        let mut conn = self.node.bus.conn().await?;
+        let mut conn = self.node.redis.conn().await?;
         pipe.query_async::<()>(&mut conn).await?;
         Ok(())
     }
 
     /// Hands entries whose recipient moved back to dispatch, to be forwarded once to the
     /// recipient's current nodes (or answered `not found` to their sender).
-    async fn reroute(&self, moved: Vec<Envelope<'static>>) -> Result<(), BusError> {
+    async fn reroute(&self, moved: Vec<Envelope<'static>>) -> Result<(), RedisError> {
         for env in moved {
             let mut tried: Vec<Box<str>> = env.tried.iter().map(|t| (**t).into()).collect();
             tried.push((*self.node.id).into());
@@ -465,7 +429,7 @@ impl Consumer {
                 stamp: env.stamp.map(|s| s.into_owned()),
             };
             if self.node.bus_writer.send(dispatch).await.is_err() {
-                return Err(BusError::Reply("the bus writer has stopped"));
+                return Err(RedisError::Reply("the bus writer has stopped"));
             }
         }
         Ok(())
@@ -482,80 +446,4 @@ fn action_of(frame: &str) -> String {
     serde_json::from_str::<Head>(frame)
         .map(|h| h.action)
         .unwrap_or_default()
-}
-
-/// The entries of an `XREAD` reply for one stream (RESP2 or RESP3 shape).
-pub(crate) fn stream_entries(reply: Value) -> Option<Vec<Value>> {
-    let stream = match reply {
-        Value::Array(mut streams) if !streams.is_empty() => streams.swap_remove(0),
-        Value::Map(mut streams) if !streams.is_empty() => {
-            let (key, entries) = streams.swap_remove(0);
-            Value::Array(vec![key, entries])
-        }
-        _ => return None,
-    };
-    match stream {
-        Value::Array(mut pair) if pair.len() == 2 => match pair.swap_remove(1) {
-            Value::Array(entries) => Some(entries),
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
-/// An entry's id and its flat field/value list.
-pub(crate) fn entry_parts(entry: &Value) -> Option<(EntryId, &[Value])> {
-    let Value::Array(parts) = entry else {
-        return None;
-    };
-    let [Value::BulkString(id), Value::Array(fields)] = parts.as_slice() else {
-        return None;
-    };
-    Some((EntryId::parse(id)?, fields))
-}
-
-/// The value of field `name` in a flat field/value list.
-pub(crate) fn field<'a>(fields: &'a [Value], name: &str) -> Option<&'a [u8]> {
-    fields.chunks_exact(2).find_map(|kv| match kv {
-        [Value::BulkString(k), Value::BulkString(v)] if k == name.as_bytes() => Some(v.as_slice()),
-        _ => None,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn entry_ids_parse_and_advance() {
-        let id = EntryId::parse(b"1700000000000-5").unwrap();
-        assert_eq!(id.to_string(), "1700000000000-5");
-        assert_eq!(id.next().to_string(), "1700000000000-6");
-        let max = EntryId {
-            ms: 7,
-            seq: u64::MAX,
-        };
-        assert_eq!(max.next().to_string(), "8-0");
-        assert!(EntryId::parse(b"x-1").is_none());
-        assert!(EntryId::parse(b"12").is_none());
-    }
-
-    #[test]
-    fn reads_entries_out_of_an_xread_reply() {
-        let bulk = |s: &[u8]| Value::BulkString(s.to_vec());
-        let reply = Value::Array(vec![Value::Array(vec![
-            bulk(b"inbox"),
-            Value::Array(vec![Value::Array(vec![
-                bulk(b"1-1"),
-                Value::Array(vec![bulk(b"from"), bulk(b"a"), bulk(b"env"), bulk(b"\x80")]),
-            ])]),
-        ])]);
-        let entries = stream_entries(reply).unwrap();
-        let (id, fields) = entry_parts(&entries[0]).unwrap();
-        assert_eq!(id, EntryId { ms: 1, seq: 1 });
-        assert_eq!(field(fields, "env"), Some(&b"\x80"[..]));
-        assert_eq!(field(fields, "to"), None);
-        assert!(stream_entries(Value::Nil).is_none());
-        assert!(entry_parts(&bulk(b"junk")).is_none());
-    }
 }

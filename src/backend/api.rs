@@ -23,11 +23,11 @@ use serde::Serialize;
 use serde_json::{Map, Value, json};
 use tungstenite::Utf8Bytes;
 
-use crate::dispatch::{Origin, Target};
-use crate::edge_protocol::close;
+use crate::cluster::presence::SessionRef;
+use crate::delivery::target::{Origin, Target};
 use crate::node::Node;
-use crate::presence::SessionRef;
-use crate::user::{RoomId, UserId, is_valid_id};
+use crate::wire::client::close;
+use crate::wire::ids::{RoomId, UserId, is_valid_id};
 
 /// The `from` of a publish that names no user: `@` is outside the id alphabet, so no client
 /// can be it, and clients can trust a frame from it.
@@ -405,7 +405,7 @@ pub async fn send(node: &Node, items: &[Publish]) -> Result<Vec<Published>, ApiE
         tracing::warn!(error = %e, "API publish: lookup failed");
         ApiError::BusUnavailable
     })?;
-    let born_us = crate::node::now_us();
+    let born_us = crate::wire::clock::now_us();
     let mut replies = Vec::with_capacity(items.len());
     for item in items {
         let mut reply = Published {
@@ -465,7 +465,7 @@ async fn look_up<'a>(
     node: &Node,
     users: &[&'a str],
     rooms: &[&'a str],
-) -> Result<(HashMap<&'a str, bool>, HashMap<&'a str, u64>), crate::bus::BusError> {
+) -> Result<(HashMap<&'a str, bool>, HashMap<&'a str, u64>), crate::redis::RedisError> {
     let mut online = HashMap::with_capacity(users.len());
     let mut sizes = HashMap::with_capacity(rooms.len());
     let mut asked: Vec<&str> = Vec::with_capacity(users.len());
@@ -479,12 +479,12 @@ async fn look_up<'a>(
     if asked.is_empty() && rooms.is_empty() {
         return Ok((online, sizes));
     }
-    let mut conn = node.bus.shared_conn().await?;
+    let mut conn = node.redis.shared_conn().await?;
     let found = look_up_in(node, &mut conn, &asked, rooms, &mut online, &mut sizes).await;
     if let Err(e) = &found
-        && crate::bus::is_connection_error(e)
+        && crate::redis::is_connection_error(e)
     {
-        node.bus.reset_shared();
+        node.redis.reset_shared();
     }
     found.map(|()| (online, sizes))
 }
@@ -492,12 +492,12 @@ async fn look_up<'a>(
 /// The Redis part of [`look_up`], on `conn`.
 async fn look_up_in<'a>(
     node: &Node,
-    conn: &mut crate::bus::BusConn,
+    conn: &mut crate::redis::RedisConn,
     asked: &[&'a str],
     rooms: &[&'a str],
     online: &mut HashMap<&'a str, bool>,
     sizes: &mut HashMap<&'a str, u64>,
-) -> Result<(), crate::bus::BusError> {
+) -> Result<(), crate::redis::RedisError> {
     let mut pipe = redis::Pipeline::with_capacity(asked.len() + rooms.len());
     for user in asked {
         pipe.cmd("HKEYS").arg(node.keys.user_sessions(user));
@@ -510,7 +510,7 @@ async fn look_up_in<'a>(
     for (&user, reply) in asked.iter().zip(user_replies) {
         let fields: Vec<String> = redis::from_redis_value_ref(reply)?;
         let mut live = false;
-        for n in crate::presence::nodes_of(fields) {
+        for n in crate::cluster::presence::nodes_of(fields) {
             if node.live.is_alive(conn, &n).await? {
                 live = true;
                 break;
@@ -544,11 +544,11 @@ fn idempotency_key(node: &Node, headers: &HeaderMap) -> Result<Option<String>, A
 /// Claims `key` for this request (`SET NX`, empty until the reply is stored). Returns the
 /// first reply when the key was used before; refuses while its first request is running.
 async fn claim_idempotency(node: &Node, key: &str) -> Result<Option<String>, ApiError> {
-    let unavailable = |e: crate::bus::BusError| {
+    let unavailable = |e: crate::redis::RedisError| {
         tracing::warn!(error = %e, "idempotency key lookup failed");
         ApiError::BusUnavailable
     };
-    let mut conn = node.bus.conn().await.map_err(unavailable)?;
+    let mut conn = node.redis.conn().await.map_err(unavailable)?;
     let claimed: Option<String> = redis::cmd("SET")
         .arg(key)
         .arg("")
@@ -575,7 +575,7 @@ async fn claim_idempotency(node: &Node, key: &str) -> Result<Option<String>, Api
 
 async fn remember_reply(node: &Node, key: &str, reply: &str) {
     let stored = async {
-        let mut conn = node.bus.conn().await?;
+        let mut conn = node.redis.conn().await?;
         redis::cmd("SET")
             .arg(key)
             .arg(reply)
@@ -584,7 +584,7 @@ async fn remember_reply(node: &Node, key: &str, reply: &str) {
             .arg(IDEMPOTENCY_TTL_SECS)
             .query_async::<()>(&mut conn)
             .await?;
-        Ok::<_, crate::bus::BusError>(())
+        Ok::<_, crate::redis::RedisError>(())
     };
     if let Err(e) = stored.await {
         tracing::warn!(error = %e, "could not store an idempotent reply");
@@ -593,12 +593,12 @@ async fn remember_reply(node: &Node, key: &str, reply: &str) {
 
 async fn release_idempotency(node: &Node, key: &str) {
     let released = async {
-        let mut conn = node.bus.conn().await?;
+        let mut conn = node.redis.conn().await?;
         redis::cmd("DEL")
             .arg(key)
             .query_async::<()>(&mut conn)
             .await?;
-        Ok::<_, crate::bus::BusError>(())
+        Ok::<_, crate::redis::RedisError>(())
     };
     if let Err(e) = released.await {
         tracing::warn!(error = %e, "could not release an idempotency key");
@@ -662,7 +662,7 @@ fn serde_field(message: &str) -> String {
 /// The user's sessions on live nodes, with when each connected (ms since the epoch).
 async fn user_sessions(node: &Node, user: &str) -> Result<Vec<(SessionRef, u64)>, ApiError> {
     let found = async {
-        let mut conn = node.bus.conn().await?;
+        let mut conn = node.redis.conn().await?;
         let all: Vec<(String, u64)> = redis::cmd("HGETALL")
             .arg(node.keys.user_sessions(user))
             .query_async(&mut conn)
@@ -676,7 +676,7 @@ async fn user_sessions(node: &Node, user: &str) -> Result<Vec<(SessionRef, u64)>
             }
         }
         out.sort_by_key(|(s, since)| (*since, s.sid));
-        Ok::<_, crate::bus::BusError>(out)
+        Ok::<_, crate::redis::RedisError>(out)
     };
     found.await.map_err(|e| {
         tracing::warn!(error = %e, "API user lookup failed");
@@ -718,7 +718,7 @@ async fn room(
 }
 
 async fn nodes(State(node): State<Arc<Node>>, _: Authorized) -> Result<Response, ApiError> {
-    let list = crate::admin::nodes(&node.bus, &node.keys)
+    let list = crate::cluster::registry::nodes(&node.redis, &node.keys)
         .await
         .map_err(|_| ApiError::BusUnavailable)?;
     metrics::counter!("wsbus_api_requests_total", "status" => "ok").increment(1);

@@ -9,7 +9,27 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::user::is_valid_id;
+use crate::wire::ids::is_valid_id;
+
+/// A room presence event: per user, not per session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PresenceEvent {
+    /// The user's first session joined the room.
+    Join,
+    /// The user's last session left the room (leave, disconnect, or its node died).
+    Leave,
+}
+
+impl PresenceEvent {
+    /// The event's name in the `presence` frame.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PresenceEvent::Join => "join",
+            PresenceEvent::Leave => "leave",
+        }
+    }
+}
 
 /// WebSocket close codes a client can receive.
 pub mod close {
@@ -568,7 +588,7 @@ pub fn encode_room_message(from: &str, room: &str, text: &str) -> String {
 }
 
 /// Encodes `{"from":USER,"action":"presence","data":{"room":R,"event":"join"|"leave"}}`.
-pub fn encode_presence(user: &str, room: &str, event: crate::dispatch::PresenceEvent) -> String {
+pub fn encode_presence(user: &str, room: &str, event: PresenceEvent) -> String {
     encode_frame(
         user,
         "presence",

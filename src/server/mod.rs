@@ -16,9 +16,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::NodeConfig;
-use crate::dispatch::Dispatch;
-use crate::listener::HttpLimits;
+use crate::delivery::target::Dispatch;
+use crate::edge::listener::HttpLimits;
 use crate::node::{Node, NodeError};
+
+pub mod heartbeat;
 
 /// Runs a node on `listener` until `shutdown` resolves, then shuts it down cleanly.
 pub async fn run(
@@ -37,7 +39,7 @@ pub async fn run(
     if !left_behind.is_empty() {
         let node = node.clone();
         running.tasks.spawn(async move {
-            crate::heartbeat::announce_departures(&node, left_behind).await;
+            crate::server::heartbeat::announce_departures(&node, left_behind).await;
         });
     }
     let server = serve_http(&node, listener, admin_listener, &running.tasks)?;
@@ -53,21 +55,25 @@ pub async fn run(
 /// runs the first heartbeat, which registers the node. If Redis is down, the heartbeat keeps
 /// trying and the node serves same-node traffic meanwhile. Returns the room departures of
 /// the earlier run's users, to announce once the bus writer runs.
-async fn register(node: &Node) -> Vec<crate::presence::RoomDrop> {
+async fn register(node: &Node) -> Vec<crate::cluster::presence::RoomDrop> {
     let mut left_behind = Vec::new();
-    match node.bus.conn().await {
+    match node.redis.conn().await {
         Ok(mut conn) => {
-            if let Err(e) = node.bus.load_functions(&mut conn).await {
+            if let Err(e) = node.redis.load_functions(&mut conn).await {
                 tracing::warn!(error = %e, "cannot load the Redis functions yet");
             }
-            match node.registry.clear_earlier_run(&node.bus, &mut conn).await {
+            match node
+                .registry
+                .clear_earlier_run(&node.redis, &mut conn)
+                .await
+            {
                 Ok(drops) => left_behind = drops,
                 Err(e) => tracing::warn!(error = %e, "could not clear an earlier run's sessions"),
             }
         }
         Err(e) => tracing::warn!(error = %e, "Redis is not reachable yet"),
     }
-    crate::heartbeat::beat(node).await;
+    crate::server::heartbeat::beat(node).await;
     left_behind
 }
 
@@ -83,11 +89,11 @@ struct Running {
 fn start_tasks(node: &Arc<Node>, bus_writer_rx: mpsc::Receiver<Dispatch>) -> Running {
     let tasks = TaskTracker::new();
     let drain = CancellationToken::new();
-    tasks.spawn(crate::heartbeat::run(node.clone()));
+    tasks.spawn(crate::server::heartbeat::run(node.clone()));
     tasks.spawn(crate::telemetry::run_upkeep(node.shutdown.clone()));
-    tasks.spawn(crate::inbox_reader::run(node.clone()));
-    tasks.spawn(crate::ingress::run(node.clone()));
-    let writer = tokio::spawn(crate::bus_writer::run(
+    tasks.spawn(crate::bus::reader::run(node.clone()));
+    tasks.spawn(crate::backend::ingress::run(node.clone()));
+    let writer = tokio::spawn(crate::bus::writer::run(
         node.clone(),
         bus_writer_rx,
         drain.clone(),
@@ -107,19 +113,19 @@ fn serve_http(
     admin_listener: Option<TcpListener>,
     tasks: &TaskTracker,
 ) -> Result<JoinHandle<()>, NodeError> {
-    let mut app = crate::edge::client_router(node.clone());
-    let api = crate::api::router(node.clone());
+    let mut app = crate::edge::routes::client_router(node.clone());
+    let api = crate::backend::api::router(node.clone());
     match admin_listener {
         None => {
             app = app
-                .merge(crate::edge::admin_router(node.clone()))
+                .merge(crate::edge::routes::admin_router(node.clone()))
                 .merge(api)
         }
         Some(admin) => {
             tracing::info!(addr = %admin.local_addr()?, "admin endpoints listening");
-            let routes = crate::edge::admin_router(node.clone()).merge(api);
+            let routes = crate::edge::routes::admin_router(node.clone()).merge(api);
             let limits = HttpLimits::from_config(&node.config);
-            tasks.spawn(crate::listener::serve(
+            tasks.spawn(crate::edge::listener::serve(
                 admin,
                 routes,
                 limits,
@@ -128,7 +134,7 @@ fn serve_http(
         }
     }
     let limits = HttpLimits::from_config(&node.config);
-    Ok(tokio::spawn(crate::listener::serve(
+    Ok(tokio::spawn(crate::edge::listener::serve(
         listener,
         app,
         limits,
@@ -145,8 +151,8 @@ async fn stop(node: &Node, running: Running, server: JoinHandle<()>) {
     // and must not be refused for its own session here. (Messages sent to it meanwhile are
     // answered `not found`, or, with history on, kept for its reconnect.)
     let released = async {
-        let mut conn = node.bus.conn().await?;
-        node.registry.release_users(&node.bus, &mut conn).await
+        let mut conn = node.redis.conn().await?;
+        node.registry.release_users(&node.redis, &mut conn).await
     };
     match tokio::time::timeout(Duration::from_secs(1), released).await {
         Ok(Ok(())) => {}
@@ -167,8 +173,8 @@ async fn stop(node: &Node, running: Running, server: JoinHandle<()>) {
     running.tasks.close();
     let _ = tokio::time::timeout(remaining(budget, started), running.tasks.wait()).await;
     let deregistered = async {
-        let mut conn = node.bus.conn().await?;
-        node.registry.deregister(&node.bus, &mut conn).await
+        let mut conn = node.redis.conn().await?;
+        node.registry.deregister(&node.redis, &mut conn).await
     };
     match tokio::time::timeout(
         remaining(budget, started).max(Duration::from_secs(1)),

@@ -5,20 +5,25 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bus::{Bus, BusError};
+use crate::cluster::live::LiveNodes;
+use crate::cluster::presence::Presence;
+use crate::cluster::registry::Registry;
 use crate::config::NodeConfig;
-use crate::dispatch::Dispatch;
-use crate::hub::Hub;
-use crate::keys::Keys;
-use crate::presence::Presence;
-use crate::registry::{LiveNodes, Registry};
-use crate::user::{is_valid_id, random_node_id};
+use crate::delivery::hub::Hub;
+use crate::delivery::target::Dispatch;
+use crate::redis::keys::Keys;
+use crate::redis::{Redis, RedisError};
+use crate::wire::clock::now_ms;
+use crate::wire::ids::{is_valid_id, random_node_id};
+
+pub mod dispatch;
+pub mod rooms;
 
 /// Why a node could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -28,7 +33,7 @@ pub enum NodeError {
     Config(String),
     /// Redis setup failed.
     #[error(transparent)]
-    Bus(#[from] BusError),
+    Redis(#[from] RedisError),
     /// The listener failed.
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
@@ -92,11 +97,11 @@ pub struct Node {
     /// Key names.
     pub keys: Keys,
     /// Redis access.
-    pub bus: Arc<Bus>,
+    pub redis: Arc<Redis>,
     /// Local sessions.
     pub hub: Hub,
     /// Local room membership.
-    pub rooms: crate::rooms::Rooms,
+    pub rooms: crate::delivery::rooms::Rooms,
     /// Which nodes are alive.
     pub live: Arc<LiveNodes>,
     /// User registration.
@@ -137,22 +142,6 @@ impl Node {
     }
 }
 
-/// Wall-clock microseconds since the epoch (for end-to-end latency across nodes).
-pub fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
-
-/// Wall-clock milliseconds since the epoch (for `since` fields; liveness uses Redis time).
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 impl Node {
     /// Checks `config` and builds the state of a node serving clients on `addr` (not yet
     /// registered, no task started). Returns the receiving end of the bus writer's queue too.
@@ -170,7 +159,7 @@ impl Node {
             return Err(NodeError::Config(format!("prefix {:?}", config.prefix)));
         }
         if let Some(bad) = config.relay_actions.iter().find(|a| {
-            !is_valid_id(a) || crate::edge_protocol::RESERVED_ACTIONS.contains(&a.as_str())
+            !is_valid_id(a) || crate::wire::client::RESERVED_ACTIONS.contains(&a.as_str())
         }) {
             return Err(NodeError::Config(format!(
                 "relay action {bad:?}: use 1-64 of [A-Za-z0-9_.-], not a built-in action"
@@ -179,7 +168,7 @@ impl Node {
         let auth =
             crate::auth::from_config(&config).map_err(|e| NodeError::Config(e.to_string()))?;
         let keys = Keys::new(&config.prefix);
-        let bus = Arc::new(Bus::new(
+        let redis = Arc::new(Redis::new(
             &config.redis_url,
             config.redis_cluster,
             config.redis_ca_file.as_deref(),
@@ -196,7 +185,7 @@ impl Node {
         let node = Arc::new(Node {
             history,
             presence: Presence::new(
-                bus.clone(),
+                redis.clone(),
                 keys.clone(),
                 id.clone(),
                 live.clone(),
@@ -217,11 +206,11 @@ impl Node {
                 config.session_queue_bytes,
                 stop.clone(),
             ),
-            rooms: crate::rooms::Rooms::new(),
+            rooms: crate::delivery::rooms::Rooms::new(),
             connections: Arc::new(Semaphore::new(config.max_connections)),
             id,
             keys,
-            bus,
+            redis,
             live,
             bus_writer,
             shutdown: stop,

@@ -9,11 +9,11 @@ use std::sync::Arc;
 
 use redis::Value;
 
-use crate::bus::{Bus, BusError, func};
+use crate::cluster::live::{LiveNodes, NodeStatus};
 use crate::config::OnSessionLimit;
-use crate::keys::Keys;
-use crate::registry::{LiveNodes, NodeStatus};
-use crate::user::{RoomId, UserId};
+use crate::redis::keys::Keys;
+use crate::redis::{Redis, RedisError, func};
+use crate::wire::ids::{RoomId, UserId};
 
 /// One session, as Redis names it: `<node>:<sid>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,7 +55,7 @@ pub enum Claim {
 
 /// Session registration for one node.
 pub struct Presence {
-    bus: Arc<Bus>,
+    redis: Arc<Redis>,
     keys: Keys,
     node_id: Arc<str>,
     live: Arc<LiveNodes>,
@@ -66,7 +66,7 @@ pub struct Presence {
 impl Presence {
     /// Presence of node `node_id`, allowing `max_sessions` per user, handled per `mode`.
     pub fn new(
-        bus: Arc<Bus>,
+        redis: Arc<Redis>,
         keys: Keys,
         node_id: Arc<str>,
         live: Arc<LiveNodes>,
@@ -74,7 +74,7 @@ impl Presence {
         mode: OnSessionLimit,
     ) -> Self {
         Self {
-            bus,
+            redis,
             keys,
             node_id,
             live,
@@ -87,8 +87,8 @@ impl Presence {
     /// Sessions on nodes this node knows to be dead do not count; if the limit is reached by
     /// sessions on nodes it has not heard of yet, their liveness is checked and the claim is
     /// retried once without the dead ones.
-    pub async fn claim(&self, user: &UserId, sid: u64) -> Result<Claim, BusError> {
-        let mut conn = self.bus.conn().await?;
+    pub async fn claim(&self, user: &UserId, sid: u64) -> Result<Claim, RedisError> {
+        let mut conn = self.redis.conn().await?;
         let mut dead = self.live.dead_nodes();
         let mut first = true;
         loop {
@@ -98,7 +98,7 @@ impl Presence {
                 .arg(self.keys.node_users(&self.node_id))
                 .arg(user.as_str())
                 .ignore();
-            let (reply,): (Vec<Value>,) = self.bus.query(&mut conn, &pipe).await?;
+            let (reply,): (Vec<Value>,) = self.redis.query(&mut conn, &pipe).await?;
             let claim = parse_claim(&reply)?;
             let Claim::Refused { holders } = &claim else {
                 return Ok(claim);
@@ -144,8 +144,13 @@ impl Presence {
 
     /// Releases session `sid` of `user`. `last_here` says the user has no other session on
     /// this node, so it leaves this node's user set too.
-    pub async fn release(&self, user: &UserId, sid: u64, last_here: bool) -> Result<(), BusError> {
-        let mut conn = self.bus.conn().await?;
+    pub async fn release(
+        &self,
+        user: &UserId,
+        sid: u64,
+        last_here: bool,
+    ) -> Result<(), RedisError> {
+        let mut conn = self.redis.conn().await?;
         let mut pipe = redis::pipe();
         pipe.cmd("FCALL")
             .arg(func::RELEASE)
@@ -160,7 +165,7 @@ impl Presence {
                 .arg(user.as_str())
                 .ignore();
         }
-        self.bus.query::<()>(&mut conn, &pipe).await
+        self.redis.query::<()>(&mut conn, &pipe).await
     }
 
     /// Claims every listed session again (after Redis lost its data or reaped this node),
@@ -169,9 +174,9 @@ impl Presence {
     pub async fn reclaim(
         &self,
         sessions: &[(UserId, u64)],
-    ) -> Result<Vec<(UserId, u64)>, BusError> {
+    ) -> Result<Vec<(UserId, u64)>, RedisError> {
         let mut lost = Vec::new();
-        let mut conn = self.bus.conn().await?;
+        let mut conn = self.redis.conn().await?;
         let users_key = self.keys.node_users(&self.node_id);
         let dead = self.live.dead_nodes();
         for chunk in sessions.chunks(512) {
@@ -179,7 +184,7 @@ impl Presence {
             for (user, sid) in chunk {
                 self.add_claim(&mut pipe, user, *sid, OnSessionLimit::Reject, &dead);
             }
-            let replies: Vec<Vec<Value>> = self.bus.query(&mut conn, &pipe).await?;
+            let replies: Vec<Vec<Value>> = self.redis.query(&mut conn, &pipe).await?;
             let mut add = redis::cmd("SADD");
             add.arg(&users_key);
             let mut added = 0;
@@ -206,7 +211,7 @@ impl Presence {
         conn: &mut impl redis::aio::ConnectionLike,
         users: &[&str],
         rooms: &[&str],
-    ) -> Result<(Vec<Vec<String>>, Vec<Vec<String>>), BusError> {
+    ) -> Result<(Vec<Vec<String>>, Vec<Vec<String>>), RedisError> {
         let mut pipe = redis::Pipeline::with_capacity(users.len() + rooms.len());
         let mut key = String::new();
         for user in users {
@@ -265,12 +270,12 @@ impl Presence {
         user: &UserId,
         first_here: bool,
         max_members: u32,
-    ) -> Result<RoomJoin, BusError> {
-        let mut conn = self.bus.conn().await?;
+    ) -> Result<RoomJoin, RedisError> {
+        let mut conn = self.redis.conn().await?;
         let mut pipe = redis::pipe();
         self.add_room_join(&mut pipe, room, user, max_members, &self.live.dead_nodes());
         let ((joined, user_new, members, room_new),): ((u8, u8, u64, u8),) =
-            self.bus.query(&mut conn, &pipe).await?;
+            self.redis.query(&mut conn, &pipe).await?;
         if joined == 1 && (first_here || room_new == 1) {
             let mut pipe = redis::pipe();
             if first_here {
@@ -321,8 +326,8 @@ impl Presence {
         room: &RoomId,
         user: &UserId,
         last_here: bool,
-    ) -> Result<RoomLeave, BusError> {
-        let mut conn = self.bus.conn().await?;
+    ) -> Result<RoomLeave, RedisError> {
+        let mut conn = self.redis.conn().await?;
         let mut pipe = redis::pipe();
         pipe.cmd("FCALL")
             .arg(func::ROOM_LEAVE)
@@ -338,7 +343,8 @@ impl Presence {
                 .arg(room.as_str())
                 .ignore();
         }
-        let ((gone, members, empty),): ((u8, u64, u8),) = self.bus.query(&mut conn, &pipe).await?;
+        let ((gone, members, empty),): ((u8, u64, u8),) =
+            self.redis.query(&mut conn, &pipe).await?;
         if empty == 1 {
             redis::cmd("SREM")
                 .arg(self.keys.rooms())
@@ -353,8 +359,8 @@ impl Presence {
     }
 
     /// Users in `room` now (as `joined` reports it).
-    pub async fn room_size(&self, room: &RoomId) -> Result<u64, BusError> {
-        let mut conn = self.bus.conn().await?;
+    pub async fn room_size(&self, room: &RoomId) -> Result<u64, RedisError> {
+        let mut conn = self.redis.conn().await?;
         Ok(redis::cmd("HLEN")
             .arg(self.keys.room_members(room.as_str()))
             .query_async(&mut conn)
@@ -363,8 +369,8 @@ impl Presence {
 
     /// The users in `room` that have a session in it on a node not known to be dead,
     /// sorted.
-    pub async fn room_members(&self, room: &RoomId) -> Result<Vec<String>, BusError> {
-        let mut conn = self.bus.conn().await?;
+    pub async fn room_members(&self, room: &RoomId) -> Result<Vec<String>, RedisError> {
+        let mut conn = self.redis.conn().await?;
         let all: Vec<(String, String)> = redis::cmd("HGETALL")
             .arg(self.keys.room_members(room.as_str()))
             .query_async(&mut conn)
@@ -383,8 +389,8 @@ impl Presence {
     }
 
     /// Registers every local (room, user) again (after Redis lost its data), pipelined.
-    pub async fn rejoin_rooms(&self, pairs: &[(RoomId, UserId)]) -> Result<(), BusError> {
-        let mut conn = self.bus.conn().await?;
+    pub async fn rejoin_rooms(&self, pairs: &[(RoomId, UserId)]) -> Result<(), RedisError> {
+        let mut conn = self.redis.conn().await?;
         for chunk in pairs.chunks(512) {
             let mut pipe = redis::pipe();
             for (room, user) in chunk {
@@ -400,7 +406,7 @@ impl Presence {
                     .arg(room.as_str())
                     .ignore();
             }
-            self.bus.query::<()>(&mut conn, &pipe).await?;
+            self.redis.query::<()>(&mut conn, &pipe).await?;
         }
         Ok(())
     }
@@ -410,10 +416,10 @@ impl Presence {
 /// leave those rooms unless another node holds a session of theirs there.
 pub async fn drop_node_from_rooms(
     keys: &Keys,
-    bus: &Bus,
+    redis: &Redis,
     conn: &mut impl redis::aio::ConnectionLike,
     node: &str,
-) -> Result<Vec<RoomDrop>, BusError> {
+) -> Result<Vec<RoomDrop>, RedisError> {
     let rooms: Vec<String> = redis::cmd("SMEMBERS")
         .arg(keys.node_rooms(node))
         .query_async(conn)
@@ -431,14 +437,14 @@ pub async fn drop_node_from_rooms(
                 .cmd("HLEN")
                 .arg(keys.room_members(room));
         }
-        let replies: Vec<Value> = bus.query(conn, &pipe).await?;
+        let replies: Vec<Value> = redis.query(conn, &pipe).await?;
         let mut empty_rooms = redis::pipe();
         let mut any_empty = false;
         for (room, pair) in chunk.iter().zip(replies.chunks(2)) {
             let [Value::Array(reply), members] = pair else {
-                return Err(BusError::Reply("room drop"));
+                return Err(RedisError::Reply("room drop"));
             };
-            let (empty, gone) = reply.split_first().ok_or(BusError::Reply("room drop"))?;
+            let (empty, gone) = reply.split_first().ok_or(RedisError::Reply("room drop"))?;
             if matches!(empty, Value::Int(1)) {
                 any_empty = true;
                 empty_rooms.cmd("SREM").arg(keys.rooms()).arg(room).ignore();
@@ -474,16 +480,16 @@ pub fn nodes_of(fields: Vec<String>) -> Vec<String> {
 }
 
 /// Reads a reply of `wsbus_v2_claim`.
-fn parse_claim(reply: &[Value]) -> Result<Claim, BusError> {
-    let (status, rest) = reply.split_first().ok_or(BusError::Reply("claim"))?;
-    let sessions = || -> Result<Vec<SessionRef>, BusError> {
+fn parse_claim(reply: &[Value]) -> Result<Claim, RedisError> {
+    let (status, rest) = reply.split_first().ok_or(RedisError::Reply("claim"))?;
+    let sessions = || -> Result<Vec<SessionRef>, RedisError> {
         rest.iter()
             .map(|v| match v {
                 Value::BulkString(b) => std::str::from_utf8(b).ok().and_then(SessionRef::parse),
                 Value::SimpleString(s) => SessionRef::parse(s),
                 _ => None,
             })
-            .map(|s| s.ok_or(BusError::Reply("claim holder")))
+            .map(|s| s.ok_or(RedisError::Reply("claim holder")))
             .collect()
     };
     match status {
@@ -494,7 +500,7 @@ fn parse_claim(reply: &[Value]) -> Result<Claim, BusError> {
         Value::Int(2) => Ok(Claim::Replaced {
             evicted: sessions()?,
         }),
-        _ => Err(BusError::Reply("claim")),
+        _ => Err(RedisError::Reply("claim")),
     }
 }
 

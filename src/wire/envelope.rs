@@ -115,7 +115,7 @@ pub enum Body<'a> {
         #[serde(borrow)]
         room: Cow<'a, str>,
         /// What happened.
-        event: crate::dispatch::PresenceEvent,
+        event: crate::wire::client::PresenceEvent,
     },
     /// A frame a backend published (HTTP API or ingress), encoded once by the node that took
     /// it: deliver it as it is to every session of user `to` on the receiving node. The
@@ -254,6 +254,35 @@ impl<'a> Envelope<'a> {
             },
         }
     }
+}
+
+/// Adds `XADD <inbox> NOMKSTREAM * from .. to .. action .. env ..` to `pipe`. (The length
+/// cap is applied by the inbox owner's heartbeat, not per entry.)
+pub fn append_entry(
+    pipe: &mut redis::Pipeline,
+    inbox: &str,
+    from: &str,
+    to: &str,
+    action: &str,
+    env: &[u8],
+) {
+    // Sized up front: a command grown arg by arg reallocates about ten times.
+    const ARGS: usize = 12;
+    let data = 24 + inbox.len() + from.len() + to.len() + action.len() + env.len();
+    let mut cmd = redis::Cmd::with_capacity(ARGS, data);
+    cmd.arg("XADD")
+        .arg(inbox)
+        .arg("NOMKSTREAM")
+        .arg("*")
+        .arg("from")
+        .arg(from)
+        .arg("to")
+        .arg(to)
+        .arg("action")
+        .arg(action)
+        .arg(ENVELOPE_FIELD)
+        .arg(env);
+    pipe.add_command(cmd);
 }
 
 #[cfg(test)]

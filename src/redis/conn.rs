@@ -10,15 +10,15 @@ use redis::aio::MultiplexedConnection;
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::Slot;
-use redis::{AsyncConnectionConfig, FromRedisValue, Pipeline, RedisError, Value};
+use redis::{AsyncConnectionConfig, FromRedisValue, Pipeline, Value};
 
 /// The Redis function libraries, versioned by file name and library name. Every version still
 /// in use is loaded, so nodes of two versions can run side by side during an upgrade; this
 /// version calls only the newest.
 pub const FUNCTIONS: [&str; 3] = [
-    include_str!("../migrations/wsbus_v1.lua"),
-    include_str!("../migrations/wsbus_v2.lua"),
-    include_str!("../migrations/wsbus_v3.lua"),
+    include_str!("../../migrations/wsbus_v1.lua"),
+    include_str!("../../migrations/wsbus_v2.lua"),
+    include_str!("../../migrations/wsbus_v3.lua"),
 ];
 
 /// Function names (library `wsbus_v2`).
@@ -41,7 +41,7 @@ pub mod func {
 
 /// Why a Redis operation failed.
 #[derive(Debug, thiserror::Error)]
-pub enum BusError {
+pub enum RedisError {
     /// The URL or another setting is unusable.
     #[error("invalid Redis configuration: {0}")]
     Config(String),
@@ -50,7 +50,7 @@ pub enum BusError {
     Pool(#[from] deadpool_redis::PoolError),
     /// Redis answered with an error, or the connection failed.
     #[error("Redis: {0}")]
-    Redis(#[from] RedisError),
+    Redis(#[from] redis::RedisError),
     /// Redis answered something this version does not understand.
     #[error("unexpected Redis reply: {0}")]
     Reply(&'static str),
@@ -62,7 +62,7 @@ pub enum BusError {
 /// A connection to the bus: pooled (single Redis), dedicated (single Redis, no response
 /// timeout, for blocking reads), or a Redis Cluster connection (which routes every command
 /// to the shard owning its key and follows `MOVED`/`ASK`).
-pub enum BusConn {
+pub enum RedisConn {
     /// From the pool (checked with a PING on reuse).
     Pooled(deadpool_redis::Connection),
     /// A multiplexed connection to a single Redis: a task's own, or the shared one.
@@ -71,12 +71,12 @@ pub enum BusConn {
     Cluster(ClusterConnection),
 }
 
-impl redis::aio::ConnectionLike for BusConn {
+impl redis::aio::ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
         match self {
-            BusConn::Pooled(c) => c.req_packed_command(cmd),
-            BusConn::Dedicated(c) => c.req_packed_command(cmd),
-            BusConn::Cluster(c) => c.req_packed_command(cmd),
+            RedisConn::Pooled(c) => c.req_packed_command(cmd),
+            RedisConn::Dedicated(c) => c.req_packed_command(cmd),
+            RedisConn::Cluster(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -87,14 +87,14 @@ impl redis::aio::ConnectionLike for BusConn {
         count: usize,
     ) -> redis::RedisFuture<'a, Vec<Value>> {
         match self {
-            BusConn::Pooled(c) => c.req_packed_commands(pipeline, offset, count),
-            BusConn::Dedicated(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConn::Pooled(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConn::Dedicated(c) => c.req_packed_commands(pipeline, offset, count),
             // redis-rs sends a cluster pipeline to one slot only; ours span slots (users,
             // inboxes and node keys live all over the cluster). Split it by slot, keeping each
             // slot's commands in order in one sub-pipeline (so XADDs to one inbox stay in
             // order), send the sub-pipelines at once, and put the replies back in order.
             // Only non-transactional pipelines are used.
-            BusConn::Cluster(c) => {
+            RedisConn::Cluster(c) => {
                 let mut groups: Vec<(Option<Slot>, Pipeline, Vec<usize>)> = Vec::new();
                 for (i, cmd) in pipeline.cmd_iter().enumerate() {
                     let slot = routing_key(cmd).map(Slot::for_key);
@@ -135,9 +135,9 @@ impl redis::aio::ConnectionLike for BusConn {
 
     fn get_db(&self) -> i64 {
         match self {
-            BusConn::Pooled(c) => c.get_db(),
-            BusConn::Dedicated(c) => c.get_db(),
-            BusConn::Cluster(c) => c.get_db(),
+            RedisConn::Pooled(c) => c.get_db(),
+            RedisConn::Dedicated(c) => c.get_db(),
+            RedisConn::Cluster(c) => c.get_db(),
         }
     }
 }
@@ -171,7 +171,7 @@ enum Backend {
     Single {
         pool: Pool,
         client: redis::Client,
-        /// One multiplexed connection shared by cloning (see [`Bus::shared_conn`]); boxed,
+        /// One multiplexed connection shared by cloning (see [`Redis::shared_conn`]); boxed,
         /// as the cluster variant's fields are.
         shared: Box<std::sync::Mutex<Option<MultiplexedConnection>>>,
     },
@@ -186,12 +186,12 @@ enum Backend {
 }
 
 /// Access to one Redis deployment: a single server, or a Redis Cluster.
-pub struct Bus {
+pub struct Redis {
     backend: Backend,
     timeout: Duration,
 }
 
-impl Bus {
+impl Redis {
     /// Prepares connections to `url` (`redis://` or `rediss://`, verified against `ca_file`
     /// if given, else the system roots); with `cluster`, `url` is a comma-separated list of
     /// seed nodes. Connects lazily.
@@ -201,13 +201,13 @@ impl Bus {
         ca_file: Option<&std::path::Path>,
         timeout: Duration,
         pool_size: usize,
-    ) -> Result<Self, BusError> {
+    ) -> Result<Self, RedisError> {
         // rustls needs one process-wide crypto provider; a second install is a no-op error.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let config_error = |e: RedisError| BusError::Config(e.to_string());
+        let config_error = |e: redis::RedisError| RedisError::Config(e.to_string());
         if cluster {
             if ca_file.is_some() {
-                return Err(BusError::Config(
+                return Err(RedisError::Config(
                     "--redis-ca-file is not supported with --redis-cluster".into(),
                 ));
             }
@@ -237,7 +237,7 @@ impl Bus {
             None => redis::Client::open(url).map_err(config_error)?,
             Some(path) => {
                 let root_cert = std::fs::read(path)
-                    .map_err(|e| BusError::Config(format!("{}: {e}", path.display())))?;
+                    .map_err(|e| RedisError::Config(format!("{}: {e}", path.display())))?;
                 let certs = redis::TlsCertificates {
                     client_tls: None,
                     root_cert: Some(root_cert),
@@ -265,7 +265,7 @@ impl Bus {
             })
             .runtime(Runtime::Tokio1)
             .build()
-            .map_err(|e| BusError::Config(e.to_string()))?;
+            .map_err(|e| RedisError::Config(e.to_string()))?;
         Ok(Self {
             backend: Backend::Single {
                 pool,
@@ -282,29 +282,29 @@ impl Bus {
     }
 
     /// A connection for ordinary commands.
-    pub async fn conn(&self) -> Result<BusConn, BusError> {
+    pub async fn conn(&self) -> Result<RedisConn, RedisError> {
         match &self.backend {
-            Backend::Single { pool, .. } => Ok(BusConn::Pooled(pool.get().await?)),
+            Backend::Single { pool, .. } => Ok(RedisConn::Pooled(pool.get().await?)),
             Backend::Cluster { client, shared, .. } => {
                 let conn = shared
                     .get_or_try_init(|| client.get_async_connection())
                     .await?;
-                Ok(BusConn::Cluster(conn.clone()))
+                Ok(RedisConn::Cluster(conn.clone()))
             }
         }
     }
 
     /// A multiplexed connection shared by cloning, for request paths (the HTTP API) where a
     /// pool checkout's PING would double the round trips of a request. Made on first use,
-    /// and again after [`Bus::reset_shared`] (call it when a command on it failed with a
+    /// and again after [`Redis::reset_shared`] (call it when a command on it failed with a
     /// connection error).
-    pub async fn shared_conn(&self) -> Result<BusConn, BusError> {
+    pub async fn shared_conn(&self) -> Result<RedisConn, RedisError> {
         let Backend::Single { client, shared, .. } = &self.backend else {
             return self.conn().await;
         };
         let cached = shared.lock().unwrap_or_else(|e| e.into_inner()).clone();
         if let Some(conn) = cached {
-            return Ok(BusConn::Dedicated(conn));
+            return Ok(RedisConn::Dedicated(conn));
         }
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.timeout))
@@ -313,10 +313,10 @@ impl Bus {
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
         *shared.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
-        Ok(BusConn::Dedicated(conn))
+        Ok(RedisConn::Dedicated(conn))
     }
 
-    /// Forgets the shared connection, so the next [`Bus::shared_conn`] makes a new one.
+    /// Forgets the shared connection, so the next [`Redis::shared_conn`] makes a new one.
     pub fn reset_shared(&self) {
         if let Backend::Single { shared, .. } = &self.backend {
             shared.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -325,13 +325,13 @@ impl Bus {
 
     /// A fresh connection for one task's exclusive use, without a (practical) response
     /// timeout, for blocking commands. The caller must put its own deadline on every call.
-    pub async fn dedicated_conn(&self) -> Result<BusConn, BusError> {
+    pub async fn dedicated_conn(&self) -> Result<RedisConn, RedisError> {
         match &self.backend {
             Backend::Single { client, .. } => {
                 let config = AsyncConnectionConfig::new()
                     .set_connection_timeout(Some(self.timeout))
                     .set_response_timeout(None);
-                Ok(BusConn::Dedicated(
+                Ok(RedisConn::Dedicated(
                     client
                         .get_multiplexed_async_connection_with_config(&config)
                         .await?,
@@ -339,7 +339,7 @@ impl Bus {
             }
             Backend::Cluster {
                 blocking_client, ..
-            } => Ok(BusConn::Cluster(
+            } => Ok(RedisConn::Cluster(
                 blocking_client.get_async_connection().await?,
             )),
         }
@@ -349,7 +349,7 @@ impl Bus {
     pub async fn load_functions(
         &self,
         conn: &mut impl redis::aio::ConnectionLike,
-    ) -> Result<(), BusError> {
+    ) -> Result<(), RedisError> {
         for library in FUNCTIONS {
             redis::cmd("FUNCTION")
                 .arg("LOAD")
@@ -366,7 +366,7 @@ impl Bus {
         &self,
         conn: &mut impl redis::aio::ConnectionLike,
         pipe: &Pipeline,
-    ) -> Result<T, BusError> {
+    ) -> Result<T, RedisError> {
         match pipe.query_async(conn).await {
             Err(e) if is_missing_function(&e) => {
                 tracing::info!("Redis lost the wsbus functions; loading them again");
@@ -379,20 +379,20 @@ impl Bus {
 }
 
 /// Whether `e` says a function of ours is not loaded.
-pub fn is_missing_function(e: &RedisError) -> bool {
+pub fn is_missing_function(e: &redis::RedisError) -> bool {
     e.to_string().contains("Function not found")
 }
 
 /// Whether a pooled connection should be thrown away rather than reused after `e`.
-pub fn is_connection_error(e: &BusError) -> bool {
+pub fn is_connection_error(e: &RedisError) -> bool {
     match e {
-        BusError::Redis(e) => {
+        RedisError::Redis(e) => {
             e.is_io_error()
                 || e.is_timeout()
                 || e.is_connection_dropped()
                 || e.is_unrecoverable_error()
         }
-        BusError::Pool(_) => true,
+        RedisError::Pool(_) => true,
         _ => false,
     }
 }

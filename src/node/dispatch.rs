@@ -10,135 +10,18 @@
 //! offline from its reply instead.
 
 use std::borrow::Cow;
-use std::sync::Arc;
 
-use crate::bus::BusError;
-use crate::edge_protocol::{ClientError, encode_message, encode_presence, encode_room_message};
-use crate::envelope::{Body, Envelope};
-use crate::hub::SocketFrame;
+use crate::cluster::presence::SessionRef;
+use crate::delivery::target::{Dispatch, Origin, Payload, Target};
 use crate::node::Node;
-use crate::presence::SessionRef;
-use crate::user::{RoomId, UserId};
+use crate::redis::RedisError;
+use crate::wire::client::{
+    ClientError, PresenceEvent, encode_message, encode_presence, encode_room_message,
+};
+use crate::wire::envelope::{Body, Envelope};
+use crate::wire::frame::SocketFrame;
+use crate::wire::ids::RoomId;
 use tungstenite::Utf8Bytes;
-
-/// Who a message is for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    /// Every session of one user.
-    User(Box<str>),
-    /// Every session in one room.
-    Room(Box<str>),
-}
-
-/// What a message carries.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Payload {
-    /// A text (a direct or a room message).
-    Text(Box<str>),
-    /// A user entered or left a room (for a room target; the origin's user is the subject).
-    Presence(PresenceEvent),
-    /// A whole frame encoded once by its origin (an API publish), delivered as it is to
-    /// every session of the target.
-    Frame {
-        /// The frame's action (shown in the inbox entry's plain `action` field).
-        action: Box<str>,
-        /// The frame, `{"from":F,"action":A,"data":D}`.
-        frame: Utf8Bytes,
-    },
-}
-
-/// A room presence event: per user, not per session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PresenceEvent {
-    /// The user's first session joined the room.
-    Join,
-    /// The user's last session left the room (leave, disconnect, or its node died).
-    Leave,
-}
-
-impl PresenceEvent {
-    /// The event's name in the `presence` frame.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PresenceEvent::Join => "join",
-            PresenceEvent::Leave => "leave",
-        }
-    }
-}
-
-/// Who sent a message, so an error can be answered to it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Origin {
-    /// A client session on this node.
-    Session {
-        /// The sending user.
-        user: UserId,
-        /// The sending session.
-        sid: u64,
-    },
-    /// This node on its own account (events about users of a node that died), for a user.
-    Node {
-        /// The user the message is about.
-        user: Box<str>,
-    },
-    /// A backend (the HTTP API or the ingress stream) publishing as `from` (`@server` unless
-    /// it named a user). Nothing is answered to it through the bus: it learns who was
-    /// online from its reply.
-    Api {
-        /// The `from` of the frames it sends.
-        from: Box<str>,
-    },
-    /// An entry another node sent whose recipient is not here (it moved): forwarded once.
-    Forward {
-        /// The node the sender is on.
-        node: Box<str>,
-        /// The sending user.
-        user: Box<str>,
-        /// The sending session on that node (0 = any).
-        sid: u64,
-        /// The original message id and process (kept, so the entry stays traceable).
-        id: u64,
-        /// The original sender process (see [`Envelope::boot`]).
-        boot: u64,
-        /// How often it was forwarded before.
-        hops: u8,
-        /// Nodes that already had it appended.
-        tried: Vec<Box<str>>,
-    },
-}
-
-impl Origin {
-    /// The sending user.
-    pub fn user(&self) -> &str {
-        match self {
-            Origin::Session { user, .. } => user.as_str(),
-            Origin::Node { user } | Origin::Forward { user, .. } => user,
-            Origin::Api { from } => from,
-        }
-    }
-}
-
-/// A message handed to the bus writer: what is left to do after local delivery.
-#[derive(Debug)]
-pub struct Dispatch {
-    /// Who sent it.
-    pub origin: Origin,
-    /// Who it is for.
-    pub target: Target,
-    /// What it carries.
-    pub payload: Payload,
-    /// When the frame reached the cluster (µs since the epoch).
-    pub born_us: u64,
-    /// The recipient's sessions on this node already have it.
-    pub delivered_here: bool,
-    /// Copies go to the sender's sessions on other nodes too.
-    pub echo: bool,
-    /// Its place in its target's history stream, when it has one already (an entry
-    /// forwarded after its recipient moved: its frame is stamped). With history on, a
-    /// message without one is appended to the stream first.
-    pub stamp: Option<crate::envelope::Stamp<'static>>,
-}
 
 impl Node {
     /// Sends a message from a session on this node to `target`: to its sessions here at once,
@@ -334,7 +217,7 @@ impl Node {
                 None
             }
             Origin::Session { user, sid } => {
-                let frame = crate::edge_protocol::encode_error(user.as_str(), &text);
+                let frame = crate::wire::client::encode_error(user.as_str(), &text);
                 self.hub
                     .deliver_session(user.as_str(), *sid, SocketFrame::unmeasured(frame));
                 None
@@ -379,7 +262,7 @@ impl Node {
         let Body::Error { error } = &env.body else {
             return;
         };
-        let frame = SocketFrame::unmeasured(crate::edge_protocol::encode_error(&env.to, error));
+        let frame = SocketFrame::unmeasured(crate::wire::client::encode_error(&env.to, error));
         if env.origin_sid == 0 {
             self.hub.deliver_user(&env.to, None, || frame);
         } else {
@@ -396,7 +279,7 @@ impl Node {
         session: &SessionRef,
         code: u16,
         reason: &str,
-    ) -> Result<(), BusError> {
+    ) -> Result<(), RedisError> {
         if session.node == *self.id {
             self.hub.kick(user, session.sid, code, reason);
             return Ok(());
@@ -423,7 +306,7 @@ impl Node {
         let mut buf = Vec::new();
         env.encode_into(&mut buf);
         let mut pipe = redis::pipe();
-        crate::bus_writer::append_entry(
+        crate::wire::envelope::append_entry(
             &mut pipe,
             &self.keys.inbox(&session.node),
             user,
@@ -431,76 +314,8 @@ impl Node {
             env.body.action(),
             &buf,
         );
-        let mut conn = self.bus.conn().await?;
+        let mut conn = self.redis.conn().await?;
         pipe.query_async::<()>(&mut conn).await?;
         Ok(())
-    }
-}
-
-/// Which nodes get an entry for one message, and what each delivers.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Plan {
-    /// One entry per node: (node, deliver to the recipient, deliver copies to the sender).
-    pub entries: Vec<(Arc<str>, bool, bool)>,
-    /// The recipient has a live session on some node other than this one (including nodes
-    /// that already had the message).
-    pub recipient_elsewhere: bool,
-}
-
-impl Plan {
-    /// Plans the entries for a message whose recipient is on `recipient` nodes and whose
-    /// sender is on `sender` nodes (both already filtered to live ones), skipping this node
-    /// `me` and the nodes in `tried`.
-    pub fn new(me: &str, recipient: &[Arc<str>], sender: &[Arc<str>], tried: &[Box<str>]) -> Self {
-        let mut plan = Plan::default();
-        let skip = |n: &Arc<str>| **n == *me || tried.iter().any(|t| **t == **n);
-        for node in recipient.iter().filter(|n| ***n != *me) {
-            plan.recipient_elsewhere = true;
-            if !skip(node) && !plan.entries.iter().any(|(n, _, _)| n == node) {
-                plan.entries.push((node.clone(), true, false));
-            }
-        }
-        for node in sender.iter().filter(|n| !skip(n)) {
-            match plan.entries.iter_mut().find(|(n, _, _)| n == node) {
-                Some(entry) => entry.2 = true,
-                None => plan.entries.push((node.clone(), false, true)),
-            }
-        }
-        plan
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn nodes(ids: &[&str]) -> Vec<Arc<str>> {
-        ids.iter().map(|&n| Arc::from(n)).collect()
-    }
-
-    #[test]
-    fn one_entry_per_node_with_what_it_delivers() {
-        let plan = Plan::new("a", &nodes(&["a", "b", "c"]), &nodes(&["c", "d"]), &[]);
-        assert!(plan.recipient_elsewhere);
-        assert_eq!(
-            plan.entries,
-            vec![
-                ("b".into(), true, false),
-                ("c".into(), true, true),
-                ("d".into(), false, true),
-            ]
-        );
-    }
-
-    #[test]
-    fn skips_this_node_and_nodes_already_tried() {
-        let plan = Plan::new("a", &nodes(&["a"]), &[], &[]);
-        assert!(!plan.recipient_elsewhere);
-        assert!(plan.entries.is_empty());
-        let plan = Plan::new("c", &nodes(&["b", "d"]), &[], &["b".into(), "c".into()]);
-        assert!(plan.recipient_elsewhere, "b has it already");
-        assert_eq!(plan.entries, vec![("d".into(), true, false)]);
-        let plan = Plan::new("c", &nodes(&["b"]), &[], &["b".into()]);
-        assert!(plan.recipient_elsewhere && plan.entries.is_empty());
     }
 }

@@ -1,4 +1,4 @@
-//! The bus writer: one task per node that sends what [`crate::dispatch`] hands it to other
+//! The bus writer: one task per node that sends what [`crate::delivery::target`] hands it to other
 //! nodes. It takes a batch, looks up where the recipients (and, with several sessions per user,
 //! the senders) are in one pipeline, and appends one entry per destination node in another
 //! (`XADD NOMKSTREAM`), so a batch costs two round trips whatever its size, and one writer
@@ -12,13 +12,13 @@ use redis::{RedisResult, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{BusConn, BusError};
-use crate::dispatch::{Dispatch, Origin, Payload, Plan, Target};
-use crate::edge_protocol::{ClientError, encode_message, encode_room_message};
-use crate::envelope::{Body, ENVELOPE_FIELD, Envelope, MAX_HOPS, Stamp};
+use crate::delivery::target::{Dispatch, Origin, Payload, Plan, Target};
 use crate::history::{Appended, Seq, Stream};
-use crate::hub::SocketFrame;
 use crate::node::Node;
+use crate::redis::{RedisConn, RedisError};
+use crate::wire::client::{ClientError, encode_message, encode_room_message};
+use crate::wire::envelope::{Body, Envelope, MAX_HOPS, Stamp, append_entry};
+use crate::wire::frame::SocketFrame;
 use tungstenite::Utf8Bytes;
 
 /// Runs the bus writer until `drain` is cancelled and the queue is empty.
@@ -64,7 +64,7 @@ pub async fn run(node: Arc<Node>, mut rx: mpsc::Receiver<Dispatch>, drain: Cance
 struct Writer {
     node: Arc<Node>,
     /// Held across batches: a pool checkout costs a PING round trip.
-    conn: Option<BusConn>,
+    conn: Option<RedisConn>,
     env_buf: Vec<u8>,
     /// Reused for inbox key names.
     key_buf: String,
@@ -155,12 +155,12 @@ impl Writer {
     async fn send(&mut self, batch: &mut Vec<Dispatch>) {
         let result = match self.conn.take() {
             Some(conn) => Ok(conn),
-            None => self.node.bus.conn().await,
+            None => self.node.redis.conn().await,
         };
         let result = match result {
             Ok(mut conn) => {
                 let sent = self.try_send(&mut conn, batch).await;
-                if !matches!(&sent, Err(e) if crate::bus::is_connection_error(e)) {
+                if !matches!(&sent, Err(e) if crate::redis::is_connection_error(e)) {
                     self.conn = Some(conn);
                 }
                 sent
@@ -188,10 +188,10 @@ impl Writer {
     /// checked. Users come from the route cache where it is on; the rest is one pipeline.
     async fn resolve<'b>(
         &mut self,
-        conn: &mut BusConn,
+        conn: &mut RedisConn,
         batch: &'b [Dispatch],
         stamped: &[Option<Stamped>],
-    ) -> Result<Routes<'b>, BusError> {
+    ) -> Result<Routes<'b>, RedisError> {
         let now = Instant::now();
         let mut routes = Routes::default();
         let mut users: Vec<&'b str> = Vec::new();
@@ -255,9 +255,9 @@ impl Writer {
     /// The live nodes among `nodes` (this node counts as live).
     async fn live(
         &self,
-        conn: &mut BusConn,
+        conn: &mut RedisConn,
         nodes: &[Arc<str>],
-    ) -> Result<Vec<Arc<str>>, BusError> {
+    ) -> Result<Vec<Arc<str>>, RedisError> {
         let mut live = Vec::with_capacity(nodes.len());
         for n in nodes {
             if **n == *self.node.id || self.node.live.is_alive(conn, n).await? {
@@ -267,7 +267,11 @@ impl Writer {
         Ok(live)
     }
 
-    async fn try_send(&mut self, conn: &mut BusConn, batch: &[Dispatch]) -> Result<(), BusError> {
+    async fn try_send(
+        &mut self,
+        conn: &mut RedisConn,
+        batch: &[Dispatch],
+    ) -> Result<(), RedisError> {
         let node = Arc::clone(&self.node);
         let stamped = self.stamp(conn, batch).await?;
         let routes = self.resolve(conn, batch, &stamped).await?;
@@ -362,12 +366,12 @@ impl Writer {
     /// or (for copies) of the sender, minus the nodes that already had it.
     async fn plan_user(
         &self,
-        conn: &mut BusConn,
+        conn: &mut RedisConn,
         msg: &Dispatch,
         to: &str,
         routes: &Routes<'_>,
         stamped: Option<&Stamped>,
-    ) -> Result<(Plan, Outcome), BusError> {
+    ) -> Result<(Plan, Outcome), RedisError> {
         let node = &self.node;
         let from = msg.origin.user();
         let recipient = match stamped.and_then(Stamped::nodes) {
@@ -535,9 +539,9 @@ impl Writer {
     /// for those without a place.
     async fn stamp(
         &mut self,
-        conn: &mut BusConn,
+        conn: &mut RedisConn,
         batch: &[Dispatch],
-    ) -> Result<Vec<Option<Stamped>>, BusError> {
+    ) -> Result<Vec<Option<Stamped>>, RedisError> {
         let mut stamped: Vec<Option<Stamped>> = batch
             .iter()
             .map(|msg| {
@@ -654,7 +658,7 @@ impl Writer {
             };
             let nodes: Nodes = match room {
                 Some(_) => nodes.into_iter().map(Arc::from).collect(),
-                None => crate::presence::nodes_of(nodes)
+                None => crate::cluster::presence::nodes_of(nodes)
                     .into_iter()
                     .map(Arc::from)
                     .collect(),
@@ -718,10 +722,10 @@ impl Writer {
     /// reached no session.
     async fn answer_unreached(
         &mut self,
-        conn: &mut BusConn,
+        conn: &mut RedisConn,
         batch: &[Dispatch],
         outcomes: Vec<Outcome>,
-    ) -> Result<(), BusError> {
+    ) -> Result<(), RedisError> {
         let node = Arc::clone(&self.node);
         let mut errors = Vec::new();
         for (msg, outcome) in batch.iter().zip(outcomes) {
@@ -764,10 +768,10 @@ impl Writer {
 /// Appends frames to streams (each stream with its frames in order) with one history
 /// function call per stream; one outcome per stream.
 async fn append_by_function(
-    conn: &mut BusConn,
+    conn: &mut RedisConn,
     node: &Node,
     streams: &[(Stream<'_>, Vec<String>)],
-) -> Result<Vec<Result<Appended, BusError>>, BusError> {
+) -> Result<Vec<Result<Appended, RedisError>>, RedisError> {
     let history = node.history.as_ref().expect("history is on");
     let mut pipe = redis::Pipeline::with_capacity(streams.len());
     pipe.ignore_errors();
@@ -777,15 +781,15 @@ async fn append_by_function(
     let mut results: Vec<RedisResult<Value>> = pipe.query_async(conn).await?;
     if results
         .iter()
-        .all(|r| matches!(r, Err(e) if crate::bus::is_missing_function(e)))
+        .all(|r| matches!(r, Err(e) if crate::redis::is_missing_function(e)))
     {
         // Redis lost the functions (it restarted): nothing was appended.
-        node.bus.load_functions(conn).await?;
+        node.redis.load_functions(conn).await?;
         results = pipe.query_async(conn).await?;
     }
     Ok(results
         .into_iter()
-        .map(|r| r.map_err(BusError::from).and_then(Appended::parse))
+        .map(|r| r.map_err(RedisError::from).and_then(Appended::parse))
         .collect())
 }
 
@@ -794,10 +798,10 @@ async fn append_by_function(
 /// expired, or lost with Redis's data) go through the function afterwards. One outcome per
 /// stream.
 async fn append_plainly(
-    conn: &mut BusConn,
+    conn: &mut RedisConn,
     node: &Node,
     streams: &[(Stream<'_>, Vec<String>)],
-) -> Result<Vec<Result<Appended, BusError>>, BusError> {
+) -> Result<Vec<Result<Appended, RedisError>>, RedisError> {
     let history = node.history.as_ref().expect("history is on");
     let mut pipe = redis::pipe();
     pipe.atomic();
@@ -811,14 +815,14 @@ async fn append_plainly(
     for (i, (_, frames)) in streams.iter().enumerate() {
         let n = frames.len() + 4;
         let Some(replies) = replies.get(at..at + n) else {
-            return Err(BusError::Reply("history append transaction"));
+            return Err(RedisError::Reply("history append transaction"));
         };
         at += n;
         match Appended::parse_plain(replies) {
             Ok(Some(appended)) => outcomes.push(Ok(appended)),
             Ok(None) => {
                 unknown.push(i);
-                outcomes.push(Err(BusError::Reply("history append")));
+                outcomes.push(Err(RedisError::Reply("history append")));
             }
             Err(e) => outcomes.push(Err(e)),
         }
@@ -832,33 +836,4 @@ async fn append_plainly(
         }
     }
     Ok(outcomes)
-}
-
-/// Adds `XADD <inbox> NOMKSTREAM * from .. to .. action .. env ..` to `pipe`. (The length
-/// cap is applied by the inbox owner's heartbeat, not per entry.)
-pub fn append_entry(
-    pipe: &mut redis::Pipeline,
-    inbox: &str,
-    from: &str,
-    to: &str,
-    action: &str,
-    env: &[u8],
-) {
-    // Sized up front: a command grown arg by arg reallocates about ten times.
-    const ARGS: usize = 12;
-    let data = 24 + inbox.len() + from.len() + to.len() + action.len() + env.len();
-    let mut cmd = redis::Cmd::with_capacity(ARGS, data);
-    cmd.arg("XADD")
-        .arg(inbox)
-        .arg("NOMKSTREAM")
-        .arg("*")
-        .arg("from")
-        .arg(from)
-        .arg("to")
-        .arg(to)
-        .arg("action")
-        .arg(action)
-        .arg(ENVELOPE_FIELD)
-        .arg(env);
-    pipe.add_command(cmd);
 }

@@ -15,12 +15,12 @@ use futures_util::SinkExt;
 use tungstenite::Message;
 use tungstenite::protocol::WebSocketConfig;
 
-use crate::edge_protocol::{ClientError, Position, close, encode_error};
+use crate::cluster::presence::Claim;
+use crate::edge::websocket::{Socket, Upgrade, close_politely};
 use crate::node::Node;
-use crate::presence::Claim;
 use crate::session::{Session, SessionGuard, StartAt};
-use crate::user::UserId;
-use crate::websocket::{Socket, Upgrade, close_politely};
+use crate::wire::client::{ClientError, Position, close, encode_error};
+use crate::wire::ids::UserId;
 
 /// The routes clients use: the WebSocket endpoint, the page and its client module.
 pub fn client_router(node: Arc<Node>) -> Router {
@@ -96,7 +96,7 @@ async fn connect(
         }),
         (Some(history), None) => {
             let stream = crate::history::Stream::User(user.as_str());
-            match history.open(&node.bus, stream, None, 0, true).await {
+            match history.open(&node.redis, stream, None, 0, true).await {
                 Ok(opened) => Some(StartAt {
                     position: Position {
                         since: opened.top,
@@ -170,7 +170,7 @@ async fn claim_patiently(
     node: &Node,
     user: &UserId,
     sid: u64,
-) -> Result<Claim, crate::bus::BusError> {
+) -> Result<Claim, crate::redis::RedisError> {
     const PATIENCE: [u64; 3] = [50, 100, 200];
     let mut claim = node.presence.claim(user, sid).await?;
     for wait_ms in PATIENCE {
@@ -203,7 +203,7 @@ async fn refuse_not_unique(mut socket: Socket, user: UserId) {
 
 /// The demo chat page and the client module, embedded in the binary.
 async fn index_page() -> impl IntoResponse {
-    axum::response::Html(include_str!("../static/index.html"))
+    axum::response::Html(include_str!("../../static/index.html"))
 }
 
 async fn client_module() -> impl IntoResponse {
@@ -212,7 +212,7 @@ async fn client_module() -> impl IntoResponse {
             axum::http::header::CONTENT_TYPE,
             "text/javascript; charset=utf-8",
         )],
-        include_str!("../static/wsbus.js"),
+        include_str!("../../static/wsbus.js"),
     )
 }
 

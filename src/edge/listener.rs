@@ -50,9 +50,6 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::NodeConfig;
 
-/// The smallest head limit hyper accepts (its minimum buffer size).
-pub const MIN_HEAD_BYTES: usize = 8192;
-
 /// The limits of one listener (from `--http-header-timeout`, `--http-idle-timeout`,
 /// `--max-head-bytes`, `--max-pending-connections`).
 #[derive(Debug, Clone)]
@@ -62,7 +59,7 @@ pub struct HttpLimits {
     pub header_timeout: Duration,
     /// A connection that has not upgraded and moves no byte for this long is closed.
     pub idle_timeout: Duration,
-    /// Largest request head in bytes (at least [`MIN_HEAD_BYTES`]); past it, HTTP 431.
+    /// Largest request head in bytes (at least [`MIN_HEAD_BYTES`](crate::config::MIN_HEAD_BYTES)); past it, HTTP 431.
     pub max_head_bytes: usize,
     /// Most connections open without having upgraded; a new one past it closes the oldest.
     pub max_pending: usize,
@@ -107,7 +104,7 @@ pub async fn serve(
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
-        .max_buf_size(limits.max_head_bytes.max(MIN_HEAD_BYTES));
+        .max_buf_size(limits.max_head_bytes.max(crate::config::MIN_HEAD_BYTES));
     let pending = Arc::new(Pending::new(limits.max_pending));
     let limits = Arc::new(limits);
     let connections = TaskTracker::new();

@@ -12,34 +12,11 @@ use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 use tokio_util::sync::CancellationToken;
-use tungstenite::Utf8Bytes;
 
-use crate::edge_protocol::close;
-use crate::socket_queue::{self, TrySendError};
-use crate::user::UserId;
-
-/// One frame queued for a session, with when its message entered the cluster.
-#[derive(Debug, Clone)]
-pub struct SocketFrame {
-    /// The encoded JSON frame.
-    pub frame: Utf8Bytes,
-    /// When the message's frame reached its sender's node (µs since the epoch), for the
-    /// end-to-end latency histogram; 0 for frames not measured (errors).
-    pub born_us: u64,
-    /// Its place in a history stream (`--history`), for the session's sequencer.
-    pub seq: Option<Arc<crate::history::Seq>>,
-}
-
-impl SocketFrame {
-    /// A frame that is not measured.
-    pub fn unmeasured(frame: impl Into<Utf8Bytes>) -> Self {
-        Self {
-            frame: frame.into(),
-            born_us: 0,
-            seq: None,
-        }
-    }
-}
+use crate::delivery::socket_queue::{self, TrySendError};
+use crate::wire::client::close;
+use crate::wire::frame::SocketFrame;
+use crate::wire::ids::UserId;
 
 /// The sending side of one session: its queue and the means to end it.
 #[derive(Clone)]
@@ -310,6 +287,7 @@ impl SessionHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tungstenite::Utf8Bytes;
 
     fn uid(s: &str) -> UserId {
         UserId::parse(s).unwrap()

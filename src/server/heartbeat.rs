@@ -5,12 +5,12 @@
 
 use std::sync::Arc;
 
-use crate::bus::BusError;
-use crate::dispatch::PresenceEvent;
-use crate::edge_protocol::close;
+use crate::cluster::presence::RoomDrop;
 use crate::node::Node;
-use crate::presence::RoomDrop;
-use crate::user::{RoomId, UserId};
+use crate::redis::RedisError;
+use crate::wire::client::PresenceEvent;
+use crate::wire::client::close;
+use crate::wire::ids::{RoomId, UserId};
 
 /// Beats until the node shuts down (the first beat is [`beat`], run before serving).
 pub async fn run(node: Arc<Node>) {
@@ -44,7 +44,7 @@ async fn keep_streams_alive(node: &Node, history: &crate::history::History) {
     rooms.dedup();
     let users: Vec<&str> = users.iter().map(UserId::as_str).collect();
     let rooms: Vec<&str> = rooms.iter().map(RoomId::as_str).collect();
-    if let Err(e) = history.keep_alive(&node.bus, &users, &rooms).await {
+    if let Err(e) = history.keep_alive(&node.redis, &users, &rooms).await {
         tracing::warn!(error = %e, "could not refresh the history streams' TTL");
     }
 }
@@ -53,8 +53,8 @@ async fn keep_streams_alive(node: &Node, history: &crate::history::History) {
 /// lost them, and reaping dead nodes. Readiness learns whether it reached Redis.
 pub async fn beat(node: &Node) {
     let result = async {
-        let mut conn = node.bus.conn().await?;
-        let beat = node.registry.beat(&node.bus, &mut conn).await?;
+        let mut conn = node.redis.conn().await?;
+        let beat = node.registry.beat(&node.redis, &mut conn).await?;
         node.metrics.inbox_length.set(beat.inbox_len as f64);
         if beat.lost {
             if let Some(history) = &node.history {
@@ -73,13 +73,13 @@ pub async fn beat(node: &Node) {
             node.presence.rejoin_rooms(&node.rooms.snapshot()).await?;
         }
         for dead in &beat.dead {
-            match node.registry.reap(&node.bus, &mut conn, dead).await {
+            match node.registry.reap(&node.redis, &mut conn, dead).await {
                 Ok(Some(drops)) => announce_departures(node, drops).await,
                 Ok(None) => {}
                 Err(e) => tracing::warn!(node = %dead, error = %e, "reaping failed"),
             }
         }
-        Ok::<(), BusError>(())
+        Ok::<(), RedisError>(())
     }
     .await;
     if let Err(e) = &result {

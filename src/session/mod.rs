@@ -23,19 +23,20 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Interval;
 use tungstenite::Message;
 
-use crate::dispatch::{Origin, Target};
-use crate::edge_protocol::{
+use crate::delivery::target::{Origin, Target};
+use crate::history::Sequencer;
+use crate::wire::client::{
     ClientError, Command, Position, RelayTo, close, encode_error, encode_frame, encode_relay,
     parse_command_relaying,
 };
-use crate::history::Sequencer;
 
 mod recovery;
-use crate::hub::{SessionReceiver, SocketFrame};
+use crate::delivery::hub::SessionReceiver;
+use crate::edge::websocket::{CLOSE_LINGER, Socket, close_politely};
 use crate::node::Node;
-use crate::user::RoomId;
-use crate::user::UserId;
-use crate::websocket::{CLOSE_LINGER, Socket, close_politely};
+use crate::wire::frame::SocketFrame;
+use crate::wire::ids::RoomId;
+use crate::wire::ids::UserId;
 pub use recovery::StartAt;
 use serde_json::json;
 
@@ -86,7 +87,7 @@ impl SessionGuard {
             // The user was connected until now: its stream lives `--history-ttl` from here,
             // so what is sent to it meanwhile is kept for its reconnect.
             let stream = crate::history::Stream::User(self.user.as_str());
-            if let Err(e) = history.open(&self.node.bus, stream, None, 0, true).await {
+            if let Err(e) = history.open(&self.node.redis, stream, None, 0, true).await {
                 tracing::debug!(user = %self.user, error = %e, "could not refresh the user's stream");
             }
         }
@@ -392,7 +393,7 @@ impl Session {
     async fn handle(&mut self, text: &str) -> Result<Direct, ClientError> {
         let node = self.node.clone();
         node.metrics.received.increment(1);
-        let born_us = crate::node::now_us();
+        let born_us = crate::wire::clock::now_us();
         let origin = || Origin::Session {
             user: self.user.clone(),
             sid: self.sid,
@@ -496,7 +497,7 @@ impl Session {
 
     fn record_latency(&self, out: &SocketFrame) {
         if out.born_us != 0 {
-            let latency_us = crate::node::now_us().saturating_sub(out.born_us);
+            let latency_us = crate::wire::clock::now_us().saturating_sub(out.born_us);
             self.node
                 .metrics
                 .delivery_seconds
@@ -526,7 +527,7 @@ impl Session {
             (Some(history), None) => {
                 let stream = crate::history::Stream::Room(room);
                 let opened = history
-                    .open(&node.bus, stream, None, 0, true)
+                    .open(&node.redis, stream, None, 0, true)
                     .await
                     .map_err(|_| ClientError::BusUnavailable)?;
                 Some(StartAt {

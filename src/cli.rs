@@ -1,34 +1,16 @@
 //! Operator commands that read the bus directly: `wsbus nodes`, `wsbus whereis`,
 //! `wsbus inspect`. They only read; none of them changes Redis.
 
-use redis::Value;
 use serde::Serialize;
 
-use crate::bus::{Bus, BusError};
-use crate::envelope::{Body, ENVELOPE_FIELD, Envelope};
-use crate::keys::Keys;
+use crate::redis::keys::Keys;
+use crate::redis::{Redis, RedisError};
+use crate::wire::envelope::{Body, ENVELOPE_FIELD, Envelope};
+
+pub use crate::cluster::registry::{NodeInfo, nodes};
 
 /// A stream entry as `XRANGE` returns it: id and field/value pairs.
 type RawEntry = (String, Vec<(Vec<u8>, Vec<u8>)>);
-
-/// One registered node.
-#[derive(Debug, Serialize)]
-pub struct NodeInfo {
-    /// Node id.
-    pub id: String,
-    /// Its bind address.
-    pub addr: Option<String>,
-    /// Age of the node in seconds (from its start time).
-    pub age_secs: Option<u64>,
-    /// Milliseconds since its last heartbeat, by Redis time.
-    pub last_heartbeat_ms: u64,
-    /// Users it holds.
-    pub users: u64,
-    /// Entries waiting in its inbox.
-    pub inbox_len: u64,
-    /// Version it runs.
-    pub version: Option<String>,
-}
 
 /// One session of a user.
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -44,58 +26,17 @@ pub struct UserLocation {
 }
 
 /// A bus handle for one-off commands: a single Redis, or a cluster from seed nodes.
-pub fn open(url: &str, cluster: bool) -> Result<Bus, BusError> {
-    Bus::new(url, cluster, None, std::time::Duration::from_secs(5), 2)
-}
-
-/// Every node in the registry (live or not yet reaped).
-pub async fn nodes(bus: &Bus, keys: &Keys) -> Result<Vec<NodeInfo>, BusError> {
-    let mut conn = bus.conn().await?;
-    let ((secs, micros), members): ((u64, u64), Vec<(String, f64)>) = redis::pipe()
-        .cmd("TIME")
-        .cmd("ZRANGE")
-        .arg(keys.nodes())
-        .arg(0)
-        .arg(-1)
-        .arg("WITHSCORES")
-        .query_async(&mut conn)
-        .await?;
-    let now_ms = secs * 1000 + micros / 1000;
-    let mut pipe = redis::pipe();
-    for (id, _) in &members {
-        pipe.cmd("HMGET")
-            .arg(keys.node(id))
-            .arg("addr")
-            .arg("started")
-            .arg("version")
-            .cmd("SCARD")
-            .arg(keys.node_users(id))
-            .cmd("XLEN")
-            .arg(keys.inbox(id));
-    }
-    let replies: Vec<Value> = pipe.query_async(&mut conn).await?;
-    let mut out = Vec::with_capacity(members.len());
-    for ((id, last), chunk) in members.into_iter().zip(replies.chunks(3)) {
-        let (addr, started, version): (Option<String>, Option<u64>, Option<String>) =
-            redis::from_redis_value(chunk[0].clone())?;
-        let users: u64 = redis::from_redis_value(chunk[1].clone())?;
-        let inbox_len: u64 = redis::from_redis_value(chunk[2].clone())?;
-        out.push(NodeInfo {
-            id,
-            addr,
-            age_secs: started.map(|s| now_ms.saturating_sub(s) / 1000),
-            last_heartbeat_ms: now_ms.saturating_sub(last as u64),
-            users,
-            inbox_len,
-            version,
-        });
-    }
-    Ok(out)
+pub fn open(url: &str, cluster: bool) -> Result<Redis, RedisError> {
+    Redis::new(url, cluster, None, std::time::Duration::from_secs(5), 2)
 }
 
 /// Every session `user` has registered, oldest first.
-pub async fn where_is(bus: &Bus, keys: &Keys, user: &str) -> Result<Vec<UserLocation>, BusError> {
-    let mut conn = bus.conn().await?;
+pub async fn where_is(
+    redis: &Redis,
+    keys: &Keys,
+    user: &str,
+) -> Result<Vec<UserLocation>, RedisError> {
+    let mut conn = redis.conn().await?;
     let sessions: Vec<(String, u64)> = redis::cmd("HGETALL")
         .arg(keys.user_sessions(user))
         .query_async(&mut conn)
@@ -103,7 +44,7 @@ pub async fn where_is(bus: &Bus, keys: &Keys, user: &str) -> Result<Vec<UserLoca
     let mut out: Vec<UserLocation> = sessions
         .into_iter()
         .filter_map(|(field, since_us)| {
-            let s = crate::presence::SessionRef::parse(&field)?;
+            let s = crate::cluster::presence::SessionRef::parse(&field)?;
             Some(UserLocation {
                 node: s.node,
                 sid: s.sid,
@@ -139,8 +80,8 @@ pub struct RoomInfo {
 }
 
 /// Up to `count` rooms with members (from `P:rooms`), largest first.
-pub async fn rooms(bus: &Bus, keys: &Keys, count: usize) -> Result<Vec<RoomInfo>, BusError> {
-    let mut conn = bus.conn().await?;
+pub async fn rooms(redis: &Redis, keys: &Keys, count: usize) -> Result<Vec<RoomInfo>, RedisError> {
+    let mut conn = redis.conn().await?;
     let mut names: Vec<String> = Vec::new();
     let mut cursor: u64 = 0;
     loop {
@@ -186,11 +127,11 @@ pub async fn rooms(bus: &Bus, keys: &Keys, count: usize) -> Result<Vec<RoomInfo>
 
 /// The members of `room`, sorted, each with the nodes it has sessions in the room on.
 pub async fn members(
-    bus: &Bus,
+    redis: &Redis,
     keys: &Keys,
     room: &str,
-) -> Result<Vec<(String, Vec<String>)>, BusError> {
-    let mut conn = bus.conn().await?;
+) -> Result<Vec<(String, Vec<String>)>, RedisError> {
+    let mut conn = redis.conn().await?;
     let all: Vec<(String, String)> = redis::cmd("HGETALL")
         .arg(keys.room_members(room))
         .query_async(&mut conn)
@@ -206,12 +147,12 @@ pub async fn members(
 /// The first `count` entries of `node`'s inbox, envelopes decoded to JSON; `None` when no
 /// such node is registered and no inbox of that name exists (a mistyped id, another prefix).
 pub async fn inspect(
-    bus: &Bus,
+    redis: &Redis,
     keys: &Keys,
     node: &str,
     count: usize,
-) -> Result<Option<Vec<serde_json::Value>>, BusError> {
-    let mut conn = bus.conn().await?;
+) -> Result<Option<Vec<serde_json::Value>>, RedisError> {
+    let mut conn = redis.conn().await?;
     let (registered, inbox_exists, entries): (Option<f64>, bool, Vec<RawEntry>) = redis::pipe()
         .cmd("ZSCORE")
         .arg(keys.nodes())

@@ -9,128 +9,17 @@
 //! after a stall), the node registers again: inbox, and every local user.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use redis::Value;
+use serde::Serialize;
 
-use crate::bus::{Bus, BusError, func};
-use crate::keys::Keys;
-use crate::presence::{RoomDrop, drop_node_from_rooms};
-
-/// What this node knows of another node's liveness.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NodeStatus {
-    /// Heartbeat within the node TTL, as of the last refresh.
-    Live,
-    /// Registered, but its heartbeat is older than the node TTL.
-    Dead,
-    /// Not registered as of the last refresh (new, or already reaped).
-    Unknown,
-}
-
-/// The live-node view, refreshed every heartbeat.
-pub struct LiveNodes {
-    /// Node id → last heartbeat (Redis server ms). A std lock: held only to read or swap.
-    nodes: RwLock<HashMap<String, u64>>,
-    /// Redis server time of the last refresh (ms).
-    now_ms: AtomicU64,
-    ttl_ms: u64,
-    nodes_key: String,
-}
-
-impl LiveNodes {
-    /// An empty view; nodes silent for longer than `ttl` count as dead.
-    pub fn new(keys: &Keys, ttl: Duration) -> Self {
-        Self {
-            nodes: RwLock::new(HashMap::new()),
-            now_ms: AtomicU64::new(0),
-            ttl_ms: ttl.as_millis() as u64,
-            nodes_key: keys.nodes(),
-        }
-    }
-
-    /// The status of node `id` as of the last refresh.
-    pub fn status(&self, id: &str) -> NodeStatus {
-        let nodes = self.nodes.read().unwrap_or_else(|e| e.into_inner());
-        match nodes.get(id) {
-            None => NodeStatus::Unknown,
-            Some(&last) => self.judge(last, self.now_ms.load(Ordering::Relaxed)),
-        }
-    }
-
-    /// The registered nodes whose heartbeat is older than the node TTL, as of the last refresh
-    /// (usually none).
-    pub fn dead_nodes(&self) -> Vec<String> {
-        let now_ms = self.now_ms.load(Ordering::Relaxed);
-        let nodes = self.nodes.read().unwrap_or_else(|e| e.into_inner());
-        nodes
-            .iter()
-            .filter(|&(_, &last)| self.judge(last, now_ms) == NodeStatus::Dead)
-            .map(|(id, _)| id.clone())
-            .collect()
-    }
-
-    fn judge(&self, last_ms: u64, now_ms: u64) -> NodeStatus {
-        if now_ms.saturating_sub(last_ms) <= self.ttl_ms {
-            NodeStatus::Live
-        } else {
-            NodeStatus::Dead
-        }
-    }
-
-    /// Replaces the view with a fresh heartbeat reply; returns the dead nodes.
-    fn refresh(&self, now_ms: u64, nodes: HashMap<String, u64>) -> Vec<String> {
-        let dead = nodes
-            .iter()
-            .filter(|&(_, &last)| self.judge(last, now_ms) == NodeStatus::Dead)
-            .map(|(id, _)| id.clone())
-            .collect();
-        *self.nodes.write().unwrap_or_else(|e| e.into_inner()) = nodes;
-        self.now_ms.store(now_ms, Ordering::Relaxed);
-        dead
-    }
-
-    /// Asks Redis directly whether node `id` is alive (for a node the view does not know
-    /// yet) and records the answer.
-    pub async fn check(
-        &self,
-        conn: &mut impl redis::aio::ConnectionLike,
-        id: &str,
-    ) -> Result<bool, BusError> {
-        let (time, score): ((u64, u64), Option<f64>) = redis::pipe()
-            .cmd("TIME")
-            .cmd("ZSCORE")
-            .arg(&self.nodes_key)
-            .arg(id)
-            .query_async(conn)
-            .await?;
-        let now_ms = time.0 * 1000 + time.1 / 1000;
-        let Some(last) = score else {
-            return Ok(false);
-        };
-        let last = last as u64;
-        self.nodes
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.to_owned(), last);
-        Ok(self.judge(last, now_ms) == NodeStatus::Live)
-    }
-
-    /// Whether node `id` is alive: from the view, or from Redis for a node it does not know.
-    pub async fn is_alive(
-        &self,
-        conn: &mut impl redis::aio::ConnectionLike,
-        id: &str,
-    ) -> Result<bool, BusError> {
-        match self.status(id) {
-            NodeStatus::Live => Ok(true),
-            NodeStatus::Dead => Ok(false),
-            NodeStatus::Unknown => self.check(conn, id).await,
-        }
-    }
-}
+use crate::cluster::live::LiveNodes;
+use crate::cluster::presence::{RoomDrop, drop_node_from_rooms};
+use crate::redis::keys::Keys;
+use crate::redis::{Redis, RedisError, func};
 
 /// What one heartbeat found.
 #[derive(Debug, Default)]
@@ -183,9 +72,9 @@ impl Registry {
     /// One heartbeat: refreshes the registration (recreating it if missing) and the view.
     pub async fn beat(
         &self,
-        bus: &Bus,
+        redis: &Redis,
         conn: &mut impl redis::aio::ConnectionLike,
-    ) -> Result<Beat, BusError> {
+    ) -> Result<Beat, RedisError> {
         let node_key = self.keys.node(&self.node_id);
         let inbox = self.keys.inbox(&self.node_id);
         // The inbox is the canary: it exists from registration until deregistration, so its
@@ -223,7 +112,7 @@ impl Registry {
             .arg(self.keys.nodes())
             .arg(&self.node_id);
         let (inbox_exists, inbox_len, reply): (bool, u64, Vec<Value>) =
-            bus.query(conn, &pipe).await?;
+            redis.query(conn, &pipe).await?;
         let (now_ms, nodes) = parse_heartbeat(&reply)?;
         let mut beat = Beat {
             inbox_len,
@@ -252,10 +141,10 @@ impl Registry {
     /// Returns what its rooms lost (`None` when another survivor reaps it).
     pub async fn reap(
         &self,
-        bus: &Bus,
+        redis: &Redis,
         conn: &mut impl redis::aio::ConnectionLike,
         dead: &str,
-    ) -> Result<Option<Vec<RoomDrop>>, BusError> {
+    ) -> Result<Option<Vec<RoomDrop>>, RedisError> {
         let locked: Option<String> = redis::cmd("SET")
             .arg(self.keys.reap_lock(dead))
             .arg(&self.node_id)
@@ -267,8 +156,8 @@ impl Registry {
         if locked.is_none() {
             return Ok(None);
         }
-        release_all_users(&self.keys, bus, conn, dead).await?;
-        let drops = drop_node_from_rooms(&self.keys, bus, conn, dead).await?;
+        release_all_users(&self.keys, redis, conn, dead).await?;
+        let drops = drop_node_from_rooms(&self.keys, redis, conn, dead).await?;
         remove_node_keys(&self.keys, conn, dead).await?;
         // The node is out of `P:nodes` now, so nobody will try again; the lock can go.
         redis::cmd("DEL")
@@ -283,10 +172,10 @@ impl Registry {
     /// that its clients, told 1001 next, can reconnect to another node at once.
     pub async fn release_users(
         &self,
-        bus: &Bus,
+        redis: &Redis,
         conn: &mut impl redis::aio::ConnectionLike,
-    ) -> Result<(), BusError> {
-        release_all_users(&self.keys, bus, conn, &self.node_id).await
+    ) -> Result<(), RedisError> {
+        release_all_users(&self.keys, redis, conn, &self.node_id).await
     }
 
     /// Clears what an earlier run of this node id left in Redis: a node killed and restarted
@@ -295,27 +184,27 @@ impl Registry {
     /// node serves anyone; returns what its rooms lost, for presence `leave` events.
     pub async fn clear_earlier_run(
         &self,
-        bus: &Bus,
+        redis: &Redis,
         conn: &mut impl redis::aio::ConnectionLike,
-    ) -> Result<Vec<RoomDrop>, BusError> {
-        release_all_users(&self.keys, bus, conn, &self.node_id).await?;
+    ) -> Result<Vec<RoomDrop>, RedisError> {
+        release_all_users(&self.keys, redis, conn, &self.node_id).await?;
         redis::cmd("DEL")
             .arg(self.keys.node_users(&self.node_id))
             .query_async::<()>(conn)
             .await?;
-        drop_node_from_rooms(&self.keys, bus, conn, &self.node_id).await
+        drop_node_from_rooms(&self.keys, redis, conn, &self.node_id).await
     }
 
     /// Removes this node from Redis on clean shutdown: its users, user set, inbox, hash and
     /// registry entry.
     pub async fn deregister(
         &self,
-        bus: &Bus,
+        redis: &Redis,
         conn: &mut impl redis::aio::ConnectionLike,
-    ) -> Result<(), BusError> {
-        release_all_users(&self.keys, bus, conn, &self.node_id).await?;
+    ) -> Result<(), RedisError> {
+        release_all_users(&self.keys, redis, conn, &self.node_id).await?;
         // Sessions leave their rooms as they close; this catches what they could not.
-        drop_node_from_rooms(&self.keys, bus, conn, &self.node_id).await?;
+        drop_node_from_rooms(&self.keys, redis, conn, &self.node_id).await?;
         remove_node_keys(&self.keys, conn, &self.node_id).await
     }
 }
@@ -323,10 +212,10 @@ impl Registry {
 /// Removes every session of `node` from the users in its user set.
 async fn release_all_users(
     keys: &Keys,
-    bus: &Bus,
+    redis: &Redis,
     conn: &mut impl redis::aio::ConnectionLike,
     node: &str,
-) -> Result<(), BusError> {
+) -> Result<(), RedisError> {
     let set = keys.node_users(node);
     let mut cursor: u64 = 0;
     loop {
@@ -347,7 +236,7 @@ async fn release_all_users(
                     .arg(node)
                     .ignore();
             }
-            bus.query::<()>(conn, &pipe).await?;
+            redis.query::<()>(conn, &pipe).await?;
         }
         if next == 0 {
             return Ok(());
@@ -360,7 +249,7 @@ async fn remove_node_keys(
     keys: &Keys,
     conn: &mut impl redis::aio::ConnectionLike,
     node: &str,
-) -> Result<(), BusError> {
+) -> Result<(), RedisError> {
     // One key per command: the keys live in different slots on a Redis Cluster.
     redis::pipe()
         .cmd("DEL")
@@ -384,8 +273,8 @@ async fn remove_node_keys(
     Ok(())
 }
 
-fn parse_heartbeat(reply: &[Value]) -> Result<(u64, HashMap<String, u64>), BusError> {
-    let bad = || BusError::Reply("heartbeat");
+fn parse_heartbeat(reply: &[Value]) -> Result<(u64, HashMap<String, u64>), RedisError> {
+    let bad = || RedisError::Reply("heartbeat");
     let (now, rest) = reply.split_first().ok_or_else(bad)?;
     let now = match now {
         Value::Int(n) => *n as u64,
@@ -406,9 +295,74 @@ fn parse_heartbeat(reply: &[Value]) -> Result<(u64, HashMap<String, u64>), BusEr
     Ok((now, nodes))
 }
 
+/// One registered node.
+#[derive(Debug, Serialize)]
+pub struct NodeInfo {
+    /// Node id.
+    pub id: String,
+    /// Its bind address.
+    pub addr: Option<String>,
+    /// Age of the node in seconds (from its start time).
+    pub age_secs: Option<u64>,
+    /// Milliseconds since its last heartbeat, by Redis time.
+    pub last_heartbeat_ms: u64,
+    /// Users it holds.
+    pub users: u64,
+    /// Entries waiting in its inbox.
+    pub inbox_len: u64,
+    /// Version it runs.
+    pub version: Option<String>,
+}
+
+/// Every node in the registry (live or not yet reaped).
+pub async fn nodes(redis: &Redis, keys: &Keys) -> Result<Vec<NodeInfo>, RedisError> {
+    let mut conn = redis.conn().await?;
+    let ((secs, micros), members): ((u64, u64), Vec<(String, f64)>) = redis::pipe()
+        .cmd("TIME")
+        .cmd("ZRANGE")
+        .arg(keys.nodes())
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query_async(&mut conn)
+        .await?;
+    let now_ms = secs * 1000 + micros / 1000;
+    let mut pipe = redis::pipe();
+    for (id, _) in &members {
+        pipe.cmd("HMGET")
+            .arg(keys.node(id))
+            .arg("addr")
+            .arg("started")
+            .arg("version")
+            .cmd("SCARD")
+            .arg(keys.node_users(id))
+            .cmd("XLEN")
+            .arg(keys.inbox(id));
+    }
+    let replies: Vec<Value> = pipe.query_async(&mut conn).await?;
+    let mut out = Vec::with_capacity(members.len());
+    for ((id, last), chunk) in members.into_iter().zip(replies.chunks(3)) {
+        let (addr, started, version): (Option<String>, Option<u64>, Option<String>) =
+            redis::from_redis_value(chunk[0].clone())?;
+        let users: u64 = redis::from_redis_value(chunk[1].clone())?;
+        let inbox_len: u64 = redis::from_redis_value(chunk[2].clone())?;
+        out.push(NodeInfo {
+            id,
+            addr,
+            age_secs: started.map(|s| now_ms.saturating_sub(s) / 1000),
+            last_heartbeat_ms: now_ms.saturating_sub(last as u64),
+            users,
+            inbox_len,
+            version,
+        });
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::live::NodeStatus;
 
     #[test]
     fn judges_liveness_by_server_time() {

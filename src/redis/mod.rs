@@ -1,0 +1,11 @@
+//! Redis access, below every feature: connections and the versioned functions in
+//! `migrations/` ([`conn`]), every key name ([`keys`]), and the shapes of stream replies
+//! ([`stream`]). Knows nothing of sessions, rooms or history.
+
+pub mod conn;
+pub mod keys;
+pub mod stream;
+
+pub use conn::{
+    FUNCTIONS, Redis, RedisConn, RedisError, func, is_connection_error, is_missing_function,
+};
