@@ -93,7 +93,9 @@ pub fn check_hs256_secret(secret: &[u8]) -> Result<(), AuthConfigError> {
 /// Exactly one of a secret, a public key or `--insecure` must be given: `--insecure` beside
 /// a JWT setting is refused rather than silently ignored, so an operator never believes a
 /// node checks tokens when it does not (or the reverse).
-pub fn from_config(config: &crate::NodeConfig) -> Result<Option<Verifier>, AuthConfigError> {
+pub fn from_config(
+    config: &crate::config::NodeConfig,
+) -> Result<Option<Verifier>, AuthConfigError> {
     match (&config.jwt_secret, &config.jwt_public_key, config.insecure) {
         (Some(_), Some(_), _) => Err(AuthConfigError::Conflict(
             "give either --jwt-secret or --jwt-public-key, not both",
@@ -286,7 +288,7 @@ mod tests {
 
     #[test]
     fn insecure_beside_a_jwt_setting_is_refused() {
-        let mut c = crate::NodeConfig::new("n", "redis://127.0.0.1:1");
+        let mut c = crate::config::NodeConfig::new("n", "redis://127.0.0.1:1");
         c.jwt_secret = Some(String::from_utf8(SECRET.to_vec()).unwrap());
         let e = from_config(&c).err().unwrap().to_string();
         assert!(e.contains("drop --insecure"), "{e}");

@@ -15,12 +15,14 @@ use futures_util::SinkExt;
 use tungstenite::Message;
 use tungstenite::protocol::WebSocketConfig;
 
-use crate::cluster::presence::Claim;
-use crate::edge::websocket::{Socket, Upgrade, close_politely};
+use crate::cluster::presence::{Claim, SessionRef};
+use crate::edge::websocket::Upgrade;
 use crate::node::Node;
+use crate::session::socket::{Socket, close_politely};
 use crate::session::{Session, SessionGuard, StartAt};
 use crate::wire::client::{ClientError, Position, close, encode_error};
 use crate::wire::ids::UserId;
+use tokio::sync::OwnedSemaphorePermit;
 
 /// The routes clients use: the WebSocket endpoint, the page and its client module.
 pub fn client_router(node: Arc<Node>) -> Router {
@@ -40,6 +42,10 @@ pub fn admin_router(node: Arc<Node>) -> Router {
         .with_state(node)
 }
 
+/// `GET /ws/{user_id}`: the gates of a connect, in order (user id, origin, token, a
+/// connection slot, where history starts), then the claim in Redis, then the upgrade. A gate that
+/// refuses answers with an HTTP status before the upgrade; a refused claim upgrades, sends
+/// `not unique session` and closes with 4001.
 async fn connect(
     State(node): State<Arc<Node>>,
     Path(user_id): Path<String>,
@@ -47,77 +53,177 @@ async fn connect(
     headers: HeaderMap,
     ws: Upgrade,
 ) -> Response {
-    let Some(user) = UserId::parse(&user_id) else {
-        return (StatusCode::BAD_REQUEST, "invalid user id\n").into_response();
+    let query = query.as_deref();
+    let gates = async {
+        let user = UserId::parse(&user_id).ok_or(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "invalid user id",
+            None,
+        ))?;
+        check_origin(&node, &user, &headers)?;
+        check_token(&node, &user, query, &headers)?;
+        let permit = take_slot(&node)?;
+        let start = history_start(&node, &user, query).await?;
+        Ok::<_, Refusal>((user, permit, start))
     };
-    if let Some(origin) = headers.get(header::ORIGIN)
-        && !node.config.allowed_origins.is_empty()
-        && !node
-            .config
-            .allowed_origins
-            .iter()
-            .any(|allowed| allowed.as_bytes() == origin.as_bytes())
-    {
-        tracing::info!(user = %user, origin = ?origin, "refused: origin not allowed");
-        metrics::counter!("wsbus_connections_refused_total", "reason" => "origin").increment(1);
-        return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
-    }
-    if let Some(verifier) = &node.auth {
-        let authorization = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|h| h.to_str().ok());
-        let checked = match crate::auth::token_from(query.as_deref(), authorization) {
-            None => Err(crate::auth::AuthError::Missing),
-            Some(token) => verifier.verify(token, user.as_str()),
-        };
-        if let Err(e) = checked {
-            // Never log the token itself.
-            tracing::info!(user = %user, reason = %e, "refused: authentication");
-            metrics::counter!("wsbus_connections_refused_total", "reason" => "auth").increment(1);
-            return (StatusCode::UNAUTHORIZED, format!("{e}\n")).into_response();
-        }
-    }
-    if node.shutdown.is_cancelled() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "node shutting down\n").into_response();
-    }
-    let Ok(permit) = node.connections.clone().try_acquire_owned() else {
-        metrics::counter!("wsbus_connections_refused_total", "reason" => "limit").increment(1);
-        return (StatusCode::SERVICE_UNAVAILABLE, "too many connections\n").into_response();
+    let (user, permit, start) = match gates.await {
+        Ok(passed) => passed,
+        Err(refusal) => return refusal.into_response(),
     };
     let ws = configure(ws, &node);
-    // With history on, where the user's stream starts for this session: where the client
-    // says (`?since=&epoch=`), or where the stream is now, before the session registers, so
-    // that what is sent meanwhile reaches it too.
-    let start = match (&node.history, Position::from_query(query.as_deref())) {
-        (None, _) => None,
-        (Some(_), Some(position)) => Some(StartAt {
-            position,
-            asked: true,
-        }),
-        (Some(history), None) => {
-            let stream = crate::history::Stream::User(user.as_str());
-            match history.open(&node.redis, stream, None, 0, true).await {
-                Ok(opened) => Some(StartAt {
-                    position: Position {
-                        since: opened.top,
-                        epoch: opened.epoch.into(),
-                    },
-                    asked: false,
-                }),
-                Err(e) => {
-                    tracing::warn!(user = %user, error = %e, "history read failed; refusing connection");
-                    metrics::counter!("wsbus_connections_refused_total", "reason" => "bus")
-                        .increment(1);
-                    return (StatusCode::SERVICE_UNAVAILABLE, "bus unavailable\n").into_response();
-                }
-            }
-        }
-    };
     let sid = node.next_session_id();
     // In the hub before the claim: once the claim is in Redis, another node may evict this
     // session (`--on-session-limit replace`), and its kick must find the session here.
     let queue = node.hub.insert(user.clone(), sid);
-    let claim = claim_patiently(&node, &user, sid).await;
+    let evicted = match claim(&node, &user, sid).await {
+        Ok(Some(evicted)) => evicted,
+        Ok(None) => return ws.on_upgrade(move |socket| refuse_not_unique(socket, user)),
+        Err(refusal) => return refusal.into_response(),
+    };
+    close_replaced(&node, &user, &evicted).await;
+    let guard = SessionGuard::new(node.clone(), user.clone(), sid);
+    let tracker = node.sessions.clone();
+    metrics::counter!("wsbus_connections_opened_total").increment(1);
+    ws.on_upgrade(move |socket| {
+        tracker.track_future(Session::new(node, user, queue, guard, permit, start).run(socket))
+    })
+}
+
+/// A connect refused before the upgrade: its HTTP status and body, and the reason counted in
+/// `wsbus_connections_refused_total` (none for a malformed request or a node shutting down).
+struct Refusal {
+    status: StatusCode,
+    text: String,
+    reason: Option<&'static str>,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, text: impl Into<String>, reason: Option<&'static str>) -> Self {
+        Self {
+            status,
+            text: text.into(),
+            reason,
+        }
+    }
+
+    /// Redis could not be reached for something the connect needs.
+    fn bus_unavailable() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "bus unavailable",
+            Some("bus"),
+        )
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        if let Some(reason) = self.reason {
+            metrics::counter!("wsbus_connections_refused_total", "reason" => reason).increment(1);
+        }
+        (self.status, format!("{}\n", self.text)).into_response()
+    }
+}
+
+/// With `--allowed-origin`, a browser's `Origin` must be one of them.
+fn check_origin(node: &Node, user: &UserId, headers: &HeaderMap) -> Result<(), Refusal> {
+    let allowed = &node.config.allowed_origins;
+    match headers.get(header::ORIGIN) {
+        Some(origin)
+            if !allowed.is_empty()
+                && !allowed.iter().any(|a| a.as_bytes() == origin.as_bytes()) =>
+        {
+            tracing::info!(user = %user, origin = ?origin, "refused: origin not allowed");
+            Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                "origin not allowed",
+                Some("origin"),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Unless the node runs `--insecure`, a valid token for this user (`?token=` or
+/// `Authorization: Bearer`).
+fn check_token(
+    node: &Node,
+    user: &UserId,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<(), Refusal> {
+    let Some(verifier) = &node.auth else {
+        return Ok(());
+    };
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok());
+    let checked = match crate::auth::token_from(query, authorization) {
+        None => Err(crate::auth::AuthError::Missing),
+        Some(token) => verifier.verify(token, user.as_str()),
+    };
+    checked.map_err(|e| {
+        // Never log the token itself.
+        tracing::info!(user = %user, reason = %e, "refused: authentication");
+        Refusal::new(StatusCode::UNAUTHORIZED, e.to_string(), Some("auth"))
+    })
+}
+
+/// A place among the node's `--max-connections`, unless it is shutting down.
+fn take_slot(node: &Node) -> Result<OwnedSemaphorePermit, Refusal> {
+    if node.shutdown.is_cancelled() {
+        return Err(Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "node shutting down",
+            None,
+        ));
+    }
+    node.connections.clone().try_acquire_owned().map_err(|_| {
+        Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many connections",
+            Some("limit"),
+        )
+    })
+}
+
+/// With history on, where the user's stream starts for this session: where the client says
+/// (`?since=&epoch=`), or where the stream is now, read before the session registers, so
+/// that what is sent meanwhile reaches it too.
+async fn history_start(
+    node: &Node,
+    user: &UserId,
+    query: Option<&str>,
+) -> Result<Option<StartAt>, Refusal> {
+    let Some(history) = &node.history else {
+        return Ok(None);
+    };
+    if let Some(position) = Position::from_query(query) {
+        return Ok(Some(StartAt {
+            position,
+            asked: true,
+        }));
+    }
+    let stream = crate::history::Stream::User(user.as_str());
+    match history.open(&node.redis, stream, None, 0, true).await {
+        Ok(opened) => Ok(Some(StartAt {
+            position: Position {
+                since: opened.top,
+                epoch: opened.epoch.into(),
+            },
+            asked: false,
+        })),
+        Err(e) => {
+            tracing::warn!(user = %user, error = %e, "history read failed; refusing connection");
+            Err(Refusal::bus_unavailable())
+        }
+    }
+}
+
+/// Claims the session in Redis: `Some(sessions it evicted)` when claimed, `None` when the
+/// user's session limit refuses it. A session that is not claimed leaves the hub again.
+async fn claim(node: &Node, user: &UserId, sid: u64) -> Result<Option<Vec<SessionRef>>, Refusal> {
+    let claim = claim_patiently(node, user, sid).await;
     tracing::debug!(user = %user, sid, ?claim, "claim");
     if !matches!(claim, Ok(Claim::Claimed | Claim::Replaced { .. })) {
         let last_here = node.hub.remove(user.as_str(), sid);
@@ -125,28 +231,31 @@ async fn connect(
         // no other session here leaves it again.
         if last_here
             && matches!(claim, Ok(Claim::Refused { .. }))
-            && let Err(e) = node.presence.release(&user, sid, true).await
+            && let Err(e) = node.presence.release(user, sid, true).await
         {
             tracing::warn!(user = %user, error = %e, "could not undo a refused claim");
         }
     }
-    let evicted = match claim {
+    match claim {
         Err(e) => {
             tracing::warn!(user = %user, error = %e, "claim failed; refusing connection");
-            metrics::counter!("wsbus_connections_refused_total", "reason" => "bus").increment(1);
-            return (StatusCode::SERVICE_UNAVAILABLE, "bus unavailable\n").into_response();
+            Err(Refusal::bus_unavailable())
         }
         Ok(Claim::Refused { holders }) => {
             tracing::debug!(user = %user, ?holders, "refused: not unique session");
             metrics::counter!("wsbus_connections_refused_total", "reason" => "not_unique")
                 .increment(1);
             ClientError::NotUniqueSession.count();
-            return ws.on_upgrade(move |socket| refuse_not_unique(socket, user));
+            Ok(None)
         }
-        Ok(Claim::Claimed) => Vec::new(),
-        Ok(Claim::Replaced { evicted }) => evicted,
-    };
-    for old in &evicted {
+        Ok(Claim::Claimed) => Ok(Some(Vec::new())),
+        Ok(Claim::Replaced { evicted }) => Ok(Some(evicted)),
+    }
+}
+
+/// Closes the sessions a `--on-session-limit replace` claim evicted, wherever they are.
+async fn close_replaced(node: &Node, user: &UserId, evicted: &[SessionRef]) {
+    for old in evicted {
         metrics::counter!("wsbus_sessions_replaced_total").increment(1);
         if let Err(e) = node
             .close_session(user.as_str(), old, close::REPLACED_BY_NEWER, "")
@@ -155,12 +264,6 @@ async fn connect(
             tracing::warn!(user = %user, node = %old.node, error = %e, "could not close a replaced session");
         }
     }
-    let guard = SessionGuard::new(node.clone(), user.clone(), sid);
-    let tracker = node.sessions.clone();
-    metrics::counter!("wsbus_connections_opened_total").increment(1);
-    ws.on_upgrade(move |socket| {
-        tracker.track_future(Session::new(node, user, queue, guard, permit, start).run(socket))
-    })
 }
 
 /// Claims a session for `user`. A refusal is retried briefly: the session holding the user

@@ -8,31 +8,18 @@
 //! client's stack then throws away what it had not read yet: the error frame and the Close
 //! that said why.
 
-use std::time::Duration;
-
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::edge::listener::Watched;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use crate::session::socket::Socket;
 use tokio_tungstenite::WebSocketStream;
-use tungstenite::protocol::frame::coding::CloseCode;
-use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tungstenite::{Message, Utf8Bytes};
-
-/// An upgraded client connection: the TCP stream itself, taken back from hyper and the
-/// listener's wrapper, so a frame costs no layer of either.
-pub type Socket = WebSocketStream<TcpStream>;
-
-/// How long closing may take: the Close going out, then the client's Close (or EOF) coming
-/// back.
-pub const CLOSE_LINGER: Duration = Duration::from_secs(1);
+use tungstenite::protocol::{Role, WebSocketConfig};
 
 /// A request to upgrade to a WebSocket (an extractor), checked per RFC 6455 §4.2.1.
 pub struct Upgrade {
@@ -156,33 +143,4 @@ fn into_tcp(upgraded: Upgraded) -> Option<(TcpStream, Vec<u8>)> {
     let mut unread = parts.read_buf.to_vec();
     unread.extend_from_slice(&head_left);
     Some((tcp, unread))
-}
-
-/// Closes `socket` with `code`: sends the Close frame (after whatever is buffered), then
-/// stops acting on input but reads and discards it until the client's Close, EOF, or
-/// [`CLOSE_LINGER`]. When tungstenite can no longer read (after a protocol violation), the
-/// node sends a FIN behind its Close and discards raw bytes until the client's EOF. Dropping
-/// the socket then sends a FIN, not a reset, so the client reads everything sent before the
-/// Close, and the Close itself.
-pub async fn close_politely(socket: &mut Socket, code: u16, reason: impl Into<Utf8Bytes>) {
-    let frame = Message::Close(Some(CloseFrame {
-        code: CloseCode::from(code),
-        reason: reason.into(),
-    }));
-    let _ = tokio::time::timeout(CLOSE_LINGER, async {
-        if socket.send(frame).await.is_err() {
-            return;
-        }
-        // The stream ends after the client's Close, or at once if it ended before.
-        while let Some(Ok(msg)) = socket.next().await {
-            if msg.is_close() {
-                return;
-            }
-        }
-        let io = socket.get_mut();
-        let _ = io.shutdown().await;
-        let mut discard = [0u8; 4096];
-        while matches!(io.read(&mut discard).await, Ok(n) if n > 0) {}
-    })
-    .await;
 }

@@ -31,14 +31,15 @@ use crate::wire::client::{
 };
 
 mod recovery;
+pub mod socket;
 use crate::delivery::hub::SessionReceiver;
-use crate::edge::websocket::{CLOSE_LINGER, Socket, close_politely};
 use crate::node::Node;
 use crate::wire::frame::SocketFrame;
 use crate::wire::ids::RoomId;
 use crate::wire::ids::UserId;
 pub use recovery::StartAt;
 use serde_json::json;
+use socket::{CLOSE_LINGER, Socket, close_politely};
 
 /// Frames written per flush at most, so reads are not starved by a long queue.
 const MAX_FRAMES_PER_FLUSH: usize = 256;
