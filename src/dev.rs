@@ -143,7 +143,7 @@ fn wsbus_command() -> String {
 }
 
 /// What `wsbus dev` prints: its nodes, and commands to paste that point at *its* Redis and
-/// node ids (the README's examples assume `redis://127.0.0.1:6379`, which may be another
+/// node ids (the examples in docs/operations.md assume `redis://127.0.0.1:6379`, which may be another
 /// Redis). Only tools the setup installs: a browser, `wsbus` itself and `redis-cli`.
 fn banner(redis_url: &str, ids: &[String], addrs: &[SocketAddr], wsbus: &str) -> String {
     use std::fmt::Write;

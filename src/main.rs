@@ -73,19 +73,7 @@ enum Cmd {
         admin: AdminArgs,
     },
     /// Print a signed token for USER (HS256 with the secret, or RS256/ES256 with a private key).
-    Token {
-        /// The user id (the token's `sub`).
-        user: String,
-        /// Lifetime of the token.
-        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
-        ttl: std::time::Duration,
-        /// Shared secret (HS256).
-        #[arg(long, env = "WSBUS_JWT_SECRET", hide_env_values = true)]
-        jwt_secret: Option<String>,
-        /// PEM private key file (RSA → RS256, EC P-256 → ES256).
-        #[arg(long, conflicts_with = "jwt_secret")]
-        private_key: Option<std::path::PathBuf>,
-    },
+    Token(TokenArgs),
     /// Exit 0 if `URL` answers HTTP 200 (for container health checks; no curl needed).
     Probe {
         /// The URL to GET (http only).
@@ -94,29 +82,7 @@ enum Cmd {
     },
     /// Publish a frame to users and rooms through a node's HTTP API (`POST /api/publish`),
     /// printing its reply (`sent`, `offline`, `rooms`); exits 1 unless it answers 200.
-    Publish {
-        /// Users to send to (repeat, or comma-separate).
-        #[arg(long, value_delimiter = ',')]
-        to: Vec<String>,
-        /// Rooms to send to (repeat, or comma-separate).
-        #[arg(long, value_delimiter = ',')]
-        room: Vec<String>,
-        /// The frame's action (not `error`).
-        #[arg(long)]
-        action: String,
-        /// The frame's data, a JSON object.
-        #[arg(long, default_value = "{}")]
-        data: String,
-        /// Publish as this user id instead of `@server`.
-        #[arg(long)]
-        from: Option<String>,
-        /// The node's base URL (its client address, or `--admin-bind` if the API is there).
-        #[arg(long, env = "WSBUS_API_URL", default_value = "http://127.0.0.1:8080")]
-        url: String,
-        /// An API key of the node (the first of a comma-separated list is used).
-        #[arg(long, env = "WSBUS_API_KEYS", hide_env_values = true)]
-        api_key: String,
-    },
+    Publish(PublishArgs),
     /// Print a node's inbox entries, envelopes decoded to JSON (one per line).
     Inspect {
         /// The node id.
@@ -127,6 +93,48 @@ enum Cmd {
         #[command(flatten)]
         admin: AdminArgs,
     },
+}
+
+/// `wsbus token`: mint a token for a user.
+#[derive(clap::Args)]
+struct TokenArgs {
+    /// The user id (the token's `sub`).
+    user: String,
+    /// Lifetime of the token.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    ttl: std::time::Duration,
+    /// Shared secret (HS256).
+    #[arg(long, env = "WSBUS_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// PEM private key file (RSA → RS256, EC P-256 → ES256).
+    #[arg(long, conflicts_with = "jwt_secret")]
+    private_key: Option<std::path::PathBuf>,
+}
+
+/// `wsbus publish`: what to publish, and where the API is.
+#[derive(clap::Args)]
+struct PublishArgs {
+    /// Users to send to (repeat, or comma-separate).
+    #[arg(long, value_delimiter = ',')]
+    to: Vec<String>,
+    /// Rooms to send to (repeat, or comma-separate).
+    #[arg(long, value_delimiter = ',')]
+    room: Vec<String>,
+    /// The frame's action (not `error`).
+    #[arg(long)]
+    action: String,
+    /// The frame's data, a JSON object.
+    #[arg(long, default_value = "{}")]
+    data: String,
+    /// Publish as this user id instead of `@server`.
+    #[arg(long)]
+    from: Option<String>,
+    /// The node's base URL (its client address, or `--admin-bind` if the API is there).
+    #[arg(long, env = "WSBUS_API_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// An API key of the node (the first of a comma-separated list is used).
+    #[arg(long, env = "WSBUS_API_KEYS", hide_env_values = true)]
+    api_key: String,
 }
 
 #[derive(clap::Args)]
@@ -157,146 +165,167 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
-        Cmd::Serve { bind, config } => {
-            let listener = wsbus::edge::listener::bind(bind)
-                .with_context(|| format!("cannot listen on {bind}"))?;
-            wsbus::run(*config, listener, shutdown_signal()).await?;
-        }
+        Cmd::Serve { bind, config } => serve(bind, *config).await,
         Cmd::Dev(options) => {
             tracing::warn!("dev mode: no authentication, local use only");
             wsbus::dev::run(options, shutdown_signal())
                 .await
-                .map_err(|e| anyhow::anyhow!(e))?;
+                .map_err(|e| anyhow::anyhow!(e))
         }
-        Cmd::Nodes(admin) => {
-            let nodes = wsbus::cli::nodes(&admin.redis()?, &Keys::new(&admin.prefix)).await?;
-            println!(
-                "{:<24} {:<22} {:>8} {:>10} {:>8} {:>8}",
-                "NODE", "ADDR", "AGE(s)", "HEARTBEAT", "USERS", "INBOX"
-            );
-            for n in nodes {
-                println!(
-                    "{:<24} {:<22} {:>8} {:>8}ms {:>8} {:>8}",
-                    n.id,
-                    n.addr.unwrap_or_else(|| "-".into()),
-                    n.age_secs.map_or("-".into(), |a| a.to_string()),
-                    n.last_heartbeat_ms,
-                    n.users,
-                    n.inbox_len
-                );
-            }
+        Cmd::Nodes(admin) => print_nodes(&admin).await,
+        Cmd::Whereis { user, admin } => print_where_is(&user, &admin).await,
+        Cmd::Rooms { count, admin } => print_rooms(count, &admin).await,
+        Cmd::Members { room, admin } => print_members(&room, &admin).await,
+        Cmd::Token(args) => print_token(&args),
+        Cmd::Probe { url } => probe(&url).await,
+        Cmd::Publish(args) => publish(&args).await,
+        Cmd::Inspect { node, count, admin } => print_inbox(&node, count, &admin).await,
+    }
+}
+
+/// `wsbus serve`: one node until SIGTERM or Ctrl-C.
+async fn serve(bind: SocketAddr, config: wsbus::NodeConfig) -> anyhow::Result<()> {
+    let listener =
+        wsbus::edge::listener::bind(bind).with_context(|| format!("cannot listen on {bind}"))?;
+    wsbus::run(config, listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// `wsbus nodes`: the registry, one line per node.
+async fn print_nodes(admin: &AdminArgs) -> anyhow::Result<()> {
+    let nodes = wsbus::cli::nodes(&admin.redis()?, &Keys::new(&admin.prefix)).await?;
+    println!(
+        "{:<24} {:<22} {:>8} {:>10} {:>8} {:>8}",
+        "NODE", "ADDR", "AGE(s)", "HEARTBEAT", "USERS", "INBOX"
+    );
+    for n in nodes {
+        println!(
+            "{:<24} {:<22} {:>8} {:>8}ms {:>8} {:>8}",
+            n.id,
+            n.addr.unwrap_or_else(|| "-".into()),
+            n.age_secs.map_or("-".into(), |a| a.to_string()),
+            n.last_heartbeat_ms,
+            n.users,
+            n.inbox_len
+        );
+    }
+    Ok(())
+}
+
+/// `wsbus whereis`: a user's sessions; exits 1 when it has none.
+async fn print_where_is(user: &str, admin: &AdminArgs) -> anyhow::Result<()> {
+    let keys = Keys::new(&admin.prefix);
+    let sessions = wsbus::cli::where_is(&admin.redis()?, &keys, user).await?;
+    if sessions.is_empty() {
+        println!("{user} is not connected");
+        std::process::exit(1);
+    }
+    println!(
+        "{:<24} {:>10} {:>15}  status",
+        "node", "session", "since (ms)"
+    );
+    for s in &sessions {
+        let status = if s.alive { "live" } else { "node dead" };
+        println!("{:<24} {:>10} {:>15}  {status}", s.node, s.sid, s.since);
+    }
+    Ok(())
+}
+
+/// `wsbus rooms`: the largest rooms.
+async fn print_rooms(count: usize, admin: &AdminArgs) -> anyhow::Result<()> {
+    let keys = Keys::new(&admin.prefix);
+    let rooms = wsbus::cli::rooms(&admin.redis()?, &keys, count).await?;
+    println!("{:<32} {:>8}  nodes", "room", "members");
+    for r in rooms {
+        println!("{:<32} {:>8}  {}", r.room, r.members, r.nodes.join(","));
+    }
+    Ok(())
+}
+
+/// `wsbus members`: a room's members; exits 1 when it has none.
+async fn print_members(room: &str, admin: &AdminArgs) -> anyhow::Result<()> {
+    let keys = Keys::new(&admin.prefix);
+    let members = wsbus::cli::members(&admin.redis()?, &keys, room).await?;
+    if members.is_empty() {
+        println!("room {room} has no members");
+        std::process::exit(1);
+    }
+    for (user, nodes) in members {
+        println!("{user} {}", nodes.join(","));
+    }
+    Ok(())
+}
+
+/// `wsbus token`: prints a signed token.
+fn print_token(args: &TokenArgs) -> anyhow::Result<()> {
+    let pem = match &args.private_key {
+        Some(path) => {
+            Some(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
         }
-        Cmd::Whereis { user, admin } => {
-            let keys = Keys::new(&admin.prefix);
-            let sessions = wsbus::cli::where_is(&admin.redis()?, &keys, &user).await?;
-            if sessions.is_empty() {
-                println!("{user} is not connected");
-                std::process::exit(1);
-            }
-            println!(
-                "{:<24} {:>10} {:>15}  status",
-                "node", "session", "since (ms)"
-            );
-            for s in &sessions {
-                let status = if s.alive { "live" } else { "node dead" };
-                println!("{:<24} {:>10} {:>15}  {status}", s.node, s.sid, s.since);
-            }
-        }
-        Cmd::Rooms { count, admin } => {
-            let keys = Keys::new(&admin.prefix);
-            let rooms = wsbus::cli::rooms(&admin.redis()?, &keys, count).await?;
-            println!("{:<32} {:>8}  nodes", "room", "members");
-            for r in rooms {
-                println!("{:<32} {:>8}  {}", r.room, r.members, r.nodes.join(","));
-            }
-        }
-        Cmd::Members { room, admin } => {
-            let keys = Keys::new(&admin.prefix);
-            let members = wsbus::cli::members(&admin.redis()?, &keys, &room).await?;
-            if members.is_empty() {
-                println!("room {room} has no members");
-                std::process::exit(1);
-            }
-            for (user, nodes) in members {
-                println!("{user} {}", nodes.join(","));
-            }
-        }
-        Cmd::Token {
-            user,
-            ttl,
-            jwt_secret,
-            private_key,
-        } => {
-            let pem = match &private_key {
-                Some(path) => Some(
-                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
-                ),
-                None => None,
-            };
-            if jwt_secret.is_none() && pem.is_none() {
-                anyhow::bail!("give WSBUS_JWT_SECRET (or --jwt-secret) or --private-key");
-            }
-            let token = wsbus::auth::mint(
-                &user,
-                ttl.as_secs(),
-                jwt_secret.as_deref().map(str::as_bytes),
-                pem.as_deref(),
-            )
-            .map_err(|e| anyhow::anyhow!(e))?;
-            println!("{token}");
-        }
-        Cmd::Probe { url } => {
-            let status = wsbus::cli::probe(&url).await?;
-            if status != 200 {
-                anyhow::bail!("{url} answered HTTP {status}");
-            }
-        }
-        Cmd::Publish {
-            to,
-            room,
-            action,
-            data,
-            from,
-            url,
-            api_key,
-        } => {
-            let data: serde_json::Value =
-                serde_json::from_str(&data).context("--data is not valid JSON")?;
-            let mut body = serde_json::json!({"action": action, "data": data});
-            if !to.is_empty() {
-                body["to"] = serde_json::json!(to);
-            }
-            if !room.is_empty() {
-                body["rooms"] = serde_json::json!(room);
-            }
-            if let Some(from) = from {
-                body["from"] = serde_json::json!(from);
-            }
-            let key = api_key.split(',').next().unwrap_or_default();
-            let endpoint = format!("{}/api/publish", url.trim_end_matches('/'));
-            let (status, reply) = wsbus::cli::post_json(&endpoint, key, &body.to_string()).await?;
-            println!("{}", reply.trim_end());
-            if status != 200 {
-                anyhow::bail!("{endpoint} answered HTTP {status}");
-            }
-        }
-        Cmd::Inspect { node, count, admin } => {
-            let keys = Keys::new(&admin.prefix);
-            let Some(entries) = wsbus::cli::inspect(&admin.redis()?, &keys, &node, count).await?
-            else {
-                eprintln!(
-                    "no node {node:?} under prefix {:?}: not registered, no inbox (`wsbus nodes` lists them)",
-                    admin.prefix
-                );
-                std::process::exit(1);
-            };
-            if entries.is_empty() {
-                eprintln!("the inbox of {node} is empty (a node trims what it delivered)");
-            }
-            for entry in entries {
-                println!("{entry}");
-            }
-        }
+        None => None,
+    };
+    if args.jwt_secret.is_none() && pem.is_none() {
+        anyhow::bail!("give WSBUS_JWT_SECRET (or --jwt-secret) or --private-key");
+    }
+    let token = wsbus::auth::mint(
+        &args.user,
+        args.ttl.as_secs(),
+        args.jwt_secret.as_deref().map(str::as_bytes),
+        pem.as_deref(),
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
+    println!("{token}");
+    Ok(())
+}
+
+/// `wsbus probe`: exit 0 on HTTP 200.
+async fn probe(url: &str) -> anyhow::Result<()> {
+    let status = wsbus::cli::probe(url).await?;
+    if status != 200 {
+        anyhow::bail!("{url} answered HTTP {status}");
+    }
+    Ok(())
+}
+
+/// `wsbus publish`: one `POST /api/publish`, its reply printed.
+async fn publish(args: &PublishArgs) -> anyhow::Result<()> {
+    let data: serde_json::Value =
+        serde_json::from_str(&args.data).context("--data is not valid JSON")?;
+    let mut body = serde_json::json!({"action": args.action, "data": data});
+    if !args.to.is_empty() {
+        body["to"] = serde_json::json!(args.to);
+    }
+    if !args.room.is_empty() {
+        body["rooms"] = serde_json::json!(args.room);
+    }
+    if let Some(from) = &args.from {
+        body["from"] = serde_json::json!(from);
+    }
+    let key = args.api_key.split(',').next().unwrap_or_default();
+    let endpoint = format!("{}/api/publish", args.url.trim_end_matches('/'));
+    let (status, reply) = wsbus::cli::post_json(&endpoint, key, &body.to_string()).await?;
+    println!("{}", reply.trim_end());
+    if status != 200 {
+        anyhow::bail!("{endpoint} answered HTTP {status}");
+    }
+    Ok(())
+}
+
+/// `wsbus inspect`: a node's inbox entries, decoded, one JSON line each.
+async fn print_inbox(node: &str, count: usize, admin: &AdminArgs) -> anyhow::Result<()> {
+    let keys = Keys::new(&admin.prefix);
+    let Some(entries) = wsbus::cli::inspect(&admin.redis()?, &keys, node, count).await? else {
+        eprintln!(
+            "no node {node:?} under prefix {:?}: not registered, no inbox (`wsbus nodes` lists them)",
+            admin.prefix
+        );
+        std::process::exit(1);
+    };
+    if entries.is_empty() {
+        eprintln!("the inbox of {node} is empty (a node trims what it delivered)");
+    }
+    for entry in entries {
+        println!("{entry}");
     }
     Ok(())
 }

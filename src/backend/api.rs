@@ -354,7 +354,7 @@ async fn publish(
         metrics::counter!("wsbus_api_requests_total", "status" => "repeat").increment(1);
         return Ok(json_response(first));
     }
-    let replies = match send(&node, &items).await {
+    let replies = match publish_all(&node, &items).await {
         Ok(replies) => replies,
         Err(e) => {
             if let Some(key) = &idempotency {
@@ -386,7 +386,7 @@ fn json_response(body: String) -> Response {
 
 /// Sends validated publishes: one lookup pipeline for every user and room of the request,
 /// then each frame through [`Node::publish`] to the online users and the rooms.
-pub async fn send(node: &Node, items: &[Publish]) -> Result<Vec<Published>, ApiError> {
+pub async fn publish_all(node: &Node, items: &[Publish]) -> Result<Vec<Published>, ApiError> {
     let mut users: Vec<&str> = Vec::new();
     let mut rooms: Vec<&str> = Vec::new();
     for item in items {

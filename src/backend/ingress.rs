@@ -222,7 +222,7 @@ impl Reader {
             }
         }
         if !items.is_empty() {
-            match crate::backend::api::send(&self.node, &items).await {
+            match crate::backend::api::publish_all(&self.node, &items).await {
                 Ok(_) => {
                     metrics::counter!("wsbus_ingress_entries_total", "result" => "routed")
                         .increment(items.len() as u64);

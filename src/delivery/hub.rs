@@ -20,7 +20,7 @@ use crate::wire::ids::UserId;
 
 /// The sending side of one session: its queue and the means to end it.
 #[derive(Clone)]
-pub struct SessionHandle {
+pub struct SessionSender {
     /// Session id, unique on this node; with the node id it names the session in Redis.
     pub sid: u64,
     tx: socket_queue::Sender<SocketFrame>,
@@ -121,7 +121,7 @@ impl Fanout {
 
 /// The local sessions, by user: a user may hold several (`--max-sessions-per-user`).
 pub struct Hub {
-    users: DashMap<UserId, Vec<SessionHandle>>,
+    users: DashMap<UserId, Vec<SessionSender>>,
     /// Number of sessions (not users), kept beside the map so reading it locks nothing.
     sessions: AtomicUsize,
     queue_len: usize,
@@ -147,7 +147,7 @@ impl Hub {
     pub fn insert(&self, user: UserId, sid: u64) -> SessionReceiver {
         let (tx, rx) = socket_queue::channel(self.queue_len, self.queue_bytes);
         let kick = Arc::new(Kick::new(&self.shutdown));
-        self.users.entry(user).or_default().push(SessionHandle {
+        self.users.entry(user).or_default().push(SessionSender {
             sid,
             tx,
             kick: kick.clone(),
@@ -209,7 +209,7 @@ impl Hub {
     }
 
     /// The sending side of session `sid` of `user` (to add it to rooms).
-    pub fn handle(&self, user: &str, sid: u64) -> Option<SessionHandle> {
+    pub fn sender(&self, user: &str, sid: u64) -> Option<SessionSender> {
         self.users.get(user)?.iter().find(|s| s.sid == sid).cloned()
     }
 
@@ -258,7 +258,7 @@ impl Hub {
     }
 }
 
-impl SessionHandle {
+impl SessionSender {
     /// Queues `frame` without waiting; a full queue kicks the session as a slow consumer,
     /// and the frame is dropped and counted.
     pub fn offer(&self, frame: SocketFrame) -> Delivery {

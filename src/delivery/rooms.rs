@@ -13,14 +13,14 @@ use std::sync::Arc;
 
 use dashmap::DashMap;
 
-use crate::delivery::hub::{Delivery, SessionHandle};
+use crate::delivery::hub::{Delivery, SessionSender};
 use crate::wire::frame::SocketFrame;
 use crate::wire::ids::{RoomId, UserId};
 
 /// One session in a room.
 struct Member {
     user: UserId,
-    handle: SessionHandle,
+    sender: SessionSender,
 }
 
 /// What a local join changed.
@@ -71,10 +71,10 @@ impl Rooms {
     }
 
     /// Adds session `handle` of `user` to `room`.
-    pub fn join(&self, room: &RoomId, user: &UserId, handle: SessionHandle) -> Joined {
+    pub fn join(&self, room: &RoomId, user: &UserId, sender: SessionSender) -> Joined {
         let mut members = self.rooms.entry(room.clone()).or_default();
         let first_here = members.is_empty();
-        if members.iter().any(|m| m.handle.sid == handle.sid) {
+        if members.iter().any(|m| m.sender.sid == sender.sid) {
             return Joined {
                 already: true,
                 first_of_user: false,
@@ -84,7 +84,7 @@ impl Rooms {
         let first_of_user = !members.iter().any(|m| m.user == *user);
         members.push(Member {
             user: user.clone(),
-            handle,
+            sender,
         });
         Joined {
             already: false,
@@ -101,7 +101,7 @@ impl Rooms {
             last_here: false,
         };
         self.rooms.remove_if_mut(room, |_, members| {
-            if let Some(i) = members.iter().position(|m| m.handle.sid == sid) {
+            if let Some(i) = members.iter().position(|m| m.sender.sid == sid) {
                 members.swap_remove(i);
                 left.was_in = true;
                 left.last_of_user = !members.iter().any(|m| m.user == *user);
@@ -128,11 +128,11 @@ impl Rooms {
         let mut frame: Option<SocketFrame> = None;
         let mut queued = 0;
         for m in members.iter() {
-            if Some(m.handle.sid) == except_sid || Some(m.user.as_str()) == except_user {
+            if Some(m.sender.sid) == except_sid || Some(m.user.as_str()) == except_user {
                 continue;
             }
             let frame = frame.get_or_insert_with(|| (make.take().expect("built once"))());
-            if m.handle.offer(frame.clone()) == Delivery::Queued {
+            if m.sender.offer(frame.clone()) == Delivery::Queued {
                 queued += 1;
             }
         }
@@ -201,7 +201,7 @@ mod tests {
         let mut a1 = hub.insert(alice.clone(), 1);
         let mut a2 = hub.insert(alice.clone(), 2);
         let mut b3 = hub.insert(bob.clone(), 3);
-        let handle = |u: &UserId, sid| hub.handle(u.as_str(), sid).unwrap();
+        let handle = |u: &UserId, sid| hub.sender(u.as_str(), sid).unwrap();
 
         let j = rooms.join(&lobby, &alice, handle(&alice, 1));
         assert!(j.first_of_user && j.first_here && !j.already);

@@ -160,30 +160,9 @@ async fn serve_connection(
     slot: Slot,
     limits: Arc<HttpLimits>,
 ) {
-    let head = tokio::select! {
-        biased;
-        _ = slot.stop.cancelled() => Err(if slot.shutdown.is_cancelled() {
-            HeadError::Closed
-        } else {
-            HeadError::Evicted
-        }),
-        head = read_head(&mut tcp, limits.max_head_bytes, limits.header_timeout) => head,
+    let Some(head) = first_head(&mut tcp, &slot, &limits).await else {
+        return;
     };
-    let head = match head {
-        Ok(head) => head,
-        Err(e) => {
-            if e == HeadError::TooLarge {
-                // One small write on a fresh socket: its buffer takes it, or it is lost.
-                let _ = tcp.try_write(TOO_LARGE);
-            }
-            if let Some(reason) = e.reason() {
-                metrics::counter!("wsbus_http_connections_dropped_total", "reason" => reason)
-                    .increment(1);
-            }
-            return;
-        }
-    };
-    let idle_timeout = limits.idle_timeout;
     let state = Arc::new(ConnState::default());
     let io = TokioIo::new(Watched {
         inner: tcp,
@@ -196,7 +175,49 @@ async fn serve_connection(
         state: state.clone(),
     };
     // Boxed: hyper's connection is large, and a task's future is allocated at its largest.
-    let mut conn = Box::pin(http.serve_connection(io, service).with_upgrades());
+    let conn = Box::pin(http.serve_connection(io, service).with_upgrades());
+    if let Some(reason) = drive(conn, &slot, &state, limits.idle_timeout).await {
+        metrics::counter!("wsbus_http_connections_dropped_total", "reason" => reason).increment(1);
+    }
+}
+
+/// Reads the first request head within the limits; `None` (counted) when the connection
+/// ended before it was complete, the node stopped it, or the head was too large (answered
+/// 431 with one small write).
+async fn first_head(tcp: &mut TcpStream, slot: &Slot, limits: &HttpLimits) -> Option<Vec<u8>> {
+    let head = tokio::select! {
+        biased;
+        _ = slot.stop.cancelled() => Err(if slot.shutdown.is_cancelled() {
+            HeadError::Closed
+        } else {
+            HeadError::Evicted
+        }),
+        head = read_head(tcp, limits.max_head_bytes, limits.header_timeout) => head,
+    };
+    match head {
+        Ok(head) => Some(head),
+        Err(e) => {
+            if e == HeadError::TooLarge {
+                // One small write on a fresh socket: its buffer takes it, or it is lost.
+                let _ = tcp.try_write(TOO_LARGE);
+            }
+            if let Some(reason) = e.reason() {
+                metrics::counter!("wsbus_http_connections_dropped_total", "reason" => reason)
+                    .increment(1);
+            }
+            None
+        }
+    }
+}
+
+/// Runs hyper's connection until it ends, closing it gracefully when the node stops the slot
+/// or the connection sat idle for `idle_timeout`; returns why it was dropped, if it counts.
+async fn drive(
+    mut conn: Pin<Box<http1::UpgradeableConnection<TokioIo<Watched>, Handler>>>,
+    slot: &Slot,
+    state: &ConnState,
+    idle_timeout: Duration,
+) -> Option<&'static str> {
     let idle = tokio::time::sleep(idle_timeout);
     let mut idle = pin!(idle);
     let mut seen = state.activity();
@@ -224,7 +245,7 @@ async fn serve_connection(
             break None;
         }
     };
-    let reason = match (&result, closing) {
+    match (&result, closing) {
         (Some(Err(e)), _) if e.is_timeout() => Some("header_timeout"),
         (Some(Err(e)), _) if e.is_parse_too_large() => Some("head_too_large"),
         (Some(Err(e)), _) => {
@@ -233,9 +254,6 @@ async fn serve_connection(
         }
         (None, Some(reason)) if reason != "shutdown" => Some(reason),
         _ => None,
-    };
-    if let Some(reason) = reason {
-        metrics::counter!("wsbus_http_connections_dropped_total", "reason" => reason).increment(1);
     }
 }
 

@@ -60,7 +60,7 @@ impl Node {
             self.metrics.room_messages.increment(1);
         }
         let payload = Payload::Text(text.into_owned().into_boxed_str());
-        self.deliver(origin, target, payload, frame, echo, born_us)
+        self.route(origin, target, payload, frame, echo, born_us)
             .await
     }
 
@@ -84,7 +84,7 @@ impl Node {
             action: action.into(),
             frame: frame.clone(),
         };
-        self.deliver(origin, target, payload, socket_frame, false, born_us)
+        self.route(origin, target, payload, socket_frame, false, born_us)
             .await
     }
 
@@ -93,7 +93,7 @@ impl Node {
     /// (and, with `echo`, the sender's other sessions here); the bus writer takes the rest.
     /// With one session per user, a recipient found here is nowhere else, and Redis is
     /// skipped.
-    async fn deliver(
+    async fn route(
         &self,
         origin: Origin,
         target: Target,

@@ -126,7 +126,7 @@ pub struct Node {
     pub history: Option<crate::history::History>,
     next_sid: AtomicU64,
     next_message_id: AtomicU64,
-    /// Random id of this process, stamped on every envelope (see `wire::Envelope::boot`).
+    /// Random id of this process, stamped on every envelope (see [`crate::wire::envelope::Envelope::boot`]).
     pub boot: u64,
 }
 

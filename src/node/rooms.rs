@@ -27,7 +27,7 @@ impl Node {
     ) -> Result<u64, ClientError> {
         let handle = self
             .hub
-            .handle(user.as_str(), sid)
+            .sender(user.as_str(), sid)
             .ok_or(ClientError::BusUnavailable)?;
         let turn = self.rooms.change(room).await;
         let joined = self.rooms.join(room, user, handle);

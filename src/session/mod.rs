@@ -338,7 +338,7 @@ impl Session {
                                     return End::Close(close::RATE_LIMITED, Cow::Borrowed("rate limit exceeded"));
                                 }
                                 (Admission::Refused, _) => Err(ClientError::RateLimited),
-                                (Admission::Allowed, Message::Text(text)) => self.handle(&text).await,
+                                (Admission::Allowed, Message::Text(text)) => self.run_command(&text).await,
                                 (Admission::Allowed, _) => Err(ClientError::BinaryFrame),
                             };
                             let written = match outcome {
@@ -391,7 +391,7 @@ impl Session {
 
     /// Handles one client frame; a frame that answers the client (`joined`, `left`,
     /// `members`) is queued for it like any other.
-    async fn handle(&mut self, text: &str) -> Result<Direct, ClientError> {
+    async fn run_command(&mut self, text: &str) -> Result<Direct, ClientError> {
         let node = self.node.clone();
         node.metrics.received.increment(1);
         let born_us = crate::wire::clock::now_us();

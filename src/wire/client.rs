@@ -1,5 +1,5 @@
 //! The edge protocol: JSON text frames between clients and a node, and every error text and
-//! close code a client can see. This module is the single list of them; the README copies it.
+//! close code a client can see. This module is the single list of them; docs/protocol.md copies it.
 //!
 //! Client → server: `{"action": "<name>", "data": <object>}`.
 //! Server → client: `{"from": "<user id>", "action": "<name>", "data": <object>}`.
