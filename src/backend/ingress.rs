@@ -10,6 +10,7 @@
 //! back empty the group is created again (from the stream's start) once a backend appends.
 //! The stream is capped with `XTRIM MAXLEN ~ --ingress-maxlen`.
 
+use crate::wire::event::{Event, EventKind};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -217,6 +218,12 @@ impl Reader {
                     metrics::counter!("wsbus_ingress_entries_total", "result" => "invalid")
                         .increment(1);
                     tracing::warn!(entry = %id, reason = %reason, "dropping an ingress entry that does not parse");
+                    if self.node.wants(EventKind::IngressInvalid) {
+                        let event = Event::new(EventKind::IngressInvalid, "", 0)
+                            .field("entry", id.to_string())
+                            .field("reason", reason);
+                        self.node.report_event(event).await;
+                    }
                     garbage.push(id.to_string());
                 }
             }

@@ -145,6 +145,7 @@ impl Node {
                     if here.queued == 0 && sending_session.is_some() {
                         return Err(ClientError::RecipientTooSlow(to.to_string()));
                     }
+                    self.answer_ack(&origin);
                     return Ok(());
                 }
                 here.found()
@@ -216,8 +217,9 @@ impl Node {
                 tracing::debug!(user = %user, error = %text, "a node's own message failed");
                 None
             }
-            Origin::Session { user, sid } => {
-                let frame = crate::wire::client::encode_error(user.as_str(), &text);
+            Origin::Session { user, sid, ack } => {
+                let frame =
+                    crate::wire::client::encode_error_for(user.as_str(), &text, ack.as_deref());
                 self.hub
                     .deliver_session(user.as_str(), *sid, SocketFrame::unmeasured(frame));
                 None
@@ -254,6 +256,21 @@ impl Node {
                 }
                 Some(env)
             }
+        }
+    }
+
+    /// Acknowledges a client's frame (with an `id`) to its session: the message it carried
+    /// was accepted (handed to Redis or to the sockets here).
+    pub fn answer_ack(&self, origin: &Origin) {
+        if let Origin::Session {
+            user,
+            sid,
+            ack: Some(id),
+        } = origin
+        {
+            let frame = crate::wire::client::encode_ack(user.as_str(), id);
+            self.hub
+                .deliver_session(user.as_str(), *sid, SocketFrame::unmeasured(frame));
         }
     }
 

@@ -20,10 +20,24 @@ use crate::delivery::target::Dispatch;
 use crate::redis::keys::Keys;
 use crate::redis::{Redis, RedisError};
 use crate::wire::clock::now_ms;
+use crate::wire::event::{Event, EventKinds};
 use crate::wire::ids::{is_valid_id, random_node_id};
 
 pub mod dispatch;
+pub mod events;
 pub mod rooms;
+
+/// An event on its way to the events stream, and who waits for its append (`true`: it is
+/// in Redis).
+pub type EventRequest = (Event, Option<tokio::sync::oneshot::Sender<bool>>);
+
+/// The receiving ends of a node's queues, for the tasks that serve them.
+pub struct Queues {
+    /// The bus writer's.
+    pub bus_writer: mpsc::Receiver<Dispatch>,
+    /// The events appender's (`--events`), `None` when events are off.
+    pub events: Option<mpsc::Receiver<EventRequest>>,
+}
 
 /// Why a node could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +138,10 @@ pub struct Node {
     pub metrics: crate::telemetry::HotMetrics,
     /// History streams and recovery (`--history`); `None` when off.
     pub history: Option<crate::history::History>,
+    /// Queue of the events appender (`--events`); `None` when off.
+    pub events: Option<mpsc::Sender<EventRequest>>,
+    /// The event types appended (`--events`, and `action` with `--backend-actions`).
+    pub event_kinds: EventKinds,
     next_sid: AtomicU64,
     next_message_id: AtomicU64,
     /// Random id of this process, stamped on every envelope (see [`crate::wire::envelope::Envelope::boot`]).
@@ -144,11 +162,8 @@ impl Node {
 
 impl Node {
     /// Checks `config` and builds the state of a node serving clients on `addr` (not yet
-    /// registered, no task started). Returns the receiving end of the bus writer's queue too.
-    pub fn build(
-        config: NodeConfig,
-        addr: SocketAddr,
-    ) -> Result<(Arc<Node>, mpsc::Receiver<Dispatch>), NodeError> {
+    /// registered, no task started). Returns the receiving ends of its queues too.
+    pub fn build(config: NodeConfig, addr: SocketAddr) -> Result<(Arc<Node>, Queues), NodeError> {
         let id = config.node_id.clone().unwrap_or_else(random_node_id);
         if !is_valid_id(&id) {
             return Err(NodeError::Config(format!(
@@ -165,6 +180,7 @@ impl Node {
                 "relay action {bad:?}: use 1-64 of [A-Za-z0-9_.-], not a built-in action"
             )));
         }
+        check_backend_actions(&config)?;
         let auth =
             crate::auth::from_config(&config).map_err(|e| NodeError::Config(e.to_string()))?;
         let keys = Keys::new(&config.prefix);
@@ -182,8 +198,21 @@ impl Node {
         let stop = CancellationToken::new();
         let boot = fastrand::u64(1..);
         let history = crate::history::History::new(&config, &keys, boot);
+        let mut event_kinds = config.events;
+        if !config.backend_actions.is_empty() {
+            event_kinds = event_kinds.with(crate::wire::event::EventKind::Action);
+        }
+        let (events, events_rx) = match event_kinds.any() {
+            true => {
+                let (tx, rx) = mpsc::channel(config.bus_queue.max(1));
+                (Some(tx), Some(rx))
+            }
+            false => (None, None),
+        };
         let node = Arc::new(Node {
             history,
+            events,
+            event_kinds,
             presence: Presence::new(
                 redis.clone(),
                 keys.clone(),
@@ -223,6 +252,28 @@ impl Node {
             boot,
             config,
         });
-        Ok((node, bus_writer_rx))
+        let queues = Queues {
+            bus_writer: bus_writer_rx,
+            events: events_rx,
+        };
+        Ok((node, queues))
     }
+}
+
+/// Refuses a backend action that is not a valid id, is a built-in action or is also a relay
+/// action: a client's frame must mean one thing.
+fn check_backend_actions(config: &NodeConfig) -> Result<(), NodeError> {
+    for name in &config.backend_actions {
+        let why = if !is_valid_id(name) {
+            "use 1-64 of [A-Za-z0-9_.-]"
+        } else if crate::wire::client::RESERVED_ACTIONS.contains(&name.as_str()) {
+            "it is a built-in action"
+        } else if config.relay_actions.contains(name) {
+            "it is also a relay action (--relay-actions)"
+        } else {
+            continue;
+        };
+        return Err(NodeError::Config(format!("backend action {name:?}: {why}")));
+    }
+    Ok(())
 }
