@@ -170,17 +170,7 @@ impl Node {
                 "node id {id:?}: use 1-64 of [A-Za-z0-9_.-]"
             )));
         }
-        if !is_valid_id(&config.prefix.replace(':', "_")) {
-            return Err(NodeError::Config(format!("prefix {:?}", config.prefix)));
-        }
-        if let Some(bad) = config.relay_actions.iter().find(|a| {
-            !is_valid_id(a) || crate::wire::client::RESERVED_ACTIONS.contains(&a.as_str())
-        }) {
-            return Err(NodeError::Config(format!(
-                "relay action {bad:?}: use 1-64 of [A-Za-z0-9_.-], not a built-in action"
-            )));
-        }
-        check_backend_actions(&config)?;
+        check_names(&config)?;
         let auth =
             crate::auth::from_config(&config).map_err(|e| NodeError::Config(e.to_string()))?;
         let keys = Keys::new(&config.prefix);
@@ -198,17 +188,7 @@ impl Node {
         let stop = CancellationToken::new();
         let boot = fastrand::u64(1..);
         let history = crate::history::History::new(&config, &keys, boot);
-        let mut event_kinds = config.events;
-        if !config.backend_actions.is_empty() {
-            event_kinds = event_kinds.with(crate::wire::event::EventKind::Action);
-        }
-        let (events, events_rx) = match event_kinds.any() {
-            true => {
-                let (tx, rx) = mpsc::channel(config.bus_queue.max(1));
-                (Some(tx), Some(rx))
-            }
-            false => (None, None),
-        };
+        let (event_kinds, events, events_rx) = events_queue(&config);
         let node = Arc::new(Node {
             history,
             events,
@@ -260,9 +240,42 @@ impl Node {
     }
 }
 
-/// Refuses a backend action that is not a valid id, is a built-in action or is also a relay
-/// action: a client's frame must mean one thing.
-fn check_backend_actions(config: &NodeConfig) -> Result<(), NodeError> {
+/// The event types a node appends (`--events`, and `action` with `--backend-actions`) and,
+/// if any, the events appender's queue.
+fn events_queue(
+    config: &NodeConfig,
+) -> (
+    EventKinds,
+    Option<mpsc::Sender<EventRequest>>,
+    Option<mpsc::Receiver<EventRequest>>,
+) {
+    let mut kinds = config.events;
+    if !config.backend_actions.is_empty() {
+        kinds = kinds.with(crate::wire::event::EventKind::Action);
+    }
+    if !kinds.any() {
+        return (kinds, None, None);
+    }
+    let (tx, rx) = mpsc::channel(config.bus_queue.max(1));
+    (kinds, Some(tx), Some(rx))
+}
+
+/// Refuses a prefix that is no id, a relay action that is no id or a built-in action, and a
+/// backend action that is no id, a built-in action or also a relay action: a client's frame
+/// must mean one thing.
+fn check_names(config: &NodeConfig) -> Result<(), NodeError> {
+    if !is_valid_id(&config.prefix.replace(':', "_")) {
+        return Err(NodeError::Config(format!("prefix {:?}", config.prefix)));
+    }
+    if let Some(bad) = config
+        .relay_actions
+        .iter()
+        .find(|a| !is_valid_id(a) || crate::wire::client::RESERVED_ACTIONS.contains(&a.as_str()))
+    {
+        return Err(NodeError::Config(format!(
+            "relay action {bad:?}: use 1-64 of [A-Za-z0-9_.-], not a built-in action"
+        )));
+    }
     for name in &config.backend_actions {
         let why = if !is_valid_id(name) {
             "use 1-64 of [A-Za-z0-9_.-]"

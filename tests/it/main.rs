@@ -8,6 +8,7 @@ mod api;
 mod closing;
 mod cluster;
 mod errors;
+mod events;
 mod faults;
 mod history;
 mod http;
