@@ -83,6 +83,9 @@ enum Cmd {
     /// Publish a frame to users and rooms through a node's HTTP API (`POST /api/publish`),
     /// printing its reply (`sent`, `offline`, `rooms`); exits 1 unless it answers 200.
     Publish(PublishArgs),
+    /// Follow the events stream (`--events`) like `tail -f`, pretty-printed (or as JSON
+    /// lines), optionally as a member of a consumer group (acknowledging what it prints).
+    Events(EventsArgs),
     /// Print a node's inbox entries, envelopes decoded to JSON (one per line).
     Inspect {
         /// The node id.
@@ -137,6 +140,33 @@ struct PublishArgs {
     api_key: String,
 }
 
+/// `wsbus events`: which streams, from where, as whom.
+#[derive(clap::Args)]
+struct EventsArgs {
+    /// The nodes' `--events-shards`: 1 reads `<prefix>:events`, N reads
+    /// `<prefix>:events:0` .. `<prefix>:events:<N-1>`.
+    #[arg(long, env = "WSBUS_EVENTS_SHARDS", default_value_t = 1)]
+    shards: u32,
+    /// Start at the beginning of the streams (default: only what comes from now on).
+    #[arg(long)]
+    from_start: bool,
+    /// Read as a member of this consumer group (created if missing), acknowledging each
+    /// entry once printed.
+    #[arg(long)]
+    group: Option<String>,
+    /// The consumer's name within `--group`.
+    #[arg(long, default_value = "wsbus-cli", requires = "group")]
+    consumer: String,
+    /// Print one JSON object per line (`stream`, `id` and the fields) instead.
+    #[arg(long)]
+    json: bool,
+    /// Exit after this many events (default: follow until interrupted).
+    #[arg(long)]
+    count: Option<usize>,
+    #[command(flatten)]
+    admin: AdminArgs,
+}
+
 #[derive(clap::Args)]
 struct AdminArgs {
     /// Redis URL.
@@ -180,7 +210,40 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Probe { url } => probe(&url).await,
         Cmd::Publish(args) => publish(&args).await,
         Cmd::Inspect { node, count, admin } => print_inbox(&node, count, &admin).await,
+        Cmd::Events(args) => follow_events(&args).await,
     }
+}
+
+/// `wsbus events`: prints events as they are appended, until interrupted (or `--count`).
+async fn follow_events(args: &EventsArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::time::Duration;
+    let keys = Keys::new(&args.admin.prefix);
+    let redis = args.admin.redis()?;
+    let mut conn = redis.conn().await?;
+    let streams = keys.all_events(args.shards.max(1));
+    let group = args.group.clone().map(|g| (g, args.consumer.clone()));
+    let mut follower =
+        wsbus::backend::events::Follower::new(&mut conn, streams, args.from_start, group).await?;
+    let mut printed = 0;
+    let mut stop = std::pin::pin!(shutdown_signal());
+    let mut out = std::io::stdout().lock();
+    while args.count.is_none_or(|n| printed < n) {
+        let left = args.count.map_or(usize::MAX, |n| n - printed);
+        let batch = tokio::select! {
+            _ = &mut stop => return Ok(()),
+            batch = follower.next(&mut conn, Duration::from_secs(1), left) => batch?,
+        };
+        for entry in batch {
+            match args.json {
+                true => writeln!(out, "{}", entry.json())?,
+                false => writeln!(out, "{}", entry.pretty())?,
+            }
+            printed += 1;
+        }
+        out.flush()?;
+    }
+    Ok(())
 }
 
 /// `wsbus serve`: one node until SIGTERM or Ctrl-C.

@@ -545,3 +545,114 @@ async fn events_off_write_nothing() {
     assert!(!keys.iter().any(|k| k.contains("events")), "{keys:?}");
     node.stop().await;
 }
+
+/// Runs `wsbus events` with `args` until it exits (it must, through `--count`); its stdout.
+async fn cli_events(backend: &Backend, args: &[&str]) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_wsbus"))
+        .arg("events")
+        .args(backend.cli_args())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run wsbus events")
+}
+
+async fn output_of(child: tokio::process::Child) -> String {
+    let out = tokio::time::timeout(DEADLINE, child.wait_with_output())
+        .await
+        .expect("wsbus events exits after --count")
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `wsbus events` follows every shard, as a consumer group member (acknowledging what it
+/// printed) or from the start, as JSON lines or pretty-printed.
+async fn the_cli_follows_the_stream(backend: Backend) {
+    let node = backend
+        .node_with("a", |c| {
+            c.events = "connect,message".parse().unwrap();
+            c.events_shards = 2;
+        })
+        .await;
+    let mut bob = node.connect("bob").await;
+    let follower = cli_events(
+        &backend,
+        &[
+            "--shards",
+            "2",
+            "--group",
+            "g",
+            "--consumer",
+            "c1",
+            "--json",
+            "--count",
+            "2",
+        ],
+    )
+    .await;
+    // The group exists once the follower runs: what comes next is read.
+    let mut conn = backend.conn().await;
+    let backend_ref = &backend;
+    eventually(DEADLINE, "the group on both shards", || async move {
+        let mut conn = backend_ref.conn().await;
+        for key in key_names().all_events(2) {
+            let groups: redis::RedisResult<Vec<Value>> = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await;
+            if groups.map_or(true, |g| g.is_empty()) {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    let mut alice = node.connect("alice").await;
+    alice.send_to("bob", "hello").await;
+    bob.expect_message("alice", "hello").await;
+    let lines = output_of(follower).await;
+    let events: Vec<Json> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 2, "{lines}");
+    assert_eq!(events[0]["type"], "connect");
+    assert_eq!(events[0]["user"], "alice");
+    assert_eq!(events[1]["type"], "message");
+    assert_eq!(events[1]["to"], "bob");
+    assert_eq!(events[1]["stream"], key_names().events_for("alice", 2));
+    for key in key_names().all_events(2) {
+        let pending: (u64, Value, Value, Value) = redis::cmd("XPENDING")
+            .arg(&key)
+            .arg("g")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(pending.0, 0, "{key}: everything printed was acknowledged");
+    }
+    // From the start, pretty: bob's connect, alice's connect, alice's message.
+    let pretty =
+        output_of(cli_events(&backend, &["--shards", "2", "--from-start", "--count", "3"]).await)
+            .await;
+    let lines: Vec<&str> = pretty.lines().collect();
+    assert_eq!(lines.len(), 3, "{pretty}");
+    let message = lines
+        .iter()
+        .find(|l| l.contains(" message "))
+        .expect("a message line");
+    assert!(
+        message.contains("alice@a#") && message.contains("to=bob"),
+        "{message}"
+    );
+    assert!(
+        message.contains(r#"data={"text":"hello","to":"bob"}"#),
+        "{message}"
+    );
+    node.stop().await;
+}
+
+on_both!(the_cli_follows_the_stream);
