@@ -46,8 +46,14 @@ enum Cmd {
         #[command(flatten)]
         config: Box<NodeConfig>,
     },
-    /// Run a local cluster (and its own redis-server unless --redis-url is given).
-    Dev(DevOptions),
+    /// Run a local cluster (and its own redis-server unless --redis-url is given); every
+    /// `serve` flag is passed to its nodes (e.g. `--history 100 --events all`).
+    Dev {
+        #[command(flatten)]
+        options: DevOptions,
+        #[command(flatten)]
+        config: Box<NodeConfig>,
+    },
     /// List the registered nodes with their age, users and inbox length.
     Nodes(AdminArgs),
     /// Show which node a user is connected to.
@@ -192,13 +198,23 @@ impl AdminArgs {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches)?;
     init_logging(cli.log_format);
     match cli.command {
         Cmd::Serve { bind, config } => serve(bind, *config).await,
-        Cmd::Dev(options) => {
-            tracing::warn!("dev mode: no authentication, local use only");
-            wsbus::dev::run(options, shutdown_signal())
+        Cmd::Dev { options, config } => {
+            // Its own redis-server unless a Redis was named (flag or environment).
+            let given = matches.subcommand_matches("dev").and_then(|m| {
+                let source = m.value_source("redis_url")?;
+                (source != clap::parser::ValueSource::DefaultValue).then_some(())
+            });
+            let redis_url = given.map(|()| config.redis_url.clone());
+            if config.jwt_secret.is_none() && config.jwt_public_key.is_none() {
+                tracing::warn!("dev mode: no authentication, local use only");
+            }
+            wsbus::dev::run(options, *config, redis_url, shutdown_signal())
                 .await
                 .map_err(|e| anyhow::anyhow!(e))
         }

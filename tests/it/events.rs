@@ -656,3 +656,68 @@ async fn the_cli_follows_the_stream(backend: Backend) {
 }
 
 on_both!(the_cli_follows_the_stream);
+
+/// `wsbus dev` passes every `serve` flag to its nodes, whose first log line says which
+/// features are on.
+#[tokio::test]
+async fn dev_passes_serve_flags_to_its_nodes() {
+    use tokio::io::AsyncBufReadExt;
+    let base = loop {
+        let p = wsbus::dev::free_port().unwrap();
+        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            break p;
+        }
+    };
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsbus"))
+        .args(["dev", "--base-port", &base.to_string(), "--history", "10"])
+        .args([
+            "--api-key",
+            "dev-key-1",
+            "--events",
+            "all",
+            "--backend-actions",
+            "order",
+        ])
+        .env("RUST_LOG", "info")
+        .env_remove("WSBUS_REDIS_URL")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let first = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let line = stderr.next_line().await.unwrap().expect("a log line");
+            if line.contains("wsbus::server") {
+                return line;
+            }
+        }
+    })
+    .await
+    .expect("a node logs");
+    assert!(first.contains("node starting"), "{first}");
+    assert!(
+        first.contains(
+            "auth=off (insecure) api=on history=10 events=all relay_actions=none backend_actions=order"
+        ),
+        "{first}"
+    );
+    let url = format!("ws://127.0.0.1:{base}/ws/alice");
+    let mut alice = eventually(DEADLINE, "dev node up", || async {
+        Client::connect_url(&url, "alice").await.ok()
+    })
+    .await;
+    alice.send_raw(&frame(json!(1), "order", json!({}))).await;
+    assert_eq!(recv_action(&mut alice, "ack").await["data"]["id"], 1);
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(DEADLINE, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
