@@ -721,3 +721,111 @@ async fn dev_passes_serve_flags_to_its_nodes() {
         .unwrap();
     assert!(status.success(), "{status}");
 }
+
+/// The Python interpreter of the examples' venv (`scripts/setup --test` makes it, with the
+/// `redis` package): `$WSBUS_EXAMPLES_VENV/bin/python`, by default under /tmp/wsbus-examples.
+fn examples_python() -> String {
+    let venv =
+        std::env::var("WSBUS_EXAMPLES_VENV").unwrap_or_else(|_| "/tmp/wsbus-examples".into());
+    let python = format!("{venv}/bin/python");
+    assert!(
+        std::path::Path::new(&python).exists(),
+        "{python} is missing: run scripts/setup --test (it makes a venv with the redis package)"
+    );
+    python
+}
+
+/// examples/chat_backend.py against real nodes (events sharded in two): it welcomes users on
+/// connect, stores their chat messages in SQLite, and answers its backend action.
+#[tokio::test]
+async fn the_example_chat_backend_works() {
+    use tokio::io::AsyncBufReadExt;
+    let backend = Backend::single().await;
+    let tune = |c: &mut wsbus::NodeConfig| {
+        c.events = "all".parse().unwrap();
+        c.events_shards = 2;
+        c.backend_actions = vec!["stats".into()];
+    };
+    let a = backend.node_with("a", tune).await;
+    let b = backend.node_with("b", tune).await;
+    let db = std::env::temp_dir().join(format!("wsbus-chat-{}.db", std::process::id()));
+    let _ = std::fs::remove_file(&db);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/chat_backend.py");
+    let mut child = tokio::process::Command::new(examples_python())
+        .arg(script)
+        .args(["--redis-url", &backend.url(), "--shards", "2", "--db"])
+        .arg(&db)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = tokio::time::timeout(DEADLINE, out.next_line())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        ready.is_some_and(|l| l.contains(r#""ready": true"#)),
+        "the backend started"
+    );
+
+    let welcome = |user: &str| json!({"from": "@server", "action": "welcome", "data": {"text": format!("Welcome, {user}!")}});
+    let mut alice = a.connect("alice").await;
+    assert_eq!(alice.recv().await, welcome("alice"));
+    let mut bob = b.connect("bob").await;
+    assert_eq!(bob.recv().await, welcome("bob"));
+    alice.send_to("bob", "hi bob").await;
+    bob.expect_message("alice", "hi bob").await;
+    for client in [&mut alice, &mut bob] {
+        client
+            .send_raw(&frame(json!(1), "join", json!({"room": "r"})))
+            .await;
+        recv_action(client, "ack").await;
+    }
+    alice
+        .send_raw(&frame(
+            json!(2),
+            "room_message",
+            json!({"room": "r", "text": "hi room"}),
+        ))
+        .await;
+    assert_eq!(
+        recv_action(&mut bob, "room_message").await["data"]["text"],
+        "hi room"
+    );
+    // The action comes after alice's messages in her shard: both are stored by then.
+    alice.send_raw(&frame(json!(3), "stats", json!({}))).await;
+    let stats = recv_action(&mut alice, "stats").await;
+    assert_eq!(
+        stats,
+        json!({"from": "@server", "action": "stats", "data": {"stored": 2}})
+    );
+
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(DEADLINE, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let rows = tokio::process::Command::new(examples_python())
+        .args(["-c", "import json, sqlite3, sys; print(json.dumps(sqlite3.connect(sys.argv[1]).execute('SELECT sender, to_user, room, text FROM messages ORDER BY ts, entry').fetchall()))"])
+        .arg(&db)
+        .output()
+        .await
+        .unwrap();
+    let rows: Json = serde_json::from_slice(&rows.stdout).unwrap();
+    assert_eq!(
+        rows,
+        json!([
+            ["alice", "bob", null, "hi bob"],
+            ["alice", null, "r", "hi room"]
+        ])
+    );
+    let _ = std::fs::remove_file(&db);
+    a.stop().await;
+    b.stop().await;
+}
