@@ -10,6 +10,7 @@ mod cmdstats;
 mod conn;
 mod dm;
 mod drops;
+mod events_check;
 mod html;
 mod idle;
 mod noise;
@@ -31,6 +32,7 @@ use tokio::time::Instant;
 
 pub use api_publish::Via;
 pub use drops::{Drops, DropsStats, KillStats, LostDelivery};
+pub use events_check::EventsCheck;
 pub use html::render as render_html;
 pub use noise::NoiseStats;
 pub use report::{
@@ -149,6 +151,11 @@ pub struct Config {
     pub connections: usize,
     /// drops: the cuts and the node kill.
     pub drops: Drops,
+    /// dm-*: consume the events stream (nodes with `--events`) on the first `--redis` while
+    /// messages flow, and check every message sent is in it exactly once.
+    pub events_check: bool,
+    /// `--events-check`: the nodes' `--events-shards`.
+    pub events_shards: u32,
 }
 
 impl Default for Config {
@@ -176,6 +183,8 @@ impl Default for Config {
             via: Via::Http,
             connections: 4,
             drops: Drops::default(),
+            events_check: false,
+            events_shards: 1,
         }
     }
 }
