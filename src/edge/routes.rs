@@ -88,29 +88,14 @@ async fn connect(
     // With history on, where the user's stream starts for this session: where the client
     // says (`?since=&epoch=`), or where the stream is now, before the session registers, so
     // that what is sent meanwhile reaches it too.
-    let start = match (&node.history, Position::from_query(query.as_deref())) {
-        (None, _) => None,
-        (Some(_), Some(position)) => Some(StartAt {
-            position,
-            asked: true,
-        }),
-        (Some(history), None) => {
-            let stream = crate::history::Stream::User(user.as_str());
-            match history.open(&node.redis, stream, None, 0, true).await {
-                Ok(opened) => Some(StartAt {
-                    position: Position {
-                        since: opened.top,
-                        epoch: opened.epoch.into(),
-                    },
-                    asked: false,
-                }),
-                Err(e) => {
-                    tracing::warn!(user = %user, error = %e, "history read failed; refusing connection");
-                    metrics::counter!("wsbus_connections_refused_total", "reason" => "bus")
-                        .increment(1);
-                    return (StatusCode::SERVICE_UNAVAILABLE, "bus unavailable\n").into_response();
-                }
-            }
+    let stream = crate::history::Stream::User(user.as_str());
+    let asked = Position::from_query(query.as_deref());
+    let start = match StartAt::of(node.history.as_ref(), stream, asked).await {
+        Ok(start) => start,
+        Err(e) => {
+            tracing::warn!(user = %user, error = %e, "history read failed; refusing connection");
+            metrics::counter!("wsbus_connections_refused_total", "reason" => "bus").increment(1);
+            return (StatusCode::SERVICE_UNAVAILABLE, "bus unavailable\n").into_response();
         }
     };
     let sid = node.next_session_id();
