@@ -4,6 +4,7 @@
 //! every node the moment the handshake is done. A refused claim still upgrades, sends the
 //! `not unique session` error and closes with 4001.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use axum::Router;
@@ -12,10 +13,11 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::SinkExt;
+use tokio::sync::OwnedSemaphorePermit;
 use tungstenite::Message;
 use tungstenite::protocol::WebSocketConfig;
 
-use crate::cluster::presence::Claim;
+use crate::cluster::presence::{Claim, SessionRef};
 use crate::edge::websocket::{Socket, Upgrade, close_politely};
 use crate::node::Node;
 use crate::session::{Session, SessionGuard, StartAt};
@@ -40,16 +42,48 @@ pub fn admin_router(node: Arc<Node>) -> Router {
         .with_state(node)
 }
 
+/// A connect, gate by gate: the user id, the origin, the token, a connection slot, where
+/// the user's stream starts (history on), the claim. Each gate refuses with its own status
+/// (a refused claim still upgrades, to say why); past them all the connection upgrades to a
+/// session.
 async fn connect(
     State(node): State<Arc<Node>>,
     Path(user_id): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     ws: Upgrade,
-) -> Response {
+) -> Result<Response, Refused> {
     let Some(user) = UserId::parse(&user_id) else {
-        return (StatusCode::BAD_REQUEST, "invalid user id\n").into_response();
+        return Err(Refused::new(StatusCode::BAD_REQUEST, "invalid user id"));
     };
+    check_origin(&node, &user, &headers)?;
+    authenticate(&node, &user, query.as_deref(), &headers)?;
+    let permit = connection_slot(&node)?;
+    let ws = configure(ws, &node);
+    let start = stream_start(&node, &user, query.as_deref()).await?;
+    let sid = node.next_session_id();
+    // In the hub before the claim: once the claim is in Redis, another node may evict this
+    // session (`--on-session-limit replace`), and its kick must find the session here.
+    let queue = node.hub.insert(user.clone(), sid);
+    let evicted = match claim(&node, &user, sid).await {
+        Ok(evicted) => evicted,
+        Err(NotClaimed::Bus) => return Err(bus_unavailable()),
+        // Refused, but upgraded: the client is told why.
+        Err(NotClaimed::NotUnique) => {
+            return Ok(ws.on_upgrade(move |socket| refuse_not_unique(socket, user)));
+        }
+    };
+    close_replaced(&node, &user, &evicted).await;
+    let guard = SessionGuard::new(node.clone(), user.clone(), sid);
+    let tracker = node.sessions.clone();
+    metrics::counter!("wsbus_connections_opened_total").increment(1);
+    Ok(ws.on_upgrade(move |socket| {
+        tracker.track_future(Session::new(node, user, queue, guard, permit, start).run(socket))
+    }))
+}
+
+/// Refuses a browser page from an origin not in `--allowed-origins` (when that is set).
+fn check_origin(node: &Node, user: &UserId, headers: &HeaderMap) -> Result<(), Refused> {
     if let Some(origin) = headers.get(header::ORIGIN)
         && !node.config.allowed_origins.is_empty()
         && !node
@@ -60,49 +94,85 @@ async fn connect(
     {
         tracing::info!(user = %user, origin = ?origin, "refused: origin not allowed");
         metrics::counter!("wsbus_connections_refused_total", "reason" => "origin").increment(1);
-        return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
+        return Err(Refused::new(StatusCode::FORBIDDEN, "origin not allowed"));
     }
-    if let Some(verifier) = &node.auth {
-        let authorization = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|h| h.to_str().ok());
-        let checked = match crate::auth::token_from(query.as_deref(), authorization) {
-            None => Err(crate::auth::AuthError::Missing),
-            Some(token) => verifier.verify(token, user.as_str()),
-        };
-        if let Err(e) = checked {
-            // Never log the token itself.
-            tracing::info!(user = %user, reason = %e, "refused: authentication");
-            metrics::counter!("wsbus_connections_refused_total", "reason" => "auth").increment(1);
-            return (StatusCode::UNAUTHORIZED, format!("{e}\n")).into_response();
-        }
+    Ok(())
+}
+
+/// Refuses a connect without a valid token for `user` (unless the node runs `--insecure`).
+fn authenticate(
+    node: &Node,
+    user: &UserId,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<(), Refused> {
+    let Some(verifier) = &node.auth else {
+        return Ok(());
+    };
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok());
+    let checked = match crate::auth::token_from(query, authorization) {
+        None => Err(crate::auth::AuthError::Missing),
+        Some(token) => verifier.verify(token, user.as_str()),
+    };
+    if let Err(e) = checked {
+        // Never log the token itself.
+        tracing::info!(user = %user, reason = %e, "refused: authentication");
+        metrics::counter!("wsbus_connections_refused_total", "reason" => "auth").increment(1);
+        return Err(Refused::new(StatusCode::UNAUTHORIZED, e.to_string()));
     }
+    Ok(())
+}
+
+/// A connection slot, unless the node is shutting down or has `--max-connections`.
+fn connection_slot(node: &Node) -> Result<OwnedSemaphorePermit, Refused> {
     if node.shutdown.is_cancelled() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "node shutting down\n").into_response();
+        return Err(Refused::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "node shutting down",
+        ));
     }
     let Ok(permit) = node.connections.clone().try_acquire_owned() else {
         metrics::counter!("wsbus_connections_refused_total", "reason" => "limit").increment(1);
-        return (StatusCode::SERVICE_UNAVAILABLE, "too many connections\n").into_response();
+        return Err(Refused::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many connections",
+        ));
     };
-    let ws = configure(ws, &node);
-    // With history on, where the user's stream starts for this session: where the client
-    // says (`?since=&epoch=`), or where the stream is now, before the session registers, so
-    // that what is sent meanwhile reaches it too.
+    Ok(permit)
+}
+
+/// With history on, where the user's stream starts for this session: where the client
+/// says (`?since=&epoch=`), or where the stream is now, before the session registers, so
+/// that what is sent meanwhile reaches it too.
+async fn stream_start(
+    node: &Node,
+    user: &UserId,
+    query: Option<&str>,
+) -> Result<Option<StartAt>, Refused> {
     let stream = crate::history::Stream::User(user.as_str());
-    let asked = Position::from_query(query.as_deref());
-    let start = match StartAt::of(node.history.as_ref(), stream, asked).await {
-        Ok(start) => start,
-        Err(e) => {
+    let asked = Position::from_query(query);
+    StartAt::of(node.history.as_ref(), stream, asked)
+        .await
+        .map_err(|e| {
             tracing::warn!(user = %user, error = %e, "history read failed; refusing connection");
-            metrics::counter!("wsbus_connections_refused_total", "reason" => "bus").increment(1);
-            return (StatusCode::SERVICE_UNAVAILABLE, "bus unavailable\n").into_response();
-        }
-    };
-    let sid = node.next_session_id();
-    // In the hub before the claim: once the claim is in Redis, another node may evict this
-    // session (`--on-session-limit replace`), and its kick must find the session here.
-    let queue = node.hub.insert(user.clone(), sid);
-    let claim = claim_patiently(&node, &user, sid).await;
+            bus_unavailable()
+        })
+}
+
+/// Why a claim did not register the session.
+enum NotClaimed {
+    /// Redis could not be asked.
+    Bus,
+    /// The user is at its session limit (`--on-session-limit reject`).
+    NotUnique,
+}
+
+/// Claims `user` for session `sid` (already in the hub); returns the sessions it replaced.
+/// A session not claimed leaves the hub again.
+async fn claim(node: &Node, user: &UserId, sid: u64) -> Result<Vec<SessionRef>, NotClaimed> {
+    let claim = claim_patiently(node, user, sid).await;
     tracing::debug!(user = %user, sid, ?claim, "claim");
     if !matches!(claim, Ok(Claim::Claimed | Claim::Replaced { .. })) {
         let last_here = node.hub.remove(user.as_str(), sid);
@@ -110,28 +180,31 @@ async fn connect(
         // no other session here leaves it again.
         if last_here
             && matches!(claim, Ok(Claim::Refused { .. }))
-            && let Err(e) = node.presence.release(&user, sid, true).await
+            && let Err(e) = node.presence.release(user, sid, true).await
         {
             tracing::warn!(user = %user, error = %e, "could not undo a refused claim");
         }
     }
-    let evicted = match claim {
+    match claim {
         Err(e) => {
             tracing::warn!(user = %user, error = %e, "claim failed; refusing connection");
-            metrics::counter!("wsbus_connections_refused_total", "reason" => "bus").increment(1);
-            return (StatusCode::SERVICE_UNAVAILABLE, "bus unavailable\n").into_response();
+            Err(NotClaimed::Bus)
         }
         Ok(Claim::Refused { holders }) => {
             tracing::debug!(user = %user, ?holders, "refused: not unique session");
             metrics::counter!("wsbus_connections_refused_total", "reason" => "not_unique")
                 .increment(1);
             ClientError::NotUniqueSession.count();
-            return ws.on_upgrade(move |socket| refuse_not_unique(socket, user));
+            Err(NotClaimed::NotUnique)
         }
-        Ok(Claim::Claimed) => Vec::new(),
-        Ok(Claim::Replaced { evicted }) => evicted,
-    };
-    for old in &evicted {
+        Ok(Claim::Claimed) => Ok(Vec::new()),
+        Ok(Claim::Replaced { evicted }) => Ok(evicted),
+    }
+}
+
+/// Closes the sessions a claim replaced (4006), wherever they are.
+async fn close_replaced(node: &Node, user: &UserId, evicted: &[SessionRef]) {
+    for old in evicted {
         metrics::counter!("wsbus_sessions_replaced_total").increment(1);
         if let Err(e) = node
             .close_session(user.as_str(), old, close::REPLACED_BY_NEWER, "")
@@ -140,12 +213,33 @@ async fn connect(
             tracing::warn!(user = %user, node = %old.node, error = %e, "could not close a replaced session");
         }
     }
-    let guard = SessionGuard::new(node.clone(), user.clone(), sid);
-    let tracker = node.sessions.clone();
-    metrics::counter!("wsbus_connections_opened_total").increment(1);
-    ws.on_upgrade(move |socket| {
-        tracker.track_future(Session::new(node, user, queue, guard, permit, start).run(socket))
-    })
+}
+
+/// `503 bus unavailable`: Redis could not be asked (counted as such).
+fn bus_unavailable() -> Refused {
+    metrics::counter!("wsbus_connections_refused_total", "reason" => "bus").increment(1);
+    Refused::new(StatusCode::SERVICE_UNAVAILABLE, "bus unavailable")
+}
+
+/// A connect refused before any upgrade: its status, and a line saying why.
+struct Refused {
+    status: StatusCode,
+    why: Cow<'static, str>,
+}
+
+impl Refused {
+    fn new(status: StatusCode, why: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            status,
+            why: why.into(),
+        }
+    }
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        (self.status, format!("{}\n", self.why)).into_response()
+    }
 }
 
 /// Claims a session for `user`. A refusal is retried briefly: the session holding the user

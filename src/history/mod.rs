@@ -38,7 +38,7 @@ mod store;
 pub use crate::wire::frame::{Seq, StreamOf};
 pub use sequencer::{GAP_WAIT, Gap, Sequencer};
 pub use store::Opened;
-use store::Reply;
+use store::{Replies, Reply};
 
 /// One stream: a user's or a room's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -221,7 +221,7 @@ struct Part<'a> {
 }
 
 /// The replies of [`History::append`], for [`Appends::place`].
-pub struct AppendReplies(Vec<Result<Reply, RedisError>>);
+pub struct AppendReplies(Replies);
 
 /// What became of one stream's part of a batch.
 #[derive(Debug)]

@@ -22,6 +22,9 @@ mod func {
 /// Streams whose TTL one pipeline of [`History::expire`] refreshes at most.
 const EXPIRE_CHUNK: usize = 500;
 
+/// One reply per part of a batch, in order.
+pub(super) type Replies = Vec<Result<Reply, RedisError>>;
+
 /// What appending frames to one stream gave (its reply, parsed).
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Reply {
@@ -83,7 +86,7 @@ impl History {
         &self,
         conn: &mut RedisConn,
         parts: &[Part<'_>],
-    ) -> Result<Vec<Result<Reply, RedisError>>, RedisError> {
+    ) -> Result<Replies, RedisError> {
         match self.cluster {
             true => self.append_by_function(conn, parts.iter()).await,
             false => self.append_plainly(conn, parts).await,
@@ -95,7 +98,7 @@ impl History {
         &self,
         conn: &mut RedisConn,
         parts: impl ExactSizeIterator<Item = &'p Part<'a>>,
-    ) -> Result<Vec<Result<Reply, RedisError>>, RedisError> {
+    ) -> Result<Replies, RedisError> {
         let mut pipe = redis::Pipeline::with_capacity(parts.len());
         pipe.ignore_errors();
         for part in parts {
@@ -123,7 +126,7 @@ impl History {
         &self,
         conn: &mut RedisConn,
         parts: &[Part<'_>],
-    ) -> Result<Vec<Result<Reply, RedisError>>, RedisError> {
+    ) -> Result<Replies, RedisError> {
         let mut pipe = redis::pipe();
         pipe.atomic();
         for part in parts {
@@ -255,7 +258,7 @@ impl Reply {
     fn parse_transaction(
         replies: &[Value],
         parts: &[Part<'_>],
-    ) -> Result<(Vec<Result<Self, RedisError>>, Vec<usize>), RedisError> {
+    ) -> Result<(Replies, Vec<usize>), RedisError> {
         let mut outcomes = Vec::with_capacity(parts.len());
         let mut unknown = Vec::new();
         let mut at = 0;
