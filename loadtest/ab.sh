@@ -125,6 +125,13 @@ else
         else
             git worktree add -q --detach "$AB/src" "$SHA"
         fi
+        if [ ! -d "$AB/target/release" ] && [ -d "$TARGET/release/.fingerprint" ]; then
+            # A first base build starts from the working tree's compiled dependencies (same
+            # sources and flags: cargo reuses them), so only the workspace's crates compile.
+            echo "ab: seeding $AB/target with $TARGET/release" >&2
+            mkdir -p "$AB/target"
+            cp -a --reflink=auto "$TARGET/release" "$AB/target/release"
+        fi
         echo "ab: building $BASE_LABEL in $AB/src (CARGO_TARGET_DIR=$AB/target)" >&2
         (cd "$AB/src" && CARGO_TARGET_DIR=$AB/target cargo build --release --bin wsbus) \
             || lib_die "building $BASE_REV failed"
@@ -169,7 +176,7 @@ run_side() { # round side
         --argjson node "$node_ticks" --argjson redis "$redis_ticks_run" '
         .messages.delivered as $n
         | [$round, $side, $rc, (.messages.delivered_per_sec | round),
-           (.servers[0].cpu_us_per_delivery + .servers[1].cpu_us_per_delivery),
+           ((.servers[0].cpu_us_per_delivery + .servers[1].cpu_us_per_delivery) * 100 | round / 100),
            .servers[2].cpu_us_per_delivery,
            ($node / $tck * 1e6 / $n * 100 | round / 100), ($redis / $tck * 1e6 / $n * 100 | round / 100)]
         | @tsv' "$dir/report.json" 2>/dev/null); then
