@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # A/B of wsbus revisions: loadtest/ab.sh BASE_REV [SCENARIO]
 #
-# Builds BASE_REV's wsbus in a git worktree under the target directory (<target>/ab/src, one
-# worktree checked out at each base in turn, with its own CARGO_TARGET_DIR <target>/ab/target;
-# built binaries are kept as <target>/ab/bin/wsbus-<commit>), builds the working tree as it is
-# (uncommitted changes included), then runs SCENARIO for ROUNDS rounds, interleaved
+# Builds BASE_REV in a git worktree under the target directory (<target>/ab/src, one worktree
+# checked out at each base in turn, with its own CARGO_TARGET_DIR <target>/ab/target; the
+# base's wsbus binaries are kept as <target>/ab/bin/wsbus-<commit>) and the working tree as it
+# is (uncommitted changes included), both with `cargo build --release --workspace`, then runs SCENARIO for ROUNDS rounds, interleaved
 # base/new/base/new..., each run on a fresh redis-server and two fresh nodes on free ports, all
 # driven by the working tree's load tester. Per run it reads the nodes' and Redis's CPU time
 # (utime + stime from /proc/<pid>/stat) over the sending phase and drain (the load tester's
@@ -133,7 +133,9 @@ else
             cp -a --reflink=auto "$TARGET/release" "$AB/target/release"
         fi
         echo "ab: building $BASE_LABEL in $AB/src (CARGO_TARGET_DIR=$AB/target)" >&2
-        (cd "$AB/src" && CARGO_TARGET_DIR=$AB/target cargo build --release --bin wsbus) \
+        # As the new side is built (and bench.sh builds): with the whole workspace, whose
+        # members' dependency features unify, so both binaries get the same dependency builds.
+        (cd "$AB/src" && CARGO_TARGET_DIR=$AB/target cargo build --release --workspace) \
             || lib_die "building $BASE_REV failed"
         cp "$AB/target/release/wsbus" "$BASE_BIN.tmp" && mv "$BASE_BIN.tmp" "$BASE_BIN"
     fi
