@@ -187,7 +187,7 @@ impl Node {
         // The one shutdown token; every session's kick is a child of it.
         let stop = CancellationToken::new();
         let boot = fastrand::u64(1..);
-        let history = crate::history::History::new(&config, &keys, boot);
+        let history = crate::history::History::new(&config, &keys, redis.clone(), boot);
         let (event_kinds, events, events_rx) = events_queue(&config);
         let node = Arc::new(Node {
             history,
