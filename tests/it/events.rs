@@ -829,3 +829,32 @@ async fn the_example_chat_backend_works() {
     a.stop().await;
     b.stop().await;
 }
+
+/// With history on, a message is acknowledged by the bus writer once it is in its stream
+/// (here and across nodes), and an offline recipient's stream keeps it (an ack, no error).
+#[tokio::test]
+async fn acks_with_history_on() {
+    let backend = Backend::single().await;
+    let tune = |c: &mut wsbus::NodeConfig| {
+        c.history = 100;
+        c.events = "message".parse().unwrap();
+    };
+    let a = backend.node_with("a", tune).await;
+    let b = backend.node_with("b", tune).await;
+    let mut alice = a.connect("alice").await;
+    let mut bob = b.connect("bob").await;
+    let mut carol = a.connect("carol").await;
+    for (id, to) in [(1, "bob"), (2, "carol")] {
+        alice
+            .send_raw(&frame(json!(id), "message", json!({"to": to, "text": "h"})))
+            .await;
+        assert_eq!(recv_action(&mut alice, "ack").await["data"]["id"], id);
+    }
+    assert_eq!(recv_action(&mut bob, "message").await["data"]["text"], "h");
+    assert_eq!(
+        recv_action(&mut carol, "message").await["data"]["text"],
+        "h"
+    );
+    a.stop().await;
+    b.stop().await;
+}
