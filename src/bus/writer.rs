@@ -534,7 +534,7 @@ impl Writer {
     }
 
     /// Appends every message of the batch that needs a place in its target's history stream
-    /// (history on; not presence events, not entries stamped already) to that stream, one
+    /// (history on; not transient ones, not entries stamped already) to that stream, one
     /// pipeline, before anything of it is delivered anywhere. One entry per message, `None`
     /// for those without a place.
     async fn stamp(
@@ -574,7 +574,7 @@ impl Writer {
         // Which group each stream is, by (is a room, id).
         let mut group_of: HashMap<(bool, &str), usize> = HashMap::new();
         for (i, msg) in batch.iter().enumerate() {
-            if stamped[i].is_some() {
+            if stamped[i].is_some() || msg.transient {
                 continue;
             }
             let from = msg.origin.user();

@@ -15,12 +15,15 @@ use futures_util::SinkExt;
 use tungstenite::Message;
 use tungstenite::protocol::WebSocketConfig;
 
-use crate::cluster::presence::{Claim, SessionRef};
+use crate::cluster::live::NodeStatus;
+use crate::cluster::presence::{Claim, ResumeHashes, SessionRef, new_resume_secret, resume_hash};
 use crate::edge::websocket::Upgrade;
 use crate::node::Node;
 use crate::session::socket::{Socket, close_politely};
 use crate::session::{Session, SessionGuard, StartAt};
-use crate::wire::client::{ClientError, Position, close, encode_error};
+use crate::wire::client::{
+    ClientError, Position, close, encode_error, encode_welcome, resume_from_query,
+};
 use crate::wire::ids::UserId;
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -42,10 +45,11 @@ pub fn admin_router(node: Arc<Node>) -> Router {
         .with_state(node)
 }
 
-/// `GET /ws/{user_id}`: the gates of a connect, in order (user id, origin, token, a
-/// connection slot, where history starts), then the claim in Redis, then the upgrade. A gate that
-/// refuses answers with an HTTP status before the upgrade; a refused claim upgrades, sends
-/// `not unique session` and closes with 4001.
+/// `GET /ws/{user_id}`: the gates of a connect, in order (user id, its `since`, origin, token,
+/// a connection slot, where history starts), then the claim in Redis (taking a session over
+/// with `?resume=<secret>`), then the upgrade. A gate that refuses answers with an HTTP status
+/// before the upgrade; a refused claim upgrades, sends `not unique session` and closes with
+/// 4001. A client that asked with `?resume` gets `welcome` (its new secret) first.
 async fn connect(
     State(node): State<Arc<Node>>,
     Path(user_id): Path<String>,
@@ -60,6 +64,8 @@ async fn connect(
             "invalid user id",
             None,
         ))?;
+        Position::from_query(query)
+            .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.to_string(), None))?;
         check_origin(&node, &user, &headers)?;
         check_token(&node, &user, query, &headers)?;
         let permit = take_slot(&node)?;
@@ -75,7 +81,8 @@ async fn connect(
     // In the hub before the claim: once the claim is in Redis, another node may evict this
     // session (`--on-session-limit replace`), and its kick must find the session here.
     let queue = node.hub.insert(user.clone(), sid);
-    let evicted = match claim(&node, &user, sid).await {
+    let resume = ResumeAsk::from_query(query);
+    let evicted = match claim(&node, &user, sid, resume.as_ref()).await {
         Ok(Some(evicted)) => evicted,
         Ok(None) => return ws.on_upgrade(move |socket| refuse_not_unique(socket, user)),
         Err(refusal) => return refusal.into_response(),
@@ -84,9 +91,41 @@ async fn connect(
     let guard = SessionGuard::new(node.clone(), user.clone(), sid);
     let tracker = node.sessions.clone();
     metrics::counter!("wsbus_connections_opened_total").increment(1);
+    let welcome = resume.map(|r| encode_welcome(user.as_str(), &node.id, sid, &r.secret));
     ws.on_upgrade(move |socket| {
-        tracker.track_future(Session::new(node, user, queue, guard, permit, start).run(socket))
+        let session = Session::new(node, user, queue, guard, permit, start);
+        tracker.track_future(session.welcomed(welcome).run(socket))
     })
+}
+
+/// What a connect with `?resume` asks: to take over the session of the secret it presents
+/// (if any), and a secret of its own. Only hashes reach Redis; neither is logged.
+struct ResumeAsk {
+    /// The hash of the presented secret (`?resume=<secret>`); `None` for `?resume=`.
+    presented: Option<String>,
+    /// The new session's secret, sent in `welcome`.
+    secret: String,
+    /// Its hash, stored with the claim.
+    issued: String,
+}
+
+impl ResumeAsk {
+    fn from_query(query: Option<&str>) -> Option<Self> {
+        let given = resume_from_query(query)?;
+        let (secret, issued) = new_resume_secret();
+        Some(Self {
+            presented: (!given.is_empty()).then(|| resume_hash(given)),
+            secret,
+            issued,
+        })
+    }
+
+    fn hashes(ask: Option<&Self>) -> ResumeHashes<'_> {
+        ResumeHashes {
+            presented: ask.and_then(|a| a.presented.as_deref()),
+            issued: ask.map(|a| a.issued.as_str()),
+        }
+    }
 }
 
 /// A connect refused before the upgrade: its HTTP status and body, and the reason counted in
@@ -198,7 +237,7 @@ async fn history_start(
     let Some(history) = &node.history else {
         return Ok(None);
     };
-    if let Some(position) = Position::from_query(query) {
+    if let Ok(Some(position)) = Position::from_query(query) {
         return Ok(Some(StartAt {
             position,
             asked: true,
@@ -222,10 +261,18 @@ async fn history_start(
 
 /// Claims the session in Redis: `Some(sessions it evicted)` when claimed, `None` when the
 /// user's session limit refuses it. A session that is not claimed leaves the hub again.
-async fn claim(node: &Node, user: &UserId, sid: u64) -> Result<Option<Vec<SessionRef>>, Refusal> {
-    let claim = claim_patiently(node, user, sid).await;
+async fn claim(
+    node: &Node,
+    user: &UserId,
+    sid: u64,
+    resume: Option<&ResumeAsk>,
+) -> Result<Option<Vec<SessionRef>>, Refusal> {
+    let claim = claim_patiently(node, user, sid, ResumeAsk::hashes(resume)).await;
     tracing::debug!(user = %user, sid, ?claim, "claim");
-    if !matches!(claim, Ok(Claim::Claimed | Claim::Replaced { .. })) {
+    if !matches!(
+        claim,
+        Ok(Claim::Claimed | Claim::Replaced { .. } | Claim::Resumed { .. })
+    ) {
         let last_here = node.hub.remove(user.as_str(), sid);
         // The claim's pipeline added the user to this node's user set; a refused user with
         // no other session here leaves it again.
@@ -250,13 +297,21 @@ async fn claim(node: &Node, user: &UserId, sid: u64) -> Result<Option<Vec<Sessio
         }
         Ok(Claim::Claimed) => Ok(Some(Vec::new())),
         Ok(Claim::Replaced { evicted }) => Ok(Some(evicted)),
+        Ok(Claim::Resumed { evicted }) => {
+            metrics::counter!("wsbus_sessions_resumed_total").increment(1);
+            Ok(Some(evicted))
+        }
     }
 }
 
-/// Closes the sessions a `--on-session-limit replace` claim evicted, wherever they are.
+/// Closes the sessions a `--on-session-limit replace` claim (or a resume) evicted, wherever
+/// they are; a session on a node known dead has nobody to close it.
 async fn close_replaced(node: &Node, user: &UserId, evicted: &[SessionRef]) {
     for old in evicted {
         metrics::counter!("wsbus_sessions_replaced_total").increment(1);
+        if node.live.status(&old.node) == NodeStatus::Dead {
+            continue;
+        }
         if let Err(e) = node
             .close_session(user.as_str(), old, close::REPLACED_BY_NEWER, "")
             .await
@@ -273,15 +328,18 @@ async fn claim_patiently(
     node: &Node,
     user: &UserId,
     sid: u64,
+    mut resume: ResumeHashes<'_>,
 ) -> Result<Claim, crate::redis::RedisError> {
     const PATIENCE: [u64; 3] = [50, 100, 200];
-    let mut claim = node.presence.claim(user, sid).await?;
+    let mut claim = node.presence.claim(user, sid, resume).await?;
+    // A refused claim did not take a session over: the secret was wrong or used.
+    resume.presented = None;
     for wait_ms in PATIENCE {
         if !matches!(claim, Claim::Refused { .. }) || node.shutdown.is_cancelled() {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(wait_ms)).await;
-        claim = node.presence.claim(user, sid).await?;
+        claim = node.presence.claim(user, sid, resume).await?;
     }
     Ok(claim)
 }

@@ -165,6 +165,15 @@ impl Node {
                 "relay action {bad:?}: use 1-64 of [A-Za-z0-9_.-], not a built-in action"
             )));
         }
+        if let Some(bad) = config
+            .stored_relay_actions
+            .iter()
+            .find(|a| !config.relay_actions.contains(a))
+        {
+            return Err(NodeError::Config(format!(
+                "stored relay action {bad:?}: not one of --relay-actions"
+            )));
+        }
         let auth =
             crate::auth::from_config(&config).map_err(|e| NodeError::Config(e.to_string()))?;
         let keys = Keys::new(&config.prefix);
@@ -189,8 +198,8 @@ impl Node {
                 keys.clone(),
                 id.clone(),
                 live.clone(),
-                config.max_sessions_per_user,
-                config.on_session_limit,
+                (config.max_sessions_per_user, config.on_session_limit),
+                config.resume_ttl,
             ),
             registry: Registry::new(
                 keys.clone(),
