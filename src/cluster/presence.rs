@@ -140,9 +140,27 @@ impl Presence {
         &self,
         user: &UserId,
         sid: u64,
+        resume: ResumeHashes<'_>,
+    ) -> Result<Claim, RedisError> {
+        // The shared multiplexed connection: a reconnect storm (thousands of claims at once)
+        // pipelines on it instead of queueing for pooled connections and their PINGs.
+        let mut conn = self.redis.shared_conn().await?;
+        let claimed = self.claim_on(&mut conn, user, sid, resume).await;
+        if let Err(e) = &claimed
+            && crate::redis::is_connection_error(e)
+        {
+            self.redis.reset_shared();
+        }
+        claimed
+    }
+
+    async fn claim_on(
+        &self,
+        conn: &mut crate::redis::RedisConn,
+        user: &UserId,
+        sid: u64,
         mut resume: ResumeHashes<'_>,
     ) -> Result<Claim, RedisError> {
-        let mut conn = self.redis.conn().await?;
         let mut dead = self.live.dead_nodes();
         let mut first = true;
         loop {
@@ -152,7 +170,7 @@ impl Presence {
                 .arg(self.keys.node_users(&self.node_id))
                 .arg(user.as_str())
                 .ignore();
-            let (reply,): (Vec<Value>,) = self.redis.query(&mut conn, &pipe).await?;
+            let (reply,): (Vec<Value>,) = self.redis.query(conn, &pipe).await?;
             let claim = parse_claim(&reply)?;
             let Claim::Refused { holders } = &claim else {
                 return Ok(claim);
@@ -163,7 +181,7 @@ impl Presence {
                     let unknown = self.live.status(&holder.node) == NodeStatus::Unknown;
                     if unknown
                         && !dead.contains(&holder.node)
-                        && !self.live.is_alive(&mut conn, &holder.node).await?
+                        && !self.live.is_alive(conn, &holder.node).await?
                     {
                         dead.push(holder.node.clone());
                         found_dead = true;

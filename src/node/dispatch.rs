@@ -326,8 +326,14 @@ impl Node {
             env.body.action(),
             &buf,
         );
-        let mut conn = self.redis.conn().await?;
-        pipe.query_async::<()>(&mut conn).await?;
+        let mut conn = self.redis.shared_conn().await?;
+        let sent = pipe.query_async::<()>(&mut conn).await.map_err(RedisError::from);
+        if let Err(e) = &sent
+            && crate::redis::is_connection_error(e)
+        {
+            self.redis.reset_shared();
+        }
+        sent?;
         Ok(())
     }
 }

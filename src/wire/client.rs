@@ -54,7 +54,8 @@ pub mod close {
     /// The client kept sending past its rate limit (a whole burst of refused frames).
     pub const RATE_LIMITED: u16 = 4005;
     /// The user connected once more past `--max-sessions-per-user` with
-    /// `--on-session-limit replace`, and this was its oldest session.
+    /// `--on-session-limit replace`, and this was its oldest session; or a connect presented
+    /// this session's resume secret (`?resume=`) and took it over.
     pub const REPLACED_BY_NEWER: u16 = 4006;
     /// A backend closed every session of the user through `POST /api/disconnect`; the close
     /// frame's reason is the one the backend gave (`disconnected by the server` without one).
