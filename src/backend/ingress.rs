@@ -340,7 +340,7 @@ mod tests {
 
     #[test]
     fn refuses_an_entry_over_the_size_limit() {
-        let big = "x".repeat(1000);
+        let big = "x".repeat(2000);
         let err =
             parse_entry_(&entry(&[("to", "a"), ("action", "n"), ("from", &big)])).unwrap_err();
         assert!(err.starts_with("entry too large ("), "{err}");

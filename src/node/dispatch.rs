@@ -96,6 +96,21 @@ impl Node {
         .await
     }
 
+    /// Publishes a client's relayed action (`--relay-actions`): transient (never in history)
+    /// unless it is one of `--stored-relay-actions`.
+    pub async fn relay(
+        &self,
+        origin: Origin,
+        target: Target,
+        action: &str,
+        frame: &Utf8Bytes,
+        born_us: u64,
+    ) -> Result<(), ClientError> {
+        let stored = self.config.stored_relay_actions.iter().any(|a| a == action);
+        self.publish(origin, target, (action, !stored), frame, born_us)
+            .await
+    }
+
     /// The one step behind every message: the target's sessions here get `frame` (built once,
     /// only if someone here gets it) at once
     /// (and, with `echo`, the sender's other sessions here); the bus writer takes the rest.
@@ -327,7 +342,10 @@ impl Node {
             &buf,
         );
         let mut conn = self.redis.shared_conn().await?;
-        let sent = pipe.query_async::<()>(&mut conn).await.map_err(RedisError::from);
+        let sent = pipe
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(RedisError::from);
         if let Err(e) = &sent
             && crate::redis::is_connection_error(e)
         {

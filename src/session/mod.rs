@@ -422,8 +422,7 @@ impl Session {
                     RelayTo::Room(room) => return Err(ClientError::NotInRoom(room.to_owned())),
                 };
                 let frame = encode_relay(self.user.as_str(), action, data).into();
-                let transient = !node.config.stored_relay_actions.iter().any(|a| a == action);
-                node.publish(origin(), target, (action, transient), &frame, born_us)
+                node.relay(origin(), target, action, &frame, born_us)
                     .await?;
                 Ok(Direct::new())
             }
