@@ -283,7 +283,8 @@ async fn an_ingress_entry_over_the_body_limit_is_counted_invalid() {
 }
 
 /// A flood of bad API keys and of bad ingress entries writes a line for the first and then
-/// a count every few seconds, not a line each; the metrics count each.
+/// a count every few seconds, not a line each; the metrics count each. Resume secrets are
+/// never logged, even at debug level.
 #[tokio::test]
 async fn floods_of_bad_keys_and_entries_are_logged_in_summary() {
     let backend = Backend::single().await;
@@ -302,7 +303,7 @@ async fn floods_of_bad_keys_and_entries_are_logged_in_summary() {
         ])
         .args(backend.cli_args())
         .args(["--api-key", KEY, "--api-auth-failure-burst", "100000"])
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", "info,wsbus=debug")
         .stdout(std::process::Stdio::null())
         .stderr(stderr)
         .kill_on_drop(true)
@@ -328,6 +329,19 @@ async fn floods_of_bad_keys_and_entries_are_logged_in_summary() {
     .await;
     let unauthorized = r#"wsbus_api_requests_total{status="unauthorized"}"#;
     assert_eq!(metric(addr, unauthorized).await, N as f64);
+    let url = format!("ws://{addr}/ws/alice?resume=");
+    let mut first = Client::connect_url(&url, "alice").await.unwrap();
+    let secret = first.recv().await["data"]["resume"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let url = format!("ws://{addr}/ws/alice?resume={secret}");
+    let mut second = Client::connect_url(&url, "alice").await.unwrap();
+    let next = second.recv().await["data"]["resume"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    first.expect_close(4006).await;
     let _ = child.start_kill();
     let _ = child.wait().await;
     let text = std::fs::read_to_string(&log).unwrap();
@@ -338,4 +352,12 @@ async fn floods_of_bad_keys_and_entries_are_logged_in_summary() {
     // The first of each, and at most a summary line or two if the flood spans 5 s periods.
     assert!((1..=3).contains(&keys), "{keys} lines:\n{text}");
     assert!((1..=3).contains(&entries), "{entries} lines:\n{text}");
+    assert!(
+        text.contains("claim"),
+        "debug lines of the claims are there"
+    );
+    assert!(
+        !text.contains(&secret) && !text.contains(&next),
+        "a secret was logged"
+    );
 }
