@@ -216,6 +216,27 @@ async fn relayed_actions_are_transient_unless_listed_as_stored() {
         .await
         .unwrap();
     assert_eq!(carol_kept, 0);
+    // To a room as well.
+    let join = json!({"action": "join", "data": {"room": "r"}}).to_string();
+    carol.send_raw(&join).await;
+    assert_eq!(carol.recv().await["action"], "joined");
+    alice.send_raw(&join).await;
+    assert_eq!(alice.recv().await["action"], "joined");
+    assert_eq!(carol.recv().await["action"], "presence");
+    let typing = json!({"action": "typing", "data": {"room": "r"}});
+    alice.send_raw(&typing.to_string()).await;
+    let w = carol.recv().await;
+    assert_eq!(
+        (w["action"].as_str(), w.get("offset")),
+        (Some("typing"), None),
+        "{w}"
+    );
+    let room_kept: u64 = redis::cmd("XLEN")
+        .arg("wsbus:{r:r}:history")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(room_kept, 0);
     // The message is still there to recover.
     drop(bob_here);
     backend.wait_unregistered("bob").await;
