@@ -21,6 +21,11 @@ use crate::node::Node;
 use crate::redis::consumer::{StreamReader, consume};
 use crate::redis::stream::{entry_parts, field, stream_entries};
 use crate::redis::{RedisConn, RedisError};
+use crate::telemetry::LogSummary;
+
+/// Entries dropped as unparsable, logged: the first, then a count every few seconds (the
+/// metric counts each).
+static BAD_ENTRIES: LogSummary = LogSummary::new(std::time::Duration::from_secs(5));
 
 /// The consumer group every node reads the ingress stream in.
 pub const GROUP: &str = "wsbus";
@@ -199,7 +204,7 @@ impl IngressReader {
                 // A deleted entry (`XAUTOCLAIM` reports it as nil fields) or a bad shape.
                 continue;
             };
-            match parse_entry(fields) {
+            match parse_entry(fields, self.node.config.api_max_body_bytes) {
                 Ok(item) => {
                     items.push(item);
                     routed.push(id.to_string());
@@ -207,7 +212,10 @@ impl IngressReader {
                 Err(reason) => {
                     metrics::counter!("wsbus_ingress_entries_total", "result" => "invalid")
                         .increment(1);
-                    tracing::warn!(entry = %id, reason = %reason, "dropping an ingress entry that does not parse");
+                    if let Some(more) = BAD_ENTRIES.note() {
+                        tracing::warn!(entry = %id, reason = %reason, more_since_last_line = more,
+                            "dropping an ingress entry that does not parse");
+                    }
                     garbage.push(id.to_string());
                 }
             }
@@ -246,8 +254,19 @@ fn is_no_group(e: &RedisError) -> bool {
 
 /// Reads one entry's plain fields as a publish: `to` (user ids, comma-separated), `room`
 /// (room ids, comma-separated), `action`, `data` (a JSON object, default `{}`), `from`
-/// (default `@server`). Any other field is an error.
-pub fn parse_entry(fields: &[Value]) -> Result<Publish, String> {
+/// (default `@server`). Any other field is an error, and so is an entry whose fields and
+/// values add up to more than `max_bytes` (`--api-max-body-bytes`, as an API body).
+pub fn parse_entry(fields: &[Value], max_bytes: usize) -> Result<Publish, String> {
+    let size: usize = fields
+        .iter()
+        .map(|v| match v {
+            Value::BulkString(b) => b.len(),
+            _ => 0,
+        })
+        .sum();
+    if size > max_bytes {
+        return Err(format!("entry too large ({size} bytes, max {max_bytes})"));
+    }
     let text = |name: &str| -> Result<Option<&str>, String> {
         field(fields, name)
             .map(|v| std::str::from_utf8(v).map_err(|_| format!("`{name}` is not UTF-8")))
@@ -306,9 +325,22 @@ mod tests {
             .collect()
     }
 
+    fn parse_entry_(fields: &[Value]) -> Result<Publish, String> {
+        parse_entry(fields, 1024)
+    }
+
+    #[test]
+    fn refuses_an_entry_over_the_size_limit() {
+        let big = "x".repeat(2000);
+        let err =
+            parse_entry_(&entry(&[("to", "a"), ("action", "n"), ("from", &big)])).unwrap_err();
+        assert!(err.starts_with("entry too large ("), "{err}");
+        assert!(err.ends_with("max 1024)"), "{err}");
+    }
+
     #[test]
     fn reads_plain_fields_as_a_publish() {
-        let p = parse_entry(&entry(&[
+        let p = parse_entry_(&entry(&[
             ("to", "alice,bob"),
             ("room", "lobby"),
             ("action", "notice"),
@@ -321,7 +353,7 @@ mod tests {
             p.frame.as_str(),
             r#"{"from":"@server","action":"notice","data":{"x":1}}"#
         );
-        let p = parse_entry(&entry(&[("to", "a"), ("action", "n"), ("from", "billing")])).unwrap();
+        let p = parse_entry_(&entry(&[("to", "a"), ("action", "n"), ("from", "billing")])).unwrap();
         assert_eq!(
             p.frame.as_str(),
             r#"{"from":"billing","action":"n","data":{}}"#
@@ -343,7 +375,7 @@ mod tests {
                 "colour",
             ),
         ] {
-            let err = parse_entry(&entry(&pairs)).unwrap_err();
+            let err = parse_entry_(&entry(&pairs)).unwrap_err();
             assert!(err.contains(&format!("`{why}`")), "{pairs:?}: {err}");
         }
     }

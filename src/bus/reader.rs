@@ -395,6 +395,9 @@ impl InboxReader {
                 born_us: env.sent_us,
                 delivered_here: false,
                 echo: false,
+                // With history on, every message kept there is stamped before it travels:
+                // one without a stamp was transient where it was sent.
+                transient: env.stamp.is_none(),
                 stamp: env.stamp.map(|s| s.into_owned()),
             };
             if self.node.bus_writer.send(dispatch).await.is_err() {

@@ -181,6 +181,9 @@ pub struct Session {
     /// recover from in its connect URL, or the stream's top read before the session was
     /// registered.
     recover: Option<StartAt>,
+    /// The `welcome` frame (a resume secret), written before anything else, if the client
+    /// asked for one.
+    welcome: Option<String>,
 }
 
 /// Frames to write to the socket at once, ahead of the queue (a replay and the reply that
@@ -266,15 +269,27 @@ impl Session {
             seq: Sequencer::default(),
             ready: Vec::new(),
             recover,
+            welcome: None,
         }
+    }
+
+    /// Writes `welcome` as the session's first frame (a client that asked with `?resume`).
+    pub fn welcomed(mut self, welcome: Option<String>) -> Self {
+        self.welcome = welcome;
+        self
     }
 
     /// Serves the socket until either side ends the session.
     pub async fn run(mut self, socket: Socket) {
         self.node.metrics.connections_active.increment(1.0);
         let mut link = Link::new(socket, self.node.config.ping_interval);
-        // Boxed, as the other steps that wait on Redis (see `handle`).
-        let end = match Box::pin(self.open_user_stream(&mut link)).await {
+        let welcome = Direct::from_iter(self.welcome.take());
+        let opened = match self.write_direct(&mut link, welcome).await {
+            // Boxed, as the other steps that wait on Redis (see `handle`).
+            Ok(()) => Box::pin(self.open_user_stream(&mut link)).await,
+            Err(end) => Err(end),
+        };
+        let end = match opened {
             Ok(()) => self.serve(&mut link).await,
             Err(end) => end,
         };
@@ -407,7 +422,7 @@ impl Session {
                     RelayTo::Room(room) => return Err(ClientError::NotInRoom(room.to_owned())),
                 };
                 let frame = encode_relay(self.user.as_str(), action, data).into();
-                node.publish(origin(), target, action, &frame, born_us)
+                node.relay(origin(), target, action, &frame, born_us)
                     .await?;
                 Ok(Direct::new())
             }
