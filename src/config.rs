@@ -31,6 +31,18 @@ impl OnSessionLimit {
     }
 }
 
+/// Who may put a client in a room (`--room-access`). A backend may in every mode
+/// (`POST /api/join`, ingress `op=join`, the token's `join` claim).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RoomAccess {
+    /// Any client may join any room.
+    Open,
+    /// A client may join the rooms its token's `rooms` claim lists (ids, `prefix*`).
+    Token,
+    /// Clients cannot join rooms; only the backend puts users in rooms.
+    Server,
+}
+
 fn parse_head_bytes(s: &str) -> Result<usize, String> {
     let min = MIN_HEAD_BYTES;
     match s.parse::<usize>() {
@@ -103,6 +115,12 @@ pub struct NodeConfig {
     /// session with 4006 (with 1 session per user: "last login wins").
     #[arg(long, env = "WSBUS_ON_SESSION_LIMIT", value_enum, default_value_t = OnSessionLimit::Reject)]
     pub on_session_limit: OnSessionLimit,
+
+    /// Who may join rooms: `open` (any client, any room), `token` (the rooms in the token's
+    /// `rooms` claim), `server` (only the backend). Default: `token` with authentication,
+    /// `open` with `--insecure`.
+    #[arg(long, env = "WSBUS_ROOM_ACCESS", value_enum)]
+    pub room_access: Option<RoomAccess>,
 
     /// Most users in one room; a join past it gets `room '<id>' is full`.
     #[arg(long, env = "WSBUS_MAX_ROOM_MEMBERS", default_value_t = 10_000)]
@@ -298,6 +316,16 @@ impl NodeConfig {
     /// several nodes and route lookups cannot be cached).
     pub fn multi_session(&self) -> bool {
         self.max_sessions_per_user > 1
+    }
+
+    /// The `--room-access` in force: as given, else `open` with `--insecure` and `token`
+    /// with authentication.
+    pub fn room_access(&self) -> RoomAccess {
+        match (self.room_access, self.insecure) {
+            (Some(access), _) => access,
+            (None, true) => RoomAccess::Open,
+            (None, false) => RoomAccess::Token,
+        }
     }
 
     /// A config for a node with this id and Redis URL, without authentication (for tests

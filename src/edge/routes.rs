@@ -61,12 +61,12 @@ async fn connect(
             None,
         ))?;
         check_origin(&node, &user, &headers)?;
-        check_token(&node, &user, query, &headers)?;
+        let grant = check_token(&node, &user, query, &headers)?;
         let permit = take_slot(&node)?;
         let start = history_start(&node, &user, query).await?;
-        Ok::<_, Refusal>((user, permit, start))
+        Ok::<_, Refusal>((user, permit, start, grant))
     };
-    let (user, permit, start) = match gates.await {
+    let (user, permit, start, grant) = match gates.await {
         Ok(passed) => passed,
         Err(refusal) => return refusal.into_response(),
     };
@@ -85,7 +85,8 @@ async fn connect(
     let tracker = node.sessions.clone();
     metrics::counter!("wsbus_connections_opened_total").increment(1);
     ws.on_upgrade(move |socket| {
-        tracker.track_future(Session::new(node, user, queue, guard, permit, start).run(socket))
+        let session = Session::new(node, user, queue, guard, permit, start, grant);
+        tracker.track_future(session.run(socket))
     })
 }
 
@@ -145,15 +146,15 @@ fn check_origin(node: &Node, user: &UserId, headers: &HeaderMap) -> Result<(), R
 }
 
 /// Unless the node runs `--insecure`, a valid token for this user (`?token=` or
-/// `Authorization: Bearer`).
+/// `Authorization: Bearer`); what it grants the session.
 fn check_token(
     node: &Node,
     user: &UserId,
     query: Option<&str>,
     headers: &HeaderMap,
-) -> Result<(), Refusal> {
+) -> Result<crate::auth::Grant, Refusal> {
     let Some(verifier) = &node.auth else {
-        return Ok(());
+        return Ok(crate::auth::Grant::default());
     };
     let authorization = headers
         .get(header::AUTHORIZATION)

@@ -30,6 +30,7 @@ use crate::wire::client::{
     parse_command_relaying,
 };
 
+mod access;
 mod recovery;
 pub mod socket;
 use crate::delivery::hub::SessionReceiver;
@@ -181,6 +182,9 @@ pub struct Session {
     /// recover from in its connect URL, or the stream's top read before the session was
     /// registered.
     recover: Option<StartAt>,
+    /// What its token grants: until when, which rooms the client may join (`refresh`
+    /// replaces it).
+    grant: crate::auth::Grant,
 }
 
 /// Frames to write to the socket at once, ahead of the queue (a replay and the reply that
@@ -248,6 +252,7 @@ impl Session {
         guard: SessionGuard,
         permit: OwnedSemaphorePermit,
         recover: Option<StartAt>,
+        grant: crate::auth::Grant,
     ) -> Self {
         let bucket = TokenBucket::new(
             node.config.rate_limit,
@@ -266,6 +271,7 @@ impl Session {
             seq: Sequencer::default(),
             ready: Vec::new(),
             recover,
+            grant,
         }
     }
 
@@ -274,10 +280,16 @@ impl Session {
         self.node.metrics.connections_active.increment(1.0);
         let mut link = Link::new(socket, self.node.config.ping_interval);
         // Boxed, as the other steps that wait on Redis (see `handle`).
-        let end = match Box::pin(self.open_user_stream(&mut link)).await {
+        self.watch_expiry();
+        let opened = match Box::pin(self.open_user_stream(&mut link)).await {
+            Ok(()) => Box::pin(self.join_claimed(&mut link)).await,
+            Err(end) => Err(end),
+        };
+        let end = match opened {
             Ok(()) => self.serve(&mut link).await,
             Err(end) => end,
         };
+        self.unwatch_expiry();
         // Before the close handshake: a member that has left must get nothing sent after it
         // left, and the client may reconnect as soon as it sees our Close.
         Box::pin(self.leave_rooms()).await;
@@ -304,6 +316,7 @@ impl Session {
         // Registered once, not once per frame. Fires on node shutdown too.
         let kick = self.queue.kick.clone();
         let mut kicked = std::pin::pin!(kick.kicked());
+        let orders = self.queue.orders.clone();
         loop {
             if std::mem::take(&mut link.live.ping_due)
                 && let Err(end) = self
@@ -318,6 +331,11 @@ impl Session {
                 _ = &mut kicked => return self.kicked(),
                 _ = until(gap_due) => {
                     if let Err(end) = Box::pin(self.fill_gaps(link)).await {
+                        return end;
+                    }
+                }
+                _ = orders.arrived() => {
+                    if let Err(end) = Box::pin(self.run_orders(link)).await {
                         return end;
                     }
                 }
@@ -377,6 +395,9 @@ impl Session {
                 close::REPLACED_BY_NEWER,
                 Cow::Borrowed("replaced by a newer session"),
             ),
+            Some(close::TOKEN_EXPIRED) => {
+                End::Close(close::TOKEN_EXPIRED, Cow::Borrowed("token expired"))
+            }
             Some(close::DISCONNECTED) => End::Close(
                 close::DISCONNECTED,
                 match self.queue.kick.reason() {
@@ -426,7 +447,13 @@ impl Session {
             }
             // The steps that wait on Redis are boxed: inline, their futures would sit in every
             // session's task, used or not (they were most of an idle connection's memory).
-            Command::Join { room, since } => Box::pin(self.join(room, since)).await,
+            Command::Join { room, since } => {
+                if !self.rooms.contains(room) && !self.may_join(room) {
+                    return Err(ClientError::NotAllowed(room.to_owned()));
+                }
+                Box::pin(self.join(room, since)).await
+            }
+            Command::Refresh { token } => self.refresh(&token),
             Command::Recover(position) => {
                 if node.history.is_none() {
                     return Err(ClientError::HistoryOff);
@@ -454,12 +481,13 @@ impl Session {
                 let Some(id) = self.rooms.take(room) else {
                     return Err(ClientError::NotInRoom(room.to_owned()));
                 };
-                self.seq.stop(room);
-                Box::pin(node.leave_room(&id, &self.user, self.sid)).await?;
-                self.reply("left", json!({"room": room}))?;
+                self.leave(id).await?;
                 Ok(Direct::new())
             }
             Command::Members { room } => {
+                if !self.rooms.contains(room) {
+                    return Err(ClientError::NotInRoom(room.to_owned()));
+                }
                 let id = RoomId::parse(room).ok_or(ClientError::InvalidRoom)?;
                 let list = Box::pin(node.room_member_list(&id)).await?;
                 let mut data = json!({"room": room, "users": list.users});
