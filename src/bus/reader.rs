@@ -357,27 +357,8 @@ impl Consumer {
                 hub.kick(&env.to, *sid, *code, reason);
                 Some(0)
             }
-            Body::Member { room, join, reply } => {
-                // Its sessions answer in their own time: never wait for them here.
-                let node = self.node.clone();
-                let (origin, user, room) =
-                    (env.origin.to_string(), env.to.to_string(), room.to_string());
-                let (join, reply) = (*join, *reply);
-                tokio::spawn(async move {
-                    node.answer_member(&origin, &user, &room, join, reply).await
-                });
-                Some(0)
-            }
-            Body::MemberReply {
-                reply,
-                sessions,
-                error,
-            } => {
-                let outcome = crate::node::membership::MemberOutcome {
-                    sessions: *sessions,
-                    error: (!error.is_empty()).then(|| error.to_string()),
-                };
-                self.node.member_replied(*reply, outcome);
+            Body::Member { .. } | Body::MemberReply { .. } => {
+                self.node.take_member_entry(env);
                 Some(0)
             }
         }

@@ -8,6 +8,7 @@
 //! if its client had sent `join` (room limits, presence, `joined`), past `--room-access`.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
@@ -78,15 +79,22 @@ impl Node {
                 return Err(ClientError::BusUnavailable);
             }
         }
-        let mut outcome = self.change_membership_here(user.as_str(), room, join).await;
-        for (reply, rx) in waits {
-            let answered = tokio::time::timeout(MEMBER_TIMEOUT, rx).await;
-            self.member_replies.remove(&reply);
-            let Ok(Ok(there)) = answered else {
+        let (ids, answers): (Vec<u64>, Vec<_>) = waits.into_iter().unzip();
+        let here = self.change_membership_here(user.as_str(), room, join);
+        let there = tokio::time::timeout(MEMBER_TIMEOUT, futures_util::future::join_all(answers));
+        let (mut outcome, there) = tokio::join!(here, there);
+        for id in ids {
+            self.member_replies.remove(&id);
+        }
+        let Ok(there) = there else {
+            return Err(ClientError::BusUnavailable);
+        };
+        for answer in there {
+            let Ok(answer) = answer else {
                 return Err(ClientError::BusUnavailable);
             };
-            outcome.sessions += there.sessions;
-            outcome.error = outcome.error.or(there.error);
+            outcome.sessions += answer.sessions;
+            outcome.error = outcome.error.or(answer.error);
         }
         match outcome.error {
             Some(text) if text == ClientError::TooManyRooms.to_string() => {
@@ -134,6 +142,35 @@ impl Node {
             tracing::warn!(user, room = %room, "sessions did not answer a membership change");
         }
         outcome
+    }
+
+    /// Takes a [`Body::Member`] entry (applied in a task of its own, answered when its
+    /// sessions have answered: the inbox reader never waits for them) or a
+    /// [`Body::MemberReply`] (handed to the request waiting for it).
+    pub fn take_member_entry(self: &Arc<Self>, env: &Envelope<'_>) {
+        match &env.body {
+            Body::Member { room, join, reply } => {
+                let node = self.clone();
+                let (origin, user, room) =
+                    (env.origin.to_string(), env.to.to_string(), room.to_string());
+                let (join, reply) = (*join, *reply);
+                tokio::spawn(async move {
+                    node.answer_member(&origin, &user, &room, join, reply).await
+                });
+            }
+            Body::MemberReply {
+                reply,
+                sessions,
+                error,
+            } => {
+                let outcome = MemberOutcome {
+                    sessions: *sessions,
+                    error: (!error.is_empty()).then(|| error.to_string()),
+                };
+                self.member_replied(*reply, outcome);
+            }
+            _ => {}
+        }
     }
 
     /// Hands another node's answer to the [`Node::change_membership`] waiting for it.

@@ -148,6 +148,19 @@ impl Node {
     }
 }
 
+/// Refuses a `--relay-actions` entry outside the id alphabet or named like a built-in action.
+fn check_relay_actions(actions: &[String]) -> Result<(), NodeError> {
+    if let Some(bad) = actions
+        .iter()
+        .find(|a| !is_valid_id(a) || crate::wire::client::RESERVED_ACTIONS.contains(&a.as_str()))
+    {
+        return Err(NodeError::Config(format!(
+            "relay action {bad:?}: use 1-64 of [A-Za-z0-9_.-], not a built-in action"
+        )));
+    }
+    Ok(())
+}
+
 impl Node {
     /// Checks `config` and builds the state of a node serving clients on `addr` (not yet
     /// registered, no task started). Returns the receiving end of the bus writer's queue too.
@@ -164,13 +177,7 @@ impl Node {
         if !is_valid_id(&config.prefix.replace(':', "_")) {
             return Err(NodeError::Config(format!("prefix {:?}", config.prefix)));
         }
-        if let Some(bad) = config.relay_actions.iter().find(|a| {
-            !is_valid_id(a) || crate::wire::client::RESERVED_ACTIONS.contains(&a.as_str())
-        }) {
-            return Err(NodeError::Config(format!(
-                "relay action {bad:?}: use 1-64 of [A-Za-z0-9_.-], not a built-in action"
-            )));
-        }
+        check_relay_actions(&config.relay_actions)?;
         let auth =
             crate::auth::from_config(&config).map_err(|e| NodeError::Config(e.to_string()))?;
         let keys = Keys::new(&config.prefix);

@@ -98,6 +98,21 @@ impl Session {
         Ok(())
     }
 
+    /// `members`: the users of a room the session is in (reading a room needs membership).
+    pub(super) async fn members(&mut self, room: &str) -> Result<Direct, ClientError> {
+        if !self.rooms.contains(room) {
+            return Err(ClientError::NotInRoom(room.to_owned()));
+        }
+        let id = crate::wire::ids::RoomId::parse(room).ok_or(ClientError::InvalidRoom)?;
+        let list = self.node.room_member_list(&id).await?;
+        let mut data = json!({"room": room, "users": list.users});
+        if list.truncated {
+            data["truncated"] = json!(true);
+        }
+        self.reply("members", data)?;
+        Ok(Direct::new())
+    }
+
     /// Leaves a room the session was in (`leave`, or on the backend's behalf): `left`.
     pub(super) async fn leave(&mut self, id: crate::wire::ids::RoomId) -> Result<(), ClientError> {
         self.seq.stop(id.as_str());

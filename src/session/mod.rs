@@ -484,19 +484,7 @@ impl Session {
                 self.leave(id).await?;
                 Ok(Direct::new())
             }
-            Command::Members { room } => {
-                if !self.rooms.contains(room) {
-                    return Err(ClientError::NotInRoom(room.to_owned()));
-                }
-                let id = RoomId::parse(room).ok_or(ClientError::InvalidRoom)?;
-                let list = Box::pin(node.room_member_list(&id)).await?;
-                let mut data = json!({"room": room, "users": list.users});
-                if list.truncated {
-                    data["truncated"] = json!(true);
-                }
-                self.reply("members", data)?;
-                Ok(Direct::new())
-            }
+            Command::Members { room } => Box::pin(self.members(room)).await,
         }
     }
 

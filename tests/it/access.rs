@@ -151,6 +151,14 @@ async fn token_mode_allows_the_rooms_of_the_claim_and_patterns(backend: Backend)
     expect_left(&mut alice, "team-42-ops").await;
     let mut bob = connect_with(&a, "bob", &token("bob", 600, None, &[])).await;
     refused(&mut bob, "lobby").await;
+    // Recovering a room's past is a join: refused too.
+    send(
+        &mut bob,
+        "join",
+        json!({"room": "lobby", "since": 0, "epoch": ""}),
+    )
+    .await;
+    bob.expect_error("not allowed to join room 'lobby'").await;
     send(&mut bob, "members", json!({"room": "lobby"})).await;
     bob.expect_error("not in room 'lobby'").await;
     send(
