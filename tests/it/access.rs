@@ -530,3 +530,33 @@ async fn thousands_expiring_in_the_same_second() {
     eprintln!("{N} connections in {connected:?}; all closed with 4008 within {spread:?} after exp");
     assert!(spread < Duration::from_secs(5), "closing took {spread:?}");
 }
+
+/// `wsbus token --rooms --join` mints the claims a node reads.
+#[tokio::test]
+async fn wsbus_token_mints_rooms_and_join_claims() {
+    let backend = Backend::single().await;
+    let a = secure_node(&backend, "a", None).await;
+    let out = tokio::task::spawn_blocking(|| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_wsbus"))
+            .args([
+                "token",
+                "alice",
+                "--ttl",
+                "10m",
+                "--rooms",
+                "lobby,team-42-*",
+            ])
+            .args(["--join", "news"])
+            .env("WSBUS_JWT_SECRET", SECRET)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let minted = String::from_utf8(out.stdout).unwrap();
+    let mut alice = connect_with(&a, "alice", minted.trim()).await;
+    expect_joined(&mut alice, "news").await;
+    join(&mut alice, "team-42-x").await;
+    refused(&mut alice, "team-43").await;
+}
