@@ -516,7 +516,6 @@ export class WsbusClient extends EventTarget {
       if (token) params.push(`token=${encodeURIComponent(token)}`);
     }
     const url = params.length ? `${this.url}?${params.join("&")}` : this.url;
-    token = token ?? null;
     let ws;
     try {
       ws = new this.#WebSocket(url);
@@ -527,11 +526,10 @@ export class WsbusClient extends EventTarget {
     this.#ws = ws;
     this.#recovering = since !== null;
     let opened = false;
-    const usedToken = token;
     ws.onopen = () => {
       if (this.#ws !== ws) return;
       opened = true;
-      this.#scheduleRefresh(tokenExp(usedToken));
+      this.#scheduleRefresh(tokenExp(token));
       this.#setState("open");
       if (this.#position === null && this.#history !== false) this.#askPosition();
       this.#rejoin();
