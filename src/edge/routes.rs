@@ -64,7 +64,7 @@ async fn connect(
     Position::from_query(query.as_deref())
         .map_err(|e| Refused::new(StatusCode::BAD_REQUEST, e.to_string()))?;
     check_origin(&node, &user, &headers)?;
-    authenticate(&node, &user, query.as_deref(), &headers)?;
+    let grant = authenticate(&node, &user, query.as_deref(), &headers)?;
     let permit = connection_slot(&node)?;
     let ws = configure(ws, &node);
     let start = stream_start(&node, &user, query.as_deref()).await?;
@@ -87,7 +87,7 @@ async fn connect(
     metrics::counter!("wsbus_connections_opened_total").increment(1);
     let welcome = resume.map(|r| encode_welcome(user.as_str(), &node.id, sid, &r.secret));
     Ok(ws.on_upgrade(move |socket| {
-        let session = Session::new(node, user, queue, guard, permit, start);
+        let session = Session::new(node, user, queue, guard, permit, start, grant);
         tracker.track_future(session.welcomed(welcome).run(socket))
     }))
 }
@@ -139,15 +139,16 @@ fn check_origin(node: &Node, user: &UserId, headers: &HeaderMap) -> Result<(), R
     Ok(())
 }
 
-/// Refuses a connect without a valid token for `user` (unless the node runs `--insecure`).
+/// Refuses a connect without a valid token for `user` (unless the node runs `--insecure`);
+/// what the token grants the session.
 fn authenticate(
     node: &Node,
     user: &UserId,
     query: Option<&str>,
     headers: &HeaderMap,
-) -> Result<(), Refused> {
+) -> Result<crate::auth::Grant, Refused> {
     let Some(verifier) = &node.auth else {
-        return Ok(());
+        return Ok(crate::auth::Grant::default());
     };
     let authorization = headers
         .get(header::AUTHORIZATION)
@@ -156,13 +157,12 @@ fn authenticate(
         None => Err(crate::auth::AuthError::Missing),
         Some(token) => verifier.verify(token, user.as_str()),
     };
-    if let Err(e) = checked {
+    checked.map_err(|e| {
         // Never log the token itself.
         tracing::info!(user = %user, reason = %e, "refused: authentication");
         metrics::counter!("wsbus_connections_refused_total", "reason" => "auth").increment(1);
-        return Err(Refused::new(StatusCode::UNAUTHORIZED, e.to_string()));
-    }
-    Ok(())
+        Refused::new(StatusCode::UNAUTHORIZED, e.to_string())
+    })
 }
 
 /// A connection slot, unless the node is shutting down or has `--max-connections`.
