@@ -14,6 +14,7 @@
 //! change instead, as `POST /api/join|leave` ([`Node::change_membership`]); one the room's
 //! limits refuse is logged and acknowledged.
 
+use crate::wire::event::{Event, EventKind};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -230,6 +231,12 @@ impl IngressReader {
                     if let Some(more) = BAD_ENTRIES.note() {
                         tracing::warn!(entry = %id, reason = %reason, more_since_last_line = more,
                             "dropping an ingress entry that does not parse");
+                    }
+                    if self.node.wants(EventKind::IngressInvalid) {
+                        let event = Event::new(EventKind::IngressInvalid, "", 0)
+                            .field("entry", id.to_string())
+                            .field("reason", reason);
+                        self.node.report_event(event).await;
                     }
                     garbage.push(id.to_string());
                 }
