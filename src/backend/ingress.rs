@@ -11,20 +11,21 @@
 //! The stream is capped with `XTRIM MAXLEN ~ --ingress-maxlen`.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use redis::Value;
 use serde_json::json;
 
 use crate::backend::api::Publish;
 use crate::node::Node;
+use crate::redis::consumer::{StreamReader, consume};
 use crate::redis::stream::{entry_parts, field, stream_entries};
 use crate::redis::{RedisConn, RedisError};
 use crate::telemetry::LogSummary;
 
 /// Entries dropped as unparsable, logged: the first, then a count every few seconds (the
 /// metric counts each).
-static BAD_ENTRIES: LogSummary = LogSummary::new(Duration::from_secs(5));
+static BAD_ENTRIES: LogSummary = LogSummary::new(std::time::Duration::from_secs(5));
 
 /// The consumer group every node reads the ingress stream in.
 pub const GROUP: &str = "wsbus";
@@ -32,47 +33,21 @@ pub const GROUP: &str = "wsbus";
 /// The fields an ingress entry may have.
 pub const FIELDS: [&str; 5] = ["to", "room", "action", "data", "from"];
 
-const READ_MARGIN: Duration = Duration::from_secs(1);
-const BACKOFF_MIN: Duration = Duration::from_millis(50);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
-
-/// Runs the ingress consumer until the node shuts down.
+/// Runs the ingress reader until the node shuts down.
 pub async fn run(node: Arc<Node>) {
-    let mut reader = Reader {
+    let mut reader = IngressReader {
         key: node.keys.ingress(),
-        node,
+        node: node.clone(),
         group_ready: false,
         last_claim: None,
     };
-    let mut backoff = BACKOFF_MIN;
-    loop {
-        let shutdown = reader.node.shutdown.clone();
-        let connected = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            c = reader.node.redis.dedicated_conn() => c,
-        };
-        match connected {
-            Ok(mut conn) => {
-                backoff = BACKOFF_MIN;
-                // A new connection may be a new (empty) server: check the group again.
-                reader.group_ready = false;
-                let outcome = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    r = reader.read_loop(&mut conn) => r,
-                };
-                tracing::warn!(error = %outcome, "ingress connection lost; reconnecting");
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot connect the ingress reader"),
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
-    }
+    let block = node.config.inbox_block;
+    consume(&node.redis, &mut reader, block, node.shutdown.clone()).await;
 }
 
-struct Reader {
+/// The ingress stream as read by [`consume`], as a member of the group [`GROUP`]: the
+/// group's creation, claims of a dead node's entries, routing and acknowledgement.
+struct IngressReader {
     node: Arc<Node>,
     key: String,
     /// The consumer group is known to exist on the current connection's server.
@@ -81,69 +56,81 @@ struct Reader {
     last_claim: Option<Instant>,
 }
 
-impl Reader {
-    async fn read_loop(&mut self, conn: &mut RedisConn) -> RedisError {
-        let node = self.node.clone();
-        let config = &node.config;
-        let block = config.inbox_block;
-        let deadline = block + READ_MARGIN;
-        loop {
-            if !self.group_ready {
-                match self.create_group(conn).await {
-                    Ok(true) => self.group_ready = true,
-                    // No stream yet: nobody has published; look again after a block period.
-                    Ok(false) => {
-                        tokio::time::sleep(block).await;
-                        continue;
-                    }
-                    Err(e) => return e,
-                }
+impl StreamReader for IngressReader {
+    const NAME: &'static str = "ingress";
+
+    /// A new connection may be a new (empty) server: check the group again.
+    async fn on_connect(&mut self, _conn: &mut RedisConn) -> Result<(), RedisError> {
+        self.group_ready = false;
+        Ok(())
+    }
+
+    /// Creates the group if needed (no stream yet: waits a block period and skips the
+    /// read), then claims idle entries when it is time.
+    async fn before_read(&mut self, conn: &mut RedisConn) -> Result<bool, RedisError> {
+        let config = &self.node.config;
+        if !self.group_ready {
+            if !self.create_group(conn).await? {
+                // Nobody has published yet: look again after a block period.
+                tokio::time::sleep(config.inbox_block).await;
+                return Ok(false);
             }
-            if self
-                .last_claim
-                .is_none_or(|at| at.elapsed() >= config.ingress_claim_idle)
-            {
-                self.last_claim = Some(Instant::now());
-                if let Err(e) = self.claim_idle(conn).await {
-                    if is_no_group(&e) {
-                        self.group_ready = false;
-                        continue;
-                    }
-                    return e;
-                }
-            }
-            let mut read = redis::cmd("XREADGROUP");
-            read.arg("GROUP")
-                .arg(GROUP)
-                .arg(&*self.node.id)
-                .arg("COUNT")
-                .arg(config.inbox_read_count)
-                .arg("BLOCK")
-                .arg(block.as_millis() as u64)
-                .arg("STREAMS")
-                .arg(&self.key)
-                .arg(">");
-            let reply = match tokio::time::timeout(deadline, read.query_async::<Value>(conn)).await
-            {
-                Err(_) => return RedisError::Reply("XREADGROUP passed its deadline"),
-                Ok(Err(e)) if is_no_group(&e.clone().into()) => {
-                    // The stream (and its group) vanished: Redis lost its data, or someone
-                    // deleted the key.
-                    tracing::info!("ingress consumer group gone; creating it again");
+            self.group_ready = true;
+        }
+        if self
+            .last_claim
+            .is_none_or(|at| at.elapsed() >= config.ingress_claim_idle)
+        {
+            self.last_claim = Some(Instant::now());
+            if let Err(e) = self.claim_idle(conn).await {
+                if is_no_group(&e) {
                     self.group_ready = false;
-                    continue;
+                    return Ok(false);
                 }
-                Ok(Err(e)) => return e.into(),
-                Ok(Ok(reply)) => reply,
-            };
-            if let Some(entries) = stream_entries(reply)
-                && let Err(e) = self.handle(conn, &entries).await
-            {
-                return e;
+                return Err(e);
             }
+        }
+        Ok(true)
+    }
+
+    /// `XREADGROUP ... >`: new entries for this node. When the group is gone, the reply is
+    /// empty and the next round creates it again.
+    async fn read(&mut self, conn: &mut RedisConn) -> Result<Value, RedisError> {
+        let config = &self.node.config;
+        let reply = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg(&*self.node.id)
+            .arg("COUNT")
+            .arg(config.inbox_read_count)
+            .arg("BLOCK")
+            .arg(config.inbox_block.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(&self.key)
+            .arg(">")
+            .query_async::<Value>(conn)
+            .await;
+        match reply {
+            Err(e) if e.code() == Some("NOGROUP") => {
+                // The stream (and its group) vanished: Redis lost its data, or someone
+                // deleted the key.
+                tracing::info!("ingress consumer group gone; creating it again");
+                self.group_ready = false;
+                Ok(Value::Nil)
+            }
+            reply => Ok(reply?),
         }
     }
 
+    async fn process(&mut self, conn: &mut RedisConn, reply: Value) -> Result<(), RedisError> {
+        match stream_entries(reply) {
+            Some(entries) => self.route_entries(conn, &entries).await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl IngressReader {
     /// Creates the consumer group from the stream's start; `false` when the stream does
     /// not exist yet (not created here, so an unused ingress leaves no key behind).
     async fn create_group(&self, conn: &mut RedisConn) -> Result<bool, RedisError> {
@@ -189,7 +176,7 @@ impl Reader {
         if !entries.is_empty() {
             tracing::info!(entries = entries.len(), "claimed idle ingress entries");
             metrics::counter!("wsbus_ingress_claimed_total").increment(entries.len() as u64);
-            self.handle(conn, &entries).await?;
+            self.route_entries(conn, &entries).await?;
         }
         redis::cmd("XTRIM")
             .arg(&self.key)
@@ -204,7 +191,11 @@ impl Reader {
     /// Routes a batch of entries (one lookup for all) and acknowledges them. Entries that
     /// do not parse are acknowledged at once; if routing fails (Redis), the rest stay
     /// pending and are claimed again later.
-    async fn handle(&self, conn: &mut RedisConn, entries: &[Value]) -> Result<(), RedisError> {
+    async fn route_entries(
+        &self,
+        conn: &mut RedisConn,
+        entries: &[Value],
+    ) -> Result<(), RedisError> {
         let mut garbage: Vec<String> = Vec::new();
         let mut routed: Vec<String> = Vec::new();
         let mut items: Vec<Publish> = Vec::with_capacity(entries.len());
