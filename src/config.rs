@@ -31,6 +31,18 @@ impl OnSessionLimit {
     }
 }
 
+/// Who may put a client in a room (`--room-access`). A backend may in every mode
+/// (`POST /api/join`, ingress `op=join`, the token's `join` claim).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RoomAccess {
+    /// Any client may join any room.
+    Open,
+    /// A client may join the rooms its token's `rooms` claim lists (ids, `prefix*`).
+    Token,
+    /// Clients cannot join rooms; only the backend puts users in rooms.
+    Server,
+}
+
 fn parse_head_bytes(s: &str) -> Result<usize, String> {
     let min = MIN_HEAD_BYTES;
     match s.parse::<usize>() {
@@ -108,6 +120,12 @@ pub struct NodeConfig {
     /// was issued to it; a session whose node died keeps its secret this long at most.
     #[arg(long, env = "WSBUS_RESUME_TTL", default_value = "1h", value_parser = parse_duration)]
     pub resume_ttl: Duration,
+
+    /// Who may join rooms: `open` (any client, any room), `token` (the rooms in the token's
+    /// `rooms` claim), `server` (only the backend). Default: `token` with authentication,
+    /// `open` with `--insecure`.
+    #[arg(long, env = "WSBUS_ROOM_ACCESS", value_enum)]
+    pub room_access: Option<RoomAccess>,
 
     /// Most users in one room; a join past it gets `room '<id>' is full`.
     #[arg(long, env = "WSBUS_MAX_ROOM_MEMBERS", default_value_t = 10_000)]
@@ -318,6 +336,16 @@ impl NodeConfig {
     /// several nodes and route lookups cannot be cached).
     pub fn multi_session(&self) -> bool {
         self.max_sessions_per_user > 1
+    }
+
+    /// The `--room-access` in force: as given, else `open` with `--insecure` and `token`
+    /// with authentication.
+    pub fn room_access(&self) -> RoomAccess {
+        match (self.room_access, self.insecure) {
+            (Some(access), _) => access,
+            (None, true) => RoomAccess::Open,
+            (None, false) => RoomAccess::Token,
+        }
     }
 
     /// A config for a node with this id and Redis URL, without authentication (for tests

@@ -58,6 +58,8 @@ pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/api/publish", post(publish))
         .route("/api/disconnect", post(disconnect))
+        .route("/api/join", post(join))
+        .route("/api/leave", post(leave))
         .route("/api/users/{id}", get(user))
         .route("/api/rooms/{room}", get(room))
         .route("/api/nodes", get(nodes))
@@ -95,6 +97,15 @@ pub enum ApiError {
     /// Redis cannot be reached (or the bus writer stopped); nothing was sent.
     #[error("bus unavailable")]
     BusUnavailable,
+    /// A server-side join the room's limits refused (`room 'x' is full`, `too many rooms`),
+    /// as a client's join would be; `field` names the item's room.
+    #[error("{error}")]
+    Refused {
+        /// The room field (`room`, `[2].room`).
+        field: String,
+        /// The client error text.
+        error: String,
+    },
 }
 
 impl ApiError {
@@ -114,6 +125,7 @@ impl ApiError {
             ApiError::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooManyFailures => StatusCode::TOO_MANY_REQUESTS,
             ApiError::BusUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Refused { .. } => StatusCode::CONFLICT,
         }
     }
 
@@ -127,6 +139,7 @@ impl ApiError {
             ApiError::KeyReused => "key_reused",
             ApiError::TooManyFailures => "too_many_failures",
             ApiError::BusUnavailable => "bus_unavailable",
+            ApiError::Refused { .. } => "refused",
         }
     }
 }
@@ -135,7 +148,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         metrics::counter!("wsbus_api_requests_total", "status" => self.kind()).increment(1);
         let mut body = json!({"error": self.to_string()});
-        if let ApiError::Invalid { field, .. } = &self
+        if let ApiError::Invalid { field, .. } | ApiError::Refused { field, .. } = &self
             && !field.is_empty()
         {
             body["field"] = json!(field);
@@ -439,34 +452,188 @@ async fn publish(
 ) -> Result<Response, ApiError> {
     let body = read_body(&node, &headers, body).await?;
     let (items, batch) = parse_publish(&body, node.config.api_max_batch)?;
-    let idempotency = idempotency_key(&node, &headers)?;
-    let body_hash = idempotency.as_ref().map(|_| body_digest(&body));
-    if let (Some(key), Some(hash)) = (&idempotency, &body_hash)
-        && let Some(first) = claim_idempotency(&node, key, hash).await?
+    let reply = once(&node, &headers, &body, async {
+        let replies = publish_all(&node, &items).await?;
+        Ok(match batch {
+            true => serde_json::to_string(&replies),
+            false => serde_json::to_string(&replies[0]),
+        }
+        .expect("replies serialize"))
+    })
+    .await?;
+    metrics::counter!("wsbus_api_requests_total", "status" => "ok").increment(1);
+    metrics::counter!("wsbus_api_published_total").increment(items.len() as u64);
+    Ok(json_response(reply))
+}
+
+/// Runs `work` once per `Idempotency-Key` (when the request has one): a repeat with the same
+/// body gets the first reply, one with another body 422; a failure releases the key, so a
+/// retry runs again.
+async fn once(
+    node: &Node,
+    headers: &HeaderMap,
+    body: &[u8],
+    work: impl Future<Output = Result<String, ApiError>>,
+) -> Result<String, ApiError> {
+    let idempotency = idempotency_key(node, headers)?;
+    // The key remembers which body it was used with: another body under it is refused.
+    let hash = body_digest(body);
+    if let Some(key) = &idempotency
+        && let Some(first) = claim_idempotency(node, key, &hash).await?
     {
         metrics::counter!("wsbus_api_requests_total", "status" => "repeat").increment(1);
-        return Ok(json_response(first));
+        return Ok(first);
     }
-    let replies = match publish_all(&node, &items).await {
-        Ok(replies) => replies,
+    let reply = match work.await {
+        Ok(reply) => reply,
         Err(e) => {
             if let Some(key) = &idempotency {
-                release_idempotency(&node, key).await;
+                release_idempotency(node, key).await;
             }
             return Err(e);
         }
     };
-    let reply = match batch {
-        true => serde_json::to_string(&replies),
-        false => serde_json::to_string(&replies[0]),
+    if let Some(key) = &idempotency {
+        remember_reply(node, key, &format!("{hash}\n{reply}")).await;
     }
-    .expect("replies serialize");
-    if let (Some(key), Some(hash)) = (&idempotency, &body_hash) {
-        remember_reply(&node, key, &format!("{hash}\n{reply}")).await;
+    Ok(reply)
+}
+
+/// One validated `POST /api/join` or `/api/leave` item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    /// Whose sessions.
+    pub user: UserId,
+    /// Which room.
+    pub room: RoomId,
+}
+
+/// The body of `POST /api/join|leave`: one `{"user","room"}` or an array of at most
+/// `max_batch` (`true` as the second value), checked whole before anything changes.
+pub fn parse_membership(
+    body: &[u8],
+    max_batch: usize,
+) -> Result<(Vec<Membership>, bool), ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid("", format!("invalid JSON: {e}")))?;
+    let (items, batch) = match value {
+        Value::Array(items) if items.is_empty() => {
+            return Err(ApiError::invalid("", "empty batch"));
+        }
+        Value::Array(items) if items.len() > max_batch => {
+            return Err(ApiError::invalid(
+                "",
+                format!(
+                    "batch of {} items, over the limit of {max_batch}",
+                    items.len()
+                ),
+            ));
+        }
+        Value::Array(items) => (items, true),
+        item => (vec![item], false),
+    };
+    let items = items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            parse_membership_item(
+                item,
+                if batch {
+                    format!("[{i}].")
+                } else {
+                    String::new()
+                },
+            )
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((items, batch))
+}
+
+fn parse_membership_item(item: &Value, at: String) -> Result<Membership, ApiError> {
+    let field = |name: &str| format!("{at}{name}");
+    let Value::Object(map) = item else {
+        return Err(ApiError::invalid(
+            at.trim_end_matches('.'),
+            "must be a JSON object",
+        ));
+    };
+    if let Some(unknown) = map.keys().find(|k| !matches!(k.as_str(), "user" | "room")) {
+        return Err(ApiError::invalid(field(unknown), "unknown field"));
     }
+    let user = map
+        .get("user")
+        .and_then(Value::as_str)
+        .and_then(UserId::parse)
+        .ok_or_else(|| ApiError::invalid(field("user"), "missing or invalid user id"))?;
+    let room = map
+        .get("room")
+        .and_then(Value::as_str)
+        .and_then(RoomId::parse)
+        .ok_or_else(|| ApiError::invalid(field("room"), "missing or invalid room id"))?;
+    Ok(Membership { user, room })
+}
+
+async fn join(
+    State(node): State<Arc<Node>>,
+    _: Authorized,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    change_membership(node, headers, body, true).await
+}
+
+async fn leave(
+    State(node): State<Arc<Node>>,
+    _: Authorized,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    change_membership(node, headers, body, false).await
+}
+
+/// `POST /api/join|leave`: every live session of each item's user joins (leaves) its room,
+/// in order; a refused item stops the batch there (the items before it stay applied).
+async fn change_membership(
+    node: Arc<Node>,
+    headers: HeaderMap,
+    body: Body,
+    join: bool,
+) -> Result<Response, ApiError> {
+    let body = read_body(&node, &headers, body).await?;
+    let (items, batch) = parse_membership(&body, node.config.api_max_batch)?;
+    let reply = once(&node, &headers, &body, async {
+        let mut replies = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let at = if batch { format!("[{i}].") } else { String::new() };
+            let sessions = apply_membership(&node, item, join, &at).await?;
+            replies.push(json!({"user": item.user.as_str(), "room": item.room.as_str(), "sessions": sessions}));
+        }
+        Ok(match batch {
+            true => Value::Array(replies).to_string(),
+            false => replies[0].to_string(),
+        })
+    })
+    .await?;
     metrics::counter!("wsbus_api_requests_total", "status" => "ok").increment(1);
-    metrics::counter!("wsbus_api_published_total").increment(items.len() as u64);
     Ok(json_response(reply))
+}
+
+/// One server-side join or leave, its refusal as an API error about field `{at}room`.
+pub async fn apply_membership(
+    node: &Node,
+    item: &Membership,
+    join: bool,
+    at: &str,
+) -> Result<u32, ApiError> {
+    use crate::wire::client::ClientError;
+    match node.change_membership(&item.user, &item.room, join).await {
+        Ok(sessions) => Ok(sessions),
+        Err(ClientError::BusUnavailable) => Err(ApiError::BusUnavailable),
+        Err(refused) => Err(ApiError::Refused {
+            field: format!("{at}room"),
+            error: refused.to_string(),
+        }),
+    }
 }
 
 fn json_response(body: String) -> Response {

@@ -247,6 +247,10 @@ impl InboxReader {
                 self.node.hub.kick(&env.to, *sid, *code, reason);
                 Some(0)
             }
+            Body::Member { .. } | Body::MemberReply { .. } => {
+                self.node.take_member_entry(env);
+                Some(0)
+            }
         }
     }
 

@@ -574,9 +574,9 @@ impl Writer {
     }
 
     /// Gives every message of the batch that needs one a place in its target's history
-    /// stream (history on; not transient ones such as presence events; a forwarded entry
-    /// keeps its place): one round trip for the batch, before anything of it is delivered
-    /// anywhere. One entry per message, `None` for those without a place.
+    /// stream (history on; not presence events; a forwarded entry keeps its place): one
+    /// round trip for the batch, before anything of it is delivered anywhere. One entry per
+    /// message, `None` for those without a place.
     async fn stamp(
         &self,
         conn: &mut RedisConn,
@@ -822,6 +822,7 @@ fn plain_action(payload: &Payload, body: &Body<'_>) -> &'static str {
 fn appends_of<'b>(batch: &'b [Dispatch], stamped: &[Option<Stamped>]) -> Appends<'b> {
     let mut appends = Appends::default();
     for (i, msg) in batch.iter().enumerate() {
+        // Entries stamped already keep their place; transient ones (relays) have none.
         if stamped[i].is_some() || msg.transient {
             continue;
         }

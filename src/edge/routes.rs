@@ -46,12 +46,11 @@ pub fn admin_router(node: Arc<Node>) -> Router {
         .with_state(node)
 }
 
-/// A connect, gate by gate: the user id, its `since` (a malformed one is a 400), the origin,
-/// the token, a connection slot, where the user's stream starts (history on), the claim
-/// (taking a session over with `?resume=<secret>`). Each gate refuses with its own status (a
-/// refused claim still upgrades, to say why); past them all the connection upgrades to a
-/// session, whose first frame is `welcome` (a new resume secret) if the client asked with
-/// `?resume`.
+/// A connect, gate by gate: the user id and its `since`, the origin, the token, a connection
+/// slot, where the user's stream starts (history on), the claim (taking a session over with
+/// `?resume=<secret>`). Each gate refuses with its own status (a refused claim still
+/// upgrades, to say why); past them all the connection upgrades to a session. A client that
+/// asked with `?resume` gets `welcome` (its new secret) first.
 async fn connect(
     State(node): State<Arc<Node>>,
     Path(user_id): Path<String>,
@@ -65,7 +64,7 @@ async fn connect(
     Position::from_query(query.as_deref())
         .map_err(|e| Refused::new(StatusCode::BAD_REQUEST, e.to_string()))?;
     check_origin(&node, &user, &headers)?;
-    authenticate(&node, &user, query.as_deref(), &headers)?;
+    let grant = authenticate(&node, &user, query.as_deref(), &headers)?;
     let permit = connection_slot(&node)?;
     let ws = configure(ws, &node);
     let start = stream_start(&node, &user, query.as_deref()).await?;
@@ -88,7 +87,7 @@ async fn connect(
     metrics::counter!("wsbus_connections_opened_total").increment(1);
     let welcome = resume.map(|r| encode_welcome(user.as_str(), &node.id, sid, &r.secret));
     Ok(ws.on_upgrade(move |socket| {
-        let session = Session::new(node, user, queue, guard, permit, start);
+        let session = Session::new(node, user, queue, guard, permit, start, grant);
         tracker.track_future(session.welcomed(welcome).run(socket))
     }))
 }
@@ -140,15 +139,16 @@ fn check_origin(node: &Node, user: &UserId, headers: &HeaderMap) -> Result<(), R
     Ok(())
 }
 
-/// Refuses a connect without a valid token for `user` (unless the node runs `--insecure`).
+/// Refuses a connect without a valid token for `user` (unless the node runs `--insecure`);
+/// what the token grants the session.
 fn authenticate(
     node: &Node,
     user: &UserId,
     query: Option<&str>,
     headers: &HeaderMap,
-) -> Result<(), Refused> {
+) -> Result<crate::auth::Grant, Refused> {
     let Some(verifier) = &node.auth else {
-        return Ok(());
+        return Ok(crate::auth::Grant::default());
     };
     let authorization = headers
         .get(header::AUTHORIZATION)
@@ -157,13 +157,12 @@ fn authenticate(
         None => Err(crate::auth::AuthError::Missing),
         Some(token) => verifier.verify(token, user.as_str()),
     };
-    if let Err(e) = checked {
+    checked.map_err(|e| {
         // Never log the token itself.
         tracing::info!(user = %user, reason = %e, "refused: authentication");
         metrics::counter!("wsbus_connections_refused_total", "reason" => "auth").increment(1);
-        return Err(Refused::new(StatusCode::UNAUTHORIZED, e.to_string()));
-    }
-    Ok(())
+        Refused::new(StatusCode::UNAUTHORIZED, e.to_string())
+    })
 }
 
 /// A connection slot, unless the node is shutting down or has `--max-connections`.
@@ -193,7 +192,7 @@ async fn stream_start(
     query: Option<&str>,
 ) -> Result<Option<StartAt>, Refused> {
     let stream = crate::history::Stream::User(user.as_str());
-    // Checked at the first gate: here a `since` is an offset or absent.
+    // Validated by the first gate.
     let asked = Position::from_query(query).ok().flatten();
     StartAt::of(node.history.as_ref(), stream, asked)
         .await
@@ -256,8 +255,8 @@ async fn claim(
     }
 }
 
-/// Closes the sessions a claim replaced (4006: `--on-session-limit replace`, or a resume),
-/// wherever they are; a session on a node known dead has nobody to close it.
+/// Closes the sessions a claim replaced or a resume took over (4006), wherever they are; a
+/// session on a node known dead has nobody to close it.
 async fn close_replaced(node: &Node, user: &UserId, evicted: &[SessionRef]) {
     for old in evicted {
         metrics::counter!("wsbus_sessions_replaced_total").increment(1);

@@ -23,6 +23,7 @@ use crate::wire::clock::now_ms;
 use crate::wire::ids::{is_valid_id, random_node_id};
 
 pub mod dispatch;
+pub mod membership;
 pub mod rooms;
 
 /// Why a node could not start or stopped abnormally.
@@ -124,6 +125,11 @@ pub struct Node {
     pub metrics: crate::telemetry::HotMetrics,
     /// History streams and recovery (`--history`); `None` when off.
     pub history: Option<crate::history::History>,
+    /// When each session's token expires (closed by one task, `delivery::expiry::run`).
+    pub expiries: crate::delivery::expiry::Expiries,
+    /// Server-side membership changes waiting for another node's answer, by request id.
+    pub member_replies:
+        dashmap::DashMap<u64, tokio::sync::oneshot::Sender<membership::MemberOutcome>>,
     next_sid: AtomicU64,
     next_message_id: AtomicU64,
     /// Random id of this process, stamped on every envelope (see [`crate::wire::envelope::Envelope::boot`]).
@@ -202,6 +208,8 @@ impl Node {
             shutdown: stop,
             sessions: TaskTracker::new(),
             auth,
+            expiries: Default::default(),
+            member_replies: Default::default(),
             health: Health::default(),
             metrics: crate::telemetry::HotMetrics::register(),
             next_sid: AtomicU64::new(1),

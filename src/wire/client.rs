@@ -60,6 +60,8 @@ pub mod close {
     /// A backend closed every session of the user through `POST /api/disconnect`; the close
     /// frame's reason is the one the backend gave (`disconnected by the server` without one).
     pub const DISCONNECTED: u16 = 4007;
+    /// The connection's token passed its `exp` and the client did not `refresh` it first.
+    pub const TOKEN_EXPIRED: u16 = 4008;
 }
 
 /// Every error a client can receive in an `error` frame.
@@ -131,6 +133,14 @@ pub enum ClientError {
     /// A connect URL's `since` that is not an offset (HTTP 400 before the upgrade).
     #[error("invalid since: expected an offset (an integer from 0 to 2^64-1)")]
     InvalidSince,
+    /// `--room-access` refuses this client's join: not in its token's `rooms` claim
+    /// (`token`), or clients may not join at all (`server`).
+    #[error("not allowed to join room '{0}'")]
+    NotAllowed(String),
+    /// A `refresh` whose token does not check out (signature, expiry, another user); the
+    /// connection keeps its current token.
+    #[error("invalid token")]
+    InvalidToken,
 }
 
 impl ClientError {
@@ -159,6 +169,8 @@ impl ClientError {
             ClientError::RecipientTooSlow(_) => "recipient_too_slow",
             ClientError::HistoryOff => "history_off",
             ClientError::InvalidSince => "invalid_since",
+            ClientError::NotAllowed(_) => "not_allowed",
+            ClientError::InvalidToken => "invalid_token",
         }
     }
 
@@ -225,6 +237,17 @@ pub enum Command<'a> {
         /// The room (validated).
         room: &'a str,
     },
+    /// `refresh`: replace the connection's token before it expires.
+    Refresh {
+        /// The new token (checked like a connect token).
+        token: Cow<'a, str>,
+    },
+}
+
+#[derive(Deserialize)]
+struct RefreshData<'a> {
+    #[serde(borrow)]
+    token: Cow<'a, str>,
 }
 
 #[derive(Deserialize)]
@@ -366,6 +389,7 @@ pub const RESERVED_ACTIONS: &[&str] = &[
     "recover",
     "recovered",
     "history",
+    "refresh",
 ];
 
 /// Where a relayed action goes.
@@ -438,6 +462,10 @@ pub fn parse_command_relaying<'a>(
             room: parse_room(raw.data)?,
         }),
         "room_message" => parse_room_message(raw.data),
+        "refresh" => {
+            let data: RefreshData<'_> = data_object(raw.data, r#"expected {"token": "<jwt>"}"#)?;
+            Ok(Command::Refresh { token: data.token })
+        }
         // A listed action is a valid id, which has no escapes: its text in the frame, between
         // the quotes, is the action itself (borrowed from the frame).
         other if relay.iter().any(|a| a == other) && !raw_action.contains('\\') => {
