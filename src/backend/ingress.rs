@@ -9,6 +9,10 @@
 //! that does not parse is counted, logged and acknowledged, never retried. When Redis comes
 //! back empty the group is created again (from the stream's start) once a backend appends.
 //! The stream is capped with `XTRIM MAXLEN ~ --ingress-maxlen`.
+//!
+//! An entry with `op join` or `op leave` (and `user`, `room`) is a server-side membership
+//! change instead, as `POST /api/join|leave` ([`Node::change_membership`]); one the room's
+//! limits refuse is logged and acknowledged.
 
 use crate::wire::event::{Event, EventKind};
 use std::sync::Arc;
@@ -17,17 +21,31 @@ use std::time::Instant;
 use redis::Value;
 use serde_json::json;
 
-use crate::backend::api::Publish;
+use crate::backend::api::{Membership, Publish};
 use crate::node::Node;
 use crate::redis::consumer::{StreamReader, consume};
 use crate::redis::stream::{entry_parts, field, stream_entries};
 use crate::redis::{RedisConn, RedisError};
+use crate::telemetry::LogSummary;
+
+/// Entries dropped as unparsable, logged: the first, then a count every few seconds (the
+/// metric counts each).
+static BAD_ENTRIES: LogSummary = LogSummary::new(std::time::Duration::from_secs(5));
 
 /// The consumer group every node reads the ingress stream in.
 pub const GROUP: &str = "wsbus";
 
 /// The fields an ingress entry may have.
-pub const FIELDS: [&str; 5] = ["to", "room", "action", "data", "from"];
+pub const FIELDS: [&str; 7] = ["to", "room", "action", "data", "from", "op", "user"];
+
+/// What one ingress entry asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Op {
+    /// A publish (`op` absent or `publish`).
+    Publish(Publish),
+    /// `op join` (`true`) or `op leave`, of `user` and `room`.
+    Member(Membership, bool),
+}
 
 /// Runs the ingress reader until the node shuts down.
 pub async fn run(node: Arc<Node>) {
@@ -195,20 +213,25 @@ impl IngressReader {
         let mut garbage: Vec<String> = Vec::new();
         let mut routed: Vec<String> = Vec::new();
         let mut items: Vec<Publish> = Vec::with_capacity(entries.len());
+        let mut members: Vec<(String, Membership, bool)> = Vec::new();
         for entry in entries {
             let Some((id, fields)) = entry_parts(entry) else {
                 // A deleted entry (`XAUTOCLAIM` reports it as nil fields) or a bad shape.
                 continue;
             };
-            match parse_entry(fields) {
-                Ok(item) => {
+            match parse_op(fields, self.node.config.api_max_body_bytes) {
+                Ok(Op::Publish(item)) => {
                     items.push(item);
                     routed.push(id.to_string());
                 }
+                Ok(Op::Member(item, join)) => members.push((id.to_string(), item, join)),
                 Err(reason) => {
                     metrics::counter!("wsbus_ingress_entries_total", "result" => "invalid")
                         .increment(1);
-                    tracing::warn!(entry = %id, reason = %reason, "dropping an ingress entry that does not parse");
+                    if let Some(more) = BAD_ENTRIES.note() {
+                        tracing::warn!(entry = %id, reason = %reason, more_since_last_line = more,
+                            "dropping an ingress entry that does not parse");
+                    }
                     if self.node.wants(EventKind::IngressInvalid) {
                         let event = Event::new(EventKind::IngressInvalid, "", 0)
                             .field("entry", id.to_string())
@@ -231,6 +254,20 @@ impl IngressReader {
                 }
             }
         }
+        for (id, item, join) in members {
+            match crate::backend::api::apply_membership(&self.node, &item, join, "").await {
+                Err(crate::backend::api::ApiError::BusUnavailable) => {
+                    tracing::warn!(entry = %id, "ingress membership change failed; left pending");
+                    continue;
+                }
+                Err(refused) => {
+                    tracing::info!(entry = %id, user = %item.user, room = %item.room, error = %refused, "ingress join refused");
+                }
+                Ok(_) => {}
+            }
+            metrics::counter!("wsbus_ingress_entries_total", "result" => "routed").increment(1);
+            garbage.push(id);
+        }
         if garbage.is_empty() {
             return Ok(());
         }
@@ -251,10 +288,56 @@ fn is_no_group(e: &RedisError) -> bool {
     }
 }
 
+/// Reads one entry's plain fields: a membership change with `op join|leave`, `user`,
+/// `room`; otherwise a publish ([`parse_entry`]).
+pub fn parse_op(fields: &[Value], max_bytes: usize) -> Result<Op, String> {
+    let text = |name: &str| -> Result<Option<&str>, String> {
+        field(fields, name)
+            .map(|v| std::str::from_utf8(v).map_err(|_| format!("`{name}` is not UTF-8")))
+            .transpose()
+    };
+    let join = match text("op")? {
+        None | Some("publish") => return parse_entry(fields, max_bytes).map(Op::Publish),
+        Some("join") => true,
+        Some("leave") => false,
+        Some(other) => return Err(format!("`op`: unknown operation {other:?}")),
+    };
+    for pair in fields.chunks(2) {
+        let name = match pair.first() {
+            Some(Value::BulkString(name)) => String::from_utf8_lossy(name),
+            _ => return Err("malformed entry".to_owned()),
+        };
+        if !matches!(&*name, "op" | "user" | "room") {
+            return Err(format!(
+                "unknown field `{name}` for op={}",
+                text("op")?.unwrap_or("")
+            ));
+        }
+    }
+    let user = text("user")?
+        .and_then(crate::wire::ids::UserId::parse)
+        .ok_or("`user`: missing or invalid user id")?;
+    let room = text("room")?
+        .and_then(crate::wire::ids::RoomId::parse)
+        .ok_or("`room`: missing or invalid room id")?;
+    Ok(Op::Member(Membership { user, room }, join))
+}
+
 /// Reads one entry's plain fields as a publish: `to` (user ids, comma-separated), `room`
 /// (room ids, comma-separated), `action`, `data` (a JSON object, default `{}`), `from`
-/// (default `@server`). Any other field is an error.
-pub fn parse_entry(fields: &[Value]) -> Result<Publish, String> {
+/// (default `@server`). Any other field is an error, and so is an entry whose fields and
+/// values add up to more than `max_bytes` (`--api-max-body-bytes`, as an API body).
+pub fn parse_entry(fields: &[Value], max_bytes: usize) -> Result<Publish, String> {
+    let size: usize = fields
+        .iter()
+        .map(|v| match v {
+            Value::BulkString(b) => b.len(),
+            _ => 0,
+        })
+        .sum();
+    if size > max_bytes {
+        return Err(format!("entry too large ({size} bytes, max {max_bytes})"));
+    }
     let text = |name: &str| -> Result<Option<&str>, String> {
         field(fields, name)
             .map(|v| std::str::from_utf8(v).map_err(|_| format!("`{name}` is not UTF-8")))
@@ -265,7 +348,7 @@ pub fn parse_entry(fields: &[Value]) -> Result<Publish, String> {
             Some(Value::BulkString(name)) => String::from_utf8_lossy(name),
             _ => return Err("malformed entry".to_owned()),
         };
-        if !FIELDS.contains(&&*name) {
+        if !FIELDS.contains(&&*name) || name == "user" {
             return Err(format!("unknown field `{name}`"));
         }
     }
@@ -313,9 +396,22 @@ mod tests {
             .collect()
     }
 
+    fn parse_entry_(fields: &[Value]) -> Result<Publish, String> {
+        parse_entry(fields, 1024)
+    }
+
+    #[test]
+    fn refuses_an_entry_over_the_size_limit() {
+        let big = "x".repeat(2000);
+        let err =
+            parse_entry_(&entry(&[("to", "a"), ("action", "n"), ("from", &big)])).unwrap_err();
+        assert!(err.starts_with("entry too large ("), "{err}");
+        assert!(err.ends_with("max 1024)"), "{err}");
+    }
+
     #[test]
     fn reads_plain_fields_as_a_publish() {
-        let p = parse_entry(&entry(&[
+        let p = parse_entry_(&entry(&[
             ("to", "alice,bob"),
             ("room", "lobby"),
             ("action", "notice"),
@@ -328,11 +424,53 @@ mod tests {
             p.frame.as_str(),
             r#"{"from":"@server","action":"notice","data":{"x":1}}"#
         );
-        let p = parse_entry(&entry(&[("to", "a"), ("action", "n"), ("from", "billing")])).unwrap();
+        let p = parse_entry_(&entry(&[("to", "a"), ("action", "n"), ("from", "billing")])).unwrap();
         assert_eq!(
             p.frame.as_str(),
             r#"{"from":"billing","action":"n","data":{}}"#
         );
+    }
+
+    #[test]
+    fn reads_membership_changes() {
+        let op = parse_op(
+            &entry(&[("op", "join"), ("user", "alice"), ("room", "team")]),
+            1024,
+        )
+        .unwrap();
+        let Op::Member(item, true) = op else {
+            panic!("{op:?}")
+        };
+        assert_eq!((item.user.as_str(), item.room.as_str()), ("alice", "team"));
+        let op = parse_op(
+            &entry(&[("op", "leave"), ("user", "a"), ("room", "r")]),
+            1024,
+        )
+        .unwrap();
+        assert!(matches!(op, Op::Member(_, false)));
+        let op = parse_op(
+            &entry(&[("op", "publish"), ("to", "a"), ("action", "n")]),
+            1024,
+        )
+        .unwrap();
+        assert!(matches!(op, Op::Publish(_)));
+        for (pairs, why) in [
+            (vec![("op", "join"), ("room", "r")], "`user`"),
+            (vec![("op", "join"), ("user", "a")], "`room`"),
+            (
+                vec![("op", "join"), ("user", "a b"), ("room", "r")],
+                "`user`",
+            ),
+            (
+                vec![("op", "leave"), ("user", "a"), ("room", "r"), ("to", "b")],
+                "`to`",
+            ),
+            (vec![("op", "kick"), ("user", "a")], "`op`"),
+            (vec![("to", "a"), ("action", "n"), ("user", "b")], "`user`"),
+        ] {
+            let err = parse_op(&entry(&pairs), 1024).unwrap_err();
+            assert!(err.contains(why), "{pairs:?}: {err}");
+        }
     }
 
     #[test]
@@ -350,7 +488,7 @@ mod tests {
                 "colour",
             ),
         ] {
-            let err = parse_entry(&entry(&pairs)).unwrap_err();
+            let err = parse_entry_(&entry(&pairs)).unwrap_err();
             assert!(err.contains(&format!("`{why}`")), "{pairs:?}: {err}");
         }
     }

@@ -247,6 +247,10 @@ impl InboxReader {
                 self.node.hub.kick(&env.to, *sid, *code, reason);
                 Some(0)
             }
+            Body::Member { .. } | Body::MemberReply { .. } => {
+                self.node.take_member_entry(env);
+                Some(0)
+            }
         }
     }
 
@@ -395,6 +399,9 @@ impl InboxReader {
                 born_us: env.sent_us,
                 delivered_here: false,
                 echo: false,
+                // With history on, every message kept there is stamped before it travels:
+                // one without a stamp was transient where it was sent.
+                transient: env.stamp.is_none(),
                 stamp: env.stamp.map(|s| s.into_owned()),
             };
             if self.node.bus_writer.send(dispatch).await.is_err() {

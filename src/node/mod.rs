@@ -25,6 +25,7 @@ use crate::wire::ids::{is_valid_id, random_node_id};
 
 pub mod dispatch;
 pub mod events;
+pub mod membership;
 pub mod rooms;
 
 /// An event on its way to the events stream, and who waits for its append (`true`: it is
@@ -138,6 +139,11 @@ pub struct Node {
     pub metrics: crate::telemetry::HotMetrics,
     /// History streams and recovery (`--history`); `None` when off.
     pub history: Option<crate::history::History>,
+    /// When each session's token expires (closed by one task, `delivery::expiry::run`).
+    pub expiries: crate::delivery::expiry::Expiries,
+    /// Server-side membership changes waiting for another node's answer, by request id.
+    pub member_replies:
+        dashmap::DashMap<u64, tokio::sync::oneshot::Sender<membership::MemberOutcome>>,
     /// Queue of the events appender (`--events`); `None` when off.
     pub events: Option<mpsc::Sender<EventRequest>>,
     /// The event types appended (`--events`, and `action` with `--backend-actions`).
@@ -165,12 +171,7 @@ impl Node {
     /// registered, no task started). Returns the receiving ends of its queues too.
     pub fn build(config: NodeConfig, addr: SocketAddr) -> Result<(Arc<Node>, Queues), NodeError> {
         let id = config.node_id.clone().unwrap_or_else(random_node_id);
-        if !is_valid_id(&id) {
-            return Err(NodeError::Config(format!(
-                "node id {id:?}: use 1-64 of [A-Za-z0-9_.-]"
-            )));
-        }
-        check_names(&config)?;
+        check_config(&id, &config)?;
         let auth =
             crate::auth::from_config(&config).map_err(|e| NodeError::Config(e.to_string()))?;
         let keys = Keys::new(&config.prefix);
@@ -198,8 +199,8 @@ impl Node {
                 keys.clone(),
                 id.clone(),
                 live.clone(),
-                config.max_sessions_per_user,
-                config.on_session_limit,
+                (config.max_sessions_per_user, config.on_session_limit),
+                config.resume_ttl,
             ),
             registry: Registry::new(
                 keys.clone(),
@@ -225,6 +226,8 @@ impl Node {
             shutdown: stop,
             sessions: TaskTracker::new(),
             auth,
+            expiries: Default::default(),
+            member_replies: Default::default(),
             health: Health::default(),
             metrics: crate::telemetry::HotMetrics::register(),
             next_sid: AtomicU64::new(1),
@@ -260,10 +263,15 @@ fn events_queue(
     (kinds, Some(tx), Some(rx))
 }
 
-/// Refuses a prefix that is no id, a relay action that is no id or a built-in action, and a
-/// backend action that is no id, a built-in action or also a relay action: a client's frame
-/// must mean one thing.
-fn check_names(config: &NodeConfig) -> Result<(), NodeError> {
+/// Refuses a config a node cannot run with: ids outside the alphabet, built-in relay
+/// actions, stored relay actions that are not relayed, backend actions that are no id, a
+/// built-in action or also a relay action: a client's frame must mean one thing.
+fn check_config(id: &str, config: &NodeConfig) -> Result<(), NodeError> {
+    if !is_valid_id(id) {
+        return Err(NodeError::Config(format!(
+            "node id {id:?}: use 1-64 of [A-Za-z0-9_.-]"
+        )));
+    }
     if !is_valid_id(&config.prefix.replace(':', "_")) {
         return Err(NodeError::Config(format!("prefix {:?}", config.prefix)));
     }
@@ -274,6 +282,15 @@ fn check_names(config: &NodeConfig) -> Result<(), NodeError> {
     {
         return Err(NodeError::Config(format!(
             "relay action {bad:?}: use 1-64 of [A-Za-z0-9_.-], not a built-in action"
+        )));
+    }
+    if let Some(bad) = config
+        .stored_relay_actions
+        .iter()
+        .find(|a| !config.relay_actions.contains(a))
+    {
+        return Err(NodeError::Config(format!(
+            "stored relay action {bad:?}: not one of --relay-actions"
         )));
     }
     for name in &config.backend_actions {

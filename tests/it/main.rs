@@ -3,6 +3,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod access;
 mod admin;
 mod api;
 mod closing;
@@ -11,6 +12,7 @@ mod errors;
 mod events;
 mod faults;
 mod history;
+mod hostile_input;
 mod http;
 mod ingress;
 mod messaging;
@@ -18,6 +20,7 @@ mod observability;
 mod presence;
 mod process;
 mod resilience;
+mod resume;
 mod rooms;
 mod security;
 mod sessions;
