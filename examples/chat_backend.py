@@ -8,7 +8,7 @@ answers through the ingress stream, with no HTTP server of its own:
   acknowledged with XACK only after it was handled, and handling is idempotent: a stored
   message is keyed by its entry id, so an event read twice after a crash is stored once);
 - stores every chat message (`message`, `room_message`) in SQLite;
-- welcomes each user on `connect` (a `welcome` frame, published through the ingress stream);
+- welcomes each user on `connect` (a `greeting` frame, published through the ingress stream);
 - answers the backend action `stats` (nodes run with `--backend-actions stats`): the user
   gets a `stats` frame with how many of its messages are stored.
 
@@ -79,7 +79,7 @@ class Backend:
     def handle(self, entry_id, event):
         kind, user = event.get("type"), event.get("user")
         if kind == "connect":
-            self.publish(user, "welcome", {"text": f"Welcome, {user}!"})
+            self.publish(user, "greeting", {"text": f"Welcome, {user}!"})
         elif kind in ("message", "room_message"):
             data = json.loads(event["data"])
             with self.db:

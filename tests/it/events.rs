@@ -394,9 +394,9 @@ async fn frames_with_an_id_are_acknowledged(backend: Backend) {
     carol.expect_message("alice", "2").await;
     assert_eq!(alice.recv().await, ack(json!(-5)));
     alice
-        .send_raw(&frame(json!("m"), "members", json!({"room": "nowhere"})))
+        .send_raw(&frame(json!("m"), "join", json!({"room": "somewhere"})))
         .await;
-    assert_eq!(alice.recv().await["action"], "members");
+    assert_eq!(alice.recv().await["action"], "joined");
     assert_eq!(alice.recv().await, ack(json!("m")));
     // Errors carry the id: found late (by the bus writer), found at once, refused frames.
     let error = |text: &str, id: Json| json!({"from": "alice", "action": "error", "data": {"error": text, "id": id}});
@@ -441,11 +441,11 @@ async fn frames_with_an_id_are_acknowledged(backend: Backend) {
     alice.send_to("bob", "plain").await;
     bob.expect_message("alice", "plain").await;
     alice
-        .send_raw(&frame(json!("last"), "members", json!({"room": "r"})))
+        .send_raw(&frame(json!("last"), "join", json!({"room": "r2"})))
         .await;
     assert_eq!(
         alice.recv().await["action"],
-        "members",
+        "joined",
         "no ack came for the plain message"
     );
     assert_eq!(alice.recv().await, ack(json!("last")));
@@ -467,12 +467,12 @@ async fn a_rate_limited_frame_keeps_its_id() {
         .await;
     let mut alice = node.connect("alice").await;
     alice
-        .send_raw(&frame(json!(1), "members", json!({"room": "r"})))
+        .send_raw(&frame(json!(1), "join", json!({"room": "r"})))
         .await;
-    assert_eq!(alice.recv().await["action"], "members");
+    assert_eq!(alice.recv().await["action"], "joined");
     assert_eq!(alice.recv().await["action"], "ack");
     alice
-        .send_raw(&frame(json!(2), "members", json!({"room": "r"})))
+        .send_raw(&frame(json!(2), "join", json!({"room": "r"})))
         .await;
     assert_eq!(
         alice.recv().await,
@@ -769,11 +769,11 @@ async fn the_example_chat_backend_works() {
         "the backend started"
     );
 
-    let welcome = |user: &str| json!({"from": "@server", "action": "welcome", "data": {"text": format!("Welcome, {user}!")}});
+    let welcome = |user: &str| json!({"from": "@server", "action": "greeting", "data": {"text": format!("Welcome, {user}!")}});
     let mut alice = a.connect("alice").await;
-    assert_eq!(alice.recv().await, welcome("alice"));
+    assert_eq!(recv_action(&mut alice, "greeting").await, welcome("alice"));
     let mut bob = b.connect("bob").await;
-    assert_eq!(bob.recv().await, welcome("bob"));
+    assert_eq!(recv_action(&mut bob, "greeting").await, welcome("bob"));
     alice.send_to("bob", "hi bob").await;
     bob.expect_message("alice", "hi bob").await;
     for client in [&mut alice, &mut bob] {
