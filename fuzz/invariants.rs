@@ -93,7 +93,6 @@ pub fn check_frame(frame: &str) -> Result<Command<'_>, ClientError> {
     parsed
 }
 
-
 /// What the `bus_envelope` fuzz target checks for one input: no panic, and a decoded envelope
 /// survives an encode/decode round trip unchanged.
 pub fn check_envelope(bytes: &[u8]) -> Option<Envelope<'_>> {

@@ -1,8 +1,8 @@
 //! `wsbus dev`: a local cluster in one process for newcomers, and the `redis-server` child
 //! process it (and the test harness) runs.
 
-use std::net::SocketAddr;
 use std::ffi::OsString;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -175,7 +175,9 @@ pub fn free_port() -> std::io::Result<u16> {
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     for _ in 0..1000 {
         let port = fastrand::u16(FREE_PORTS);
-        let mut given = GIVEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut given = GIVEN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if given.contains(&port) {
             continue;
         }

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use fantoccini::{Client, Locator};
 use serde_json::json;
 
-use common::proxy::{Mode, Proxy};
 use chromium::ChromeDriver;
+use common::proxy::{Mode, Proxy};
 use common::{DEADLINE, Node, NodeProcess, Redis, TempDir};
 
 /// The browser window's size.
@@ -196,7 +196,10 @@ where
 {
     let driver = ChromeDriver::start().await;
     let (profile_a, profile_b) = (TempDir::new("a"), TempDir::new("b"));
-    let (client_a, client_b) = tokio::join!(driver.session(&profile_a.0, WINDOW), driver.session(&profile_b.0, WINDOW));
+    let (client_a, client_b) = tokio::join!(
+        driver.session(&profile_a.0, WINDOW),
+        driver.session(&profile_b.0, WINDOW)
+    );
     let page_a = Page {
         name: "a",
         client: client_a.clone(),

@@ -229,6 +229,8 @@ pub fn config(id: &str, redis: &str) -> NodeConfig {
 pub struct Node {
     pub id: String,
     pub addr: SocketAddr,
+    /// Where `/readyz` is: `--admin-bind` when set, else `addr`.
+    health: SocketAddr,
     stop: CancellationToken,
     task: Option<JoinHandle<Result<(), wsbus::NodeError>>>,
 }
@@ -249,10 +251,12 @@ impl Node {
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
         let id = config.node_id.clone().unwrap();
+        let health = config.admin_bind.unwrap_or(addr);
         let task = tokio::spawn(wsbus::run(config, listener, stop.clone().cancelled_owned()));
         let node = Node {
             id,
             addr,
+            health,
             stop,
             task: Some(task),
         };
@@ -262,7 +266,7 @@ impl Node {
 
     /// Waits until `/readyz` says ready.
     pub async fn wait_ready(&self) {
-        let addr = self.addr;
+        let addr = self.health;
         eventually(DEADLINE, "node ready", || async move {
             http_get(addr, "/readyz").await.filter(|(s, _)| *s == 200)
         })
@@ -796,7 +800,11 @@ impl NodeProcess {
             {
                 return true;
             }
-            assert!(Instant::now() < end, "process node {} not ready in time", self.id);
+            assert!(
+                Instant::now() < end,
+                "process node {} not ready in time",
+                self.id
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

@@ -43,7 +43,12 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, Value) {
 /// (after whatever must not arrive) is the next frame of each.
 async fn expect_only_marker(addr: SocketAddr, clients: &mut [&mut Client]) {
     let users: Vec<&str> = clients.iter().map(|c| c.user.as_str()).collect();
-    let (status, reply) = post(addr, "/api/publish", &json!({"to": users, "action": "marker"})).await;
+    let (status, reply) = post(
+        addr,
+        "/api/publish",
+        &json!({"to": users, "action": "marker"}),
+    )
+    .await;
     assert_eq!(status, 200, "{reply}");
     for client in clients {
         assert_eq!(

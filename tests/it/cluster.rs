@@ -110,7 +110,11 @@ async fn delivery_continues_while_an_inbox_slot_migrates() {
         let mut i = 0;
         loop {
             let v = bob.recv().await;
-            assert_eq!((&v["from"], &v["action"]), (&json!("alice"), &json!("message")), "{v}");
+            assert_eq!(
+                (&v["from"], &v["action"]),
+                (&json!("alice"), &json!("message")),
+                "{v}"
+            );
             if v["data"]["text"] == "end" {
                 return i;
             }

@@ -247,6 +247,9 @@ async fn a_reconnect_with_since_replays_the_gap_then_goes_live(backend: Backend)
     for text in ["2", "3"] {
         alice.send_to("bob", text).await;
     }
+    // Stored, not refused: no `not found` came back to alice.
+    wait_top(&backend, "u:bob", 3).await;
+    alice.expect_nothing().await;
     // A backend's publish is kept too; its reply says bob is offline.
     let auth = format!("Bearer {KEY}");
     let body = json!({"to": ["bob"], "action": "notice", "data": {"text": "4"}});
@@ -264,8 +267,6 @@ async fn a_reconnect_with_since_replays_the_gap_then_goes_live(backend: Backend)
         "{reply}"
     );
     wait_top(&backend, "u:bob", 4).await;
-    // Stored, not refused: no `not found` came back to alice.
-    alice.expect_nothing().await;
 
     let mut bob = connect_since(&a, "bob", since, &e).await;
     for (text, off) in [("2", 2), ("3", 3), ("4", 4)] {
@@ -298,6 +299,7 @@ async fn a_reconnect_with_since_replays_the_gap_then_goes_live(backend: Backend)
     bob.close().await;
     backend.wait_unregistered("bob").await;
     alice.send_to("bob", "6").await;
+    wait_top(&backend, "u:bob", 6).await;
     let mut bob = b.connect("bob").await;
     bob.send_raw(&json!({"action": "recover", "data": {"since": 5, "epoch": e}}).to_string())
         .await;
@@ -316,15 +318,16 @@ async fn a_reconnect_with_since_replays_the_gap_then_goes_live(backend: Backend)
 on_both!(each_reason_a_recovery_cannot_be_made);
 
 async fn each_reason_a_recovery_cannot_be_made(backend: Backend) {
-    let a = backend.node_with("a", |c| {
-        history(c);
-        c.history = 3;
-        c.recover_max = 5;
-        // Long enough that a busy machine's pauses between the steps below do not expire
-        // the stream early; the end of the test waits for it to expire.
-        c.history_ttl = Duration::from_secs(3);
-    })
-    .await;
+    let a = backend
+        .node_with("a", |c| {
+            history(c);
+            c.history = 3;
+            c.recover_max = 5;
+            // Long enough that a busy machine's pauses between the steps below do not expire
+            // the stream early; the end of the test waits for it to expire.
+            c.history_ttl = Duration::from_secs(3);
+        })
+        .await;
     let mut alice = a.connect("alice").await;
     let mut bob = a.connect("bob").await;
     alice.send_to("bob", "1").await;
@@ -385,14 +388,18 @@ on_both!(no_gap_and_no_duplicate_where_replay_meets_live);
 /// sender, with offsets 1..=n without a hole.
 async fn no_gap_and_no_duplicate_where_replay_meets_live(backend: Backend) {
     const N: usize = 300;
-    let a = backend.node_with("a", |c| {
-        history(c);
-        c.history = 2000;
-    }).await;
-    let b = backend.node_with("b", |c| {
-        history(c);
-        c.history = 2000;
-    }).await;
+    let a = backend
+        .node_with("a", |c| {
+            history(c);
+            c.history = 2000;
+        })
+        .await;
+    let b = backend
+        .node_with("b", |c| {
+            history(c);
+            c.history = 2000;
+        })
+        .await;
     let mut bob = a.connect("bob").await;
     let senders = [("s1", &a), ("s2", &b)].map(|(user, node)| {
         let url = node.url(user);
@@ -518,14 +525,18 @@ on_both!(sessions_of_one_user_share_a_stream_and_recover_on_their_own);
 
 async fn sessions_of_one_user_share_a_stream_and_recover_on_their_own(backend: Backend) {
     let tune = |c: &mut wsbus::config::NodeConfig| c.max_sessions_per_user = 3;
-    let a = backend.node_with("a", |c| {
-        history(c);
-        tune(c);
-    }).await;
-    let b = backend.node_with("b", |c| {
-        history(c);
-        tune(c);
-    }).await;
+    let a = backend
+        .node_with("a", |c| {
+            history(c);
+            tune(c);
+        })
+        .await;
+    let b = backend
+        .node_with("b", |c| {
+            history(c);
+            tune(c);
+        })
+        .await;
     let mut alice = a.connect("alice").await;
     let mut phone = a.connect("bob").await;
     let mut laptop = b.connect("bob").await;
@@ -551,10 +562,12 @@ async fn sessions_of_one_user_share_a_stream_and_recover_on_their_own(backend: B
 #[tokio::test]
 async fn the_history_action_pages_through_a_stream() {
     let backend = Backend::single().await;
-    let a = backend.node_with("a", |c| {
-        history(c);
-        c.history = 5;
-    }).await;
+    let a = backend
+        .node_with("a", |c| {
+            history(c);
+            c.history = 5;
+        })
+        .await;
     let mut alice = a.connect("alice").await;
     let mut bob = a.connect("bob").await;
     for i in 1..=7 {
@@ -888,14 +901,18 @@ async fn a_burst_is_replayed_from_any_offset() {
     // Messages a bus writer batches for one stream are appended in one call; recovery and
     // `history` start at any offset among them.
     let backend = Backend::single().await;
-    let a = backend.node_with("a", |c| {
-        history(c);
-        c.history = 1000;
-    }).await;
-    let b = backend.node_with("b", |c| {
-        history(c);
-        c.history = 1000;
-    }).await;
+    let a = backend
+        .node_with("a", |c| {
+            history(c);
+            c.history = 1000;
+        })
+        .await;
+    let b = backend
+        .node_with("b", |c| {
+            history(c);
+            c.history = 1000;
+        })
+        .await;
     let mut alice = a.connect("alice").await;
     let mut bob = b.connect("bob").await;
     alice.send_to("bob", "0").await;
@@ -941,10 +958,12 @@ on_both!(streams_of_connected_users_and_joined_rooms_do_not_expire);
 /// later recovers in the same epoch instead of being told its past is gone.
 async fn streams_of_connected_users_and_joined_rooms_do_not_expire(backend: Backend) {
     let tune = |c: &mut wsbus::config::NodeConfig| c.history_ttl = Duration::from_millis(1500);
-    let a = backend.node_with("a", |c| {
-        history(c);
-        tune(c);
-    }).await;
+    let a = backend
+        .node_with("a", |c| {
+            history(c);
+            tune(c);
+        })
+        .await;
     let mut alice = a.connect("alice").await;
     let mut bob = a.connect("bob").await;
     alice.join_with(json!({"room": "r"})).await;
@@ -975,7 +994,11 @@ async fn streams_of_connected_users_and_joined_rooms_do_not_expire(backend: Back
                 .query_async(&mut conn)
                 .await
                 .unwrap();
-            assert!(ttl > 0, "{key} expired (PTTL {ttl}) after {:?}", start.elapsed());
+            assert!(
+                ttl > 0,
+                "{key} expired (PTTL {ttl}) after {:?}",
+                start.elapsed()
+            );
             if ttl > last[i] {
                 refreshed[i] += 1;
             }
@@ -983,7 +1006,10 @@ async fn streams_of_connected_users_and_joined_rooms_do_not_expire(backend: Back
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(refreshed.iter().all(|&n| n >= 2), "TTL refreshes seen: {refreshed:?}");
+    assert!(
+        refreshed.iter().all(|&n| n >= 2),
+        "TTL refreshes seen: {refreshed:?}"
+    );
     alice
         .send_raw(
             &json!({"action": "room_message", "data": {"room": "r", "text": "b"}}).to_string(),

@@ -12,6 +12,7 @@ mod faults;
 mod history;
 mod http;
 mod ingress;
+mod knobs;
 mod messaging;
 mod observability;
 mod presence;

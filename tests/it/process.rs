@@ -178,7 +178,9 @@ async fn dev_runs_a_cluster_of_n_nodes_and_stops_on_sigint() {
     })
     .await;
     let mut carol = eventually(DEADLINE, "dev node 2 up", || async {
-        Client::connect_url(&node_url(1, "carol"), "carol").await.ok()
+        Client::connect_url(&node_url(1, "carol"), "carol")
+            .await
+            .ok()
     })
     .await;
     let mut bob = eventually(DEADLINE, "dev node 3 up", || async {
@@ -230,7 +232,10 @@ async fn dev_runs_a_cluster_of_n_nodes_and_stops_on_sigint() {
     );
     let nodes = run(command(" nodes --redis-url ")).await;
     assert!(
-        ["dev-1", "dev-2", "dev-3"].iter().all(|id| nodes.contains(id)) && !nodes.contains("dev-4"),
+        ["dev-1", "dev-2", "dev-3"]
+            .iter()
+            .all(|id| nodes.contains(id))
+            && !nodes.contains("dev-4"),
         "{nodes}"
     );
     run(command(" inspect --redis-url ")).await;

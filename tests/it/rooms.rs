@@ -105,13 +105,14 @@ async fn room_messages_reach_every_member_but_the_sending_session(backend: Backe
 on_both!(room_errors_and_limits);
 
 async fn room_errors_and_limits(backend: Backend) {
-    let a = backend.node_with("a", |c| {
-        rooms(c);
-        c.max_room_members = 2;
-        c.max_rooms_per_session = 2;
-        c.max_members_listed = 1;
-    })
-    .await;
+    let a = backend
+        .node_with("a", |c| {
+            rooms(c);
+            c.max_room_members = 2;
+            c.max_rooms_per_session = 2;
+            c.max_members_listed = 1;
+        })
+        .await;
     let mut alice = a.connect("alice").await;
     let mut bob = a.connect("bob").await;
     let mut carol = a.connect("carol").await;
@@ -227,7 +228,10 @@ async fn a_killed_nodes_users_leave_their_rooms(backend: Backend) {
         leave,
         json!({"from": "doomed", "action": "presence", "data": {"room": "lobby", "event": "leave"}})
     );
-    println!("killed node: its user left the room after {:?}", killed.elapsed());
+    println!(
+        "killed node: its user left the room after {:?}",
+        killed.elapsed()
+    );
     hedged.expect_presence("doomed", "lobby", "leave").await;
     alice.act("members", json!({"room": "lobby"})).await;
     assert_eq!(

@@ -333,7 +333,8 @@ async fn redis_with_a_password() {
     bob.expect_message("alice", "through an authenticated Redis")
         .await;
     // A wrong password never becomes ready and refuses clients with 503.
-    let (addr, stop, task) = start_unready(config("c", &format!("redis://:nope@127.0.0.1:{port}"))).await;
+    let (addr, stop, task) =
+        start_unready(config("c", &format!("redis://:nope@127.0.0.1:{port}"))).await;
     let refused = Client::connect_url(&format!("ws://{addr}/ws/carol"), "carol").await;
     assert_eq!(refused.err(), Some(503));
     stop.cancel();
@@ -431,8 +432,19 @@ async fn redis_over_tls_with_a_private_ca() {
     openssl(
         &dir.0,
         &[
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "other.key", "-out",
-            "other.crt", "-days", "1", "-subj", "/CN=another-ca",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "other.key",
+            "-out",
+            "other.crt",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=another-ca",
         ],
     );
     let (addr, stop, task) = start_unready(tls_config("c", "other.crt")).await;

@@ -31,8 +31,12 @@ on_both!(the_limit_holds_under_racing_connects);
 /// `not unique session` and 4001.
 async fn the_limit_holds_under_racing_connects(backend: Backend) {
     const N: usize = 3;
-    let a = backend.node_with("a", limit(N as u32, OnSessionLimit::Reject)).await;
-    let b = backend.node_with("b", limit(N as u32, OnSessionLimit::Reject)).await;
+    let a = backend
+        .node_with("a", limit(N as u32, OnSessionLimit::Reject))
+        .await;
+    let b = backend
+        .node_with("b", limit(N as u32, OnSessionLimit::Reject))
+        .await;
     let connects = (0..N + 20).map(|i| {
         let url = if i % 2 == 0 {
             a.url("neo")
@@ -52,8 +56,12 @@ async fn the_limit_holds_under_racing_connects(backend: Backend) {
 on_both!(replace_keeps_exactly_n_alive_and_closes_the_oldest_with_4006);
 
 async fn replace_keeps_exactly_n_alive_and_closes_the_oldest_with_4006(backend: Backend) {
-    let a = backend.node_with("a", limit(1, OnSessionLimit::Replace)).await;
-    let b = backend.node_with("b", limit(1, OnSessionLimit::Replace)).await;
+    let a = backend
+        .node_with("a", limit(1, OnSessionLimit::Replace))
+        .await;
+    let b = backend
+        .node_with("b", limit(1, OnSessionLimit::Replace))
+        .await;
     // Last login wins, across nodes.
     let mut first = a.connect("trinity").await;
     let mut second = b.connect("trinity").await;
@@ -63,8 +71,12 @@ async fn replace_keeps_exactly_n_alive_and_closes_the_oldest_with_4006(backend: 
     second.expect_message("bob", "to the newest").await;
     // A race of 22 connects with 2 allowed: exactly 2 alive at the end.
     drop((a, b));
-    let a = backend.node_with("a2", limit(2, OnSessionLimit::Replace)).await;
-    let b = backend.node_with("b2", limit(2, OnSessionLimit::Replace)).await;
+    let a = backend
+        .node_with("a2", limit(2, OnSessionLimit::Replace))
+        .await;
+    let b = backend
+        .node_with("b2", limit(2, OnSessionLimit::Replace))
+        .await;
     let connects = (0..22).map(|i| {
         let url = if i % 2 == 0 {
             a.url("neo")
@@ -97,9 +109,15 @@ async fn replace_keeps_exactly_n_alive_and_closes_the_oldest_with_4006(backend: 
 on_both!(a_message_reaches_every_session_in_order_and_the_senders_other_sessions);
 
 async fn a_message_reaches_every_session_in_order_and_the_senders_other_sessions(backend: Backend) {
-    let a = backend.node_with("a", limit(3, OnSessionLimit::Reject)).await;
-    let b = backend.node_with("b", limit(3, OnSessionLimit::Reject)).await;
-    let c = backend.node_with("c", limit(3, OnSessionLimit::Reject)).await;
+    let a = backend
+        .node_with("a", limit(3, OnSessionLimit::Reject))
+        .await;
+    let b = backend
+        .node_with("b", limit(3, OnSessionLimit::Reject))
+        .await;
+    let c = backend
+        .node_with("c", limit(3, OnSessionLimit::Reject))
+        .await;
     // alice: two tabs on a, a phone on b. bob: a laptop on c, a phone on b, a tab on a.
     let mut alice = [
         a.connect("alice").await,
@@ -141,9 +159,15 @@ async fn a_message_reaches_every_session_in_order_and_the_senders_other_sessions
 on_both!(a_message_costs_one_xadd_per_node_not_per_session);
 
 async fn a_message_costs_one_xadd_per_node_not_per_session(backend: Backend) {
-    let a = backend.node_with("a", limit(4, OnSessionLimit::Reject)).await;
-    let b = backend.node_with("b", limit(4, OnSessionLimit::Reject)).await;
-    let c = backend.node_with("c", limit(4, OnSessionLimit::Reject)).await;
+    let a = backend
+        .node_with("a", limit(4, OnSessionLimit::Reject))
+        .await;
+    let b = backend
+        .node_with("b", limit(4, OnSessionLimit::Reject))
+        .await;
+    let c = backend
+        .node_with("c", limit(4, OnSessionLimit::Reject))
+        .await;
     let mut alice = Vec::new();
     for n in [&b, &b, &c, &c] {
         alice.push(n.connect("alice").await);
@@ -172,7 +196,9 @@ async fn a_message_costs_one_xadd_per_node_not_per_session(backend: Backend) {
 on_both!(a_dead_nodes_sessions_vanish_and_whereis_lists_every_session);
 
 async fn a_dead_nodes_sessions_vanish_and_whereis_lists_every_session(backend: Backend) {
-    let a = backend.node_with("a", limit(3, OnSessionLimit::Reject)).await;
+    let a = backend
+        .node_with("a", limit(3, OnSessionLimit::Reject))
+        .await;
     let mut args = backend.cli_args();
     args.extend(["--max-sessions-per-user".to_owned(), "3".to_owned()]);
     let mut victim = NodeProcess::start_with("victim", &args).await;
