@@ -113,11 +113,11 @@ async fn a_slow_reader_is_disconnected_and_memory_stays_bounded() {
     const SIZE: u64 = 8 * 1024;
     let text = "z".repeat(SIZE as usize);
     let rss_before = a.rss_kib();
-    // Up to 2 x 4000 x 8 KiB = 64 MiB offered to a client that never reads; the senders
+    // Up to 8000 x 8 KiB = 64 MiB offered to a client that never reads; the senders
     // stop once it is gone (after that, each send earns them a `not found` error).
     let mut sent = 0;
     while backend.where_is("sleeper").await.is_some() {
-        assert!(sent < 4000, "slow reader was never disconnected");
+        assert!(sent < 8000, "slow reader was never disconnected");
         for _ in 0..25 {
             local.feed_to("sleeper", &text).await;
             remote.feed_to("sleeper", &text).await;
