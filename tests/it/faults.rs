@@ -82,16 +82,15 @@ async fn redis_down_keeps_local_delivery_and_refuses_new_connections() {
     alice.expect_message("newcomer", "hello again").await;
 }
 
-/// The most a socket's kernel buffers hold, both ends: the maxima of `tcp_wmem` and
-/// `tcp_rmem`.
+/// The most a connection's kernel buffers hold when its client never reads: the node's send
+/// buffer grows up to the maximum of `tcp_wmem`; the client's receive buffer stays at the
+/// default of `tcp_rmem` (it only grows as the application reads).
 fn socket_buffers_max() -> u64 {
-    ["wmem", "rmem"]
-        .iter()
-        .map(|k| {
-            let v = std::fs::read_to_string(format!("/proc/sys/net/ipv4/tcp_{k}")).unwrap();
-            v.split_whitespace().last().unwrap().parse::<u64>().unwrap()
-        })
-        .sum()
+    let field = |k: &str, i: usize| {
+        let v = std::fs::read_to_string(format!("/proc/sys/net/ipv4/tcp_{k}")).unwrap();
+        v.split_whitespace().nth(i).unwrap().parse::<u64>().unwrap()
+    };
+    field("wmem", 2) + field("rmem", 1)
 }
 
 #[tokio::test]

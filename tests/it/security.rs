@@ -448,8 +448,12 @@ async fn redis_over_tls_with_a_private_ca() {
         ],
     );
     let (addr, stop, task) = start_unready(tls_config("c", "other.crt")).await;
-    // Started after it, a node with the right CA gets ready; the first one still is not.
-    let _d = Node::start_with(tls_config("d", "ca.crt")).await;
+    // Its inbox reader tried and failed three times (a and b never reconnect; the counter
+    // is this process's), and it is still not ready.
+    eventually(DEADLINE, "c's inbox reader retried", || async {
+        (metric(a.addr, "wsbus_redis_reconnects_total").await >= 3.0).then_some(())
+    })
+    .await;
     let (status, body) = http_get(addr, "/readyz").await.unwrap();
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("did not reach Redis"), "{body}");
