@@ -63,15 +63,26 @@ impl ChromeDriver {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return false;
             }
-            // Ours, not another server on the port: chromedriver's status says so.
-            if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
-                let req = "GET /status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+            // Ours, not another server on the port: chromedriver's status says so (it keeps
+            // the connection open, so the reply is read until it says so).
+            let req = "GET /status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+            if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await
+                && s.write_all(req.as_bytes()).await.is_ok()
+            {
                 let mut reply = Vec::new();
-                if s.write_all(req.as_bytes()).await.is_ok()
-                    && tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut reply))
-                        .await
-                        .is_ok()
-                    && String::from_utf8_lossy(&reply).contains("ChromeDriver")
+                let read = async {
+                    let mut buf = [0u8; 4096];
+                    while !String::from_utf8_lossy(&reply).contains("ChromeDriver") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return false,
+                            Ok(n) => reply.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    true
+                };
+                if tokio::time::timeout(Duration::from_secs(2), read)
+                    .await
+                    .unwrap_or(false)
                 {
                     return true;
                 }

@@ -21,9 +21,16 @@ fn history(c: &mut wsbus::config::NodeConfig) {
     c.api_keys = vec![KEY.to_owned()];
 }
 
-/// Node `a` in this process and a `wsbus serve` process `id`, both with history.
+/// Node `a` in this process and a `wsbus serve` process `id`, both with history. Node a
+/// judges a node dead after 4 s of silence: a process stopped on purpose stays live long
+/// enough for what is sent to it meanwhile to reach its inbox, on a busy machine too.
 async fn node_and_process(backend: &Backend, id: &str) -> (Node, NodeProcess) {
-    let a = backend.node_with("a", history).await;
+    let a = backend
+        .node_with("a", |c| {
+            history(c);
+            c.node_ttl = Duration::from_secs(4);
+        })
+        .await;
     let flags = ["--history", "100"];
     let p = NodeProcess::start_with_flags(id, &backend.cli_args(), &flags).await;
     (a, p)
@@ -47,14 +54,15 @@ async fn reconnect_since(node: &Node, user: &str, since: u64, epoch: &str) -> Cl
         let url = url.clone();
         async move {
             let mut c = Client::connect_url(&url, user).await.ok()?;
-            match c.next_event_within(Duration::from_millis(300)).await {
-                Some(Event::Json(v)) if v["data"]["error"] == "not unique session" => None,
-                Some(Event::Closed(_)) => None,
-                Some(Event::Json(v)) => {
+            // A session with `since` always hears back (its replay, then `recovered`); a
+            // refused one hears `not unique session` and a close.
+            match c.next_event().await {
+                Event::Json(v) if v["data"]["error"] == "not unique session" => None,
+                Event::Closed(_) => None,
+                Event::Json(v) => {
                     c.pushed_back(v);
                     Some(c)
                 }
-                None => Some(c),
             }
         }
     })
@@ -793,7 +801,7 @@ async fn a_deploy_loses_nothing(backend: Backend) {
     }
     assert_eq!(texts, (1..=sent).map(|i| i.to_string()).collect::<Vec<_>>());
     assert!(
-        live >= 3 && sent - live >= 10,
+        live >= 3 && sent - live >= 5,
         "{live} arrived live before the deploy closed bob, {} after it",
         sent - live
     );
