@@ -11,9 +11,11 @@ use wsbus::wire::client::{
 };
 use wsbus::wire::envelope::{Body, Envelope};
 
-/// The fuzz targets, by name (`fuzz/Cargo.toml`'s `[[bin]]`s), and the check each runs on
-/// one input's bytes.
-pub const TARGETS: [(&str, fn(&[u8])); 2] = [
+/// The check a fuzz target runs on one input's bytes.
+pub type Check = fn(&[u8]);
+
+/// The fuzz targets, by name (`fuzz/Cargo.toml`'s `[[bin]]`s), and their checks.
+pub const TARGETS: [(&str, Check); 2] = [
     ("edge_frame", |data| {
         if let Ok(frame) = std::str::from_utf8(data) {
             let _ = check_frame(frame);

@@ -567,8 +567,7 @@ fn every_fuzz_target_is_checked_here_and_its_seeds_pass() {
     for (name, check) in invariants::TARGETS {
         let source = std::fs::read_to_string(root.join(format!("fuzz_targets/{name}.rs"))).unwrap();
         assert!(
-            source.contains(&format!("invariants::TARGETS["))
-                && source.contains(&format!("\"{name}\"")),
+            source.contains("invariants::TARGETS[") && source.contains(&format!("\"{name}\"")),
             "fuzz_targets/{name}.rs runs the shared check"
         );
         let seeds: Vec<_> = std::fs::read_dir(root.join("corpus").join(name))

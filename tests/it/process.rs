@@ -47,7 +47,8 @@ async fn a_killed_node_is_detected_and_reaped(backend: Backend) {
     let inbox = key_names().inbox("victim");
     eventually(DEADLINE, "an entry waits in the victim's inbox", || async {
         let mut conn = backend.conn().await;
-        let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+        type Entries = Vec<(String, Vec<(String, Vec<u8>)>)>;
+        let entries: Entries = redis::cmd("XRANGE")
             .arg(&inbox)
             .arg("-")
             .arg("+")
