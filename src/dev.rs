@@ -1,6 +1,7 @@
 //! `wsbus dev`: a local cluster in one process for newcomers, and the `redis-server` child
 //! process it (and the test harness) runs.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -30,27 +31,54 @@ pub enum RedisChildError {
     /// It did not answer PING in time.
     #[error("redis-server on port {0} did not become ready")]
     NotReady(u16),
+    /// It exited before it was ready: another process holds the port.
+    #[error("redis-server could not listen on port {0} (taken)")]
+    PortTaken(u16),
     /// Other I/O.
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 
 impl RedisChild {
-    /// Starts `redis-server` on a free loopback port, without persistence.
+    /// Starts `redis-server` on a free loopback port, without persistence. A port another
+    /// process took between [`free_port`] and the server's bind is given up for a new one.
     pub async fn start() -> Result<Self, RedisChildError> {
-        Self::start_on(free_port()?).await
+        Self::start_with(&[], false).await
+    }
+
+    /// As [`RedisChild::start`], with `extra` arguments for `redis-server` (e.g.
+    /// `--requirepass`); with `tls` the port is its TLS port (the plain one is off). Such a
+    /// server counts as ready once it accepts connections.
+    pub async fn start_with(extra: &[OsString], tls: bool) -> Result<Self, RedisChildError> {
+        let mut last = None;
+        for _ in 0..10 {
+            match Self::spawn(free_port()?, extra, tls).await {
+                Err(RedisChildError::PortTaken(port)) => last = Some(port),
+                other => return other,
+            }
+        }
+        Err(RedisChildError::PortTaken(last.unwrap_or(0)))
     }
 
     /// Starts `redis-server` on `port` (e.g. the port of one that was killed), empty.
     pub async fn start_on(port: u16) -> Result<Self, RedisChildError> {
+        Self::spawn(port, &[], false).await
+    }
+
+    async fn spawn(port: u16, extra: &[OsString], tls: bool) -> Result<Self, RedisChildError> {
         let dir = std::env::temp_dir().join(format!("wsbus-redis-{port}-{}", fastrand::u32(..)));
         std::fs::create_dir_all(&dir)?;
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string()])
+        let mut command = Command::new("redis-server");
+        match tls {
+            false => command.args(["--port", &port.to_string()]),
+            true => command.args(["--port", "0", "--tls-port", &port.to_string()]),
+        };
+        let child = command
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--protected-mode", "no"])
             .arg("--dir")
             .arg(&dir)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
@@ -61,20 +89,42 @@ impl RedisChild {
             child: Some(child),
             dir,
         };
-        redis.wait_ready().await?;
+        redis.wait_ready(extra.is_empty() && !tls).await?;
         Ok(redis)
     }
 
-    async fn wait_ready(&mut self) -> Result<(), RedisChildError> {
+    /// Waits until the server answers on its port. A plain one must answer `PING` and be
+    /// this very process (`INFO server`'s `process_id`), not another server that holds the
+    /// port; one that exits first lost the port ([`RedisChildError::PortTaken`]).
+    async fn wait_ready(&mut self, plain: bool) -> Result<(), RedisChildError> {
         let deadline = Instant::now() + Duration::from_secs(10);
+        let pid = self.child.as_ref().and_then(Child::id);
         let client =
             redis::Client::open(self.url()).map_err(|_| RedisChildError::NotReady(self.port))?;
         while Instant::now() < deadline {
-            if let Ok(mut conn) = client.get_multiplexed_async_connection().await
-                && redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .is_ok()
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(_)) = child.try_wait()
+            {
+                return Err(RedisChildError::PortTaken(self.port));
+            }
+            if plain {
+                if let Ok(mut conn) = client.get_multiplexed_async_connection().await
+                    && let Ok(info) = redis::cmd("INFO")
+                        .arg("server")
+                        .query_async::<String>(&mut conn)
+                        .await
+                {
+                    let theirs = info
+                        .lines()
+                        .find_map(|l| l.strip_prefix("process_id:"))
+                        .and_then(|p| p.trim().parse::<u32>().ok());
+                    if theirs.is_some() && theirs == pid {
+                        return Ok(());
+                    }
+                }
+            } else if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
             {
                 return Ok(());
             }
@@ -110,11 +160,36 @@ impl Drop for RedisChild {
     }
 }
 
-/// A free loopback TCP port (bound and released; good enough for local use and tests).
+/// The ports [`free_port`] picks from: below the kernel's ephemeral range (32768-60999 on
+/// Linux), so a port released here is not handed out again by a bind to port 0 or taken as
+/// the local port of an outgoing connection before its new owner binds it; and, plus 10,000
+/// (a Redis Cluster node's bus port), still below it.
+pub const FREE_PORTS: std::ops::Range<u16> = 12_000..22_000;
+
+/// A free loopback TCP port, for a process that binds it itself (`redis-server`, a `wsbus`
+/// child). Picked at random in [`FREE_PORTS`], checked by binding it, and never the same
+/// twice in one process. Another process can still take it before its user binds it (a
+/// small chance: a random pick among 10,000 ports, each process's own): callers start their
+/// server and pick again if it could not bind ([`RedisChild::start`] does).
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    for _ in 0..1000 {
+        let port = fastrand::u16(FREE_PORTS);
+        let mut given = GIVEN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if given.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        "no free port found",
+    ))
 }
 
 /// The id of the dev cluster's `i`th node (from 0).

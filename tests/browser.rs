@@ -11,132 +11,24 @@
 
 #![allow(unreachable_pub)]
 
+#[path = "common/chromium.rs"]
+mod chromium;
 #[path = "common/mod.rs"]
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use fantoccini::{Client, ClientBuilder, Locator};
-use hyper_util::client::legacy::connect::HttpConnector;
+use fantoccini::{Client, Locator};
 use serde_json::json;
 
+use chromium::ChromeDriver;
 use common::proxy::{Mode, Proxy};
-use common::{DEADLINE, Node, NodeProcess, Redis};
+use common::{DEADLINE, Node, NodeProcess, Redis, TempDir};
 
-const CHROMIUM: &str = "/usr/bin/chromium";
-const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
-const INSTALL: &str = "run `apt-get install -y chromium chromium-driver`";
-
-/// A `chromedriver` process (and the browsers it starts, in its process group), killed on drop.
-struct ChromeDriver {
-    url: String,
-    child: tokio::process::Child,
-}
-
-impl ChromeDriver {
-    async fn start() -> ChromeDriver {
-        for bin in [CHROMEDRIVER, CHROMIUM] {
-            assert!(
-                Path::new(bin).exists(),
-                "{bin} is missing: the browser test needs Chromium and its WebDriver; {INSTALL}"
-            );
-        }
-        let port = wsbus::dev::free_port().unwrap();
-        let child = tokio::process::Command::new(CHROMEDRIVER)
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {CHROMEDRIVER} ({e}); {INSTALL}"));
-        let mut driver = ChromeDriver {
-            url: format!("http://127.0.0.1:{port}"),
-            child,
-        };
-        let end = Instant::now() + DEADLINE;
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            if let Ok(Some(status)) = driver.child.try_wait() {
-                panic!("chromedriver exited ({status}) before listening on port {port}");
-            }
-            assert!(
-                Instant::now() < end,
-                "chromedriver did not listen on port {port} in time"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        driver
-    }
-
-    /// A new browser session with its own profile directory.
-    async fn session(&self, profile: &TempDir) -> Client {
-        let caps = json!({
-            "browserName": "chrome",
-            "goog:chromeOptions": {
-                "binary": CHROMIUM,
-                "args": [
-                    "--headless",
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--disable-background-networking",
-                    "--disable-component-update",
-                    "--disable-sync",
-                    "--no-first-run",
-                    "--disable-dev-shm-usage",
-                    "--window-size=1000,700",
-                    format!("--user-data-dir={}", profile.0.display()),
-                ],
-            },
-        });
-        let serde_json::Value::Object(caps) = caps else {
-            unreachable!("a JSON object literal")
-        };
-        ClientBuilder::new(HttpConnector::new())
-            .capabilities(caps)
-            .connect(&self.url)
-            .await
-            .unwrap_or_else(|e| panic!("cannot start a Chromium session: {e}"))
-    }
-}
-
-impl Drop for ChromeDriver {
-    fn drop(&mut self) {
-        // The browsers are in chromedriver's process group: end them all.
-        if let Some(pid) = self.child.id() {
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", "--", &format!("-{pid}")])
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-}
-
-/// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!(
-            "wsbus-browser-{name}-{}-{}",
-            std::process::id(),
-            fastrand::u32(..)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+/// The browser window's size.
+const WINDOW: &str = "1000,700";
 
 /// One browser tab on the chat page of a node.
 struct Page {
@@ -304,7 +196,10 @@ where
 {
     let driver = ChromeDriver::start().await;
     let (profile_a, profile_b) = (TempDir::new("a"), TempDir::new("b"));
-    let (client_a, client_b) = tokio::join!(driver.session(&profile_a), driver.session(&profile_b));
+    let (client_a, client_b) = tokio::join!(
+        driver.session(&profile_a.0, WINDOW),
+        driver.session(&profile_b.0, WINDOW)
+    );
     let page_a = Page {
         name: "a",
         client: client_a.clone(),
@@ -330,7 +225,7 @@ where
 {
     let driver = ChromeDriver::start().await;
     let profile = TempDir::new(name);
-    let client = driver.session(&profile).await;
+    let client = driver.session(&profile.0, WINDOW).await;
     let page = Page {
         name,
         client: client.clone(),
@@ -503,10 +398,7 @@ async fn a_room_across_nodes_in_the_browser() {
         // What alice's other session sends shows on her page as hers, sent elsewhere.
         let mut tab = other_tab().await.expect("alice's second session");
         tab.send_to("bob", "direct, from another tab").await;
-        tab.send_raw(r#"{"action":"join","data":{"room":"lobby"}}"#)
-            .await;
-        let joined = tab.recv().await;
-        assert_eq!(joined["action"], "joined", "{joined}");
+        tab.join("lobby").await;
         tab.send_raw(
             r#"{"action":"room_message","data":{"room":"lobby","text":"room, from another tab"}}"#,
         )
@@ -635,10 +527,7 @@ async fn the_page_recovers_what_was_sent_while_its_node_was_killed() {
     let mut bob = common::Client::connect_url(&n3.url("bob"), "bob")
         .await
         .expect("bob connects to n3");
-    bob.send_raw(r#"{"action":"join","data":{"room":"lobby"}}"#)
-        .await;
-    let joined = bob.recv().await;
-    assert_eq!(joined["action"], "joined", "{joined}");
+    bob.join("lobby").await;
     // alice's page comes from n1 and knows the other two nodes.
     let query = format!("?nodes={},{}", n2.addr, n3.addr);
     let survivors = [n2.addr.to_string(), n3.addr.to_string()];
@@ -738,16 +627,15 @@ async fn the_page_recovers_what_was_sent_while_its_node_was_killed() {
         assert!(!alice.has("#log li.err").await, "page a shows an error");
         alice.screenshot("recovered").await;
 
-        // None of bob's messages was refused.
-        while let Some(event) = bob
-            .client
-            .next_event_within(Duration::from_millis(300))
-            .await
-        {
-            match event {
-                common::Event::Json(frame) => assert_ne!(frame["action"], "error", "bob: {frame}"),
-                common::Event::Closed(code) => panic!("bob's connection closed ({code:?})"),
+        // None of bob's messages was refused: an error would come before a probe's answer
+        // (presence events of alice's page may come too).
+        let probe = bob.client.send_probe().await;
+        loop {
+            let frame = bob.client.recv().await;
+            if frame["data"]["error"] == probe.as_str() {
+                break;
             }
+            assert_ne!(frame["action"], "error", "bob: {frame}");
         }
     })
     .await;
@@ -985,7 +873,9 @@ async fn the_page_stays_disconnected_after_4007_and_shows_why() {
         let end = Instant::now() + Duration::from_secs(2);
         while Instant::now() < end {
             assert!(
-                common::where_is(&redis_url, "mallory").await.is_none(),
+                common::sessions(&redis_url, false, "mallory")
+                    .await
+                    .is_empty(),
                 "reconnected"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -7,83 +7,18 @@
 
 use std::borrow::Cow;
 
-use serde_json::{Value, json};
-use wsbus::wire::client::{
-    ClientError, Command, encode_error, encode_message, encode_room_message, parse_command,
-};
+use serde_json::json;
+use wsbus::wire::client::{ClientError, Command};
 use wsbus::wire::envelope::{Body, Envelope};
+
+#[path = "../fuzz/invariants.rs"]
+mod invariants;
+
+use invariants::{check_envelope, check_frame};
 
 // ---------------------------------------------------------------------------------------------
 // Edge frames
 // ---------------------------------------------------------------------------------------------
-
-/// What the `edge_frame` fuzz target checks for one frame: no panic, a parsed recipient is a
-/// valid id, and whatever we would send back is valid JSON carrying the same strings.
-fn check_frame(frame: &str) -> Result<Command<'_>, ClientError> {
-    let parsed = wsbus::wire::client::parse_command_relaying(frame, &["typing".to_owned()]);
-    match &parsed {
-        Ok(cmd) => {
-            let (out, expected) = match cmd {
-                Command::Message { to, text } => {
-                    assert!(
-                        wsbus::wire::ids::is_valid_id(to),
-                        "accepted recipient {to:?}"
-                    );
-                    let out = encode_message("sender", to, text);
-                    let expected = json!({"from": "sender", "action": "message", "data": {"to": to, "text": text}});
-                    (out, expected)
-                }
-                Command::RoomMessage { room, text } => {
-                    assert!(
-                        wsbus::wire::ids::is_valid_id(room),
-                        "accepted room {room:?}"
-                    );
-                    let out = encode_room_message("sender", room, text);
-                    let expected = json!({"from": "sender", "action": "room_message", "data": {"room": room, "text": text}});
-                    (out, expected)
-                }
-                Command::Relay { action, data, .. } => {
-                    let out = wsbus::wire::client::encode_relay("sender", action, data);
-                    let v: Value = serde_json::from_str(&out).expect("the encoder yields JSON");
-                    let data: Value = serde_json::from_str(data).expect("data is JSON");
-                    assert_eq!(v, json!({"from": "sender", "action": action, "data": data}));
-                    return parsed;
-                }
-                Command::Join { room, .. }
-                | Command::Leave { room }
-                | Command::Members { room } => {
-                    assert!(
-                        wsbus::wire::ids::is_valid_id(room),
-                        "accepted room {room:?}"
-                    );
-                    return parsed;
-                }
-                Command::History { room, .. } => {
-                    assert!(
-                        room.is_none_or(wsbus::wire::ids::is_valid_id),
-                        "accepted room {room:?}"
-                    );
-                    return parsed;
-                }
-                Command::Recover(_) | Command::Refresh { .. } => return parsed,
-                Command::Backend { .. } => unreachable!("no backend action is listed"),
-            };
-            let v: Value = serde_json::from_str(&out).expect("the encoder yields JSON");
-            assert_eq!(v, expected);
-            assert_eq!(parse_command(&out).as_ref(), Ok(cmd), "re-parsing {out:?}");
-        }
-        Err(err) => {
-            let text = err.to_string();
-            let out = encode_error("own", &text);
-            let v: Value = serde_json::from_str(&out).expect("encode_error yields JSON");
-            assert_eq!(
-                v,
-                json!({"from": "own", "action": "error", "data": {"error": text}})
-            );
-        }
-    }
-    parsed
-}
 
 fn frame_err(frame: &str) -> ClientError {
     check_frame(frame).expect_err(frame)
@@ -315,21 +250,6 @@ fn unknown_action_text_is_valid_json_in_the_error_frame() {
 // ---------------------------------------------------------------------------------------------
 // Redis envelopes
 // ---------------------------------------------------------------------------------------------
-
-/// What the `bus_envelope` fuzz target checks for one input: no panic, and a decoded envelope
-/// survives an encode/decode round trip unchanged.
-fn check_envelope(bytes: &[u8]) -> Option<Envelope<'_>> {
-    let env = Envelope::decode(bytes).ok()?;
-    let mut buf = Vec::new();
-    env.encode_into(&mut buf);
-    let again = Envelope::decode(&buf).expect("a re-encoded envelope decodes");
-    assert_eq!(again, env);
-    let mut buf2 = Vec::new();
-    again.encode_into(&mut buf2);
-    assert_eq!(buf2, buf, "the encoding is canonical");
-    assert_eq!(env.clone().into_owned(), env);
-    Some(env)
-}
 
 /// The envelope `sample_fields` encodes. Built by decoding, so that fields added later with a
 /// default (`#[serde(default)]`) need no change here.
@@ -625,4 +545,50 @@ fn error_bodies_round_trip() {
         ..sample()
     };
     assert_eq!(check_envelope(&encoded(&env)), Some(env));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parity with fuzz/
+// ---------------------------------------------------------------------------------------------
+
+/// Every fuzz target declared in `fuzz/Cargo.toml` has its checks here (the same code:
+/// `fuzz/invariants.rs`), a seed corpus, and each seed passes them.
+#[test]
+fn every_fuzz_target_is_checked_here_and_its_seeds_pass() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let declared: Vec<String> = manifest
+        .split("[[bin]]")
+        .skip(1)
+        .map(|bin| {
+            let line = bin
+                .lines()
+                .find(|l| l.trim_start().starts_with("name"))
+                .expect("a [[bin]] with a name");
+            line.split('"').nth(1).unwrap().to_owned()
+        })
+        .collect();
+    let checked: Vec<&str> = invariants::TARGETS.iter().map(|(n, _)| *n).collect();
+    assert_eq!(declared, checked, "fuzz targets and the checks here");
+    for (name, check) in invariants::TARGETS {
+        let source = std::fs::read_to_string(root.join(format!("fuzz_targets/{name}.rs"))).unwrap();
+        assert!(
+            source.contains("invariants::TARGETS[") && source.contains(&format!("\"{name}\"")),
+            "fuzz_targets/{name}.rs runs the shared check"
+        );
+        let seeds: Vec<_> = std::fs::read_dir(root.join("corpus").join(name))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("seed-")
+            })
+            .collect();
+        assert!(!seeds.is_empty(), "{name} has no seeds");
+        for seed in seeds {
+            check(&std::fs::read(&seed).unwrap());
+        }
+    }
 }

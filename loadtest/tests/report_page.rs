@@ -6,33 +6,16 @@
 //! them). The page and a screenshot are written under the system temp dir, or to
 //! `WSBUS_SCREENSHOT_DIR` when set; never into the repository.
 
+#[path = "../../tests/common/chromium.rs"]
+mod chromium;
 mod common;
 
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fantoccini::{Client, ClientBuilder, Locator};
-use hyper_util::client::legacy::connect::HttpConnector;
+use fantoccini::{Client, Locator};
 use serde_json::json;
 use wsbus_loadtest::{Config, Scenario};
-
-const CHROMIUM: &str = "/usr/bin/chromium";
-const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
-
-/// chromedriver and the browsers it starts (its process group), killed on drop.
-struct Driver(Child);
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", self.0.id())])
-            .stderr(Stdio::null())
-            .status();
-        let _ = self.0.wait();
-    }
-}
 
 fn out_dir() -> PathBuf {
     let dir = std::env::var_os("WSBUS_SCREENSHOT_DIR").map_or_else(
@@ -41,26 +24,6 @@ fn out_dir() -> PathBuf {
     );
     std::fs::create_dir_all(&dir).expect("output directory");
     dir
-}
-
-async fn browser(port: u16, profile: &Path) -> Client {
-    let caps = json!({
-        "browserName": "chrome",
-        "goog:chromeOptions": {
-            "binary": CHROMIUM,
-            "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--disable-background-networking", "--no-first-run", "--window-size=1000,2400",
-                     format!("--user-data-dir={}", profile.display())],
-        },
-    });
-    let serde_json::Value::Object(caps) = caps else {
-        unreachable!("a JSON object literal")
-    };
-    ClientBuilder::new(HttpConnector::new())
-        .capabilities(caps)
-        .connect(&format!("http://127.0.0.1:{port}"))
-        .await
-        .unwrap_or_else(|e| panic!("cannot start a Chromium session: {e}"))
 }
 
 /// Count of `selector` matches and how many of them the browser laid out with a size.
@@ -80,10 +43,11 @@ async fn drawn(client: &Client, selector: &str) -> (u64, u64) {
 
 #[test]
 fn the_report_page_draws_every_chart() {
-    for bin in [CHROMIUM, CHROMEDRIVER] {
+    for bin in [chromium::CHROMIUM, chromium::CHROMEDRIVER] {
         assert!(
             Path::new(bin).exists(),
-            "{bin} is missing: run scripts/setup --test (apt-get install chromium chromium-driver)"
+            "{bin} is missing: {}",
+            chromium::INSTALL
         );
     }
     let cluster = common::start_cluster();
@@ -131,20 +95,10 @@ fn the_report_page_draws_every_chart() {
         .count() as u64;
     let seconds = report.timeline.len() as u64;
 
-    let port = common::free_port();
-    let mut driver = Driver(
-        Command::new(CHROMEDRIVER)
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .expect("run chromedriver"),
-    );
-    common::wait_for_port(port, "chromedriver", &mut driver.0);
+    let driver = rt.block_on(chromium::ChromeDriver::start());
     let profile = dir.join("profile");
     rt.block_on(async {
-        let client = browser(port, &profile).await;
+        let client = driver.session(&profile, "1000,2400").await;
         let checked = async {
             client
                 .goto(&format!("file://{}", page.display()))

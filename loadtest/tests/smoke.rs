@@ -313,10 +313,17 @@ fn all_scenarios_smoke() {
     assert!(r.ok, "{:?}", r.problems);
     let st = r.rooms.as_ref().expect("room stats");
     assert_eq!((st.rooms, st.members_per_room, st.joined), (3, 6, 18));
-    // Every member got every other member's join as a presence event before sending (the
-    // count is read at the end of the run: under load it has been seen 3 over, not yet
-    // explained, so this checks that none is missing).
-    assert!(st.presence_events >= 3 * 15, "{st:?}");
+    // Presence joins: a member sees the join of each member who joined after it, 15 per
+    // room of 6. It may also see a join of one who joined just *before* it, on another node:
+    // that event was still on the bus when this member's own join made its node deliver the
+    // room's events to it (docs/protocol.md: a member who joins while a message is in flight
+    // may or may not get it). Each member sees each other member's join at most once, so
+    // the count lies between 15 and 30 per room; the lower bound is every join announced.
+    let (rooms_n, pairs) = (st.rooms, 6 * 5 / 2);
+    assert!(
+        (rooms_n * pairs..=rooms_n * 2 * pairs).contains(&st.presence_events),
+        "{st:?}"
+    );
     // One room message: 5 deliveries (every member but the sender).
     let m = r.messages.as_ref().expect("messages");
     assert_eq!(m.sent, st.room_messages * 5);

@@ -14,6 +14,15 @@ pub struct MemberList {
     pub truncated: bool,
 }
 
+/// Whether a room sends presence events about a user who joins or leaves it: when the room,
+/// counting that user (after the join, before the leave), has at most
+/// `--presence-events-max-members` users. "Rooms with more than that many users send no
+/// join/leave events" (docs/protocol.md); joins, leaves and a dead node's departures
+/// (`server::heartbeat`) all ask here.
+pub fn sends_presence(max_members: u64, members_with_user: u64) -> bool {
+    members_with_user <= max_members
+}
+
 /// The room operations of a session: local membership, the Redis write when a user's first
 /// session here joins or its last leaves, and presence events.
 impl Node {
@@ -62,7 +71,10 @@ impl Node {
         }
         drop(turn);
         let joined = outcome.expect("refusals returned above");
-        if joined.user_new && joined.members <= self.config.presence_events_max_members {
+        // `members` counts the user who joined.
+        if joined.user_new
+            && sends_presence(self.config.presence_events_max_members, joined.members)
+        {
             self.send_presence(room, user.as_str(), PresenceEvent::Join)
                 .await;
         }
@@ -89,8 +101,11 @@ impl Node {
         let outcome = self.presence.room_leave(room, user, left.last_here).await;
         drop(turn);
         match outcome {
-            // Counted before the leave: a room over the cap sends no events either way.
-            Ok(r) if r.user_gone && r.members < self.config.presence_events_max_members => {
+            // `members` is counted after the leave: the room had one more, the user who left.
+            Ok(r)
+                if r.user_gone
+                    && sends_presence(self.config.presence_events_max_members, r.members + 1) =>
+            {
                 self.send_presence(room, user.as_str(), PresenceEvent::Leave)
                     .await;
             }

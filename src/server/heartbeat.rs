@@ -117,7 +117,8 @@ pub async fn announce_departures(node: &Node, drops: Vec<RoomDrop>) {
         let Some(room) = RoomId::parse(&drop.room) else {
             continue;
         };
-        if before > node.config.presence_events_max_members {
+        // The room's size with the users who left still in it, as for any leave.
+        if !crate::node::rooms::sends_presence(node.config.presence_events_max_members, before) {
             continue;
         }
         for user in &drop.gone {

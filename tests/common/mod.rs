@@ -67,6 +67,31 @@ impl Backend {
         matches!(self, Backend::Cluster(_))
     }
 
+    /// The single Redis; panics on a cluster.
+    pub fn redis(&mut self) -> &mut Redis {
+        match self {
+            Backend::Single(r) => r,
+            Backend::Cluster(_) => panic!("a single-Redis test"),
+        }
+    }
+
+    /// Kills the single Redis (SIGKILL: nothing saved).
+    pub async fn kill(&mut self) {
+        self.redis().kill().await;
+    }
+
+    /// Starts an empty single Redis on the port of the one killed.
+    pub async fn revive(&mut self) {
+        let port = self.redis().port();
+        *self.redis() = Redis::start_on(port).await.unwrap();
+    }
+
+    /// Kills the single Redis and starts an empty one on its port.
+    pub async fn restart_empty(&mut self) {
+        self.kill().await;
+        self.revive().await;
+    }
+
     pub fn url(&self) -> String {
         match self {
             Backend::Single(r) => r.url(),
@@ -204,6 +229,8 @@ pub fn config(id: &str, redis: &str) -> NodeConfig {
 pub struct Node {
     pub id: String,
     pub addr: SocketAddr,
+    /// Where `/readyz` is: `--admin-bind` when set, else `addr`.
+    health: SocketAddr,
     stop: CancellationToken,
     task: Option<JoinHandle<Result<(), wsbus::NodeError>>>,
 }
@@ -224,10 +251,12 @@ impl Node {
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
         let id = config.node_id.clone().unwrap();
+        let health = config.admin_bind.unwrap_or(addr);
         let task = tokio::spawn(wsbus::run(config, listener, stop.clone().cancelled_owned()));
         let node = Node {
             id,
             addr,
+            health,
             stop,
             task: Some(task),
         };
@@ -237,7 +266,7 @@ impl Node {
 
     /// Waits until `/readyz` says ready.
     pub async fn wait_ready(&self) {
-        let addr = self.addr;
+        let addr = self.health;
         eventually(DEADLINE, "node ready", || async move {
             http_get(addr, "/readyz").await.filter(|(s, _)| *s == 200)
         })
@@ -337,6 +366,9 @@ pub async fn http_request(
     let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     (status, serde_json::from_str(body).unwrap_or(Value::Null))
 }
+
+/// Numbers probes and markers apart.
+static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// A real WebSocket client.
 pub struct Client {
@@ -513,6 +545,127 @@ impl Client {
         }
     }
 
+    /// Sends `{"action": action, "data": data}`.
+    pub async fn act(&mut self, action: &str, data: Value) {
+        self.send_raw(&json!({"action": action, "data": data}).to_string())
+            .await;
+    }
+
+    /// Joins `room`; returns the `joined` frame.
+    pub async fn join(&mut self, room: &str) -> Value {
+        self.join_with(json!({"room": room})).await
+    }
+
+    /// Sends `join` with `data` (a room, and `since`/`epoch` to recover); returns the
+    /// `joined` frame. Presence events about other users that arrive first are skipped: one
+    /// sent just before this join (another node's member joined a moment ago, its event still
+    /// on the bus) reaches this session too.
+    pub async fn join_with(&mut self, data: Value) -> Value {
+        self.act("join", data.clone()).await;
+        loop {
+            let v = self.recv().await;
+            if v["action"] == "presence" && v["from"] != self.user.as_str() {
+                continue;
+            }
+            assert_eq!(v["action"], "joined", "{}: {v}", self.user);
+            assert_eq!(v["from"], self.user.as_str(), "{v}");
+            assert_eq!(v["data"]["room"], data["room"], "{v}");
+            return v;
+        }
+    }
+
+    /// The member count a `join` of `room` reports.
+    pub async fn join_count(&mut self, room: &str) -> u64 {
+        self.join(room).await["data"]["members"]
+            .as_u64()
+            .expect("members is a number")
+    }
+
+    /// Sends a `room_message`.
+    pub async fn say(&mut self, room: &str, text: &str) {
+        self.act("room_message", json!({"room": room, "text": text}))
+            .await;
+    }
+
+    /// Expects a `room_message` from `from` in `room`.
+    pub async fn expect_room_message(&mut self, from: &str, room: &str, text: &str) {
+        assert_eq!(
+            self.recv().await,
+            json!({"from": from, "action": "room_message", "data": {"room": room, "text": text}}),
+            "{}",
+            self.user
+        );
+    }
+
+    /// Expects a presence `event` (`join`, `leave`) of `user` in `room`.
+    pub async fn expect_presence(&mut self, user: &str, room: &str, event: &str) {
+        assert_eq!(
+            self.recv().await,
+            json!({"from": user, "action": "presence", "data": {"room": room, "event": event}}),
+            "{}",
+            self.user
+        );
+    }
+
+    /// Sends this session a marker that only it gets back (an unknown action's error, sent
+    /// by its own node after every frame already queued for it), and returns the marker's
+    /// error text.
+    pub async fn send_probe(&mut self) -> String {
+        let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let action = format!("probe-{n}");
+        self.act(&action, json!({})).await;
+        format!("unknown action '{action}'")
+    }
+
+    /// Nothing is queued for this session: a probe ([`Client::send_probe`]) comes back
+    /// before anything else does. (What another node may still send is caught by
+    /// [`Client::expect_nothing_from`].)
+    pub async fn expect_nothing(&mut self) {
+        let marker = self.send_probe().await;
+        self.expect_marker_error(&marker).await;
+    }
+
+    /// Nothing more arrives from `sender` (or from anything that `sender`'s earlier frames
+    /// caused): `sender` sends a marker message after them, and it is the next frame here.
+    pub async fn expect_nothing_from(&mut self, sender: &mut Client) {
+        let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let marker = format!("marker-{n}");
+        sender.send_to(&self.user, &marker).await;
+        let v = self.recv().await;
+        assert_eq!(
+            (&v["from"], &v["action"], &v["data"]["text"]),
+            (&json!(sender.user), &json!("message"), &json!(marker)),
+            "{}: unexpected frame before {sender}'s marker: {v}",
+            self.user,
+            sender = sender.user
+        );
+    }
+
+    /// The next frame is the error `marker`: anything before it is unexpected.
+    pub async fn expect_marker_error(&mut self, marker: &str) {
+        let v = self.recv().await;
+        assert_eq!(
+            v,
+            json!({"from": self.user, "action": "error", "data": {"error": marker}}),
+            "{}: unexpected frame before the marker",
+            self.user
+        );
+    }
+
+    /// Whether this session is live: a probe is answered (true), or the server refuses it
+    /// with `not unique session` or closes it (false, with the close code).
+    pub async fn settle(&mut self) -> Result<(), Option<u16>> {
+        let marker = self.send_probe().await;
+        loop {
+            match self.next_event().await {
+                Event::Json(v) if v["data"]["error"] == marker.as_str() => return Ok(()),
+                Event::Json(v) if v["data"]["error"] == "not unique session" => {}
+                Event::Json(v) => panic!("{}: unexpected frame {v}", self.user),
+                Event::Closed(code) => return Err(code),
+            }
+        }
+    }
+
     /// Closes the connection normally.
     pub async fn close(mut self) {
         let _ = self
@@ -561,23 +714,6 @@ pub async fn sessions(url: &str, cluster: bool, user: &str) -> Vec<wsbus::cli::U
     wsbus::cli::where_is(&redis, &keys, user).await.unwrap()
 }
 
-/// The node of `user`'s oldest session on a single Redis, if any.
-pub async fn where_is(url: &str, user: &str) -> Option<String> {
-    sessions(url, false, user)
-        .await
-        .into_iter()
-        .next()
-        .map(|l| l.node)
-}
-
-/// Waits until `user` has no registration left on a single Redis.
-pub async fn wait_unregistered(url: &str, user: &str) {
-    eventually(DEADLINE, &format!("{user} unregistered"), || async move {
-        sessions(url, false, user).await.is_empty().then_some(())
-    })
-    .await;
-}
-
 /// A `wsbus serve` process (for signal tests).
 pub struct NodeProcess {
     pub id: String,
@@ -614,38 +750,63 @@ impl NodeProcess {
         } else {
             Some("--insecure")
         };
-        let port = wsbus::dev::free_port().unwrap();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsbus"))
-            .args(["serve", "--bind", &addr.to_string()])
-            .args(redis_args)
-            .args([
-                "--node-id",
-                id,
-                "--heartbeat-interval",
-                "100ms",
-                "--node-ttl",
-                "1500ms",
-            ])
-            .args(["--inbox-block", "500ms"])
-            .args(insecure)
-            .args(flags)
-            .envs(env.iter().copied())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("run the wsbus binary");
-        let p = NodeProcess {
-            id: id.to_owned(),
-            addr,
-            child,
-        };
-        eventually(DEADLINE, "process node ready", || async move {
-            http_get(addr, "/readyz").await.filter(|(s, _)| *s == 200)
-        })
-        .await;
-        p
+        // A port another process took before the node bound it: the node exits, and is
+        // started again on another.
+        for _ in 0..5 {
+            let port = wsbus::dev::free_port().unwrap();
+            let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsbus"))
+                .args(["serve", "--bind", &addr.to_string()])
+                .args(redis_args)
+                .args([
+                    "--node-id",
+                    id,
+                    "--heartbeat-interval",
+                    "100ms",
+                    "--node-ttl",
+                    "1500ms",
+                ])
+                .args(["--inbox-block", "500ms"])
+                .args(insecure)
+                .args(flags)
+                .envs(env.iter().copied())
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("run the wsbus binary");
+            let mut p = NodeProcess {
+                id: id.to_owned(),
+                addr,
+                child,
+            };
+            if p.wait_ready().await {
+                return p;
+            }
+        }
+        panic!("wsbus serve {id} did not start");
+    }
+
+    /// Waits until this process says `/readyz` 200 (true), or exits first (false).
+    async fn wait_ready(&mut self) -> bool {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            // Ready, and this node: another process holding the port is not.
+            if let Some((200, body)) = http_get(self.addr, "/readyz").await
+                && serde_json::from_str::<Value>(&body).is_ok_and(|v| v["node"] == self.id)
+            {
+                return true;
+            }
+            assert!(
+                Instant::now() < end,
+                "process node {} not ready in time",
+                self.id
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub fn url(&self, user: &str) -> String {
@@ -654,13 +815,7 @@ impl NodeProcess {
 
     /// The process's resident set size (`VmRSS`), in KiB.
     pub fn rss_kib(&self) -> u64 {
-        let pid = self.child.id().expect("process running");
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS in /proc/<pid>/status")
+        rss_kib(self.child.id().expect("process running"))
     }
 
     /// The value of the Prometheus sample `series` (name with labels, as rendered), or 0.
@@ -713,4 +868,61 @@ pub async fn closed_within(stream: &mut TcpStream, wait: Duration) -> Option<Vec
         }
     };
     tokio::time::timeout(wait, read).await.ok().map(|()| got)
+}
+
+/// A fresh directory under the system temp dir, removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!(
+            "wsbus-test-{name}-{}-{}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self, name: &str) -> std::path::PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The resident set size (`VmRSS`) of process `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/<pid>/status")
+}
+
+/// An encoded bus envelope: a `message` from `from` (on node `origin`) to `to`.
+pub fn envelope(origin: &str, from: &str, to: &str, text: &str) -> Vec<u8> {
+    let mut env = Vec::new();
+    wsbus::wire::envelope::Envelope {
+        id: 1,
+        boot: 0,
+        origin: origin.into(),
+        from: from.into(),
+        to: to.into(),
+        hops: 0,
+        sent_us: 0,
+        origin_sid: 0,
+        to_recipient: true,
+        to_sender: false,
+        tried: Vec::new(),
+        stamp: None,
+        body: wsbus::wire::envelope::Body::Message { text: text.into() },
+    }
+    .encode_into(&mut env);
+    env
 }

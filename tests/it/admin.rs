@@ -38,25 +38,7 @@ async fn nodes_whereis_and_inspect_report_the_bus() {
 
     // Put an entry in a stream nobody reads and decode it.
     let mut conn = redis_conn(&url).await;
-    let mut env = Vec::new();
-    wsbus::wire::envelope::Envelope {
-        id: 9,
-        boot: 0,
-        origin: "a".into(),
-        from: "alice".into(),
-        to: "zed".into(),
-        hops: 0,
-        sent_us: 0,
-        origin_sid: 0,
-        to_recipient: true,
-        to_sender: false,
-        tried: Vec::new(),
-        stamp: None,
-        body: wsbus::wire::envelope::Body::Message {
-            text: "queued".into(),
-        },
-    }
-    .encode_into(&mut env);
+    let env = envelope("a", "alice", "zed", "queued");
     let _: String = redis::cmd("XADD")
         .arg(key_names().inbox("parked"))
         .arg("*")

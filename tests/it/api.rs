@@ -2,7 +2,6 @@
 //! batches, keys, bad input, idempotency, disconnect with 4007, and the lookups.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use serde_json::{Value, json};
 
@@ -12,14 +11,11 @@ use crate::on_both;
 const KEY: &str = "test-api-key-0123456789";
 const OLD_KEY: &str = "old-api-key-9876543210";
 
-async fn api_node(backend: &Backend, id: &str) -> Node {
-    backend
-        .node_with(id, |c| {
-            c.api_keys = vec![OLD_KEY.to_owned(), KEY.to_owned()];
-            c.api_max_batch = 5;
-            c.api_max_body_bytes = 4096;
-        })
-        .await
+/// Two keys open the API; small limits.
+fn api(c: &mut wsbus::NodeConfig) {
+    c.api_keys = vec![OLD_KEY.to_owned(), KEY.to_owned()];
+    c.api_max_batch = 5;
+    c.api_max_body_bytes = 4096;
 }
 
 fn bearer(key: &str) -> String {
@@ -43,23 +39,24 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, Value) {
     http_request(addr, "GET", path, &[("Authorization", &auth)], b"").await
 }
 
-/// Joins `room`. A presence event about another user sent just before (its envelope still on
-/// the bus) may reach this session first; it is skipped.
-async fn join(client: &mut Client, room: &str) {
-    client
-        .send_raw(&json!({"action": "join", "data": {"room": room}}).to_string())
-        .await;
-    let mut v = client.recv().await;
-    while v["action"] == "presence" && v["from"] != client.user.as_str() {
-        v = client.recv().await;
-    }
-    assert_eq!(v["action"], "joined", "{v}");
-}
-
-/// Nothing arrives for `client` within a short window (it would have, had it been sent).
-async fn expect_nothing(client: &mut Client) {
-    if let Some(e) = client.next_event_within(Duration::from_millis(300)).await {
-        panic!("{}: unexpected {e:?}", client.user);
+/// Nothing more arrives for `clients`: a publish of a marker through the API on `addr`
+/// (after whatever must not arrive) is the next frame of each.
+async fn expect_only_marker(addr: SocketAddr, clients: &mut [&mut Client]) {
+    let users: Vec<&str> = clients.iter().map(|c| c.user.as_str()).collect();
+    let (status, reply) = post(
+        addr,
+        "/api/publish",
+        &json!({"to": users, "action": "marker"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    for client in clients {
+        assert_eq!(
+            client.recv().await,
+            json!({"from": "@server", "action": "marker", "data": {}}),
+            "{}: a frame before the marker",
+            client.user
+        );
     }
 }
 
@@ -68,14 +65,14 @@ on_both!(a_publish_reaches_users_and_rooms_on_every_node);
 /// `@server` frames reach every listed user and every room member, here and on another
 /// node, with one inbox entry per node and target; an unknown user is `offline`.
 async fn a_publish_reaches_users_and_rooms_on_every_node(backend: Backend) {
-    let a = api_node(&backend, "a").await;
-    let b = api_node(&backend, "b").await;
+    let a = backend.node_with("a", api).await;
+    let b = backend.node_with("b", api).await;
     let mut alice = a.connect("alice").await;
     let mut bob = b.connect("bob").await;
     let mut carol = b.connect("carol").await;
     let mut dave = a.connect("dave").await;
-    join(&mut carol, "lobby").await;
-    join(&mut dave, "lobby").await;
+    carol.join("lobby").await;
+    dave.join("lobby").await;
     let presence = carol.recv().await;
     assert_eq!(presence["action"], "presence", "{presence}");
     let before = backend.command_calls("xadd").await;
@@ -97,16 +94,14 @@ async fn a_publish_reaches_users_and_rooms_on_every_node(backend: Backend) {
     }
     // bob's entry and the room's entry, both for node b; nothing for node a.
     assert_eq!(backend.command_calls("xadd").await - before, 2);
-    for client in [&mut alice, &mut bob, &mut carol, &mut dave] {
-        expect_nothing(client).await;
-    }
+    expect_only_marker(a.addr, &mut [&mut alice, &mut bob, &mut carol, &mut dave]).await;
 }
 
 on_both!(a_batch_is_answered_in_order_and_a_backend_may_publish_as_a_user);
 
 async fn a_batch_is_answered_in_order_and_a_backend_may_publish_as_a_user(backend: Backend) {
-    let a = api_node(&backend, "a").await;
-    let b = api_node(&backend, "b").await;
+    let a = backend.node_with("a", api).await;
+    let b = backend.node_with("b", api).await;
     let mut alice = b.connect("alice").await;
     let (status, reply) = post(
         a.addr,
@@ -140,7 +135,7 @@ async fn a_batch_is_answered_in_order_and_a_backend_may_publish_as_a_user(backen
 #[tokio::test]
 async fn keys_are_required_any_configured_key_opens_and_no_key_means_no_api() {
     let backend = Backend::single().await;
-    let a = api_node(&backend, "a").await;
+    let a = backend.node_with("a", api).await;
     let body = json!({"to": ["alice"], "action": "n"}).to_string();
     for headers in [
         vec![],
@@ -182,7 +177,7 @@ async fn keys_are_required_any_configured_key_opens_and_no_key_means_no_api() {
 #[tokio::test]
 async fn bad_input_is_refused_with_the_field_named_and_nothing_is_sent() {
     let backend = Backend::single().await;
-    let a = api_node(&backend, "a").await;
+    let a = backend.node_with("a", api).await;
     let mut alice = a.connect("alice").await;
     let auth = bearer(KEY);
     let cases: Vec<(Vec<u8>, Option<&str>)> = vec![
@@ -234,14 +229,14 @@ async fn bad_input_is_refused_with_the_field_named_and_nothing_is_sent() {
     let (status, reply) = post(a.addr, "/api/publish", &big).await;
     assert_eq!(status, 413, "{reply}");
     assert!(reply["error"].is_string());
-    expect_nothing(&mut alice).await;
+    expect_only_marker(a.addr, &mut [&mut alice]).await;
 }
 
 on_both!(a_repeated_idempotency_key_returns_the_first_reply_and_sends_nothing);
 
 async fn a_repeated_idempotency_key_returns_the_first_reply_and_sends_nothing(backend: Backend) {
-    let a = api_node(&backend, "a").await;
-    let b = api_node(&backend, "b").await;
+    let a = backend.node_with("a", api).await;
+    let b = backend.node_with("b", api).await;
     let mut alice = b.connect("alice").await;
     let auth = bearer(KEY);
     let body = json!({"to": ["alice", "bob"], "action": "charge", "data": {"id": 7}}).to_string();
@@ -298,7 +293,7 @@ async fn disconnect_closes_every_session_with_4007_and_the_reason(backend: Backe
     assert_eq!(reply, json!({"user": "alice", "sessions": 2}));
     here.expect_close_with(4007, "banned").await;
     there.expect_close_with(4007, "banned").await;
-    expect_nothing(&mut bob).await;
+    expect_only_marker(a.addr, &mut [&mut bob]).await;
     let (status, reply) = post(a.addr, "/api/disconnect", &json!({"user": "bob"})).await;
     assert_eq!(status, 200, "{reply}");
     bob.expect_close_with(4007, "disconnected by the server")
@@ -311,12 +306,12 @@ async fn disconnect_closes_every_session_with_4007_and_the_reason(backend: Backe
 on_both!(users_rooms_and_nodes_can_be_looked_up);
 
 async fn users_rooms_and_nodes_can_be_looked_up(backend: Backend) {
-    let a = api_node(&backend, "a").await;
-    let b = api_node(&backend, "b").await;
+    let a = backend.node_with("a", api).await;
+    let b = backend.node_with("b", api).await;
     let mut alice = b.connect("alice").await;
     let mut bob = a.connect("bob").await;
-    join(&mut alice, "lobby").await;
-    join(&mut bob, "lobby").await;
+    alice.join("lobby").await;
+    bob.join("lobby").await;
     let (status, reply) = get(a.addr, "/api/users/alice").await;
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["online"], true);
@@ -346,10 +341,10 @@ async fn users_rooms_and_nodes_can_be_looked_up(backend: Backend) {
 #[tokio::test]
 async fn wsbus_publish_sends_from_the_command_line() {
     let backend = Backend::single().await;
-    let a = api_node(&backend, "a").await;
+    let a = backend.node_with("a", api).await;
     let mut alice = a.connect("alice").await;
     let mut bob = a.connect("bob").await;
-    join(&mut bob, "lobby").await;
+    bob.join("lobby").await;
     let url = format!("http://{}", a.addr);
     let run = |args: Vec<&str>| {
         tokio::process::Command::new(env!("CARGO_BIN_EXE_wsbus"))
@@ -384,7 +379,7 @@ async fn wsbus_publish_sends_from_the_command_line() {
         .await
         .unwrap();
     assert!(!out.status.success(), "action `error` is refused");
-    expect_nothing(&mut alice).await;
+    expect_only_marker(a.addr, &mut [&mut alice]).await;
 }
 
 on_both!(relayed_actions_reach_users_and_rooms_like_messages);
@@ -406,10 +401,10 @@ async fn relayed_actions_reach_users_and_rooms_like_messages(backend: Backend) {
         json!({"from": "alice", "action": "typing",
                "data": {"to": "bob", "state": "on", "at": [1, 2]}})
     );
-    join(&mut alice, "lobby").await;
-    join(&mut bob, "lobby").await;
+    alice.join("lobby").await;
+    bob.join("lobby").await;
     assert_eq!(alice.recv().await["action"], "presence");
-    join(&mut carol, "lobby").await;
+    carol.join("lobby").await;
     for c in [&mut alice, &mut bob] {
         assert_eq!(c.recv().await["action"], "presence");
     }
@@ -430,7 +425,7 @@ async fn relayed_actions_reach_users_and_rooms_like_messages(backend: Backend) {
         .send_raw(r#"{"action":"reaction","data":{"to":"bob"}}"#)
         .await;
     alice.expect_error("unknown action 'reaction'").await;
-    expect_nothing(&mut bob).await;
+    bob.expect_nothing_from(&mut alice).await;
 }
 
 #[tokio::test]

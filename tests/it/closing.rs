@@ -12,15 +12,15 @@ fn flood(n: usize, size: usize) -> Vec<u8> {
 
 #[tokio::test]
 async fn a_clients_close_is_answered_with_its_code() {
-    let redis = Redis::start().await.unwrap();
-    let a = Node::start("a", &redis.url()).await;
+    let backend = Backend::single().await;
+    let a = backend.node("a").await;
     for (user, code) in [("alice", 1000), ("bob", 4321)] {
         let mut client = RawClient::connect(a.addr, user).await;
         client.send(&Frame::close(code, "bye")).await;
         let closing = client.read_until_end().await;
         assert_eq!(closing.close, Some(Some(code)), "{user}: {closing:?}");
         assert_eq!(closing.ending, Ending::Eof, "{user}");
-        wait_unregistered(&redis.url(), user).await;
+        backend.wait_unregistered(user).await;
     }
 }
 

@@ -62,8 +62,8 @@ async fn unknown_user_on_another_node_is_not_found() {
 
 #[tokio::test]
 async fn oversized_frames_get_an_error_and_a_close_without_buffering() {
-    let redis = Redis::start().await.unwrap();
-    let mut config = config("a", &redis.url());
+    let backend = Backend::single().await;
+    let mut config = backend.config("a");
     config.max_frame_bytes = 1024;
     let a = Node::start_with(config).await;
     let mut alice = a.connect("alice").await;
@@ -72,8 +72,7 @@ async fn oversized_frames_get_an_error_and_a_close_without_buffering() {
     alice.expect_error("frame too large (max 1024 bytes)").await;
     alice.expect_close(1009).await;
     // The id is free again, and a frame just under the limit is fine.
-    let url = redis.url();
-    wait_unregistered(&url, "alice").await;
+    backend.wait_unregistered("alice").await;
     let mut alice = a.connect("alice").await;
     alice.send_to("alice", &"y".repeat(900)).await;
     alice.expect_message("alice", &"y".repeat(900)).await;

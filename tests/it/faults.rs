@@ -6,23 +6,19 @@ use crate::common::*;
 
 #[tokio::test]
 async fn redis_restarted_empty_delivery_resumes_without_reconnecting() {
-    let mut redis = Redis::start().await.unwrap();
-    let port = redis.port();
-    let url = redis.url();
-    let a = Node::start("a", &url).await;
-    let b = Node::start("b", &url).await;
+    let mut backend = Backend::single().await;
+    let (a, b) = backend.pair().await;
     let mut alice = a.connect("alice").await;
     let mut bob = b.connect("bob").await;
     alice.send_to("bob", "before").await;
     bob.expect_message("alice", "before").await;
 
-    redis.kill().await;
-    let _redis = Redis::start_on(port).await.unwrap();
+    backend.restart_empty().await;
     // Both users come back without reconnecting.
     for user in ["alice", "bob"] {
-        eventually(DEADLINE, "user re-registered", || {
-            let url = url.clone();
-            async move { where_is(&url, user).await.is_some().then_some(()) }
+        let backend = &backend;
+        eventually(DEADLINE, "user re-registered", || async move {
+            backend.where_is(user).await.is_some().then_some(())
         })
         .await;
     }
@@ -53,16 +49,13 @@ async fn redis_restarted_empty_delivery_resumes_without_reconnecting() {
 
 #[tokio::test]
 async fn redis_down_keeps_local_delivery_and_refuses_new_connections() {
-    let mut redis = Redis::start().await.unwrap();
-    let port = redis.port();
-    let url = redis.url();
-    let a = Node::start("a", &url).await;
-    let _b = Node::start("b", &url).await;
+    let mut backend = Backend::single().await;
+    let (a, b) = backend.pair().await;
     let mut alice = a.connect("alice").await;
     let mut carol = a.connect("carol").await;
-    let _bob = _b.connect("bob").await;
+    let _bob = b.connect("bob").await;
 
-    redis.kill().await;
+    backend.kill().await;
     alice.send_to("bob", "lost in the void").await;
     alice.expect_error("bus unavailable").await;
     alice.send_to("carol", "next door").await;
@@ -79,7 +72,7 @@ async fn redis_down_keeps_local_delivery_and_refuses_new_connections() {
     .await;
     assert!(body.contains("\"ready\":false"), "{body}");
 
-    let _redis = Redis::start_on(port).await.unwrap();
+    backend.revive().await;
     a.wait_ready().await;
     let mut newcomer = eventually(DEADLINE, "connections accepted again", || async {
         Client::connect(&a, "newcomer").await.ok()
@@ -89,36 +82,53 @@ async fn redis_down_keeps_local_delivery_and_refuses_new_connections() {
     alice.expect_message("newcomer", "hello again").await;
 }
 
+/// The most a connection's kernel buffers hold when its client never reads: the node's send
+/// buffer grows up to the maximum of `tcp_wmem`; the client's receive buffer stays at the
+/// default of `tcp_rmem` (it only grows as the application reads).
+fn socket_buffers_max() -> u64 {
+    let field = |k: &str, i: usize| {
+        let v = std::fs::read_to_string(format!("/proc/sys/net/ipv4/tcp_{k}")).unwrap();
+        v.split_whitespace().nth(i).unwrap().parse::<u64>().unwrap()
+    };
+    field("wmem", 2) + field("rmem", 1)
+}
+
 #[tokio::test]
 async fn a_slow_reader_is_disconnected_and_memory_stays_bounded() {
-    let redis = Redis::start().await.unwrap();
-    let mut config = config("a", &redis.url());
-    config.session_queue = 64;
-    config.ws_write_buffer = 4096;
-    let a = Node::start_with(config).await;
-    let b = Node::start("b", &redis.url()).await;
-    let mut sleeper = a.connect("sleeper").await;
-    let mut local = a.connect("local").await;
+    let backend = Backend::single().await;
+    // Node a as a process of its own: its memory is measured, not this test's.
+    let a = NodeProcess::start_with_flags(
+        "a",
+        &backend.cli_args(),
+        &["--session-queue", "64", "--ws-write-buffer", "4096"],
+    )
+    .await;
+    let b = backend.node("b").await;
+    let mut sleeper = Client::connect_url(&a.url("sleeper"), "sleeper")
+        .await
+        .unwrap();
+    let mut local = Client::connect_url(&a.url("local"), "local").await.unwrap();
     let mut remote = b.connect("remote").await;
-    let text = "z".repeat(8 * 1024);
-    let rss_before = rss_kib();
-    // Up to 2 x 4000 x 8 KiB = 64 MiB offered to a client that never reads; the senders
+    const SIZE: u64 = 8 * 1024;
+    let text = "z".repeat(SIZE as usize);
+    let rss_before = a.rss_kib();
+    // Up to 8000 x 8 KiB = 64 MiB offered to a client that never reads; the senders
     // stop once it is gone (after that, each send earns them a `not found` error).
-    let url = redis.url();
     let mut sent = 0;
-    while where_is(&url, "sleeper").await.is_some() {
-        assert!(sent < 4000, "slow reader was never disconnected");
+    while backend.where_is("sleeper").await.is_some() {
+        assert!(sent < 8000, "slow reader was never disconnected");
         for _ in 0..25 {
             local.feed_to("sleeper", &text).await;
             remote.feed_to("sleeper", &text).await;
-            sent += 1;
+            sent += 2;
         }
         local.flush().await;
         remote.flush().await;
     }
-    let grown = rss_kib().saturating_sub(rss_before);
+    let grown = a.rss_kib().saturating_sub(rss_before);
     assert!(grown < 48 * 1024, "node memory grew by {grown} KiB");
-    // The reader finds what fit in its queue, then the slow-consumer close.
+    // The reader finds what fit in its queue and the sockets' buffers, then the
+    // slow-consumer close.
     let mut frames = 0;
     loop {
         match sleeper.next_event().await {
@@ -134,19 +144,12 @@ async fn a_slow_reader_is_disconnected_and_memory_stays_bounded() {
             }
         }
     }
+    let bound = 64 + (4096 + socket_buffers_max()) / SIZE + 1;
+    println!("slow reader: {sent} sent, {frames} buffered for it (bound {bound})");
     assert!(
-        frames < 8000,
-        "{frames} frames were buffered for a client that never read"
+        frames <= bound,
+        "{frames} of {sent} frames were buffered for a client that never read (bound {bound})"
     );
-}
-
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
 }
 
 /// An entry that reaches a node after its recipient moved is forwarded to the new node; one
@@ -161,23 +164,7 @@ async fn entries_for_users_who_moved_are_rerouted_or_answered() {
     let mut sender = b.connect("sender").await;
     let mut conn = redis_conn(&url).await;
     for (to, text) in [("mover", "follow me"), ("nobody", "lost")] {
-        let mut env = Vec::new();
-        wsbus::wire::envelope::Envelope {
-            id: 1,
-            boot: 0,
-            origin: "b".into(),
-            from: "sender".into(),
-            to: to.into(),
-            hops: 0,
-            sent_us: 0,
-            origin_sid: 0,
-            to_recipient: true,
-            to_sender: false,
-            tried: Vec::new(),
-            stamp: None,
-            body: wsbus::wire::envelope::Body::Message { text: text.into() },
-        }
-        .encode_into(&mut env);
+        let env = envelope("b", "sender", to, text);
         // Delivered to node a, where neither user is.
         let _: String = redis::cmd("XADD")
             .arg(key_names().inbox("a"))
@@ -222,6 +209,9 @@ async fn undecodable_inbox_entries_are_skipped() {
     }
     alice.send_to("bob", "after the garbage").await;
     bob.expect_message("alice", "after the garbage").await;
+    // Read in order: the three before it were skipped, and counted.
+    // (The metrics are this process's, both nodes': node a reads no garbage.)
+    assert_eq!(metric(b.addr, "wsbus_undecodable_entries_total").await, 3.0);
 }
 
 /// The backstop for an inbox nobody reads (its consumer stuck while the node lives): each
@@ -281,15 +271,15 @@ async fn clients_that_never_read_are_dropped_and_pin_little_memory() {
 
     const SLEEPERS: usize = 8;
     const MESSAGES: usize = 1000;
-    const PING: Duration = Duration::from_secs(5);
-    let redis = Redis::start().await.unwrap();
-    let url = redis.url();
+    let backend = Backend::single().await;
     let node = NodeProcess::start_with_flags(
         "a",
-        &["--redis-url".to_owned(), url.clone()],
+        &backend.cli_args(),
         &[
+            // Long: a busy machine that moves the flood slowly must not end the sleepers by
+            // the ping deadline (4004) before their queues fill (4002).
             "--ping-interval",
-            "5s",
+            "60s",
             "--rate-limit",
             "1e9",
             "--rate-burst",
@@ -339,12 +329,14 @@ async fn clients_that_never_read_are_dropped_and_pin_little_memory() {
     }
     let mut peak_kib = 0;
     let mut dropped_at = None;
-    let deadline = started + DEADLINE * 3;
+    // Generous: 480 MB through a debug build on a machine that may be busy.
+    let deadline = started + Duration::from_secs(90);
     loop {
         peak_kib = peak_kib.max(node.rss_kib());
         let mut registered = 0;
         for i in 0..SLEEPERS {
-            registered += usize::from(where_is(&url, &format!("sleeper{i}")).await.is_some());
+            let sleeper = format!("sleeper{i}");
+            registered += usize::from(backend.where_is(&sleeper).await.is_some());
         }
         if registered == 0 && dropped_at.is_none() {
             dropped_at = Some(started.elapsed());
@@ -354,7 +346,8 @@ async fn clients_that_never_read_are_dropped_and_pin_little_memory() {
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "{registered} sleepers still registered"
+            "{registered} sleepers still registered, senders finished: {}",
+            senders.iter().filter(|s| s.is_finished()).count()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -366,11 +359,20 @@ async fn clients_that_never_read_are_dropped_and_pin_little_memory() {
         started.elapsed()
     );
     assert!(grown_kib < 32 * 1024, "node RSS grew by {grown_kib} KiB");
-    assert!(dropped_at < 2 * PING, "dropped after {dropped_at:?}");
+    // Each dropped once, as a slow consumer (4002), not by the ping deadline (4004).
+    let slow = node
+        .metric(r#"wsbus_connections_closed_total{code="4002"}"#)
+        .await;
+    assert_eq!(slow, SLEEPERS as f64);
+    assert_eq!(
+        node.metric(r#"wsbus_connections_closed_total{code="4004"}"#)
+            .await,
+        0.0
+    );
     assert_eq!(
         node.metric("wsbus_slow_consumer_disconnects_total").await,
-        SLEEPERS as f64,
-        "one disconnect per client"
+        slow,
+        "one slow-consumer disconnect per client"
     );
     // Nothing is dropped silently: each refused message earned its sender an error (the
     // node may still be reading the senders' last frames, hence the wait).
@@ -393,8 +395,8 @@ async fn clients_that_never_read_are_dropped_and_pin_little_memory() {
 /// with 4004 within two ping intervals even when its queue never fills.
 #[tokio::test]
 async fn a_blocked_write_does_not_suspend_the_ping_deadline() {
-    let redis = Redis::start().await.unwrap();
-    let mut c = config("a", &redis.url());
+    let backend = Backend::single().await;
+    let mut c = backend.config("a");
     c.ping_interval = Duration::from_millis(500);
     c.session_queue = 1_000_000;
     c.session_queue_bytes = 1 << 30;
@@ -410,13 +412,15 @@ async fn a_blocked_write_does_not_suspend_the_ping_deadline() {
     }
     sender.flush().await;
     let sent = std::time::Instant::now();
-    wait_unregistered(&redis.url(), "sleeper").await;
+    backend.wait_unregistered("sleeper").await;
     let after = sent.elapsed();
     eprintln!(
         "never-reading client with room in its queue: unregistered {after:?} after the flood"
     );
-    // Blocked before the flood ended: two ping intervals, then at most 1 s of closing.
-    assert!(after < Duration::from_millis(2500), "{after:?}");
+    // Two ping intervals, then at most 1 s of closing: 2 s. The bound is generous for a
+    // busy machine; the behaviour is the 4004 below (a client with room in its queue that
+    // is never dropped would fail the wait above).
+    assert!(after < Duration::from_secs(5), "{after:?}");
     let (_, metrics) = http_get(a.addr, "/metrics").await.unwrap();
     assert!(
         metrics.contains(r#"wsbus_connections_closed_total{code="4004"} 1"#),
@@ -429,9 +433,9 @@ async fn a_blocked_write_does_not_suspend_the_ping_deadline() {
 /// consumer: the recipient's node answers in the sender's node's inbox.
 #[tokio::test]
 async fn a_sender_on_another_node_is_told_its_recipient_is_too_slow() {
-    let redis = Redis::start().await.unwrap();
-    let a = Node::start("a", &redis.url()).await;
-    let mut small = config("b", &redis.url());
+    let backend = Backend::single().await;
+    let a = backend.node("a").await;
+    let mut small = backend.config("b");
     small.session_queue = 8;
     small.session_queue_bytes = 64 * 1024;
     let b = Node::start_with(small).await;
@@ -441,16 +445,21 @@ async fn a_sender_on_another_node_is_told_its_recipient_is_too_slow() {
         .unwrap();
     let mut sender = a.connect("sender").await;
     let text = "z".repeat(32 * 1024);
-    let told = tokio::time::timeout(DEADLINE, async {
-        for _ in 0..2000 {
-            sender.feed_to("sleeper", &text).await;
-        }
-        sender.flush().await;
+    // Sent in bursts until the answer comes (how much fits in the socket buffers first
+    // depends on the machine); generous for a busy one.
+    let told = tokio::time::timeout(Duration::from_secs(60), async {
         loop {
-            if let Event::Json(v) = sender.next_event().await
-                && v["data"]["error"] == "User 'sleeper' is too slow; message dropped"
-            {
-                return;
+            for _ in 0..50 {
+                sender.feed_to("sleeper", &text).await;
+            }
+            sender.flush().await;
+            while let Some(e) = sender.next_event_within(Duration::from_millis(1)).await {
+                let Event::Json(v) = e else {
+                    panic!("sender: {e:?}")
+                };
+                if v["data"]["error"] == "User 'sleeper' is too slow; message dropped" {
+                    return;
+                }
             }
         }
     })

@@ -15,6 +15,7 @@ mod history;
 mod hostile_input;
 mod http;
 mod ingress;
+mod knobs;
 mod messaging;
 mod observability;
 mod presence;

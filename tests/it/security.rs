@@ -1,32 +1,13 @@
 //! Authentication, origins, rate limits, and Redis with a password and over TLS.
 
-use std::path::{Path, PathBuf};
+use std::ffi::OsString;
+use std::path::Path;
 use std::process::Stdio;
 
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
 use crate::common::*;
-
-/// A fresh temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!("wsbus-test-{}", fastrand::u64(..)));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn openssl(dir: &Path, args: &[&str]) {
     let out = std::process::Command::new("openssl")
@@ -64,8 +45,8 @@ async fn mint(user: &str, args: &[&str]) -> String {
 
 #[tokio::test]
 async fn hs256_tokens_are_checked_before_the_upgrade() {
-    let redis = Redis::start().await.unwrap();
-    let mut c = config("a", &redis.url());
+    let backend = Backend::single().await;
+    let mut c = backend.config("a");
     c.insecure = false;
     c.jwt_secret = Some(SECRET.into());
     let a = Node::start_with(c).await;
@@ -111,7 +92,7 @@ async fn hs256_tokens_are_checked_before_the_upgrade() {
         assert_eq!(status, Some(401), "{why} token");
     }
     assert_eq!(
-        where_is(&redis.url(), "alice").await,
+        backend.where_is("alice").await,
         None,
         "refused before the claim"
     );
@@ -133,7 +114,7 @@ async fn hs256_tokens_are_checked_before_the_upgrade() {
 
 #[tokio::test]
 async fn rs256_and_es256_public_keys_verify_tokens_from_private_keys() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("keys");
     openssl(
         &dir.0,
         &[
@@ -340,23 +321,10 @@ async fn senders_over_their_rate_get_errors_then_a_close() {
 
 #[tokio::test]
 async fn redis_with_a_password() {
-    let port = wsbus::dev::free_port().unwrap();
-    let _redis = tokio::process::Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .args(["--requirepass", "pa55word"])
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
+    let redis = Redis::start_with(&["--requirepass".into(), "pa55word".into()], false)
+        .await
         .unwrap();
+    let port = redis.port();
     let url = format!("redis://:pa55word@127.0.0.1:{port}");
     let a = Node::start("a", &url).await;
     let b = Node::start("b", &url).await;
@@ -366,17 +334,8 @@ async fn redis_with_a_password() {
     bob.expect_message("alice", "through an authenticated Redis")
         .await;
     // A wrong password never becomes ready and refuses clients with 503.
-    let mut bad = config("c", &format!("redis://:nope@127.0.0.1:{port}"));
-    bad.redis_timeout = std::time::Duration::from_millis(200);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(wsbus::run(bad, listener, stop.clone().cancelled_owned()));
-    let status = eventually(DEADLINE, "readyz answers", || async move {
-        http_get(addr, "/readyz").await.map(|(s, _)| s)
-    })
-    .await;
-    assert_eq!(status, 503);
+    let (addr, stop, task) =
+        start_unready(config("c", &format!("redis://:nope@127.0.0.1:{port}"))).await;
     let refused = Client::connect_url(&format!("ws://{addr}/ws/carol"), "carol").await;
     assert_eq!(refused.err(), Some(503));
     stop.cancel();
@@ -385,7 +344,7 @@ async fn redis_with_a_password() {
 
 #[tokio::test]
 async fn redis_over_tls_with_a_private_ca() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("keys");
     openssl(
         &dir.0,
         &[
@@ -444,46 +403,86 @@ async fn redis_over_tls_with_a_private_ca() {
             "san.ext",
         ],
     );
-    let port = wsbus::dev::free_port().unwrap();
-    let _redis = tokio::process::Command::new("redis-server")
-        .args([
-            "--port",
-            "0",
-            "--tls-port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-        ])
-        .args([
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--tls-auth-clients",
-            "no",
-        ])
-        .arg("--tls-cert-file")
-        .arg(dir.path("server.crt"))
-        .arg("--tls-key-file")
-        .arg(dir.path("server.key"))
-        .arg("--tls-ca-cert-file")
-        .arg(dir.path("ca.crt"))
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let url = format!("rediss://127.0.0.1:{port}");
-    let tls_config = |id: &str| {
+    let arg = |a: &str| OsString::from(a);
+    let tls_args = [
+        arg("--tls-auth-clients"),
+        arg("no"),
+        arg("--tls-cert-file"),
+        dir.path("server.crt").into(),
+        arg("--tls-key-file"),
+        dir.path("server.key").into(),
+        arg("--tls-ca-cert-file"),
+        dir.path("ca.crt").into(),
+    ];
+    let redis = Redis::start_with(&tls_args, true).await.unwrap();
+    let url = format!("rediss://127.0.0.1:{}", redis.port());
+    let tls_config = |id: &str, ca: &str| {
         let mut c = config(id, &url);
-        c.redis_ca_file = Some(dir.path("ca.crt"));
+        c.redis_ca_file = Some(dir.path(ca));
         c
     };
-    let a = Node::start_with(tls_config("a")).await;
-    let b = Node::start_with(tls_config("b")).await;
+    let a = Node::start_with(tls_config("a", "ca.crt")).await;
+    let b = Node::start_with(tls_config("b", "ca.crt")).await;
     let mut alice = a.connect("alice").await;
     let mut bob = b.connect("bob").await;
     alice.send_to("bob", "encrypted bus").await;
     bob.expect_message("alice", "encrypted bus").await;
+
+    // A CA that did not sign the server's certificate: the server is not trusted, the node
+    // never becomes ready and refuses clients.
+    openssl(
+        &dir.0,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "other.key",
+            "-out",
+            "other.crt",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=another-ca",
+        ],
+    );
+    let (addr, stop, task) = start_unready(tls_config("c", "other.crt")).await;
+    // Its inbox reader tried and failed three times (a and b never reconnect; the counter
+    // is this process's), and it is still not ready.
+    eventually(DEADLINE, "c's inbox reader retried", || async {
+        (metric(a.addr, "wsbus_redis_reconnects_total").await >= 3.0).then_some(())
+    })
+    .await;
+    let (status, body) = http_get(addr, "/readyz").await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("did not reach Redis"), "{body}");
+    let refused = Client::connect_url(&format!("ws://{addr}/ws/carol"), "carol").await;
+    assert_eq!(refused.err(), Some(503));
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// Starts a node that cannot reach Redis: its `/readyz` answers 503 (and keeps doing so).
+async fn start_unready(
+    mut config: wsbus::NodeConfig,
+) -> (
+    std::net::SocketAddr,
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<Result<(), wsbus::NodeError>>,
+) {
+    config.redis_timeout = std::time::Duration::from_millis(200);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(wsbus::run(config, listener, stop.clone().cancelled_owned()));
+    let status = eventually(DEADLINE, "readyz answers", || async move {
+        http_get(addr, "/readyz").await.map(|(s, _)| s)
+    })
+    .await;
+    assert_eq!(status, 503);
+    (addr, stop, task)
 }
 
 #[tokio::test]

@@ -3,7 +3,7 @@
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -27,26 +27,67 @@ impl Drop for Cluster {
     }
 }
 
+/// A free loopback port (the server crate's picker: outside the ephemeral range, so no
+/// bind to port 0 takes it meanwhile).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    wsbus::dev::free_port().expect("free port")
 }
 
-pub fn wait_for_port(port: u16, what: &str, child: &mut Child) {
+/// `GET /readyz` on `port`: true on HTTP 200 from node `id`.
+fn ready(port: u16, id: &str) -> bool {
+    use std::io::{Read, Write};
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return;
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let req = "GET /readyz HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n";
+    let mut reply = String::new();
+    s.write_all(req.as_bytes()).is_ok()
+        && s.read_to_string(&mut reply).is_ok()
+        && reply.starts_with("HTTP/1.1 200 ")
+        && reply.contains(&format!("\"node\":\"{id}\""))
+}
+
+/// Whether a `redis-server` answers `PING` on `port`.
+fn redis_ready(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut buf = [0u8; 7];
+    s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
+/// Starts `spawn(port)` on a free port and waits until `ready(port)`; a child that exits
+/// first (its port taken meanwhile by another process) is started again on another port.
+pub fn start_ready(
+    what: &str,
+    mut spawn: impl FnMut(u16) -> Child,
+    ready: impl Fn(u16) -> bool,
+) -> (Child, u16) {
+    for _ in 0..5 {
+        let port = free_port();
+        let mut child = spawn(port);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if ready(port) {
+                return (child, port);
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                eprintln!("{what} exited with {status} before it was ready on port {port}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} was not ready on port {port} within 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
         }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited early with {status}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("{what} did not accept on port {port} within 20 s");
+    panic!("{what} did not start");
 }
 
 /// The `wsbus` binary of the same build as this test. `CARGO_BIN_EXE_*` only names binaries
@@ -69,15 +110,19 @@ fn with_redis() -> (Cluster, u16) {
         multi_nodes: Vec::new(),
         redis: String::new(),
     };
-    let rport = free_port();
+    let (redis, rport) = start_ready(
+        "redis-server",
+        |port| {
+            Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("redis-server must be on PATH")
+        },
+        redis_ready,
+    );
     cluster.redis = format!("127.0.0.1:{rport}");
-    let mut redis = Command::new("redis-server")
-        .args(["--port", &rport.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no"])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server must be on PATH");
-    wait_for_port(rport, "redis-server", &mut redis);
     cluster.children.push(redis);
     (cluster, rport)
 }
@@ -97,18 +142,23 @@ pub fn start_cluster() -> Cluster {
         ("smoke-multi-a", "2"),
         ("smoke-multi-b", "2"),
     ] {
-        let port = free_port();
-        let mut cmd = Command::new(&bin);
-        cmd.args(["serve", "--bind", &format!("127.0.0.1:{port}")])
-            .args(["--redis-url", &format!("redis://127.0.0.1:{rport}")])
-            .args(["--node-id", name])
-            .args(["--max-sessions-per-user", sessions])
-            // Measure the server, not its abuse limits.
-            .args(["--insecure", "--rate-limit", "1000000000"])
-            .args(["--rate-burst", "1000000000"])
-            .stdout(Stdio::null());
-        let mut child = cmd.spawn().expect("spawn wsbus serve");
-        wait_for_port(port, name, &mut child);
+        let (child, port) = start_ready(
+            name,
+            |port| {
+                Command::new(&bin)
+                    .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
+                    .args(["--redis-url", &format!("redis://127.0.0.1:{rport}")])
+                    .args(["--node-id", name])
+                    .args(["--max-sessions-per-user", sessions])
+                    // Measure the server, not its abuse limits.
+                    .args(["--insecure", "--rate-limit", "1000000000"])
+                    .args(["--rate-burst", "1000000000"])
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .expect("spawn wsbus serve")
+            },
+            |port| ready(port, name),
+        );
         cluster.children.push(child);
         let url = format!("ws://127.0.0.1:{port}");
         if sessions == "1" {
@@ -127,16 +177,20 @@ pub fn start_jwt_cluster(secret: &str) -> Cluster {
     assert!(bin.exists(), "server binary {} not found", bin.display());
     let (mut cluster, rport) = with_redis();
     for name in ["jwt-a", "jwt-b"] {
-        let port = free_port();
-        let mut child = Command::new(&bin)
-            .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
-            .args(["--redis-url", &format!("redis://127.0.0.1:{rport}")])
-            .args(["--node-id", name, "--jwt-secret", secret])
-            .args(["--rate-limit", "1000000000", "--rate-burst", "1000000000"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn wsbus serve");
-        wait_for_port(port, name, &mut child);
+        let (child, port) = start_ready(
+            name,
+            |port| {
+                Command::new(&bin)
+                    .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
+                    .args(["--redis-url", &format!("redis://127.0.0.1:{rport}")])
+                    .args(["--node-id", name, "--jwt-secret", secret])
+                    .args(["--rate-limit", "1000000000", "--rate-burst", "1000000000"])
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .expect("spawn wsbus serve")
+            },
+            |port| ready(port, name),
+        );
         cluster.children.push(child);
         cluster.nodes.push(format!("ws://127.0.0.1:{port}"));
     }
@@ -200,13 +254,17 @@ pub fn start_history_cluster() -> HistoryCluster {
     let (mut cluster, rport) = with_redis();
     let mut nodes = Vec::new();
     for name in ["drops-a", "drops-b"] {
-        let port = free_port();
-        let mut child = Command::new(&bin)
-            .args(history_args(port, rport, name))
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn wsbus serve");
-        wait_for_port(port, name, &mut child);
+        let (child, port) = start_ready(
+            name,
+            |port| {
+                Command::new(&bin)
+                    .args(history_args(port, rport, name))
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .expect("spawn wsbus serve")
+            },
+            |port| ready(port, name),
+        );
         cluster.children.push(child);
         nodes.push(format!("ws://127.0.0.1:{port}"));
     }
@@ -235,12 +293,11 @@ pub fn start_history_cluster() -> HistoryCluster {
         restart_cmd,
         pidfile,
     };
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+    while !ready(port, "drops-c") {
         assert!(
             Instant::now() < deadline,
-            "drops-c did not listen within 20 s"
+            "drops-c was not ready within 20 s"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
