@@ -122,6 +122,11 @@ pub struct NodeConfig {
     #[arg(long, env = "WSBUS_ROOM_ACCESS", value_enum)]
     pub room_access: Option<RoomAccess>,
 
+    /// How long a user's session resume secrets (`?resume=`) stay valid after the last one
+    /// was issued to it; a session whose node died keeps its secret this long at most.
+    #[arg(long, env = "WSBUS_RESUME_TTL", default_value = "1h", value_parser = parse_duration)]
+    pub resume_ttl: Duration,
+
     /// Most users in one room; a join past it gets `room '<id>' is full`.
     #[arg(long, env = "WSBUS_MAX_ROOM_MEMBERS", default_value_t = 10_000)]
     pub max_room_members: u32,
@@ -178,6 +183,21 @@ pub struct NodeConfig {
     /// routed like `message`. Built-in action names (and `error`) are refused. Default: none.
     #[arg(long, env = "WSBUS_RELAY_ACTIONS", value_delimiter = ',')]
     pub relay_actions: Vec<String>,
+
+    /// Relayed actions (each also in `--relay-actions`) kept in history (`--history`) like
+    /// messages, with an offset. Others are transient: delivered to whoever is connected,
+    /// never stored. Default: none.
+    #[arg(long, env = "WSBUS_STORED_RELAY_ACTIONS", value_delimiter = ',')]
+    pub stored_relay_actions: Vec<String>,
+
+    /// Failed API authentications one source address may make per second, on average; past
+    /// the burst, its requests get 429 until the bucket refills.
+    #[arg(long, env = "WSBUS_API_AUTH_FAILURE_RATE", default_value_t = 1.0)]
+    pub api_auth_failure_rate: f64,
+
+    /// Failed API authentications one source address may make in a burst.
+    #[arg(long, env = "WSBUS_API_AUTH_FAILURE_BURST", default_value_t = 20)]
+    pub api_auth_failure_burst: u32,
 
     /// How long an ingress entry may stay read but unacknowledged (its node died while
     /// routing it) before another node claims it (`XAUTOCLAIM` min-idle); also how often

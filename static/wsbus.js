@@ -22,12 +22,17 @@
  * - `userId`: 1–64 characters of `[A-Za-z0-9_.-]`; anything else throws a `TypeError`
  *   (the server would refuse it with HTTP 400, which a browser cannot see).
  * - `options.reconnect` (default `true`): reconnect after the connection drops.
- * - `options.minDelayMs` (default `500`) and `options.maxDelayMs` (default `30000`): the
- *   reconnect delay doubles from `minDelayMs` after each failed attempt, up to `maxDelayMs`,
- *   and each delay is drawn at random between half of it and all of it (jitter, so that
- *   clients dropped together by a restarting node do not all come back at the same
- *   moment). The count starts again after a connection the node accepted (one that
- *   opened and was not refused with 4001).
+ * - `options.minDelayMs` (default `250`) and `options.maxDelayMs` (default `4000`): the
+ *   ceiling of the reconnect delay doubles from `minDelayMs` after each failed attempt, up
+ *   to `maxDelayMs`, and each delay is drawn at random between 0 and the ceiling (full
+ *   jitter: the first retry comes within 250 ms, and clients dropped together by a node that
+ *   died or restarted do not all come back at the same moment). The count starts again
+ *   after a connection the node accepted (one that opened and was not refused with 4001).
+ * - Session resume: every connection asks for a resume secret (`?resume=`); the node's
+ *   first frame, `welcome`, carries it, and the next connection presents it
+ *   (`?resume=<secret>`), taking the previous session over at once on any node, whether
+ *   that session's node is alive or died (no `not unique session` for one's own stale
+ *   session). A secret works once; each `welcome` brings the next. `close()` forgets it.
  * - `options.token`: for nodes that require a signed token: the token (a string), or a
  *   function returning it (or a promise of it), called before every connection attempt so
  *   that a fresh token can be fetched for each reconnect. Sent as `?token=`, since browsers
@@ -177,6 +182,8 @@
  * - `disconnected` `{code, reason}`: the node ended the connection for good and the client
  *   will not reconnect (4001, 4003, 4006, 4007); `reason` is the close frame's (for 4007,
  *   the one the backend gave), or the code's meaning when empty. A `close` event follows.
+ * - `welcome` `{session}`: the node accepted the connection and issued a resume secret
+ *   (kept by the client, not shown); `session` is `"<node>:<sid>"`.
  * - `close` `{code, reason, wasClean, reconnectInMs}`: the connection closed;
  *   `reconnectInMs` is the delay before the next attempt, or `null` if the client will
  *   not reconnect. Codes: 1000 closed by `close()`, 1001 node shutting down, 1006 dropped
@@ -381,17 +388,19 @@ export class WsbusClient extends EventTarget {
   #staleUntil = 0;
   /** The timer that refreshes the connection's token before it expires (see "Token lifetime"). */
   #refreshTimer = null;
+  /** The resume secret of the current (or last) session, presented by the next connection. */
+  #resume = null;
 
   constructor(baseUrl, userId, options = {}) {
     super();
     if (!isValidUserId(userId)) {
       throw new TypeError("wsbus: a user id is 1-64 characters of A-Z a-z 0-9 _ . -");
     }
-    const minDelayMs = Math.max(1, Number(options.minDelayMs ?? 500));
+    const minDelayMs = Math.max(1, Number(options.minDelayMs ?? 250));
     this.#opts = {
       reconnect: options.reconnect ?? true,
       minDelayMs,
-      maxDelayMs: Math.max(minDelayMs, Number(options.maxDelayMs ?? 30000)),
+      maxDelayMs: Math.max(minDelayMs, Number(options.maxDelayMs ?? 4000)),
       staleSessionMs: Math.max(0, Number(options.staleSessionMs ?? 15000)),
     };
     this.#WebSocket = options.WebSocket ?? globalThis.WebSocket;
@@ -472,6 +481,7 @@ export class WsbusClient extends EventTarget {
     this.#rejectPending();
     this.#recovering = false;
     this.#staleUntil = 0;
+    this.#resume = null;
     clearTimeout(this.#timer);
     this.#timer = null;
     const ws = this.#ws;
@@ -500,7 +510,9 @@ export class WsbusClient extends EventTarget {
     this.#timer = null;
     this.#setState("connecting");
     const gen = ++this.#gen;
-    const params = [];
+    // A secret is used once: the next `welcome` brings another.
+    const params = [`resume=${this.#resume ?? ""}`];
+    this.#resume = null;
     let token = null;
     const since = this.#history === false ? null : this.#position;
     if (since) params.push(`since=${since.offset}`, `epoch=${encodeURIComponent(since.epoch)}`);
@@ -515,7 +527,7 @@ export class WsbusClient extends EventTarget {
       if (gen !== this.#gen || this.#state !== "connecting") return;
       if (token) params.push(`token=${encodeURIComponent(token)}`);
     }
-    const url = params.length ? `${this.url}?${params.join("&")}` : this.url;
+    const url = `${this.url}?${params.join("&")}`;
     let ws;
     try {
       ws = new this.#WebSocket(url);
@@ -618,6 +630,10 @@ export class WsbusClient extends EventTarget {
       case "refreshed":
         this.#scheduleRefresh(d.exp);
         this.#emit("refreshed", { exp: d.exp });
+        break;
+      case "welcome":
+        if (typeof d.resume === "string") this.#resume = d.resume;
+        this.#emit("welcome", { session: d.session ?? null });
         break;
       case "error":
         this.#error(String(d.error));
@@ -776,7 +792,7 @@ export class WsbusClient extends EventTarget {
     if (this.#opts.reconnect && !final) {
       const { minDelayMs, maxDelayMs } = this.#opts;
       const ceiling = Math.min(maxDelayMs, minDelayMs * 2 ** Math.min(this.#attempt, 30));
-      delay = Math.round(ceiling / 2 + (Math.random() * ceiling) / 2);
+      delay = Math.round(Math.random() * ceiling);
       this.#attempt += 1;
       // Each attempt goes to the next node in the list: the last one may be down.
       this.#index = (this.#index + 1) % this.#urls.length;

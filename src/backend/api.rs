@@ -26,7 +26,8 @@ use tungstenite::Utf8Bytes;
 use crate::cluster::presence::SessionRef;
 use crate::delivery::target::{Origin, Target};
 use crate::node::Node;
-use crate::wire::client::close;
+use crate::telemetry::LogSummary;
+use crate::wire::client::{RESERVED_ACTIONS, close};
 use crate::wire::ids::{RoomId, UserId, is_valid_id};
 
 /// The `from` of a publish that names no user: `@` is outside the id alphabet, so no client
@@ -42,11 +43,18 @@ pub const MAX_IDEMPOTENCY_KEY: usize = 128;
 /// Longest `reason` of `/api/disconnect` (a close frame's reason holds 123 bytes).
 pub const MAX_REASON_BYTES: usize = 123;
 
+/// Bad API keys logged: the first, then a count every few seconds.
+static BAD_KEYS: LogSummary = LogSummary::new(std::time::Duration::from_secs(5));
+
 /// The API's routes, or none without an API key (every `/api/` path is then a 404).
 pub fn router(node: Arc<Node>) -> Router {
     if node.config.api_keys.is_empty() {
         return Router::new();
     }
+    let failures = Arc::new(AuthFailures::new(
+        node.config.api_auth_failure_rate,
+        node.config.api_auth_failure_burst,
+    ));
     Router::new()
         .route("/api/publish", post(publish))
         .route("/api/disconnect", post(disconnect))
@@ -55,6 +63,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/api/users/{id}", get(user))
         .route("/api/rooms/{room}", get(room))
         .route("/api/nodes", get(nodes))
+        .layer(axum::Extension(failures))
         .with_state(node)
 }
 
@@ -78,6 +87,13 @@ pub enum ApiError {
     /// The same `Idempotency-Key` is being handled by another request right now.
     #[error("a request with this Idempotency-Key is in progress")]
     InProgress,
+    /// The `Idempotency-Key` was used (within its 5 minutes) for a request with another body.
+    #[error("this Idempotency-Key was used for another request")]
+    KeyReused,
+    /// The source address failed to authenticate too often (`--api-auth-failure-rate`,
+    /// `--api-auth-failure-burst`); nothing was checked.
+    #[error("too many failed authentications; retry later")]
+    TooManyFailures,
     /// Redis cannot be reached (or the bus writer stopped); nothing was sent.
     #[error("bus unavailable")]
     BusUnavailable,
@@ -106,6 +122,8 @@ impl ApiError {
             ApiError::Invalid { .. } => StatusCode::BAD_REQUEST,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::InProgress => StatusCode::CONFLICT,
+            ApiError::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::TooManyFailures => StatusCode::TOO_MANY_REQUESTS,
             ApiError::BusUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Refused { .. } => StatusCode::CONFLICT,
         }
@@ -118,6 +136,8 @@ impl ApiError {
             ApiError::Invalid { .. } => "invalid",
             ApiError::TooLarge(_) => "too_large",
             ApiError::InProgress => "in_progress",
+            ApiError::KeyReused => "key_reused",
+            ApiError::TooManyFailures => "too_many_failures",
             ApiError::BusUnavailable => "bus_unavailable",
             ApiError::Refused { .. } => "refused",
         }
@@ -150,6 +170,17 @@ impl FromRequestParts<Arc<Node>> for Authorized {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, node: &Arc<Node>) -> Result<Self, ApiError> {
+        let source = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|info| info.0.ip());
+        let failures = parts.extensions.get::<Arc<AuthFailures>>().cloned();
+        let limited = source.zip(failures);
+        if let Some((ip, failures)) = &limited
+            && failures.exhausted(*ip)
+        {
+            return Err(ApiError::TooManyFailures);
+        }
         let given = parts
             .headers
             .get(header::AUTHORIZATION)
@@ -162,10 +193,68 @@ impl FromRequestParts<Arc<Node>> for Authorized {
             // Never log the key itself.
             Some(key) if key_matches(&node.config.api_keys, key) => Ok(Authorized),
             _ => {
-                tracing::info!(path = %parts.uri.path(), "API request refused: bad or missing key");
+                if let Some(more) = BAD_KEYS.note() {
+                    tracing::info!(path = %parts.uri.path(), source = ?source, more_since_last_line = more,
+                        "API request refused: bad or missing key");
+                }
+                if let Some((ip, failures)) = &limited {
+                    failures.failed(*ip);
+                }
                 Err(ApiError::Unauthorized)
             }
         }
+    }
+}
+
+/// Failed API authentications per source address: a token bucket each, refilled at `rate`
+/// per second up to `burst`. An address with an empty bucket gets 429 without its key being
+/// looked at, so guessing keys goes no faster than `rate`.
+pub struct AuthFailures {
+    rate: f64,
+    burst: f64,
+    buckets: std::sync::Mutex<HashMap<std::net::IpAddr, (f64, std::time::Instant)>>,
+}
+
+/// Addresses tracked at most; past it, those whose bucket is full again are forgotten.
+const MAX_TRACKED_SOURCES: usize = 10_000;
+
+impl AuthFailures {
+    /// Buckets of `burst` failures, refilled at `rate` per second.
+    pub fn new(rate: f64, burst: u32) -> Self {
+        Self {
+            rate: rate.max(0.0),
+            burst: f64::from(burst.max(1)),
+            buckets: Default::default(),
+        }
+    }
+
+    /// The tokens of `ip`'s bucket now (refilled), updating it.
+    fn refill(&self, bucket: &mut (f64, std::time::Instant), now: std::time::Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(bucket.1).as_secs_f64();
+        *bucket = ((bucket.0 + elapsed * self.rate).min(self.burst), now);
+        bucket.0
+    }
+
+    /// Whether `ip` has used up its failures.
+    pub fn exhausted(&self, ip: std::net::IpAddr) -> bool {
+        let now = std::time::Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        match buckets.get_mut(&ip) {
+            Some(bucket) => self.refill(bucket, now) < 1.0,
+            None => false,
+        }
+    }
+
+    /// Counts one failed authentication of `ip`.
+    pub fn failed(&self, ip: std::net::IpAddr) {
+        let now = std::time::Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if buckets.len() >= MAX_TRACKED_SOURCES && !buckets.contains_key(&ip) {
+            buckets.retain(|_, bucket| self.refill(bucket, now) < self.burst);
+        }
+        let bucket = buckets.entry(ip).or_insert((self.burst, now));
+        let tokens = self.refill(bucket, now);
+        bucket.0 = (tokens - 1.0).max(0.0);
     }
 }
 
@@ -260,8 +349,11 @@ pub(crate) fn parse_item(item: &Value, at: &str) -> Result<Publish, ApiError> {
     }
     let action = match map.get("action") {
         None | Some(Value::Null) => return Err(ApiError::invalid(field("action"), "missing")),
-        Some(Value::String(a)) if a == "error" => {
-            return Err(ApiError::invalid(field("action"), "must not be `error`"));
+        Some(Value::String(a)) if RESERVED_ACTIONS.contains(&a.as_str()) => {
+            return Err(ApiError::invalid(
+                field("action"),
+                format!("`{a}` is a built-in action of the protocol (reserved)"),
+            ));
         }
         Some(Value::String(a)) if is_valid_id(a) => a.as_str(),
         Some(_) => {
@@ -360,7 +452,7 @@ async fn publish(
 ) -> Result<Response, ApiError> {
     let body = read_body(&node, &headers, body).await?;
     let (items, batch) = parse_publish(&body, node.config.api_max_batch)?;
-    let reply = once(&node, &headers, async {
+    let reply = once(&node, &headers, &body, async {
         let replies = publish_all(&node, &items).await?;
         Ok(match batch {
             true => serde_json::to_string(&replies),
@@ -374,16 +466,18 @@ async fn publish(
     Ok(json_response(reply))
 }
 
-/// Runs `work` once per `Idempotency-Key` (when the request has one): a repeat gets the
-/// first reply; a failure releases the key, so a retry runs again.
+/// Runs `work` once per `Idempotency-Key` (when the request has one): a repeat with the same
+/// body gets the first reply; a failure releases the key, so a retry runs again.
 async fn once(
     node: &Node,
     headers: &HeaderMap,
+    body: &[u8],
     work: impl Future<Output = Result<String, ApiError>>,
 ) -> Result<String, ApiError> {
     let idempotency = idempotency_key(node, headers)?;
-    if let Some(key) = &idempotency
-        && let Some(first) = claim_idempotency(node, key).await?
+    let body_hash = idempotency.as_ref().map(|_| body_digest(body));
+    if let (Some(key), Some(hash)) = (&idempotency, &body_hash)
+        && let Some(first) = claim_idempotency(node, key, hash).await?
     {
         metrics::counter!("wsbus_api_requests_total", "status" => "repeat").increment(1);
         return Ok(first);
@@ -397,10 +491,18 @@ async fn once(
             return Err(e);
         }
     };
-    if let Some(key) = &idempotency {
-        remember_reply(node, key, &reply).await;
+    if let (Some(key), Some(hash)) = (&idempotency, &body_hash) {
+        remember_reply(node, key, &format!("{hash}\n{reply}")).await;
     }
     Ok(reply)
+}
+
+fn json_response(body: String) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from(body),
+    )
+        .into_response()
 }
 
 /// One validated `POST /api/join` or `/api/leave` item.
@@ -505,7 +607,7 @@ async fn change_membership(
 ) -> Result<Response, ApiError> {
     let body = read_body(&node, &headers, body).await?;
     let (items, batch) = parse_membership(&body, node.config.api_max_batch)?;
-    let reply = once(&node, &headers, async {
+    let reply = once(&node, &headers, &body, async {
         let mut replies = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
             let at = if batch { format!("[{i}].") } else { String::new() };
@@ -538,14 +640,6 @@ pub async fn apply_membership(
             error: refused.to_string(),
         }),
     }
-}
-
-fn json_response(body: String) -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        Body::from(body),
-    )
-        .into_response()
 }
 
 /// Sends validated publishes: one lookup pipeline for every user and room of the request,
@@ -591,7 +685,7 @@ pub async fn publish_all(node: &Node, items: &[Publish]) -> Result<Vec<Published
                     from: item.from.clone(),
                 },
                 Target::User(user.as_str().into()),
-                &item.action,
+                (&item.action, false),
                 &item.frame,
                 born_us,
             )
@@ -607,7 +701,7 @@ pub async fn publish_all(node: &Node, items: &[Publish]) -> Result<Vec<Published
                     from: item.from.clone(),
                 },
                 Target::Room(room.as_str().into()),
-                &item.action,
+                (&item.action, false),
                 &item.frame,
                 born_us,
             )
@@ -705,9 +799,19 @@ fn idempotency_key(node: &Node, headers: &HeaderMap) -> Result<Option<String>, A
     Ok(Some(node.keys.idempotency(key)))
 }
 
-/// Claims `key` for this request (`SET NX`, empty until the reply is stored). Returns the
-/// first reply when the key was used before; refuses while its first request is running.
-async fn claim_idempotency(node: &Node, key: &str) -> Result<Option<String>, ApiError> {
+/// The SHA-256 (hex) of a request body, stored with its `Idempotency-Key`.
+fn body_digest(body: &[u8]) -> String {
+    crate::cluster::presence::hex(ring::digest::digest(&ring::digest::SHA256, body).as_ref())
+}
+
+/// Claims `key` for this request (`SET NX` of `<body hash>\n`, the reply appended once it is
+/// stored). Returns the first reply when the key was used before with the same body; refuses
+/// one with another body (422), and while its first request is running (409).
+async fn claim_idempotency(
+    node: &Node,
+    key: &str,
+    body_hash: &str,
+) -> Result<Option<String>, ApiError> {
     let unavailable = |e: crate::redis::RedisError| {
         tracing::warn!(error = %e, "idempotency key lookup failed");
         ApiError::BusUnavailable
@@ -715,7 +819,7 @@ async fn claim_idempotency(node: &Node, key: &str) -> Result<Option<String>, Api
     let mut conn = node.redis.conn().await.map_err(unavailable)?;
     let claimed: Option<String> = redis::cmd("SET")
         .arg(key)
-        .arg("")
+        .arg(format!("{body_hash}\n"))
         .arg("NX")
         .arg("EX")
         .arg(IDEMPOTENCY_TTL_SECS)
@@ -730,10 +834,18 @@ async fn claim_idempotency(node: &Node, key: &str) -> Result<Option<String>, Api
         .query_async(&mut conn)
         .await
         .map_err(|e| unavailable(e.into()))?;
-    match first {
-        Some(reply) if !reply.is_empty() => Ok(Some(reply)),
-        // Claimed by a request still running (or one whose key just expired).
-        _ => Err(ApiError::InProgress),
+    let Some(first) = first else {
+        // Its first request failed and released it, or it just expired.
+        return Err(ApiError::InProgress);
+    };
+    // A value without a hash was stored by a node of an earlier version.
+    let (hash, reply) = first.split_once('\n').unwrap_or((body_hash, &first));
+    if hash != body_hash {
+        return Err(ApiError::KeyReused);
+    }
+    match reply {
+        "" => Err(ApiError::InProgress),
+        reply => Ok(Some(reply.to_owned())),
     }
 }
 

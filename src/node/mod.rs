@@ -148,19 +148,6 @@ impl Node {
     }
 }
 
-/// Refuses a `--relay-actions` entry outside the id alphabet or named like a built-in action.
-fn check_relay_actions(actions: &[String]) -> Result<(), NodeError> {
-    if let Some(bad) = actions
-        .iter()
-        .find(|a| !is_valid_id(a) || crate::wire::client::RESERVED_ACTIONS.contains(&a.as_str()))
-    {
-        return Err(NodeError::Config(format!(
-            "relay action {bad:?}: use 1-64 of [A-Za-z0-9_.-], not a built-in action"
-        )));
-    }
-    Ok(())
-}
-
 impl Node {
     /// Checks `config` and builds the state of a node serving clients on `addr` (not yet
     /// registered, no task started). Returns the receiving end of the bus writer's queue too.
@@ -169,15 +156,7 @@ impl Node {
         addr: SocketAddr,
     ) -> Result<(Arc<Node>, mpsc::Receiver<Dispatch>), NodeError> {
         let id = config.node_id.clone().unwrap_or_else(random_node_id);
-        if !is_valid_id(&id) {
-            return Err(NodeError::Config(format!(
-                "node id {id:?}: use 1-64 of [A-Za-z0-9_.-]"
-            )));
-        }
-        if !is_valid_id(&config.prefix.replace(':', "_")) {
-            return Err(NodeError::Config(format!("prefix {:?}", config.prefix)));
-        }
-        check_relay_actions(&config.relay_actions)?;
+        check_config(&id, &config)?;
         let auth =
             crate::auth::from_config(&config).map_err(|e| NodeError::Config(e.to_string()))?;
         let keys = Keys::new(&config.prefix);
@@ -194,7 +173,7 @@ impl Node {
         // The one shutdown token; every session's kick is a child of it.
         let stop = CancellationToken::new();
         let boot = fastrand::u64(1..);
-        let history = crate::history::History::new(&config, &keys, boot);
+        let history = crate::history::History::new(&config, &keys, redis.clone(), boot);
         let node = Arc::new(Node {
             history,
             presence: Presence::new(
@@ -202,8 +181,8 @@ impl Node {
                 keys.clone(),
                 id.clone(),
                 live.clone(),
-                config.max_sessions_per_user,
-                config.on_session_limit,
+                (config.max_sessions_per_user, config.on_session_limit),
+                config.resume_ttl,
             ),
             registry: Registry::new(
                 keys.clone(),
@@ -240,4 +219,36 @@ impl Node {
         });
         Ok((node, bus_writer_rx))
     }
+}
+
+/// Refuses a config a node cannot run with: ids outside the alphabet, built-in relay
+/// actions, stored relay actions that are not relayed.
+fn check_config(id: &str, config: &NodeConfig) -> Result<(), NodeError> {
+    if !is_valid_id(id) {
+        return Err(NodeError::Config(format!(
+            "node id {id:?}: use 1-64 of [A-Za-z0-9_.-]"
+        )));
+    }
+    if !is_valid_id(&config.prefix.replace(':', "_")) {
+        return Err(NodeError::Config(format!("prefix {:?}", config.prefix)));
+    }
+    if let Some(bad) = config
+        .relay_actions
+        .iter()
+        .find(|a| !is_valid_id(a) || crate::wire::client::RESERVED_ACTIONS.contains(&a.as_str()))
+    {
+        return Err(NodeError::Config(format!(
+            "relay action {bad:?}: use 1-64 of [A-Za-z0-9_.-], not a built-in action"
+        )));
+    }
+    if let Some(bad) = config
+        .stored_relay_actions
+        .iter()
+        .find(|a| !config.relay_actions.contains(a))
+    {
+        return Err(NodeError::Config(format!(
+            "stored relay action {bad:?}: not one of --relay-actions"
+        )));
+    }
+    Ok(())
 }

@@ -25,7 +25,7 @@ pub async fn run(node: Arc<Node>) {
         }
         beat(&node).await;
         if let Some(history) = &node.history
-            && streams_refreshed.elapsed() >= node.config.history_ttl / 3
+            && streams_refreshed.elapsed() >= history.keep_alive_every()
         {
             streams_refreshed = tokio::time::Instant::now();
             keep_streams_alive(&node, history).await;
@@ -44,7 +44,7 @@ async fn keep_streams_alive(node: &Node, history: &crate::history::History) {
     rooms.dedup();
     let users: Vec<&str> = users.iter().map(UserId::as_str).collect();
     let rooms: Vec<&str> = rooms.iter().map(RoomId::as_str).collect();
-    if let Err(e) = history.keep_alive(&node.redis, &users, &rooms).await {
+    if let Err(e) = history.keep_alive(&users, &rooms).await {
         tracing::warn!(error = %e, "could not refresh the history streams' TTL");
     }
 }

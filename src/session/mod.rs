@@ -89,7 +89,7 @@ impl SessionGuard {
             // The user was connected until now: its stream lives `--history-ttl` from here,
             // so what is sent to it meanwhile is kept for its reconnect.
             let stream = crate::history::Stream::User(self.user.as_str());
-            if let Err(e) = history.open(&self.node.redis, stream, None, 0, true).await {
+            if let Err(e) = history.touch(stream).await {
                 tracing::debug!(user = %self.user, error = %e, "could not refresh the user's stream");
             }
         }
@@ -185,6 +185,9 @@ pub struct Session {
     /// What its token grants: until when, which rooms the client may join (`refresh`
     /// replaces it).
     grant: crate::auth::Grant,
+    /// The `welcome` frame (a resume secret), written before anything else, if the client
+    /// asked for one.
+    welcome: Option<String>,
 }
 
 /// Frames to write to the socket at once, ahead of the queue (a replay and the reply that
@@ -272,16 +275,29 @@ impl Session {
             ready: Vec::new(),
             recover,
             grant,
+            welcome: None,
         }
+    }
+
+    /// Writes `welcome` as the session's first frame (a client that asked with `?resume`).
+    pub fn welcomed(mut self, welcome: Option<String>) -> Self {
+        self.welcome = welcome;
+        self
     }
 
     /// Serves the socket until either side ends the session.
     pub async fn run(mut self, socket: Socket) {
         self.node.metrics.connections_active.increment(1.0);
         let mut link = Link::new(socket, self.node.config.ping_interval);
-        // Boxed, as the other steps that wait on Redis (see `handle`).
         self.watch_expiry();
-        let opened = match Box::pin(self.open_user_stream(&mut link)).await {
+        let welcome = Direct::from_iter(self.welcome.take());
+        let opened = match self.write_direct(&mut link, welcome).await {
+            // Boxed, as the other steps that wait on Redis (see `handle`).
+            Ok(()) => Box::pin(self.open_user_stream(&mut link)).await,
+            Err(end) => Err(end),
+        };
+        // The token's `join` claim, before the client's first frame is read.
+        let opened = match opened {
             Ok(()) => Box::pin(self.join_claimed(&mut link)).await,
             Err(end) => Err(end),
         };
@@ -428,7 +444,7 @@ impl Session {
                     RelayTo::Room(room) => return Err(ClientError::NotInRoom(room.to_owned())),
                 };
                 let frame = encode_relay(self.user.as_str(), action, data).into();
-                node.publish(origin(), target, action, &frame, born_us)
+                node.relay(origin(), target, action, &frame, born_us)
                     .await?;
                 Ok(Direct::new())
             }
@@ -455,9 +471,7 @@ impl Session {
             }
             Command::Refresh { token } => self.refresh(&token),
             Command::Recover(position) => {
-                if node.history.is_none() {
-                    return Err(ClientError::HistoryOff);
-                }
+                // Without history, `recover_stream` answers `history is off`.
                 let start = StartAt {
                     position: position.into_owned(),
                     asked: true,
@@ -535,27 +549,11 @@ impl Session {
         }
         // Without `since`, the room's frames start for this session where its stream
         // is before the join, so none sent while it joins is missed.
-        let start = match (&node.history, since) {
-            (None, _) => None,
-            (Some(_), Some(position)) => Some(StartAt {
-                position: position.into_owned(),
-                asked: true,
-            }),
-            (Some(history), None) => {
-                let stream = crate::history::Stream::Room(room);
-                let opened = history
-                    .open(&node.redis, stream, None, 0, true)
-                    .await
-                    .map_err(|_| ClientError::BusUnavailable)?;
-                Some(StartAt {
-                    position: Position {
-                        since: opened.top,
-                        epoch: opened.epoch.into(),
-                    },
-                    asked: false,
-                })
-            }
-        };
+        let stream = crate::history::Stream::Room(room);
+        let since = since.map(Position::into_owned);
+        let start = StartAt::of(node.history.as_ref(), stream, since)
+            .await
+            .map_err(|_| ClientError::BusUnavailable)?;
         let members = node.join_room(&id, &self.user, self.sid).await?;
         self.rooms.insert(id);
         let data = json!({"room": room, "members": members});
