@@ -116,16 +116,16 @@ pub struct NodeConfig {
     #[arg(long, env = "WSBUS_ON_SESSION_LIMIT", value_enum, default_value_t = OnSessionLimit::Reject)]
     pub on_session_limit: OnSessionLimit,
 
+    /// How long a user's session resume secrets (`?resume=`) stay valid after the last one
+    /// was issued to it; a session whose node died keeps its secret this long at most.
+    #[arg(long, env = "WSBUS_RESUME_TTL", default_value = "1h", value_parser = parse_duration)]
+    pub resume_ttl: Duration,
+
     /// Who may join rooms: `open` (any client, any room), `token` (the rooms in the token's
     /// `rooms` claim), `server` (only the backend). Default: `token` with authentication,
     /// `open` with `--insecure`.
     #[arg(long, env = "WSBUS_ROOM_ACCESS", value_enum)]
     pub room_access: Option<RoomAccess>,
-
-    /// How long a user's session resume secrets (`?resume=`) stay valid after the last one
-    /// was issued to it; a session whose node died keeps its secret this long at most.
-    #[arg(long, env = "WSBUS_RESUME_TTL", default_value = "1h", value_parser = parse_duration)]
-    pub resume_ttl: Duration,
 
     /// Most users in one room; a join past it gets `room '<id>' is full`.
     #[arg(long, env = "WSBUS_MAX_ROOM_MEMBERS", default_value_t = 10_000)]
@@ -198,6 +198,29 @@ pub struct NodeConfig {
     /// Failed API authentications one source address may make in a burst.
     #[arg(long, env = "WSBUS_API_AUTH_FAILURE_BURST", default_value_t = 20)]
     pub api_auth_failure_burst: u32,
+    /// Custom client actions for the application's backend (comma-separated, e.g.
+    /// `order,vote`): `{"action":"order","data":{...}}` is appended to the events stream as
+    /// `type=action` and delivered to nobody. Turns on the `action` event type. A name may
+    /// not be a relay action nor a built-in one. Default: none.
+    #[arg(long, env = "WSBUS_BACKEND_ACTIONS", value_delimiter = ',')]
+    pub backend_actions: Vec<String>,
+
+    /// Which events the node appends to the events stream for the application's backend:
+    /// `all`, or a comma list of `connect`, `disconnect`, `join`, `leave`, `message`,
+    /// `room_message`, `action`, `ingress_invalid`. Default: none (no stream is written).
+    #[arg(long, env = "WSBUS_EVENTS", default_value = "none")]
+    pub events: crate::wire::event::EventKinds,
+
+    /// Approximate cap on each events stream's length (`XADD ... MAXLEN ~`).
+    #[arg(long, env = "WSBUS_EVENTS_MAXLEN", default_value_t = 1_000_000)]
+    pub events_maxlen: usize,
+
+    /// Events streams: 1 writes `P:events`; N > 1 writes `P:events:<k>` with
+    /// `k = crc32(user) mod N` (a Redis Cluster spreads them; one user's events stay in
+    /// order in one stream).
+    #[arg(long, env = "WSBUS_EVENTS_SHARDS", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub events_shards: u32,
 
     /// How long an ingress entry may stay read but unacknowledged (its node died while
     /// routing it) before another node claims it (`XAUTOCLAIM` min-idle); also how often

@@ -145,7 +145,13 @@ fn wsbus_command() -> String {
 /// What `wsbus dev` prints: its nodes, and commands to paste that point at *its* Redis and
 /// node ids (the examples in docs/operations.md assume `redis://127.0.0.1:6379`, which may be another
 /// Redis). Only tools the setup installs: a browser, `wsbus` itself and `redis-cli`.
-fn banner(redis_url: &str, ids: &[String], addrs: &[SocketAddr], wsbus: &str) -> String {
+fn banner(
+    redis_url: &str,
+    ids: &[String],
+    addrs: &[SocketAddr],
+    wsbus: &str,
+    config: &NodeConfig,
+) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(
@@ -175,12 +181,20 @@ fn banner(redis_url: &str, ids: &[String], addrs: &[SocketAddr], wsbus: &str) ->
         out,
         "  redis-cli -u {redis_url} XRANGE wsbus:inbox:{last_id} - +"
     );
+    if config.events.any() || !config.backend_actions.is_empty() {
+        let shards = match config.events_shards {
+            1 => String::new(),
+            n => format!(" --shards {n}"),
+        };
+        let _ = writeln!(out, "Follow what users do (the events stream):");
+        let _ = writeln!(out, "  {wsbus} events --redis-url {redis_url}{shards}");
+    }
     let _ = writeln!(out, "Metrics: http://{first}/metrics");
     let _ = writeln!(out, "Ctrl-C stops everything.");
     out
 }
 
-/// Options of `wsbus dev`.
+/// Options of `wsbus dev` (beside every `wsbus serve` flag, which it passes to its nodes).
 #[derive(Debug, Clone, clap::Args)]
 pub struct DevOptions {
     /// Number of nodes.
@@ -192,20 +206,21 @@ pub struct DevOptions {
     /// Port of the first node; the others take the next ones.
     #[arg(long, default_value_t = 8080)]
     pub base_port: u16,
-    /// Use this Redis instead of starting a `redis-server` child.
-    #[arg(long, env = "WSBUS_REDIS_URL")]
-    pub redis_url: Option<String>,
 }
 
-/// Runs the dev cluster until `shutdown` resolves (Ctrl-C in the binary).
+/// Runs the dev cluster until `shutdown` resolves (Ctrl-C in the binary): nodes `dev-1` ..
+/// with `config` (every `serve` flag given to `wsbus dev`), on `redis_url` if one was given,
+/// else on a `redis-server` child. Without a JWT setting the nodes run `--insecure`.
 pub async fn run(
     options: DevOptions,
+    base: NodeConfig,
+    redis_url: Option<String>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     if options.nodes == 0 {
         return Err("--nodes must be at least 1".into());
     }
-    let (redis_url, _redis) = match options.redis_url {
+    let (redis_url, _redis) = match redis_url {
         Some(url) => (url, None),
         None => {
             let redis = RedisChild::start().await?;
@@ -220,7 +235,10 @@ pub async fn run(
         let port = options.base_port + i;
         let listener = TcpListener::bind((options.host.as_str(), port)).await?;
         addrs.push(listener.local_addr()?);
-        let config = NodeConfig::new(node_id(i), redis_url.clone());
+        let mut config = base.clone();
+        config.node_id = Some(node_id(i));
+        config.redis_url = redis_url.clone();
+        config.insecure = config.jwt_secret.is_none() && config.jwt_public_key.is_none();
         let stop = stop.clone();
         nodes.push(tokio::spawn(crate::server::run(
             config,
@@ -229,7 +247,10 @@ pub async fn run(
         )));
     }
     let ids: Vec<String> = (0..options.nodes).map(node_id).collect();
-    print!("{}", banner(&redis_url, &ids, &addrs, &wsbus_command()));
+    print!(
+        "{}",
+        banner(&redis_url, &ids, &addrs, &wsbus_command(), &base)
+    );
     shutdown.await;
     stop.cancel();
     for node in nodes {

@@ -46,8 +46,14 @@ enum Cmd {
         #[command(flatten)]
         config: Box<NodeConfig>,
     },
-    /// Run a local cluster (and its own redis-server unless --redis-url is given).
-    Dev(DevOptions),
+    /// Run a local cluster (and its own redis-server unless --redis-url is given); every
+    /// `serve` flag is passed to its nodes (e.g. `--history 100 --events all`).
+    Dev {
+        #[command(flatten)]
+        options: DevOptions,
+        #[command(flatten)]
+        config: Box<NodeConfig>,
+    },
     /// List the registered nodes with their age, users and inbox length.
     Nodes(AdminArgs),
     /// Show which node a user is connected to.
@@ -88,6 +94,9 @@ enum Cmd {
     Join(MemberArgs),
     /// Take every live session of USER out of ROOM (`POST /api/leave`).
     Leave(MemberArgs),
+    /// Follow the events stream (`--events`) like `tail -f`, pretty-printed (or as JSON
+    /// lines), optionally as a member of a consumer group (acknowledging what it prints).
+    Events(EventsArgs),
     /// Print a node's inbox entries, envelopes decoded to JSON (one per line).
     Inspect {
         /// The node id.
@@ -164,6 +173,33 @@ struct PublishArgs {
     api_key: String,
 }
 
+/// `wsbus events`: which streams, from where, as whom.
+#[derive(clap::Args)]
+struct EventsArgs {
+    /// The nodes' `--events-shards`: 1 reads `<prefix>:events`, N reads
+    /// `<prefix>:events:0` .. `<prefix>:events:<N-1>`.
+    #[arg(long, env = "WSBUS_EVENTS_SHARDS", default_value_t = 1)]
+    shards: u32,
+    /// Start at the beginning of the streams (default: only what comes from now on).
+    #[arg(long)]
+    from_start: bool,
+    /// Read as a member of this consumer group (created if missing), acknowledging each
+    /// entry once printed.
+    #[arg(long)]
+    group: Option<String>,
+    /// The consumer's name within `--group`.
+    #[arg(long, default_value = "wsbus-cli", requires = "group")]
+    consumer: String,
+    /// Print one JSON object per line (`stream`, `id` and the fields) instead.
+    #[arg(long)]
+    json: bool,
+    /// Exit after this many events (default: follow until interrupted).
+    #[arg(long)]
+    count: Option<usize>,
+    #[command(flatten)]
+    admin: AdminArgs,
+}
+
 #[derive(clap::Args)]
 struct AdminArgs {
     /// Redis URL.
@@ -189,13 +225,23 @@ impl AdminArgs {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches)?;
     init_logging(cli.log_format);
     match cli.command {
         Cmd::Serve { bind, config } => serve(bind, *config).await,
-        Cmd::Dev(options) => {
-            tracing::warn!("dev mode: no authentication, local use only");
-            wsbus::dev::run(options, shutdown_signal())
+        Cmd::Dev { options, config } => {
+            // Its own redis-server unless a Redis was named (flag or environment).
+            let given = matches.subcommand_matches("dev").and_then(|m| {
+                let source = m.value_source("redis_url")?;
+                (source != clap::parser::ValueSource::DefaultValue).then_some(())
+            });
+            let redis_url = given.map(|()| config.redis_url.clone());
+            if config.jwt_secret.is_none() && config.jwt_public_key.is_none() {
+                tracing::warn!("dev mode: no authentication, local use only");
+            }
+            wsbus::dev::run(options, *config, redis_url, shutdown_signal())
                 .await
                 .map_err(|e| anyhow::anyhow!(e))
         }
@@ -209,7 +255,40 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Join(args) => change_membership(&args, "join").await,
         Cmd::Leave(args) => change_membership(&args, "leave").await,
         Cmd::Inspect { node, count, admin } => print_inbox(&node, count, &admin).await,
+        Cmd::Events(args) => follow_events(&args).await,
     }
+}
+
+/// `wsbus events`: prints events as they are appended, until interrupted (or `--count`).
+async fn follow_events(args: &EventsArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::time::Duration;
+    let keys = Keys::new(&args.admin.prefix);
+    let redis = args.admin.redis()?;
+    let mut conn = redis.conn().await?;
+    let streams = keys.all_events(args.shards.max(1));
+    let group = args.group.clone().map(|g| (g, args.consumer.clone()));
+    let mut follower =
+        wsbus::backend::events::Follower::new(&mut conn, streams, args.from_start, group).await?;
+    let mut printed = 0;
+    let mut stop = std::pin::pin!(shutdown_signal());
+    let mut out = std::io::stdout().lock();
+    while args.count.is_none_or(|n| printed < n) {
+        let left = args.count.map_or(usize::MAX, |n| n - printed);
+        let batch = tokio::select! {
+            _ = &mut stop => return Ok(()),
+            batch = follower.next(&mut conn, Duration::from_secs(1), left) => batch?,
+        };
+        for entry in batch {
+            match args.json {
+                true => writeln!(out, "{}", entry.json())?,
+                false => writeln!(out, "{}", entry.pretty())?,
+            }
+            printed += 1;
+        }
+        out.flush()?;
+    }
+    Ok(())
 }
 
 /// `wsbus serve`: one node until SIGTERM or Ctrl-C.

@@ -57,8 +57,10 @@
  * - `connect()`: opens the connection (also after `close()`); does nothing if it is already
  *   open or connecting. Returns the client.
  * - `send(to, text)`: sends `text` (a string) to user `to`. Throws an `Error` if the
- *   connection is not open. Delivery is not acknowledged: if `to` is not connected
- *   anywhere, an `error` event follows (`User 'bob' not found`).
+ *   connection is not open. Returns a promise (see "Acknowledgements") that resolves with
+ *   `{id}` once the node accepted the message (handed it to Redis or to the recipient's
+ *   socket, and to history and the events stream where those are on), and rejects with the
+ *   error it caused, e.g. `User 'bob' not found` (an `error` event follows as well).
  * - `join(room)`: enters room `room` (same alphabet as a user id). Returns a promise of the
  *   `joined` event's detail (`members`: how many users are in it now; the other fields are
  *   about history, see the `joined` event). Joining a room this session is in already is
@@ -69,7 +71,10 @@
  *   `truncated` is `true` when the server cut the list. Rejects with `not in room 'lobby'`
  *   unless this session is in the room (only members may read it).
  * - `sendRoom(room, text)`: sends `text` to every other session in `room` (no reply, like
- *   `send()`). Throws an `Error` if the connection is not open or `room` is not in `rooms`.
+ *   `send()`'s promise). Throws an `Error` if the connection is not open or `room` is not in `rooms`.
+ * - `sendAction(action, data = {})`: sends a custom action: a backend action
+ *   (`--backend-actions`: to the application's backend, nobody else) or a relay action
+ *   (`--relay-actions`: `data` names `to` or `room`). A promise like `send()`'s.
  * - `rooms`: the rooms this client is in, sorted. The server takes a session out of every
  *   room when it disconnects, so the client keeps the list and joins each room again on
  *   its next connection (the automatic reconnect, or `connect()` after the server closed
@@ -105,6 +110,16 @@
  * not the promises, so it stays right in that case. The client's own request for its
  * position (`history`, below) waits in the same queue; what answers it is not passed on as
  * an answer to the app (an `error` event for it has `request: null`).
+ *
+ * ## Acknowledgements
+ *
+ * `send()`, `sendRoom()` and `sendAction()` give each frame an `id` (`"c1"`, `"c2"`, ...);
+ * the node answers `{"action":"ack","data":{"id":"c1"}}` once it accepted the frame, or an
+ * error whose `data.id` is that id. The returned promise settles on whichever comes; it
+ * rejects with `wsbus: connection closed` if the connection closes first (the message may or
+ * may not have gone out). The promise is marked as handled, so ignoring it is harmless. An
+ * error that carries an id is never taken for the answer to a `join`/`leave`/`members`
+ * request (below); its `error` event has `id` set (`null` for errors without one).
  *
  * ## History and recovery
  *
@@ -173,17 +188,18 @@
  *   `recovered: true`: the `count` missed messages were delivered, none lost. `false`: the
  *   node could not (`reason`, see "History and recovery"); messages were lost.
  *   `offset`/`epoch`: where the stream is now.
- * - `error` `{error, request}`: an error from the server, e.g. `User 'bob' not found`,
+ * - `ack` `{id}`: the node accepted the frame sent with this `id` (see "Acknowledgements").
+ * - `error` `{error, request, id}`: an error from the server, e.g. `User 'bob' not found`,
  *   `bus unavailable` (the message was not sent) or `not unique session`. `request` is
  *   `{action, room}` when the error was matched to a pending `join`, `leave` or `members`
  *   (whose promise it rejects, see above), otherwise `null`.
+ * - `welcome` `{session}`: the node accepted the connection and issued a resume secret
+ *   (kept by the client, not shown); `session` is `"<node>:<sid>"`.
  * - `refreshed` `{exp}`: the node took a refreshed token, valid until `exp` (seconds since
  *   the epoch).
  * - `disconnected` `{code, reason}`: the node ended the connection for good and the client
  *   will not reconnect (4001, 4003, 4006, 4007); `reason` is the close frame's (for 4007,
  *   the one the backend gave), or the code's meaning when empty. A `close` event follows.
- * - `welcome` `{session}`: the node accepted the connection and issued a resume secret
- *   (kept by the client, not shown); `session` is `"<node>:<sid>"`.
  * - `close` `{code, reason, wasClean, reconnectInMs}`: the connection closed;
  *   `reconnectInMs` is the delay before the next attempt, or `null` if the client will
  *   not reconnect. Codes: 1000 closed by `close()`, 1001 node shutting down, 1006 dropped
@@ -377,6 +393,10 @@ export class WsbusClient extends EventTarget {
    * (`history`, `joined`) that can overtake frames still on their way.
    */
   #seen = new Map();
+  /** Id of a sent frame → `{resolve, reject}` of its promise, until its ack or error. */
+  #acks = new Map();
+  /** The number in the last frame id given (`"c<n>"`). */
+  #lastId = 0;
   /** This connection asked to recover the user stream and its `recovered` has not come. */
   #recovering = false;
   /** Rooms joined again with `since` whose `joined` has not come. */
@@ -386,10 +406,10 @@ export class WsbusClient extends EventTarget {
    * session, still counted on a node that died, and retried (see `options.staleSessionMs`).
    */
   #staleUntil = 0;
-  /** The timer that refreshes the connection's token before it expires (see "Token lifetime"). */
-  #refreshTimer = null;
   /** The resume secret of the current (or last) session, presented by the next connection. */
   #resume = null;
+  /** The timer that refreshes the connection's token before it expires (see "Token lifetime"). */
+  #refreshTimer = null;
 
   constructor(baseUrl, userId, options = {}) {
     super();
@@ -451,8 +471,21 @@ export class WsbusClient extends EventTarget {
 
   send(to, text) {
     if (this.#state !== "open") throw new Error(`wsbus: not connected (${this.#state})`);
-    const frame = { action: "message", data: { to: String(to), text: String(text) } };
-    this.#ws.send(JSON.stringify(frame));
+    return this.#sendWithId("message", { to: String(to), text: String(text) });
+  }
+
+  sendAction(action, data = {}) {
+    if (this.#state !== "open") throw new Error(`wsbus: not connected (${this.#state})`);
+    return this.#sendWithId(String(action), data);
+  }
+
+  /** Sends `{id, action, data}`; a promise settled by its ack or error (see the header). */
+  #sendWithId(action, data) {
+    const id = `c${++this.#lastId}`;
+    const acked = new Promise((resolve, reject) => this.#acks.set(id, { resolve, reject }));
+    acked.catch(() => {}); // a caller that ignores it gets no unhandled rejection
+    this.#ws.send(JSON.stringify({ id, action, data }));
+    return acked;
   }
 
   join(room) {
@@ -471,7 +504,7 @@ export class WsbusClient extends EventTarget {
     if (this.#state !== "open") throw new Error(`wsbus: not connected (${this.#state})`);
     room = String(room);
     if (!this.#rooms.has(room)) throw new Error(`wsbus: not in room '${room}' (join it first)`);
-    this.#ws.send(JSON.stringify({ action: "room_message", data: { room, text: String(text) } }));
+    return this.#sendWithId("room_message", { room, text: String(text) });
   }
 
   close(code = CloseCode.NORMAL, reason = "") {
@@ -627,16 +660,31 @@ export class WsbusClient extends EventTarget {
         }
         break;
       }
-      case "refreshed":
-        this.#scheduleRefresh(d.exp);
-        this.#emit("refreshed", { exp: d.exp });
-        break;
       case "welcome":
         if (typeof d.resume === "string") this.#resume = d.resume;
         this.#emit("welcome", { session: d.session ?? null });
         break;
+      case "refreshed":
+        this.#scheduleRefresh(d.exp);
+        this.#emit("refreshed", { exp: d.exp });
+        break;
+      case "ack": {
+        const waiting = this.#acks.get(d.id);
+        this.#acks.delete(d.id);
+        waiting?.resolve({ id: d.id });
+        this.#emit("ack", { id: d.id ?? null });
+        break;
+      }
       case "error":
-        this.#error(String(d.error));
+        if (d.id !== undefined) {
+          // The answer to one frame sent with an id, and to nothing else.
+          const waiting = this.#acks.get(d.id);
+          this.#acks.delete(d.id);
+          waiting?.reject(new Error(String(d.error)));
+          this.#emit("error", { error: String(d.error), request: null, id: d.id });
+        } else {
+          this.#error(String(d.error));
+        }
         break;
     }
   }
@@ -710,7 +758,7 @@ export class WsbusClient extends EventTarget {
     }
     // Most likely this user's previous session, held for a node that has died (see #closed).
     if (error === "not unique session" && Date.now() < this.#staleUntil) return;
-    this.#emit("error", { error, request });
+    this.#emit("error", { error, request, id: null });
   }
 
   /** Asks for the user stream's position (`history` with `limit` 0); see `#frame`. */
@@ -769,6 +817,9 @@ export class WsbusClient extends EventTarget {
     const pending = this.#pending;
     this.#pending = [];
     for (const req of pending) req.reject(new Error("wsbus: connection closed"));
+    const acks = [...this.#acks.values()];
+    this.#acks.clear();
+    for (const waiting of acks) waiting.reject(new Error("wsbus: connection closed"));
   }
 
   /** The connection closed; `opened`: it had opened (the node accepted it, or refused it late). */

@@ -371,6 +371,11 @@ async fn two_users_chat_across_nodes_in_the_browser() {
         assert_eq!(got, "hello from a <b>not bold</b>");
         let sent = alice.text(r#"#log li.out[data-to="bob"] .body"#).await;
         assert_eq!(sent, "hello from a <b>not bold</b>");
+        // The node accepted it: a tick (send() resolved on the ack).
+        let tick = alice
+            .text(r#"#log li.out[data-to="bob"][data-acked="yes"] .tick"#)
+            .await;
+        assert_eq!(tick, "✓");
 
         // bob (node b) → alice (node a).
         bob.send("alice", "hi alice, from b").await;
@@ -381,6 +386,11 @@ async fn two_users_chat_across_nodes_in_the_browser() {
         alice.send("nobody", "anyone there?").await;
         let error = alice.text("#log li.err .body").await;
         assert_eq!(error, "User 'nobody' not found");
+        // Its promise rejected with the error that carried its id: no tick, a cross.
+        let cross = alice
+            .text(r#"#log li.out[data-to="nobody"][data-acked="no"] .tick"#)
+            .await;
+        assert_eq!(cross, "✗");
         alice.screenshot("chat").await;
         bob.screenshot("chat").await;
 

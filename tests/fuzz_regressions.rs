@@ -66,6 +66,7 @@ fn check_frame(frame: &str) -> Result<Command<'_>, ClientError> {
                     return parsed;
                 }
                 Command::Recover(_) | Command::Refresh { .. } => return parsed,
+                Command::Backend { .. } => unreachable!("no backend action is listed"),
             };
             let v: Value = serde_json::from_str(&out).expect("the encoder yields JSON");
             assert_eq!(v, expected);
@@ -287,9 +288,15 @@ fn wrong_types_and_extra_fields() {
     // Extra fields anywhere are ignored.
     assert_eq!(
         message(
-            r#" {"id":[1,{"a":null}],"action":"message","data":{"x":{},"to":"b.c-d_9","text":"y","z":1}} "#
+            r#" {"extra":[1,{"a":null}],"action":"message","data":{"x":{},"to":"b.c-d_9","text":"y","z":1}} "#
         ),
         ("b.c-d_9".into(), "y".into())
+    );
+    // Except `id`, which has a meaning (issue 22): a string of at most 64 characters or an
+    // integer.
+    assert_eq!(
+        check_frame(r#"{"id":[1,{"a":null}],"action":"message","data":{"to":"b","text":"y"}}"#),
+        Err(InvalidId)
     );
 }
 

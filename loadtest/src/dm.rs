@@ -312,6 +312,15 @@ pub(crate) async fn run(
         ..Report::default()
     };
 
+    // --events-check: a consumer of the events stream, from before the first send.
+    let checker = match (cfg.events_check, cfg.redis.first()) {
+        (false, _) => None,
+        (true, None) => bail!("--events-check needs --redis <host:port>"),
+        (true, Some(addr)) => {
+            Some(crate::events_check::Checker::start(addr, cfg.events_shards, &prefix).await?)
+        }
+    };
+
     // Measuring phase.
     probe.sending();
     let send_start = Instant::now();
@@ -347,6 +356,14 @@ pub(crate) async fn run(
     report.servers = probe.finish(sh.delivered.load(Relaxed));
     let _ = phase_tx.send(Phase::Stop);
     crate::join_all(&mut tasks, Duration::from_secs(3)).await;
+    if let Some(checker) = checker {
+        let written = sh.sent.load(Relaxed);
+        report.events_check = Some(
+            checker
+                .finish(written, cfg.grace.max(Duration::from_secs(10)))
+                .await?,
+        );
+    }
 
     // dm-multi counts deliveries: each message written is expected `per` times.
     let written = sh.sent.load(Relaxed);

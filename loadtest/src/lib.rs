@@ -10,6 +10,7 @@ mod cmdstats;
 mod conn;
 mod dm;
 mod drops;
+mod events_check;
 mod html;
 mod idle;
 mod noise;
@@ -33,6 +34,7 @@ use tokio::time::Instant;
 
 pub use api_publish::Via;
 pub use drops::{Drops, DropsStats, KillStats, LostDelivery};
+pub use events_check::EventsCheck;
 pub use html::render as render_html;
 pub use noise::NoiseStats;
 pub use report::{
@@ -158,6 +160,11 @@ pub struct Config {
     pub connections: usize,
     /// drops: the cuts and the node kill.
     pub drops: Drops,
+    /// dm-*: consume the events stream (nodes with `--events`) on the first `--redis` while
+    /// messages flow, and check every message sent is in it exactly once.
+    pub events_check: bool,
+    /// `--events-check`: the nodes' `--events-shards`.
+    pub events_shards: u32,
     /// HS256 secret of the nodes: every connection carries a token minted with it
     /// (`?token=`); `None` for nodes started with `--insecure`.
     pub jwt_secret: Option<String>,
@@ -189,6 +196,8 @@ impl Default for Config {
             via: Via::Http,
             connections: 4,
             drops: Drops::default(),
+            events_check: false,
+            events_shards: 1,
             jwt_secret: None,
         }
     }

@@ -107,6 +107,14 @@ struct Cli {
     /// drops: seconds the killed node stays down.
     #[arg(long, default_value_t = 3.0)]
     down_for: f64,
+    /// dm-*: consume the nodes' events stream (`--events` on) on the first --redis with a
+    /// consumer group while messages flow; check every message sent is in it exactly once,
+    /// and report the consumer's lag.
+    #[arg(long)]
+    events_check: bool,
+    /// --events-check: the nodes' `--events-shards`.
+    #[arg(long, default_value_t = 1)]
+    events_shards: u32,
     /// HS256 secret of the nodes (their --jwt-secret, at least 32 bytes): each simulated user
     /// connects with `?token=<JWT>` minted with it (`sub` = user id, `exp` in 1 h, `rooms` =
     /// the room ids its scenario joins, as a `<run prefix>-r*` pattern).
@@ -162,6 +170,8 @@ async fn main() -> ExitCode {
             kill_at: cli.kill_at.map(|s| Duration::from_secs_f64(s.max(0.0))),
             down_for: Duration::from_secs_f64(cli.down_for.max(0.0)),
         },
+        events_check: cli.events_check,
+        events_shards: cli.events_shards,
         jwt_secret: cli.jwt_secret,
     };
     match wsbus_loadtest::run(cli.scenario, &cfg).await {

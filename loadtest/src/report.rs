@@ -377,6 +377,9 @@ pub struct Report {
     /// dm-* with `--slow-us`: the slowest-path messages, in arrival order (at most 1,000).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub slow: Vec<SlowMessage>,
+    /// dm-* with `--events-check`: what a consumer of the events stream found.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub events_check: Option<crate::events_check::EventsCheck>,
     /// Notes (e.g. file-descriptor limits).
     pub notes: Vec<String>,
     /// Problems that make the run fail (non-zero exit).
@@ -425,6 +428,18 @@ impl Report {
         }
         if let Some(d) = &self.drops {
             d.problems(&mut self.problems);
+        }
+        if let Some(e) = &self.events_check {
+            for (n, what) in [
+                (e.missing, "missing from"),
+                (e.duplicated, "more than once in"),
+                (e.unreadable, "unreadable in"),
+            ] {
+                if n > 0 {
+                    self.problems
+                        .push(format!("{n} messages {what} the events stream"));
+                }
+            }
         }
         let dropped: u64 = self.disconnects.values().sum();
         if dropped > 0 {
@@ -477,6 +492,19 @@ impl Report {
             for (k, v) in &c.failures {
                 let _ = writeln!(w, "  failure {k:<40} {v:>10}");
             }
+        }
+        if let Some(e) = &self.events_check {
+            let _ = writeln!(w, "\n-- events stream ({})", e.streams.join(" "));
+            let _ = writeln!(
+                w,
+                "  sent {:>12}   found {:>12}   missing {:>8}   duplicated {:>6}   unreadable {:>6}   events read {}",
+                e.sent, e.found, e.missing, e.duplicated, e.unreadable, e.events_read
+            );
+            let _ = writeln!(
+                w,
+                "  consumer lag: mean {:.1} ms, max {} ms; {} unread when sending stopped, read {:.2}s later",
+                e.lag_ms_mean, e.lag_ms_max, e.behind_at_send_end, e.catch_up_secs
+            );
         }
         if let Some(m) = &self.messages {
             let _ = writeln!(w, "\n-- messages");

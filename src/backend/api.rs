@@ -467,7 +467,8 @@ async fn publish(
 }
 
 /// Runs `work` once per `Idempotency-Key` (when the request has one): a repeat with the same
-/// body gets the first reply; a failure releases the key, so a retry runs again.
+/// body gets the first reply, one with another body 422; a failure releases the key, so a
+/// retry runs again.
 async fn once(
     node: &Node,
     headers: &HeaderMap,
@@ -475,9 +476,10 @@ async fn once(
     work: impl Future<Output = Result<String, ApiError>>,
 ) -> Result<String, ApiError> {
     let idempotency = idempotency_key(node, headers)?;
-    let body_hash = idempotency.as_ref().map(|_| body_digest(body));
-    if let (Some(key), Some(hash)) = (&idempotency, &body_hash)
-        && let Some(first) = claim_idempotency(node, key, hash).await?
+    // The key remembers which body it was used with: another body under it is refused.
+    let hash = body_digest(body);
+    if let Some(key) = &idempotency
+        && let Some(first) = claim_idempotency(node, key, &hash).await?
     {
         metrics::counter!("wsbus_api_requests_total", "status" => "repeat").increment(1);
         return Ok(first);
@@ -491,18 +493,10 @@ async fn once(
             return Err(e);
         }
     };
-    if let (Some(key), Some(hash)) = (&idempotency, &body_hash) {
+    if let Some(key) = &idempotency {
         remember_reply(node, key, &format!("{hash}\n{reply}")).await;
     }
     Ok(reply)
-}
-
-fn json_response(body: String) -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        Body::from(body),
-    )
-        .into_response()
 }
 
 /// One validated `POST /api/join` or `/api/leave` item.
@@ -640,6 +634,14 @@ pub async fn apply_membership(
             error: refused.to_string(),
         }),
     }
+}
+
+fn json_response(body: String) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from(body),
+    )
+        .into_response()
 }
 
 /// Sends validated publishes: one lookup pipeline for every user and room of the request,

@@ -14,6 +14,7 @@
 //! change instead, as `POST /api/join|leave` ([`Node::change_membership`]); one the room's
 //! limits refuse is logged and acknowledged.
 
+use crate::wire::event::{Event, EventKind};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -231,6 +232,12 @@ impl IngressReader {
                         tracing::warn!(entry = %id, reason = %reason, more_since_last_line = more,
                             "dropping an ingress entry that does not parse");
                     }
+                    if self.node.wants(EventKind::IngressInvalid) {
+                        let event = Event::new(EventKind::IngressInvalid, "", 0)
+                            .field("entry", id.to_string())
+                            .field("reason", reason);
+                        self.node.report_event(event).await;
+                    }
                     garbage.push(id.to_string());
                 }
             }
@@ -426,21 +433,24 @@ mod tests {
 
     #[test]
     fn reads_membership_changes() {
-        let fields = entry(&[("op", "join"), ("user", "alice"), ("room", "team")]);
-        let op = parse_op(&fields, 1 << 20).unwrap();
+        let op = parse_op(
+            &entry(&[("op", "join"), ("user", "alice"), ("room", "team")]),
+            1024,
+        )
+        .unwrap();
         let Op::Member(item, true) = op else {
             panic!("{op:?}")
         };
         assert_eq!((item.user.as_str(), item.room.as_str()), ("alice", "team"));
         let op = parse_op(
             &entry(&[("op", "leave"), ("user", "a"), ("room", "r")]),
-            1 << 20,
+            1024,
         )
         .unwrap();
         assert!(matches!(op, Op::Member(_, false)));
         let op = parse_op(
             &entry(&[("op", "publish"), ("to", "a"), ("action", "n")]),
-            1 << 20,
+            1024,
         )
         .unwrap();
         assert!(matches!(op, Op::Publish(_)));
@@ -458,7 +468,7 @@ mod tests {
             (vec![("op", "kick"), ("user", "a")], "`op`"),
             (vec![("to", "a"), ("action", "n"), ("user", "b")], "`user`"),
         ] {
-            let err = parse_op(&entry(&pairs), 1 << 20).unwrap_err();
+            let err = parse_op(&entry(&pairs), 1024).unwrap_err();
             assert!(err.contains(why), "{pairs:?}: {err}");
         }
     }

@@ -607,7 +607,7 @@ impl Writer {
     fn deliver_room_here(&self, msg: &Dispatch, room: &str, frame: &Utf8Bytes, seq: &Arc<Seq>) {
         let node = &self.node;
         let sender = match &msg.origin {
-            Origin::Session { user, sid } => Some((user, *sid)),
+            Origin::Session { user, sid, .. } => Some((user, *sid)),
             _ => None,
         };
         let queued = node
@@ -650,7 +650,9 @@ impl Writer {
         let node = Arc::clone(&self.node);
         let mut errors = Vec::new();
         for (msg, outcome) in batch.iter().zip(outcomes) {
-            if !outcome.reached {
+            if outcome.reached {
+                node.answer_ack(&msg.origin);
+            } else {
                 let to = match &msg.target {
                     Target::User(to) | Target::Room(to) => to,
                 };

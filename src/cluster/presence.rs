@@ -220,6 +220,15 @@ impl Presence {
             .arg(dead);
     }
 
+    /// How many sessions `user` has registered (on any node).
+    pub async fn session_count(&self, user: &UserId) -> Result<u64, RedisError> {
+        let mut conn = self.redis.conn().await?;
+        Ok(redis::cmd("HLEN")
+            .arg(self.keys.user_sessions(user.as_str()))
+            .query_async(&mut conn)
+            .await?)
+    }
+
     /// Releases session `sid` of `user`. `last_here` says the user has no other session on
     /// this node, so it leaves this node's user set too.
     pub async fn release(

@@ -138,12 +138,14 @@ impl Registry {
 
     /// Reaps dead node `dead` unless another survivor is already at it: removes its
     /// sessions, its room memberships, its user and room sets, inbox, hash and registry entry.
-    /// Returns what its rooms lost (`None` when another survivor reaps it).
+    /// Returns what its rooms lost (`None` when another survivor reaps it); with `released`,
+    /// the sessions it had are added there as (user, session id).
     pub async fn reap(
         &self,
         redis: &Redis,
         conn: &mut impl redis::aio::ConnectionLike,
         dead: &str,
+        released: Option<&mut Vec<(String, u64)>>,
     ) -> Result<Option<Vec<RoomDrop>>, RedisError> {
         let locked: Option<String> = redis::cmd("SET")
             .arg(self.keys.reap_lock(dead))
@@ -156,7 +158,7 @@ impl Registry {
         if locked.is_none() {
             return Ok(None);
         }
-        release_all_users(&self.keys, redis, conn, dead).await?;
+        release_all_users(&self.keys, redis, conn, dead, released).await?;
         let drops = drop_node_from_rooms(&self.keys, redis, conn, dead).await?;
         remove_node_keys(&self.keys, conn, dead).await?;
         // The node is out of `P:nodes` now, so nobody will try again; the lock can go.
@@ -175,19 +177,21 @@ impl Registry {
         redis: &Redis,
         conn: &mut impl redis::aio::ConnectionLike,
     ) -> Result<(), RedisError> {
-        release_all_users(&self.keys, redis, conn, &self.node_id).await
+        release_all_users(&self.keys, redis, conn, &self.node_id, None).await
     }
 
     /// Clears what an earlier run of this node id left in Redis: a node killed and restarted
     /// under its id within the node TTL is never reaped, and its sessions would hold their
     /// users (`not unique session`) for as long as the id heartbeats again. Run before the
-    /// node serves anyone; returns what its rooms lost, for presence `leave` events.
+    /// node serves anyone; returns what its rooms lost, for presence `leave` events (and,
+    /// with `released`, adds the sessions it had there).
     pub async fn clear_earlier_run(
         &self,
         redis: &Redis,
         conn: &mut impl redis::aio::ConnectionLike,
+        released: Option<&mut Vec<(String, u64)>>,
     ) -> Result<Vec<RoomDrop>, RedisError> {
-        release_all_users(&self.keys, redis, conn, &self.node_id).await?;
+        release_all_users(&self.keys, redis, conn, &self.node_id, released).await?;
         redis::cmd("DEL")
             .arg(self.keys.node_users(&self.node_id))
             .query_async::<()>(conn)
@@ -202,19 +206,22 @@ impl Registry {
         redis: &Redis,
         conn: &mut impl redis::aio::ConnectionLike,
     ) -> Result<(), RedisError> {
-        release_all_users(&self.keys, redis, conn, &self.node_id).await?;
+        release_all_users(&self.keys, redis, conn, &self.node_id, None).await?;
         // Sessions leave their rooms as they close; this catches what they could not.
         drop_node_from_rooms(&self.keys, redis, conn, &self.node_id).await?;
         remove_node_keys(&self.keys, conn, &self.node_id).await
     }
 }
 
-/// Removes every session of `node` from the users in its user set.
+/// Removes every session of `node` from the users in its user set; with `released`, adds
+/// them there as (user, session id), read just before each user's release (the node is
+/// gone, so none is added in between).
 async fn release_all_users(
     keys: &Keys,
     redis: &Redis,
     conn: &mut impl redis::aio::ConnectionLike,
     node: &str,
+    mut released: Option<&mut Vec<(String, u64)>>,
 ) -> Result<(), RedisError> {
     let set = keys.node_users(node);
     let mut cursor: u64 = 0;
@@ -226,6 +233,24 @@ async fn release_all_users(
             .arg(1000)
             .query_async(conn)
             .await?;
+        if let Some(released) = released.as_deref_mut()
+            && !users.is_empty()
+        {
+            let mut pipe = redis::pipe();
+            for user in &users {
+                pipe.cmd("HKEYS").arg(keys.user_sessions(user));
+            }
+            let fields: Vec<Vec<String>> = pipe.query_async(conn).await?;
+            for (user, fields) in users.iter().zip(fields) {
+                released.extend(
+                    fields
+                        .iter()
+                        .filter_map(|f| crate::cluster::presence::SessionRef::parse(f))
+                        .filter(|s| s.node == node)
+                        .map(|s| (user.clone(), s.sid)),
+                );
+            }
+        }
         if !users.is_empty() {
             let mut pipe = redis::pipe();
             for user in &users {

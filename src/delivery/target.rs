@@ -44,6 +44,9 @@ pub enum Origin {
         user: UserId,
         /// The sending session.
         sid: u64,
+        /// The `id` of the client's frame (JSON), acknowledged once the message is
+        /// accepted and echoed in an error it causes.
+        ack: Option<crate::wire::client::FrameId>,
     },
     /// This node on its own account (events about users of a node that died), for a user.
     Node {

@@ -140,7 +140,7 @@ fn check_origin(node: &Node, user: &UserId, headers: &HeaderMap) -> Result<(), R
 }
 
 /// Refuses a connect without a valid token for `user` (unless the node runs `--insecure`);
-/// what the token grants the session (`--insecure`: nothing to read).
+/// what the token grants the session.
 fn authenticate(
     node: &Node,
     user: &UserId,

@@ -134,10 +134,8 @@ impl Node {
             // The frame's place comes from its target's stream: the bus writer appends it
             // there first and then delivers it, here and elsewhere. Only the sender's copies
             // (no frame of its own streams) go out at once.
-            if echo && let Some(sid) = sending_session {
-                self.hub.deliver_user(origin.user(), Some(sid), || {
-                    frame(&origin, &target, &payload)
-                });
+            if echo {
+                self.echo_here(&origin, || frame(&origin, &target, &payload));
             }
             return self
                 .to_bus(Dispatch {
@@ -157,10 +155,8 @@ impl Node {
                 let here = self
                     .hub
                     .deliver_user(to, None, || frame(&origin, &target, &payload));
-                if echo && let Some(sid) = sending_session {
-                    self.hub.deliver_user(origin.user(), Some(sid), || {
-                        frame(&origin, &target, &payload)
-                    });
+                if echo {
+                    self.echo_here(&origin, || frame(&origin, &target, &payload));
                 }
                 self.metrics
                     .delivered_local
@@ -170,6 +166,7 @@ impl Node {
                     if here.queued == 0 && sending_session.is_some() {
                         return Err(ClientError::RecipientTooSlow(to.to_string()));
                     }
+                    self.answer_ack(&origin);
                     return Ok(());
                 }
                 here.found()
@@ -196,6 +193,13 @@ impl Node {
             transient,
         })
         .await
+    }
+
+    /// Copies a session's message to its user's other sessions here.
+    fn echo_here(&self, origin: &Origin, frame: impl FnOnce() -> SocketFrame) {
+        if let Origin::Session { sid, .. } = origin {
+            self.hub.deliver_user(origin.user(), Some(*sid), frame);
+        }
     }
 
     /// Tells the other members of `room` that `user` entered or left it (on every node).
@@ -243,8 +247,9 @@ impl Node {
                 tracing::debug!(user = %user, error = %text, "a node's own message failed");
                 None
             }
-            Origin::Session { user, sid } => {
-                let frame = crate::wire::client::encode_error(user.as_str(), &text);
+            Origin::Session { user, sid, ack } => {
+                let frame =
+                    crate::wire::client::encode_error_for(user.as_str(), &text, ack.as_deref());
                 self.hub
                     .deliver_session(user.as_str(), *sid, SocketFrame::unmeasured(frame));
                 None
@@ -281,6 +286,21 @@ impl Node {
                 }
                 Some(env)
             }
+        }
+    }
+
+    /// Acknowledges a client's frame (with an `id`) to its session: the message it carried
+    /// was accepted (handed to Redis or to the sockets here).
+    pub fn answer_ack(&self, origin: &Origin) {
+        if let Origin::Session {
+            user,
+            sid,
+            ack: Some(id),
+        } = origin
+        {
+            let frame = crate::wire::client::encode_ack(user.as_str(), id);
+            self.hub
+                .deliver_session(user.as_str(), *sid, SocketFrame::unmeasured(frame));
         }
     }
 

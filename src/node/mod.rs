@@ -20,11 +20,25 @@ use crate::delivery::target::Dispatch;
 use crate::redis::keys::Keys;
 use crate::redis::{Redis, RedisError};
 use crate::wire::clock::now_ms;
+use crate::wire::event::{Event, EventKinds};
 use crate::wire::ids::{is_valid_id, random_node_id};
 
 pub mod dispatch;
+pub mod events;
 pub mod membership;
 pub mod rooms;
+
+/// An event on its way to the events stream, and who waits for its append (`true`: it is
+/// in Redis).
+pub type EventRequest = (Event, Option<tokio::sync::oneshot::Sender<bool>>);
+
+/// The receiving ends of a node's queues, for the tasks that serve them.
+pub struct Queues {
+    /// The bus writer's.
+    pub bus_writer: mpsc::Receiver<Dispatch>,
+    /// The events appender's (`--events`), `None` when events are off.
+    pub events: Option<mpsc::Receiver<EventRequest>>,
+}
 
 /// Why a node could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +144,10 @@ pub struct Node {
     /// Server-side membership changes waiting for another node's answer, by request id.
     pub member_replies:
         dashmap::DashMap<u64, tokio::sync::oneshot::Sender<membership::MemberOutcome>>,
+    /// Queue of the events appender (`--events`); `None` when off.
+    pub events: Option<mpsc::Sender<EventRequest>>,
+    /// The event types appended (`--events`, and `action` with `--backend-actions`).
+    pub event_kinds: EventKinds,
     next_sid: AtomicU64,
     next_message_id: AtomicU64,
     /// Random id of this process, stamped on every envelope (see [`crate::wire::envelope::Envelope::boot`]).
@@ -150,11 +168,8 @@ impl Node {
 
 impl Node {
     /// Checks `config` and builds the state of a node serving clients on `addr` (not yet
-    /// registered, no task started). Returns the receiving end of the bus writer's queue too.
-    pub fn build(
-        config: NodeConfig,
-        addr: SocketAddr,
-    ) -> Result<(Arc<Node>, mpsc::Receiver<Dispatch>), NodeError> {
+    /// registered, no task started). Returns the receiving ends of its queues too.
+    pub fn build(config: NodeConfig, addr: SocketAddr) -> Result<(Arc<Node>, Queues), NodeError> {
         let id = config.node_id.clone().unwrap_or_else(random_node_id);
         check_config(&id, &config)?;
         let auth =
@@ -174,8 +189,11 @@ impl Node {
         let stop = CancellationToken::new();
         let boot = fastrand::u64(1..);
         let history = crate::history::History::new(&config, &keys, redis.clone(), boot);
+        let (event_kinds, events, events_rx) = events_queue(&config);
         let node = Arc::new(Node {
             history,
+            events,
+            event_kinds,
             presence: Presence::new(
                 redis.clone(),
                 keys.clone(),
@@ -217,12 +235,37 @@ impl Node {
             boot,
             config,
         });
-        Ok((node, bus_writer_rx))
+        let queues = Queues {
+            bus_writer: bus_writer_rx,
+            events: events_rx,
+        };
+        Ok((node, queues))
     }
 }
 
+/// The event types a node appends (`--events`, and `action` with `--backend-actions`) and,
+/// if any, the events appender's queue.
+fn events_queue(
+    config: &NodeConfig,
+) -> (
+    EventKinds,
+    Option<mpsc::Sender<EventRequest>>,
+    Option<mpsc::Receiver<EventRequest>>,
+) {
+    let mut kinds = config.events;
+    if !config.backend_actions.is_empty() {
+        kinds = kinds.with(crate::wire::event::EventKind::Action);
+    }
+    if !kinds.any() {
+        return (kinds, None, None);
+    }
+    let (tx, rx) = mpsc::channel(config.bus_queue.max(1));
+    (kinds, Some(tx), Some(rx))
+}
+
 /// Refuses a config a node cannot run with: ids outside the alphabet, built-in relay
-/// actions, stored relay actions that are not relayed.
+/// actions, stored relay actions that are not relayed, backend actions that are no id, a
+/// built-in action or also a relay action: a client's frame must mean one thing.
 fn check_config(id: &str, config: &NodeConfig) -> Result<(), NodeError> {
     if !is_valid_id(id) {
         return Err(NodeError::Config(format!(
@@ -249,6 +292,18 @@ fn check_config(id: &str, config: &NodeConfig) -> Result<(), NodeError> {
         return Err(NodeError::Config(format!(
             "stored relay action {bad:?}: not one of --relay-actions"
         )));
+    }
+    for name in &config.backend_actions {
+        let why = if !is_valid_id(name) {
+            "use 1-64 of [A-Za-z0-9_.-]"
+        } else if crate::wire::client::RESERVED_ACTIONS.contains(&name.as_str()) {
+            "it is a built-in action"
+        } else if config.relay_actions.contains(name) {
+            "it is also a relay action (--relay-actions)"
+        } else {
+            continue;
+        };
+        return Err(NodeError::Config(format!("backend action {name:?}: {why}")));
     }
     Ok(())
 }

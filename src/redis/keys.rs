@@ -15,6 +15,7 @@
 //! | `P:ingress` | stream | publishes from backends (`to`/`room`, `action`, `data`, `from`), read by the nodes' consumer group `wsbus` | created by the first `XADD`; `MAXLEN ~` cap per claim interval |
 //! | `P:idem:<key>` | string | the first reply to an API publish with that `Idempotency-Key` (empty while it runs) | 5 min TTL |
 //! | `P:reap:<id>` | string | which node is reaping dead node `<id>` | short TTL |
+//! | `P:events` (or `P:events:<k>`, `k = crc32(user) mod --events-shards`) | stream | what users did (`--events`): `type`, `user`, `node`, `session`, `ts` and per type fields, read by backends with consumer groups | created by the first `XADD`; `MAXLEN ~ --events-maxlen` on every append |
 
 /// Builds key names under a prefix.
 #[derive(Debug, Clone)]
@@ -149,6 +150,32 @@ impl Keys {
         format!("{}:idem:{key}", self.prefix)
     }
 
+    /// The events stream of `user`'s events: `P:events` with one shard, else
+    /// `P:events:<k>` with `k = crc32(user) mod shards`, so one user's events stay in order
+    /// in one stream. Events about no user (`ingress_invalid`) go to shard `crc32("") = 0`.
+    pub fn events_for(&self, user: &str, shards: u32) -> String {
+        if shards <= 1 {
+            return self.events(None);
+        }
+        self.events(Some(crc32fast::hash(user.as_bytes()) % shards))
+    }
+
+    /// `P:events` (`None`) or shard `P:events:<k>`.
+    pub fn events(&self, shard: Option<u32>) -> String {
+        match shard {
+            None => format!("{}:events", self.prefix),
+            Some(k) => format!("{}:events:{k}", self.prefix),
+        }
+    }
+
+    /// Every events stream: `P:events`, or `P:events:0` .. `P:events:<shards-1>`.
+    pub fn all_events(&self, shards: u32) -> Vec<String> {
+        match shards {
+            0 | 1 => vec![self.events(None)],
+            n => (0..n).map(|k| self.events(Some(k))).collect(),
+        }
+    }
+
     /// `P:reap:<id>`: the lock that makes one survivor reap a dead node.
     pub fn reap_lock(&self, node: &str) -> String {
         format!("{}:reap:{node}", self.prefix)
@@ -175,5 +202,10 @@ mod tests {
         assert_eq!(k.rooms(), "wsbus:rooms");
         assert_eq!(k.idempotency("k1"), "wsbus:idem:k1");
         assert_eq!(k.ingress(), "wsbus:ingress");
+        assert_eq!(k.events_for("bob", 1), "wsbus:events");
+        // crc32("alice") = 0x278ebc47 (Python: zlib.crc32(b"alice")); mod 4 = 3.
+        assert_eq!(k.events_for("alice", 4), "wsbus:events:3");
+        assert_eq!(k.events_for("", 4), "wsbus:events:0");
+        assert_eq!(k.all_events(2), ["wsbus:events:0", "wsbus:events:1"]);
     }
 }

@@ -10,6 +10,7 @@ use crate::node::Node;
 use crate::redis::RedisError;
 use crate::wire::client::PresenceEvent;
 use crate::wire::client::close;
+use crate::wire::event::{Event, EventKind};
 use crate::wire::ids::{RoomId, UserId};
 
 /// Beats until the node shuts down (the first beat is [`beat`], run before serving).
@@ -73,11 +74,18 @@ pub async fn beat(node: &Node) {
             node.presence.rejoin_rooms(&node.rooms.snapshot()).await?;
         }
         for dead in &beat.dead {
-            match node.registry.reap(&node.redis, &mut conn, dead).await {
+            let mut released = Vec::new();
+            let wanted = node.wants(EventKind::Disconnect).then_some(&mut released);
+            match node
+                .registry
+                .reap(&node.redis, &mut conn, dead, wanted)
+                .await
+            {
                 Ok(Some(drops)) => announce_departures(node, drops).await,
                 Ok(None) => {}
                 Err(e) => tracing::warn!(node = %dead, error = %e, "reaping failed"),
             }
+            report_dead_sessions(node, dead, released).await;
         }
         Ok::<(), RedisError>(())
     }
@@ -86,6 +94,20 @@ pub async fn beat(node: &Node) {
         tracing::warn!(error = %e, "heartbeat failed");
     }
     node.health.set_redis_ok(result.is_ok());
+}
+
+/// `disconnect` events for the sessions of dead node `dead` (this node found them, so it
+/// tells the backend: no session stays a ghost): `node` is the dead node, code 1006, reason
+/// `node died`, and `reaped_by` this node.
+pub async fn report_dead_sessions(node: &Node, dead: &str, sessions: Vec<(String, u64)>) {
+    for (user, sid) in sessions {
+        let mut event = Event::new(EventKind::Disconnect, &user, sid)
+            .field("code", "1006")
+            .field("reason", "node died")
+            .field("reaped_by", &*node.id);
+        event.node = Some(dead.into());
+        node.report_event(event).await;
+    }
 }
 
 /// Presence `leave` events for the users a dead node took out of its rooms.

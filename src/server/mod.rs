@@ -10,15 +10,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::NodeConfig;
-use crate::delivery::target::Dispatch;
 use crate::edge::listener::HttpLimits;
-use crate::node::{Node, NodeError};
+use crate::node::{Node, NodeError, Queues};
 
 pub mod heartbeat;
 
@@ -32,13 +30,20 @@ pub async fn run(
         Some(admin_addr) => Some(TcpListener::bind(admin_addr).await?),
         None => None,
     };
-    let (node, bus_writer_rx) = Node::build(config, listener.local_addr()?)?;
-    tracing::info!(node = %node.id, addr = %listener.local_addr()?, "node starting");
-    let left_behind = register(&node).await;
-    let running = start_tasks(&node, bus_writer_rx);
-    if !left_behind.is_empty() {
+    let (node, queues) = Node::build(config, listener.local_addr()?)?;
+    tracing::info!(
+        node = %node.id,
+        addr = %listener.local_addr()?,
+        features = %features(&node),
+        "node starting"
+    );
+    let (left_behind, earlier_sessions) = register(&node).await;
+    let running = start_tasks(&node, queues);
+    if !left_behind.is_empty() || !earlier_sessions.is_empty() {
         let node = node.clone();
         running.tasks.spawn(async move {
+            let id = node.id.clone();
+            crate::server::heartbeat::report_dead_sessions(&node, &id, earlier_sessions).await;
             crate::server::heartbeat::announce_departures(&node, left_behind).await;
         });
     }
@@ -55,16 +60,21 @@ pub async fn run(
 /// runs the first heartbeat, which registers the node. If Redis is down, the heartbeat keeps
 /// trying and the node serves same-node traffic meanwhile. Returns the room departures of
 /// the earlier run's users, to announce once the bus writer runs.
-async fn register(node: &Node) -> Vec<crate::cluster::presence::RoomDrop> {
+/// Returns the sessions the earlier run left (for `disconnect` events, when on) too.
+async fn register(node: &Node) -> (Vec<crate::cluster::presence::RoomDrop>, Vec<(String, u64)>) {
     let mut left_behind = Vec::new();
+    let mut sessions = Vec::new();
     match node.redis.conn().await {
         Ok(mut conn) => {
             if let Err(e) = node.redis.load_functions(&mut conn).await {
                 tracing::warn!(error = %e, "cannot load the Redis functions yet");
             }
+            let wanted = node
+                .wants(crate::wire::event::EventKind::Disconnect)
+                .then_some(&mut sessions);
             match node
                 .registry
-                .clear_earlier_run(&node.redis, &mut conn)
+                .clear_earlier_run(&node.redis, &mut conn, wanted)
                 .await
             {
                 Ok(drops) => left_behind = drops,
@@ -74,7 +84,7 @@ async fn register(node: &Node) -> Vec<crate::cluster::presence::RoomDrop> {
         Err(e) => tracing::warn!(error = %e, "Redis is not reachable yet"),
     }
     crate::server::heartbeat::beat(node).await;
-    left_behind
+    (left_behind, sessions)
 }
 
 /// The node's background tasks.
@@ -83,10 +93,13 @@ struct Running {
     tasks: TaskTracker,
     /// The bus writer, which stops only when `drain` is cancelled and its queue is empty.
     writer: JoinHandle<()>,
+    /// The events appender (`--events`), stopped like the bus writer (after the sessions,
+    /// so that their `disconnect` events are appended).
+    events: Option<JoinHandle<()>>,
     drain: CancellationToken,
 }
 
-fn start_tasks(node: &Arc<Node>, bus_writer_rx: mpsc::Receiver<Dispatch>) -> Running {
+fn start_tasks(node: &Arc<Node>, queues: Queues) -> Running {
     let tasks = TaskTracker::new();
     let drain = CancellationToken::new();
     tasks.spawn(crate::server::heartbeat::run(node.clone()));
@@ -100,12 +113,16 @@ fn start_tasks(node: &Arc<Node>, bus_writer_rx: mpsc::Receiver<Dispatch>) -> Run
     });
     let writer = tokio::spawn(crate::bus::writer::run(
         node.clone(),
-        bus_writer_rx,
+        queues.bus_writer,
         drain.clone(),
     ));
+    let events = queues
+        .events
+        .map(|rx| tokio::spawn(crate::backend::events::run(node.clone(), rx, drain.clone())));
     Running {
         tasks,
         writer,
+        events,
         drain,
     }
 }
@@ -175,6 +192,9 @@ async fn stop(node: &Node, running: Running, server: JoinHandle<()>) {
     }
     running.drain.cancel();
     let _ = tokio::time::timeout(remaining(budget, started), running.writer).await;
+    if let Some(events) = running.events {
+        let _ = tokio::time::timeout(remaining(budget, started), events).await;
+    }
     running.tasks.close();
     let _ = tokio::time::timeout(remaining(budget, started), running.tasks.wait()).await;
     let deregistered = async {
@@ -192,6 +212,38 @@ async fn stop(node: &Node, running: Running, server: JoinHandle<()>) {
         Err(_) => tracing::warn!("removing the node from Redis timed out"),
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
+}
+
+/// What a node runs with, for its first log line: auth, API, history, events, relay and
+/// backend actions.
+fn features(node: &Node) -> String {
+    let config = &node.config;
+    let list = |names: &[String]| match names.is_empty() {
+        true => "none".to_owned(),
+        false => names.join(","),
+    };
+    format!(
+        "auth={} api={} history={} events={}{} relay_actions={} backend_actions={}",
+        match (&node.auth, config.insecure) {
+            (Some(_), _) => "jwt",
+            (None, _) => "off (insecure)",
+        },
+        match !config.api_keys.is_empty() {
+            true => "on",
+            false => "off",
+        },
+        match config.history {
+            0 => "off".to_owned(),
+            n => n.to_string(),
+        },
+        node.event_kinds,
+        match (node.event_kinds.any(), config.events_shards) {
+            (true, n) if n > 1 => format!(" (shards={n})"),
+            _ => String::new(),
+        },
+        list(&config.relay_actions),
+        list(&config.backend_actions),
+    )
 }
 
 fn remaining(budget: Duration, since: Instant) -> Duration {

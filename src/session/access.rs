@@ -11,6 +11,7 @@ use super::{Direct, End, Link, Session};
 use crate::config::RoomAccess;
 use crate::delivery::hub::Order;
 use crate::wire::client::ClientError;
+use crate::wire::event::{Event, EventKind};
 
 impl Session {
     /// Whether the client may join `room` itself (`--room-access`).
@@ -117,6 +118,13 @@ impl Session {
     pub(super) async fn leave(&mut self, id: crate::wire::ids::RoomId) -> Result<(), ClientError> {
         self.seq.stop(id.as_str());
         Box::pin(self.node.leave_room(&id, &self.user, self.sid)).await?;
+        if self.node.wants(EventKind::Leave) {
+            let event = Event::new(EventKind::Leave, self.user.as_str(), self.sid)
+                .field("room", id.as_str());
+            if Box::pin(self.node.append_event(event)).await.is_err() {
+                tracing::warn!(user = %self.user, room = %id, "leave event not appended");
+            }
+        }
         self.reply("left", json!({"room": Cow::Borrowed(id.as_str())}))
     }
 }

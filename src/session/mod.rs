@@ -26,9 +26,10 @@ use tungstenite::Message;
 use crate::delivery::target::{Origin, Target};
 use crate::history::Sequencer;
 use crate::wire::client::{
-    ClientError, Command, Position, RelayTo, close, encode_error, encode_frame, encode_relay,
-    parse_command_relaying,
+    ClientError, Command, Frame, FrameId, Position, Refused, RelayTo, close, encode_ack,
+    encode_error_for, encode_frame, encode_relay, frame_id, parse_frame,
 };
+use crate::wire::event::{Event, EventKind};
 
 mod access;
 mod recovery;
@@ -123,9 +124,9 @@ impl Drop for SessionGuard {
 enum End {
     /// Close the socket with this code.
     Close(u16, Cow<'static, str>),
-    /// The client sent a Close; tungstenite queued the answer (the same code), still to be
-    /// flushed.
-    ClosedByClient,
+    /// The client sent a Close (its code and reason, if it gave them); tungstenite queued the
+    /// answer (the same code), still to be flushed.
+    ClosedByClient(Option<(u16, String)>),
     /// The connection is gone or broken; nothing more to write.
     Gone,
 }
@@ -182,12 +183,12 @@ pub struct Session {
     /// recover from in its connect URL, or the stream's top read before the session was
     /// registered.
     recover: Option<StartAt>,
-    /// What its token grants: until when, which rooms the client may join (`refresh`
-    /// replaces it).
-    grant: crate::auth::Grant,
     /// The `welcome` frame (a resume secret), written before anything else, if the client
     /// asked for one.
     welcome: Option<String>,
+    /// What its token grants: until when, which rooms the client may join (`refresh`
+    /// replaces it).
+    grant: crate::auth::Grant,
 }
 
 /// Frames to write to the socket at once, ahead of the queue (a replay and the reply that
@@ -274,8 +275,8 @@ impl Session {
             seq: Sequencer::default(),
             ready: Vec::new(),
             recover,
-            grant,
             welcome: None,
+            grant,
         }
     }
 
@@ -290,20 +291,17 @@ impl Session {
         self.node.metrics.connections_active.increment(1.0);
         let mut link = Link::new(socket, self.node.config.ping_interval);
         self.watch_expiry();
-        let welcome = Direct::from_iter(self.welcome.take());
-        let opened = match self.write_direct(&mut link, welcome).await {
-            // Boxed, as the other steps that wait on Redis (see `handle`).
-            Ok(()) => Box::pin(self.open_user_stream(&mut link)).await,
-            Err(end) => Err(end),
-        };
-        // The token's `join` claim, before the client's first frame is read.
-        let opened = match opened {
-            Ok(()) => Box::pin(self.join_claimed(&mut link)).await,
-            Err(end) => Err(end),
-        };
-        let end = match opened {
-            Ok(()) => self.serve(&mut link).await,
-            Err(end) => end,
+        // Boxed, as the other steps that wait on Redis (see `run_command`).
+        let announced = Box::pin(self.connect_event()).await;
+        let end = match &announced {
+            Err(error) => match self.write_error(&mut link, error).await {
+                Ok(()) => End::Close(close::GOING_AWAY, Cow::Borrowed("bus unavailable")),
+                Err(end) => end,
+            },
+            Ok(()) => match Box::pin(self.open(&mut link)).await {
+                Ok(()) => self.serve(&mut link).await,
+                Err(end) => end,
+            },
         };
         self.unwatch_expiry();
         // Before the close handshake: a member that has left must get nothing sent after it
@@ -313,18 +311,67 @@ impl Session {
         self.node.metrics.connections_active.decrement(1.0);
         let code = match &end {
             End::Close(code, _) => code.to_string(),
-            End::ClosedByClient => "client".to_owned(),
+            End::ClosedByClient(_) => "client".to_owned(),
             End::Gone => "none".to_owned(),
         };
         metrics::counter!("wsbus_connections_closed_total", "code" => code).increment(1);
+        let event = (announced.is_ok() && self.node.wants(EventKind::Disconnect))
+            .then(|| self.disconnect_event(&end));
         match end {
             End::Close(code, reason) => {
                 Box::pin(close_politely(&mut link.socket, code, reason.into_owned())).await
             }
-            End::ClosedByClient => {
+            End::ClosedByClient(_) => {
                 let _ = tokio::time::timeout(CLOSE_LINGER, link.socket.flush()).await;
             }
             End::Gone => {}
+        }
+        if let Some(event) = event
+            && Box::pin(self.node.append_event(event)).await.is_err()
+        {
+            tracing::warn!(user = %self.user, "disconnect event not appended");
+        }
+    }
+
+    /// The session's first steps, in order: `welcome` (when asked), the user's stream
+    /// (history), the rooms its token joins.
+    async fn open(&mut self, link: &mut Link) -> Result<(), End> {
+        let welcome = Direct::from_iter(self.welcome.take());
+        self.write_direct(link, welcome).await?;
+        Box::pin(self.open_user_stream(link)).await?;
+        Box::pin(self.join_claimed(link)).await
+    }
+
+    /// Appends the `connect` event (with the user's session count), if it is on.
+    async fn connect_event(&self) -> Result<(), ClientError> {
+        if !self.node.wants(EventKind::Connect) {
+            return Ok(());
+        }
+        let sessions = self
+            .node
+            .presence
+            .session_count(&self.user)
+            .await
+            .map_err(|_| ClientError::BusUnavailable)?;
+        let event = Event::new(EventKind::Connect, self.user.as_str(), self.sid)
+            .field("sessions", sessions.to_string());
+        self.node.append_event(event).await
+    }
+
+    /// The `disconnect` event of a session that ended with `end`: its close code and reason
+    /// (1006, `connection lost`, when the connection broke without a Close).
+    fn disconnect_event(&self, end: &End) -> Event {
+        let (code, reason) = match end {
+            End::Close(code, reason) => (*code, reason.to_string()),
+            End::ClosedByClient(Some((code, reason))) => (*code, reason.clone()),
+            End::ClosedByClient(None) => (1005, String::new()),
+            End::Gone => (1006, "connection lost".to_owned()),
+        };
+        let event = Event::new(EventKind::Disconnect, self.user.as_str(), self.sid)
+            .field("code", code.to_string());
+        match reason.is_empty() {
+            true => event,
+            false => event.field("reason", reason),
         }
     }
 
@@ -365,19 +412,26 @@ impl Session {
                     link.live.heard_from = true;
                     match incoming {
                         None => return End::Gone,
-                        Some(Ok(Message::Close(_))) => return End::ClosedByClient,
+                        Some(Ok(Message::Close(frame))) => {
+                            let frame = frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+                            return End::ClosedByClient(frame);
+                        }
                         Some(Ok(frame @ (Message::Text(_) | Message::Binary(_)))) => {
                             let outcome = match (self.bucket.take(), frame) {
                                 (Admission::Closed, _) => {
                                     return End::Close(close::RATE_LIMITED, Cow::Borrowed("rate limit exceeded"));
                                 }
-                                (Admission::Refused, _) => Err(ClientError::RateLimited),
+                                (Admission::Refused, Message::Text(text)) => Err(Refused {
+                                    error: ClientError::RateLimited,
+                                    id: frame_id(&text),
+                                }),
+                                (Admission::Refused, _) => Err(ClientError::RateLimited.into()),
                                 (Admission::Allowed, Message::Text(text)) => self.run_command(&text).await,
-                                (Admission::Allowed, _) => Err(ClientError::BinaryFrame),
+                                (Admission::Allowed, _) => Err(ClientError::BinaryFrame.into()),
                             };
                             let written = match outcome {
                                 Ok(direct) => self.write_direct(link, direct).await,
-                                Err(error) => self.write_error(link, &error).await,
+                                Err(refused) => self.write_refused(link, &refused).await,
                             };
                             if let Err(end) = written {
                                 return end;
@@ -427,16 +481,63 @@ impl Session {
     }
 
     /// Handles one client frame; a frame that answers the client (`joined`, `left`,
-    /// `members`) is queued for it like any other.
-    async fn run_command(&mut self, text: &str) -> Result<Direct, ClientError> {
+    /// `members`) is queued for it like any other. A frame with an `id` is acknowledged
+    /// once accepted: a message by the dispatch that hands it on, the rest here.
+    async fn run_command(&mut self, text: &str) -> Result<Direct, Refused> {
         let node = self.node.clone();
         node.metrics.received.increment(1);
+        let frame = parse_frame(
+            text,
+            &node.config.relay_actions,
+            &node.config.backend_actions,
+        )?;
+        let id = frame.id.clone();
+        let acked_by_dispatch = matches!(
+            frame.command,
+            Command::Message { .. } | Command::RoomMessage { .. } | Command::Relay { .. }
+        );
+        let mut direct = match acked_by_dispatch {
+            true => self.send(frame).await,
+            false => self.execute(frame.command).await,
+        }
+        .map_err(|error| Refused {
+            error,
+            id: id.clone(),
+        })?;
+        if let Some(id) = id
+            && !acked_by_dispatch
+        {
+            let ack = encode_ack(self.user.as_str(), &id);
+            match direct.is_empty() {
+                // After the reply queued for the client, if any.
+                true => {
+                    let ack = SocketFrame::unmeasured(ack);
+                    self.node
+                        .hub
+                        .deliver_session(self.user.as_str(), self.sid, ack);
+                }
+                false => direct.push(ack),
+            }
+        }
+        Ok(direct)
+    }
+
+    /// `message`, `room_message` and relayed actions: appended to the events stream where it
+    /// is on, then handed to dispatch (which acknowledges the frame's `id`).
+    async fn send(&mut self, frame: Frame<'_>) -> Result<Direct, ClientError> {
+        let node = self.node.clone();
         let born_us = crate::wire::clock::now_us();
-        let origin = || Origin::Session {
+        let origin = Origin::Session {
             user: self.user.clone(),
             sid: self.sid,
+            ack: frame.id,
         };
-        match parse_command_relaying(text, &node.config.relay_actions)? {
+        let event = |kind, field, value: &str| {
+            Event::new(kind, self.user.as_str(), self.sid)
+                .field(field, value)
+                .field("data", frame.data)
+        };
+        match frame.command {
             Command::Relay { action, to, data } => {
                 let target = match to {
                     RelayTo::User(user) => Target::User(user.into()),
@@ -444,21 +545,44 @@ impl Session {
                     RelayTo::Room(room) => return Err(ClientError::NotInRoom(room.to_owned())),
                 };
                 let frame = encode_relay(self.user.as_str(), action, data).into();
-                node.relay(origin(), target, action, &frame, born_us)
-                    .await?;
-                Ok(Direct::new())
+                node.relay(origin, target, action, &frame, born_us).await?;
             }
             Command::Message { to, text } => {
-                node.send(origin(), Target::User(to.into()), text, born_us)
+                if node.wants(EventKind::Message) {
+                    node.append_event(event(EventKind::Message, "to", to))
+                        .await?;
+                }
+                node.send(origin, Target::User(to.into()), text, born_us)
                     .await?;
-                Ok(Direct::new())
             }
             Command::RoomMessage { room, text } => {
                 if !self.rooms.contains(room) {
                     return Err(ClientError::NotInRoom(room.to_owned()));
                 }
-                node.send(origin(), Target::Room(room.into()), text, born_us)
+                if node.wants(EventKind::RoomMessage) {
+                    node.append_event(event(EventKind::RoomMessage, "room", room))
+                        .await?;
+                }
+                node.send(origin, Target::Room(room.into()), text, born_us)
                     .await?;
+            }
+            _ => unreachable!("only messages are sent"),
+        }
+        Ok(Direct::new())
+    }
+
+    /// Every other command: answered here.
+    async fn execute(&mut self, command: Command<'_>) -> Result<Direct, ClientError> {
+        let node = self.node.clone();
+        match command {
+            Command::Message { .. } | Command::RoomMessage { .. } | Command::Relay { .. } => {
+                unreachable!("messages are sent")
+            }
+            Command::Backend { action, data } => {
+                let event = Event::new(EventKind::Action, self.user.as_str(), self.sid)
+                    .field("action", action)
+                    .field("data", data);
+                Box::pin(node.append_event(event)).await?;
                 Ok(Direct::new())
             }
             // The steps that wait on Redis are boxed: inline, their futures would sit in every
@@ -555,6 +679,17 @@ impl Session {
             .await
             .map_err(|_| ClientError::BusUnavailable)?;
         let members = node.join_room(&id, &self.user, self.sid).await?;
+        if node.wants(EventKind::Join) {
+            let event =
+                Event::new(EventKind::Join, self.user.as_str(), self.sid).field("room", room);
+            if let Err(e) = node.append_event(event).await {
+                // Nobody may see a member the backend was not told about: the join is undone.
+                if !self.rooms.contains(room) {
+                    let _ = node.leave_room(&id, &self.user, self.sid).await;
+                }
+                return Err(e);
+            }
+        }
         self.rooms.insert(id);
         let data = json!({"room": room, "members": members});
         if node.history.is_none() {
@@ -606,8 +741,18 @@ impl Session {
     }
 
     async fn write_error(&self, link: &mut Link, error: &ClientError) -> Result<(), End> {
-        error.count();
-        let frame = encode_error(self.user.as_str(), &error.to_string());
+        self.write_refused(link, &error.clone().into()).await
+    }
+
+    /// Writes the error a frame caused, with the frame's `id` if it had one.
+    async fn write_refused(&self, link: &mut Link, refused: &Refused) -> Result<(), End> {
+        refused.error.count();
+        let id: Option<&FrameId> = refused.id.as_ref();
+        let frame = encode_error_for(
+            self.user.as_str(),
+            &refused.error.to_string(),
+            id.map(|id| &**id),
+        );
         self.write(link, Message::Text(frame.into()), true).await
     }
 

@@ -1,10 +1,12 @@
 //! The edge protocol: JSON text frames between clients and a node, and every error text and
 //! close code a client can see. This module is the single list of them; docs/protocol.md copies it.
 //!
-//! Client → server: `{"action": "<name>", "data": <object>}`.
+//! Client → server: `{"action": "<name>", "data": <object>}` (optionally `"id"`, answered with
+//! an `ack` once accepted and echoed in an error the frame caused).
 //! Server → client: `{"from": "<user id>", "action": "<name>", "data": <object>}`.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -130,6 +132,9 @@ pub enum ClientError {
     /// `history` or `recover` on a node running without `--history`.
     #[error("history is off")]
     HistoryOff,
+    /// A connect URL's `since` that is not an offset (HTTP 400 before the upgrade).
+    #[error("invalid since: expected an offset (an integer from 0 to 2^64-1)")]
+    InvalidSince,
     /// `--room-access` refuses this client's join: not in its token's `rooms` claim
     /// (`token`), or clients may not join at all (`server`).
     #[error("not allowed to join room '{0}'")]
@@ -138,9 +143,9 @@ pub enum ClientError {
     /// connection keeps its current token.
     #[error("invalid token")]
     InvalidToken,
-    /// A connect URL's `since` that is not an offset (HTTP 400 before the upgrade).
-    #[error("invalid since: expected an offset (an integer from 0 to 2^64-1)")]
-    InvalidSince,
+    /// A frame's `id` is neither a string of at most 64 characters nor an integer.
+    #[error("invalid id: expected a string of at most 64 characters or an integer")]
+    InvalidId,
 }
 
 impl ClientError {
@@ -168,9 +173,10 @@ impl ClientError {
             ClientError::TooManyRooms => "too_many_rooms",
             ClientError::RecipientTooSlow(_) => "recipient_too_slow",
             ClientError::HistoryOff => "history_off",
+            ClientError::InvalidSince => "invalid_since",
             ClientError::NotAllowed(_) => "not_allowed",
             ClientError::InvalidToken => "invalid_token",
-            ClientError::InvalidSince => "invalid_since",
+            ClientError::InvalidId => "invalid_id",
         }
     }
 
@@ -242,6 +248,13 @@ pub enum Command<'a> {
         /// The new token (checked like a connect token).
         token: Cow<'a, str>,
     },
+    /// A `--backend-actions` action: appended to the events stream, delivered to nobody.
+    Backend {
+        /// The action (one of `--backend-actions`).
+        action: &'a str,
+        /// `data` exactly as sent (any JSON value; `null` when left out).
+        data: &'a str,
+    },
 }
 
 #[derive(Deserialize)]
@@ -249,6 +262,38 @@ struct RefreshData<'a> {
     #[serde(borrow)]
     token: Cow<'a, str>,
 }
+
+/// A parsed client frame: its command, its `id` if it had one, and its `data` as sent.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Frame<'a> {
+    /// The frame's `id` as JSON (a string or an integer), to echo in its `ack` or error.
+    pub id: Option<FrameId>,
+    /// What it asks for.
+    pub command: Command<'a>,
+    /// Its `data` exactly as sent (`null` when left out), for the events stream.
+    pub data: &'a str,
+}
+
+/// A frame's `id`, as JSON text: a string of at most 64 characters, or an integer.
+pub type FrameId = Arc<str>;
+
+/// A frame refused: why, and its `id` when it had a valid one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// The error to answer.
+    pub error: ClientError,
+    /// The frame's `id`, echoed in the error's `data`.
+    pub id: Option<FrameId>,
+}
+
+impl From<ClientError> for Refused {
+    fn from(error: ClientError) -> Self {
+        Refused { error, id: None }
+    }
+}
+
+/// Longest string `id`, in characters.
+pub const MAX_ID_CHARS: usize = 64;
 
 #[derive(Deserialize)]
 struct RoomData<'a> {
@@ -358,6 +403,8 @@ struct RoomMessageData<'a> {
 #[derive(Deserialize)]
 struct RawFrame<'a> {
     #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
     action: Option<&'a RawValue>,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
@@ -421,6 +468,54 @@ pub fn parse_command_relaying<'a>(
     frame: &'a str,
     relay: &[String],
 ) -> Result<Command<'a>, ClientError> {
+    parse_frame(frame, relay, &[])
+        .map(|f| f.command)
+        .map_err(|r| r.error)
+}
+
+/// The `id` of a frame that is not parsed further (one refused by the rate limiter).
+pub fn frame_id(frame: &str) -> Option<FrameId> {
+    let raw: RawFrame<'_> = serde_json::from_str(frame).ok()?;
+    parse_id(raw.id).ok().flatten()
+}
+
+/// A valid `id` as JSON text (`None` when absent or `null`).
+fn parse_id(raw: Option<&RawValue>) -> Result<Option<FrameId>, ClientError> {
+    let Some(raw) = raw.map(RawValue::get).filter(|r| *r != "null") else {
+        return Ok(None);
+    };
+    if raw.starts_with('"') {
+        let id: Cow<'_, str> = serde_json::from_str(raw).map_err(|_| ClientError::InvalidId)?;
+        if id.chars().count() > MAX_ID_CHARS {
+            return Err(ClientError::InvalidId);
+        }
+        let mut out = String::with_capacity(id.len() + 2);
+        push_json_str(&mut out, &id);
+        return Ok(Some(out.into()));
+    }
+    match serde_json::from_str::<serde_json::Number>(raw) {
+        Ok(n) if n.is_i64() || n.is_u64() => Ok(Some(n.to_string().into())),
+        _ => Err(ClientError::InvalidId),
+    }
+}
+
+/// Parses one client text frame: the actions in `relay` (`--relay-actions`) are relayed,
+/// those in `backend` (`--backend-actions`) go to the backend.
+pub fn parse_frame<'a>(
+    frame: &'a str,
+    relay: &[String],
+    backend: &[String],
+) -> Result<Frame<'a>, Refused> {
+    let raw = parse_raw(frame)?;
+    let id = parse_id(raw.id)?;
+    let data = raw.data.map(RawValue::get).unwrap_or("null");
+    match parse_action(&raw, relay, backend) {
+        Ok(command) => Ok(Frame { id, command, data }),
+        Err(error) => Err(Refused { error, id }),
+    }
+}
+
+fn parse_raw(frame: &str) -> Result<RawFrame<'_>, ClientError> {
     let raw: RawFrame<'_> = serde_json::from_str(frame).map_err(|_| {
         let is_json = serde_json::from_str::<serde::de::IgnoredAny>(frame).is_ok();
         match (is_json, frame.trim_start().starts_with('{')) {
@@ -434,6 +529,14 @@ pub fn parse_command_relaying<'a>(
     if !frame.trim_start().starts_with('{') {
         return Err(ClientError::NotAnObject);
     }
+    Ok(raw)
+}
+
+fn parse_action<'a>(
+    raw: &RawFrame<'a>,
+    relay: &[String],
+    backend: &[String],
+) -> Result<Command<'a>, ClientError> {
     let raw_action = raw.action.map(RawValue::get).unwrap_or("null");
     if raw_action == "null" {
         return Err(ClientError::MissingAction);
@@ -470,6 +573,12 @@ pub fn parse_command_relaying<'a>(
         // the quotes, is the action itself (borrowed from the frame).
         other if relay.iter().any(|a| a == other) && !raw_action.contains('\\') => {
             parse_relay(&raw_action[1..raw_action.len() - 1], raw.data)
+        }
+        other if backend.iter().any(|a| a == other) && !raw_action.contains('\\') => {
+            Ok(Command::Backend {
+                action: &raw_action[1..raw_action.len() - 1],
+                data: raw.data.map(RawValue::get).unwrap_or("null"),
+            })
         }
         other => Err(ClientError::UnknownAction(truncate(other, 64).to_owned())),
     }
@@ -675,6 +784,31 @@ pub fn encode_error(own: &str, error: &str) -> String {
     out
 }
 
+/// Encodes `{"from":OWN,"action":"error","data":{"error":TEXT,"id":ID}}` (without `id` when
+/// the frame had none).
+pub fn encode_error_for(own: &str, error: &str, id: Option<&str>) -> String {
+    let Some(id) = id else {
+        return encode_error(own, error);
+    };
+    let mut out = encode_error(own, error);
+    out.truncate(out.len() - 2);
+    out.push_str(r#","id":"#);
+    out.push_str(id);
+    out.push_str("}}");
+    out
+}
+
+/// Encodes `{"from":OWN,"action":"ack","data":{"id":ID}}`, `id` being JSON already.
+pub fn encode_ack(own: &str, id: &str) -> String {
+    let mut out = String::with_capacity(40 + own.len() + id.len());
+    out.push_str(r#"{"from":"#);
+    push_json_str(&mut out, own);
+    out.push_str(r#","action":"ack","data":{"id":"#);
+    out.push_str(id);
+    out.push_str("}}");
+    out
+}
+
 fn push_json_str(out: &mut String, s: &str) {
     // Writing JSON into a String cannot fail and always yields UTF-8.
     let mut buf = std::mem::take(out).into_bytes();
@@ -839,6 +973,91 @@ mod tests {
             v,
             serde_json::json!({"from":"a","action":"error","data":{"error":"User 'x' not found"}})
         );
+    }
+
+    #[test]
+    fn reads_ids_and_keeps_them_on_errors() {
+        fn parse(f: &str) -> Result<Frame<'_>, Refused> {
+            parse_frame(f, &[], &["order".to_owned()])
+        }
+        let frame = parse(r#"{"id":"a\u0062","action":"members","data":{"room":"r"}}"#).unwrap();
+        assert_eq!(frame.id.as_deref(), Some(r#""ab""#));
+        assert_eq!(frame.data, r#"{"room":"r"}"#);
+        let frame = parse(r#"{"action":"members","id":-7,"data":{"room":"r"}}"#).unwrap();
+        assert_eq!(frame.id.as_deref(), Some("-7"));
+        assert_eq!(
+            parse(r#"{"id":null,"action":"members","data":{"room":"r"}}"#)
+                .unwrap()
+                .id,
+            None
+        );
+        let refused = parse(r#"{"id":5,"action":"fly"}"#).unwrap_err();
+        assert_eq!(refused.error, ClientError::UnknownAction("fly".into()));
+        assert_eq!(refused.id.as_deref(), Some("5"));
+        let long = format!(
+            r#"{{"id":"{}","action":"members","data":{{"room":"r"}}}}"#,
+            "é".repeat(64)
+        );
+        assert!(parse(&long).is_ok(), "64 characters are fine");
+        for bad in [
+            format!(r#"{{"id":"{}","action":"members"}}"#, "x".repeat(65)),
+            r#"{"id":1.5,"action":"members"}"#.to_owned(),
+            r#"{"id":[1],"action":"members"}"#.to_owned(),
+            r#"{"id":true,"action":"members"}"#.to_owned(),
+        ] {
+            assert_eq!(
+                parse(&bad).unwrap_err(),
+                Refused::from(ClientError::InvalidId),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            frame_id(r#"{"id":"x","action":1}"#).as_deref(),
+            Some(r#""x""#)
+        );
+        assert_eq!(frame_id("nope"), None);
+        let v: serde_json::Value =
+            serde_json::from_str(&encode_error_for("a", "rate limited", Some(r#""x\"y""#)))
+                .unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"from":"a","action":"error","data":{"error":"rate limited","id":"x\"y"}})
+        );
+        let v: serde_json::Value = serde_json::from_str(&encode_ack("a", "12")).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"from":"a","action":"ack","data":{"id":12}})
+        );
+    }
+
+    #[test]
+    fn passes_backend_actions_on_with_their_data_as_sent() {
+        let backend = vec!["order".to_owned()];
+        let frame = parse_frame(
+            r#"{"action":"order","data":{"sku": [1, 2]}}"#,
+            &[],
+            &backend,
+        );
+        assert_eq!(
+            frame.unwrap().command,
+            Command::Backend {
+                action: "order",
+                data: r#"{"sku": [1, 2]}"#
+            }
+        );
+        let frame = parse_frame(r#"{"action":"order"}"#, &[], &backend).unwrap();
+        assert_eq!(
+            frame.command,
+            Command::Backend {
+                action: "order",
+                data: "null"
+            }
+        );
+        assert_eq!(
+            parse_command(r#"{"action":"order","data":{}}"#),
+            Err(ClientError::UnknownAction("order".into()))
+        );
+        assert!(RESERVED_ACTIONS.contains(&"ack"));
     }
 
     #[test]

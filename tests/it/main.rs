@@ -9,6 +9,7 @@ mod api;
 mod closing;
 mod cluster;
 mod errors;
+mod events;
 mod faults;
 mod history;
 mod hostile_input;
