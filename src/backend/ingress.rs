@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use redis::Value;
 use serde_json::json;
 
-use crate::backend::api::Publish;
+use crate::backend::api::{Publish, PublishLimits};
 use crate::node::Node;
 use crate::redis::stream::{entry_parts, field, stream_entries};
 use crate::redis::{RedisConn, RedisError};
@@ -203,12 +203,13 @@ impl Reader {
         let mut garbage: Vec<String> = Vec::new();
         let mut routed: Vec<String> = Vec::new();
         let mut items: Vec<Publish> = Vec::with_capacity(entries.len());
+        let limits = PublishLimits::of(&self.node.config);
         for entry in entries {
             let Some((id, fields)) = entry_parts(entry) else {
                 // A deleted entry (`XAUTOCLAIM` reports it as nil fields) or a bad shape.
                 continue;
             };
-            match parse_entry(fields) {
+            match parse_entry(fields, limits) {
                 Ok(item) => {
                     items.push(item);
                     routed.push(id.to_string());
@@ -255,8 +256,8 @@ fn is_no_group(e: &RedisError) -> bool {
 
 /// Reads one entry's plain fields as a publish: `to` (user ids, comma-separated), `room`
 /// (room ids, comma-separated), `action`, `data` (a JSON object, default `{}`), `from`
-/// (default `@server`). Any other field is an error.
-pub fn parse_entry(fields: &[Value]) -> Result<Publish, String> {
+/// (default `@server`). Any other field is an error, and so is a publish past `limits`.
+pub fn parse_entry(fields: &[Value], limits: PublishLimits) -> Result<Publish, String> {
     let text = |name: &str| -> Result<Option<&str>, String> {
         field(fields, name)
             .map(|v| std::str::from_utf8(v).map_err(|_| format!("`{name}` is not UTF-8")))
@@ -290,10 +291,13 @@ pub fn parse_entry(fields: &[Value]) -> Result<Publish, String> {
     if let Some(from) = text("from")? {
         item["from"] = json!(from);
     }
-    crate::backend::api::parse_item(&item, "").map_err(|e| match e {
+    crate::backend::api::parse_item(&item, "", limits).map_err(|e| match e {
         crate::backend::api::ApiError::Invalid { field, error } => {
             let field = if field == "rooms" { "room" } else { &field };
             format!("`{field}`: {error}")
+        }
+        too_large @ crate::backend::api::ApiError::FrameTooLarge { .. } => {
+            format!("`data`: {too_large}")
         }
         other => other.to_string(),
     })
@@ -315,9 +319,19 @@ mod tests {
             .collect()
     }
 
+    fn parse_entry_(fields: &[Value]) -> Result<Publish, String> {
+        parse_entry(
+            fields,
+            PublishLimits {
+                max_targets: 3,
+                max_frame_bytes: 100,
+            },
+        )
+    }
+
     #[test]
     fn reads_plain_fields_as_a_publish() {
-        let p = parse_entry(&entry(&[
+        let p = parse_entry_(&entry(&[
             ("to", "alice,bob"),
             ("room", "lobby"),
             ("action", "notice"),
@@ -330,7 +344,7 @@ mod tests {
             p.frame.as_str(),
             r#"{"from":"@server","action":"notice","data":{"x":1}}"#
         );
-        let p = parse_entry(&entry(&[("to", "a"), ("action", "n"), ("from", "billing")])).unwrap();
+        let p = parse_entry_(&entry(&[("to", "a"), ("action", "n"), ("from", "billing")])).unwrap();
         assert_eq!(
             p.frame.as_str(),
             r#"{"from":"billing","action":"n","data":{}}"#
@@ -339,6 +353,7 @@ mod tests {
 
     #[test]
     fn refuses_what_does_not_parse() {
+        let big_data = format!(r#"{{"x":"{}"}}"#, "y".repeat(100));
         for (pairs, why) in [
             (vec![("to", "a")], "action"),
             (vec![("to", "a"), ("action", "n"), ("data", "{")], "data"),
@@ -351,8 +366,17 @@ mod tests {
                 vec![("to", "a"), ("action", "n"), ("colour", "red")],
                 "colour",
             ),
+            (vec![("to", "a,b,c,d"), ("action", "n")], "to"),
+            (
+                vec![("to", "a,b"), ("room", "r,s"), ("action", "n")],
+                "room",
+            ),
+            (
+                vec![("to", "a"), ("action", "n"), ("data", &big_data)],
+                "data",
+            ),
         ] {
-            let err = parse_entry(&entry(&pairs)).unwrap_err();
+            let err = parse_entry_(&entry(&pairs)).unwrap_err();
             assert!(err.contains(&format!("`{why}`")), "{pairs:?}: {err}");
         }
     }

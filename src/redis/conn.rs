@@ -323,6 +323,27 @@ impl Redis {
         }
     }
 
+    /// A fresh connection for one task's exclusive use, with the ordinary timeouts: the
+    /// heartbeat's, so that its commands never wait for a pooled connection or queue behind
+    /// another task's pipeline on a shared one.
+    pub async fn own_conn(&self) -> Result<RedisConn, RedisError> {
+        match &self.backend {
+            Backend::Single { client, .. } => {
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(self.timeout))
+                    .set_response_timeout(Some(self.timeout));
+                Ok(RedisConn::Dedicated(
+                    client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await?,
+                ))
+            }
+            Backend::Cluster { client, .. } => {
+                Ok(RedisConn::Cluster(client.get_async_connection().await?))
+            }
+        }
+    }
+
     /// A fresh connection for one task's exclusive use, without a (practical) response
     /// timeout, for blocking commands. The caller must put its own deadline on every call.
     pub async fn dedicated_conn(&self) -> Result<RedisConn, RedisError> {
