@@ -94,6 +94,12 @@ pub struct NodeConfig {
     #[arg(long, env = "WSBUS_HISTORY_TTL", default_value = "5m", value_parser = parse_duration)]
     pub history_ttl: Duration,
 
+    /// Bytes of frames kept per user stream and per room stream, besides `--history`
+    /// messages: past it the oldest are trimmed (down to 7/8 of it, the newest always kept).
+    /// At least what one frame to a client may be (2 × `--max-frame-bytes` + 1 KiB).
+    #[arg(long, env = "WSBUS_HISTORY_MAX_BYTES", default_value_t = 1024 * 1024)]
+    pub history_max_bytes: usize,
+
     /// Messages one recovery replays at most; a client that missed more is told
     /// `recovered: false, reason: "too_many"` (and `history` pages are capped at this).
     #[arg(long, env = "WSBUS_RECOVER_MAX", default_value_t = 1000,

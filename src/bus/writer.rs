@@ -284,7 +284,12 @@ impl Writer {
             let stamped = stamped[i].as_ref();
             if let Some(Stamped::NoStream | Stamped::Failed) = stamped {
                 outcomes.push(Outcome {
-                    reached: false,
+                    // A room without members and without a stream: nobody to reach, and
+                    // (as without history) no error.
+                    reached: matches!(
+                        (stamped, &msg.target),
+                        (Some(Stamped::NoStream), Target::Room(_))
+                    ),
                     too_slow: false,
                     failed: matches!(stamped, Some(Stamped::Failed)),
                 });
@@ -813,7 +818,7 @@ async fn append_plainly(
     let mut unknown = Vec::new();
     let mut at = 0;
     for (i, (_, frames)) in streams.iter().enumerate() {
-        let n = frames.len() + 4;
+        let n = frames.len() + crate::history::PLAIN_EXTRA_REPLIES;
         let Some(replies) = replies.get(at..at + n) else {
             return Err(RedisError::Reply("history append transaction"));
         };

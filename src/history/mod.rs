@@ -20,14 +20,20 @@ use crate::redis::keys::Keys;
 
 pub mod sequencer;
 
+/// Replies of [`History::add_plain_append`] besides one per frame: the epoch, the byte
+/// count, two TTL refreshes and where the target is.
+pub const PLAIN_EXTRA_REPLIES: usize = 5;
+
 pub use crate::wire::frame::{Seq, StreamOf};
 pub use sequencer::{GAP_WAIT, Gap, Sequencer};
 
-/// Function names (library `wsbus_v3`).
+/// Function names (libraries `wsbus_v3` and `wsbus_v4`).
 pub mod func {
-    /// Append frames to a user's stream (if it is alive or the user has a session) or a
-    /// room's, and say where the target is.
-    pub const APPEND: &str = "wsbus_v3_history_append";
+    /// Append frames to a stream if it is alive or its target has sessions (a user) or
+    /// members (a room), keep it within its byte bound, and say where the target is.
+    pub const APPEND: &str = "wsbus_v4_history_append";
+    /// Count the bytes a plain append added to a live stream, trimming it past its bound.
+    pub const ACCOUNT: &str = "wsbus_v4_history_account";
     /// Read a stream's position (and the frames after an offset), refreshing its TTL.
     pub const OPEN: &str = "wsbus_v3_history_open";
 }
@@ -45,6 +51,8 @@ pub enum Stream<'a> {
 pub struct History {
     /// Messages kept per stream.
     pub keep: u32,
+    /// Bytes of frames kept per stream (`--history-max-bytes`).
+    pub max_bytes: usize,
     /// Stream TTL in milliseconds.
     pub ttl_ms: u64,
     /// Most messages one recovery replays.
@@ -70,7 +78,8 @@ pub enum Appended {
         /// Where the target is.
         nodes: Vec<String>,
     },
-    /// The user has no live stream and no session: nothing was stored.
+    /// The target has no live stream, and no session (a user) or member (a room): nothing
+    /// was stored, no key made.
     NoStream,
 }
 
@@ -120,6 +129,7 @@ impl History {
     pub fn new(config: &NodeConfig, keys: &Keys, seed: u64) -> Option<Self> {
         (config.history > 0).then(|| Self {
             keep: config.history,
+            max_bytes: config.history_max_bytes,
             ttl_ms: (config.history_ttl.as_millis() as u64).max(1),
             recover_max: config.recover_max,
             keys: keys.clone(),
@@ -183,17 +193,21 @@ impl History {
             .arg(self.keep)
             .arg(self.ttl_ms)
             .arg(self.new_epoch())
-            .arg(kind);
+            .arg(kind)
+            .arg(self.max_bytes);
         for frame in frames {
             cmd.arg(frame);
         }
     }
 
     /// Adds to an atomic (`MULTI`) pipeline on a single Redis the plain commands that append
-    /// `frames` to `stream` (Redis numbers the entries `0-1`, `0-2`, …: contiguous offsets
-    /// within the transaction), refresh its TTL, read its epoch and say where its target is:
-    /// no function call, whose argument passing costs Redis more than the appends. Its
-    /// `frames.len() + 4` replies parse with [`Appended::parse_plain`].
+    /// `frames` to `stream` if it exists (`NOMKSTREAM`: Redis numbers the entries `0-1`,
+    /// `0-2`, …: contiguous offsets within the transaction), count their bytes (a small
+    /// function call, which trims the stream past `--history-max-bytes`), refresh its TTL,
+    /// read its epoch and say where its target is: no function call with the frames, whose
+    /// argument passing costs Redis more than the appends. A stream not there yet is left to
+    /// the append function, which makes it only for a live target. Its
+    /// [`PLAIN_EXTRA_REPLIES`] + `frames.len()` replies parse with [`Appended::parse_plain`].
     pub fn add_plain_append<S: AsRef<str>>(
         &self,
         pipe: &mut redis::Pipeline,
@@ -203,9 +217,12 @@ impl History {
         let (history, meta) = self.stream_keys(stream);
         pipe.cmd("HGET").arg(&meta).arg("epoch");
         let trim = if self.keep < 100 { "=" } else { "~" };
+        let mut bytes = 0;
         for frame in frames {
+            bytes += frame.as_ref().len();
             pipe.cmd("XADD")
                 .arg(&history)
+                .arg("NOMKSTREAM")
                 .arg("MAXLEN")
                 .arg(trim)
                 .arg(self.keep)
@@ -213,6 +230,13 @@ impl History {
                 .arg("frame")
                 .arg(frame.as_ref());
         }
+        pipe.cmd("FCALL")
+            .arg(func::ACCOUNT)
+            .arg(2)
+            .arg(&history)
+            .arg(&meta)
+            .arg(bytes)
+            .arg(self.max_bytes);
         pipe.cmd("PEXPIRE").arg(&history).arg(self.ttl_ms);
         pipe.cmd("PEXPIRE").arg(&meta).arg(self.ttl_ms);
         match stream {
@@ -334,9 +358,10 @@ fn decide(
 
 impl Appended {
     /// Parses the replies of [`History::add_plain_append`] for one stream. `None`: the
-    /// stream's meta was missing, so whether it is alive (and its epoch) is for the append
-    /// function to decide: what the plain commands appended went to a stream without an
-    /// epoch, which that function empties when it makes one.
+    /// stream or its meta was missing, so whether it is alive (and its epoch) is for the
+    /// append function to decide: the plain commands appended nothing (the stream was not
+    /// there), or appended to a stream without an epoch, which that function empties when
+    /// it makes one.
     pub fn parse_plain(replies: &[Value]) -> Result<Option<Self>, RedisError> {
         let (Some(epoch), Some(first), Some(nodes)) =
             (replies.first(), replies.get(1), replies.last())
@@ -346,7 +371,9 @@ impl Appended {
         let Some(epoch): Option<String> = redis::from_redis_value(epoch.clone())? else {
             return Ok(None);
         };
-        let first: String = redis::from_redis_value(first.clone())?;
+        let Some(first): Option<String> = redis::from_redis_value(first.clone())? else {
+            return Ok(None);
+        };
         let first = first
             .strip_prefix("0-")
             .and_then(|n| n.parse().ok())

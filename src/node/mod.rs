@@ -149,22 +149,7 @@ impl Node {
         config: NodeConfig,
         addr: SocketAddr,
     ) -> Result<(Arc<Node>, mpsc::Receiver<Dispatch>), NodeError> {
-        let id = config.node_id.clone().unwrap_or_else(random_node_id);
-        if !is_valid_id(&id) {
-            return Err(NodeError::Config(format!(
-                "node id {id:?}: use 1-64 of [A-Za-z0-9_.-]"
-            )));
-        }
-        if !is_valid_id(&config.prefix.replace(':', "_")) {
-            return Err(NodeError::Config(format!("prefix {:?}", config.prefix)));
-        }
-        if let Some(bad) = config.relay_actions.iter().find(|a| {
-            !is_valid_id(a) || crate::wire::client::RESERVED_ACTIONS.contains(&a.as_str())
-        }) {
-            return Err(NodeError::Config(format!(
-                "relay action {bad:?}: use 1-64 of [A-Za-z0-9_.-], not a built-in action"
-            )));
-        }
+        let id = check(&config)?;
         let auth =
             crate::auth::from_config(&config).map_err(|e| NodeError::Config(e.to_string()))?;
         let keys = Keys::new(&config.prefix);
@@ -225,4 +210,35 @@ impl Node {
         });
         Ok((node, bus_writer_rx))
     }
+}
+
+/// Checks what clap cannot about `config`; returns the node's id (given, or a random one).
+fn check(config: &NodeConfig) -> Result<String, NodeError> {
+    let id = config.node_id.clone().unwrap_or_else(random_node_id);
+    if !is_valid_id(&id) {
+        return Err(NodeError::Config(format!(
+            "node id {id:?}: use 1-64 of [A-Za-z0-9_.-]"
+        )));
+    }
+    if !is_valid_id(&config.prefix.replace(':', "_")) {
+        return Err(NodeError::Config(format!("prefix {:?}", config.prefix)));
+    }
+    if let Some(bad) = config
+        .relay_actions
+        .iter()
+        .find(|a| !is_valid_id(a) || crate::wire::client::RESERVED_ACTIONS.contains(&a.as_str()))
+    {
+        return Err(NodeError::Config(format!(
+            "relay action {bad:?}: use 1-64 of [A-Za-z0-9_.-], not a built-in action"
+        )));
+    }
+    if config.history > 0 && config.history_max_bytes < config.max_out_frame_bytes() {
+        return Err(NodeError::Config(format!(
+            "--history-max-bytes {}: at least {} (2 x --max-frame-bytes + 1024), so that a \
+             stream holds any message",
+            config.history_max_bytes,
+            config.max_out_frame_bytes()
+        )));
+    }
+    Ok(id)
 }

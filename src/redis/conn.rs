@@ -15,10 +15,11 @@ use redis::{AsyncConnectionConfig, FromRedisValue, Pipeline, Value};
 /// The Redis function libraries, versioned by file name and library name. Every version still
 /// in use is loaded, so nodes of two versions can run side by side during an upgrade; this
 /// version calls only the newest.
-pub const FUNCTIONS: [&str; 3] = [
+pub const FUNCTIONS: [&str; 4] = [
     include_str!("../../migrations/wsbus_v1.lua"),
     include_str!("../../migrations/wsbus_v2.lua"),
     include_str!("../../migrations/wsbus_v3.lua"),
+    include_str!("../../migrations/wsbus_v4.lua"),
 ];
 
 /// Function names (library `wsbus_v2`).

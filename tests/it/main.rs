@@ -11,6 +11,7 @@ mod errors;
 mod fanout;
 mod faults;
 mod history;
+mod history_bounds;
 mod http;
 mod ingress;
 mod messaging;
