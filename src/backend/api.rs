@@ -561,7 +561,19 @@ async fn look_up<'a>(
         return Ok((online, sizes));
     }
     let mut conn = node.redis.shared_conn().await?;
-    let found = look_up_in(node, &mut conn, &asked, rooms, &mut online, &mut sizes).await;
+    // A batch may list many recipients (`--api-max-batch` x `--max-publish-targets`, or an
+    // ingress read's entries): one bounded pipeline at a time, not one of them all.
+    const CHUNK: usize = FAN_OUT_CHUNK * 8;
+    let none: &[&str] = &[];
+    let chunks = (asked.chunks(CHUNK).map(|users| (users, none)))
+        .chain(rooms.chunks(CHUNK).map(|rooms| (none, rooms)));
+    let mut found = Ok(());
+    for (users, rooms) in chunks {
+        found = look_up_in(node, &mut conn, users, rooms, &mut online, &mut sizes).await;
+        if found.is_err() {
+            break;
+        }
+    }
     if let Err(e) = &found
         && crate::redis::is_connection_error(e)
     {
