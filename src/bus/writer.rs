@@ -4,6 +4,7 @@
 //! (`XADD NOMKSTREAM`), so a batch costs two round trips whatever its size, and one writer
 //! keeps each sender's messages in order.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::delivery::target::{Dispatch, Origin, Payload, Plan, Target};
-use crate::history::{Appended, Seq, Stream};
+use crate::history::{Appended, Appends, Located, Seq, Stream};
 use crate::node::Node;
 use crate::redis::{RedisConn, RedisError};
 use crate::wire::client::{ClientError, encode_message, encode_room_message};
@@ -129,13 +130,69 @@ enum Stamped {
         seq: Arc<Seq>,
         nodes: Option<Nodes>,
     },
-    /// The recipient has no live stream and no session: nothing stored (`not found`).
+    /// The target has no live stream and no session (a user: `not found`) or member (a
+    /// room: no error): nothing stored.
     NoStream,
     /// The append failed: nothing was sent (`bus unavailable`).
     Failed,
 }
 
 impl Stamped {
+    /// The place a forwarded entry's frame has already (its recipient moved after it was
+    /// stamped), from the entry.
+    fn forwarded(msg: &Dispatch) -> Option<Stamped> {
+        let (stamp, Payload::Frame { frame, .. }) = (msg.stamp.as_ref()?, &msg.payload) else {
+            return None;
+        };
+        Some(Stamped::Stored {
+            frame: frame.clone(),
+            seq: Arc::new(Seq {
+                room: match &msg.target {
+                    Target::Room(room) => Some(Arc::from(&**room)),
+                    Target::User(_) => None,
+                },
+                offset: stamp.offset,
+                epoch: Arc::from(&*stamp.epoch),
+                marker: false,
+            }),
+            nodes: None,
+        })
+    }
+
+    /// Records what became of one stream's part of the batch in `stamped` (by message).
+    fn record(appended: Appended, stamped: &mut [Option<Stamped>]) {
+        match appended {
+            Appended::Stored { target, frames } => {
+                let nodes: Nodes = match target {
+                    Located::Nodes(nodes) => nodes.into_iter().map(Arc::from).collect(),
+                    Located::Sessions(fields) => crate::cluster::presence::nodes_of(fields)
+                        .into_iter()
+                        .map(Arc::from)
+                        .collect(),
+                };
+                for stored in frames {
+                    stamped[stored.message] = Some(Stamped::Stored {
+                        frame: stored.frame.into(),
+                        seq: stored.seq,
+                        nodes: Some(nodes.clone()),
+                    });
+                }
+            }
+            Appended::NoStream { messages } => {
+                for i in messages {
+                    stamped[i] = Some(Stamped::NoStream);
+                }
+            }
+            Appended::Failed { messages, error } => {
+                tracing::warn!(error = %error, "history append failed");
+                metrics::counter!("wsbus_bus_errors_total").increment(1);
+                for i in messages {
+                    stamped[i] = Some(Stamped::Failed);
+                }
+            }
+        }
+    }
+
     fn stored(&self) -> Option<(&Utf8Bytes, &Arc<Seq>)> {
         match self {
             Stamped::Stored { frame, seq, .. } => Some((frame, seq)),
@@ -267,104 +324,155 @@ impl Writer {
         Ok(live)
     }
 
+    /// Sends one batch: gives its messages their places in their streams (history on),
+    /// finds where their targets are, delivers here what is for here, appends one entry per
+    /// other node (one pipeline), and answers the origin of each message that reached no one.
     async fn try_send(
         &mut self,
         conn: &mut RedisConn,
         batch: &[Dispatch],
     ) -> Result<(), RedisError> {
-        let node = Arc::clone(&self.node);
         let stamped = self.stamp(conn, batch).await?;
         let routes = self.resolve(conn, batch, &stamped).await?;
-        let mut pipe = redis::Pipeline::with_capacity(batch.len());
-        pipe.ignore_errors();
-        // Per entry appended: the message it belongs to, and whether it is for the recipient.
-        let mut appended: Vec<(usize, bool)> = Vec::with_capacity(batch.len());
+        let mut entries = Entries::with_capacity(batch.len());
         let mut outcomes: Vec<Outcome> = Vec::with_capacity(batch.len());
         for (i, msg) in batch.iter().enumerate() {
             let stamped = stamped[i].as_ref();
-            if let Some(Stamped::NoStream | Stamped::Failed) = stamped {
-                outcomes.push(Outcome {
-                    // A room without members and without a stream: nobody to reach, and
-                    // (as without history) no error.
-                    reached: matches!(
-                        (stamped, &msg.target),
-                        (Some(Stamped::NoStream), Target::Room(_))
-                    ),
-                    too_slow: false,
-                    failed: matches!(stamped, Some(Stamped::Failed)),
-                });
-                continue;
-            }
-            let (plan, outcome) = match &msg.target {
-                Target::User(to) => self.plan_user(conn, msg, to, &routes, stamped).await?,
-                Target::Room(room) => {
-                    let nodes = match stamped.and_then(Stamped::nodes) {
-                        Some(nodes) => nodes,
-                        None => &routes.rooms[&**room],
-                    };
-                    let nodes = self.live(conn, nodes).await?;
-                    if let Some((frame, seq)) = stamped.and_then(Stamped::stored) {
-                        self.deliver_room_here(msg, room, frame, seq);
-                    }
-                    let plan = Plan::new(&node.id, &nodes, &[], &[]);
-                    // A room message is never answered with `not found`.
-                    (
-                        plan,
-                        Outcome {
-                            reached: true,
-                            too_slow: false,
-                            failed: false,
-                        },
-                    )
-                }
-            };
-            for (target, to_recipient, to_sender) in &plan.entries {
-                let action = match &msg.payload {
-                    // People reading the inbox see what a backend published.
-                    Payload::Frame { action, .. } => {
-                        self.encode(msg, &plan, *to_recipient, *to_sender, stamped);
-                        &**action
-                    }
-                    _ => self.encode(msg, &plan, *to_recipient, *to_sender, stamped),
-                };
-                node.keys.inbox_into(target, &mut self.key_buf);
-                let to = match &msg.target {
-                    Target::User(to) | Target::Room(to) => to,
-                };
-                append_entry(
-                    &mut pipe,
-                    &self.key_buf,
-                    msg.origin.user(),
-                    to,
-                    action,
-                    &self.env_buf,
-                );
-                appended.push((i, *to_recipient));
-            }
+            let (plan, outcome) = self.plan(conn, msg, &routes, stamped).await?;
+            self.add_entries(&mut entries, i, msg, &plan, stamped);
             outcomes.push(outcome);
         }
-        if !appended.is_empty() {
-            let started = std::time::Instant::now();
-            let results: Vec<RedisResult<Value>> = pipe.query_async(conn).await?;
-            tracing::trace!(?results, "XADD results");
-            node.metrics
-                .xadd_seconds
-                .record(started.elapsed().as_secs_f64());
-            node.metrics.to_bus.increment(appended.len() as u64);
-            for ((i, for_recipient), result) in appended.into_iter().zip(results) {
-                match result {
-                    // NOMKSTREAM: the node's inbox is gone (it died or left).
-                    Ok(Value::Nil) => {}
-                    Ok(_) => outcomes[i].reached |= for_recipient,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "XADD failed");
-                        metrics::counter!("wsbus_bus_errors_total").increment(1);
-                        outcomes[i].failed |= for_recipient;
-                    }
+        self.append_entries(conn, entries, &mut outcomes).await?;
+        self.answer_unreached(conn, batch, outcomes).await
+    }
+
+    /// What to do with one message: its plan (one entry per other node) and what became of
+    /// it so far. A message that could not be stored has no entries.
+    async fn plan(
+        &self,
+        conn: &mut RedisConn,
+        msg: &Dispatch,
+        routes: &Routes<'_>,
+        stamped: Option<&Stamped>,
+    ) -> Result<(Plan, Outcome), RedisError> {
+        match (stamped, &msg.target) {
+            (Some(Stamped::NoStream), Target::User(_)) => {
+                Ok((Plan::default(), Outcome::default()))
+            }
+            // A room without members and without a stream: nobody to reach, and (as
+            // without history) no error.
+            (Some(Stamped::NoStream), Target::Room(_)) => {
+                let reached = Outcome {
+                    reached: true,
+                    ..Outcome::default()
+                };
+                Ok((Plan::default(), reached))
+            }
+            (Some(Stamped::Failed), _) => {
+                let failed = Outcome {
+                    failed: true,
+                    ..Outcome::default()
+                };
+                Ok((Plan::default(), failed))
+            }
+            (_, Target::User(to)) => self.plan_user(conn, msg, to, routes, stamped).await,
+            (_, Target::Room(room)) => self.plan_room(conn, msg, room, routes, stamped).await,
+        }
+    }
+
+    /// The entries of a room message: one per other live node with members. A stamped one
+    /// goes to the members here now. A room message is never answered with `not found`.
+    async fn plan_room(
+        &self,
+        conn: &mut RedisConn,
+        msg: &Dispatch,
+        room: &str,
+        routes: &Routes<'_>,
+        stamped: Option<&Stamped>,
+    ) -> Result<(Plan, Outcome), RedisError> {
+        let nodes = match stamped.and_then(Stamped::nodes) {
+            Some(nodes) => nodes,
+            None => &routes.rooms[room],
+        };
+        let nodes = self.live(conn, nodes).await?;
+        if let Some((frame, seq)) = stamped.and_then(Stamped::stored) {
+            self.deliver_room_here(msg, room, frame, seq);
+        }
+        let plan = Plan::new(&self.node.id, &nodes, &[], &[]);
+        let reached = Outcome {
+            reached: true,
+            ..Outcome::default()
+        };
+        Ok((plan, reached))
+    }
+
+    /// Adds the inbox entries of `msg` (message `i` of the batch) that `plan` says, each
+    /// with its envelope.
+    fn add_entries(
+        &mut self,
+        entries: &mut Entries,
+        i: usize,
+        msg: &Dispatch,
+        plan: &Plan,
+        stamped: Option<&Stamped>,
+    ) {
+        let to = match &msg.target {
+            Target::User(to) | Target::Room(to) => to,
+        };
+        for (target, to_recipient, to_sender) in &plan.entries {
+            let action = match &msg.payload {
+                // People reading the inbox see what a backend published.
+                Payload::Frame { action, .. } => {
+                    self.encode(msg, plan, *to_recipient, *to_sender, stamped);
+                    &**action
+                }
+                _ => self.encode(msg, plan, *to_recipient, *to_sender, stamped),
+            };
+            self.node.keys.inbox_into(target, &mut self.key_buf);
+            append_entry(
+                &mut entries.pipe,
+                &self.key_buf,
+                msg.origin.user(),
+                to,
+                action,
+                &self.env_buf,
+            );
+            entries.of.push((i, *to_recipient));
+        }
+    }
+
+    /// Appends the batch's inbox entries (one round trip) and records in `outcomes` which
+    /// messages reached a session through them, or failed to.
+    async fn append_entries(
+        &self,
+        conn: &mut RedisConn,
+        entries: Entries,
+        outcomes: &mut [Outcome],
+    ) -> Result<(), RedisError> {
+        if entries.of.is_empty() {
+            return Ok(());
+        }
+        let node = &self.node;
+        let started = Instant::now();
+        let results: Vec<RedisResult<Value>> = entries.pipe.query_async(conn).await?;
+        tracing::trace!(?results, "XADD results");
+        node.metrics
+            .xadd_seconds
+            .record(started.elapsed().as_secs_f64());
+        node.metrics.to_bus.increment(entries.of.len() as u64);
+        for ((i, for_recipient), result) in entries.of.into_iter().zip(results) {
+            match result {
+                // NOMKSTREAM: the node's inbox is gone (it died or left).
+                Ok(Value::Nil) => {}
+                Ok(_) => outcomes[i].reached |= for_recipient,
+                Err(e) => {
+                    tracing::warn!(error = %e, "XADD failed");
+                    metrics::counter!("wsbus_bus_errors_total").increment(1);
+                    outcomes[i].failed |= for_recipient;
                 }
             }
         }
-        self.answer_unreached(conn, batch, outcomes).await
+        Ok(())
     }
 
     /// The entries of a direct message: one per other node with sessions of the recipient
@@ -449,239 +557,59 @@ impl Writer {
         stamped: Option<&Stamped>,
     ) -> &'static str {
         let node = &self.node;
-        let (id, boot, origin, origin_sid, hops, tried): (
-            Option<u64>,
-            u64,
-            &str,
-            u64,
-            u8,
-            &[Box<str>],
-        ) = match &msg.origin {
-            Origin::Session { sid, .. } => (None, node.boot, &node.id, *sid, 0, &[]),
-            Origin::Node { .. } | Origin::Api { .. } => (None, node.boot, &node.id, 0, 0, &[]),
-            Origin::Forward {
-                node: origin,
-                sid,
-                id,
-                boot,
-                hops,
-                tried,
-                ..
-            } => (Some(*id), *boot, origin, *sid, *hops, tried),
-        };
-        let mut all_tried = Vec::new();
-        if node.config.multi_session() && matches!(msg.target, Target::User(_)) {
-            all_tried.extend(tried.iter().map(|t| (&**t).into()));
-            all_tried.push((&*node.id).into());
-            all_tried.extend(plan.entries.iter().map(|(n, _, _)| (&**n).into()));
-        }
+        let first = FirstSent::of(node, &msg.origin);
         let stored = stamped.and_then(Stamped::stored);
-        let body = match (&msg.target, &msg.payload) {
-            // A stamped frame travels as it is, whatever it carries.
-            (Target::User(_), _) if let Some((frame, _)) = stored => Body::Publish {
-                frame: frame.as_str().into(),
-            },
-            (Target::Room(room), _) if let Some((frame, _)) = stored => Body::RoomPublish {
-                room: (&**room).into(),
-                frame: frame.as_str().into(),
-            },
-            (Target::User(_), Payload::Text(text)) => Body::Message {
-                text: (&**text).into(),
-            },
-            (Target::Room(room), Payload::Text(text)) => Body::RoomMessage {
-                room: (&**room).into(),
-                text: (&**text).into(),
-            },
-            (Target::Room(room), Payload::Presence(event)) => Body::Presence {
-                room: (&**room).into(),
-                event: *event,
-            },
-            (Target::User(_), Payload::Frame { frame, .. }) => Body::Publish {
-                frame: frame.as_str().into(),
-            },
-            (Target::Room(room), Payload::Frame { frame, .. }) => Body::RoomPublish {
-                room: (&**room).into(),
-                frame: frame.as_str().into(),
-            },
-            (Target::User(_), Payload::Presence(_)) => {
-                unreachable!("presence events go to rooms")
-            }
-        };
         let to = match &msg.target {
             Target::User(to) | Target::Room(to) => to,
         };
         self.env_buf.clear();
         let env = Envelope {
-            id: id.unwrap_or_else(|| node.next_message_id()),
-            boot,
-            origin: origin.into(),
+            id: first.id.unwrap_or_else(|| node.next_message_id()),
+            boot: first.boot,
+            origin: first.node.into(),
             from: msg.origin.user().into(),
             to: (&**to).into(),
-            hops,
+            hops: first.hops,
             sent_us: msg.born_us,
-            origin_sid,
+            origin_sid: first.sid,
             to_recipient,
             to_sender,
-            tried: all_tried,
+            tried: tried_after(node, msg, plan, first.tried),
             stamp: stored.map(|(_, seq)| Stamp {
                 offset: seq.offset,
                 epoch: (&*seq.epoch).into(),
             }),
-            body,
+            body: body(msg, stored.map(|(frame, _)| frame)),
         };
         env.encode_into(&mut self.env_buf);
-        match (&msg.payload, &env.body) {
-            // The plain field shows what a stamped message is, not how it travels.
-            (Payload::Text(_), Body::Publish { .. }) => "message",
-            (Payload::Text(_), Body::RoomPublish { .. }) => "room_message",
-            _ => env.body.action(),
-        }
+        plain_action(&msg.payload, &env.body)
     }
 
-    /// Appends every message of the batch that needs a place in its target's history stream
-    /// (history on; not presence events, not entries stamped already) to that stream, one
-    /// pipeline, before anything of it is delivered anywhere. One entry per message, `None`
-    /// for those without a place.
+    /// Gives every message of the batch that needs one a place in its target's history
+    /// stream (history on; not presence events; a forwarded entry keeps its place): one
+    /// round trip for the batch, before anything of it is delivered anywhere. One entry per
+    /// message, `None` for those without a place.
     async fn stamp(
-        &mut self,
+        &self,
         conn: &mut RedisConn,
         batch: &[Dispatch],
     ) -> Result<Vec<Option<Stamped>>, RedisError> {
-        let mut stamped: Vec<Option<Stamped>> = batch
-            .iter()
-            .map(|msg| {
-                let (stamp, Payload::Frame { frame, .. }) = (msg.stamp.as_ref()?, &msg.payload)
-                else {
-                    return None;
-                };
-                Some(Stamped::Stored {
-                    frame: frame.clone(),
-                    seq: Arc::new(Seq {
-                        room: match &msg.target {
-                            Target::Room(room) => Some(Arc::from(&**room)),
-                            Target::User(_) => None,
-                        },
-                        offset: stamp.offset,
-                        epoch: Arc::from(&*stamp.epoch),
-                        marker: false,
-                    }),
-                    nodes: None,
-                })
-            })
-            .collect();
-        let node = Arc::clone(&self.node);
-        if node.history.is_none() {
+        let mut stamped: Vec<Option<Stamped>> = batch.iter().map(Stamped::forwarded).collect();
+        let node = &self.node;
+        let Some(history) = &node.history else {
             return Ok(stamped);
-        }
-        // One append per stream of the batch, with its frames in batch order: a stream's
-        // offsets are given in one call, contiguous, in the order its senders sent.
-        let mut groups: Vec<(Stream<'_>, Vec<(usize, String)>)> = Vec::new();
-        // Which group each stream is, by (is a room, id).
-        let mut group_of: HashMap<(bool, &str), usize> = HashMap::new();
-        for (i, msg) in batch.iter().enumerate() {
-            if stamped[i].is_some() {
-                continue;
-            }
-            let from = msg.origin.user();
-            let (stream, prefix) = match (&msg.target, &msg.payload) {
-                (_, Payload::Presence(_)) => continue,
-                (Target::User(to), Payload::Text(text)) => (
-                    Stream::User(to),
-                    crate::history::frame_prefix(&encode_message(from, to, text), None),
-                ),
-                (Target::Room(room), Payload::Text(text)) => (
-                    Stream::Room(room),
-                    crate::history::frame_prefix(
-                        &encode_room_message(from, room, text),
-                        Some(room),
-                    ),
-                ),
-                (Target::User(to), Payload::Frame { frame, .. }) => {
-                    (Stream::User(to), crate::history::frame_prefix(frame, None))
-                }
-                (Target::Room(room), Payload::Frame { frame, .. }) => (
-                    Stream::Room(room),
-                    crate::history::frame_prefix(frame, Some(room)),
-                ),
-            };
-            let key = match stream {
-                Stream::User(id) => (false, id),
-                Stream::Room(id) => (true, id),
-            };
-            match group_of.get(&key) {
-                Some(&g) => groups[g].1.push((i, prefix)),
-                None => {
-                    group_of.insert(key, groups.len());
-                    groups.push((stream, vec![(i, prefix)]));
-                }
-            }
-        }
-        if groups.is_empty() {
-            return Ok(stamped);
-        }
-        let stored: Vec<(Stream<'_>, Vec<String>)> = groups
-            .iter()
-            .map(|(stream, frames)| {
-                let frames = frames.iter().map(|(_, p)| format!("{p}}}")).collect();
-                (*stream, frames)
-            })
-            .collect();
-        let started = Instant::now();
-        let results = match node.config.redis_cluster {
-            // A transaction cannot span a cluster's slots: one function call per stream.
-            true => append_by_function(conn, &node, &stored).await?,
-            false => append_plainly(conn, &node, &stored).await?,
         };
+        let appends = appends_of(batch, &stamped);
+        if appends.is_empty() {
+            return Ok(stamped);
+        }
+        let started = Instant::now();
+        let replies = history.append(conn, &appends).await?;
         node.metrics
             .history_append_seconds
             .record(started.elapsed().as_secs_f64());
-        for ((stream, frames), parsed) in groups.into_iter().zip(results) {
-            let (first, epoch, nodes) = match parsed {
-                Ok(Appended::Stored {
-                    first,
-                    epoch,
-                    nodes,
-                }) => (first, epoch, nodes),
-                Ok(Appended::NoStream) => {
-                    for (i, _) in frames {
-                        stamped[i] = Some(Stamped::NoStream);
-                    }
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "history append failed");
-                    metrics::counter!("wsbus_bus_errors_total").increment(1);
-                    for (i, _) in frames {
-                        stamped[i] = Some(Stamped::Failed);
-                    }
-                    continue;
-                }
-            };
-            let room = match stream {
-                Stream::Room(room) => Some(Arc::from(room)),
-                Stream::User(_) => None,
-            };
-            let nodes: Nodes = match room {
-                Some(_) => nodes.into_iter().map(Arc::from).collect(),
-                None => crate::cluster::presence::nodes_of(nodes)
-                    .into_iter()
-                    .map(Arc::from)
-                    .collect(),
-            };
-            let epoch: Arc<str> = epoch.into();
-            for (k, (i, prefix)) in frames.into_iter().enumerate() {
-                let offset = first + k as u64;
-                stamped[i] = Some(Stamped::Stored {
-                    frame: crate::history::stamp(&prefix, offset, &epoch).into(),
-                    seq: Arc::new(Seq {
-                        room: room.clone(),
-                        offset,
-                        epoch: epoch.clone(),
-                        marker: false,
-                    }),
-                    nodes: Some(nodes.clone()),
-                });
-            }
+        for appended in appends.place(replies) {
+            Stamped::record(appended, &mut stamped);
         }
         Ok(stamped)
     }
@@ -770,75 +698,162 @@ impl Writer {
     }
 }
 
-/// Appends frames to streams (each stream with its frames in order) with one history
-/// function call per stream; one outcome per stream.
-async fn append_by_function(
-    conn: &mut RedisConn,
-    node: &Node,
-    streams: &[(Stream<'_>, Vec<String>)],
-) -> Result<Vec<Result<Appended, RedisError>>, RedisError> {
-    let history = node.history.as_ref().expect("history is on");
-    let mut pipe = redis::Pipeline::with_capacity(streams.len());
-    pipe.ignore_errors();
-    for (stream, frames) in streams {
-        history.add_append(&mut pipe, *stream, frames.iter().map(String::as_str));
-    }
-    let mut results: Vec<RedisResult<Value>> = pipe.query_async(conn).await?;
-    if results
-        .iter()
-        .all(|r| matches!(r, Err(e) if crate::redis::is_missing_function(e)))
-    {
-        // Redis lost the functions (it restarted): nothing was appended.
-        node.redis.load_functions(conn).await?;
-        results = pipe.query_async(conn).await?;
-    }
-    Ok(results
-        .into_iter()
-        .map(|r| r.map_err(RedisError::from).and_then(Appended::parse))
-        .collect())
+/// The inbox entries of a batch, in one pipeline.
+struct Entries {
+    pipe: redis::Pipeline,
+    /// Per entry: the message it belongs to, and whether it is for the recipient.
+    of: Vec<(usize, bool)>,
 }
 
-/// Appends frames to streams on a single Redis in one transaction of plain commands (see
-/// [`crate::history::History::add_plain_append`]); the streams whose epoch was missing (new,
-/// expired, or lost with Redis's data) go through the function afterwards. One outcome per
-/// stream.
-async fn append_plainly(
-    conn: &mut RedisConn,
-    node: &Node,
-    streams: &[(Stream<'_>, Vec<String>)],
-) -> Result<Vec<Result<Appended, RedisError>>, RedisError> {
-    let history = node.history.as_ref().expect("history is on");
-    let mut pipe = redis::pipe();
-    pipe.atomic();
-    for (stream, frames) in streams {
-        history.add_plain_append(&mut pipe, *stream, frames);
+impl Entries {
+    fn with_capacity(messages: usize) -> Self {
+        let mut pipe = redis::Pipeline::with_capacity(messages);
+        pipe.ignore_errors();
+        Self {
+            pipe,
+            of: Vec::with_capacity(messages),
+        }
     }
-    let replies: Vec<Value> = pipe.query_async(conn).await?;
-    let mut outcomes = Vec::with_capacity(streams.len());
-    let mut unknown = Vec::new();
-    let mut at = 0;
-    for (i, (_, frames)) in streams.iter().enumerate() {
-        let n = frames.len() + crate::history::PLAIN_EXTRA_REPLIES;
-        let Some(replies) = replies.get(at..at + n) else {
-            return Err(RedisError::Reply("history append transaction"));
+}
+
+/// Where and by whom a message was first sent, as its entries carry it: an entry forwarded
+/// after its recipient moved keeps its first sender's.
+struct FirstSent<'m> {
+    /// The message id (`None`: a new one).
+    id: Option<u64>,
+    boot: u64,
+    node: &'m str,
+    sid: u64,
+    hops: u8,
+    /// Nodes that already had it appended.
+    tried: &'m [Box<str>],
+}
+
+impl<'m> FirstSent<'m> {
+    fn of(node: &'m Node, origin: &'m Origin) -> Self {
+        let here = |sid| FirstSent {
+            id: None,
+            boot: node.boot,
+            node: &node.id,
+            sid,
+            hops: 0,
+            tried: &[],
         };
-        at += n;
-        match Appended::parse_plain(replies) {
-            Ok(Some(appended)) => outcomes.push(Ok(appended)),
-            Ok(None) => {
-                unknown.push(i);
-                outcomes.push(Err(RedisError::Reply("history append")));
+        match origin {
+            Origin::Session { sid, .. } => here(*sid),
+            Origin::Node { .. } | Origin::Api { .. } => here(0),
+            Origin::Forward {
+                node: origin,
+                sid,
+                id,
+                boot,
+                hops,
+                tried,
+                ..
+            } => FirstSent {
+                id: Some(*id),
+                boot: *boot,
+                node: origin,
+                sid: *sid,
+                hops: *hops,
+                tried,
+            },
+        }
+    }
+}
+
+/// The nodes an entry says have the message already, for a node that forwards it to skip:
+/// with several sessions per user, for a direct message, those it was tried on, this one,
+/// and those `plan` appends it to. Otherwise none.
+fn tried_after<'a>(
+    node: &'a Node,
+    msg: &Dispatch,
+    plan: &'a Plan,
+    tried: &'a [Box<str>],
+) -> Vec<Cow<'a, str>> {
+    let mut all_tried = Vec::new();
+    if node.config.multi_session() && matches!(msg.target, Target::User(_)) {
+        all_tried.extend(tried.iter().map(|t| (&**t).into()));
+        all_tried.push((&*node.id).into());
+        all_tried.extend(plan.entries.iter().map(|(n, _, _)| (&**n).into()));
+    }
+    all_tried
+}
+
+/// The body of `msg`'s entries. A frame stamped with its place (`stored`) travels as it is,
+/// whatever it carries.
+fn body<'m>(msg: &'m Dispatch, stored: Option<&'m Utf8Bytes>) -> Body<'m> {
+    if let Some(frame) = stored {
+        return match &msg.target {
+            Target::User(_) => Body::Publish {
+                frame: frame.as_str().into(),
+            },
+            Target::Room(room) => Body::RoomPublish {
+                room: (&**room).into(),
+                frame: frame.as_str().into(),
+            },
+        };
+    }
+    match (&msg.target, &msg.payload) {
+        (Target::User(_), Payload::Text(text)) => Body::Message {
+            text: (&**text).into(),
+        },
+        (Target::Room(room), Payload::Text(text)) => Body::RoomMessage {
+            room: (&**room).into(),
+            text: (&**text).into(),
+        },
+        (Target::Room(room), Payload::Presence(event)) => Body::Presence {
+            room: (&**room).into(),
+            event: *event,
+        },
+        (Target::User(_), Payload::Frame { frame, .. }) => Body::Publish {
+            frame: frame.as_str().into(),
+        },
+        (Target::Room(room), Payload::Frame { frame, .. }) => Body::RoomPublish {
+            room: (&**room).into(),
+            frame: frame.as_str().into(),
+        },
+        (Target::User(_), Payload::Presence(_)) => {
+            unreachable!("presence events go to rooms")
+        }
+    }
+}
+
+/// The action an entry shows in its plain field: what a stamped message is, not how it
+/// travels.
+fn plain_action(payload: &Payload, body: &Body<'_>) -> &'static str {
+    match (payload, body) {
+        (Payload::Text(_), Body::Publish { .. }) => "message",
+        (Payload::Text(_), Body::RoomPublish { .. }) => "room_message",
+        _ => body.action(),
+    }
+}
+
+/// The appends of the messages of `batch` that need a place in their target's stream (not
+/// presence events, not those `stamped` already), each with the frame its clients get.
+fn appends_of<'b>(batch: &'b [Dispatch], stamped: &[Option<Stamped>]) -> Appends<'b> {
+    let mut appends = Appends::default();
+    for (i, msg) in batch.iter().enumerate() {
+        if stamped[i].is_some() {
+            continue;
+        }
+        let from = msg.origin.user();
+        match (&msg.target, &msg.payload) {
+            (_, Payload::Presence(_)) => {}
+            (Target::User(to), Payload::Text(text)) => {
+                appends.add(i, Stream::User(to), &encode_message(from, to, text));
             }
-            Err(e) => outcomes.push(Err(e)),
+            (Target::Room(room), Payload::Text(text)) => {
+                let frame = encode_room_message(from, room, text);
+                appends.add(i, Stream::Room(room), &frame);
+            }
+            (Target::User(to), Payload::Frame { frame, .. }) => {
+                appends.add(i, Stream::User(to), frame);
+            }
+            (Target::Room(room), Payload::Frame { frame, .. }) => {
+                appends.add(i, Stream::Room(room), frame);
+            }
         }
     }
-    if !unknown.is_empty() {
-        let retry: Vec<(Stream<'_>, Vec<String>)> =
-            unknown.iter().map(|&i| streams[i].clone()).collect();
-        let again = append_by_function(conn, node, &retry).await?;
-        for (i, outcome) in unknown.into_iter().zip(again) {
-            outcomes[i] = outcome;
-        }
-    }
-    Ok(outcomes)
+    appends
 }

@@ -4,6 +4,7 @@
 //! every node the moment the handshake is done. A refused claim still upgrades, sends the
 //! `not unique session` error and closes with 4001.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use axum::Router;
@@ -12,6 +13,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::SinkExt;
+use tokio::sync::OwnedSemaphorePermit;
 use tungstenite::Message;
 use tungstenite::protocol::WebSocketConfig;
 
@@ -22,7 +24,6 @@ use crate::session::socket::{Socket, close_politely};
 use crate::session::{Session, SessionGuard, StartAt};
 use crate::wire::client::{ClientError, Position, close, encode_error};
 use crate::wire::ids::UserId;
-use tokio::sync::OwnedSemaphorePermit;
 
 /// The routes clients use: the WebSocket endpoint, the page and its client module.
 pub fn client_router(node: Arc<Node>) -> Router {
@@ -42,116 +43,70 @@ pub fn admin_router(node: Arc<Node>) -> Router {
         .with_state(node)
 }
 
-/// `GET /ws/{user_id}`: the gates of a connect, in order (user id, origin, token, a
-/// connection slot, where history starts), then the claim in Redis, then the upgrade. A gate that
-/// refuses answers with an HTTP status before the upgrade; a refused claim upgrades, sends
-/// `not unique session` and closes with 4001.
+/// A connect, gate by gate: the user id, the origin, the token, a connection slot, where
+/// the user's stream starts (history on), the claim. Each gate refuses with its own status
+/// (a refused claim still upgrades, to say why); past them all the connection upgrades to a
+/// session.
 async fn connect(
     State(node): State<Arc<Node>>,
     Path(user_id): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     ws: Upgrade,
-) -> Response {
-    let query = query.as_deref();
-    let gates = async {
-        let user = UserId::parse(&user_id).ok_or(Refusal::new(
-            StatusCode::BAD_REQUEST,
-            "invalid user id",
-            None,
-        ))?;
-        check_origin(&node, &user, &headers)?;
-        check_token(&node, &user, query, &headers)?;
-        let permit = take_slot(&node)?;
-        let start = history_start(&node, &user, query).await?;
-        Ok::<_, Refusal>((user, permit, start))
+) -> Result<Response, Refused> {
+    let Some(user) = UserId::parse(&user_id) else {
+        return Err(Refused::new(StatusCode::BAD_REQUEST, "invalid user id"));
     };
-    let (user, permit, start) = match gates.await {
-        Ok(passed) => passed,
-        Err(refusal) => return refusal.into_response(),
-    };
+    check_origin(&node, &user, &headers)?;
+    authenticate(&node, &user, query.as_deref(), &headers)?;
+    let permit = connection_slot(&node)?;
     let ws = configure(ws, &node);
+    let start = stream_start(&node, &user, query.as_deref()).await?;
     let sid = node.next_session_id();
     // In the hub before the claim: once the claim is in Redis, another node may evict this
     // session (`--on-session-limit replace`), and its kick must find the session here.
     let queue = node.hub.insert(user.clone(), sid);
     let evicted = match claim(&node, &user, sid).await {
-        Ok(Some(evicted)) => evicted,
-        Ok(None) => return ws.on_upgrade(move |socket| refuse_not_unique(socket, user)),
-        Err(refusal) => return refusal.into_response(),
+        Ok(evicted) => evicted,
+        Err(NotClaimed::Bus) => return Err(bus_unavailable()),
+        // Refused, but upgraded: the client is told why.
+        Err(NotClaimed::NotUnique) => {
+            return Ok(ws.on_upgrade(move |socket| refuse_not_unique(socket, user)));
+        }
     };
     close_replaced(&node, &user, &evicted).await;
     let guard = SessionGuard::new(node.clone(), user.clone(), sid);
     let tracker = node.sessions.clone();
     metrics::counter!("wsbus_connections_opened_total").increment(1);
-    ws.on_upgrade(move |socket| {
+    Ok(ws.on_upgrade(move |socket| {
         tracker.track_future(Session::new(node, user, queue, guard, permit, start).run(socket))
-    })
+    }))
 }
 
-/// A connect refused before the upgrade: its HTTP status and body, and the reason counted in
-/// `wsbus_connections_refused_total` (none for a malformed request or a node shutting down).
-struct Refusal {
-    status: StatusCode,
-    text: String,
-    reason: Option<&'static str>,
-}
-
-impl Refusal {
-    fn new(status: StatusCode, text: impl Into<String>, reason: Option<&'static str>) -> Self {
-        Self {
-            status,
-            text: text.into(),
-            reason,
-        }
+/// Refuses a browser page from an origin not in `--allowed-origins` (when that is set).
+fn check_origin(node: &Node, user: &UserId, headers: &HeaderMap) -> Result<(), Refused> {
+    if let Some(origin) = headers.get(header::ORIGIN)
+        && !node.config.allowed_origins.is_empty()
+        && !node
+            .config
+            .allowed_origins
+            .iter()
+            .any(|allowed| allowed.as_bytes() == origin.as_bytes())
+    {
+        tracing::info!(user = %user, origin = ?origin, "refused: origin not allowed");
+        metrics::counter!("wsbus_connections_refused_total", "reason" => "origin").increment(1);
+        return Err(Refused::new(StatusCode::FORBIDDEN, "origin not allowed"));
     }
-
-    /// Redis could not be reached for something the connect needs.
-    fn bus_unavailable() -> Self {
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "bus unavailable",
-            Some("bus"),
-        )
-    }
+    Ok(())
 }
 
-impl IntoResponse for Refusal {
-    fn into_response(self) -> Response {
-        if let Some(reason) = self.reason {
-            metrics::counter!("wsbus_connections_refused_total", "reason" => reason).increment(1);
-        }
-        (self.status, format!("{}\n", self.text)).into_response()
-    }
-}
-
-/// With `--allowed-origin`, a browser's `Origin` must be one of them.
-fn check_origin(node: &Node, user: &UserId, headers: &HeaderMap) -> Result<(), Refusal> {
-    let allowed = &node.config.allowed_origins;
-    match headers.get(header::ORIGIN) {
-        Some(origin)
-            if !allowed.is_empty()
-                && !allowed.iter().any(|a| a.as_bytes() == origin.as_bytes()) =>
-        {
-            tracing::info!(user = %user, origin = ?origin, "refused: origin not allowed");
-            Err(Refusal::new(
-                StatusCode::FORBIDDEN,
-                "origin not allowed",
-                Some("origin"),
-            ))
-        }
-        _ => Ok(()),
-    }
-}
-
-/// Unless the node runs `--insecure`, a valid token for this user (`?token=` or
-/// `Authorization: Bearer`).
-fn check_token(
+/// Refuses a connect without a valid token for `user` (unless the node runs `--insecure`).
+fn authenticate(
     node: &Node,
     user: &UserId,
     query: Option<&str>,
     headers: &HeaderMap,
-) -> Result<(), Refusal> {
+) -> Result<(), Refused> {
     let Some(verifier) = &node.auth else {
         return Ok(());
     };
@@ -162,67 +117,62 @@ fn check_token(
         None => Err(crate::auth::AuthError::Missing),
         Some(token) => verifier.verify(token, user.as_str()),
     };
-    checked.map_err(|e| {
+    if let Err(e) = checked {
         // Never log the token itself.
         tracing::info!(user = %user, reason = %e, "refused: authentication");
-        Refusal::new(StatusCode::UNAUTHORIZED, e.to_string(), Some("auth"))
-    })
+        metrics::counter!("wsbus_connections_refused_total", "reason" => "auth").increment(1);
+        return Err(Refused::new(StatusCode::UNAUTHORIZED, e.to_string()));
+    }
+    Ok(())
 }
 
-/// A place among the node's `--max-connections`, unless it is shutting down.
-fn take_slot(node: &Node) -> Result<OwnedSemaphorePermit, Refusal> {
+/// A connection slot, unless the node is shutting down or has `--max-connections`.
+fn connection_slot(node: &Node) -> Result<OwnedSemaphorePermit, Refused> {
     if node.shutdown.is_cancelled() {
-        return Err(Refusal::new(
+        return Err(Refused::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "node shutting down",
-            None,
         ));
     }
-    node.connections.clone().try_acquire_owned().map_err(|_| {
-        Refusal::new(
+    let Ok(permit) = node.connections.clone().try_acquire_owned() else {
+        metrics::counter!("wsbus_connections_refused_total", "reason" => "limit").increment(1);
+        return Err(Refused::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "too many connections",
-            Some("limit"),
-        )
-    })
+        ));
+    };
+    Ok(permit)
 }
 
-/// With history on, where the user's stream starts for this session: where the client says
-/// (`?since=&epoch=`), or where the stream is now, read before the session registers, so
+/// With history on, where the user's stream starts for this session: where the client
+/// says (`?since=&epoch=`), or where the stream is now, before the session registers, so
 /// that what is sent meanwhile reaches it too.
-async fn history_start(
+async fn stream_start(
     node: &Node,
     user: &UserId,
     query: Option<&str>,
-) -> Result<Option<StartAt>, Refusal> {
-    let Some(history) = &node.history else {
-        return Ok(None);
-    };
-    if let Some(position) = Position::from_query(query) {
-        return Ok(Some(StartAt {
-            position,
-            asked: true,
-        }));
-    }
+) -> Result<Option<StartAt>, Refused> {
     let stream = crate::history::Stream::User(user.as_str());
-    match history.open(&node.redis, stream, None, 0, true).await {
-        Ok(opened) => Ok(Some(StartAt {
-            position: Position {
-                since: opened.top,
-                epoch: opened.epoch.into(),
-            },
-            asked: false,
-        })),
-        Err(e) => {
+    let asked = Position::from_query(query);
+    StartAt::of(node.history.as_ref(), stream, asked)
+        .await
+        .map_err(|e| {
             tracing::warn!(user = %user, error = %e, "history read failed; refusing connection");
-            Err(Refusal::bus_unavailable())
-        }
-    }
+            bus_unavailable()
+        })
 }
 
-/// Claims the session in Redis: `Some(sessions it evicted)` when claimed, `None` when the
-/// user's session limit refuses it. A session that is not claimed leaves the hub again.
-async fn claim(node: &Node, user: &UserId, sid: u64) -> Result<Option<Vec<SessionRef>>, Refusal> {
+/// Why a claim did not register the session.
+enum NotClaimed {
+    /// Redis could not be asked.
+    Bus,
+    /// The user is at its session limit (`--on-session-limit reject`).
+    NotUnique,
+}
+
+/// Claims `user` for session `sid` (already in the hub); returns the sessions it replaced.
+/// A session not claimed leaves the hub again.
+async fn claim(node: &Node, user: &UserId, sid: u64) -> Result<Vec<SessionRef>, NotClaimed> {
     let claim = claim_patiently(node, user, sid).await;
     tracing::debug!(user = %user, sid, ?claim, "claim");
     if !matches!(claim, Ok(Claim::Claimed | Claim::Replaced { .. })) {
@@ -239,21 +189,21 @@ async fn claim(node: &Node, user: &UserId, sid: u64) -> Result<Option<Vec<Sessio
     match claim {
         Err(e) => {
             tracing::warn!(user = %user, error = %e, "claim failed; refusing connection");
-            Err(Refusal::bus_unavailable())
+            Err(NotClaimed::Bus)
         }
         Ok(Claim::Refused { holders }) => {
             tracing::debug!(user = %user, ?holders, "refused: not unique session");
             metrics::counter!("wsbus_connections_refused_total", "reason" => "not_unique")
                 .increment(1);
             ClientError::NotUniqueSession.count();
-            Ok(None)
+            Err(NotClaimed::NotUnique)
         }
-        Ok(Claim::Claimed) => Ok(Some(Vec::new())),
-        Ok(Claim::Replaced { evicted }) => Ok(Some(evicted)),
+        Ok(Claim::Claimed) => Ok(Vec::new()),
+        Ok(Claim::Replaced { evicted }) => Ok(evicted),
     }
 }
 
-/// Closes the sessions a `--on-session-limit replace` claim evicted, wherever they are.
+/// Closes the sessions a claim replaced (4006), wherever they are.
 async fn close_replaced(node: &Node, user: &UserId, evicted: &[SessionRef]) {
     for old in evicted {
         metrics::counter!("wsbus_sessions_replaced_total").increment(1);
@@ -263,6 +213,33 @@ async fn close_replaced(node: &Node, user: &UserId, evicted: &[SessionRef]) {
         {
             tracing::warn!(user = %user, node = %old.node, error = %e, "could not close a replaced session");
         }
+    }
+}
+
+/// `503 bus unavailable`: Redis could not be asked (counted as such).
+fn bus_unavailable() -> Refused {
+    metrics::counter!("wsbus_connections_refused_total", "reason" => "bus").increment(1);
+    Refused::new(StatusCode::SERVICE_UNAVAILABLE, "bus unavailable")
+}
+
+/// A connect refused before any upgrade: its status, and a line saying why.
+struct Refused {
+    status: StatusCode,
+    why: Cow<'static, str>,
+}
+
+impl Refused {
+    fn new(status: StatusCode, why: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            status,
+            why: why.into(),
+        }
+    }
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        (self.status, format!("{}\n", self.why)).into_response()
     }
 }
 

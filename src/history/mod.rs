@@ -1,45 +1,47 @@
 //! History (`--history N`): every message a user can receive is first appended to a Redis
 //! stream of its target (the recipient user, or the room: one write per room message), and
 //! the frame clients get carries its place there, a top-level `"offset"` (1, 2, 3… within
-//! the stream) and `"epoch"` (changes whenever the stream's past was lost). This module owns
-//! the stream side (the Redis functions of `migrations/wsbus_v3.lua`, stamping frames, the
-//! recovery decision) and the [`Sequencer`] a session uses to hand each stream's frames to
-//! its client in offset order, once each, filling gaps from the stream.
+//! the stream) and `"epoch"` (changes whenever the stream's past was lost).
 //!
-//! Keys, hash-tagged by target so each function touches one slot:
-//! `P:{u:<uid>}:history` / `P:{u:<uid>}:hmeta` and `P:{r:<room>}:history` / `P:{r:<room>}:hmeta`.
+//! Everything else talks to the streams through one type, [`History`] (there is one only
+//! when history is on):
+//! - the bus writer gathers a batch's messages into [`Appends`], has [`History::append`]
+//!   append them on its own connection (one round trip for the batch, before it delivers
+//!   anything), and gets each message's stamped frame and where its target is from
+//!   [`Appends::place`];
+//! - a session starts a stream where it is ([`History::position`]), replays what a client
+//!   missed ([`History::replay`], [`History::recovery`]), answers `history`
+//!   ([`History::page`]), fills its sequencer's gaps ([`History::read_gap`]), and keeps its
+//!   user's stream when it ends ([`History::touch`]);
+//! - the heartbeat keeps the streams of local users and rooms from expiring
+//!   ([`History::keep_alive`]) and says when Redis lost its data ([`History::redis_reset`]).
+//!
+//! This file holds the type, its API and the decisions (recovery, pages, stamping frames);
+//! [`store`] the Redis commands and their replies; [`sequencer`] a session's in-order
+//! hand-over of each stream's frames. No Redis in the decisions or the sequencer: their
+//! tests run without it.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-
-use redis::Value;
+use std::time::Duration;
 
 use crate::config::NodeConfig;
-use crate::redis::RedisError;
 use crate::redis::keys::Keys;
+use crate::redis::{Redis, RedisConn, RedisError};
+use crate::wire::client::Position;
 
 pub mod sequencer;
-
-/// Replies of [`History::add_plain_append`] besides one per frame: the epoch, the byte
-/// count, two TTL refreshes and where the target is.
-pub const PLAIN_EXTRA_REPLIES: usize = 5;
+mod store;
 
 pub use crate::wire::frame::{Seq, StreamOf};
 pub use sequencer::{GAP_WAIT, Gap, Sequencer};
-
-/// Function names (libraries `wsbus_v3` and `wsbus_v4`).
-pub mod func {
-    /// Append frames to a stream if it is alive or its target has sessions (a user) or
-    /// members (a room), keep it within its byte bound, and say where the target is.
-    pub const APPEND: &str = "wsbus_v4_history_append";
-    /// Count the bytes a plain append added to a live stream, trimming it past its bound.
-    pub const ACCOUNT: &str = "wsbus_v4_history_account";
-    /// Read a stream's position (and the frames after an offset), refreshing its TTL.
-    pub const OPEN: &str = "wsbus_v3_history_open";
-}
+pub use store::Opened;
+use store::{Replies, Reply};
 
 /// One stream: a user's or a room's.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stream<'a> {
     /// A user's (direct messages, publishes and relays to the user).
     User(&'a str),
@@ -47,55 +49,313 @@ pub enum Stream<'a> {
     Room(&'a str),
 }
 
-/// The history settings and what this node knows about the streams' past.
+impl<'a> Stream<'a> {
+    /// The room whose stream it is (`None`: a user's).
+    pub fn room(self) -> Option<&'a str> {
+        match self {
+            Stream::Room(room) => Some(room),
+            Stream::User(_) => None,
+        }
+    }
+}
+
+/// The history settings, the Redis they live in, and what this node knows about the
+/// streams' past.
 pub struct History {
     /// Messages kept per stream.
-    pub keep: u32,
+    keep: u32,
     /// Bytes of frames kept per stream (`--history-max-bytes`).
-    pub max_bytes: usize,
-    /// Stream TTL in milliseconds.
-    pub ttl_ms: u64,
+    max_bytes: usize,
+    /// Stream TTL.
+    ttl: Duration,
+    /// The same in milliseconds (at least 1), as Redis takes it.
+    ttl_ms: u64,
     /// Most messages one recovery replays.
-    pub recover_max: u32,
+    recover_max: u32,
+    /// Redis is a cluster: an append cannot be one transaction over several streams.
+    cluster: bool,
     keys: Keys,
+    redis: Arc<Redis>,
     /// When this node last saw Redis lose its data (ms since the Unix epoch; 0 = never).
     reset_ms: AtomicU64,
     seed: u64,
     counter: AtomicU64,
 }
 
-/// What appending frames to one stream gave.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Appended {
-    /// Stored from offset `first` on (one each, in order) in epoch `epoch`; the target is on
-    /// `nodes` (for a user: its session fields `<node>:<sid>`; for a room: nodes with
-    /// members).
-    Stored {
-        /// The first frame's offset.
-        first: u64,
-        /// The stream's epoch.
-        epoch: String,
-        /// Where the target is.
-        nodes: Vec<String>,
-    },
-    /// The target has no live stream, and no session (a user) or member (a room): nothing
-    /// was stored, no key made.
-    NoStream,
+impl History {
+    /// The history of a node with `config` over `redis`, or `None` when history is off.
+    pub fn new(config: &NodeConfig, keys: &Keys, redis: Arc<Redis>, seed: u64) -> Option<Self> {
+        (config.history > 0).then(|| Self {
+            keep: config.history,
+            max_bytes: config.history_max_bytes,
+            ttl: config.history_ttl,
+            ttl_ms: (config.history_ttl.as_millis() as u64).max(1),
+            recover_max: config.recover_max,
+            cluster: config.redis_cluster,
+            keys: keys.clone(),
+            redis,
+            reset_ms: AtomicU64::new(0),
+            seed,
+            counter: AtomicU64::new(0),
+        })
+    }
+
+    /// A new epoch: its creation time (ms, hex), a dash, and a random part.
+    fn new_epoch(&self) -> String {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let mix = (self.seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)).rotate_left(17);
+        format!("{:x}-{:08x}", crate::wire::clock::now_ms(), mix as u32)
+    }
+
+    /// Appends the frames of a batch (see [`Appends`]) to their streams on `conn`, the bus
+    /// writer's: one pipeline for the whole batch (on a single Redis a transaction of plain
+    /// commands, followed by function calls only for streams that had no epoch yet; on a
+    /// cluster one function call per stream). [`Appends::place`] reads the replies.
+    pub async fn append(
+        &self,
+        conn: &mut RedisConn,
+        appends: &Appends<'_>,
+    ) -> Result<AppendReplies, RedisError> {
+        Ok(AppendReplies(
+            self.append_parts(conn, &appends.parts).await?,
+        ))
+    }
+
+    /// Where `stream` is now (made, in a new epoch, if it is missing): where a session that
+    /// asks for no recovery starts it.
+    pub async fn position(&self, stream: Stream<'_>) -> Result<Position<'static>, RedisError> {
+        let opened = self.open(stream, None, 0, true).await?;
+        Ok(Position {
+            since: opened.top,
+            epoch: opened.epoch.into(),
+        })
+    }
+
+    /// Keeps `stream` for `--history-ttl` from now (made if it is missing): what is sent to
+    /// a user who just disconnected is kept for its reconnect.
+    pub async fn touch(&self, stream: Stream<'_>) -> Result<(), RedisError> {
+        self.open(stream, None, 0, true).await.map(drop)
+    }
+
+    /// Where `stream` is (made if missing) and, after `since`, the frames a recovery
+    /// replays (at most `--recover-max`); [`History::recovery`] decides whether they are
+    /// all the client missed.
+    pub async fn replay(
+        &self,
+        stream: Stream<'_>,
+        since: Option<u64>,
+    ) -> Result<Opened, RedisError> {
+        self.open(stream, since, self.recover_max, true).await
+    }
+
+    /// Decides a recovery from `since` in `epoch` against the stream as `opened` by
+    /// [`History::replay`].
+    pub fn recovery(&self, since: u64, epoch: &str, opened: &Opened) -> Result<(), Unrecoverable> {
+        decide(
+            since,
+            epoch,
+            opened,
+            self.recover_max,
+            self.reset_ms.load(Ordering::Relaxed),
+        )
+    }
+
+    /// A page of `stream` (made if missing) for the `history` action: at most `limit`
+    /// frames after `since`, for a client that knows `epoch` (if it says).
+    pub async fn page(
+        &self,
+        stream: Stream<'_>,
+        since: u64,
+        limit: u32,
+        epoch: Option<&str>,
+    ) -> Result<Page, RedisError> {
+        let opened = self.open(stream, Some(since), limit, true).await?;
+        Ok(Page::of(opened, since, epoch))
+    }
+
+    /// The frames of `gap` from `stream` (a missing stream stays missing); they fill it if
+    /// the stream's epoch is still the session's.
+    pub async fn read_gap(&self, stream: Stream<'_>, gap: &Gap) -> Result<Opened, RedisError> {
+        let want = u32::try_from(gap.until - gap.from).unwrap_or(u32::MAX);
+        self.open(stream, Some(gap.from - 1), want, false).await
+    }
+
+    /// Refreshes the TTL of the streams of `users` and `rooms` (those with sessions or
+    /// members on this node), so a stream does not expire under a user who is connected but
+    /// gets nothing for longer than `--history-ttl`.
+    pub async fn keep_alive(&self, users: &[&str], rooms: &[&str]) -> Result<(), RedisError> {
+        let streams = users
+            .iter()
+            .map(|u| Stream::User(u))
+            .chain(rooms.iter().map(|r| Stream::Room(r)));
+        self.expire(streams).await
+    }
+
+    /// How often [`History::keep_alive`] is due: a third of `--history-ttl`.
+    pub fn keep_alive_every(&self) -> Duration {
+        self.ttl / 3
+    }
+
+    /// Records that Redis lost its data (the heartbeat found this node's registration gone):
+    /// a stream missing since then was lost, not expired.
+    pub fn redis_reset(&self) {
+        self.reset_ms
+            .store(crate::wire::clock::now_ms(), Ordering::Relaxed);
+    }
 }
 
-/// A stream's position, and frames read from it.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Opened {
-    /// The epoch (empty: the stream does not exist and was not created).
-    pub epoch: String,
-    /// The last offset given.
-    pub top: u64,
-    /// The stream did not exist and was created now (its past is gone).
-    pub created: bool,
-    /// The oldest offset still kept (0: none).
-    pub first: u64,
-    /// The frames read, in offset order, stamped with their place.
-    pub frames: Vec<(u64, String)>,
+/// The appends of one batch of messages: each message's frame, to its target's stream. A
+/// stream's frames are appended in one go in the order they were added (their senders'),
+/// so they get contiguous offsets in that order.
+#[derive(Default)]
+pub struct Appends<'a> {
+    parts: Vec<Part<'a>>,
+    /// Which part each stream is, by (is a room, id).
+    part_of: HashMap<(bool, &'a str), usize>,
+}
+
+/// One stream's part of a batch.
+struct Part<'a> {
+    stream: Stream<'a>,
+    /// The caller's number of each message (see [`Appends::add`]), in order.
+    messages: Vec<usize>,
+    /// Their frames as stored: without offset and epoch (see [`stored_frame`]).
+    frames: Vec<String>,
+}
+
+/// The replies of [`History::append`], for [`Appends::place`].
+pub struct AppendReplies(Replies);
+
+/// What became of one stream's part of a batch.
+#[derive(Debug)]
+pub enum Appended {
+    /// In the stream, each message with its frame as stamped and its place.
+    Stored {
+        /// Where the stream's target is, from the same round trip.
+        target: Located,
+        /// The stream's messages, in the order they were added.
+        frames: Vec<StampedFrame>,
+    },
+    /// The target has no live stream, and no session (a user) or member (a room): nothing
+    /// stored, no key made.
+    NoStream {
+        /// The messages (as numbered by the caller).
+        messages: Vec<usize>,
+    },
+    /// The append failed: nothing stored.
+    Failed {
+        /// The messages (as numbered by the caller).
+        messages: Vec<usize>,
+        /// Why.
+        error: RedisError,
+    },
+}
+
+/// Where a stream's target is, as the append found it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Located {
+    /// A user's stream: the user's session fields (`<node>:<sid>`).
+    Sessions(Vec<String>),
+    /// A room's stream: the nodes with members.
+    Nodes(Vec<String>),
+}
+
+/// One message, stored.
+#[derive(Debug, PartialEq, Eq)]
+pub struct StampedFrame {
+    /// The caller's number of the message.
+    pub message: usize,
+    /// Its frame as clients get it: with its place (and, in a room's stream, the room).
+    pub frame: String,
+    /// Its place.
+    pub seq: Arc<Seq>,
+}
+
+impl<'a> Appends<'a> {
+    /// Adds message number `message` (the caller's, e.g. its place in a batch), whose frame
+    /// clients would get is `frame`, to `stream`.
+    pub fn add(&mut self, message: usize, stream: Stream<'a>, frame: &str) {
+        let frame = stored_frame(frame, stream.room());
+        let key = match stream {
+            Stream::User(id) => (false, id),
+            Stream::Room(id) => (true, id),
+        };
+        match self.part_of.get(&key) {
+            Some(&p) => {
+                self.parts[p].messages.push(message);
+                self.parts[p].frames.push(frame);
+            }
+            None => {
+                self.part_of.insert(key, self.parts.len());
+                self.parts.push(Part {
+                    stream,
+                    messages: vec![message],
+                    frames: vec![frame],
+                });
+            }
+        }
+    }
+
+    /// Nothing to append.
+    pub fn is_empty(&self) -> bool {
+        self.parts.is_empty()
+    }
+
+    /// What became of each stream's part, from the replies of [`History::append`].
+    pub fn place(self, replies: AppendReplies) -> impl Iterator<Item = Appended> {
+        self.parts
+            .into_iter()
+            .zip(replies.0)
+            .map(|(p, r)| p.place(r))
+    }
+}
+
+impl Part<'_> {
+    /// What its reply says became of this part: its frames stamped with contiguous offsets
+    /// from the first one given, or why nothing was stored.
+    fn place(self, reply: Result<Reply, RedisError>) -> Appended {
+        let (first, epoch, nodes) = match reply {
+            Ok(Reply::Stored {
+                first,
+                epoch,
+                nodes,
+            }) => (first, epoch, nodes),
+            Ok(Reply::NoStream) => {
+                return Appended::NoStream {
+                    messages: self.messages,
+                };
+            }
+            Err(error) => {
+                return Appended::Failed {
+                    messages: self.messages,
+                    error,
+                };
+            }
+        };
+        let room: StreamOf = self.stream.room().map(Arc::from);
+        let epoch: Arc<str> = epoch.into();
+        let frames = self
+            .messages
+            .into_iter()
+            .zip(self.frames)
+            .zip(first..)
+            .map(|((message, frame), offset)| StampedFrame {
+                message,
+                frame: stamp_stored(frame, offset, &epoch),
+                seq: Arc::new(Seq {
+                    room: room.clone(),
+                    offset,
+                    epoch: epoch.clone(),
+                    marker: false,
+                }),
+            })
+            .collect();
+        let target = match self.stream {
+            Stream::User(_) => Located::Sessions(nodes),
+            Stream::Room(_) => Located::Nodes(nodes),
+        };
+        Appended::Stored { target, frames }
+    }
 }
 
 /// Why a recovery could not be made.
@@ -113,7 +373,7 @@ pub enum Unrecoverable {
 }
 
 impl Unrecoverable {
-    /// The `reason` of a `recovered: false` frame.
+    /// The `reason` of a `recovered: false` frame (and of a `history` page).
     pub fn as_str(self) -> &'static str {
         match self {
             Unrecoverable::Epoch => "epoch",
@@ -121,202 +381,6 @@ impl Unrecoverable {
             Unrecoverable::Expired => "expired",
             Unrecoverable::TooMany => "too_many",
         }
-    }
-}
-
-impl History {
-    /// The history settings of `config`, or `None` when history is off.
-    pub fn new(config: &NodeConfig, keys: &Keys, seed: u64) -> Option<Self> {
-        (config.history > 0).then(|| Self {
-            keep: config.history,
-            max_bytes: config.history_max_bytes,
-            ttl_ms: (config.history_ttl.as_millis() as u64).max(1),
-            recover_max: config.recover_max,
-            keys: keys.clone(),
-            reset_ms: AtomicU64::new(0),
-            seed,
-            counter: AtomicU64::new(0),
-        })
-    }
-
-    /// A new epoch: its creation time (ms, hex), a dash, and a random part.
-    pub fn new_epoch(&self) -> String {
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let mix = (self.seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)).rotate_left(17);
-        format!("{:x}-{:08x}", crate::wire::clock::now_ms(), mix as u32)
-    }
-
-    /// Records that Redis lost its data (the heartbeat found this node's registration gone):
-    /// a stream missing since then was lost, not expired.
-    pub fn redis_reset(&self) {
-        self.reset_ms
-            .store(crate::wire::clock::now_ms(), Ordering::Relaxed);
-    }
-
-    fn stream_keys(&self, stream: Stream<'_>) -> (String, String) {
-        match stream {
-            Stream::User(user) => (
-                self.keys.user_history(user),
-                self.keys.user_history_meta(user),
-            ),
-            Stream::Room(room) => (
-                self.keys.room_history(room),
-                self.keys.room_history_meta(room),
-            ),
-        }
-    }
-
-    /// Adds the append of `frames` (in order, each as stored: without offset and epoch) to
-    /// `stream` to `pipe`; its reply parses with [`Appended::parse`].
-    pub fn add_append<'f>(
-        &self,
-        pipe: &mut redis::Pipeline,
-        stream: Stream<'_>,
-        frames: impl Iterator<Item = &'f str>,
-    ) {
-        let (history, meta) = self.stream_keys(stream);
-        let (where_key, kind) = match stream {
-            Stream::User(user) => (self.keys.user_sessions(user), "u"),
-            Stream::Room(room) => (self.keys.room_nodes(room), "r"),
-        };
-        // Exact trimming below a stream node's 100 entries; above, Redis drops whole nodes
-        // (`~`), which is far cheaper and keeps up to 100 more.
-        let trim = if self.keep < 100 { "=" } else { "~" };
-        let cmd = pipe
-            .cmd("FCALL")
-            .arg(func::APPEND)
-            .arg(3)
-            .arg(history)
-            .arg(meta)
-            .arg(where_key)
-            .arg(trim)
-            .arg(self.keep)
-            .arg(self.ttl_ms)
-            .arg(self.new_epoch())
-            .arg(kind)
-            .arg(self.max_bytes);
-        for frame in frames {
-            cmd.arg(frame);
-        }
-    }
-
-    /// Adds to an atomic (`MULTI`) pipeline on a single Redis the plain commands that append
-    /// `frames` to `stream` if it exists (`NOMKSTREAM`: Redis numbers the entries `0-1`,
-    /// `0-2`, …: contiguous offsets within the transaction), count their bytes (a small
-    /// function call, which trims the stream past `--history-max-bytes`), refresh its TTL,
-    /// read its epoch and say where its target is: no function call with the frames, whose
-    /// argument passing costs Redis more than the appends. A stream not there yet is left to
-    /// the append function, which makes it only for a live target. Its
-    /// [`PLAIN_EXTRA_REPLIES`] + `frames.len()` replies parse with [`Appended::parse_plain`].
-    pub fn add_plain_append<S: AsRef<str>>(
-        &self,
-        pipe: &mut redis::Pipeline,
-        stream: Stream<'_>,
-        frames: &[S],
-    ) {
-        let (history, meta) = self.stream_keys(stream);
-        pipe.cmd("HGET").arg(&meta).arg("epoch");
-        let trim = if self.keep < 100 { "=" } else { "~" };
-        let mut bytes = 0;
-        for frame in frames {
-            bytes += frame.as_ref().len();
-            pipe.cmd("XADD")
-                .arg(&history)
-                .arg("NOMKSTREAM")
-                .arg("MAXLEN")
-                .arg(trim)
-                .arg(self.keep)
-                .arg("0-*")
-                .arg("frame")
-                .arg(frame.as_ref());
-        }
-        pipe.cmd("FCALL")
-            .arg(func::ACCOUNT)
-            .arg(2)
-            .arg(&history)
-            .arg(&meta)
-            .arg(bytes)
-            .arg(self.max_bytes);
-        pipe.cmd("PEXPIRE").arg(&history).arg(self.ttl_ms);
-        pipe.cmd("PEXPIRE").arg(&meta).arg(self.ttl_ms);
-        match stream {
-            Stream::User(user) => pipe.cmd("HKEYS").arg(self.keys.user_sessions(user)),
-            Stream::Room(room) => pipe.cmd("SMEMBERS").arg(self.keys.room_nodes(room)),
-        };
-    }
-
-    /// Reads the position of `stream` and (with `since`) up to `limit` frames after it,
-    /// refreshing its TTL; `create` makes a missing stream (new epoch) instead of reporting
-    /// it missing.
-    pub async fn open(
-        &self,
-        redis: &crate::redis::Redis,
-        stream: Stream<'_>,
-        since: Option<u64>,
-        limit: u32,
-        create: bool,
-    ) -> Result<Opened, RedisError> {
-        let (history, meta) = self.stream_keys(stream);
-        let mut pipe = redis::pipe();
-        pipe.cmd("FCALL")
-            .arg(func::OPEN)
-            .arg(2)
-            .arg(history)
-            .arg(meta)
-            .arg(self.ttl_ms)
-            .arg(self.new_epoch())
-            .arg(since.map_or(-1, |s| s.min(i64::MAX as u64) as i64))
-            .arg(limit)
-            .arg(u8::from(create));
-        let mut conn = redis.conn().await?;
-        let (reply,): (Value,) = redis.query(&mut conn, &pipe).await?;
-        Opened::parse(reply)
-    }
-
-    /// Refreshes the TTL of the streams of `users` and `rooms` (those with sessions or
-    /// members on this node), so a stream does not expire under a user who is connected but
-    /// gets nothing for longer than `--history-ttl`. Plain `PEXPIRE`s (a missing key stays
-    /// missing), pipelined in chunks.
-    pub async fn keep_alive(
-        &self,
-        redis: &crate::redis::Redis,
-        users: &[&str],
-        rooms: &[&str],
-    ) -> Result<(), RedisError> {
-        let streams = users
-            .iter()
-            .map(|u| Stream::User(u))
-            .chain(rooms.iter().map(|r| Stream::Room(r)));
-        let mut conn = redis.conn().await?;
-        let mut pipe = redis::pipe();
-        let mut queued = 0;
-        for stream in streams {
-            let (history, meta) = self.stream_keys(stream);
-            pipe.cmd("PEXPIRE").arg(history).arg(self.ttl_ms).ignore();
-            pipe.cmd("PEXPIRE").arg(meta).arg(self.ttl_ms).ignore();
-            queued += 1;
-            if queued == 500 {
-                pipe.query_async::<()>(&mut conn).await?;
-                pipe = redis::pipe();
-                queued = 0;
-            }
-        }
-        if queued > 0 {
-            pipe.query_async::<()>(&mut conn).await?;
-        }
-        Ok(())
-    }
-
-    /// Decides a recovery from `since` in `epoch` against the stream as `opened` (read with
-    /// `since` and a limit of `recover_max`).
-    pub fn recovery(&self, since: u64, epoch: &str, opened: &Opened) -> Result<(), Unrecoverable> {
-        decide(
-            since,
-            epoch,
-            opened,
-            self.recover_max,
-            self.reset_ms.load(Ordering::Relaxed),
-        )
     }
 }
 
@@ -356,99 +420,51 @@ fn decide(
     Ok(())
 }
 
-impl Appended {
-    /// Parses the replies of [`History::add_plain_append`] for one stream. `None`: the
-    /// stream or its meta was missing, so whether it is alive (and its epoch) is for the
-    /// append function to decide: the plain commands appended nothing (the stream was not
-    /// there), or appended to a stream without an epoch, which that function empties when
-    /// it makes one.
-    pub fn parse_plain(replies: &[Value]) -> Result<Option<Self>, RedisError> {
-        let (Some(epoch), Some(first), Some(nodes)) =
-            (replies.first(), replies.get(1), replies.last())
-        else {
-            return Err(RedisError::Reply("history append"));
-        };
-        let Some(epoch): Option<String> = redis::from_redis_value(epoch.clone())? else {
-            return Ok(None);
-        };
-        let Some(first): Option<String> = redis::from_redis_value(first.clone())? else {
-            return Ok(None);
-        };
-        let first = first
-            .strip_prefix("0-")
-            .and_then(|n| n.parse().ok())
-            .ok_or(RedisError::Reply("history entry id"))?;
-        Ok(Some(Appended::Stored {
-            first,
-            epoch,
-            nodes: redis::from_redis_value(nodes.clone())?,
-        }))
-    }
-
-    /// Parses the reply of [`History::add_append`].
-    pub fn parse(reply: Value) -> Result<Self, RedisError> {
-        let Value::Array(items) = reply else {
-            return Err(RedisError::Reply("history append"));
-        };
-        let mut items = items.into_iter();
-        let first: u64 = match items.next() {
-            Some(v) => redis::from_redis_value(v)?,
-            None => return Err(RedisError::Reply("history append")),
-        };
-        if first == 0 {
-            return Ok(Appended::NoStream);
-        }
-        let epoch: String = match items.next() {
-            Some(v) => redis::from_redis_value(v)?,
-            None => return Err(RedisError::Reply("history append")),
-        };
-        let nodes = items
-            .map(redis::from_redis_value::<String>)
-            .collect::<Result<_, _>>()?;
-        Ok(Appended::Stored {
-            first,
-            epoch,
-            nodes,
-        })
-    }
+/// A page of a stream, for the `history` action.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Page {
+    /// The stream's epoch.
+    pub epoch: String,
+    /// The stream's last offset.
+    pub top: u64,
+    /// The frames after `since`, in offset order, stamped.
+    pub frames: Vec<(u64, String)>,
+    /// Why the frames are not all that came after `since`: `Epoch` (the client's epoch is
+    /// not the stream's: no frames) or `Trimmed` (the oldest are no longer kept).
+    pub reason: Option<Unrecoverable>,
+    /// More frames follow the last one (in the same epoch).
+    pub more: bool,
 }
 
-impl Opened {
-    fn parse(reply: Value) -> Result<Self, RedisError> {
-        let Value::Array(items) = reply else {
-            return Err(RedisError::Reply("history open"));
+impl Page {
+    /// The page `opened` (read after `since`) is for a client that knows `epoch`.
+    fn of(opened: Opened, since: u64, epoch: Option<&str>) -> Page {
+        let mut frames = opened.frames;
+        let reason = if epoch.is_some_and(|e| e != opened.epoch) {
+            frames.clear();
+            Some(Unrecoverable::Epoch)
+        } else if since < opened.top && (opened.first == 0 || since + 1 < opened.first) {
+            Some(Unrecoverable::Trimmed)
+        } else {
+            None
         };
-        if items.len() < 4 {
-            return Err(RedisError::Reply("history open"));
-        }
-        let mut items = items.into_iter();
-        let mut next = || items.next().expect("length checked");
-        let epoch: String = redis::from_redis_value(next())?;
-        let top: u64 = redis::from_redis_value(next())?;
-        let created: u8 = redis::from_redis_value(next())?;
-        let first: u64 = redis::from_redis_value(next())?;
-        let mut frames = Vec::new();
-        let rest: Vec<Value> = items.collect();
-        for pair in rest.chunks_exact(2) {
-            let offset: u64 = redis::from_redis_value(pair[0].clone())?;
-            let stored: String = redis::from_redis_value(pair[1].clone())?;
-            frames.push((offset, stamp(&frame_prefix(&stored, None), offset, &epoch)));
-        }
-        Ok(Opened {
-            epoch,
-            top,
-            created: created == 1,
-            first,
+        let last = frames.last().map_or(since, |(offset, _)| *offset);
+        Page {
+            more: reason != Some(Unrecoverable::Epoch) && last < opened.top,
+            epoch: opened.epoch,
+            top: opened.top,
             frames,
-        })
+            reason,
+        }
     }
 }
 
-/// The frame `frame` (`{...}`) without its closing brace, with `,"room":"<room>"` added for
-/// a room's stream: what [`stamp`] and the Redis function complete.
-pub fn frame_prefix(frame: &str, room: Option<&str>) -> String {
+/// A frame as its stream stores it: `frame` (`{...}`) with `,"room":"<room>"` added for a
+/// room's stream; [`stamp_stored`] and the append function add its place.
+fn stored_frame(frame: &str, room: Option<&str>) -> String {
     let body = frame.strip_suffix('}').unwrap_or(frame);
-    let mut out = String::with_capacity(body.len() + 64);
+    // Room for the room and the stamp (see `stamp_stored`) to come.
+    let mut out = String::with_capacity(body.len() + room.map_or(0, |r| r.len() + 10) + 64);
     out.push_str(body);
     if let Some(room) = room {
         // Room ids are from the id alphabet: nothing to escape.
@@ -456,15 +472,18 @@ pub fn frame_prefix(frame: &str, room: Option<&str>) -> String {
         out.push_str(room);
         out.push('"');
     }
+    out.push('}');
     out
 }
 
-/// Completes a [`frame_prefix`] with its place: `,"offset":N,"epoch":"E"}`.
-pub fn stamp(prefix: &str, offset: u64, epoch: &str) -> String {
-    let mut out = String::with_capacity(prefix.len() + 36 + epoch.len());
-    out.push_str(prefix);
-    let _ = write!(out, ",\"offset\":{offset},\"epoch\":\"{epoch}\"}}");
-    out
+/// A stored frame with its place: `,"offset":N,"epoch":"E"}` in place of its closing brace.
+fn stamp_stored(mut stored: String, offset: u64, epoch: &str) -> String {
+    if stored.ends_with('}') {
+        stored.pop();
+    }
+    stored.reserve(36 + epoch.len());
+    let _ = write!(stored, ",\"offset\":{offset},\"epoch\":\"{epoch}\"}}");
+    stored
 }
 
 /// A stamped frame of a user's stream without its stamp (the copy of a direct message its
@@ -525,17 +544,155 @@ mod tests {
 
     #[test]
     fn stamps_and_unstamps_frames() {
-        let prefix = frame_prefix(r#"{"from":"a","action":"m","data":{}}"#, Some("lobby"));
-        let stamped = stamp(&prefix, 7, "e1");
+        let stored = stored_frame(r#"{"from":"a","action":"m","data":{}}"#, Some("lobby"));
         assert_eq!(
-            stamped,
+            stored,
+            r#"{"from":"a","action":"m","data":{},"room":"lobby"}"#
+        );
+        assert_eq!(
+            stamp_stored(stored, 7, "e1"),
             r#"{"from":"a","action":"m","data":{},"room":"lobby","offset":7,"epoch":"e1"}"#
         );
-        let prefix = frame_prefix(r#"{"from":"a","action":"m","data":{}}"#, None);
-        let stamped = stamp(&prefix, 7, "e1");
+        let stored = stored_frame(r#"{"from":"a","action":"m","data":{}}"#, None);
+        assert_eq!(stored, r#"{"from":"a","action":"m","data":{}}"#);
+        let stamped = stamp_stored(stored, 7, "e1");
         assert_eq!(
             unstamped(&stamped, 7, "e1"),
             r#"{"from":"a","action":"m","data":{}}"#
         );
+        // Not this place: left as it is.
+        assert_eq!(unstamped(&stamped, 8, "e1"), stamped);
+    }
+
+    #[test]
+    fn a_batch_appends_once_per_stream_in_the_order_given() {
+        let mut appends = Appends::default();
+        assert!(appends.is_empty());
+        appends.add(0, Stream::User("bob"), r#"{"n":0}"#);
+        appends.add(1, Stream::Room("bob"), r#"{"n":1}"#);
+        appends.add(2, Stream::User("ann"), r#"{"n":2}"#);
+        appends.add(3, Stream::User("bob"), r#"{"n":3}"#);
+        appends.add(4, Stream::Room("bob"), r#"{"n":4}"#);
+        let parts: Vec<_> = appends
+            .parts
+            .iter()
+            .map(|p| (p.stream, p.messages.clone(), p.frames.clone()))
+            .collect();
+        assert_eq!(
+            parts,
+            vec![
+                (
+                    Stream::User("bob"),
+                    vec![0, 3],
+                    vec![r#"{"n":0}"#.into(), r#"{"n":3}"#.into()]
+                ),
+                (
+                    Stream::Room("bob"),
+                    vec![1, 4],
+                    vec![
+                        r#"{"n":1,"room":"bob"}"#.into(),
+                        r#"{"n":4,"room":"bob"}"#.into()
+                    ]
+                ),
+                (Stream::User("ann"), vec![2], vec![r#"{"n":2}"#.into()]),
+            ]
+        );
+    }
+
+    #[test]
+    fn placing_stamps_contiguous_offsets_or_says_why_nothing_was_stored() {
+        let mut appends = Appends::default();
+        appends.add(0, Stream::Room("r"), r#"{"n":0}"#);
+        appends.add(1, Stream::User("bob"), r#"{"n":1}"#);
+        appends.add(2, Stream::Room("r"), r#"{"n":2}"#);
+        appends.add(3, Stream::User("ann"), r#"{"n":3}"#);
+        appends.add(4, Stream::User("cy"), r#"{"n":4}"#);
+        let replies = AppendReplies(vec![
+            Ok(Reply::Stored {
+                first: 41,
+                epoch: "e1".into(),
+                nodes: vec!["n2".into()],
+            }),
+            Ok(Reply::Stored {
+                first: 1,
+                epoch: "e2".into(),
+                nodes: vec!["n1:7".into()],
+            }),
+            Ok(Reply::NoStream),
+            Err(RedisError::Reply("history append")),
+        ]);
+        let placed: Vec<Appended> = appends.place(replies).collect();
+        let seq = |room: Option<&str>, offset, epoch: &str| {
+            Arc::new(Seq {
+                room: room.map(Arc::from),
+                offset,
+                epoch: epoch.into(),
+                marker: false,
+            })
+        };
+        match &placed[0] {
+            Appended::Stored { target, frames } => {
+                assert_eq!(target, &Located::Nodes(vec!["n2".into()]));
+                assert_eq!(
+                    frames,
+                    &vec![
+                        StampedFrame {
+                            message: 0,
+                            frame: r#"{"n":0,"room":"r","offset":41,"epoch":"e1"}"#.into(),
+                            seq: seq(Some("r"), 41, "e1"),
+                        },
+                        StampedFrame {
+                            message: 2,
+                            frame: r#"{"n":2,"room":"r","offset":42,"epoch":"e1"}"#.into(),
+                            seq: seq(Some("r"), 42, "e1"),
+                        },
+                    ]
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        match &placed[1] {
+            Appended::Stored { target, frames } => {
+                assert_eq!(target, &Located::Sessions(vec!["n1:7".into()]));
+                assert_eq!(frames[0].frame, r#"{"n":1,"offset":1,"epoch":"e2"}"#);
+                assert_eq!(frames[0].seq, seq(None, 1, "e2"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(&placed[2], Appended::NoStream { messages } if messages == &[3]));
+        assert!(matches!(&placed[3], Appended::Failed { messages, .. } if messages == &[4]));
+        assert_eq!(placed.len(), 4);
+    }
+
+    #[test]
+    fn a_page_says_why_it_is_not_all_that_came_after() {
+        // Frames 4..=6 of a stream whose top is 9: more follow.
+        let read = |first| Opened {
+            epoch: "e1".into(),
+            top: 9,
+            created: false,
+            first,
+            frames: (4..=6).map(|o| (o, format!("f{o}"))).collect(),
+        };
+        let page = Page::of(read(1), 3, Some("e1"));
+        assert_eq!((page.reason, page.more, page.frames.len()), (None, true, 3));
+        assert_eq!((page.epoch.as_str(), page.top), ("e1", 9));
+        // The oldest wanted is no longer kept.
+        let page = Page::of(read(4), 1, None);
+        assert_eq!(
+            (page.reason, page.more),
+            (Some(Unrecoverable::Trimmed), true)
+        );
+        // Another epoch: no frames, nothing more to read in this one.
+        let page = Page::of(read(1), 3, Some("e0"));
+        assert_eq!(
+            (page.reason, page.more, page.frames.len()),
+            (Some(Unrecoverable::Epoch), false, 0)
+        );
+        // Up to date.
+        let mut done = read(1);
+        done.top = 6;
+        let page = Page::of(done, 3, None);
+        assert_eq!((page.reason, page.more), (None, false));
     }
 }

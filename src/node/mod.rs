@@ -166,7 +166,7 @@ impl Node {
         // The one shutdown token; every session's kick is a child of it.
         let stop = CancellationToken::new();
         let boot = fastrand::u64(1..);
-        let history = crate::history::History::new(&config, &keys, boot);
+        let history = crate::history::History::new(&config, &keys, redis.clone(), boot);
         let node = Arc::new(Node {
             history,
             presence: Presence::new(

@@ -157,7 +157,11 @@ pub async fn first_beat(node: &Node) {
 /// Does what the beats leave (see [`catch_up`]) as they ask, and keeps history streams
 /// alive every third of `--history-ttl`, until `stop`.
 async fn upkeep_loop(node: &Node, upkeep: &Upkeep, stop: &CancellationToken) {
-    let period = (node.config.history_ttl / 3).max(Duration::from_millis(1));
+    let period = node
+        .history
+        .as_ref()
+        .map_or(Duration::MAX / 4, |h| h.keep_alive_every())
+        .max(Duration::from_millis(1));
     let mut streams = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     streams.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -222,7 +226,7 @@ async fn keep_streams_alive(node: &Node, history: &crate::history::History) {
     rooms.dedup();
     let users: Vec<&str> = users.iter().map(UserId::as_str).collect();
     let rooms: Vec<&str> = rooms.iter().map(RoomId::as_str).collect();
-    if let Err(e) = history.keep_alive(&node.redis, &users, &rooms).await {
+    if let Err(e) = history.keep_alive(&users, &rooms).await {
         tracing::warn!(error = %e, "could not refresh the history streams' TTL");
     }
 }

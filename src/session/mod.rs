@@ -88,7 +88,7 @@ impl SessionGuard {
             // The user was connected until now: its stream lives `--history-ttl` from here,
             // so what is sent to it meanwhile is kept for its reconnect.
             let stream = crate::history::Stream::User(self.user.as_str());
-            if let Err(e) = history.open(&self.node.redis, stream, None, 0, true).await {
+            if let Err(e) = history.touch(stream).await {
                 tracing::debug!(user = %self.user, error = %e, "could not refresh the user's stream");
             }
         }
@@ -428,9 +428,7 @@ impl Session {
             // session's task, used or not (they were most of an idle connection's memory).
             Command::Join { room, since } => Box::pin(self.join(room, since)).await,
             Command::Recover(position) => {
-                if node.history.is_none() {
-                    return Err(ClientError::HistoryOff);
-                }
+                // Without history, `recover_stream` answers `history is off`.
                 let start = StartAt {
                     position: position.into_owned(),
                     asked: true,
@@ -519,27 +517,11 @@ impl Session {
         }
         // Without `since`, the room's frames start for this session where its stream
         // is before the join, so none sent while it joins is missed.
-        let start = match (&node.history, since) {
-            (None, _) => None,
-            (Some(_), Some(position)) => Some(StartAt {
-                position: position.into_owned(),
-                asked: true,
-            }),
-            (Some(history), None) => {
-                let stream = crate::history::Stream::Room(room);
-                let opened = history
-                    .open(&node.redis, stream, None, 0, true)
-                    .await
-                    .map_err(|_| ClientError::BusUnavailable)?;
-                Some(StartAt {
-                    position: Position {
-                        since: opened.top,
-                        epoch: opened.epoch.into(),
-                    },
-                    asked: false,
-                })
-            }
-        };
+        let stream = crate::history::Stream::Room(room);
+        let since = since.map(Position::into_owned);
+        let start = StartAt::of(node.history.as_ref(), stream, since)
+            .await
+            .map_err(|_| ClientError::BusUnavailable)?;
         let members = node.join_room(&id, &self.user, self.sid).await?;
         self.rooms.insert(id);
         let data = json!({"room": room, "members": members});

@@ -7,7 +7,8 @@ use serde_json::{Map, Value, json};
 use std::time::Instant;
 
 use super::{Direct, End, Link, Session};
-use crate::history::{Gap, StreamOf};
+use crate::history::{Gap, History, Stream, StreamOf, Unrecoverable};
+use crate::redis::RedisError;
 use crate::wire::client::{ClientError, Position, encode_frame};
 
 /// Where a session's view of one of its streams starts.
@@ -18,12 +19,37 @@ pub struct StartAt {
     pub asked: bool,
 }
 
+impl StartAt {
+    /// Where a session's view of `stream` starts (`None` with history off): after `asked`,
+    /// the position the client gave, or else where the stream is now, read before the
+    /// session registers (or joins the room) so that what is sent meanwhile reaches it too.
+    pub async fn of(
+        history: Option<&History>,
+        stream: Stream<'_>,
+        asked: Option<Position<'static>>,
+    ) -> Result<Option<StartAt>, RedisError> {
+        let Some(history) = history else {
+            return Ok(None);
+        };
+        Ok(Some(match asked {
+            Some(position) => StartAt {
+                position,
+                asked: true,
+            },
+            None => StartAt {
+                position: history.position(stream).await?,
+                asked: false,
+            },
+        }))
+    }
+}
+
 impl Session {
     /// One of this session's streams: `room`'s, or its user's.
-    fn stream<'a>(&'a self, room: Option<&'a str>) -> crate::history::Stream<'a> {
+    fn stream<'a>(&'a self, room: Option<&'a str>) -> Stream<'a> {
         match room {
-            Some(room) => crate::history::Stream::Room(room),
-            None => crate::history::Stream::User(self.user.as_str()),
+            Some(room) => Stream::Room(room),
+            None => Stream::User(self.user.as_str()),
         }
     }
 
@@ -73,13 +99,7 @@ impl Session {
         };
         let stream = self.stream(room.as_deref());
         let opened = history
-            .open(
-                &node.redis,
-                stream,
-                since.as_ref().map(|p| p.since),
-                history.recover_max,
-                true,
-            )
+            .replay(stream, since.as_ref().map(|p| p.since))
             .await
             .map_err(|e| {
                 tracing::warn!(user = %self.user, room = ?room, error = %e, "history read failed");
@@ -93,7 +113,7 @@ impl Session {
         if let Some(since) = since {
             let outcome = match *epoch == *opened.epoch {
                 true => history.recovery(since.since, &since.epoch, &opened),
-                false => Err(crate::history::Unrecoverable::Epoch),
+                false => Err(Unrecoverable::Epoch),
             };
             let result = match outcome {
                 Ok(()) => {
@@ -147,8 +167,8 @@ impl Session {
             return Err(ClientError::HistoryOff);
         };
         let stream = self.stream(room);
-        let opened = history
-            .open(&node.redis, stream, Some(since), limit, true)
+        let page = history
+            .page(stream, since, limit, epoch)
             .await
             .map_err(|_| ClientError::BusUnavailable)?;
         // The position is this session's: the last offset it was sent. Frames of the stream
@@ -156,23 +176,18 @@ impl Session {
         // them); the reply is written at once, so every frame still queued comes after it.
         let stream_of: StreamOf = room.map(Into::into);
         let offset = match self.seq.position(&stream_of) {
-            Some((e, next)) if *e == *opened.epoch => next - 1,
-            _ => opened.top,
+            Some((e, next)) if *e == *page.epoch => next - 1,
+            _ => page.top,
         };
-        let mut data = json!({"since": since, "offset": offset, "epoch": opened.epoch});
+        let mut data = json!({"since": since, "offset": offset, "epoch": page.epoch});
         if let Some(room) = room {
             data["room"] = json!(room);
         }
-        let mut frames = opened.frames;
-        if epoch.is_some_and(|e| e != opened.epoch) {
-            data["reason"] = json!("epoch");
-            frames.clear();
-        } else if since < opened.top && (opened.first == 0 || since + 1 < opened.first) {
-            data["reason"] = json!("trimmed");
+        if let Some(reason) = page.reason {
+            data["reason"] = json!(reason.as_str());
         }
-        let last = frames.last().map_or(since, |(offset, _)| *offset);
-        let more = data.get("reason").is_none_or(|r| r != "epoch") && last < opened.top;
-        let messages: Vec<(u64, Box<RawValue>)> = frames
+        let messages: Vec<(u64, Box<RawValue>)> = page
+            .frames
             .into_iter()
             .filter_map(|(offset, frame)| Some((offset, RawValue::from_string(frame).ok()?)))
             .collect();
@@ -183,7 +198,7 @@ impl Session {
             self.user.as_str(),
             head,
             &messages,
-            more,
+            page.more,
             node.config.max_out_frame_bytes(),
         ))
     }
@@ -210,11 +225,7 @@ impl Session {
             return Vec::new();
         };
         let stream = self.stream(gap.room.as_deref());
-        let want = u32::try_from(gap.until - gap.from).unwrap_or(u32::MAX);
-        match history
-            .open(&self.node.redis, stream, Some(gap.from - 1), want, false)
-            .await
-        {
+        match history.read_gap(stream, gap).await {
             Ok(opened)
                 if self
                     .seq
