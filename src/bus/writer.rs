@@ -356,9 +356,7 @@ impl Writer {
         stamped: Option<&Stamped>,
     ) -> Result<(Plan, Outcome), RedisError> {
         match (stamped, &msg.target) {
-            (Some(Stamped::NoStream), Target::User(_)) => {
-                Ok((Plan::default(), Outcome::default()))
-            }
+            (Some(Stamped::NoStream), Target::User(_)) => Ok((Plan::default(), Outcome::default())),
             // A room without members and without a stream: nobody to reach, and (as
             // without history) no error.
             (Some(Stamped::NoStream), Target::Room(_)) => {
