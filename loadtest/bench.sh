@@ -8,6 +8,13 @@
 # Ctrl-C. Exits 1 when any scenario failed, 2 when it could not run at all.
 #
 # Environment knobs (defaults in brackets):
+#   PEER [wsbus]        what the nodes are: wsbus, or pubsub (the pub/sub reference node in
+#                       loadtest/pubsub-ref/, Node.js; one Redis; no dm-multi, history or
+#                       drops runs, and room runs without the XADD count check)
+#   FPW [1]             --frames-per-write of every dm-* and room-* run (1: one frame per
+#                       write, as browsers send); the *-fpw64 runs write up to 64 at once
+#   JWT_SECRET          start the nodes with --jwt-secret (not --insecure) and have the load
+#                       tester mint a token per user with it (at least 32 bytes)
 #   RUN_TIME [10]       seconds of measuring per scenario
 #   USERS [400]         users of the dm-* and small idle scenarios
 #   RATE [2000]         open-loop total msg/s
@@ -33,9 +40,10 @@
 #   CLUSTER             set to run against a 3-shard Redis Cluster instead of one Redis
 #   NODE_THREADS        Tokio worker threads of each node (TOKIO_WORKER_THREADS) [one per CPU]
 #   ONLY                space-separated names of what to run, as in the summary (sched-noise,
-#                       idle-400, dm-cross-open, dm-cross-closed, dm-local-open,
-#                       dm-local-closed, idle-20000, churn, dm-multi-open, dm-multi-closed,
-#                       room-fanout-open, room-fanout-closed, room-churn); default: all
+#                       idle-400, dm-cross-open, dm-cross-closed, dm-cross-closed-fpw64,
+#                       dm-local-open, dm-local-closed, dm-local-closed-fpw64, idle-20000,
+#                       churn, dm-multi-open, dm-multi-closed, room-fanout-open,
+#                       room-fanout-closed, room-churn); default: all
 #   REPEAT [1]          run each chosen scenario this many times (name-1, name-2, ...)
 #   SLOW_US             dm-*: list messages slower than this (µs) in their JSON report
 #   HISTORY [1000]      --history of the nodes in the history runs below (messages kept per stream)
@@ -77,6 +85,13 @@ DROPS_ROOMS=${DROPS_ROOMS:-10}
 DROPS_RUN_TIME=${DROPS_RUN_TIME:-30}
 FILL_MSGS=${FILL_MSGS:-100}
 DROPS_DOWN_FOR=${DROPS_DOWN_FOR:-3}
+FPW=${FPW:-1}
+PEER=${PEER:-wsbus}
+case $PEER in
+    wsbus) PEER_NAME=wsbus ;;
+    pubsub) PEER_NAME="pub/sub reference" ;;
+    *) echo "bench: PEER must be wsbus or pubsub" >&2; exit 2 ;;
+esac
 for tool in redis-server jq getconf timeout; do
     command -v "$tool" >/dev/null || { echo "bench: $tool is required" >&2; exit 2; }
 done
@@ -90,7 +105,7 @@ if [ -z "${SKIP_BUILD:-}" ]; then
 fi
 WSBUS=${WSBUS_BIN:-$TARGET/release/wsbus}
 LT=${LOADTEST_BIN:-$TARGET/release/wsbus-loadtest}
-[ -x "$WSBUS" ] || { echo "bench: $WSBUS missing" >&2; exit 2; }
+[ "$PEER" = pubsub ] || [ -x "$WSBUS" ] || { echo "bench: $WSBUS missing" >&2; exit 2; }
 [ -x "$LT" ] || { echo "bench: $LT missing" >&2; exit 2; }
 
 # Open files for the nodes and the load tester (raising the hard limit needs root). Node a
@@ -120,113 +135,43 @@ fi
 
 TMP=$(mktemp -d /tmp/wsbus-bench.XXXXXX)
 PIDS=()
+LIB_NAME=bench
+# shellcheck source=loadtest/lib.sh
+. "$ROOT/loadtest/lib.sh"
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
     # drops' third node runs from a script (the scenario kills and restarts it).
     [ ! -f "$TMP/node-c.pid" ] || PIDS+=("$(cat "$TMP/node-c.pid")")
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do
-        for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$p" 2>/dev/null || true
-    done
+    stop_pids "${PIDS[@]}"
     rm -rf "$TMP"
     exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-free_port() {
-    local p
-    for _ in $(seq 200); do
-        p=$((20000 + RANDOM % 10000))
-        if ! port_open "$p"; then echo "$p"; return; fi
-    done
-    echo "bench: no free port" >&2; exit 2
-}
-wait_port() { # port pid name
-    local deadline=$((SECONDS + 30))
-    until port_open "$1"; do
-        kill -0 "$2" 2>/dev/null || { echo "bench: $3 exited; see $OUT/$3.log" >&2; exit 2; }
-        [ "$SECONDS" -lt "$deadline" ] || { echo "bench: $3 not listening after 30 s" >&2; exit 2; }
-        sleep 0.1
-    done
-}
-
-# Redis: one server, or with CLUSTER=1 a three-shard Redis Cluster (no replicas).
-RPIDS=()
-if [ -n "${CLUSTER:-}" ]; then
-    RPORTS=()
-    for i in 1 2 3; do
-        p=$(free_port)
-        while [[ " ${RPORTS[*]:-} " == *" $p "* ]]; do p=$(free_port); done
-        mkdir -p "$TMP/r$i"
-        (cd "$TMP/r$i" && exec redis-server --port "$p" --bind 127.0.0.1 --save "" --appendonly no \
-            --cluster-enabled yes --cluster-config-file nodes.conf --dir "$TMP/r$i" >"$OUT/redis-$i.log" 2>&1) &
-        RPIDS+=($!); PIDS+=($!); RPORTS+=("$p")
-        wait_port "$p" "$!" "redis-$i"
-    done
-    redis-cli --cluster create $(printf '127.0.0.1:%s ' "${RPORTS[@]}") --cluster-replicas 0 \
-        --cluster-yes >"$OUT/cluster-create.log" 2>&1
-    for p in "${RPORTS[@]}"; do
-        until redis-cli -p "$p" CLUSTER INFO | grep -q cluster_state:ok; do sleep 0.1; done
-    done
-    RPORT=${RPORTS[0]}
-    REDIS_PORTS=("${RPORTS[@]}")
-    REDIS_ARGS=(--redis-cluster --redis-url "$(printf 'redis://127.0.0.1:%s,' "${RPORTS[@]}" | sed 's/,$//')")
-else
-    RPORT=$(free_port)
-    (cd "$TMP" && exec redis-server --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no \
-        --dir "$TMP" >"$OUT/redis.log" 2>&1) &
-    RPIDS+=($!); PIDS+=($!)
-    wait_port "$RPORT" "$!" redis
-    REDIS_ARGS=(--redis-url "redis://127.0.0.1:$RPORT")
-    REDIS_PORTS=("$RPORT")
-fi
-RPID=${RPIDS[0]}
-
-# The load test measures the server, not its abuse limits: no auth, no per-connection rate limit.
-SERVE_ARGS=(--insecure --rate-limit 1000000000 --rate-burst 1000000000 "${REDIS_ARGS[@]}")
-NODE_ENV=()
-[ -z "${NODE_THREADS:-}" ] || NODE_ENV=("TOKIO_WORKER_THREADS=$NODE_THREADS")
-APORT=$(free_port)
-env "${NODE_ENV[@]}" "$WSBUS" serve --bind "127.0.0.1:$APORT" --node-id bench-a \
-    "${SERVE_ARGS[@]}" >"$OUT/bench-a.log" 2>&1 &
-APID=$!
-PIDS+=("$APID")
-BPORT=$APORT
-while [ "$BPORT" = "$APORT" ]; do BPORT=$(free_port); done
-env "${NODE_ENV[@]}" "$WSBUS" serve --bind "127.0.0.1:$BPORT" --node-id bench-b \
-    "${SERVE_ARGS[@]}" >"$OUT/bench-b.log" 2>&1 &
-BPID=$!
-PIDS+=("$BPID")
-wait_port "$APORT" "$APID" bench-a
-wait_port "$BPORT" "$BPID" bench-b
+[ "$PEER" != pubsub ] || pubsub_ready
+start_redis
+serve_args
+free_port; APORT=$FREE_PORT
+start_node bench-a "$APORT"
+APID=$NODE_PID
+free_port; BPORT=$FREE_PORT
+start_node bench-b "$BPORT"
+BPID=$NODE_PID
 NODES=(--node "ws://127.0.0.1:$APORT" --node "ws://127.0.0.1:$BPORT")
-echo "bench: redis :$RPORT (pid $RPID), bench-a :$APORT (pid $APID), bench-b :$BPORT (pid $BPID); results in $OUT"
-
-TCK=$(getconf CLK_TCK)
-cpu_ticks() { # utime+stime of a pid
-    local s
-    s=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
-    s=${s##*) }
-    # fields after "comm": state is field 3, utime 14, stime 15 => index 11, 12 here
-    set -- $s
-    echo $(( ${12} + ${13} ))
-}
-redis_ticks() { # all Redis processes together
-    local t=0 p
-    for p in "${RPIDS[@]}"; do t=$((t + $(cpu_ticks "$p"))); done
-    echo "$t"
-}
-rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+echo "bench: redis :$RPORT (pid $RPID), $PEER_NAME bench-a :$APORT (pid $APID), bench-b :$BPORT (pid $BPID); results in $OUT"
 
 SUMMARY=$OUT/summary.tsv
 FAILED=()
 printf 'scenario\trc\trate/s\tp50_us\tp99_us\tp999_us\tnode_cpu_us_per_msg\tredis_cpu_us_per_msg\tnode_a_rss_kib\tnode_b_rss_kib\tredis_rss_kib\tkib_per_conn\n' >"$SUMMARY"
 
-wanted() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
+# What the pub/sub reference cannot run: several sessions per user, history.
+PEER_SKIPS=" dm-multi-open dm-multi-closed drops ab-history-off ab-history-on history-memory "
+wanted() {
+    if [ "$PEER" = pubsub ] && [[ $PEER_SKIPS == *" $1 "* ]]; then return 1; fi
+    [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]
+}
 run() { # name scenario args...
     local name=$1 i; shift
     wanted "$name" || return 0
@@ -245,7 +190,10 @@ run_once() { # name scenario args...
     echo "bench: running $name: wsbus-loadtest $*" >&2
     local extra=()
     if [ -n "${SLOW_US:-}" ] && [[ $1 == dm-* ]]; then extra=(--slow-us "$SLOW_US"); fi
-    timeout 900 "$LT" "$@" "${extra[@]}" "${NODES[@]}" --json --report-file "$OUT/$name.html" \
+    if [[ $1 == dm-* || $1 == room-* ]] && [[ " $* " != *" --frames-per-write "* ]]; then
+        extra+=(--frames-per-write "$FPW")
+    fi
+    timeout 900 "$LT" "$@" "${extra[@]}" "${LT_AUTH[@]}" "${NODES[@]}" --json --report-file "$OUT/$name.html" \
         >"$OUT/$name.json" 2>"$OUT/$name.err" || rc=$?
     a1=$(cpu_ticks "$APID"); b1=$(cpu_ticks "$BPID"); r1=$(redis_ticks)
     for p in "${REDIS_PORTS[@]}"; do
@@ -280,10 +228,10 @@ write_index() {
     {
         printf '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>wsbus bench %s</title>\n' "$(basename "$OUT")"
         printf '<style>body{font:14px/1.4 system-ui,sans-serif;margin:24px}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}td{text-align:right}td:first-child{text-align:left}.failed{color:#b00020}</style></head><body>\n'
-        printf '<h1>wsbus bench, %s</h1>\n<p>%s; %s CPUs, %s MiB; Redis %s%s. Nodes: %s.</p>\n' \
+        printf '<h1>wsbus bench, %s</h1>\n<p>%s; %s CPUs, %s MiB; Redis %s%s. Nodes (%s): %s.</p>\n' \
             "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$(uname -srm | html_escape)" "$(getconf _NPROCESSORS_ONLN)" \
             "$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)" "$(redis-server --version | awk '{print $3}' | sed 's/v=//')" \
-            "${CLUSTER:+ (3-shard cluster)}" "$(printf '%s ' "${NODES[@]}" | sed 's/--node //g' | html_escape)"
+            "${CLUSTER:+ (3-shard cluster)}" "$PEER_NAME" "$(printf '%s ' "${NODES[@]}" | sed 's/--node //g' | html_escape)"
         [ -z "$NOISE" ] || printf '<p><a href="sched-noise.html">sched-noise</a>: %s</p>\n' "$(printf '%s' "$NOISE" | html_escape)"
         if [ "${#FAILED[@]}" -gt 0 ]; then
             printf '<p class="failed">FAILED: %s</p>\n' "${FAILED[*]}"
@@ -322,7 +270,7 @@ if [ -n "${SOAK_SECONDS:-}" ]; then
     SOAK_EVERY=${SOAK_EVERY:-10}
     echo "soak: dm-cross open loop, $USERS users, $SOAK_RATE msg/s for $SOAK_SECONDS s" >&2
     timeout $((SOAK_SECONDS + 300)) "$LT" dm-cross --users "$USERS" --rate "$SOAK_RATE" \
-        --run-time "$SOAK_SECONDS" "${NODES[@]}" --json >"$OUT/soak.json" 2>"$OUT/soak.err" &
+        --run-time "$SOAK_SECONDS" "${LT_AUTH[@]}" "${NODES[@]}" --json >"$OUT/soak.json" 2>"$OUT/soak.err" &
     LTPID=$!
     T=$OUT/soak.tsv
     printf 't_s\tnode_a_rss_kib\tnode_b_rss_kib\tredis_rss_kib\tredis_used_kib\tinbox_a\tinbox_b\tkeys\n' >"$T"
@@ -360,16 +308,25 @@ fi
 run "idle-$USERS" idle-connections --users "$USERS" --run-time 3 --server-pid "$APID" --server-pid "$BPID"
 run dm-cross-open dm-cross --users "$USERS" --rate "$RATE" --run-time "$RUN_TIME"
 run dm-cross-closed dm-cross --users "$USERS" --in-flight "$IN_FLIGHT" --run-time "$RUN_TIME"
+# What a generator that coalesces gets (this tool before --frames-per-write): up to 64 frames
+# per write (closed loop: up to IN_FLIGHT, what a user has due at once).
+run dm-cross-closed-fpw64 dm-cross --users "$USERS" --in-flight "$IN_FLIGHT" --run-time "$RUN_TIME" \
+    --frames-per-write 64
 run dm-local-open dm-local --users "$USERS" --rate "$RATE" --run-time "$RUN_TIME"
 run dm-local-closed dm-local --users "$USERS" --in-flight "$IN_FLIGHT" --run-time "$RUN_TIME"
+run dm-local-closed-fpw64 dm-local --users "$USERS" --in-flight "$IN_FLIGHT" --run-time "$RUN_TIME" \
+    --frames-per-write 64
 if [ "$BIG_IDLE" -gt 0 ]; then
     run "idle-$BIG_IDLE" idle-connections --users "$BIG_IDLE" --hatch-rate "$IDLE_HATCH" --run-time 5 \
         --server-pid "$APID" --server-pid "$BPID"
 fi
 run churn churn --users 20 --rate "$CHURN_RATE" --run-time "$RUN_TIME"
 # Rooms: each reads Redis's commandstats around its own sending phase (XADD per room message).
+# (Not with the pub/sub reference: it makes no XADD, and room-fanout would fail on that.)
 ROOM_REDIS=()
-for p in "${REDIS_PORTS[@]}"; do ROOM_REDIS+=(--redis "127.0.0.1:$p"); done
+if [ "$PEER" != pubsub ]; then
+    for p in "${REDIS_PORTS[@]}"; do ROOM_REDIS+=(--redis "127.0.0.1:$p"); done
+fi
 run room-fanout-open room-fanout --rooms "$ROOMS" --users $((ROOMS * ROOM_MEMBERS)) \
     --rate "$ROOM_RATE" --run-time "$RUN_TIME" --hatch-rate 2000 "${ROOM_REDIS[@]}"
 run room-fanout-closed room-fanout --rooms "$ROOM_CLOSED_ROOMS" \
@@ -383,17 +340,12 @@ run room-churn room-churn --rooms "$ROOMS" --users $((ROOMS * ROOM_MEMBERS)) --r
 # off, so the nodes restart with it for these runs alone, after everything else.
 # Restarts nodes a and b with SERVE_ARGS and the extra arguments given.
 restart_nodes() {
-    kill "$APID" "$BPID"
-    wait "$APID" "$BPID" 2>/dev/null || true
-    env "${NODE_ENV[@]}" "$WSBUS" serve --bind "127.0.0.1:$APORT" --node-id bench-a \
-        "${SERVE_ARGS[@]}" "$@" >>"$OUT/bench-a.log" 2>&1 &
-    APID=$!
-    env "${NODE_ENV[@]}" "$WSBUS" serve --bind "127.0.0.1:$BPORT" --node-id bench-b \
-        "${SERVE_ARGS[@]}" "$@" >>"$OUT/bench-b.log" 2>&1 &
-    BPID=$!
-    PIDS+=("$APID" "$BPID")
-    wait_port "$APORT" "$APID" bench-a
-    wait_port "$BPORT" "$BPID" bench-b
+    stop_pids "$APID" "$BPID"
+    forget_pids "$APID" "$BPID"
+    start_node bench-a "$APORT" "$@"
+    APID=$NODE_PID
+    start_node bench-b "$BPORT" "$@"
+    BPID=$NODE_PID
     echo "bench: nodes restarted with: ${*:-(defaults)} (pids $APID, $BPID)" >&2
 }
 if wanted dm-multi-open || wanted dm-multi-closed; then
@@ -408,8 +360,7 @@ if wanted drops; then
     HISTORY_ARGS=(--history "$HISTORY")
     [ -z "${RECOVER_MAX:-}" ] || HISTORY_ARGS+=(--recover-max "$RECOVER_MAX")
     restart_nodes "${HISTORY_ARGS[@]}"
-    CPORT=$(free_port)
-    while [ "$CPORT" = "$APORT" ] || [ "$CPORT" = "$BPORT" ]; do CPORT=$(free_port); done
+    free_port; CPORT=$FREE_PORT
     {
         printf '#!/usr/bin/env bash\n'
         printf 'case $1 in\n'
@@ -473,6 +424,7 @@ echo "rate/s = delivered msg/s (dm; room-*: deliveries, one per message and rece
 echo "(churn), connections/s (idle); latency in µs (dm, room-*: send->receive; churn: full cycle;"
 echo "idle: connect). CPU per delivered message (room-*: per delivery),"
 echo "per completed session (churn) or per connection (idle), over the whole scenario run."
+echo "Nodes: $PEER_NAME. dm-* and room-* write $FPW frame(s) per write; *-fpw64: up to 64."
 column -t -s $'\t' "$SUMMARY"
 [ -z "$NOISE" ] || echo "$NOISE"
 for f in "$OUT"/idle-*.json; do

@@ -4,6 +4,12 @@
 //! `Authorization: Bearer` (the scheme in any case, RFC 7235). Its `sub` must equal the user id
 //! in the path, `exp` must be in the future and `nbf`, if given, in the past. HS256 uses a shared secret; RS256 and ES256 use a public key file (PEM).
 //! Tokens are never logged.
+//!
+//! Two optional claims decide rooms (see `--room-access`): `rooms`, the rooms a client may
+//! join itself (ids and prefix patterns ending in `*`), and `join`, the rooms the session
+//! is put in at connect. A checked token yields a [`Grant`]: what the session may do, and
+//! until when (`exp`). This module sits below both the edge (connect) and the session
+//! (`refresh`).
 
 use std::path::Path;
 
@@ -11,7 +17,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 /// The claims wsbus reads and `wsbus token` writes.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Claims {
     /// The user id.
     pub sub: String,
@@ -23,6 +29,43 @@ pub struct Claims {
     /// Not before, seconds since the epoch: a token is refused until then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbf: Option<u64>,
+    /// Rooms the client may join (`--room-access token`): ids, and prefixes ending in `*`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rooms: Option<Vec<String>>,
+    /// Rooms the session joins at connect, before the client's first frame (any mode).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub join: Vec<String>,
+}
+
+/// What a checked token grants a session: until when, which rooms the client may join,
+/// which it is put in at connect.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Grant {
+    /// The token's `exp` (seconds since the epoch); `None` without a token (`--insecure`).
+    pub exp: Option<u64>,
+    /// The `rooms` claim.
+    pub rooms: RoomPatterns,
+    /// The `join` claim.
+    pub join: Vec<String>,
+}
+
+/// A `rooms` claim: room ids, and prefixes (a pattern ending in `*`). No claim allows none.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoomPatterns(Vec<String>);
+
+impl RoomPatterns {
+    /// The patterns of a claim.
+    pub fn new(patterns: Vec<String>) -> Self {
+        Self(patterns)
+    }
+
+    /// Whether `room` is one of the ids or starts with one of the prefixes.
+    pub fn allows(&self, room: &str) -> bool {
+        self.0.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => room.starts_with(prefix),
+            None => p == room,
+        })
+    }
 }
 
 /// Why a connection was refused (HTTP 401); the texts are the response bodies.
@@ -156,8 +199,8 @@ impl Verifier {
         self.algorithm
     }
 
-    /// Checks that `token` is valid, unexpired and for `user`.
-    pub fn verify(&self, token: &str, user: &str) -> Result<(), AuthError> {
+    /// Checks that `token` is valid, unexpired and for `user`; returns what it grants.
+    pub fn verify(&self, token: &str, user: &str) -> Result<Grant, AuthError> {
         let mut validation = Validation::new(self.algorithm);
         validation.leeway = 5;
         validation.validate_nbf = true;
@@ -171,7 +214,12 @@ impl Verifier {
         if data.claims.sub != user {
             return Err(AuthError::WrongUser);
         }
-        Ok(())
+        let claims = data.claims;
+        Ok(Grant {
+            exp: Some(claims.exp),
+            rooms: RoomPatterns::new(claims.rooms.unwrap_or_default()),
+            join: claims.join,
+        })
     }
 }
 
@@ -202,8 +250,17 @@ pub fn mint(
         sub: user.to_owned(),
         exp: now + ttl_secs,
         iat: now,
-        nbf: None,
+        ..Claims::default()
     };
+    mint_claims(&claims, secret, private_key_pem)
+}
+
+/// Signs `claims` like [`mint`] (for tokens with `rooms` and `join`).
+pub fn mint_claims(
+    claims: &Claims,
+    secret: Option<&[u8]>,
+    private_key_pem: Option<&[u8]>,
+) -> Result<String, String> {
     let (algorithm, key) = match (secret, private_key_pem) {
         (Some(secret), None) => {
             check_hs256_secret(secret).map_err(|e| e.to_string())?;
@@ -218,7 +275,7 @@ pub fn mint(
         },
         _ => return Err("give exactly one of a secret or a private key".to_owned()),
     };
-    jsonwebtoken::encode(&Header::new(algorithm), &claims, &key).map_err(|e| e.to_string())
+    jsonwebtoken::encode(&Header::new(algorithm), claims, &key).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -231,7 +288,7 @@ mod tests {
     fn hs256_round_trip_and_refusals() {
         let v = Verifier::hs256(SECRET).unwrap();
         let token = mint("alice", 60, Some(SECRET), None).unwrap();
-        assert_eq!(v.verify(&token, "alice"), Ok(()));
+        assert!(v.verify(&token, "alice").is_ok());
         assert_eq!(v.verify(&token, "bob"), Err(AuthError::WrongUser));
         let forged = mint(
             "alice",
@@ -245,8 +302,7 @@ mod tests {
         let claims = Claims {
             sub: "alice".into(),
             exp: jsonwebtoken::get_current_timestamp() - 120,
-            iat: 0,
-            nbf: None,
+            ..Claims::default()
         };
         let expired = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
@@ -262,6 +318,7 @@ mod tests {
                 exp: now + 7200,
                 iat: now,
                 nbf: Some(nbf),
+                ..Claims::default()
             };
             let key = EncodingKey::from_secret(SECRET);
             jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap()
@@ -271,7 +328,36 @@ mod tests {
             Err(AuthError::NotYetValid),
             "valid from an hour ahead"
         );
-        assert_eq!(v.verify(&with_nbf(now - 1), "alice"), Ok(()));
+        assert!(v.verify(&with_nbf(now - 1), "alice").is_ok());
+    }
+
+    #[test]
+    fn room_claims_are_ids_and_prefixes() {
+        let v = Verifier::hs256(SECRET).unwrap();
+        let claims = Claims {
+            sub: "alice".into(),
+            exp: jsonwebtoken::get_current_timestamp() + 60,
+            rooms: Some(vec!["lobby".into(), "team-42-*".into()]),
+            join: vec!["news".into()],
+            ..Claims::default()
+        };
+        let token = mint_claims(&claims, Some(SECRET), None).unwrap();
+        let grant = v.verify(&token, "alice").unwrap();
+        assert_eq!(grant.exp, Some(claims.exp));
+        assert_eq!(grant.join, ["news"]);
+        for (room, allowed) in [
+            ("lobby", true),
+            ("lobby2", false),
+            ("team-42-", true),
+            ("team-42-ops", true),
+            ("team-4", false),
+            ("team-43-ops", false),
+        ] {
+            assert_eq!(grant.rooms.allows(room), allowed, "{room}");
+        }
+        let bare = mint("alice", 60, Some(SECRET), None).unwrap();
+        assert!(!v.verify(&bare, "alice").unwrap().rooms.allows("lobby"));
+        assert!(RoomPatterns::new(vec!["*".into()]).allows("anything"));
     }
 
     #[test]

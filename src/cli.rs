@@ -212,6 +212,14 @@ fn envelope_json(id: &str, env: &Envelope<'_>) -> serde_json::Value {
         Body::Publish { frame } | Body::RoomPublish { frame, .. } => {
             v["data"] = serde_json::from_str(frame).unwrap_or_default()
         }
+        Body::Member { room, join, reply } => {
+            v["data"] = serde_json::json!({"room": room, "join": join, "reply": reply})
+        }
+        Body::MemberReply {
+            reply,
+            sessions,
+            error,
+        } => v["data"] = serde_json::json!({"reply": reply, "sessions": sessions, "error": error}),
     }
     v
 }

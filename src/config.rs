@@ -39,6 +39,18 @@ impl OnSessionLimit {
     }
 }
 
+/// Who may put a client in a room (`--room-access`). A backend may in every mode
+/// (`POST /api/join`, ingress `op=join`, the token's `join` claim).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RoomAccess {
+    /// Any client may join any room.
+    Open,
+    /// A client may join the rooms its token's `rooms` claim lists (ids, `prefix*`).
+    Token,
+    /// Clients cannot join rooms; only the backend puts users in rooms.
+    Server,
+}
+
 fn parse_head_bytes(s: &str) -> Result<usize, String> {
     let min = MIN_HEAD_BYTES;
     match s.parse::<usize>() {
@@ -118,6 +130,17 @@ pub struct NodeConfig {
     #[arg(long, env = "WSBUS_ON_SESSION_LIMIT", value_enum, default_value_t = OnSessionLimit::Reject)]
     pub on_session_limit: OnSessionLimit,
 
+    /// How long a user's session resume secrets (`?resume=`) stay valid after the last one
+    /// was issued to it; a session whose node died keeps its secret this long at most.
+    #[arg(long, env = "WSBUS_RESUME_TTL", default_value = "1h", value_parser = parse_duration)]
+    pub resume_ttl: Duration,
+
+    /// Who may join rooms: `open` (any client, any room), `token` (the rooms in the token's
+    /// `rooms` claim), `server` (only the backend). Default: `token` with authentication,
+    /// `open` with `--insecure`.
+    #[arg(long, env = "WSBUS_ROOM_ACCESS", value_enum)]
+    pub room_access: Option<RoomAccess>,
+
     /// Most users in one room; a join past it gets `room '<id>' is full`.
     #[arg(long, env = "WSBUS_MAX_ROOM_MEMBERS", default_value_t = 10_000)]
     pub max_room_members: u32,
@@ -180,6 +203,21 @@ pub struct NodeConfig {
     /// routed like `message`. Built-in action names (and `error`) are refused. Default: none.
     #[arg(long, env = "WSBUS_RELAY_ACTIONS", value_delimiter = ',')]
     pub relay_actions: Vec<String>,
+
+    /// Relayed actions (each also in `--relay-actions`) kept in history (`--history`) like
+    /// messages, with an offset. Others are transient: delivered to whoever is connected,
+    /// never stored. Default: none.
+    #[arg(long, env = "WSBUS_STORED_RELAY_ACTIONS", value_delimiter = ',')]
+    pub stored_relay_actions: Vec<String>,
+
+    /// Failed API authentications one source address may make per second, on average; past
+    /// the burst, its requests get 429 until the bucket refills.
+    #[arg(long, env = "WSBUS_API_AUTH_FAILURE_RATE", default_value_t = 1.0)]
+    pub api_auth_failure_rate: f64,
+
+    /// Failed API authentications one source address may make in a burst.
+    #[arg(long, env = "WSBUS_API_AUTH_FAILURE_BURST", default_value_t = 20)]
+    pub api_auth_failure_burst: u32,
 
     /// How long an ingress entry may stay read but unacknowledged (its node died while
     /// routing it) before another node claims it (`XAUTOCLAIM` min-idle); also how often
@@ -342,6 +380,16 @@ impl NodeConfig {
     /// several nodes and route lookups cannot be cached).
     pub fn multi_session(&self) -> bool {
         self.max_sessions_per_user > 1
+    }
+
+    /// The `--room-access` in force: as given, else `open` with `--insecure` and `token`
+    /// with authentication.
+    pub fn room_access(&self) -> RoomAccess {
+        match (self.room_access, self.insecure) {
+            (Some(access), _) => access,
+            (None, true) => RoomAccess::Open,
+            (None, false) => RoomAccess::Token,
+        }
     }
 
     /// A config for a node with this id and Redis URL, without authentication (for tests

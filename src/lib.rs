@@ -37,10 +37,10 @@
 //!   membership in Redis.
 //! - [`history`]: per-user and per-room streams (`--history`), offsets and epochs, recovery,
 //!   and the session's in-order hand-over of stream frames.
-//! - [`delivery`]: local sessions by user, their socket queues, local rooms, and what a
-//!   dispatch is (origin, target, payload, node plan).
-//! - [`node`]: a node's shared state, the dispatch path from any origin to any target, and
-//!   the room operations.
+//! - [`delivery`]: local sessions by user, their socket queues, local rooms, what a
+//!   dispatch is (origin, target, payload, node plan), and when tokens expire.
+//! - [`node`]: a node's shared state, the dispatch path from any origin to any target, the
+//!   room operations, and server-side joins and leaves (one inbox entry per node).
 //! - [`bus`]: appends to other nodes' inboxes; reads this node's.
 //! - [`session`]: one connected client's task, its recovery.
 //! - [`edge`]: the listener, the HTTP routes and the gates of a connect, the upgrade.

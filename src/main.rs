@@ -83,6 +83,11 @@ enum Cmd {
     /// Publish a frame to users and rooms through a node's HTTP API (`POST /api/publish`),
     /// printing its reply (`sent`, `offline`, `rooms`); exits 1 unless it answers 200.
     Publish(PublishArgs),
+    /// Put every live session of USER in ROOM, on every node (`POST /api/join`), printing
+    /// the reply (`{"user","room","sessions"}`); exits 1 unless it answers 200.
+    Join(MemberArgs),
+    /// Take every live session of USER out of ROOM (`POST /api/leave`).
+    Leave(MemberArgs),
     /// Print a node's inbox entries, envelopes decoded to JSON (one per line).
     Inspect {
         /// The node id.
@@ -109,6 +114,28 @@ struct TokenArgs {
     /// PEM private key file (RSA → RS256, EC P-256 → ES256).
     #[arg(long, conflicts_with = "jwt_secret")]
     private_key: Option<std::path::PathBuf>,
+    /// The `rooms` claim: rooms the client may join itself, ids and `prefix*` patterns
+    /// (comma-separated), e.g. `lobby,team-42-*`.
+    #[arg(long, value_delimiter = ',')]
+    rooms: Option<Vec<String>>,
+    /// The `join` claim: rooms the session joins at connect (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    join: Vec<String>,
+}
+
+/// `wsbus join|leave`: whose sessions, which room, and where the API is.
+#[derive(clap::Args)]
+struct MemberArgs {
+    /// The user id.
+    user: String,
+    /// The room id.
+    room: String,
+    /// The node's base URL (its client address, or `--admin-bind` if the API is there).
+    #[arg(long, env = "WSBUS_API_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// An API key of the node (the first of a comma-separated list is used).
+    #[arg(long, env = "WSBUS_API_KEYS", hide_env_values = true)]
+    api_key: String,
 }
 
 /// `wsbus publish`: what to publish, and where the API is.
@@ -179,6 +206,8 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Token(args) => print_token(&args),
         Cmd::Probe { url } => probe(&url).await,
         Cmd::Publish(args) => publish(&args).await,
+        Cmd::Join(args) => change_membership(&args, "join").await,
+        Cmd::Leave(args) => change_membership(&args, "leave").await,
         Cmd::Inspect { node, count, admin } => print_inbox(&node, count, &admin).await,
     }
 }
@@ -267,9 +296,17 @@ fn print_token(args: &TokenArgs) -> anyhow::Result<()> {
     if args.jwt_secret.is_none() && pem.is_none() {
         anyhow::bail!("give WSBUS_JWT_SECRET (or --jwt-secret) or --private-key");
     }
-    let token = wsbus::auth::mint(
-        &args.user,
-        args.ttl.as_secs(),
+    let now = jsonwebtoken::get_current_timestamp();
+    let claims = wsbus::auth::Claims {
+        sub: args.user.clone(),
+        exp: now + args.ttl.as_secs(),
+        iat: now,
+        rooms: args.rooms.clone(),
+        join: args.join.clone(),
+        ..Default::default()
+    };
+    let token = wsbus::auth::mint_claims(
+        &claims,
         args.jwt_secret.as_deref().map(str::as_bytes),
         pem.as_deref(),
     )
@@ -303,6 +340,19 @@ async fn publish(args: &PublishArgs) -> anyhow::Result<()> {
     }
     let key = args.api_key.split(',').next().unwrap_or_default();
     let endpoint = format!("{}/api/publish", args.url.trim_end_matches('/'));
+    let (status, reply) = wsbus::cli::post_json(&endpoint, key, &body.to_string()).await?;
+    println!("{}", reply.trim_end());
+    if status != 200 {
+        anyhow::bail!("{endpoint} answered HTTP {status}");
+    }
+    Ok(())
+}
+
+/// `wsbus join|leave`: one `POST /api/<op>`, its reply printed.
+async fn change_membership(args: &MemberArgs, op: &str) -> anyhow::Result<()> {
+    let body = serde_json::json!({"user": args.user, "room": args.room});
+    let key = args.api_key.split(',').next().unwrap_or_default();
+    let endpoint = format!("{}/api/{op}", args.url.trim_end_matches('/'));
     let (status, reply) = wsbus::cli::post_json(&endpoint, key, &body.to_string()).await?;
     println!("{}", reply.trim_end());
     if status != 200 {

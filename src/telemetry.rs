@@ -149,3 +149,39 @@ impl HotMetrics {
         }
     }
 }
+
+/// A warning that may repeat in a flood (a bad ingress entry, a bad API key): the first is
+/// logged, then at most one line per interval saying how many came meanwhile. Metrics keep
+/// the exact counts.
+pub struct LogSummary {
+    interval: std::time::Duration,
+    /// When the last line was logged, and how many occurrences were not logged since.
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl LogSummary {
+    /// A summary that logs at most one line per `interval`.
+    pub const fn new(interval: std::time::Duration) -> Self {
+        Self {
+            interval,
+            state: std::sync::Mutex::new((None, 0)),
+        }
+    }
+
+    /// Counts one occurrence: `Some(not logged since the last line)` when this one is to be
+    /// logged, `None` when it is only counted.
+    pub fn note(&self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match state.0 {
+            Some(last) if now.duration_since(last) < self.interval => {
+                state.1 += 1;
+                None
+            }
+            _ => {
+                state.0 = Some(now);
+                Some(std::mem::take(&mut state.1))
+            }
+        }
+    }
+}

@@ -22,17 +22,23 @@
  * - `userId`: 1–64 characters of `[A-Za-z0-9_.-]`; anything else throws a `TypeError`
  *   (the server would refuse it with HTTP 400, which a browser cannot see).
  * - `options.reconnect` (default `true`): reconnect after the connection drops.
- * - `options.minDelayMs` (default `500`) and `options.maxDelayMs` (default `30000`): the
- *   reconnect delay doubles from `minDelayMs` after each failed attempt, up to `maxDelayMs`,
- *   and each delay is drawn at random between half of it and all of it (jitter, so that
- *   clients dropped together by a restarting node do not all come back at the same
- *   moment). The count starts again after a connection the node accepted (one that
- *   opened and was not refused with 4001).
+ * - `options.minDelayMs` (default `250`) and `options.maxDelayMs` (default `4000`): the
+ *   ceiling of the reconnect delay doubles from `minDelayMs` after each failed attempt, up
+ *   to `maxDelayMs`, and each delay is drawn at random between 0 and the ceiling (full
+ *   jitter: the first retry comes within 250 ms, and clients dropped together by a node that
+ *   died or restarted do not all come back at the same moment). The count starts again
+ *   after a connection the node accepted (one that opened and was not refused with 4001).
+ * - Session resume: every connection asks for a resume secret (`?resume=`); the node's
+ *   first frame, `welcome`, carries it, and the next connection presents it
+ *   (`?resume=<secret>`), taking the previous session over at once on any node, whether
+ *   that session's node is alive or died (no `not unique session` for one's own stale
+ *   session). A secret works once; each `welcome` brings the next. `close()` forgets it.
  * - `options.token`: for nodes that require a signed token: the token (a string), or a
  *   function returning it (or a promise of it), called before every connection attempt so
  *   that a fresh token can be fetched for each reconnect. Sent as `?token=`, since browsers
  *   cannot set headers on a WebSocket; it is not part of `url`. If the function throws,
  *   the attempt counts as a failed connection (a `close` with code 1006 and the reason).
+ *   See "Token lifetime" for how a function keeps a connection past its token's `exp`.
  * - `options.urls`: more base URLs (same forms as `baseUrl`), other nodes of the cluster.
  *   The client connects to `baseUrl` first; every reconnect attempt goes to the next node
  *   of `[baseUrl, ...urls]` (wrapping around), so a client whose node died (or is down when
@@ -60,7 +66,8 @@
  * - `leave(room)`: leaves `room`; a promise of `{room}`. Rejects with `not in room 'lobby'`
  *   if this session is not in it.
  * - `members(room)`: a promise of `{room, users, truncated}`: the users in `room`, sorted;
- *   `truncated` is `true` when the server cut the list. Works for any room, joined or not.
+ *   `truncated` is `true` when the server cut the list. Rejects with `not in room 'lobby'`
+ *   unless this session is in the room (only members may read it).
  * - `sendRoom(room, text)`: sends `text` to every other session in `room` (no reply, like
  *   `send()`). Throws an `Error` if the connection is not open or `room` is not in `rooms`.
  * - `rooms`: the rooms this client is in, sorted. The server takes a session out of every
@@ -89,8 +96,8 @@
  * error) before it reads the next frame, so answers come in the order of the requests. The
  * client keeps its pending requests in that order; a reply settles the oldest one if it is
  * of the same action and room, and an error rejects the oldest one if it is an error that
- * request can get: `invalid room id`, `too many rooms`, `room '<room>' is full` (join),
- * `not in room '<room>'` (leave), `bus unavailable` and `rate limited` (any). Every other
+ * request can get: `invalid room id`, `too many rooms`, `room '<room>' is full`,
+ * `not allowed to join room '<room>'` (join), `not in room '<room>'` (leave, members), `bus unavailable` and `rate limited` (any). Every other
  * error (e.g. `User 'bob' not found`) is not an answer to a request. The one guess: an
  * earlier `send()`/`sendRoom()` can get `bus unavailable` or `rate limited` too, and if
  * such an error arrives while a request is pending, that request is rejected with it even
@@ -127,6 +134,16 @@
  * it, `"too_many"` more than `--recover-max`), the messages sent in between are lost to this
  * client: reload the conversation from your backend. Live messages continue either way.
  *
+ * ## Token lifetime
+ *
+ * A node closes a connection with 4008 (`token expired`) when its token's `exp` passes. With
+ * `options.token` a function, the client reads `exp` from the token's payload and, about
+ * 30 s before it (halfway for a token that lives less than a minute), calls the function
+ * and sends the new token (`{"action":"refresh","data":{"token":...}}`); the node answers
+ * `refreshed` with the new `exp` (a `refreshed` event) and the connection goes on. A
+ * refresh the node refuses answers an `error` event (`invalid token`); after a 4008 the
+ * client fetches a new token and reconnects. A string token cannot be refreshed.
+ *
  * ## Events (`CustomEvent`s; the fields below are in `event.detail`)
  *
  * - `statechange` `{state}`: `state` changed.
@@ -146,7 +163,8 @@
  *   or its node died). Sent to the other members of the room.
  * - `joined` `{room, members, offset, epoch, recovered, count, reason}` and `left` `{room}`:
  *   this session entered or left `room` (the server's replies to `join`/`leave`, including
- *   the re-joins after a reconnect). With history on, `offset`/`epoch` are where the room's
+ *   the re-joins after a reconnect; also when the backend puts this user in a room or takes
+ *   it out, `POST /api/join|leave`, or the token's `join` claim). With history on, `offset`/`epoch` are where the room's
  *   stream is (else `null`); for a re-join that recovered, `recovered` (`true`/`false`),
  *   `count` (messages replayed) and `reason` (when `false`) as in `recovered`, else `null`.
  * - `recovered` `{room, recovered, count, reason, offset, epoch}`: the result of recovering
@@ -159,20 +177,30 @@
  *   `bus unavailable` (the message was not sent) or `not unique session`. `request` is
  *   `{action, room}` when the error was matched to a pending `join`, `leave` or `members`
  *   (whose promise it rejects, see above), otherwise `null`.
+ * - `welcome` `{session}`: the node accepted the connection and issued a resume secret
+ *   (kept by the client, not shown); `session` is `"<node>:<sid>"`.
+ * - `refreshed` `{exp}`: the node took a refreshed token, valid until `exp` (seconds since
+ *   the epoch).
+ * - `disconnected` `{code, reason}`: the node ended the connection for good and the client
+ *   will not reconnect (4001, 4003, 4006, 4007); `reason` is the close frame's (for 4007,
+ *   the one the backend gave), or the code's meaning when empty. A `close` event follows.
  * - `close` `{code, reason, wasClean, reconnectInMs}`: the connection closed;
  *   `reconnectInMs` is the delay before the next attempt, or `null` if the client will
  *   not reconnect. Codes: 1000 closed by `close()`, 1001 node shutting down, 1006 dropped
  *   or refused (a browser is not told why: node down, HTTP 401 or 503 ...), 1009 a frame was too
  *   large, 4001 not unique session, 4002 slow consumer, 4003 session replaced,
- *   4004 ping timeout, 4005 rate limit exceeded, 4006 replaced by a newer session.
+ *   4004 ping timeout, 4005 rate limit exceeded, 4006 replaced by a newer session,
+ *   4007 disconnected by the backend, 4008 token expired.
  *
  * The client does **not** reconnect after close 4001 (`not unique session`: the user holds
  * as many live sessions as the nodes allow; except shortly after a drop, see
  * `options.staleSessionMs`), 4003 (`session replaced`: another session took
  * it over) or 4006 (`replaced by a newer session`: with `--on-session-limit replace`, a
  * newer session of this user closed this one, the oldest), since reconnecting would only
- * fight that session (after 4006 it would replace the next oldest, which would do the same);
- * it reports the close and goes to `"closed"`. Call `connect()` again to retry deliberately.
+ * fight that session (after 4006 it would replace the next oldest, which would do the same),
+ * nor after 4007 (`POST /api/disconnect`: the backend wants this user gone); it reports a
+ * `disconnected` event and the close, and goes to `"closed"`. Call `connect()` again to
+ * retry deliberately.
  */
 
 /** WebSocket close codes a wsbus node uses. */
@@ -187,10 +215,17 @@ export const CloseCode = Object.freeze({
   PING_TIMEOUT: 4004,
   RATE_LIMITED: 4005,
   REPLACED_BY_NEWER: 4006,
+  DISCONNECTED: 4007,
+  TOKEN_EXPIRED: 4008,
 });
 
 /** Close codes after which reconnecting would only fight another session of the user. */
-const NO_RECONNECT = new Set([CloseCode.NOT_UNIQUE, CloseCode.SESSION_REPLACED, CloseCode.REPLACED_BY_NEWER]);
+const NO_RECONNECT = new Set([
+  CloseCode.NOT_UNIQUE,
+  CloseCode.SESSION_REPLACED,
+  CloseCode.REPLACED_BY_NEWER,
+  CloseCode.DISCONNECTED,
+]);
 
 /** What each close code means, for people. */
 export const closeCodeText = Object.freeze({
@@ -204,6 +239,8 @@ export const closeCodeText = Object.freeze({
   4004: "ping timeout",
   4005: "rate limit exceeded",
   4006: "replaced by a newer session",
+  4007: "disconnected by the server",
+  4008: "token expired",
 });
 
 const ID = /^[A-Za-z0-9_.-]{1,64}$/;
@@ -232,10 +269,14 @@ function answers(req, error) {
       return HISTORY_OFF.has(error);
     case "join":
       return (
-        error === "invalid room id" || error === "too many rooms" || error === `room '${req.room}' is full`
+        error === "invalid room id" ||
+        error === "too many rooms" ||
+        error === `room '${req.room}' is full` ||
+        error === `not allowed to join room '${req.room}'`
       );
     case "leave":
-      return error === `not in room '${req.room}'`;
+    case "members":
+      return error === `not in room '${req.room}'` || error === "invalid room id";
     default:
       return error === "invalid room id";
   }
@@ -288,6 +329,23 @@ function stampDetail(s) {
   return { offset: s?.offset ?? null, epoch: s?.epoch ?? null, replayed: s?.replayed ?? false };
 }
 
+/** The `exp` claim (seconds since the epoch) of JWT `token`, or `null` if it has none. */
+export function tokenExp(token) {
+  try {
+    const part = String(token).split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const exp = JSON.parse(atob(part.padEnd(part.length + ((4 - (part.length % 4)) % 4), "="))).exp;
+    return Number.isFinite(exp) ? exp : null;
+  } catch {
+    return null;
+  }
+}
+
+/** How long before its `exp` a token is refreshed: 30 s, or half of a shorter life. */
+function refreshDelayMs(exp) {
+  const left = exp * 1000 - Date.now();
+  return Math.max(0, left - Math.min(30000, left / 2));
+}
+
 /** A wsbus connection for one user; see the file header for the API. */
 export class WsbusClient extends EventTarget {
   /** The WebSocket URLs of the nodes to try, in turn (`baseUrl`, then `options.urls`). */
@@ -328,17 +386,21 @@ export class WsbusClient extends EventTarget {
    * session, still counted on a node that died, and retried (see `options.staleSessionMs`).
    */
   #staleUntil = 0;
+  /** The resume secret of the current (or last) session, presented by the next connection. */
+  #resume = null;
+  /** The timer that refreshes the connection's token before it expires (see "Token lifetime"). */
+  #refreshTimer = null;
 
   constructor(baseUrl, userId, options = {}) {
     super();
     if (!isValidUserId(userId)) {
       throw new TypeError("wsbus: a user id is 1-64 characters of A-Z a-z 0-9 _ . -");
     }
-    const minDelayMs = Math.max(1, Number(options.minDelayMs ?? 500));
+    const minDelayMs = Math.max(1, Number(options.minDelayMs ?? 250));
     this.#opts = {
       reconnect: options.reconnect ?? true,
       minDelayMs,
-      maxDelayMs: Math.max(minDelayMs, Number(options.maxDelayMs ?? 30000)),
+      maxDelayMs: Math.max(minDelayMs, Number(options.maxDelayMs ?? 4000)),
       staleSessionMs: Math.max(0, Number(options.staleSessionMs ?? 15000)),
     };
     this.#WebSocket = options.WebSocket ?? globalThis.WebSocket;
@@ -414,10 +476,12 @@ export class WsbusClient extends EventTarget {
 
   close(code = CloseCode.NORMAL, reason = "") {
     this.#gen += 1;
+    clearTimeout(this.#refreshTimer);
     for (const room of this.#rooms) this.#forgetRoom(room);
     this.#rejectPending();
     this.#recovering = false;
     this.#staleUntil = 0;
+    this.#resume = null;
     clearTimeout(this.#timer);
     this.#timer = null;
     const ws = this.#ws;
@@ -446,11 +510,13 @@ export class WsbusClient extends EventTarget {
     this.#timer = null;
     this.#setState("connecting");
     const gen = ++this.#gen;
-    const params = [];
+    // A secret is used once: the next `welcome` brings another.
+    const params = [`resume=${this.#resume ?? ""}`];
+    this.#resume = null;
+    let token = null;
     const since = this.#history === false ? null : this.#position;
     if (since) params.push(`since=${since.offset}`, `epoch=${encodeURIComponent(since.epoch)}`);
     if (this.#token !== null) {
-      let token;
       try {
         token = typeof this.#token === "function" ? await this.#token() : this.#token;
       } catch (e) {
@@ -461,7 +527,7 @@ export class WsbusClient extends EventTarget {
       if (gen !== this.#gen || this.#state !== "connecting") return;
       if (token) params.push(`token=${encodeURIComponent(token)}`);
     }
-    const url = params.length ? `${this.url}?${params.join("&")}` : this.url;
+    const url = `${this.url}?${params.join("&")}`;
     let ws;
     try {
       ws = new this.#WebSocket(url);
@@ -475,6 +541,7 @@ export class WsbusClient extends EventTarget {
     ws.onopen = () => {
       if (this.#ws !== ws) return;
       opened = true;
+      this.#scheduleRefresh(tokenExp(token));
       this.#setState("open");
       if (this.#position === null && this.#history !== false) this.#askPosition();
       this.#rejoin();
@@ -560,6 +627,13 @@ export class WsbusClient extends EventTarget {
         }
         break;
       }
+      case "welcome":
+        if (typeof d.resume === "string") this.#resume = d.resume;
+        this.#emit("welcome", { session: d.session ?? null });
+      case "refreshed":
+        this.#scheduleRefresh(d.exp);
+        this.#emit("refreshed", { exp: d.exp });
+        break;
       case "error":
         this.#error(String(d.error));
         break;
@@ -699,6 +773,7 @@ export class WsbusClient extends EventTarget {
   /** The connection closed; `opened`: it had opened (the node accepted it, or refused it late). */
   #closed(code, reason, wasClean, opened = false) {
     this.#ws = null;
+    clearTimeout(this.#refreshTimer);
     this.#rejectPending();
     this.#recovering = false;
     this.#recoveringRooms.clear();
@@ -716,16 +791,38 @@ export class WsbusClient extends EventTarget {
     if (this.#opts.reconnect && !final) {
       const { minDelayMs, maxDelayMs } = this.#opts;
       const ceiling = Math.min(maxDelayMs, minDelayMs * 2 ** Math.min(this.#attempt, 30));
-      delay = Math.round(ceiling / 2 + (Math.random() * ceiling) / 2);
+      delay = Math.round(Math.random() * ceiling);
       this.#attempt += 1;
       // Each attempt goes to the next node in the list: the last one may be down.
       this.#index = (this.#index + 1) % this.#urls.length;
     }
     this.#setState(delay === null ? "closed" : "reconnecting");
+    if (final) this.#emit("disconnected", { code, reason: reason || closeCodeText[code] || "" });
     this.#emit("close", { code, reason, wasClean, reconnectInMs: delay });
     if (delay !== null && this.#state === "reconnecting") {
       this.#timer = setTimeout(() => this.#open(), delay);
     }
+  }
+
+  /** Refreshes the token about 30 s before `exp` (only a token function can give a new one). */
+  #scheduleRefresh(exp) {
+    clearTimeout(this.#refreshTimer);
+    this.#refreshTimer = null;
+    if (typeof this.#token !== "function" || !Number.isFinite(exp)) return;
+    const ws = this.#ws;
+    this.#refreshTimer = setTimeout(async () => {
+      let token;
+      try {
+        token = await this.#token();
+      } catch (e) {
+        this.#emit("error", { error: `no token: ${e?.message ?? e}`, request: null });
+        return;
+      }
+      // A new connection has its own timer; a failed refresh ends in 4008 and a reconnect.
+      if (this.#ws === ws && this.#state === "open" && token) {
+        ws.send(JSON.stringify({ action: "refresh", data: { token: String(token) } }));
+      }
+    }, refreshDelayMs(exp));
   }
 
   #setState(state) {

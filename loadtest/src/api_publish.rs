@@ -24,6 +24,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::conn::{self, Ws};
 use crate::report::{Counts, Latency, MessageStats, Report, ShardedHist};
 use crate::timeline::Timeline;
+use crate::token::Minter;
 use crate::{Config, ConnSpec};
 
 /// How publishes reach the cluster.
@@ -76,6 +77,7 @@ pub(crate) async fn run(cfg: &Config, hard: Instant, tl: &Arc<Timeline>) -> Resu
         requests: ShardedHist::new(16),
     });
     let k = crate::source_count(cfg, n);
+    let auth = Minter::for_run(cfg.jwt_secret.as_deref(), Vec::new());
     let specs = (0..n)
         .map(|i| {
             let target = nodes[i % nodes.len()].clone();
@@ -83,6 +85,7 @@ pub(crate) async fn run(cfg: &Config, hard: Instant, tl: &Arc<Timeline>) -> Resu
                 source: target.source_addr(i, k),
                 target,
                 id: format!("{run_prefix}-{i}"),
+                auth: auth.clone(),
             }
         })
         .collect();

@@ -16,6 +16,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::conn::{self, Incoming, Target, Ws};
 use crate::report::{ChurnStats, Counts, Latency, MessageStats, Report, ShardedHist};
 use crate::timeline::Timeline;
+use crate::token::Minter;
 use crate::{Config, ConnSpec};
 
 #[derive(Default)]
@@ -27,6 +28,8 @@ struct Waiters {
 struct Shared {
     epoch: Instant,
     prefix: String,
+    /// Mints each user's token (`--jwt-secret`), anchors' and cycles' alike.
+    auth: Option<Arc<Minter>>,
     waiters: Mutex<Waiters>,
     sent: AtomicU64,
     delivered: AtomicU64,
@@ -52,6 +55,7 @@ pub(crate) async fn run(cfg: &Config, hard: Instant, tl: &Arc<Timeline>) -> Resu
     let sh = Arc::new(Shared {
         epoch: Instant::now(),
         prefix: prefix.clone(),
+        auth: Minter::for_run(cfg.jwt_secret.as_deref(), Vec::new()),
         waiters: Mutex::new(Waiters::default()),
         sent: AtomicU64::new(0),
         delivered: AtomicU64::new(0),
@@ -74,6 +78,7 @@ pub(crate) async fn run(cfg: &Config, hard: Instant, tl: &Arc<Timeline>) -> Resu
             target: nodes[i % nodes.len()].clone(),
             source: None,
             id: format!("{prefix}-a{i}"),
+            auth: sh.auth.clone(),
         })
         .collect();
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -286,7 +291,7 @@ async fn cycle_inner(
     connect_timeout: Duration,
 ) -> Result<(), String> {
     let id = format!("{}-c{k}", sh.prefix);
-    let mut ws = conn::connect(target, &id, None, 4096, connect_timeout)
+    let mut ws = conn::connect(target, &id, sh.auth.as_deref(), None, 4096, connect_timeout)
         .await
         .map_err(|e| format!("connect {e}"))?;
     let _open = sh.tl.opened();

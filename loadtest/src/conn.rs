@@ -13,6 +13,8 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Error as WsError};
 
+use crate::token::Minter;
+
 pub(crate) type Ws = WebSocketStream<TcpStream>;
 
 /// Length of every message text the tool sends.
@@ -77,24 +79,41 @@ pub(crate) fn ws_config(read_buf: usize) -> WebSocketConfig {
         .max_frame_size(Some(1 << 20))
 }
 
-/// Connects `user_id` to `target`, optionally from `source` IP, with a timeout.
-/// On failure returns a short error kind (`http 503`, `io ConnectionRefused`, `timeout`, ...).
+/// Connects `user_id` to `target`, optionally from `source` IP, with a timeout; with `auth`,
+/// with a token minted for the user (`?token=`). `user_id` may carry a query string of its
+/// own (`alice?since=3&epoch=e`). On failure returns a short error kind (`http 503`,
+/// `io ConnectionRefused`, `timeout`, ...).
 pub(crate) async fn connect(
     target: &Target,
     user_id: &str,
+    auth: Option<&Minter>,
     source: Option<IpAddr>,
     read_buf: usize,
     timeout: Duration,
 ) -> Result<Ws, String> {
-    match tokio::time::timeout(timeout, connect_inner(target, user_id, source, read_buf)).await {
+    let url = ws_url(target, user_id, auth);
+    match tokio::time::timeout(timeout, connect_inner(target, url, source, read_buf)).await {
         Ok(r) => r,
         Err(_) => Err("timeout".to_owned()),
     }
 }
 
+/// `ws://host:port/ws/<user_id>`, with `token=` added to its query when `auth` is given.
+fn ws_url(target: &Target, user_id: &str, auth: Option<&Minter>) -> String {
+    let mut url = format!("{}/ws/{}", target.base, user_id);
+    if let Some(m) = auth {
+        let (user, sep) = match user_id.split_once('?') {
+            Some((user, _)) => (user, '&'),
+            None => (user_id, '?'),
+        };
+        let _ = write!(url, "{sep}token={}", m.token(user));
+    }
+    url
+}
+
 async fn connect_inner(
     target: &Target,
-    user_id: &str,
+    url: String,
     source: Option<IpAddr>,
     read_buf: usize,
 ) -> Result<Ws, String> {
@@ -110,7 +129,6 @@ async fn connect_inner(
     }
     let stream = sock.connect(target.addr).await.map_err(io_kind)?;
     stream.set_nodelay(true).map_err(io_kind)?;
-    let url = format!("{}/ws/{}", target.base, user_id);
     let (ws, _resp) =
         tokio_tungstenite::client_async_with_config(url, stream, Some(ws_config(read_buf)))
             .await
@@ -261,6 +279,26 @@ mod tests {
         assert_eq!(text.len(), TEXT_LEN);
         assert_eq!(decode_text(text), Some((7, 42, 123_456_789)));
         assert_eq!(decode_text("c9:1:2:...."), Some((9, 1, 2)));
+    }
+
+    #[test]
+    fn urls_carry_the_token_after_any_query() {
+        let target = Target {
+            base: "ws://127.0.0.1:9".to_owned(),
+            addr: "127.0.0.1:9".parse().unwrap(),
+        };
+        assert_eq!(ws_url(&target, "a-1", None), "ws://127.0.0.1:9/ws/a-1");
+        let m = Minter::for_run(Some("0123456789abcdef0123456789abcdef"), Vec::new()).unwrap();
+        let plain = ws_url(&target, "a-1", Some(&m));
+        assert!(
+            plain.starts_with("ws://127.0.0.1:9/ws/a-1?token=ey"),
+            "{plain}"
+        );
+        let recover = ws_url(&target, "a-1?since=4&epoch=e", Some(&m));
+        assert!(
+            recover.starts_with("ws://127.0.0.1:9/ws/a-1?since=4&epoch=e&token=ey"),
+            "{recover}"
+        );
     }
 
     #[test]

@@ -22,7 +22,9 @@ use crate::conn::{self, Incoming, Ws};
 use crate::report::{
     Counts, DeliveryKind, Fanout, Latency, MessageStats, Report, ShardedHist, SlowMessage,
 };
+use crate::servers::Probe;
 use crate::timeline::Timeline;
+use crate::token::Minter;
 use crate::{Config, ConnSpec};
 
 /// Who talks to whom, over how many sessions per user.
@@ -130,6 +132,8 @@ struct Shared {
     /// dm-multi: counters per [`Kind`], indexed like [`Kind::ALL`]; empty otherwise.
     kinds: Vec<KindCounters>,
     closed_loop: bool,
+    /// Most frames written at once (`--frames-per-write`).
+    frames_per_write: u32,
     plan: OnceLock<Plan>,
     /// Open loop: the pacer thread wakes a user when its next send is due.
     wake: Vec<Notify>,
@@ -176,6 +180,10 @@ impl Shared {
 /// Most slow messages kept for the report.
 const MAX_SLOW: usize = 1000;
 
+/// Most messages a sender writes before it reads again (more, if `--frames-per-write` is
+/// larger), so that its receipts do not wait behind a long burst.
+const MAX_BATCH: u32 = 64;
+
 pub(crate) async fn run(
     cfg: &Config,
     shape: Shape,
@@ -210,6 +218,7 @@ pub(crate) async fn run(
             Vec::new()
         },
         closed_loop,
+        frames_per_write: cfg.frames_per_write.max(1),
         plan: OnceLock::new(),
         wake: (0..n).map(|_| Notify::new()).collect(),
         permits: (0..n)
@@ -233,6 +242,8 @@ pub(crate) async fn run(
     // Per-node source address counters so that each node's connections are spread.
     let conns = n * sessions;
     let k = crate::source_count(cfg, conns.div_ceil(nodes.len()));
+    // Direct messages join no room.
+    let auth = Minter::for_run(cfg.jwt_secret.as_deref(), Vec::new());
     let specs = (0..conns)
         .map(|c| {
             let (user, node) = sh.session_of(c);
@@ -240,6 +251,7 @@ pub(crate) async fn run(
                 target: nodes[node].clone(),
                 source: nodes[node].source_addr(c / nodes.len(), k),
                 id: sh.ids[user as usize].clone(),
+                auth: auth.clone(),
             }
         })
         .collect();
@@ -251,6 +263,7 @@ pub(crate) async fn run(
             user_task(sh.clone(), user, node, ws, phase_rx.clone())
         }
     };
+    let mut probe = Probe::start(&cfg.server_pids);
     let hatched = crate::hatch(cfg, specs, 16 * 1024, &mut tasks, hard, tl, false, body).await;
 
     // Build the plan from the users that are actually connected (all their sessions).
@@ -294,11 +307,13 @@ pub(crate) async fn run(
         users: n as u64,
         target_rate: cfg.rate,
         in_flight: closed_loop.then_some(cfg.in_flight),
+        frames_per_write: Some(sh.frames_per_write),
         connect: hatched.stats,
         ..Report::default()
     };
 
     // Measuring phase.
+    probe.sending();
     let send_start = Instant::now();
     sh.send_start_ns.store(
         send_start.duration_since(sh.epoch).as_nanos() as u64,
@@ -329,6 +344,7 @@ pub(crate) async fn run(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    report.servers = probe.finish(sh.delivered.load(Relaxed));
     let _ = phase_tx.send(Phase::Stop);
     crate::join_all(&mut tasks, Duration::from_secs(3)).await;
 
@@ -458,6 +474,9 @@ async fn user_task(
                 let plan = sh.plan.get().expect("plan is set before sending");
                 let cands = &plan.targets[node];
                 let mut batch = 0u32;
+                // Frames fed since the last flush, and a flush that failed.
+                let mut unflushed = 0u32;
+                let mut broken = None;
                 let now = Instant::now();
                 loop {
                     let due = plan.due(start, j, rate);
@@ -498,10 +517,18 @@ async fn user_task(
                     // The timeline counts deliveries due, as the report's `sent` does.
                     sh.tl.sent_n(sh.per_message());
                     batch += 1;
+                    unflushed += 1;
                     if open {
                         j += step;
                     }
-                    if batch >= 64 {
+                    if unflushed >= sh.frames_per_write {
+                        unflushed = 0;
+                        if let Err(e) = ws.flush().await {
+                            broken = Some(e);
+                            break;
+                        }
+                    }
+                    if batch >= MAX_BATCH.max(sh.frames_per_write) {
                         break;
                     }
                     if !open {
@@ -511,11 +538,17 @@ async fn user_task(
                         }
                     }
                 }
-                if open && batch >= 64 {
+                if open && batch >= MAX_BATCH.max(sh.frames_per_write) {
                     // More are due: come back after reading.
                     my_wake.notify_one();
                 }
-                if let Err(e) = ws.flush().await {
+                if broken.is_none()
+                    && unflushed > 0
+                    && let Err(e) = ws.flush().await
+                {
+                    broken = Some(e);
+                }
+                if let Some(e) = broken {
                     sh.disconnects
                         .add(&format!("send {}", conn::ws_error_kind(&e)));
                     sh.tl.error();

@@ -49,6 +49,7 @@ use crate::dm::Phase;
 use crate::proxy::Proxy;
 use crate::report::{Counts, Latency, MessageStats, Report, ShardedHist};
 use crate::timeline::Timeline;
+use crate::token::Minter;
 use crate::{Config, ConnSpec};
 
 /// Settings of the drops scenario (the rest comes from [`Config`]: users, rate, rooms, run
@@ -414,6 +415,8 @@ struct Shared {
     epoch: Instant,
     ids: Vec<String>,
     room_ids: Vec<String>,
+    /// Mints each user's token (`--jwt-secret`), at every reconnect too.
+    auth: Option<Arc<Minter>>,
     room_of: Vec<u32>,
     home: Vec<usize>,
     cut_path: Vec<bool>,
@@ -478,6 +481,7 @@ pub(crate) async fn run(cfg: &Config, hard: Instant, tl: &Arc<Timeline>) -> Resu
             target: sh.target(i, sh.home[i]),
             source: None,
             id: sh.ids[i].clone(),
+            auth: sh.auth.clone(),
         })
         .collect();
     let mut tasks = JoinSet::new();
@@ -711,6 +715,7 @@ impl Shared {
             epoch: Instant::now(),
             ids: (0..n).map(|i| format!("{prefix}-{i}")).collect(),
             room_ids: (0..rooms).map(|r| format!("{prefix}-r{r}")).collect(),
+            auth: Minter::for_run(cfg.jwt_secret.as_deref(), vec![format!("{prefix}-r*")]),
             room_of: (0..n).map(|i| ((i / (3 * nn)) % rooms) as u32).collect(),
             home: (0..n).map(|i| i % nn).collect(),
             cut_path: (0..n).map(|i| (i / nn) % 3 == 0).collect(),
@@ -1148,7 +1153,8 @@ impl Client {
         if let Some(p) = &self.user_pos {
             let _ = write!(id, "?since={}&epoch={}", p.offset, url_encode(&p.epoch));
         }
-        match conn::connect(&target, &id, None, 16 * 1024, RECONNECT_TIMEOUT).await {
+        let auth = sh.auth.as_deref();
+        match conn::connect(&target, &id, auth, None, 16 * 1024, RECONNECT_TIMEOUT).await {
             Ok(ws) => {
                 let now = Instant::now();
                 self.ws = Some(ws);

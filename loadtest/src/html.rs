@@ -132,6 +132,22 @@ fn summary(o: &mut String, r: &Report) {
             ),
         );
     }
+    for sv in &r.servers {
+        row(
+            o,
+            &format!("server pid {}", sv.pid),
+            format!(
+                "CPU {:.0} ms over sending and drain ({:.2} cores), {} µs per delivery; RSS {} → {} → {} KiB (before connecting, sending, end)",
+                sv.cpu_ms,
+                sv.cpu_cores,
+                sv.cpu_us_per_delivery
+                    .map_or_else(|| "-".to_owned(), |v| format!("{v:.2}")),
+                sv.rss_before_kib,
+                sv.rss_sending_kib,
+                sv.rss_end_kib
+            ),
+        );
+    }
     if let Some(n) = &r.noise {
         row(
             o,
@@ -179,6 +195,7 @@ fn charts(o: &mut String, r: &Report) {
             y: Axis::Micros,
             span,
             measuring: r.measuring,
+            dashed: &[],
         },
         &[
             ("p50", "#1f77b4", pct(|s| s.p50_us)),
@@ -189,12 +206,16 @@ fn charts(o: &mut String, r: &Report) {
     histogram(o, r, lat);
     let per_sec_title = if r.timeline_latency == "connect" {
         "connections made per second"
+    } else if r.timeline.iter().all(|s| s.sent == s.delivered) {
+        "messages per second: sent (dashed) and delivered, equal in every second"
     } else {
-        "messages per second: sent and delivered"
+        "messages per second: sent (dashed) and delivered"
     };
+    // Sent is drawn last, dashed and with hollow points: where both are equal (a server
+    // that keeps up) delivered still shows under it.
     let mut rate = vec![("delivered", "#2ca02c", count(|s| s.delivered))];
     if r.timeline.iter().any(|s| s.sent > 0) {
-        rate.insert(0, ("sent", "#9467bd", count(|s| s.sent)));
+        rate.push(("sent", "#9467bd", count(|s| s.sent)));
     }
     line_chart(
         o,
@@ -204,6 +225,7 @@ fn charts(o: &mut String, r: &Report) {
             y: Axis::Count,
             span,
             measuring: r.measuring,
+            dashed: &["sent"],
         },
         &rate,
     );
@@ -215,6 +237,7 @@ fn charts(o: &mut String, r: &Report) {
             y: Axis::Count,
             span,
             measuring: r.measuring,
+            dashed: &[],
         },
         &[("connections", "#17becf", count(|s| s.connections))],
     );
@@ -226,6 +249,7 @@ fn charts(o: &mut String, r: &Report) {
             y: Axis::Count,
             span,
             measuring: r.measuring,
+            dashed: &[],
         },
         &[("errors", "#b00020", count(|s| s.errors))],
     );
@@ -255,6 +279,8 @@ struct Chart<'a> {
     /// Seconds on the x axis.
     span: f64,
     measuring: Option<(f64, f64)>,
+    /// Series drawn dashed with hollow points, so that a line under them stays visible.
+    dashed: &'a [&'a str],
 }
 
 fn line_chart(o: &mut String, c: &Chart<'_>, series: &[Series<'_>]) {
@@ -266,11 +292,12 @@ fn line_chart(o: &mut String, c: &Chart<'_>, series: &[Series<'_>]) {
         esc(c.title)
     );
     for (name, color, _) in series {
-        let _ = write!(
-            o,
-            "<span><i style=\"background:{color}\"></i>{}</span>",
-            esc(name)
-        );
+        let marker = if c.dashed.contains(name) {
+            format!("background:repeating-linear-gradient(90deg,{color} 0 4px,transparent 4px 6px)")
+        } else {
+            format!("background:{color}")
+        };
+        let _ = write!(o, "<span><i style=\"{marker}\"></i>{}</span>", esc(name));
     }
     let _ = write!(
         o,
@@ -341,9 +368,19 @@ fn line_chart(o: &mut String, c: &Chart<'_>, series: &[Series<'_>]) {
             .iter()
             .map(|&(t, v)| format!("{:.1},{:.1}", x(t), y(v)))
             .collect();
+        let dashed = c.dashed.contains(name);
+        let (dash, fill, r) = if dashed {
+            (
+                " stroke-dasharray=\"6 4\"",
+                format!("none\" stroke=\"{color}"),
+                3.5,
+            )
+        } else {
+            ("", (*color).to_owned(), 2.5)
+        };
         let _ = write!(
             o,
-            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>",
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\"{dash} points=\"{}\"/>",
             path.join(" ")
         );
         for &(t, v) in pts {
@@ -353,7 +390,7 @@ fn line_chart(o: &mut String, c: &Chart<'_>, series: &[Series<'_>]) {
             };
             let _ = write!(
                 o,
-                "<circle class=\"pt\" cx=\"{:.1}\" cy=\"{:.1}\" r=\"2.5\" fill=\"{color}\"><title>{} at {:.0} s: {}</title></circle>",
+                "<circle class=\"pt\" cx=\"{:.1}\" cy=\"{:.1}\" r=\"{r}\" fill=\"{fill}\"><title>{} at {:.0} s: {}</title></circle>",
                 x(t),
                 y(v),
                 esc(name),
@@ -534,6 +571,9 @@ fn parameters(o: &mut String, r: &Report) {
     }
     if let Some(w) = r.in_flight {
         row("in flight per user (closed loop)", w.to_string());
+    }
+    if let Some(f) = r.frames_per_write {
+        row("frames per write (at most)", f.to_string());
     }
     row("grace", format!("{} s", r.grace_secs));
     row("elapsed", format!("{:.1} s", r.elapsed_secs));

@@ -15,6 +15,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::conn::{self, Ws};
 use crate::report::{Counts, MemoryFit, MemorySample, ProcMemory, Report};
 use crate::timeline::Timeline;
+use crate::token::Minter;
 use crate::{Config, ConnSpec};
 
 /// How often server RSS is sampled during the ramp, and the most samples kept.
@@ -33,11 +34,13 @@ pub(crate) async fn run(cfg: &Config, hard: Instant, tl: &Arc<Timeline>) -> Resu
         .map(|&p| (p, conn::rss_kib(p)))
         .collect();
 
+    let auth = Minter::for_run(cfg.jwt_secret.as_deref(), Vec::new());
     let specs = (0..n)
         .map(|i| ConnSpec {
             target: target.clone(),
             source: target.source_addr(i, k),
             id: format!("{prefix}-{i}"),
+            auth: auth.clone(),
         })
         .collect();
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -16,8 +16,10 @@ mod noise;
 mod proxy;
 mod report;
 mod room;
+mod servers;
 mod slowloris;
 mod timeline;
+mod token;
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -38,10 +40,12 @@ pub use report::{
     ProcMemory, Report, SlowMessage,
 };
 pub use room::{RedisCost, RoomChurnStats, RoomStats};
+pub use servers::ServerStats;
 pub use timeline::{Bucket, Machine, Second};
 
 use conn::{Target, Ws};
 use timeline::Timeline;
+use token::Minter;
 
 /// A load-test scenario.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -114,7 +118,12 @@ pub struct Config {
     pub rate: Option<f64>,
     /// Closed-loop messages in flight per user.
     pub in_flight: u32,
-    /// Server pids whose VmRSS is sampled (idle-connections).
+    /// dm-*, room-*: frames a sender hands to the socket in one write (a flush) when it has
+    /// that many to send. 1 is what browsers and phones do (one `send` per message); larger
+    /// values coalesce what is due at once (the tool's behaviour before this knob was 64).
+    pub frames_per_write: u32,
+    /// Server pids sampled: VmRSS during the ramp (idle-connections); RSS and CPU time
+    /// around the sending phase (dm-*, room-*).
     pub server_pids: Vec<u32>,
     /// How long to wait for outstanding messages after sending stops.
     pub grace: Duration,
@@ -149,6 +158,9 @@ pub struct Config {
     pub connections: usize,
     /// drops: the cuts and the node kill.
     pub drops: Drops,
+    /// HS256 secret of the nodes: every connection carries a token minted with it
+    /// (`?token=`); `None` for nodes started with `--insecure`.
+    pub jwt_secret: Option<String>,
 }
 
 impl Default for Config {
@@ -160,6 +172,7 @@ impl Default for Config {
             run_time: Duration::from_secs(10),
             rate: None,
             in_flight: 8,
+            frames_per_write: 1,
             server_pids: Vec::new(),
             grace: Duration::from_secs(2),
             source_addrs: None,
@@ -176,6 +189,7 @@ impl Default for Config {
             via: Via::Http,
             connections: 4,
             drops: Drops::default(),
+            jwt_secret: None,
         }
     }
 }
@@ -210,6 +224,12 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<Report> {
         && (r.is_nan() || r <= 0.0)
     {
         bail!("--rate must be positive");
+    }
+    if cfg.frames_per_write == 0 {
+        bail!("--frames-per-write must be at least 1");
+    }
+    if let Some(secret) = &cfg.jwt_secret {
+        token::check_secret(secret)?;
     }
     let deadline = cfg.effective_deadline();
     let started = Instant::now();
@@ -309,6 +329,8 @@ pub(crate) struct ConnSpec {
     pub(crate) target: Arc<Target>,
     pub(crate) source: Option<IpAddr>,
     pub(crate) id: String,
+    /// Mints the user's token (`--jwt-secret`).
+    pub(crate) auth: Option<Arc<Minter>>,
 }
 
 /// Result of the connect phase.
@@ -371,7 +393,9 @@ where
         spawned += 1;
         tasks.spawn(async move {
             let t0 = Instant::now();
-            match conn::connect(&spec.target, &spec.id, spec.source, read_buf, timeout).await {
+            let auth = spec.auth.as_deref();
+            match conn::connect(&spec.target, &spec.id, auth, spec.source, read_buf, timeout).await
+            {
                 Ok(ws) => {
                     let took = t0.elapsed();
                     let _open = tl.opened();

@@ -35,7 +35,13 @@ struct Cli {
     /// --rate; room-fanout: a message is done when every other member has it).
     #[arg(long, default_value_t = 8)]
     in_flight: u32,
-    /// Server pid whose VmRSS is reported (idle-connections); repeatable.
+    /// dm-*, room-*: most frames a sender writes to its socket at once. 1 (default) is what
+    /// browsers and phones do, one write per message; 64 coalesces what is due at once, as
+    /// this tool did before. drops, churn and slowloris always write one frame at a time.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    frames_per_write: u32,
+    /// Server pid, repeatable. idle-connections: VmRSS before/after connecting and during the
+    /// ramp. dm-*, room-*: RSS, and CPU time over the sending phase and drain per delivery.
     #[arg(long = "server-pid")]
     server_pids: Vec<u32>,
     /// Seconds to wait for outstanding messages after sending stops.
@@ -101,6 +107,11 @@ struct Cli {
     /// drops: seconds the killed node stays down.
     #[arg(long, default_value_t = 3.0)]
     down_for: f64,
+    /// HS256 secret of the nodes (their --jwt-secret, at least 32 bytes): each simulated user
+    /// connects with `?token=<JWT>` minted with it (`sub` = user id, `exp` in 1 h, `rooms` =
+    /// the room ids its scenario joins, as a `<run prefix>-r*` pattern).
+    #[arg(long, env = "WSBUS_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
     /// Print the report as one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -124,6 +135,7 @@ async fn main() -> ExitCode {
         run_time: Duration::from_secs_f64(cli.run_time.max(0.0)),
         rate: cli.rate,
         in_flight: cli.in_flight,
+        frames_per_write: cli.frames_per_write,
         server_pids: cli.server_pids,
         grace: Duration::from_secs_f64(cli.grace.max(0.0)),
         source_addrs: cli.source_addrs,
@@ -150,6 +162,7 @@ async fn main() -> ExitCode {
             kill_at: cli.kill_at.map(|s| Duration::from_secs_f64(s.max(0.0))),
             down_for: Duration::from_secs_f64(cli.down_for.max(0.0)),
         },
+        jwt_secret: cli.jwt_secret,
     };
     match wsbus_loadtest::run(cli.scenario, &cfg).await {
         Ok(mut report) => {

@@ -308,6 +308,9 @@ pub struct Report {
     pub target_rate: Option<f64>,
     /// Closed-loop messages in flight per user, if any.
     pub in_flight: Option<u32>,
+    /// dm-*, room-*: most frames a sender writes at once (`--frames-per-write`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frames_per_write: Option<u32>,
     /// Requested measuring time in seconds.
     pub run_time_secs: f64,
     /// Connect ramp, users per second.
@@ -367,6 +370,10 @@ pub struct Report {
     /// idle-connections: the least-squares line through `memory_curve`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory_fit: Option<MemoryFit>,
+    /// dm-*, room-* with `--server-pid`: each server's RSS and its CPU time over the sending
+    /// phase and drain.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub servers: Vec<crate::ServerStats>,
     /// dm-* with `--slow-us`: the slowest-path messages, in arrival order (at most 1,000).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub slow: Vec<SlowMessage>,
@@ -452,6 +459,9 @@ impl Report {
         }
         if let Some(f) = self.in_flight {
             let _ = write!(w, "   in flight/user: {f}");
+        }
+        if let Some(f) = self.frames_per_write {
+            let _ = write!(w, "   frames/write: {f}");
         }
         let _ = writeln!(w);
         let c = &self.connect;
@@ -577,6 +587,36 @@ impl Report {
                     "  fit over {} samples up to {} connections: {:.0} KiB + {:.2} KiB/connection (r² {:.4}); at 100,000: {:.1} MiB",
                     f.samples, f.max_connections, f.base_kib, f.kib_per_conn, f.r2, f.at_100k_mib
                 );
+            }
+        }
+        if !self.servers.is_empty() {
+            let _ = writeln!(
+                w,
+                "\n-- servers (--server-pid): CPU over the sending phase and drain; RSS"
+            );
+            for s in &self.servers {
+                let per = s
+                    .cpu_us_per_delivery
+                    .map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"));
+                let _ = writeln!(
+                    w,
+                    "  pid {:<8} cpu {:>8.0} ms ({:.2} cores)   {:>7} µs/delivery   rss before {} KiB, sending {} KiB, end {} KiB",
+                    s.pid,
+                    s.cpu_ms,
+                    s.cpu_cores,
+                    per,
+                    s.rss_before_kib,
+                    s.rss_sending_kib,
+                    s.rss_end_kib
+                );
+            }
+            if self.servers.len() > 1 {
+                let total: f64 = self
+                    .servers
+                    .iter()
+                    .filter_map(|s| s.cpu_us_per_delivery)
+                    .sum();
+                let _ = writeln!(w, "  all servers {total:.2} µs/delivery");
             }
         }
         for n in &self.notes {

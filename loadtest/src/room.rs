@@ -35,8 +35,14 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::conn::{self, Ws};
 use crate::report::{ConnectStats, Counts, Latency, MessageStats, Report, ShardedHist};
+use crate::servers::Probe;
 use crate::timeline::Timeline;
+use crate::token::Minter;
 use crate::{Config, ConnSpec};
+
+/// Most room messages a member writes before it reads again (more, if `--frames-per-write`
+/// is larger).
+const MAX_BATCH: u32 = 64;
 
 /// A churner stays in a room for a time drawn uniformly from zero to twice this.
 const DWELL: Duration = Duration::from_millis(100);
@@ -242,6 +248,8 @@ struct Shared {
     prefix: String,
     rate: Option<f64>,
     in_flight: u32,
+    /// Most frames a member writes at once (`--frames-per-write`).
+    frames_per_write: u32,
     plan: OnceLock<Plan>,
     joined: Vec<AtomicBool>,
     joined_count: AtomicU64,
@@ -307,6 +315,8 @@ pub(crate) async fn run(
     let mut notes = Vec::new();
 
     let k = crate::source_count(cfg, cfg.users.div_ceil(nodes.len()));
+    // Every room of the run, members' and churners' alike, is `<prefix>-r<n>`.
+    let auth = Minter::for_run(cfg.jwt_secret.as_deref(), vec![format!("{}-r*", sh.prefix)]);
     let specs = (0..cfg.users)
         .map(|i| {
             let node = i % nodes.len();
@@ -314,6 +324,7 @@ pub(crate) async fn run(
                 target: nodes[node].clone(),
                 source: nodes[node].source_addr(i / nodes.len(), k),
                 id: sh.ids[i].clone(),
+                auth: auth.clone(),
             }
         })
         .collect();
@@ -321,6 +332,7 @@ pub(crate) async fn run(
         let (sh, rx) = (sh.clone(), phase_rx.clone());
         move |i: usize, ws: Ws| member(sh.clone(), i as u32, ws, rx.clone())
     };
+    let mut probe = Probe::start(&cfg.server_pids);
     let mut connect = crate::hatch(cfg, specs, 16 * 1024, &mut tasks, hard, tl, false, body)
         .await
         .stats;
@@ -337,6 +349,7 @@ pub(crate) async fn run(
                     target: nodes[c % nodes.len()].clone(),
                     source: None,
                     id: ch.ids[c].clone(),
+                    auth: auth.clone(),
                 })
                 .collect();
             let body = {
@@ -351,6 +364,7 @@ pub(crate) async fn run(
 
     // Measuring phase.
     let redis_before = redis_calls(cfg, &mut notes).await;
+    probe.sending();
     let send_start = Instant::now();
     let _ = phase_tx.send(Phase::Sending(send_start));
     let pacer_stop = Arc::new(AtomicBool::new(false));
@@ -368,6 +382,7 @@ pub(crate) async fn run(
     let _ = phase_tx.send(Phase::Draining);
     let send_secs = send_start.elapsed().as_secs_f64();
     drain(&sh, cfg.grace).await;
+    let servers = probe.finish(sh.delivered.load(Relaxed));
     let redis_after = redis_calls(cfg, &mut notes).await;
     let _ = phase_tx.send(Phase::Stop);
     crate::join_all(&mut tasks, Duration::from_secs(3)).await;
@@ -378,6 +393,7 @@ pub(crate) async fn run(
     };
     let mut report = sh.report(cfg, connect, send_secs, churners, skipped, redis);
     report.notes = notes;
+    report.servers = servers;
     if u64::from(live) < members {
         report.problems.push(format!(
             "{} of {members} connected members did not join their room",
@@ -531,6 +547,7 @@ impl Shared {
             nodes,
             rate: cfg.rate,
             in_flight,
+            frames_per_write: cfg.frames_per_write.max(1),
             plan: OnceLock::new(),
             joined: (0..n).map(|_| AtomicBool::new(false)).collect(),
             joined_count: AtomicU64::new(0),
@@ -611,6 +628,7 @@ impl Shared {
             users: cfg.users as u64,
             target_rate: cfg.rate,
             in_flight: closed_loop.then_some(self.in_flight),
+            frames_per_write: Some(self.frames_per_write),
             connect,
             messages: Some(MessageStats {
                 sent: expected,
@@ -818,6 +836,10 @@ async fn member(sh: Arc<Shared>, me: u32, mut ws: Ws, mut phase_rx: watch::Recei
                 let other_nodes = u64::from(plan.other_nodes[room]);
                 let now = Instant::now();
                 let mut batch = 0;
+                // Frames fed since the last flush, and a flush that failed.
+                let mut unflushed = 0;
+                let mut broken = None;
+                let max_batch = MAX_BATCH.max(sh.frames_per_write);
                 loop {
                     let due = start + Duration::from_secs_f64(j as f64 / rate);
                     if open && due > now {
@@ -840,10 +862,18 @@ async fn member(sh: Arc<Shared>, me: u32, mut ws: Ws, mut phase_rx: watch::Recei
                     sh.tl.sent_n(u64::from(receivers));
                     sh.xadd_owed.fetch_add(other_nodes, Relaxed);
                     batch += 1;
+                    unflushed += 1;
                     if open {
                         j += step;
                     }
-                    if batch >= 64 {
+                    if unflushed >= sh.frames_per_write {
+                        unflushed = 0;
+                        if let Err(e) = ws.flush().await {
+                            broken = Some(e);
+                            break;
+                        }
+                    }
+                    if batch >= max_batch {
                         break;
                     }
                     if !open {
@@ -853,10 +883,16 @@ async fn member(sh: Arc<Shared>, me: u32, mut ws: Ws, mut phase_rx: watch::Recei
                         }
                     }
                 }
-                if open && batch >= 64 {
+                if open && batch >= max_batch {
                     my_wake.notify_one();
                 }
-                if let Err(e) = ws.flush().await {
+                if broken.is_none()
+                    && unflushed > 0
+                    && let Err(e) = ws.flush().await
+                {
+                    broken = Some(e);
+                }
+                if let Some(e) = broken {
                     sh.disconnects
                         .add(&format!("send {}", conn::ws_error_kind(&e)));
                     break;

@@ -39,6 +39,7 @@ use crate::conn::{self, Incoming, Target};
 use crate::report::{
     ConnectStats, Counts, Latency, MemorySample, MessageStats, ProcMemory, Report, ShardedHist,
 };
+use crate::token::Minter;
 
 /// Real clients' connect p99 must stay under this during the siege.
 const MAX_CONNECT_P99: Duration = Duration::from_millis(200);
@@ -101,6 +102,8 @@ struct Shared {
     /// Bytes a big-header connection got written before the node closed it.
     big_written: AtomicU64,
     // Real clients.
+    /// Mints each real client's token (`--jwt-secret`).
+    auth: Option<Arc<Minter>>,
     in_flight: AtomicUsize,
     connect_failures: Counts,
     sent: AtomicU64,
@@ -120,7 +123,10 @@ pub(crate) async fn run(cfg: &Config, hard: Instant) -> Result<Report> {
     }
     let pid = cfg.server_pids.first().copied();
     let baseline = pid.and_then(conn::rss_kib);
-    let sh = Arc::new(Shared::default());
+    let sh = Arc::new(Shared {
+        auth: Minter::for_run(cfg.jwt_secret.as_deref(), Vec::new()),
+        ..Shared::default()
+    });
     let connect_hist = Arc::new(ShardedHist::new(8));
     let msg_hist = Arc::new(ShardedHist::new(8));
     let slow_close_hist = Arc::new(ShardedHist::new(8));
@@ -504,7 +510,7 @@ async fn pair(
 ) {
     let connect = |id: String| async move {
         let t = Instant::now();
-        match conn::connect(target, &id, None, 4096, timeout).await {
+        match conn::connect(target, &id, sh.auth.as_deref(), None, 4096, timeout).await {
             Ok(ws) => {
                 connect_hist.record(id.len(), t.elapsed().as_micros() as u64);
                 Some(ws)

@@ -166,6 +166,34 @@ fn all_scenarios_smoke() {
     let r = run(Scenario::DmCross, &closed);
     check_messages(&r);
     assert!(r.ok, "{:?}", r.problems);
+    assert_eq!(
+        r.frames_per_write,
+        Some(1),
+        "one frame per write by default"
+    );
+
+    // Coalesced writes, with the nodes' CPU and RSS over the sending phase.
+    let pids: Vec<u32> = cluster
+        .iter()
+        .flat_map(|c| [c.children[1].id(), c.children[2].id()])
+        .collect();
+    let coalesced = Config {
+        frames_per_write: 64,
+        server_pids: pids.clone(),
+        ..closed.clone()
+    };
+    let r = run(Scenario::DmCross, &coalesced);
+    check_messages(&r);
+    assert!(r.ok, "{:?}", r.problems);
+    assert_eq!(r.frames_per_write, Some(64));
+    assert_eq!(r.servers.len(), pids.len(), "a line per --server-pid");
+    for s in &r.servers {
+        assert!(s.rss_before_kib > 0 && s.rss_end_kib > 0, "{s:?}");
+        assert!(s.cpu_us_per_delivery.is_some(), "{s:?}");
+    }
+    if !pids.is_empty() {
+        assert!(r.to_human().contains("µs/delivery"), "{}", r.to_human());
+    }
 
     let r = run(Scenario::DmLocal, &open);
     check_messages(&r);
@@ -351,6 +379,70 @@ fn all_scenarios_smoke() {
         .find(|n| n.starts_with("big heads"))
         .unwrap_or_else(|| panic!("no big-heads note: {r}"));
     assert!(big.contains("20 connections, 20 answered 431"), "{big}");
+}
+
+/// Against nodes that check tokens: without the secret every connect is refused (HTTP 401);
+/// with it, dm-cross and room-fanout run clean (tokens minted per user, rooms claimed).
+#[test]
+fn jwt_secured_nodes_smoke() {
+    let secret = "loadtest-smoke-secret-0123456789abcdef";
+    let c = common::start_jwt_cluster(secret);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let base = Config {
+        nodes: c.nodes.clone(),
+        users: 12,
+        hatch_rate: 200.0,
+        run_time: Duration::from_millis(1000),
+        deadline: Some(Duration::from_secs(60)),
+        ..Config::default()
+    };
+    let refused = rt
+        .block_on(wsbus_loadtest::run(Scenario::DmCross, &base))
+        .expect("run");
+    assert_eq!(
+        refused.connect.connected, 0,
+        "{:?}",
+        refused.connect.failures
+    );
+    assert_eq!(refused.connect.failures.get("http 401"), Some(&12));
+
+    let secured = Config {
+        jwt_secret: Some(secret.to_owned()),
+        ..base.clone()
+    };
+    let r = rt
+        .block_on(wsbus_loadtest::run(Scenario::DmCross, &secured))
+        .expect("run");
+    eprintln!("{}", r.to_human());
+    check_messages(&r);
+    assert!(r.ok, "{:?}", r.problems);
+    let rooms = Config {
+        rooms: 2,
+        rate: Some(100.0),
+        ..secured.clone()
+    };
+    let r = rt
+        .block_on(wsbus_loadtest::run(Scenario::RoomFanout, &rooms))
+        .expect("run");
+    check_room_messages(&r);
+    assert!(r.ok, "{:?}", r.problems);
+
+    let wrong = Config {
+        jwt_secret: Some("another-secret-of-enough-bytes-0123456789".to_owned()),
+        ..base
+    };
+    let r = rt
+        .block_on(wsbus_loadtest::run(Scenario::DmCross, &wrong))
+        .expect("run");
+    assert_eq!(
+        r.connect.failures.get("http 401"),
+        Some(&12),
+        "{:?}",
+        r.connect.failures
+    );
 }
 
 /// Deliveries add up (nothing lost, duplicated, reordered) and nothing went astray.

@@ -26,7 +26,8 @@ use tungstenite::Utf8Bytes;
 use crate::cluster::presence::SessionRef;
 use crate::delivery::target::{Origin, Target};
 use crate::node::Node;
-use crate::wire::client::close;
+use crate::telemetry::LogSummary;
+use crate::wire::client::{RESERVED_ACTIONS, close};
 use crate::wire::ids::{RoomId, UserId, is_valid_id};
 
 /// The `from` of a publish that names no user: `@` is outside the id alphabet, so no client
@@ -42,17 +43,27 @@ pub const MAX_IDEMPOTENCY_KEY: usize = 128;
 /// Longest `reason` of `/api/disconnect` (a close frame's reason holds 123 bytes).
 pub const MAX_REASON_BYTES: usize = 123;
 
+/// Bad API keys logged: the first, then a count every few seconds.
+static BAD_KEYS: LogSummary = LogSummary::new(std::time::Duration::from_secs(5));
+
 /// The API's routes, or none without an API key (every `/api/` path is then a 404).
 pub fn router(node: Arc<Node>) -> Router {
     if node.config.api_keys.is_empty() {
         return Router::new();
     }
+    let failures = Arc::new(AuthFailures::new(
+        node.config.api_auth_failure_rate,
+        node.config.api_auth_failure_burst,
+    ));
     Router::new()
         .route("/api/publish", post(publish))
         .route("/api/disconnect", post(disconnect))
+        .route("/api/join", post(join))
+        .route("/api/leave", post(leave))
         .route("/api/users/{id}", get(user))
         .route("/api/rooms/{room}", get(room))
         .route("/api/nodes", get(nodes))
+        .layer(axum::Extension(failures))
         .with_state(node)
 }
 
@@ -85,9 +96,25 @@ pub enum ApiError {
     /// The same `Idempotency-Key` is being handled by another request right now.
     #[error("a request with this Idempotency-Key is in progress")]
     InProgress,
+    /// The `Idempotency-Key` was used (within its 5 minutes) for a request with another body.
+    #[error("this Idempotency-Key was used for another request")]
+    KeyReused,
+    /// The source address failed to authenticate too often (`--api-auth-failure-rate`,
+    /// `--api-auth-failure-burst`); nothing was checked.
+    #[error("too many failed authentications; retry later")]
+    TooManyFailures,
     /// Redis cannot be reached (or the bus writer stopped); nothing was sent.
     #[error("bus unavailable")]
     BusUnavailable,
+    /// A server-side join the room's limits refused (`room 'x' is full`, `too many rooms`),
+    /// as a client's join would be; `field` names the item's room.
+    #[error("{error}")]
+    Refused {
+        /// The room field (`room`, `[2].room`).
+        field: String,
+        /// The client error text.
+        error: String,
+    },
 }
 
 impl ApiError {
@@ -104,7 +131,10 @@ impl ApiError {
             ApiError::Invalid { .. } => StatusCode::BAD_REQUEST,
             ApiError::TooLarge(_) | ApiError::FrameTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::InProgress => StatusCode::CONFLICT,
+            ApiError::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::TooManyFailures => StatusCode::TOO_MANY_REQUESTS,
             ApiError::BusUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Refused { .. } => StatusCode::CONFLICT,
         }
     }
 
@@ -116,7 +146,10 @@ impl ApiError {
             ApiError::TooLarge(_) => "too_large",
             ApiError::FrameTooLarge { .. } => "frame_too_large",
             ApiError::InProgress => "in_progress",
+            ApiError::KeyReused => "key_reused",
+            ApiError::TooManyFailures => "too_many_failures",
             ApiError::BusUnavailable => "bus_unavailable",
+            ApiError::Refused { .. } => "refused",
         }
     }
 }
@@ -125,7 +158,9 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         metrics::counter!("wsbus_api_requests_total", "status" => self.kind()).increment(1);
         let mut body = json!({"error": self.to_string()});
-        if let ApiError::Invalid { field, .. } | ApiError::FrameTooLarge { field, .. } = &self
+        if let ApiError::Invalid { field, .. }
+        | ApiError::Refused { field, .. }
+        | ApiError::FrameTooLarge { field, .. } = &self
             && !field.is_empty()
         {
             body["field"] = json!(field);
@@ -147,6 +182,17 @@ impl FromRequestParts<Arc<Node>> for Authorized {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, node: &Arc<Node>) -> Result<Self, ApiError> {
+        let source = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|info| info.0.ip());
+        let failures = parts.extensions.get::<Arc<AuthFailures>>().cloned();
+        let limited = source.zip(failures);
+        if let Some((ip, failures)) = &limited
+            && failures.exhausted(*ip)
+        {
+            return Err(ApiError::TooManyFailures);
+        }
         let given = parts
             .headers
             .get(header::AUTHORIZATION)
@@ -159,10 +205,68 @@ impl FromRequestParts<Arc<Node>> for Authorized {
             // Never log the key itself.
             Some(key) if key_matches(&node.config.api_keys, key) => Ok(Authorized),
             _ => {
-                tracing::info!(path = %parts.uri.path(), "API request refused: bad or missing key");
+                if let Some(more) = BAD_KEYS.note() {
+                    tracing::info!(path = %parts.uri.path(), source = ?source, more_since_last_line = more,
+                        "API request refused: bad or missing key");
+                }
+                if let Some((ip, failures)) = &limited {
+                    failures.failed(*ip);
+                }
                 Err(ApiError::Unauthorized)
             }
         }
+    }
+}
+
+/// Failed API authentications per source address: a token bucket each, refilled at `rate`
+/// per second up to `burst`. An address with an empty bucket gets 429 without its key being
+/// looked at, so guessing keys goes no faster than `rate`.
+pub struct AuthFailures {
+    rate: f64,
+    burst: f64,
+    buckets: std::sync::Mutex<HashMap<std::net::IpAddr, (f64, std::time::Instant)>>,
+}
+
+/// Addresses tracked at most; past it, those whose bucket is full again are forgotten.
+const MAX_TRACKED_SOURCES: usize = 10_000;
+
+impl AuthFailures {
+    /// Buckets of `burst` failures, refilled at `rate` per second.
+    pub fn new(rate: f64, burst: u32) -> Self {
+        Self {
+            rate: rate.max(0.0),
+            burst: f64::from(burst.max(1)),
+            buckets: Default::default(),
+        }
+    }
+
+    /// The tokens of `ip`'s bucket now (refilled), updating it.
+    fn refill(&self, bucket: &mut (f64, std::time::Instant), now: std::time::Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(bucket.1).as_secs_f64();
+        *bucket = ((bucket.0 + elapsed * self.rate).min(self.burst), now);
+        bucket.0
+    }
+
+    /// Whether `ip` has used up its failures.
+    pub fn exhausted(&self, ip: std::net::IpAddr) -> bool {
+        let now = std::time::Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        match buckets.get_mut(&ip) {
+            Some(bucket) => self.refill(bucket, now) < 1.0,
+            None => false,
+        }
+    }
+
+    /// Counts one failed authentication of `ip`.
+    pub fn failed(&self, ip: std::net::IpAddr) {
+        let now = std::time::Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if buckets.len() >= MAX_TRACKED_SOURCES && !buckets.contains_key(&ip) {
+            buckets.retain(|_, bucket| self.refill(bucket, now) < self.burst);
+        }
+        let bucket = buckets.entry(ip).or_insert((self.burst, now));
+        let tokens = self.refill(bucket, now);
+        bucket.0 = (tokens - 1.0).max(0.0);
     }
 }
 
@@ -311,8 +415,11 @@ pub(crate) fn parse_item(
     let (to, rooms) = targets(map, at, limits.max_targets)?;
     let action = match map.get("action") {
         None | Some(Value::Null) => return Err(ApiError::invalid(field("action"), "missing")),
-        Some(Value::String(a)) if a == "error" => {
-            return Err(ApiError::invalid(field("action"), "must not be `error`"));
+        Some(Value::String(a)) if RESERVED_ACTIONS.contains(&a.as_str()) => {
+            return Err(ApiError::invalid(
+                field("action"),
+                format!("`{a}` is a built-in action of the protocol (reserved)"),
+            ));
         }
         Some(Value::String(a)) if is_valid_id(a) => a.as_str(),
         Some(_) => {
@@ -428,33 +535,188 @@ async fn publish(
     let body = read_body(&node, &headers, body).await?;
     let limits = PublishLimits::of(&node.config);
     let (items, batch) = parse_publish(&body, node.config.api_max_batch, limits)?;
-    let idempotency = idempotency_key(&node, &headers)?;
+    let reply = once(&node, &headers, &body, async {
+        let replies = publish_all(&node, &items).await?;
+        Ok(match batch {
+            true => serde_json::to_string(&replies),
+            false => serde_json::to_string(&replies[0]),
+        }
+        .expect("replies serialize"))
+    })
+    .await?;
+    metrics::counter!("wsbus_api_requests_total", "status" => "ok").increment(1);
+    metrics::counter!("wsbus_api_published_total").increment(items.len() as u64);
+    Ok(json_response(reply))
+}
+
+/// Runs `work` once per `Idempotency-Key` (when the request has one): a repeat with the same
+/// body gets the first reply, one with another body 422; a failure releases the key, so a
+/// retry runs again.
+async fn once(
+    node: &Node,
+    headers: &HeaderMap,
+    body: &[u8],
+    work: impl Future<Output = Result<String, ApiError>>,
+) -> Result<String, ApiError> {
+    let idempotency = idempotency_key(node, headers)?;
+    // The key remembers which body it was used with: another body under it is refused.
+    let hash = body_digest(body);
     if let Some(key) = &idempotency
-        && let Some(first) = claim_idempotency(&node, key).await?
+        && let Some(first) = claim_idempotency(node, key, &hash).await?
     {
         metrics::counter!("wsbus_api_requests_total", "status" => "repeat").increment(1);
-        return Ok(json_response(first));
+        return Ok(first);
     }
-    let replies = match publish_all(&node, &items).await {
-        Ok(replies) => replies,
+    let reply = match work.await {
+        Ok(reply) => reply,
         Err(e) => {
             if let Some(key) = &idempotency {
-                release_idempotency(&node, key).await;
+                release_idempotency(node, key).await;
             }
             return Err(e);
         }
     };
-    let reply = match batch {
-        true => serde_json::to_string(&replies),
-        false => serde_json::to_string(&replies[0]),
-    }
-    .expect("replies serialize");
     if let Some(key) = &idempotency {
-        remember_reply(&node, key, &reply).await;
+        remember_reply(node, key, &format!("{hash}\n{reply}")).await;
     }
+    Ok(reply)
+}
+
+/// One validated `POST /api/join` or `/api/leave` item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    /// Whose sessions.
+    pub user: UserId,
+    /// Which room.
+    pub room: RoomId,
+}
+
+/// The body of `POST /api/join|leave`: one `{"user","room"}` or an array of at most
+/// `max_batch` (`true` as the second value), checked whole before anything changes.
+pub fn parse_membership(
+    body: &[u8],
+    max_batch: usize,
+) -> Result<(Vec<Membership>, bool), ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid("", format!("invalid JSON: {e}")))?;
+    let (items, batch) = match value {
+        Value::Array(items) if items.is_empty() => {
+            return Err(ApiError::invalid("", "empty batch"));
+        }
+        Value::Array(items) if items.len() > max_batch => {
+            return Err(ApiError::invalid(
+                "",
+                format!(
+                    "batch of {} items, over the limit of {max_batch}",
+                    items.len()
+                ),
+            ));
+        }
+        Value::Array(items) => (items, true),
+        item => (vec![item], false),
+    };
+    let items = items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            parse_membership_item(
+                item,
+                if batch {
+                    format!("[{i}].")
+                } else {
+                    String::new()
+                },
+            )
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((items, batch))
+}
+
+fn parse_membership_item(item: &Value, at: String) -> Result<Membership, ApiError> {
+    let field = |name: &str| format!("{at}{name}");
+    let Value::Object(map) = item else {
+        return Err(ApiError::invalid(
+            at.trim_end_matches('.'),
+            "must be a JSON object",
+        ));
+    };
+    if let Some(unknown) = map.keys().find(|k| !matches!(k.as_str(), "user" | "room")) {
+        return Err(ApiError::invalid(field(unknown), "unknown field"));
+    }
+    let user = map
+        .get("user")
+        .and_then(Value::as_str)
+        .and_then(UserId::parse)
+        .ok_or_else(|| ApiError::invalid(field("user"), "missing or invalid user id"))?;
+    let room = map
+        .get("room")
+        .and_then(Value::as_str)
+        .and_then(RoomId::parse)
+        .ok_or_else(|| ApiError::invalid(field("room"), "missing or invalid room id"))?;
+    Ok(Membership { user, room })
+}
+
+async fn join(
+    State(node): State<Arc<Node>>,
+    _: Authorized,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    change_membership(node, headers, body, true).await
+}
+
+async fn leave(
+    State(node): State<Arc<Node>>,
+    _: Authorized,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    change_membership(node, headers, body, false).await
+}
+
+/// `POST /api/join|leave`: every live session of each item's user joins (leaves) its room,
+/// in order; a refused item stops the batch there (the items before it stay applied).
+async fn change_membership(
+    node: Arc<Node>,
+    headers: HeaderMap,
+    body: Body,
+    join: bool,
+) -> Result<Response, ApiError> {
+    let body = read_body(&node, &headers, body).await?;
+    let (items, batch) = parse_membership(&body, node.config.api_max_batch)?;
+    let reply = once(&node, &headers, &body, async {
+        let mut replies = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let at = if batch { format!("[{i}].") } else { String::new() };
+            let sessions = apply_membership(&node, item, join, &at).await?;
+            replies.push(json!({"user": item.user.as_str(), "room": item.room.as_str(), "sessions": sessions}));
+        }
+        Ok(match batch {
+            true => Value::Array(replies).to_string(),
+            false => replies[0].to_string(),
+        })
+    })
+    .await?;
     metrics::counter!("wsbus_api_requests_total", "status" => "ok").increment(1);
-    metrics::counter!("wsbus_api_published_total").increment(items.len() as u64);
     Ok(json_response(reply))
+}
+
+/// One server-side join or leave, its refusal as an API error about field `{at}room`.
+pub async fn apply_membership(
+    node: &Node,
+    item: &Membership,
+    join: bool,
+    at: &str,
+) -> Result<u32, ApiError> {
+    use crate::wire::client::ClientError;
+    match node.change_membership(&item.user, &item.room, join).await {
+        Ok(sessions) => Ok(sessions),
+        Err(ClientError::BusUnavailable) => Err(ApiError::BusUnavailable),
+        Err(refused) => Err(ApiError::Refused {
+            field: format!("{at}room"),
+            error: refused.to_string(),
+        }),
+    }
 }
 
 fn json_response(body: String) -> Response {
@@ -526,7 +788,7 @@ pub async fn publish_all(node: &Node, items: &[Publish]) -> Result<Vec<Published
             let origin = Origin::Api {
                 from: item.from.clone(),
             };
-            node.publish(origin, target, &item.action, &item.frame, born_us)
+            node.publish(origin, target, (&item.action, false), &item.frame, born_us)
                 .await
                 .map_err(|_| ApiError::BusUnavailable)?;
             handed += 1;
@@ -634,9 +896,19 @@ fn idempotency_key(node: &Node, headers: &HeaderMap) -> Result<Option<String>, A
     Ok(Some(node.keys.idempotency(key)))
 }
 
-/// Claims `key` for this request (`SET NX`, empty until the reply is stored). Returns the
-/// first reply when the key was used before; refuses while its first request is running.
-async fn claim_idempotency(node: &Node, key: &str) -> Result<Option<String>, ApiError> {
+/// The SHA-256 (hex) of a request body, stored with its `Idempotency-Key`.
+fn body_digest(body: &[u8]) -> String {
+    crate::cluster::presence::hex(ring::digest::digest(&ring::digest::SHA256, body).as_ref())
+}
+
+/// Claims `key` for this request (`SET NX` of `<body hash>\n`, the reply appended once it is
+/// stored). Returns the first reply when the key was used before with the same body; refuses
+/// one with another body (422), and while its first request is running (409).
+async fn claim_idempotency(
+    node: &Node,
+    key: &str,
+    body_hash: &str,
+) -> Result<Option<String>, ApiError> {
     let unavailable = |e: crate::redis::RedisError| {
         tracing::warn!(error = %e, "idempotency key lookup failed");
         ApiError::BusUnavailable
@@ -644,7 +916,7 @@ async fn claim_idempotency(node: &Node, key: &str) -> Result<Option<String>, Api
     let mut conn = node.redis.conn().await.map_err(unavailable)?;
     let claimed: Option<String> = redis::cmd("SET")
         .arg(key)
-        .arg("")
+        .arg(format!("{body_hash}\n"))
         .arg("NX")
         .arg("EX")
         .arg(IDEMPOTENCY_TTL_SECS)
@@ -659,10 +931,18 @@ async fn claim_idempotency(node: &Node, key: &str) -> Result<Option<String>, Api
         .query_async(&mut conn)
         .await
         .map_err(|e| unavailable(e.into()))?;
-    match first {
-        Some(reply) if !reply.is_empty() => Ok(Some(reply)),
-        // Claimed by a request still running (or one whose key just expired).
-        _ => Err(ApiError::InProgress),
+    let Some(first) = first else {
+        // Its first request failed and released it, or it just expired.
+        return Err(ApiError::InProgress);
+    };
+    // A value without a hash was stored by a node of an earlier version.
+    let (hash, reply) = first.split_once('\n').unwrap_or((body_hash, &first));
+    if hash != body_hash {
+        return Err(ApiError::KeyReused);
+    }
+    match reply {
+        "" => Err(ApiError::InProgress),
+        reply => Ok(Some(reply.to_owned())),
     }
 }
 

@@ -9,65 +9,58 @@
 //! that does not parse is counted, logged and acknowledged, never retried. When Redis comes
 //! back empty the group is created again (from the stream's start) once a backend appends.
 //! The stream is capped with `XTRIM MAXLEN ~ --ingress-maxlen`.
+//!
+//! An entry with `op join` or `op leave` (and `user`, `room`) is a server-side membership
+//! change instead, as `POST /api/join|leave` ([`Node::change_membership`]); one the room's
+//! limits refuse is logged and acknowledged.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use redis::Value;
 use serde_json::json;
 
-use crate::backend::api::{Publish, PublishLimits};
+use crate::backend::api::{Membership, Publish, PublishLimits};
 use crate::node::Node;
+use crate::redis::consumer::{StreamReader, consume};
 use crate::redis::stream::{entry_parts, field, stream_entries};
 use crate::redis::{RedisConn, RedisError};
+use crate::telemetry::LogSummary;
+
+/// Entries dropped as unparsable, logged: the first, then a count every few seconds (the
+/// metric counts each).
+static BAD_ENTRIES: LogSummary = LogSummary::new(std::time::Duration::from_secs(5));
 
 /// The consumer group every node reads the ingress stream in.
 pub const GROUP: &str = "wsbus";
 
 /// The fields an ingress entry may have.
-pub const FIELDS: [&str; 5] = ["to", "room", "action", "data", "from"];
+pub const FIELDS: [&str; 7] = ["to", "room", "action", "data", "from", "op", "user"];
 
-const READ_MARGIN: Duration = Duration::from_secs(1);
-const BACKOFF_MIN: Duration = Duration::from_millis(50);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// What one ingress entry asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Op {
+    /// A publish (`op` absent or `publish`).
+    Publish(Publish),
+    /// `op join` (`true`) or `op leave`, of `user` and `room`.
+    Member(Membership, bool),
+}
 
-/// Runs the ingress consumer until the node shuts down.
+/// Runs the ingress reader until the node shuts down.
 pub async fn run(node: Arc<Node>) {
-    let mut reader = Reader {
+    let mut reader = IngressReader {
         key: node.keys.ingress(),
-        node,
+        node: node.clone(),
         group_ready: false,
         last_claim: None,
     };
-    let mut backoff = BACKOFF_MIN;
-    loop {
-        let shutdown = reader.node.shutdown.clone();
-        let connected = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            c = reader.node.redis.dedicated_conn() => c,
-        };
-        match connected {
-            Ok(mut conn) => {
-                backoff = BACKOFF_MIN;
-                // A new connection may be a new (empty) server: check the group again.
-                reader.group_ready = false;
-                let outcome = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    r = reader.read_loop(&mut conn) => r,
-                };
-                tracing::warn!(error = %outcome, "ingress connection lost; reconnecting");
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot connect the ingress reader"),
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
-    }
+    let block = node.config.inbox_block;
+    consume(&node.redis, &mut reader, block, node.shutdown.clone()).await;
 }
 
-struct Reader {
+/// The ingress stream as read by [`consume`], as a member of the group [`GROUP`]: the
+/// group's creation, claims of a dead node's entries, routing and acknowledgement.
+struct IngressReader {
     node: Arc<Node>,
     key: String,
     /// The consumer group is known to exist on the current connection's server.
@@ -76,69 +69,81 @@ struct Reader {
     last_claim: Option<Instant>,
 }
 
-impl Reader {
-    async fn read_loop(&mut self, conn: &mut RedisConn) -> RedisError {
-        let node = self.node.clone();
-        let config = &node.config;
-        let block = config.inbox_block;
-        let deadline = block + READ_MARGIN;
-        loop {
-            if !self.group_ready {
-                match self.create_group(conn).await {
-                    Ok(true) => self.group_ready = true,
-                    // No stream yet: nobody has published; look again after a block period.
-                    Ok(false) => {
-                        tokio::time::sleep(block).await;
-                        continue;
-                    }
-                    Err(e) => return e,
-                }
+impl StreamReader for IngressReader {
+    const NAME: &'static str = "ingress";
+
+    /// A new connection may be a new (empty) server: check the group again.
+    async fn on_connect(&mut self, _conn: &mut RedisConn) -> Result<(), RedisError> {
+        self.group_ready = false;
+        Ok(())
+    }
+
+    /// Creates the group if needed (no stream yet: waits a block period and skips the
+    /// read), then claims idle entries when it is time.
+    async fn before_read(&mut self, conn: &mut RedisConn) -> Result<bool, RedisError> {
+        let config = &self.node.config;
+        if !self.group_ready {
+            if !self.create_group(conn).await? {
+                // Nobody has published yet: look again after a block period.
+                tokio::time::sleep(config.inbox_block).await;
+                return Ok(false);
             }
-            if self
-                .last_claim
-                .is_none_or(|at| at.elapsed() >= config.ingress_claim_idle)
-            {
-                self.last_claim = Some(Instant::now());
-                if let Err(e) = self.claim_idle(conn).await {
-                    if is_no_group(&e) {
-                        self.group_ready = false;
-                        continue;
-                    }
-                    return e;
-                }
-            }
-            let mut read = redis::cmd("XREADGROUP");
-            read.arg("GROUP")
-                .arg(GROUP)
-                .arg(&*self.node.id)
-                .arg("COUNT")
-                .arg(config.inbox_read_count)
-                .arg("BLOCK")
-                .arg(block.as_millis() as u64)
-                .arg("STREAMS")
-                .arg(&self.key)
-                .arg(">");
-            let reply = match tokio::time::timeout(deadline, read.query_async::<Value>(conn)).await
-            {
-                Err(_) => return RedisError::Reply("XREADGROUP passed its deadline"),
-                Ok(Err(e)) if is_no_group(&e.clone().into()) => {
-                    // The stream (and its group) vanished: Redis lost its data, or someone
-                    // deleted the key.
-                    tracing::info!("ingress consumer group gone; creating it again");
+            self.group_ready = true;
+        }
+        if self
+            .last_claim
+            .is_none_or(|at| at.elapsed() >= config.ingress_claim_idle)
+        {
+            self.last_claim = Some(Instant::now());
+            if let Err(e) = self.claim_idle(conn).await {
+                if is_no_group(&e) {
                     self.group_ready = false;
-                    continue;
+                    return Ok(false);
                 }
-                Ok(Err(e)) => return e.into(),
-                Ok(Ok(reply)) => reply,
-            };
-            if let Some(entries) = stream_entries(reply)
-                && let Err(e) = self.handle(conn, &entries).await
-            {
-                return e;
+                return Err(e);
             }
+        }
+        Ok(true)
+    }
+
+    /// `XREADGROUP ... >`: new entries for this node. When the group is gone, the reply is
+    /// empty and the next round creates it again.
+    async fn read(&mut self, conn: &mut RedisConn) -> Result<Value, RedisError> {
+        let config = &self.node.config;
+        let reply = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg(&*self.node.id)
+            .arg("COUNT")
+            .arg(config.inbox_read_count)
+            .arg("BLOCK")
+            .arg(config.inbox_block.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(&self.key)
+            .arg(">")
+            .query_async::<Value>(conn)
+            .await;
+        match reply {
+            Err(e) if e.code() == Some("NOGROUP") => {
+                // The stream (and its group) vanished: Redis lost its data, or someone
+                // deleted the key.
+                tracing::info!("ingress consumer group gone; creating it again");
+                self.group_ready = false;
+                Ok(Value::Nil)
+            }
+            reply => Ok(reply?),
         }
     }
 
+    async fn process(&mut self, conn: &mut RedisConn, reply: Value) -> Result<(), RedisError> {
+        match stream_entries(reply) {
+            Some(entries) => self.route_entries(conn, &entries).await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl IngressReader {
     /// Creates the consumer group from the stream's start; `false` when the stream does
     /// not exist yet (not created here, so an unused ingress leaves no key behind).
     async fn create_group(&self, conn: &mut RedisConn) -> Result<bool, RedisError> {
@@ -184,7 +189,7 @@ impl Reader {
         if !entries.is_empty() {
             tracing::info!(entries = entries.len(), "claimed idle ingress entries");
             metrics::counter!("wsbus_ingress_claimed_total").increment(entries.len() as u64);
-            self.handle(conn, &entries).await?;
+            self.route_entries(conn, &entries).await?;
         }
         redis::cmd("XTRIM")
             .arg(&self.key)
@@ -199,25 +204,34 @@ impl Reader {
     /// Routes a batch of entries (one lookup for all) and acknowledges them. Entries that
     /// do not parse are acknowledged at once; if routing fails (Redis), the rest stay
     /// pending and are claimed again later.
-    async fn handle(&self, conn: &mut RedisConn, entries: &[Value]) -> Result<(), RedisError> {
+    async fn route_entries(
+        &self,
+        conn: &mut RedisConn,
+        entries: &[Value],
+    ) -> Result<(), RedisError> {
         let mut garbage: Vec<String> = Vec::new();
         let mut routed: Vec<String> = Vec::new();
         let mut items: Vec<Publish> = Vec::with_capacity(entries.len());
-        let limits = PublishLimits::of(&self.node.config);
+        let mut members: Vec<(String, Membership, bool)> = Vec::new();
         for entry in entries {
             let Some((id, fields)) = entry_parts(entry) else {
                 // A deleted entry (`XAUTOCLAIM` reports it as nil fields) or a bad shape.
                 continue;
             };
-            match parse_entry(fields, limits) {
-                Ok(item) => {
+            let limits = PublishLimits::of(&self.node.config);
+            match parse_op(fields, self.node.config.api_max_body_bytes, limits) {
+                Ok(Op::Publish(item)) => {
                     items.push(item);
                     routed.push(id.to_string());
                 }
+                Ok(Op::Member(item, join)) => members.push((id.to_string(), item, join)),
                 Err(reason) => {
                     metrics::counter!("wsbus_ingress_entries_total", "result" => "invalid")
                         .increment(1);
-                    tracing::warn!(entry = %id, reason = %reason, "dropping an ingress entry that does not parse");
+                    if let Some(more) = BAD_ENTRIES.note() {
+                        tracing::warn!(entry = %id, reason = %reason, more_since_last_line = more,
+                            "dropping an ingress entry that does not parse");
+                    }
                     garbage.push(id.to_string());
                 }
             }
@@ -233,6 +247,20 @@ impl Reader {
                     tracing::warn!(error = %e, entries = items.len(), "ingress entries not routed; left pending");
                 }
             }
+        }
+        for (id, item, join) in members {
+            match crate::backend::api::apply_membership(&self.node, &item, join, "").await {
+                Err(crate::backend::api::ApiError::BusUnavailable) => {
+                    tracing::warn!(entry = %id, "ingress membership change failed; left pending");
+                    continue;
+                }
+                Err(refused) => {
+                    tracing::info!(entry = %id, user = %item.user, room = %item.room, error = %refused, "ingress join refused");
+                }
+                Ok(_) => {}
+            }
+            metrics::counter!("wsbus_ingress_entries_total", "result" => "routed").increment(1);
+            garbage.push(id);
         }
         if garbage.is_empty() {
             return Ok(());
@@ -254,10 +282,61 @@ fn is_no_group(e: &RedisError) -> bool {
     }
 }
 
+/// Reads one entry's plain fields: a membership change with `op join|leave`, `user`,
+/// `room`; otherwise a publish ([`parse_entry`]).
+pub fn parse_op(fields: &[Value], max_bytes: usize, limits: PublishLimits) -> Result<Op, String> {
+    let text = |name: &str| -> Result<Option<&str>, String> {
+        field(fields, name)
+            .map(|v| std::str::from_utf8(v).map_err(|_| format!("`{name}` is not UTF-8")))
+            .transpose()
+    };
+    let join = match text("op")? {
+        None | Some("publish") => return parse_entry(fields, max_bytes, limits).map(Op::Publish),
+        Some("join") => true,
+        Some("leave") => false,
+        Some(other) => return Err(format!("`op`: unknown operation {other:?}")),
+    };
+    for pair in fields.chunks(2) {
+        let name = match pair.first() {
+            Some(Value::BulkString(name)) => String::from_utf8_lossy(name),
+            _ => return Err("malformed entry".to_owned()),
+        };
+        if !matches!(&*name, "op" | "user" | "room") {
+            return Err(format!(
+                "unknown field `{name}` for op={}",
+                text("op")?.unwrap_or("")
+            ));
+        }
+    }
+    let user = text("user")?
+        .and_then(crate::wire::ids::UserId::parse)
+        .ok_or("`user`: missing or invalid user id")?;
+    let room = text("room")?
+        .and_then(crate::wire::ids::RoomId::parse)
+        .ok_or("`room`: missing or invalid room id")?;
+    Ok(Op::Member(Membership { user, room }, join))
+}
+
 /// Reads one entry's plain fields as a publish: `to` (user ids, comma-separated), `room`
 /// (room ids, comma-separated), `action`, `data` (a JSON object, default `{}`), `from`
-/// (default `@server`). Any other field is an error, and so is a publish past `limits`.
-pub fn parse_entry(fields: &[Value], limits: PublishLimits) -> Result<Publish, String> {
+/// (default `@server`). Any other field is an error, and so is an entry whose fields and
+/// values add up to more than `max_bytes` (`--api-max-body-bytes`, as an API body), or a
+/// publish past `limits` (too many recipients, a frame too large for a client).
+pub fn parse_entry(
+    fields: &[Value],
+    max_bytes: usize,
+    limits: PublishLimits,
+) -> Result<Publish, String> {
+    let size: usize = fields
+        .iter()
+        .map(|v| match v {
+            Value::BulkString(b) => b.len(),
+            _ => 0,
+        })
+        .sum();
+    if size > max_bytes {
+        return Err(format!("entry too large ({size} bytes, max {max_bytes})"));
+    }
     let text = |name: &str| -> Result<Option<&str>, String> {
         field(fields, name)
             .map(|v| std::str::from_utf8(v).map_err(|_| format!("`{name}` is not UTF-8")))
@@ -268,7 +347,7 @@ pub fn parse_entry(fields: &[Value], limits: PublishLimits) -> Result<Publish, S
             Some(Value::BulkString(name)) => String::from_utf8_lossy(name),
             _ => return Err("malformed entry".to_owned()),
         };
-        if !FIELDS.contains(&&*name) {
+        if !FIELDS.contains(&&*name) || name == "user" {
             return Err(format!("unknown field `{name}`"));
         }
     }
@@ -319,14 +398,22 @@ mod tests {
             .collect()
     }
 
+    const LIMITS: PublishLimits = PublishLimits {
+        max_targets: 3,
+        max_frame_bytes: 100,
+    };
+
     fn parse_entry_(fields: &[Value]) -> Result<Publish, String> {
-        parse_entry(
-            fields,
-            PublishLimits {
-                max_targets: 3,
-                max_frame_bytes: 100,
-            },
-        )
+        parse_entry(fields, 1024, LIMITS)
+    }
+
+    #[test]
+    fn refuses_an_entry_over_the_size_limit() {
+        let big = "x".repeat(2000);
+        let err =
+            parse_entry_(&entry(&[("to", "a"), ("action", "n"), ("from", &big)])).unwrap_err();
+        assert!(err.starts_with("entry too large ("), "{err}");
+        assert!(err.ends_with("max 1024)"), "{err}");
     }
 
     #[test]
@@ -349,6 +436,51 @@ mod tests {
             p.frame.as_str(),
             r#"{"from":"billing","action":"n","data":{}}"#
         );
+    }
+
+    #[test]
+    fn reads_membership_changes() {
+        let op = parse_op(
+            &entry(&[("op", "join"), ("user", "alice"), ("room", "team")]),
+            1024,
+            LIMITS,
+        )
+        .unwrap();
+        let Op::Member(item, true) = op else {
+            panic!("{op:?}")
+        };
+        assert_eq!((item.user.as_str(), item.room.as_str()), ("alice", "team"));
+        let op = parse_op(
+            &entry(&[("op", "leave"), ("user", "a"), ("room", "r")]),
+            1024,
+            LIMITS,
+        )
+        .unwrap();
+        assert!(matches!(op, Op::Member(_, false)));
+        let op = parse_op(
+            &entry(&[("op", "publish"), ("to", "a"), ("action", "n")]),
+            1024,
+            LIMITS,
+        )
+        .unwrap();
+        assert!(matches!(op, Op::Publish(_)));
+        for (pairs, why) in [
+            (vec![("op", "join"), ("room", "r")], "`user`"),
+            (vec![("op", "join"), ("user", "a")], "`room`"),
+            (
+                vec![("op", "join"), ("user", "a b"), ("room", "r")],
+                "`user`",
+            ),
+            (
+                vec![("op", "leave"), ("user", "a"), ("room", "r"), ("to", "b")],
+                "`to`",
+            ),
+            (vec![("op", "kick"), ("user", "a")], "`op`"),
+            (vec![("to", "a"), ("action", "n"), ("user", "b")], "`user`"),
+        ] {
+            let err = parse_op(&entry(&pairs), 1024, LIMITS).unwrap_err();
+            assert!(err.contains(why), "{pairs:?}: {err}");
+        }
     }
 
     #[test]

@@ -1,76 +1,48 @@
-//! The inbox consumer: one task per node that reads the node's stream with blocking `XREAD`
-//! on a dedicated connection and delivers into local sessions.
+//! The inbox reader: one task per node that reads the node's stream with blocking `XREAD`
+//! on a dedicated connection and delivers into local sessions. The connection, the read's
+//! deadline, reconnects with backoff and shutdown are [`crate::redis::consumer`]'s; the
+//! cursor, trimming and what becomes of each entry are here.
 //!
 //! Each round trip is one pipeline: `XTRIM MINID` past what the previous read delivered, then
 //! `XREAD COUNT n BLOCK t` from the cursor, so the stream holds only undelivered entries.
-//! The call has its own deadline (block time + margin): a half-open connection is dropped and
-//! replaced, with backoff. After a reconnect to a different Redis server (`run_id` changed:
-//! a restart or failover), the cursor restarts at the beginning of the (new) stream.
-//! An entry for a user who is no longer here goes back to [`crate::delivery::target`], which forwards it
-//! once to the user's current nodes or answers `not found` to the sender's node; it is never
-//! dropped silently.
+//! After a reconnect to a different Redis server (`run_id` changed: a restart or failover),
+//! the cursor restarts at the beginning of the (new) stream. An entry for a user who is no
+//! longer here goes back to [`crate::delivery::target`], which forwards it once to the user's
+//! current nodes or answers `not found` to the sender's node; it is never dropped silently.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use redis::Value;
 
 use crate::delivery::target::{Dispatch, Origin, Payload, Target};
 use crate::history::{Seq, unstamped};
 use crate::node::Node;
+use crate::redis::consumer::{StreamReader, consume};
 use crate::redis::stream::{EntryId, entry_parts, field, stream_entries};
 use crate::redis::{RedisConn, RedisError};
 use crate::wire::client::{ClientError, encode_message, encode_presence, encode_room_message};
-use crate::wire::envelope::{Body, ENVELOPE_FIELD, Envelope, append_entry};
+use crate::wire::envelope::{Body, ENVELOPE_FIELD, Envelope, Stamp, append_entry};
 use crate::wire::frame::SocketFrame;
 
-/// Extra time allowed past the block time before a read counts as hung.
-const READ_MARGIN: Duration = Duration::from_secs(1);
-const BACKOFF_MIN: Duration = Duration::from_millis(50);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
-
-/// Runs the consumer until the node shuts down.
+/// Runs the inbox reader until the node shuts down.
 pub async fn run(node: Arc<Node>) {
-    let mut consumer = Consumer {
+    let mut reader = InboxReader {
         inbox: node.keys.inbox(&node.id),
-        node,
+        node: node.clone(),
         cursor: EntryId::default(),
         trim_to: None,
         run_id: None,
         last_seen: HashMap::new(),
         answers: Vec::new(),
     };
-    let mut backoff = BACKOFF_MIN;
-    loop {
-        let shutdown = consumer.node.shutdown.clone();
-        let connected = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            c = consumer.connect() => c,
-        };
-        match connected {
-            Ok(mut conn) => {
-                backoff = BACKOFF_MIN;
-                consumer.node.health.inbox_read();
-                let outcome = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    r = consumer.read_loop(&mut conn) => r,
-                };
-                tracing::warn!(error = %outcome, "inbox connection lost; reconnecting");
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot connect the inbox reader"),
-        }
-        metrics::counter!("wsbus_redis_reconnects_total").increment(1);
-        consumer.node.health.inbox_lost();
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
-    }
+    let block = node.config.inbox_block;
+    consume(&node.redis, &mut reader, block, node.shutdown.clone()).await;
 }
 
-struct Consumer {
+/// This node's inbox as read by [`consume`]: the cursor and trimming, duplicate detection,
+/// and what becomes of each entry.
+struct InboxReader {
     node: Arc<Node>,
     inbox: String,
     /// Last entry id read (and handled).
@@ -81,20 +53,22 @@ struct Consumer {
     run_id: Option<String>,
     /// Highest message id seen per sending process (`boot`), to drop entries appended twice.
     last_seen: HashMap<u64, u64>,
-    /// Error answers for other nodes' senders, sent after the batch that produced them.
+    /// Error answers for other nodes' senders, appended after the batch that produced them.
     answers: Vec<Envelope<'static>>,
 }
 
-impl Consumer {
-    async fn connect(&mut self) -> Result<RedisConn, RedisError> {
-        let mut conn = self.node.redis.dedicated_conn().await?;
+impl StreamReader for InboxReader {
+    const NAME: &'static str = "inbox";
+
+    /// Restarts the cursor when the server is not the one it belongs to.
+    async fn on_connect(&mut self, conn: &mut RedisConn) -> Result<(), RedisError> {
         if self.node.redis.is_cluster() {
             // Each shard has its own run_id; a failover keeps the stream on the replica.
-            return Ok(conn);
+            return Ok(());
         }
         let info: String = tokio::time::timeout(
             self.node.config.redis_timeout,
-            redis::cmd("INFO").arg("server").query_async(&mut conn),
+            redis::cmd("INFO").arg("server").query_async(conn),
         )
         .await
         .map_err(|_| RedisError::Reply("INFO timed out"))??;
@@ -108,56 +82,63 @@ impl Consumer {
             self.trim_to = None;
         }
         self.run_id = run_id;
-        Ok(conn)
+        Ok(())
     }
 
-    /// Reads and delivers until the connection fails; returns why.
-    async fn read_loop(&mut self, conn: &mut RedisConn) -> RedisError {
-        let block_ms = self.node.config.inbox_block.as_millis() as u64;
-        let deadline = self.node.config.inbox_block + READ_MARGIN;
-        loop {
-            let mut pipe = redis::pipe();
-            if let Some(trim_to) = self.trim_to {
-                pipe.cmd("XTRIM")
-                    .arg(&self.inbox)
-                    .arg("MINID")
-                    .arg(trim_to.to_string())
-                    .ignore();
-            }
-            pipe.cmd("XREAD")
-                .arg("COUNT")
-                .arg(self.node.config.inbox_read_count)
-                .arg("BLOCK")
-                .arg(block_ms)
-                .arg("STREAMS")
+    /// One pipeline: `XTRIM MINID` past what the previous read delivered, then `XREAD` from
+    /// the cursor.
+    async fn read(&mut self, conn: &mut RedisConn) -> Result<Value, RedisError> {
+        let mut pipe = redis::pipe();
+        if let Some(trim_to) = self.trim_to {
+            pipe.cmd("XTRIM")
                 .arg(&self.inbox)
-                .arg(self.cursor.to_string());
-            let reply = match tokio::time::timeout(deadline, pipe.query_async::<(Value,)>(conn))
-                .await
-            {
-                Err(_) => {
-                    return RedisError::Reply("XREAD passed its deadline (half-open connection?)");
-                }
-                Ok(Err(e)) => return e.into(),
-                Ok(Ok((reply,))) => reply,
-            };
-            self.trim_to = None;
-            self.node.health.inbox_read();
-            if let Err(e) = self.handle(reply).await {
-                tracing::warn!(error = %e, "could not forward moved entries");
-            }
+                .arg("MINID")
+                .arg(trim_to.to_string())
+                .ignore();
         }
+        pipe.cmd("XREAD")
+            .arg("COUNT")
+            .arg(self.node.config.inbox_read_count)
+            .arg("BLOCK")
+            .arg(self.node.config.inbox_block.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(&self.inbox)
+            .arg(self.cursor.to_string());
+        let (reply,) = pipe.query_async::<(Value,)>(conn).await?;
+        self.trim_to = None;
+        Ok(reply)
     }
 
-    /// Delivers one `XREAD` reply; forwards or answers entries whose recipient left.
-    async fn handle(&mut self, reply: Value) -> Result<(), RedisError> {
+    /// Delivers the entries; a failure to forward moved ones is logged, not a reason to
+    /// drop the connection (they went out on other connections).
+    async fn process(&mut self, _conn: &mut RedisConn, reply: Value) -> Result<(), RedisError> {
+        if let Err(e) = self.deliver_entries(reply).await {
+            tracing::warn!(error = %e, "could not forward moved entries");
+        }
+        Ok(())
+    }
+
+    fn report_alive(&mut self) {
+        self.node.health.inbox_read();
+    }
+
+    fn report_lost(&mut self) {
+        metrics::counter!("wsbus_redis_reconnects_total").increment(1);
+        self.node.health.inbox_lost();
+    }
+}
+
+impl InboxReader {
+    /// Delivers one `XREAD` reply into local sessions, answers the senders of messages
+    /// refused as too slow, advances the cursor, and forwards entries whose recipient left.
+    async fn deliver_entries(&mut self, reply: Value) -> Result<(), RedisError> {
         let Some(entries) = stream_entries(reply) else {
             return Ok(());
         };
         tracing::trace!(entries = entries.len(), "inbox read");
         let mut moved: Vec<Envelope<'static>> = Vec::new();
         let mut last = None;
-        let mut delivered = 0;
+        let mut queued = 0;
         for entry in &entries {
             let Some((id, fields)) = entry_parts(entry) else {
                 metrics::counter!("wsbus_undecodable_entries_total").increment(1);
@@ -165,49 +146,42 @@ impl Consumer {
                 continue;
             };
             last = Some(id);
-            let env = match field(fields, ENVELOPE_FIELD).map(Envelope::decode) {
-                Some(Ok(env)) => env,
-                Some(Err(e)) => {
-                    metrics::counter!("wsbus_undecodable_entries_total").increment(1);
-                    tracing::warn!(entry = %id, error = %e, "skipping an undecodable inbox entry");
-                    continue;
-                }
-                None => {
-                    // Our own placeholder (`_`) that keeps an empty inbox in existence.
-                    if field(fields, "_").is_none() {
-                        metrics::counter!("wsbus_undecodable_entries_total").increment(1);
-                        tracing::warn!(entry = %id, "skipping an inbox entry without envelope");
-                    }
-                    continue;
-                }
+            let Some(env) = decode_entry(id, fields) else {
+                continue;
             };
             if self.is_duplicate(&env) {
                 continue;
             }
-            match self.deliver(&env) {
-                Some(queued) => delivered += u64::from(queued),
+            match self.queue_locally(&env) {
+                Some(n) => queued += u64::from(n),
                 None => moved.push(env.into_owned()),
             }
         }
-        self.node.metrics.from_bus.increment(delivered);
+        self.node.metrics.from_bus.increment(queued);
         if !self.answers.is_empty()
-            && let Err(e) = self.send_answers().await
+            && let Err(e) = self.append_answers().await
         {
             tracing::warn!(error = %e, "could not tell senders their recipients are too slow");
         }
         if let Some(last) = last {
-            let lag_ms = crate::wire::clock::now_ms().saturating_sub(last.ms());
-            self.node
-                .metrics
-                .inbox_read_lag_seconds
-                .set(lag_ms as f64 / 1e3);
-            self.cursor = last;
-            self.trim_to = Some(last.next());
+            self.advance_cursor(last);
         }
         if moved.is_empty() {
             return Ok(());
         }
-        self.reroute(moved).await
+        self.forward_moved(moved).await
+    }
+
+    /// Moves the cursor past `last` (the batch's last entry) and schedules the trim of
+    /// what it read; records the read lag.
+    fn advance_cursor(&mut self, last: EntryId) {
+        let lag_ms = crate::wire::clock::now_ms().saturating_sub(last.ms());
+        self.node
+            .metrics
+            .inbox_read_lag_seconds
+            .set(lag_ms as f64 / 1e3);
+        self.cursor = last;
+        self.trim_to = Some(last.next());
     }
 
     /// Whether `env` was appended twice (a retried pipeline). Each sending process's bus
@@ -240,50 +214,16 @@ impl Consumer {
         false
     }
 
-    /// Delivers `env` to its local sessions; `None` if it must be forwarded (a message for
-    /// a recipient with no session here: it moved).
-    fn deliver(&mut self, env: &Envelope<'_>) -> Option<u32> {
-        let hub = &self.node.hub;
+    /// Queues `env`'s frame for its local sessions; the number queued, or `None` if it must
+    /// be forwarded (a message for a recipient with no session here: it moved).
+    fn queue_locally(&mut self, env: &Envelope<'_>) -> Option<u32> {
         match &env.body {
-            Body::Message { text } => {
-                let mut built: Option<SocketFrame> = None;
-                let mut frame = || {
-                    built
-                        .get_or_insert_with(|| SocketFrame {
-                            frame: encode_message(&env.from, &env.to, text).into(),
-                            born_us: env.sent_us,
-                            seq: None,
-                        })
-                        .clone()
-                };
-                let mut queued = 0;
-                if env.to_sender {
-                    queued += hub.deliver_user(&env.from, None, &mut frame).queued;
-                }
-                if env.to_recipient {
-                    let fanout = hub.deliver_user(&env.to, None, &mut frame);
-                    if !fanout.found() {
-                        return None;
-                    }
-                    if fanout.queued == 0 {
-                        self.answer_too_slow(env);
-                    }
-                    queued += fanout.queued;
-                }
-                Some(queued)
-            }
-            Body::RoomMessage { room, text } => {
-                let queued = self.node.rooms.deliver(room, None, None, || SocketFrame {
-                    frame: encode_room_message(&env.from, room, text).into(),
-                    born_us: env.sent_us,
-                    seq: None,
-                });
-                self.node
-                    .metrics
-                    .room_delivered_from_bus
-                    .increment(u64::from(queued));
-                Some(queued)
-            }
+            Body::Message { text } => self.queue_message(env, text),
+            Body::RoomMessage { room, text } => Some(self.queue_room_frame(room, || SocketFrame {
+                frame: encode_room_message(&env.from, room, text).into(),
+                born_us: env.sent_us,
+                seq: None,
+            })),
             Body::Presence { room, event } => {
                 self.node.rooms.deliver(room, None, Some(&env.from), || {
                     SocketFrame::unmeasured(encode_presence(&env.from, room, *event))
@@ -294,74 +234,106 @@ impl Consumer {
                 self.node.deliver_error(env);
                 Some(0)
             }
-            Body::Publish { frame } => {
-                let seq = env.stamp.as_ref().map(|stamp| {
-                    Arc::new(Seq {
-                        room: None,
-                        offset: stamp.offset,
-                        epoch: Arc::from(&*stamp.epoch),
-                        marker: false,
-                    })
-                });
-                let mut queued = 0;
-                if env.to_sender {
-                    // The sender's own copy of a stamped direct message: no frame of its
-                    // streams, so without the recipient's stamp.
-                    let copy = match &env.stamp {
-                        Some(stamp) => unstamped(frame, stamp.offset, &stamp.epoch),
-                        None => frame.to_string(),
-                    };
-                    queued += hub
-                        .deliver_user(&env.from, None, || SocketFrame {
-                            frame: copy.into(),
-                            born_us: env.sent_us,
-                            seq: None,
-                        })
-                        .queued;
-                }
-                if env.to_recipient {
-                    let frame = || SocketFrame {
-                        frame: (**frame).into(),
-                        born_us: env.sent_us,
-                        seq: seq.clone(),
-                    };
-                    let fanout = hub.deliver_user(&env.to, None, frame);
-                    if !fanout.found() {
-                        return None;
-                    }
-                    queued += fanout.queued;
-                }
-                Some(queued)
-            }
+            Body::Publish { frame } => self.queue_publish(env, frame),
             Body::RoomPublish { room, frame } => {
-                let seq = env.stamp.as_ref().map(|stamp| {
-                    Arc::new(Seq {
-                        room: Some(Arc::from(&**room)),
-                        offset: stamp.offset,
-                        epoch: Arc::from(&*stamp.epoch),
-                        marker: false,
-                    })
-                });
-                let queued = self.node.rooms.deliver(room, None, None, || SocketFrame {
+                let seq = history_seq(env.stamp.as_ref(), Some(room));
+                Some(self.queue_room_frame(room, || SocketFrame {
                     frame: (**frame).into(),
                     born_us: env.sent_us,
-                    seq: seq.clone(),
-                });
-                self.node
-                    .metrics
-                    .room_delivered_from_bus
-                    .increment(u64::from(queued));
-                Some(queued)
+                    seq,
+                }))
             }
             Body::Kick { sid, code, reason } => {
-                hub.kick(&env.to, *sid, *code, reason);
+                self.node.hub.kick(&env.to, *sid, *code, reason);
+                Some(0)
+            }
+            Body::Member { .. } | Body::MemberReply { .. } => {
+                self.node.take_member_entry(env);
                 Some(0)
             }
         }
     }
 
+    /// A direct message: the sender's copy, if asked for, and the recipient's (`None`: the
+    /// recipient has no session here). When every recipient session refused it as slow, its
+    /// sender gets an answer.
+    fn queue_message(&mut self, env: &Envelope<'_>, text: &str) -> Option<u32> {
+        let hub = &self.node.hub;
+        let mut built: Option<SocketFrame> = None;
+        let mut frame = || {
+            built
+                .get_or_insert_with(|| SocketFrame {
+                    frame: encode_message(&env.from, &env.to, text).into(),
+                    born_us: env.sent_us,
+                    seq: None,
+                })
+                .clone()
+        };
+        let mut queued = 0;
+        if env.to_sender {
+            queued += hub.deliver_user(&env.from, None, &mut frame).queued;
+        }
+        if env.to_recipient {
+            let fanout = hub.deliver_user(&env.to, None, &mut frame);
+            if !fanout.found() {
+                return None;
+            }
+            if fanout.queued == 0 {
+                self.answer_too_slow(env);
+            }
+            queued += fanout.queued;
+        }
+        Some(queued)
+    }
+
+    /// A published frame for a user: the sender's copy, if asked for (without the
+    /// recipient's history stamp), and the recipient's (`None`: no session here).
+    fn queue_publish(&self, env: &Envelope<'_>, frame: &str) -> Option<u32> {
+        let hub = &self.node.hub;
+        let mut queued = 0;
+        if env.to_sender {
+            // The sender's own copy of a stamped direct message: no frame of its
+            // streams, so without the recipient's stamp.
+            let copy = match &env.stamp {
+                Some(stamp) => unstamped(frame, stamp.offset, &stamp.epoch),
+                None => frame.to_string(),
+            };
+            queued += hub
+                .deliver_user(&env.from, None, || SocketFrame {
+                    frame: copy.into(),
+                    born_us: env.sent_us,
+                    seq: None,
+                })
+                .queued;
+        }
+        if env.to_recipient {
+            let seq = history_seq(env.stamp.as_ref(), None);
+            let fanout = hub.deliver_user(&env.to, None, || SocketFrame {
+                frame: frame.into(),
+                born_us: env.sent_us,
+                seq,
+            });
+            if !fanout.found() {
+                return None;
+            }
+            queued += fanout.queued;
+        }
+        Some(queued)
+    }
+
+    /// A room's frame (`make` builds it) for the room's members here; counted as delivered
+    /// from the bus.
+    fn queue_room_frame(&self, room: &str, make: impl FnOnce() -> SocketFrame) -> u32 {
+        let queued = self.node.rooms.deliver(room, None, None, make);
+        self.node
+            .metrics
+            .room_delivered_from_bus
+            .increment(u64::from(queued));
+        queued
+    }
+
     /// Queues, for the sender of `env`, the answer that its recipient's sessions here all
-    /// refused it as slow consumers (the message was dropped and counted); sent to the
+    /// refused it as slow consumers (the message was dropped and counted); appended to the
     /// sending node's inbox after the batch.
     fn answer_too_slow(&mut self, env: &Envelope<'_>) {
         let origin = Origin::Forward {
@@ -377,8 +349,9 @@ impl Consumer {
         self.answers.extend(self.node.answer_error(&origin, &error));
     }
 
-    /// Sends the answers queued by [`Consumer::answer_too_slow`], one pipeline.
-    async fn send_answers(&mut self) -> Result<(), RedisError> {
+    /// Appends the answers queued by [`InboxReader::answer_too_slow`] to their nodes'
+    /// inboxes, one pipeline.
+    async fn append_answers(&mut self) -> Result<(), RedisError> {
         let mut pipe = redis::pipe();
         let mut buf = Vec::new();
         for answer in self.answers.drain(..) {
@@ -400,7 +373,7 @@ impl Consumer {
 
     /// Hands entries whose recipient moved back to dispatch, to be forwarded once to the
     /// recipient's current nodes (or answered `not found` to their sender).
-    async fn reroute(&self, moved: Vec<Envelope<'static>>) -> Result<(), RedisError> {
+    async fn forward_moved(&self, moved: Vec<Envelope<'static>>) -> Result<(), RedisError> {
         for env in moved {
             let mut tried: Vec<Box<str>> = env.tried.iter().map(|t| (**t).into()).collect();
             tried.push((*self.node.id).into());
@@ -426,6 +399,9 @@ impl Consumer {
                 born_us: env.sent_us,
                 delivered_here: false,
                 echo: false,
+                // With history on, every message kept there is stamped before it travels:
+                // one without a stamp was transient where it was sent.
+                transient: env.stamp.is_none(),
                 stamp: env.stamp.map(|s| s.into_owned()),
             };
             if self.node.bus_writer.send(dispatch).await.is_err() {
@@ -446,4 +422,37 @@ fn action_of(frame: &str) -> String {
     serde_json::from_str::<Head>(frame)
         .map(|h| h.action)
         .unwrap_or_default()
+}
+
+/// The envelope of an inbox entry; `None` (counted and logged unless it is the placeholder
+/// that keeps an empty inbox in existence) when it has none or it does not decode.
+fn decode_entry(id: EntryId, fields: &[Value]) -> Option<Envelope<'_>> {
+    match field(fields, ENVELOPE_FIELD).map(Envelope::decode) {
+        Some(Ok(env)) => Some(env),
+        Some(Err(e)) => {
+            metrics::counter!("wsbus_undecodable_entries_total").increment(1);
+            tracing::warn!(entry = %id, error = %e, "skipping an undecodable inbox entry");
+            None
+        }
+        None => {
+            // Our own placeholder (`_`) that keeps an empty inbox in existence.
+            if field(fields, "_").is_none() {
+                metrics::counter!("wsbus_undecodable_entries_total").increment(1);
+                tracing::warn!(entry = %id, "skipping an inbox entry without envelope");
+            }
+            None
+        }
+    }
+}
+
+/// The place in `room`'s history stream (`None`: the user's) of a frame stamped `stamp`.
+fn history_seq(stamp: Option<&Stamp<'_>>, room: Option<&str>) -> Option<Arc<Seq>> {
+    stamp.map(|stamp| {
+        Arc::new(Seq {
+            room: room.map(Arc::from),
+            offset: stamp.offset,
+            epoch: Arc::from(&*stamp.epoch),
+            marker: false,
+        })
+    })
 }

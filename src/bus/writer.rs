@@ -832,7 +832,8 @@ fn plain_action(payload: &Payload, body: &Body<'_>) -> &'static str {
 fn appends_of<'b>(batch: &'b [Dispatch], stamped: &[Option<Stamped>]) -> Appends<'b> {
     let mut appends = Appends::default();
     for (i, msg) in batch.iter().enumerate() {
-        if stamped[i].is_some() {
+        // Entries stamped already keep their place; transient ones (relays) have none.
+        if stamped[i].is_some() || msg.transient {
             continue;
         }
         let from = msg.origin.user();

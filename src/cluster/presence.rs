@@ -2,6 +2,8 @@
 //! user, and the per-node user sets the reaper cleans up from.
 //!
 //! Claims decide the per-user session limit atomically in that one key (a Redis function).
+//! A session may hold a resume secret (its SHA-256 in `P:{u:<uid>}:resume`, same slot):
+//! presenting it takes that session over in the same function, wherever the session is.
 //! Liveness is not kept per session: a session counts iff its node is alive in the node
 //! registry, so presence costs nothing per user per heartbeat.
 
@@ -51,6 +53,48 @@ pub enum Claim {
         /// The evicted sessions.
         evicted: Vec<SessionRef>,
     },
+    /// The session is registered in place of the one whose resume secret was presented;
+    /// these (that one, if it was still registered, and any evicted to stay within the
+    /// limit) must be closed with 4006.
+    Resumed {
+        /// The evicted sessions.
+        evicted: Vec<SessionRef>,
+    },
+}
+
+/// A claim's resume secrets, as their SHA-256 (hex): the secret is never sent to Redis.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ResumeHashes<'a> {
+    /// The hash of the secret the client presented: take its session over.
+    pub presented: Option<&'a str>,
+    /// The hash of the secret issued to this session.
+    pub issued: Option<&'a str>,
+}
+
+/// A new resume secret (32 random bytes, hex) and its hash.
+pub fn new_resume_secret() -> (String, String) {
+    let mut bytes = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .expect("the system's random source works");
+    let secret = hex(&bytes);
+    let hash = resume_hash(&secret);
+    (secret, hash)
+}
+
+/// The SHA-256 (hex) of a resume secret, as Redis stores it.
+pub fn resume_hash(secret: &str) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, secret.as_bytes()).as_ref())
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
+            let _ = write!(out, "{b:02x}");
+            out
+        })
 }
 
 /// Session registration for one node.
@@ -61,17 +105,20 @@ pub struct Presence {
     live: Arc<LiveNodes>,
     max_sessions: u32,
     mode: OnSessionLimit,
+    /// How long the user's resume secrets live after the last one was issued.
+    resume_ttl: std::time::Duration,
 }
 
 impl Presence {
-    /// Presence of node `node_id`, allowing `max_sessions` per user, handled per `mode`.
+    /// Presence of node `node_id`, allowing `max_sessions` per user, handled per `mode`;
+    /// resume secrets live `resume_ttl`.
     pub fn new(
         redis: Arc<Redis>,
         keys: Keys,
         node_id: Arc<str>,
         live: Arc<LiveNodes>,
-        max_sessions: u32,
-        mode: OnSessionLimit,
+        (max_sessions, mode): (u32, OnSessionLimit),
+        resume_ttl: std::time::Duration,
     ) -> Self {
         Self {
             redis,
@@ -80,25 +127,50 @@ impl Presence {
             live,
             max_sessions: max_sessions.max(1),
             mode,
+            resume_ttl,
         }
     }
 
     /// Registers session `sid` of this node for `user`, within the user's session limit.
     /// Sessions on nodes this node knows to be dead do not count; if the limit is reached by
     /// sessions on nodes it has not heard of yet, their liveness is checked and the claim is
-    /// retried once without the dead ones.
-    pub async fn claim(&self, user: &UserId, sid: u64) -> Result<Claim, RedisError> {
-        let mut conn = self.redis.conn().await?;
+    /// retried once without the dead ones. With `resume`, a presented secret takes its
+    /// session over (whatever the limit) and an issued one is stored for this session.
+    pub async fn claim(
+        &self,
+        user: &UserId,
+        sid: u64,
+        resume: ResumeHashes<'_>,
+    ) -> Result<Claim, RedisError> {
+        // The shared multiplexed connection: a reconnect storm (thousands of claims at once)
+        // pipelines on it instead of queueing for pooled connections and their PINGs.
+        let mut conn = self.redis.shared_conn().await?;
+        let claimed = self.claim_on(&mut conn, user, sid, resume).await;
+        if let Err(e) = &claimed
+            && crate::redis::is_connection_error(e)
+        {
+            self.redis.reset_shared();
+        }
+        claimed
+    }
+
+    async fn claim_on(
+        &self,
+        conn: &mut crate::redis::RedisConn,
+        user: &UserId,
+        sid: u64,
+        mut resume: ResumeHashes<'_>,
+    ) -> Result<Claim, RedisError> {
         let mut dead = self.live.dead_nodes();
         let mut first = true;
         loop {
             let mut pipe = redis::pipe();
-            self.add_claim(&mut pipe, user, sid, self.mode, &dead);
+            self.add_claim(&mut pipe, user, sid, (self.mode, resume), &dead);
             pipe.cmd("SADD")
                 .arg(self.keys.node_users(&self.node_id))
                 .arg(user.as_str())
                 .ignore();
-            let (reply,): (Vec<Value>,) = self.redis.query(&mut conn, &pipe).await?;
+            let (reply,): (Vec<Value>,) = self.redis.query(conn, &pipe).await?;
             let claim = parse_claim(&reply)?;
             let Claim::Refused { holders } = &claim else {
                 return Ok(claim);
@@ -109,7 +181,7 @@ impl Presence {
                     let unknown = self.live.status(&holder.node) == NodeStatus::Unknown;
                     if unknown
                         && !dead.contains(&holder.node)
-                        && !self.live.is_alive(&mut conn, &holder.node).await?
+                        && !self.live.is_alive(conn, &holder.node).await?
                     {
                         dead.push(holder.node.clone());
                         found_dead = true;
@@ -120,6 +192,8 @@ impl Presence {
                 return Ok(claim);
             }
             first = false;
+            // Presented once: a secret works once (the function took it, or it was wrong).
+            resume.presented = None;
         }
     }
 
@@ -128,17 +202,21 @@ impl Presence {
         pipe: &mut redis::Pipeline,
         user: &UserId,
         sid: u64,
-        mode: OnSessionLimit,
+        (mode, resume): (OnSessionLimit, ResumeHashes<'_>),
         dead: &[String],
     ) {
         pipe.cmd("FCALL")
             .arg(func::CLAIM)
-            .arg(1)
+            .arg(2)
             .arg(self.keys.user_sessions(user.as_str()))
+            .arg(self.keys.user_resume(user.as_str()))
             .arg(&*self.node_id)
             .arg(sid)
             .arg(self.max_sessions)
             .arg(mode.as_str())
+            .arg(self.resume_ttl.as_millis() as u64)
+            .arg(resume.issued.unwrap_or(""))
+            .arg(resume.presented.unwrap_or(""))
             .arg(dead);
     }
 
@@ -154,8 +232,9 @@ impl Presence {
         let mut pipe = redis::pipe();
         pipe.cmd("FCALL")
             .arg(func::RELEASE)
-            .arg(1)
+            .arg(2)
             .arg(self.keys.user_sessions(user.as_str()))
+            .arg(self.keys.user_resume(user.as_str()))
             .arg(&*self.node_id)
             .arg(sid)
             .ignore();
@@ -182,7 +261,8 @@ impl Presence {
         for chunk in sessions.chunks(512) {
             let mut pipe = redis::pipe();
             for (user, sid) in chunk {
-                self.add_claim(&mut pipe, user, *sid, OnSessionLimit::Reject, &dead);
+                let never_evict = (OnSessionLimit::Reject, ResumeHashes::default());
+                self.add_claim(&mut pipe, user, *sid, never_evict, &dead);
             }
             let replies: Vec<Vec<Value>> = self.redis.query(&mut conn, &pipe).await?;
             let mut add = redis::cmd("SADD");
@@ -479,7 +559,7 @@ pub fn nodes_of(fields: Vec<String>) -> Vec<String> {
     nodes
 }
 
-/// Reads a reply of `wsbus_v2_claim`.
+/// Reads a reply of `wsbus_v4_claim`.
 fn parse_claim(reply: &[Value]) -> Result<Claim, RedisError> {
     let (status, rest) = reply.split_first().ok_or(RedisError::Reply("claim"))?;
     let sessions = || -> Result<Vec<SessionRef>, RedisError> {
@@ -498,6 +578,9 @@ fn parse_claim(reply: &[Value]) -> Result<Claim, RedisError> {
             holders: sessions()?,
         }),
         Value::Int(2) => Ok(Claim::Replaced {
+            evicted: sessions()?,
+        }),
+        Value::Int(3) => Ok(Claim::Resumed {
             evicted: sessions()?,
         }),
         _ => Err(RedisError::Reply("claim")),
@@ -536,6 +619,14 @@ mod tests {
         ));
         assert!(parse_claim(&[Value::Int(0), bulk("junk")]).is_err());
         assert!(parse_claim(&[]).is_err());
+        assert_eq!(
+            parse_claim(&[Value::Int(3)]).unwrap(),
+            Claim::Resumed { evicted: vec![] }
+        );
+        let (secret, hash) = new_resume_secret();
+        assert_eq!((secret.len(), hash.len()), (64, 64));
+        assert_eq!(resume_hash(&secret), hash);
+        assert_ne!(new_resume_secret().0, secret);
         assert_eq!(
             nodes_of(vec!["a:1".into(), "b:2".into(), "a:3".into()]),
             vec!["a".to_string(), "b".to_string()]

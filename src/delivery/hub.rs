@@ -11,12 +11,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 
 use dashmap::DashMap;
+use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::delivery::socket_queue::{self, TrySendError};
-use crate::wire::client::close;
+use crate::wire::client::{ClientError, close};
 use crate::wire::frame::SocketFrame;
-use crate::wire::ids::UserId;
+use crate::wire::ids::{RoomId, UserId};
 
 /// The sending side of one session: its queue and the means to end it.
 #[derive(Clone)]
@@ -25,6 +26,45 @@ pub struct SessionSender {
     pub sid: u64,
     tx: socket_queue::Sender<SocketFrame>,
     kick: Arc<Kick>,
+    orders: Arc<Orders>,
+}
+
+/// What the node asks of a session's task besides writing frames: to join or leave a room
+/// on the backend's behalf. Rare, so a lock and a wake-up, not a channel per session.
+#[derive(Default)]
+pub struct Orders {
+    pending: std::sync::Mutex<Vec<Order>>,
+    wake: Notify,
+}
+
+/// One order to a session; `done` gets whether it changed the session's rooms, or why not.
+pub enum Order {
+    /// Join the room (as a client's `join` without `since`, past `--room-access`).
+    Join {
+        /// The room.
+        room: RoomId,
+        /// The outcome.
+        done: oneshot::Sender<Result<bool, ClientError>>,
+    },
+    /// Leave the room, if in it.
+    Leave {
+        /// The room.
+        room: RoomId,
+        /// The outcome.
+        done: oneshot::Sender<Result<bool, ClientError>>,
+    },
+}
+
+impl Orders {
+    /// Resolves once an order may be waiting.
+    pub async fn arrived(&self) {
+        self.wake.notified().await
+    }
+
+    /// Takes the orders waiting.
+    pub fn take(&self) -> Vec<Order> {
+        std::mem::take(&mut *self.pending.lock().expect("not poisoned"))
+    }
 }
 
 /// Asks a session to close with a given code, from any task. Its token is a child of the
@@ -89,6 +129,8 @@ pub struct SessionReceiver {
     pub rx: socket_queue::Receiver<SocketFrame>,
     /// Set when another task ends this session.
     pub kick: Arc<Kick>,
+    /// Rooms to join or leave on the backend's behalf.
+    pub orders: Arc<Orders>,
 }
 
 /// Outcome of a delivery attempt to one session.
@@ -147,13 +189,15 @@ impl Hub {
     pub fn insert(&self, user: UserId, sid: u64) -> SessionReceiver {
         let (tx, rx) = socket_queue::channel(self.queue_len, self.queue_bytes);
         let kick = Arc::new(Kick::new(&self.shutdown));
+        let orders = Arc::new(Orders::default());
         self.users.entry(user).or_default().push(SessionSender {
             sid,
             tx,
             kick: kick.clone(),
+            orders: orders.clone(),
         });
         self.sessions.fetch_add(1, Ordering::Relaxed);
-        SessionReceiver { rx, kick }
+        SessionReceiver { rx, kick, orders }
     }
 
     /// Removes session `sid` of `user`; returns whether the user has no session here left.
@@ -213,6 +257,11 @@ impl Hub {
         self.users.get(user)?.iter().find(|s| s.sid == sid).cloned()
     }
 
+    /// The sending sides of every session of `user` here.
+    pub fn senders_of(&self, user: &str) -> Vec<SessionSender> {
+        self.users.get(user).map_or_else(Vec::new, |s| s.clone())
+    }
+
     /// Number of sessions `user` has here.
     pub fn sessions_of(&self, user: &str) -> usize {
         self.users.get(user).map_or(0, |s| s.len())
@@ -259,6 +308,16 @@ impl Hub {
 }
 
 impl SessionSender {
+    /// Hands `order` to the session's task.
+    pub fn order(&self, order: Order) {
+        self.orders
+            .pending
+            .lock()
+            .expect("not poisoned")
+            .push(order);
+        self.orders.wake.notify_one();
+    }
+
     /// Queues `frame` without waiting; a full queue kicks the session as a slow consumer,
     /// and the frame is dropped and counted.
     pub fn offer(&self, frame: SocketFrame) -> Delivery {

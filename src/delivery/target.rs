@@ -106,6 +106,9 @@ pub struct Dispatch {
     /// forwarded after its recipient moved: its frame is stamped). With history on, a
     /// message without one is appended to the stream first.
     pub stamp: Option<crate::wire::envelope::Stamp<'static>>,
+    /// Never kept in history, even with `--history` (presence events, relayed actions not
+    /// in `--stored-relay-actions`): delivered to whoever is connected, without an offset.
+    pub transient: bool,
 }
 
 /// Which nodes get an entry for one message, and what each delivers.

@@ -164,6 +164,7 @@ async fn serve_connection(
         return;
     };
     let state = Arc::new(ConnState::default());
+    let peer = tcp.peer_addr().ok();
     let io = TokioIo::new(Watched {
         inner: tcp,
         head,
@@ -173,6 +174,7 @@ async fn serve_connection(
     let service = Handler {
         router,
         state: state.clone(),
+        peer,
     };
     // Boxed: hyper's connection is large, and a task's future is allocated at its largest.
     let conn = Box::pin(http.serve_connection(io, service).with_upgrades());
@@ -371,6 +373,9 @@ impl Drop for InHandler {
 struct Handler {
     router: Router,
     state: Arc<ConnState>,
+    /// The client's address, given to handlers as axum's `ConnectInfo` (the API limits
+    /// failed authentications per source address).
+    peer: Option<std::net::SocketAddr>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for Handler {
@@ -378,7 +383,12 @@ impl hyper::service::Service<Request<Incoming>> for Handler {
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
 
-    fn call(&self, request: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut request: Request<Incoming>) -> Self::Future {
+        if let Some(peer) = self.peer {
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+        }
         let running = InHandler::enter(self.state.clone());
         let response = tower_service::Service::call(&mut self.router.clone(), request);
         Box::pin(async move {

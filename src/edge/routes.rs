@@ -17,12 +17,15 @@ use tokio::sync::OwnedSemaphorePermit;
 use tungstenite::Message;
 use tungstenite::protocol::WebSocketConfig;
 
-use crate::cluster::presence::{Claim, SessionRef};
+use crate::cluster::live::NodeStatus;
+use crate::cluster::presence::{Claim, ResumeHashes, SessionRef, new_resume_secret, resume_hash};
 use crate::edge::websocket::Upgrade;
 use crate::node::Node;
 use crate::session::socket::{Socket, close_politely};
 use crate::session::{Session, SessionGuard, StartAt};
-use crate::wire::client::{ClientError, Position, close, encode_error};
+use crate::wire::client::{
+    ClientError, Position, close, encode_error, encode_welcome, resume_from_query,
+};
 use crate::wire::ids::UserId;
 
 /// The routes clients use: the WebSocket endpoint, the page and its client module.
@@ -43,10 +46,11 @@ pub fn admin_router(node: Arc<Node>) -> Router {
         .with_state(node)
 }
 
-/// A connect, gate by gate: the user id, the origin, the token, a connection slot, where
-/// the user's stream starts (history on), the claim. Each gate refuses with its own status
-/// (a refused claim still upgrades, to say why); past them all the connection upgrades to a
-/// session.
+/// A connect, gate by gate: the user id and its `since`, the origin, the token, a connection
+/// slot, where the user's stream starts (history on), the claim (taking a session over with
+/// `?resume=<secret>`). Each gate refuses with its own status (a refused claim still
+/// upgrades, to say why); past them all the connection upgrades to a session. A client that
+/// asked with `?resume` gets `welcome` (its new secret) first.
 async fn connect(
     State(node): State<Arc<Node>>,
     Path(user_id): Path<String>,
@@ -57,8 +61,10 @@ async fn connect(
     let Some(user) = UserId::parse(&user_id) else {
         return Err(Refused::new(StatusCode::BAD_REQUEST, "invalid user id"));
     };
+    Position::from_query(query.as_deref())
+        .map_err(|e| Refused::new(StatusCode::BAD_REQUEST, e.to_string()))?;
     check_origin(&node, &user, &headers)?;
-    authenticate(&node, &user, query.as_deref(), &headers)?;
+    let grant = authenticate(&node, &user, query.as_deref(), &headers)?;
     let permit = connection_slot(&node)?;
     let ws = configure(ws, &node);
     let start = stream_start(&node, &user, query.as_deref()).await?;
@@ -66,7 +72,8 @@ async fn connect(
     // In the hub before the claim: once the claim is in Redis, another node may evict this
     // session (`--on-session-limit replace`), and its kick must find the session here.
     let queue = node.hub.insert(user.clone(), sid);
-    let evicted = match claim(&node, &user, sid).await {
+    let resume = ResumeAsk::from_query(query.as_deref());
+    let evicted = match claim(&node, &user, sid, resume.as_ref()).await {
         Ok(evicted) => evicted,
         Err(NotClaimed::Bus) => return Err(bus_unavailable()),
         // Refused, but upgraded: the client is told why.
@@ -78,9 +85,41 @@ async fn connect(
     let guard = SessionGuard::new(node.clone(), user.clone(), sid);
     let tracker = node.sessions.clone();
     metrics::counter!("wsbus_connections_opened_total").increment(1);
+    let welcome = resume.map(|r| encode_welcome(user.as_str(), &node.id, sid, &r.secret));
     Ok(ws.on_upgrade(move |socket| {
-        tracker.track_future(Session::new(node, user, queue, guard, permit, start).run(socket))
+        let session = Session::new(node, user, queue, guard, permit, start, grant);
+        tracker.track_future(session.welcomed(welcome).run(socket))
     }))
+}
+
+/// What a connect with `?resume` asks: to take over the session of the secret it presents
+/// (if any), and a secret of its own. Only hashes reach Redis; neither is logged.
+struct ResumeAsk {
+    /// The hash of the presented secret (`?resume=<secret>`); `None` for `?resume=`.
+    presented: Option<String>,
+    /// The new session's secret, sent in `welcome`.
+    secret: String,
+    /// Its hash, stored with the claim.
+    issued: String,
+}
+
+impl ResumeAsk {
+    fn from_query(query: Option<&str>) -> Option<Self> {
+        let given = resume_from_query(query)?;
+        let (secret, issued) = new_resume_secret();
+        Some(Self {
+            presented: (!given.is_empty()).then(|| resume_hash(given)),
+            secret,
+            issued,
+        })
+    }
+
+    fn hashes(ask: Option<&Self>) -> ResumeHashes<'_> {
+        ResumeHashes {
+            presented: ask.and_then(|a| a.presented.as_deref()),
+            issued: ask.map(|a| a.issued.as_str()),
+        }
+    }
 }
 
 /// Refuses a browser page from an origin not in `--allowed-origins` (when that is set).
@@ -100,15 +139,16 @@ fn check_origin(node: &Node, user: &UserId, headers: &HeaderMap) -> Result<(), R
     Ok(())
 }
 
-/// Refuses a connect without a valid token for `user` (unless the node runs `--insecure`).
+/// Refuses a connect without a valid token for `user` (unless the node runs `--insecure`);
+/// what the token grants the session.
 fn authenticate(
     node: &Node,
     user: &UserId,
     query: Option<&str>,
     headers: &HeaderMap,
-) -> Result<(), Refused> {
+) -> Result<crate::auth::Grant, Refused> {
     let Some(verifier) = &node.auth else {
-        return Ok(());
+        return Ok(crate::auth::Grant::default());
     };
     let authorization = headers
         .get(header::AUTHORIZATION)
@@ -117,13 +157,12 @@ fn authenticate(
         None => Err(crate::auth::AuthError::Missing),
         Some(token) => verifier.verify(token, user.as_str()),
     };
-    if let Err(e) = checked {
+    checked.map_err(|e| {
         // Never log the token itself.
         tracing::info!(user = %user, reason = %e, "refused: authentication");
         metrics::counter!("wsbus_connections_refused_total", "reason" => "auth").increment(1);
-        return Err(Refused::new(StatusCode::UNAUTHORIZED, e.to_string()));
-    }
-    Ok(())
+        Refused::new(StatusCode::UNAUTHORIZED, e.to_string())
+    })
 }
 
 /// A connection slot, unless the node is shutting down or has `--max-connections`.
@@ -153,7 +192,8 @@ async fn stream_start(
     query: Option<&str>,
 ) -> Result<Option<StartAt>, Refused> {
     let stream = crate::history::Stream::User(user.as_str());
-    let asked = Position::from_query(query);
+    // Validated by the first gate.
+    let asked = Position::from_query(query).ok().flatten();
     StartAt::of(node.history.as_ref(), stream, asked)
         .await
         .map_err(|e| {
@@ -172,10 +212,18 @@ enum NotClaimed {
 
 /// Claims `user` for session `sid` (already in the hub); returns the sessions it replaced.
 /// A session not claimed leaves the hub again.
-async fn claim(node: &Node, user: &UserId, sid: u64) -> Result<Vec<SessionRef>, NotClaimed> {
-    let claim = claim_patiently(node, user, sid).await;
+async fn claim(
+    node: &Node,
+    user: &UserId,
+    sid: u64,
+    resume: Option<&ResumeAsk>,
+) -> Result<Vec<SessionRef>, NotClaimed> {
+    let claim = claim_patiently(node, user, sid, ResumeAsk::hashes(resume)).await;
     tracing::debug!(user = %user, sid, ?claim, "claim");
-    if !matches!(claim, Ok(Claim::Claimed | Claim::Replaced { .. })) {
+    if !matches!(
+        claim,
+        Ok(Claim::Claimed | Claim::Replaced { .. } | Claim::Resumed { .. })
+    ) {
         let last_here = node.hub.remove(user.as_str(), sid);
         // The claim's pipeline added the user to this node's user set; a refused user with
         // no other session here leaves it again.
@@ -200,13 +248,21 @@ async fn claim(node: &Node, user: &UserId, sid: u64) -> Result<Vec<SessionRef>, 
         }
         Ok(Claim::Claimed) => Ok(Vec::new()),
         Ok(Claim::Replaced { evicted }) => Ok(evicted),
+        Ok(Claim::Resumed { evicted }) => {
+            metrics::counter!("wsbus_sessions_resumed_total").increment(1);
+            Ok(evicted)
+        }
     }
 }
 
-/// Closes the sessions a claim replaced (4006), wherever they are.
+/// Closes the sessions a claim replaced or a resume took over (4006), wherever they are; a
+/// session on a node known dead has nobody to close it.
 async fn close_replaced(node: &Node, user: &UserId, evicted: &[SessionRef]) {
     for old in evicted {
         metrics::counter!("wsbus_sessions_replaced_total").increment(1);
+        if node.live.status(&old.node) == NodeStatus::Dead {
+            continue;
+        }
         if let Err(e) = node
             .close_session(user.as_str(), old, close::REPLACED_BY_NEWER, "")
             .await
@@ -250,15 +306,18 @@ async fn claim_patiently(
     node: &Node,
     user: &UserId,
     sid: u64,
+    mut resume: ResumeHashes<'_>,
 ) -> Result<Claim, crate::redis::RedisError> {
     const PATIENCE: [u64; 3] = [50, 100, 200];
-    let mut claim = node.presence.claim(user, sid).await?;
+    let mut claim = node.presence.claim(user, sid, resume).await?;
+    // A refused claim did not take a session over: the secret was wrong or used.
+    resume.presented = None;
     for wait_ms in PATIENCE {
         if !matches!(claim, Claim::Refused { .. }) || node.shutdown.is_cancelled() {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(wait_ms)).await;
-        claim = node.presence.claim(user, sid).await?;
+        claim = node.presence.claim(user, sid, resume).await?;
     }
     Ok(claim)
 }

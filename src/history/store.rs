@@ -1,5 +1,5 @@
 //! The Redis side of history: the commands behind [`History`]'s API (the functions of
-//! `migrations/wsbus_v4.lua` and `wsbus_v3.lua`, and the plain commands an append is on a
+//! `migrations/wsbus_v5.lua` and `wsbus_v3.lua`, and the plain commands an append is on a
 //! single Redis) and the
 //! parsing of their replies. Nothing here decides anything; [`super`] does.
 //!
@@ -11,13 +11,13 @@ use redis::{RedisResult, Value};
 use super::{History, Part, Stream, stamp_stored};
 use crate::redis::{RedisConn, RedisError};
 
-/// Function names (libraries `wsbus_v4` and `wsbus_v3`).
+/// Function names (libraries `wsbus_v5` and `wsbus_v3`).
 mod func {
     /// Append frames to a stream if it is alive or its target has sessions (a user) or
     /// members (a room), keep it within `--history-max-bytes`, and say where the target is.
-    pub(super) const APPEND: &str = "wsbus_v4_history_append";
+    pub(super) const APPEND: &str = "wsbus_v5_history_append";
     /// Count the bytes a plain append added to a live stream, trimming it past its bound.
-    pub(super) const ACCOUNT: &str = "wsbus_v4_history_account";
+    pub(super) const ACCOUNT: &str = "wsbus_v5_history_account";
     /// Read a stream's position (and the frames after an offset), refreshing its TTL.
     pub(super) const OPEN: &str = "wsbus_v3_history_open";
 }

@@ -60,18 +60,19 @@ impl Node {
             self.metrics.room_messages.increment(1);
         }
         let payload = Payload::Text(text.into_owned().into_boxed_str());
-        self.route(origin, target, payload, frame, echo, born_us)
+        self.route(origin, target, payload, frame, (echo, false), born_us)
             .await
     }
 
     /// Publishes a pre-encoded frame (from a backend, `Origin::Api`, or a client's relayed
     /// action) to every session of a user or every member of a room, through the same step
-    /// as [`Node::send`]. The frame is encoded once by the caller.
+    /// as [`Node::send`]. The frame is encoded once by the caller. A `transient` frame (a
+    /// relayed action not in `--stored-relay-actions`) is never kept in history.
     pub async fn publish(
         &self,
         origin: Origin,
         target: Target,
-        action: &str,
+        (action, transient): (&str, bool),
         frame: &Utf8Bytes,
         born_us: u64,
     ) -> Result<(), ClientError> {
@@ -91,7 +92,29 @@ impl Node {
             action: action.into(),
             frame: frame.clone(),
         };
-        self.route(origin, target, payload, socket_frame, false, born_us)
+        self.route(
+            origin,
+            target,
+            payload,
+            socket_frame,
+            (false, transient),
+            born_us,
+        )
+        .await
+    }
+
+    /// Publishes a client's relayed action (`--relay-actions`): transient (never in history)
+    /// unless it is one of `--stored-relay-actions`.
+    pub async fn relay(
+        &self,
+        origin: Origin,
+        target: Target,
+        action: &str,
+        frame: &Utf8Bytes,
+        born_us: u64,
+    ) -> Result<(), ClientError> {
+        let stored = self.config.stored_relay_actions.iter().any(|a| a == action);
+        self.publish(origin, target, (action, !stored), frame, born_us)
             .await
     }
 
@@ -99,21 +122,22 @@ impl Node {
     /// only if someone here gets it) at once
     /// (and, with `echo`, the sender's other sessions here); the bus writer takes the rest.
     /// With one session per user, a recipient found here is nowhere else, and Redis is
-    /// skipped.
+    /// skipped. A `transient` message goes out at once even with history on (no place in a
+    /// stream to wait for).
     async fn route(
         &self,
         origin: Origin,
         target: Target,
         payload: Payload,
         mut frame: impl FnMut(&Origin, &Target, &Payload) -> SocketFrame,
-        echo: bool,
+        (echo, transient): (bool, bool),
         born_us: u64,
     ) -> Result<(), ClientError> {
         let sending_session = match &origin {
             Origin::Session { sid, .. } => Some(*sid),
             _ => None,
         };
-        if self.history.is_some() {
+        if self.history.is_some() && !transient {
             // The frame's place comes from its target's stream: the bus writer appends it
             // there first and then delivers it, here and elsewhere. Only the sender's copies
             // (no frame of its own streams) go out at once.
@@ -131,6 +155,7 @@ impl Node {
                     delivered_here: false,
                     echo,
                     stamp: None,
+                    transient,
                 })
                 .await;
         }
@@ -175,6 +200,7 @@ impl Node {
             delivered_here,
             echo,
             stamp: None,
+            transient,
         })
         .await
     }
@@ -193,6 +219,7 @@ impl Node {
                 delivered_here: true,
                 echo: false,
                 stamp: None,
+                transient: true,
             })
             .await;
         if sent.is_err() {
@@ -321,8 +348,17 @@ impl Node {
             env.body.action(),
             &buf,
         );
-        let mut conn = self.redis.conn().await?;
-        pipe.query_async::<()>(&mut conn).await?;
+        let mut conn = self.redis.shared_conn().await?;
+        let sent = pipe
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(RedisError::from);
+        if let Err(e) = &sent
+            && crate::redis::is_connection_error(e)
+        {
+            self.redis.reset_shared();
+        }
+        sent?;
         Ok(())
     }
 }

@@ -23,6 +23,7 @@ use crate::wire::clock::now_ms;
 use crate::wire::ids::{is_valid_id, random_node_id};
 
 pub mod dispatch;
+pub mod membership;
 pub mod rooms;
 
 /// Why a node could not start or stopped abnormally.
@@ -124,6 +125,11 @@ pub struct Node {
     pub metrics: crate::telemetry::HotMetrics,
     /// History streams and recovery (`--history`); `None` when off.
     pub history: Option<crate::history::History>,
+    /// When each session's token expires (closed by one task, `delivery::expiry::run`).
+    pub expiries: crate::delivery::expiry::Expiries,
+    /// Server-side membership changes waiting for another node's answer, by request id.
+    pub member_replies:
+        dashmap::DashMap<u64, tokio::sync::oneshot::Sender<membership::MemberOutcome>>,
     next_sid: AtomicU64,
     next_message_id: AtomicU64,
     /// Random id of this process, stamped on every envelope (see [`crate::wire::envelope::Envelope::boot`]).
@@ -149,7 +155,8 @@ impl Node {
         config: NodeConfig,
         addr: SocketAddr,
     ) -> Result<(Arc<Node>, mpsc::Receiver<Dispatch>), NodeError> {
-        let id = check(&config)?;
+        let id = config.node_id.clone().unwrap_or_else(random_node_id);
+        check_config(&id, &config)?;
         let auth =
             crate::auth::from_config(&config).map_err(|e| NodeError::Config(e.to_string()))?;
         let keys = Keys::new(&config.prefix);
@@ -174,8 +181,8 @@ impl Node {
                 keys.clone(),
                 id.clone(),
                 live.clone(),
-                config.max_sessions_per_user,
-                config.on_session_limit,
+                (config.max_sessions_per_user, config.on_session_limit),
+                config.resume_ttl,
             ),
             registry: Registry::new(
                 keys.clone(),
@@ -201,6 +208,8 @@ impl Node {
             shutdown: stop,
             sessions: TaskTracker::new(),
             auth,
+            expiries: Default::default(),
+            member_replies: Default::default(),
             health: Health::default(),
             metrics: crate::telemetry::HotMetrics::register(),
             next_sid: AtomicU64::new(1),
@@ -212,10 +221,10 @@ impl Node {
     }
 }
 
-/// Checks what clap cannot about `config`; returns the node's id (given, or a random one).
-fn check(config: &NodeConfig) -> Result<String, NodeError> {
-    let id = config.node_id.clone().unwrap_or_else(random_node_id);
-    if !is_valid_id(&id) {
+/// Refuses a config a node cannot run with: ids outside the alphabet, built-in relay
+/// actions, stored relay actions that are not relayed, a history byte bound below one frame.
+fn check_config(id: &str, config: &NodeConfig) -> Result<(), NodeError> {
+    if !is_valid_id(id) {
         return Err(NodeError::Config(format!(
             "node id {id:?}: use 1-64 of [A-Za-z0-9_.-]"
         )));
@@ -232,6 +241,15 @@ fn check(config: &NodeConfig) -> Result<String, NodeError> {
             "relay action {bad:?}: use 1-64 of [A-Za-z0-9_.-], not a built-in action"
         )));
     }
+    if let Some(bad) = config
+        .stored_relay_actions
+        .iter()
+        .find(|a| !config.relay_actions.contains(a))
+    {
+        return Err(NodeError::Config(format!(
+            "stored relay action {bad:?}: not one of --relay-actions"
+        )));
+    }
     if config.history > 0 && config.history_max_bytes < config.max_out_frame_bytes() {
         return Err(NodeError::Config(format!(
             "--history-max-bytes {}: at least {} (2 x --max-frame-bytes + 1024), so that a \
@@ -240,5 +258,5 @@ fn check(config: &NodeConfig) -> Result<String, NodeError> {
             config.max_out_frame_bytes()
         )));
     }
-    Ok(id)
+    Ok(())
 }

@@ -15,19 +15,21 @@ use redis::{AsyncConnectionConfig, FromRedisValue, Pipeline, Value};
 /// The Redis function libraries, versioned by file name and library name. Every version still
 /// in use is loaded, so nodes of two versions can run side by side during an upgrade; this
 /// version calls only the newest.
-pub const FUNCTIONS: [&str; 4] = [
+pub const FUNCTIONS: [&str; 5] = [
     include_str!("../../migrations/wsbus_v1.lua"),
     include_str!("../../migrations/wsbus_v2.lua"),
     include_str!("../../migrations/wsbus_v3.lua"),
     include_str!("../../migrations/wsbus_v4.lua"),
+    include_str!("../../migrations/wsbus_v5.lua"),
 ];
 
-/// Function names (library `wsbus_v2`).
+/// Function names (libraries `wsbus_v2` and `wsbus_v4`).
 pub mod func {
-    /// Claim a session of a user, within the per-user limit.
-    pub const CLAIM: &str = "wsbus_v2_claim";
-    /// Release one session of a user.
-    pub const RELEASE: &str = "wsbus_v2_release";
+    /// Claim a session of a user, within the per-user limit, or by presenting the resume
+    /// secret of one of its sessions; stores the new session's secret.
+    pub const CLAIM: &str = "wsbus_v4_claim";
+    /// Release one session of a user and forget its resume secret.
+    pub const RELEASE: &str = "wsbus_v4_release";
     /// Release every session a node holds of a user.
     pub const RELEASE_NODE: &str = "wsbus_v2_release_node";
     /// Record a heartbeat and list the nodes.

@@ -6,6 +6,7 @@
 //! | `P:node:<id>` | hash | `addr`, `started`, `version` | TTL = node TTL, refreshed every heartbeat |
 //! | `P:node:<id>:users` | set | user ids connected to that node | deleted on clean shutdown or by the reaper |
 //! | `P:{u:<uid>}:sessions` | hash | `<node>:<sid>` → claimed at (Redis server time, µs), one field per session | field removed on disconnect; the reaper removes a dead node's |
+//! | `P:{u:<uid>}:resume` | hash | `h:<sha256 of a resume secret>` → `<node>:<sid>` and `s:<node>:<sid>` → the hash, one pair per session that asked for a secret | pair removed when used or when its session is released; a dead node's stay (to be resumed); the key expires `--resume-ttl` after the last secret issued |
 //! | `P:inbox:<id>` | stream | envelopes for that node (`from`, `to`, `action`, `env`) | trimmed as delivered, `MAXLEN ~` cap per heartbeat; deleted with its node |
 //! | `P:{r:<room>}:members` | hash | user → the nodes (space-separated) where it has sessions in the room | field removed when the user's last session leaves; a dead node's removed by the reaper |
 //! | `P:{r:<room>}:nodes` | set | nodes with members in the room | member added/removed on a node's first/last member |
@@ -62,6 +63,12 @@ impl Keys {
     pub fn user_sessions_into(&self, user: &str, out: &mut String) {
         self.write_into(":{u:", user, out);
         out.push_str("}:sessions");
+    }
+
+    /// `P:{u:<uid>}:resume`: the hashes of the user's sessions' resume secrets, in the
+    /// user's slot (beside its sessions, so one function takes a session over).
+    pub fn user_resume(&self, user: &str) -> String {
+        format!("{}:{{u:{user}}}:resume", self.prefix)
     }
 
     /// Writes `P:inbox:<id>` into `out` (cleared first), to reuse one buffer on hot paths.
@@ -159,6 +166,7 @@ mod tests {
         assert_eq!(k.node("a"), "wsbus:node:a");
         assert_eq!(k.node_users("a"), "wsbus:node:a:users");
         assert_eq!(k.user_sessions("bob"), "wsbus:{u:bob}:sessions");
+        assert_eq!(k.user_resume("bob"), "wsbus:{u:bob}:resume");
         assert_eq!(k.inbox("a"), "wsbus:inbox:a");
         assert_eq!(k.reap_lock("a"), "wsbus:reap:a");
         assert_eq!(k.room_members("lobby"), "wsbus:{r:lobby}:members");

@@ -1,8 +1,10 @@
 //! Redis access, below every feature: connections and the versioned functions in
-//! `migrations/` ([`conn`]), every key name ([`keys`]), and the shapes of stream replies
-//! ([`stream`]). Knows nothing of sessions, rooms or history.
+//! `migrations/` ([`conn`]), every key name ([`keys`]), the shapes of stream replies
+//! ([`stream`]), and the reconnecting loop every stream reader runs ([`consumer`]). Knows
+//! nothing of sessions, rooms or history.
 
 pub mod conn;
+pub mod consumer;
 pub mod keys;
 pub mod stream;
 

@@ -1,5 +1,5 @@
 //! Reading Redis stream replies: entry ids and the RESP2/RESP3 shapes of `XREAD`,
-//! `XREADGROUP` and `XAUTOCLAIM` replies, shared by every stream consumer (the inbox reader,
+//! `XREADGROUP` and `XAUTOCLAIM` replies, shared by every stream reader (the inbox reader,
 //! ingress).
 
 use redis::Value;

@@ -93,6 +93,11 @@ fn start_tasks(node: &Arc<Node>, bus_writer_rx: mpsc::Receiver<Dispatch>) -> Run
     tasks.spawn(crate::telemetry::run_upkeep(node.shutdown.clone()));
     tasks.spawn(crate::bus::reader::run(node.clone()));
     tasks.spawn(crate::backend::ingress::run(node.clone()));
+    let expiring = node.clone();
+    tasks.spawn(async move {
+        let shutdown = expiring.shutdown.clone();
+        crate::delivery::expiry::run(&expiring.expiries, &expiring.hub, shutdown).await
+    });
     let writer = tokio::spawn(crate::bus::writer::run(
         node.clone(),
         bus_writer_rx,

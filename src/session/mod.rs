@@ -30,6 +30,7 @@ use crate::wire::client::{
     parse_command_relaying,
 };
 
+mod access;
 mod recovery;
 pub mod socket;
 use crate::delivery::hub::SessionReceiver;
@@ -181,6 +182,12 @@ pub struct Session {
     /// recover from in its connect URL, or the stream's top read before the session was
     /// registered.
     recover: Option<StartAt>,
+    /// The `welcome` frame (a resume secret), written before anything else, if the client
+    /// asked for one.
+    welcome: Option<String>,
+    /// What its token grants: until when, which rooms the client may join (`refresh`
+    /// replaces it).
+    grant: crate::auth::Grant,
 }
 
 /// Frames to write to the socket at once, ahead of the queue (a replay and the reply that
@@ -248,6 +255,7 @@ impl Session {
         guard: SessionGuard,
         permit: OwnedSemaphorePermit,
         recover: Option<StartAt>,
+        grant: crate::auth::Grant,
     ) -> Self {
         let bucket = TokenBucket::new(
             node.config.rate_limit,
@@ -266,18 +274,37 @@ impl Session {
             seq: Sequencer::default(),
             ready: Vec::new(),
             recover,
+            welcome: None,
+            grant,
         }
+    }
+
+    /// Writes `welcome` as the session's first frame (a client that asked with `?resume`).
+    pub fn welcomed(mut self, welcome: Option<String>) -> Self {
+        self.welcome = welcome;
+        self
     }
 
     /// Serves the socket until either side ends the session.
     pub async fn run(mut self, socket: Socket) {
         self.node.metrics.connections_active.increment(1.0);
         let mut link = Link::new(socket, self.node.config.ping_interval);
-        // Boxed, as the other steps that wait on Redis (see `handle`).
-        let end = match Box::pin(self.open_user_stream(&mut link)).await {
+        self.watch_expiry();
+        let welcome = Direct::from_iter(self.welcome.take());
+        let opened = match self.write_direct(&mut link, welcome).await {
+            // Boxed, as the other steps that wait on Redis (see `run_command`).
+            Ok(()) => Box::pin(self.open_user_stream(&mut link)).await,
+            Err(end) => Err(end),
+        };
+        let opened = match opened {
+            Ok(()) => Box::pin(self.join_claimed(&mut link)).await,
+            Err(end) => Err(end),
+        };
+        let end = match opened {
             Ok(()) => self.serve(&mut link).await,
             Err(end) => end,
         };
+        self.unwatch_expiry();
         // Before the close handshake: a member that has left must get nothing sent after it
         // left, and the client may reconnect as soon as it sees our Close.
         Box::pin(self.leave_rooms()).await;
@@ -304,6 +331,7 @@ impl Session {
         // Registered once, not once per frame. Fires on node shutdown too.
         let kick = self.queue.kick.clone();
         let mut kicked = std::pin::pin!(kick.kicked());
+        let orders = self.queue.orders.clone();
         loop {
             if std::mem::take(&mut link.live.ping_due)
                 && let Err(end) = self
@@ -318,6 +346,11 @@ impl Session {
                 _ = &mut kicked => return self.kicked(),
                 _ = until(gap_due) => {
                     if let Err(end) = Box::pin(self.fill_gaps(link)).await {
+                        return end;
+                    }
+                }
+                _ = orders.arrived() => {
+                    if let Err(end) = Box::pin(self.run_orders(link)).await {
                         return end;
                     }
                 }
@@ -377,6 +410,9 @@ impl Session {
                 close::REPLACED_BY_NEWER,
                 Cow::Borrowed("replaced by a newer session"),
             ),
+            Some(close::TOKEN_EXPIRED) => {
+                End::Close(close::TOKEN_EXPIRED, Cow::Borrowed("token expired"))
+            }
             Some(close::DISCONNECTED) => End::Close(
                 close::DISCONNECTED,
                 match self.queue.kick.reason() {
@@ -407,7 +443,7 @@ impl Session {
                     RelayTo::Room(room) => return Err(ClientError::NotInRoom(room.to_owned())),
                 };
                 let frame = encode_relay(self.user.as_str(), action, data).into();
-                node.publish(origin(), target, action, &frame, born_us)
+                node.relay(origin(), target, action, &frame, born_us)
                     .await?;
                 Ok(Direct::new())
             }
@@ -426,7 +462,13 @@ impl Session {
             }
             // The steps that wait on Redis are boxed: inline, their futures would sit in every
             // session's task, used or not (they were most of an idle connection's memory).
-            Command::Join { room, since } => Box::pin(self.join(room, since)).await,
+            Command::Join { room, since } => {
+                if !self.rooms.contains(room) && !self.may_join(room) {
+                    return Err(ClientError::NotAllowed(room.to_owned()));
+                }
+                Box::pin(self.join(room, since)).await
+            }
+            Command::Refresh { token } => self.refresh(&token),
             Command::Recover(position) => {
                 // Without history, `recover_stream` answers `history is off`.
                 let start = StartAt {
@@ -452,21 +494,10 @@ impl Session {
                 let Some(id) = self.rooms.take(room) else {
                     return Err(ClientError::NotInRoom(room.to_owned()));
                 };
-                self.seq.stop(room);
-                Box::pin(node.leave_room(&id, &self.user, self.sid)).await?;
-                self.reply("left", json!({"room": room}))?;
+                self.leave(id).await?;
                 Ok(Direct::new())
             }
-            Command::Members { room } => {
-                let id = RoomId::parse(room).ok_or(ClientError::InvalidRoom)?;
-                let list = Box::pin(node.room_member_list(&id)).await?;
-                let mut data = json!({"room": room, "users": list.users});
-                if list.truncated {
-                    data["truncated"] = json!(true);
-                }
-                self.reply("members", data)?;
-                Ok(Direct::new())
-            }
+            Command::Members { room } => Box::pin(self.members(room)).await,
         }
     }
 

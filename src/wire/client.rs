@@ -56,11 +56,14 @@ pub mod close {
     /// The client kept sending past its rate limit (a whole burst of refused frames).
     pub const RATE_LIMITED: u16 = 4005;
     /// The user connected once more past `--max-sessions-per-user` with
-    /// `--on-session-limit replace`, and this was its oldest session.
+    /// `--on-session-limit replace`, and this was its oldest session; or a connect presented
+    /// this session's resume secret (`?resume=`) and took it over.
     pub const REPLACED_BY_NEWER: u16 = 4006;
     /// A backend closed every session of the user through `POST /api/disconnect`; the close
     /// frame's reason is the one the backend gave (`disconnected by the server` without one).
     pub const DISCONNECTED: u16 = 4007;
+    /// The connection's token passed its `exp` and the client did not `refresh` it first.
+    pub const TOKEN_EXPIRED: u16 = 4008;
 }
 
 /// Every error a client can receive in an `error` frame.
@@ -129,6 +132,17 @@ pub enum ClientError {
     /// `history` or `recover` on a node running without `--history`.
     #[error("history is off")]
     HistoryOff,
+    /// A connect URL's `since` that is not an offset (HTTP 400 before the upgrade).
+    #[error("invalid since: expected an offset (an integer from 0 to 2^64-1)")]
+    InvalidSince,
+    /// `--room-access` refuses this client's join: not in its token's `rooms` claim
+    /// (`token`), or clients may not join at all (`server`).
+    #[error("not allowed to join room '{0}'")]
+    NotAllowed(String),
+    /// A `refresh` whose token does not check out (signature, expiry, another user); the
+    /// connection keeps its current token.
+    #[error("invalid token")]
+    InvalidToken,
 }
 
 impl ClientError {
@@ -156,6 +170,9 @@ impl ClientError {
             ClientError::TooManyRooms => "too_many_rooms",
             ClientError::RecipientTooSlow(_) => "recipient_too_slow",
             ClientError::HistoryOff => "history_off",
+            ClientError::InvalidSince => "invalid_since",
+            ClientError::NotAllowed(_) => "not_allowed",
+            ClientError::InvalidToken => "invalid_token",
         }
     }
 
@@ -222,6 +239,17 @@ pub enum Command<'a> {
         /// The room (validated).
         room: &'a str,
     },
+    /// `refresh`: replace the connection's token before it expires.
+    Refresh {
+        /// The new token (checked like a connect token).
+        token: Cow<'a, str>,
+    },
+}
+
+#[derive(Deserialize)]
+struct RefreshData<'a> {
+    #[serde(borrow)]
+    token: Cow<'a, str>,
 }
 
 #[derive(Deserialize)]
@@ -251,24 +279,41 @@ impl Position<'_> {
 
 impl Position<'static> {
     /// The position in a connect URL's query (`since=<offset>&epoch=<epoch>`), if `since`
-    /// is there. A `since` that is no offset is ignored; a missing `epoch` is empty (and
-    /// recovers nothing).
-    pub fn from_query(query: Option<&str>) -> Option<Self> {
+    /// is there. A `since` that is not an offset (`-1`, `abc`, past 2^64-1, empty) is an
+    /// error; a missing `epoch` is empty (and recovers nothing).
+    pub fn from_query(query: Option<&str>) -> Result<Option<Self>, ClientError> {
         let mut since = None;
         let mut epoch = String::new();
-        for pair in query?.split('&') {
+        for pair in query.into_iter().flat_map(|q| q.split('&')) {
             if let Some(v) = pair.strip_prefix("since=") {
-                since = v.parse::<u64>().ok();
+                // `u64::from_str` takes a leading `+`; an offset is digits only.
+                if !v.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(ClientError::InvalidSince);
+                }
+                since = Some(v.parse::<u64>().map_err(|_| ClientError::InvalidSince)?);
             } else if let Some(v) = pair.strip_prefix("epoch=") {
                 // Epochs are `[0-9a-f-]`: nothing to percent-decode in one of ours.
                 epoch = v.chars().take(64).collect();
             }
         }
-        Some(Position {
-            since: since?,
+        Ok(since.map(|since| Position {
+            since,
             epoch: Cow::Owned(epoch),
-        })
+        }))
     }
+}
+
+/// The `resume` of a connect URL's query: `None` when absent, `Some("")` for `?resume=`
+/// (the client asks for a secret), else the secret it presents (used as it is: a secret is
+/// hex, with nothing to percent-decode).
+pub fn resume_from_query(query: Option<&str>) -> Option<&str> {
+    query?
+        .split('&')
+        .filter_map(|pair| pair.strip_prefix("resume"))
+        .find_map(|rest| match rest {
+            "" => Some(""),
+            rest => rest.strip_prefix('='),
+        })
 }
 
 #[derive(Deserialize)]
@@ -328,9 +373,12 @@ struct MessageData<'a> {
     text: Cow<'a, str>,
 }
 
-/// Actions a server frame can carry (or a client send) that no relayed action may take:
-/// a client could otherwise forge them.
+/// Actions a server frame can carry (or a client send) that no relayed action, API publish or
+/// ingress entry may take: a client or a backend could otherwise forge them.
 pub const RESERVED_ACTIONS: &[&str] = &[
+    "ack",
+    "welcome",
+    "refreshed",
     "message",
     "room_message",
     "join",
@@ -343,6 +391,7 @@ pub const RESERVED_ACTIONS: &[&str] = &[
     "recover",
     "recovered",
     "history",
+    "refresh",
 ];
 
 /// Where a relayed action goes.
@@ -415,6 +464,10 @@ pub fn parse_command_relaying<'a>(
             room: parse_room(raw.data)?,
         }),
         "room_message" => parse_room_message(raw.data),
+        "refresh" => {
+            let data: RefreshData<'_> = data_object(raw.data, r#"expected {"token": "<jwt>"}"#)?;
+            Ok(Command::Refresh { token: data.token })
+        }
         // A listed action is a valid id, which has no escapes: its text in the frame, between
         // the quotes, is the action itself (borrowed from the frame).
         other if relay.iter().any(|a| a == other) && !raw_action.contains('\\') => {
@@ -603,6 +656,16 @@ pub fn encode_frame(from: &str, action: &str, data: serde_json::Value) -> String
     serde_json::json!({"from": from, "action": action, "data": data}).to_string()
 }
 
+/// Encodes `{"from":OWN,"action":"welcome","data":{"session":"<node>:<sid>","resume":SECRET}}`,
+/// the first frame of a session that asked for a resume secret.
+pub fn encode_welcome(own: &str, node: &str, sid: u64, secret: &str) -> String {
+    encode_frame(
+        own,
+        "welcome",
+        serde_json::json!({"session": format!("{node}:{sid}"), "resume": secret}),
+    )
+}
+
 /// Encodes `{"from":OWN,"action":"error","data":{"error":TEXT}}`.
 pub fn encode_error(own: &str, error: &str) -> String {
     let mut out = String::with_capacity(48 + own.len() + error.len());
@@ -732,6 +795,29 @@ mod tests {
             frame,
             serde_json::json!({"from":"a","action":"room_message","data":{"room":"r","text":"x\"y"}})
         );
+    }
+
+    #[test]
+    fn reads_since_and_resume_from_a_connect_query() {
+        let at = |q: &str| Position::from_query(Some(q)).map(|p| p.map(|p| p.since));
+        assert_eq!(at("since=7&epoch=e"), Ok(Some(7)));
+        assert_eq!(at("token=x"), Ok(None));
+        assert_eq!(Position::from_query(None), Ok(None));
+        assert_eq!(at("since=18446744073709551615"), Ok(Some(u64::MAX)));
+        for bad in [
+            "since=-1",
+            "since=abc",
+            "since=",
+            "since=+1",
+            &format!("since={}", "9".repeat(30)),
+        ] {
+            assert_eq!(at(bad), Err(ClientError::InvalidSince), "{bad}");
+        }
+        assert_eq!(resume_from_query(Some("a=1&resume=")), Some(""));
+        assert_eq!(resume_from_query(Some("resume")), Some(""));
+        assert_eq!(resume_from_query(Some("resume=abc&x=1")), Some("abc"));
+        assert_eq!(resume_from_query(Some("resumex=abc")), None);
+        assert_eq!(resume_from_query(None), None);
     }
 
     #[test]

@@ -146,6 +146,30 @@ pub enum Body<'a> {
         #[serde(borrow, default, skip_serializing_if = "is_empty")]
         reason: Cow<'a, str>,
     },
+    /// Join (or leave) room `room` with every session of user `to` on the receiving node, on
+    /// a backend's behalf (`POST /api/join`, ingress `op=join`); answer the origin node with
+    /// a [`Body::MemberReply`] naming `reply`.
+    Member {
+        /// The room.
+        #[serde(borrow)]
+        room: Cow<'a, str>,
+        /// Join (`true`) or leave.
+        join: bool,
+        /// The origin node's id for the answer it waits for.
+        reply: u64,
+    },
+    /// The answer to a [`Body::Member`]: how many sessions it applied to, and the client
+    /// error text that refused it (empty: none).
+    #[serde(rename = "member_reply")]
+    MemberReply {
+        /// The request's id on the receiving (origin) node.
+        reply: u64,
+        /// Sessions now in (or out of) the room.
+        sessions: u32,
+        /// Why a session could not join (`room 'x' is full`), empty if none.
+        #[serde(borrow, default, skip_serializing_if = "is_empty")]
+        error: Cow<'a, str>,
+    },
 }
 
 fn yes() -> bool {
@@ -171,6 +195,9 @@ impl Body<'_> {
             Body::Kick { .. } => "kick",
             Body::Publish { .. } => "publish",
             Body::RoomPublish { .. } => "room_publish",
+            Body::Member { join: true, .. } => "join",
+            Body::Member { join: false, .. } => "leave",
+            Body::MemberReply { .. } => "member_reply",
         }
     }
 }
@@ -250,6 +277,20 @@ impl<'a> Envelope<'a> {
                 Body::RoomPublish { room, frame } => Body::RoomPublish {
                     room: Cow::Owned(room.into_owned()),
                     frame: Cow::Owned(frame.into_owned()),
+                },
+                Body::Member { room, join, reply } => Body::Member {
+                    room: Cow::Owned(room.into_owned()),
+                    join,
+                    reply,
+                },
+                Body::MemberReply {
+                    reply,
+                    sessions,
+                    error,
+                } => Body::MemberReply {
+                    reply,
+                    sessions,
+                    error: Cow::Owned(error.into_owned()),
                 },
             },
         }
@@ -340,6 +381,26 @@ mod tests {
         buf.clear();
         kick.encode_into(&mut buf);
         assert_eq!(Envelope::decode(&buf).unwrap(), kick);
+        for body in [
+            Body::Member {
+                room: "team".into(),
+                join: true,
+                reply: 5,
+            },
+            Body::MemberReply {
+                reply: 5,
+                sessions: 2,
+                error: "room 'team' is full".into(),
+            },
+        ] {
+            let env = Envelope {
+                body,
+                ..kick.clone()
+            };
+            buf.clear();
+            env.encode_into(&mut buf);
+            assert_eq!(Envelope::decode(&buf).unwrap().into_owned(), env);
+        }
     }
 
     /// An envelope from a node of the previous version (no session fields) still decodes,

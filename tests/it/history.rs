@@ -23,6 +23,8 @@ async fn node(
         .node_with(id, |c| {
             c.history = 100;
             c.relay_actions = vec!["typing".to_owned()];
+            // Relayed actions are transient unless listed here.
+            c.stored_relay_actions = vec!["typing".to_owned()];
             c.api_keys = vec![KEY.to_owned()];
             tune(c);
         })

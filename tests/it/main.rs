@@ -3,6 +3,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod access;
 mod admin;
 mod api;
 mod closing;
@@ -12,6 +13,7 @@ mod fanout;
 mod faults;
 mod history;
 mod history_bounds;
+mod hostile_input;
 mod http;
 mod ingress;
 mod messaging;
@@ -20,6 +22,7 @@ mod outbound;
 mod presence;
 mod process;
 mod resilience;
+mod resume;
 mod rooms;
 mod security;
 mod sessions;

@@ -284,8 +284,12 @@ on_both!(a_relay_at_the_client_frame_limit_fits_stamped);
 /// A client's own frame can never make an outbound frame over the limit: a relay of the
 /// largest frame a client may send, stamped for a room's stream, arrives whole.
 async fn a_relay_at_the_client_frame_limit_fits_stamped(backend: Backend) {
-    let a = node(&backend, "a", |c| c.max_frame_bytes = 4096).await;
-    let b = node(&backend, "b", |c| c.max_frame_bytes = 4096).await;
+    let tune = |c: &mut NodeConfig| {
+        c.max_frame_bytes = 4096;
+        c.stored_relay_actions = vec!["typing".to_owned()];
+    };
+    let a = node(&backend, "a", tune).await;
+    let b = node(&backend, "b", tune).await;
     let mut alice = a.connect("alice").await;
     let mut bob = b.connect("bob").await;
     join(&mut alice, "lobby").await;

@@ -84,6 +84,7 @@ async fn hs256_tokens_are_checked_before_the_upgrade() {
             exp,
             iat: now - 120,
             nbf,
+            ..Default::default()
         };
         encode(
             &Header::default(),

@@ -120,6 +120,29 @@ pub fn start_cluster() -> Cluster {
     cluster
 }
 
+/// Two nodes that check HS256 tokens signed with `secret` (no `--insecure`), on their own
+/// `redis-server`.
+pub fn start_jwt_cluster(secret: &str) -> Cluster {
+    let bin = wsbus_bin();
+    assert!(bin.exists(), "server binary {} not found", bin.display());
+    let (mut cluster, rport) = with_redis();
+    for name in ["jwt-a", "jwt-b"] {
+        let port = free_port();
+        let mut child = Command::new(&bin)
+            .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
+            .args(["--redis-url", &format!("redis://127.0.0.1:{rport}")])
+            .args(["--node-id", name, "--jwt-secret", secret])
+            .args(["--rate-limit", "1000000000", "--rate-burst", "1000000000"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn wsbus serve");
+        wait_for_port(port, name, &mut child);
+        cluster.children.push(child);
+        cluster.nodes.push(format!("ws://127.0.0.1:{port}"));
+    }
+    cluster
+}
+
 /// Three history nodes on their own `redis-server`, the third started (and restarted) by
 /// shell commands the drops scenario runs, with its pid in a file.
 pub struct HistoryCluster {
