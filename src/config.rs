@@ -8,6 +8,14 @@ use clap::Args;
 /// The smallest head limit hyper accepts (its minimum buffer size).
 pub const MIN_HEAD_BYTES: usize = 8192;
 
+/// The most bytes a WebSocket frame's header takes (a server's frames are unmasked: 2 bytes
+/// and an 8-byte length; 14 leaves room for a mask).
+pub const WS_FRAME_HEAD_BYTES: usize = 14;
+
+/// Room kept for a history stamp on a published frame (`,"room":"<64 bytes>","offset":<20
+/// digits>,"epoch":"<epoch>"`): a frame that fits the publish limit still fits once stamped.
+pub const STAMP_BYTES: usize = 256;
+
 fn parse_duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
 }
@@ -98,6 +106,12 @@ pub struct NodeConfig {
     #[arg(long, env = "WSBUS_HISTORY_TTL", default_value = "5m", value_parser = parse_duration)]
     pub history_ttl: Duration,
 
+    /// Bytes of frames kept per user stream and per room stream, besides `--history`
+    /// messages: past it the oldest are trimmed (down to 7/8 of it, the newest always kept).
+    /// At least what one frame to a client may be (2 × `--max-frame-bytes` + 1 KiB).
+    #[arg(long, env = "WSBUS_HISTORY_MAX_BYTES", default_value_t = 1024 * 1024)]
+    pub history_max_bytes: usize,
+
     /// Messages one recovery replays at most; a client that missed more is told
     /// `recovered: false, reason: "too_many"` (and `history` pages are capped at this).
     #[arg(long, env = "WSBUS_RECOVER_MAX", default_value_t = 1000,
@@ -176,6 +190,12 @@ pub struct NodeConfig {
     /// Largest HTTP API request body in bytes; a larger one gets 413.
     #[arg(long, env = "WSBUS_API_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub api_max_body_bytes: usize,
+
+    /// Most recipients (users and rooms together) of one publish, through the API (400 past
+    /// it) or ingress (the entry is counted invalid). A batch is checked per item.
+    #[arg(long, env = "WSBUS_MAX_PUBLISH_TARGETS", default_value_t = 1_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_publish_targets: u32,
 
     /// Custom client actions relayed as they are (comma-separated, e.g. `typing,read`): a
     /// client sends `{"action":"typing","data":{"to":"bob",...}}` (or `"room"` instead of
@@ -355,6 +375,30 @@ impl Default for NodeConfig {
 }
 
 impl NodeConfig {
+    /// The largest frame (its JSON text) a client may receive: twice the largest client
+    /// frame plus 1 KiB, so that whatever a node makes of a client's frame (a message, a
+    /// relay, with its history stamp) fits. A frame over it is never written: a publish that
+    /// would make one is refused, a `history` reply is split to fit, and anything else closes
+    /// the connection with 1009.
+    pub fn max_out_frame_bytes(&self) -> usize {
+        self.max_frame_bytes.saturating_mul(2).saturating_add(1024)
+    }
+
+    /// The socket's write buffer limit (tungstenite's `max_write_buffer_size`): what may sit
+    /// buffered (`--ws-write-buffer`) plus one largest frame and its header, so a frame
+    /// within [`NodeConfig::max_out_frame_bytes`] is always accepted.
+    pub fn ws_max_write_buffer(&self) -> usize {
+        self.ws_write_buffer
+            .saturating_add(self.max_out_frame_bytes())
+            .saturating_add(WS_FRAME_HEAD_BYTES)
+    }
+
+    /// The largest frame a publish (API, ingress, relay) may carry: what a client may
+    /// receive, less the room its history stamp takes.
+    pub fn max_publish_frame_bytes(&self) -> usize {
+        self.max_out_frame_bytes().saturating_sub(STAMP_BYTES)
+    }
+
     /// Whether a user may have more than one session (so messages fan out to sessions on
     /// several nodes and route lookups cannot be cached).
     pub fn multi_session(&self) -> bool {

@@ -84,6 +84,15 @@ pub enum ApiError {
     /// The body is over `--api-max-body-bytes`.
     #[error("body too large (max {0} bytes)")]
     TooLarge(usize),
+    /// A publish's frame would be over what a client may receive
+    /// ([`crate::config::NodeConfig::max_publish_frame_bytes`]).
+    #[error("frame too large (max {limit} bytes)")]
+    FrameTooLarge {
+        /// The field that makes it large (`data`, `[3].data`).
+        field: String,
+        /// The largest frame a publish may carry.
+        limit: usize,
+    },
     /// The same `Idempotency-Key` is being handled by another request right now.
     #[error("a request with this Idempotency-Key is in progress")]
     InProgress,
@@ -120,7 +129,7 @@ impl ApiError {
         match self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Invalid { .. } => StatusCode::BAD_REQUEST,
-            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::TooLarge(_) | ApiError::FrameTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::InProgress => StatusCode::CONFLICT,
             ApiError::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooManyFailures => StatusCode::TOO_MANY_REQUESTS,
@@ -135,6 +144,7 @@ impl ApiError {
             ApiError::Unauthorized => "unauthorized",
             ApiError::Invalid { .. } => "invalid",
             ApiError::TooLarge(_) => "too_large",
+            ApiError::FrameTooLarge { .. } => "frame_too_large",
             ApiError::InProgress => "in_progress",
             ApiError::KeyReused => "key_reused",
             ApiError::TooManyFailures => "too_many_failures",
@@ -148,7 +158,9 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         metrics::counter!("wsbus_api_requests_total", "status" => self.kind()).increment(1);
         let mut body = json!({"error": self.to_string()});
-        if let ApiError::Invalid { field, .. } | ApiError::Refused { field, .. } = &self
+        if let ApiError::Invalid { field, .. }
+        | ApiError::Refused { field, .. }
+        | ApiError::FrameTooLarge { field, .. } = &self
             && !field.is_empty()
         {
             body["field"] = json!(field);
@@ -295,9 +307,32 @@ pub struct Published {
     pub rooms: HashMap<String, u64>,
 }
 
+/// What one publish may be, from the node's configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishLimits {
+    /// Most recipients, users and rooms together (`--max-publish-targets`).
+    pub max_targets: usize,
+    /// Largest frame ([`crate::config::NodeConfig::max_publish_frame_bytes`]).
+    pub max_frame_bytes: usize,
+}
+
+impl PublishLimits {
+    /// The limits of a node with `config`.
+    pub fn of(config: &crate::config::NodeConfig) -> Self {
+        Self {
+            max_targets: config.max_publish_targets as usize,
+            max_frame_bytes: config.max_publish_frame_bytes(),
+        }
+    }
+}
+
 /// Parses a publish body: one object, or an array of at most `max_batch` of them (`true`
 /// as the second value). The whole body is checked before anything is sent.
-pub fn parse_publish(body: &[u8], max_batch: usize) -> Result<(Vec<Publish>, bool), ApiError> {
+pub fn parse_publish(
+    body: &[u8],
+    max_batch: usize,
+    limits: PublishLimits,
+) -> Result<(Vec<Publish>, bool), ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::invalid("", format!("invalid JSON: {e}")))?;
     match value {
@@ -317,15 +352,53 @@ pub fn parse_publish(body: &[u8], max_batch: usize) -> Result<(Vec<Publish>, boo
             let items = items
                 .iter()
                 .enumerate()
-                .map(|(i, item)| parse_item(item, &format!("[{i}].")))
+                .map(|(i, item)| parse_item(item, &format!("[{i}]."), limits))
                 .collect::<Result<_, _>>()?;
             Ok((items, true))
         }
-        item => Ok((vec![parse_item(&item, "")?], false)),
+        item => Ok((vec![parse_item(&item, "", limits)?], false)),
     }
 }
 
-pub(crate) fn parse_item(item: &Value, at: &str) -> Result<Publish, ApiError> {
+/// The distinct users (`to`) and rooms (`rooms`) of a publish, at least one and at most
+/// `max` together.
+fn targets(
+    map: &Map<String, Value>,
+    at: &str,
+    max: usize,
+) -> Result<(Vec<UserId>, Vec<RoomId>), ApiError> {
+    let field = |name: &str| format!("{at}{name}");
+    let over = |name: &str| {
+        ApiError::invalid(
+            field(name),
+            format!("over the limit of {max} recipients (users and rooms together)"),
+        )
+    };
+    let to = id_list(map, "to", &field("to"), UserId::parse, "user id", max)
+        .ok_or_else(|| over("to"))??;
+    let rooms = id_list(
+        map,
+        "rooms",
+        &field("rooms"),
+        RoomId::parse,
+        "room id",
+        max - to.len(),
+    )
+    .ok_or_else(|| over("rooms"))??;
+    if to.is_empty() && rooms.is_empty() {
+        return Err(ApiError::invalid(
+            field("to"),
+            "no recipient: give `to` (user ids) or `rooms`",
+        ));
+    }
+    Ok((to, rooms))
+}
+
+pub(crate) fn parse_item(
+    item: &Value,
+    at: &str,
+    limits: PublishLimits,
+) -> Result<Publish, ApiError> {
     let field = |name: &str| format!("{at}{name}");
     let Value::Object(map) = item else {
         return Err(ApiError::invalid(
@@ -339,14 +412,7 @@ pub(crate) fn parse_item(item: &Value, at: &str) -> Result<Publish, ApiError> {
     {
         return Err(ApiError::invalid(field(unknown), "unknown field"));
     }
-    let to = id_list(map, "to", &field("to"), UserId::parse, "user id")?;
-    let rooms = id_list(map, "rooms", &field("rooms"), RoomId::parse, "room id")?;
-    if to.is_empty() && rooms.is_empty() {
-        return Err(ApiError::invalid(
-            field("to"),
-            "no recipient: give `to` (user ids) or `rooms`",
-        ));
-    }
+    let (to, rooms) = targets(map, at, limits.max_targets)?;
     let action = match map.get("action") {
         None | Some(Value::Null) => return Err(ApiError::invalid(field("action"), "missing")),
         Some(Value::String(a)) if RESERVED_ACTIONS.contains(&a.as_str()) => {
@@ -379,12 +445,19 @@ pub(crate) fn parse_item(item: &Value, at: &str) -> Result<Publish, ApiError> {
         Some(d @ Value::Object(_)) => d,
         Some(_) => return Err(ApiError::invalid(field("data"), "must be a JSON object")),
     };
+    let frame = encode_frame(from, action, data);
+    if frame.len() > limits.max_frame_bytes {
+        return Err(ApiError::FrameTooLarge {
+            field: field("data"),
+            limit: limits.max_frame_bytes,
+        });
+    }
     Ok(Publish {
         to,
         rooms,
         from: from.into(),
         action: action.into(),
-        frame: encode_frame(from, action, data).into(),
+        frame: frame.into(),
     })
 }
 
@@ -399,33 +472,42 @@ pub fn encode_frame(from: &str, action: &str, data: &Value) -> String {
     serde_json::to_string(&Frame { from, action, data }).expect("a JSON value serializes")
 }
 
-fn id_list<T: PartialEq>(
+/// The distinct ids of list `name`, in the order given; `None` past `max` of them (found
+/// without reading the rest: a long list costs no more than `max` ids).
+fn id_list<T: std::hash::Hash + Eq + Clone>(
     map: &Map<String, Value>,
     name: &str,
     field: &str,
     parse: fn(&str) -> Option<T>,
     what: &str,
-) -> Result<Vec<T>, ApiError> {
+    max: usize,
+) -> Option<Result<Vec<T>, ApiError>> {
     let Some(value) = map.get(name) else {
-        return Ok(Vec::new());
+        return Some(Ok(Vec::new()));
     };
     let Value::Array(items) = value else {
-        return Err(ApiError::invalid(
+        return Some(Err(ApiError::invalid(
             field,
             format!("must be an array of {what}s"),
-        ));
+        )));
     };
-    let mut out = Vec::with_capacity(items.len());
+    let mut out = Vec::with_capacity(items.len().min(max));
+    let mut seen = std::collections::HashSet::with_capacity(items.len().min(max));
     for item in items {
-        let id = item
-            .as_str()
-            .and_then(parse)
-            .ok_or_else(|| ApiError::invalid(field, format!("invalid {what}: {item}")))?;
-        if !out.contains(&id) {
+        let Some(id) = item.as_str().and_then(parse) else {
+            return Some(Err(ApiError::invalid(
+                field,
+                format!("invalid {what}: {item}"),
+            )));
+        };
+        if seen.insert(id.clone()) {
+            if out.len() == max {
+                return None;
+            }
             out.push(id);
         }
     }
-    Ok(out)
+    Some(Ok(out))
 }
 
 /// Reads the body, refusing one over `--api-max-body-bytes` with 413.
@@ -451,7 +533,8 @@ async fn publish(
     body: Body,
 ) -> Result<Response, ApiError> {
     let body = read_body(&node, &headers, body).await?;
-    let (items, batch) = parse_publish(&body, node.config.api_max_batch)?;
+    let limits = PublishLimits::of(&node.config);
+    let (items, batch) = parse_publish(&body, node.config.api_max_batch, limits)?;
     let reply = once(&node, &headers, &body, async {
         let replies = publish_all(&node, &items).await?;
         Ok(match batch {
@@ -644,19 +727,26 @@ fn json_response(body: String) -> Response {
         .into_response()
 }
 
+/// Publishes handed to the dispatch path between two yields to the scheduler: a wide
+/// fan-out (a batch, or a publish to `--max-publish-targets` recipients) goes in chunks, so
+/// it never holds a worker thread for long.
+pub const FAN_OUT_CHUNK: usize = 128;
+
 /// Sends validated publishes: one lookup pipeline for every user and room of the request,
-/// then each frame through [`Node::publish`] to the online users and the rooms.
+/// then each frame through [`Node::publish`] to the online users and the rooms, in chunks
+/// of [`FAN_OUT_CHUNK`] that yield.
 pub async fn publish_all(node: &Node, items: &[Publish]) -> Result<Vec<Published>, ApiError> {
     let mut users: Vec<&str> = Vec::new();
     let mut rooms: Vec<&str> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for item in items {
         for u in &item.to {
-            if !users.contains(&u.as_str()) {
+            if seen.insert((false, u.as_str())) {
                 users.push(u.as_str());
             }
         }
         for r in &item.rooms {
-            if !rooms.contains(&r.as_str()) {
+            if seen.insert((true, r.as_str())) {
                 rooms.push(r.as_str());
             }
         }
@@ -666,6 +756,7 @@ pub async fn publish_all(node: &Node, items: &[Publish]) -> Result<Vec<Published
         ApiError::BusUnavailable
     })?;
     let born_us = crate::wire::clock::now_us();
+    let mut handed = 0;
     let mut replies = Vec::with_capacity(items.len());
     for item in items {
         let mut reply = Published {
@@ -673,45 +764,37 @@ pub async fn publish_all(node: &Node, items: &[Publish]) -> Result<Vec<Published
             offline: Vec::new(),
             rooms: HashMap::new(),
         };
-        for user in &item.to {
-            if !online[user.as_str()] {
-                reply.offline.push(user.as_str().to_owned());
-                if node.history.is_none() {
-                    continue;
+        let targets = item
+            .to
+            .iter()
+            .map(|u| Target::User(u.as_str().into()))
+            .chain(item.rooms.iter().map(|r| Target::Room(r.as_str().into())));
+        for target in targets {
+            match &target {
+                Target::User(user) if !online[&**user] => {
+                    reply.offline.push(user.to_string());
+                    if node.history.is_none() {
+                        continue;
+                    }
+                    // With history on it is still appended to the user's stream if that is
+                    // alive (the user was connected within --history-ttl): it gets it on
+                    // reconnect.
                 }
-                // With history on it is still appended to the user's stream if that is alive
-                // (the user was connected within --history-ttl): it gets it on reconnect.
+                Target::User(user) => reply.sent.push(user.to_string()),
+                Target::Room(room) => {
+                    reply.rooms.insert(room.to_string(), sizes[&**room]);
+                }
             }
-            node.publish(
-                Origin::Api {
-                    from: item.from.clone(),
-                },
-                Target::User(user.as_str().into()),
-                (&item.action, false),
-                &item.frame,
-                born_us,
-            )
-            .await
-            .map_err(|_| ApiError::BusUnavailable)?;
-            if online[user.as_str()] {
-                reply.sent.push(user.as_str().to_owned());
+            let origin = Origin::Api {
+                from: item.from.clone(),
+            };
+            node.publish(origin, target, (&item.action, false), &item.frame, born_us)
+                .await
+                .map_err(|_| ApiError::BusUnavailable)?;
+            handed += 1;
+            if handed % FAN_OUT_CHUNK == 0 {
+                tokio::task::yield_now().await;
             }
-        }
-        for room in &item.rooms {
-            node.publish(
-                Origin::Api {
-                    from: item.from.clone(),
-                },
-                Target::Room(room.as_str().into()),
-                (&item.action, false),
-                &item.frame,
-                born_us,
-            )
-            .await
-            .map_err(|_| ApiError::BusUnavailable)?;
-            reply
-                .rooms
-                .insert(room.as_str().to_owned(), sizes[room.as_str()]);
         }
         replies.push(reply);
     }
@@ -740,7 +823,19 @@ async fn look_up<'a>(
         return Ok((online, sizes));
     }
     let mut conn = node.redis.shared_conn().await?;
-    let found = look_up_in(node, &mut conn, &asked, rooms, &mut online, &mut sizes).await;
+    // A batch may list many recipients (`--api-max-batch` x `--max-publish-targets`, or an
+    // ingress read's entries): one bounded pipeline at a time, not one of them all.
+    const CHUNK: usize = FAN_OUT_CHUNK * 8;
+    let none: &[&str] = &[];
+    let chunks = (asked.chunks(CHUNK).map(|users| (users, none)))
+        .chain(rooms.chunks(CHUNK).map(|rooms| (none, rooms)));
+    let mut found = Ok(());
+    for (users, rooms) in chunks {
+        found = look_up_in(node, &mut conn, users, rooms, &mut online, &mut sizes).await;
+        if found.is_err() {
+            break;
+        }
+    }
     if let Err(e) = &found
         && crate::redis::is_connection_error(e)
     {
@@ -1007,8 +1102,13 @@ async fn nodes(State(node): State<Arc<Node>>, _: Authorized) -> Result<Response,
 mod tests {
     use super::*;
 
+    const LIMITS: PublishLimits = PublishLimits {
+        max_targets: 4,
+        max_frame_bytes: 100,
+    };
+
     fn parse(body: &str) -> Result<(Vec<Publish>, bool), ApiError> {
-        parse_publish(body.as_bytes(), 3)
+        parse_publish(body.as_bytes(), 3, LIMITS)
     }
 
     fn field_of(body: &str) -> String {
@@ -1063,6 +1163,45 @@ mod tests {
         assert_eq!(field_of("{"), "");
         assert_eq!(field_of("[1,2,3,4]"), "", "over the batch limit");
         assert_eq!(field_of("[]"), "");
+    }
+
+    #[test]
+    fn caps_recipients_and_frame_size_per_publish() {
+        assert!(parse(r#"{"to":["a","b","a","c"],"rooms":["r"],"action":"n"}"#).is_ok());
+        assert_eq!(
+            field_of(r#"{"to":["a","b","c","d","e"],"action":"n"}"#),
+            "to"
+        );
+        assert_eq!(
+            field_of(r#"{"to":["a","b"],"rooms":["r","s","t"],"action":"n"}"#),
+            "rooms"
+        );
+        let text = parse(r#"{"to":["a","b","c","d","e"],"action":"n"}"#)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            text,
+            "over the limit of 4 recipients (users and rooms together)"
+        );
+        let fits = format!(
+            r#"{{"to":["a"],"action":"n","data":{{"x":"{}"}}}}"#,
+            "y".repeat(53)
+        );
+        assert_eq!(parse(&fits).unwrap().0[0].frame.len(), 100);
+        let over = format!(
+            r#"[{{"to":["a"],"action":"n","data":{{"x":"{}"}}}}]"#,
+            "y".repeat(54)
+        );
+        let err = parse(&over).unwrap_err();
+        assert_eq!(
+            err,
+            ApiError::FrameTooLarge {
+                field: "[0].data".into(),
+                limit: 100
+            }
+        );
+        assert_eq!(err.to_string(), "frame too large (max 100 bytes)");
+        assert_eq!(err.status(), StatusCode::PAYLOAD_TOO_LARGE);
     }
 
     #[test]

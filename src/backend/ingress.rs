@@ -21,7 +21,7 @@ use std::time::Instant;
 use redis::Value;
 use serde_json::json;
 
-use crate::backend::api::{Membership, Publish};
+use crate::backend::api::{Membership, Publish, PublishLimits};
 use crate::node::Node;
 use crate::redis::consumer::{StreamReader, consume};
 use crate::redis::stream::{entry_parts, field, stream_entries};
@@ -219,7 +219,8 @@ impl IngressReader {
                 // A deleted entry (`XAUTOCLAIM` reports it as nil fields) or a bad shape.
                 continue;
             };
-            match parse_op(fields, self.node.config.api_max_body_bytes) {
+            let limits = PublishLimits::of(&self.node.config);
+            match parse_op(fields, self.node.config.api_max_body_bytes, limits) {
                 Ok(Op::Publish(item)) => {
                     items.push(item);
                     routed.push(id.to_string());
@@ -290,14 +291,14 @@ fn is_no_group(e: &RedisError) -> bool {
 
 /// Reads one entry's plain fields: a membership change with `op join|leave`, `user`,
 /// `room`; otherwise a publish ([`parse_entry`]).
-pub fn parse_op(fields: &[Value], max_bytes: usize) -> Result<Op, String> {
+pub fn parse_op(fields: &[Value], max_bytes: usize, limits: PublishLimits) -> Result<Op, String> {
     let text = |name: &str| -> Result<Option<&str>, String> {
         field(fields, name)
             .map(|v| std::str::from_utf8(v).map_err(|_| format!("`{name}` is not UTF-8")))
             .transpose()
     };
     let join = match text("op")? {
-        None | Some("publish") => return parse_entry(fields, max_bytes).map(Op::Publish),
+        None | Some("publish") => return parse_entry(fields, max_bytes, limits).map(Op::Publish),
         Some("join") => true,
         Some("leave") => false,
         Some(other) => return Err(format!("`op`: unknown operation {other:?}")),
@@ -326,8 +327,13 @@ pub fn parse_op(fields: &[Value], max_bytes: usize) -> Result<Op, String> {
 /// Reads one entry's plain fields as a publish: `to` (user ids, comma-separated), `room`
 /// (room ids, comma-separated), `action`, `data` (a JSON object, default `{}`), `from`
 /// (default `@server`). Any other field is an error, and so is an entry whose fields and
-/// values add up to more than `max_bytes` (`--api-max-body-bytes`, as an API body).
-pub fn parse_entry(fields: &[Value], max_bytes: usize) -> Result<Publish, String> {
+/// values add up to more than `max_bytes` (`--api-max-body-bytes`, as an API body), or a
+/// publish past `limits` (too many recipients, a frame too large for a client).
+pub fn parse_entry(
+    fields: &[Value],
+    max_bytes: usize,
+    limits: PublishLimits,
+) -> Result<Publish, String> {
     let size: usize = fields
         .iter()
         .map(|v| match v {
@@ -371,10 +377,13 @@ pub fn parse_entry(fields: &[Value], max_bytes: usize) -> Result<Publish, String
     if let Some(from) = text("from")? {
         item["from"] = json!(from);
     }
-    crate::backend::api::parse_item(&item, "").map_err(|e| match e {
+    crate::backend::api::parse_item(&item, "", limits).map_err(|e| match e {
         crate::backend::api::ApiError::Invalid { field, error } => {
             let field = if field == "rooms" { "room" } else { &field };
             format!("`{field}`: {error}")
+        }
+        too_large @ crate::backend::api::ApiError::FrameTooLarge { .. } => {
+            format!("`data`: {too_large}")
         }
         other => other.to_string(),
     })
@@ -396,8 +405,13 @@ mod tests {
             .collect()
     }
 
+    const LIMITS: PublishLimits = PublishLimits {
+        max_targets: 3,
+        max_frame_bytes: 100,
+    };
+
     fn parse_entry_(fields: &[Value]) -> Result<Publish, String> {
-        parse_entry(fields, 1024)
+        parse_entry(fields, 1024, LIMITS)
     }
 
     #[test]
@@ -436,6 +450,7 @@ mod tests {
         let op = parse_op(
             &entry(&[("op", "join"), ("user", "alice"), ("room", "team")]),
             1024,
+            LIMITS,
         )
         .unwrap();
         let Op::Member(item, true) = op else {
@@ -445,12 +460,14 @@ mod tests {
         let op = parse_op(
             &entry(&[("op", "leave"), ("user", "a"), ("room", "r")]),
             1024,
+            LIMITS,
         )
         .unwrap();
         assert!(matches!(op, Op::Member(_, false)));
         let op = parse_op(
             &entry(&[("op", "publish"), ("to", "a"), ("action", "n")]),
             1024,
+            LIMITS,
         )
         .unwrap();
         assert!(matches!(op, Op::Publish(_)));
@@ -468,13 +485,14 @@ mod tests {
             (vec![("op", "kick"), ("user", "a")], "`op`"),
             (vec![("to", "a"), ("action", "n"), ("user", "b")], "`user`"),
         ] {
-            let err = parse_op(&entry(&pairs), 1024).unwrap_err();
+            let err = parse_op(&entry(&pairs), 1024, LIMITS).unwrap_err();
             assert!(err.contains(why), "{pairs:?}: {err}");
         }
     }
 
     #[test]
     fn refuses_what_does_not_parse() {
+        let big_data = format!(r#"{{"x":"{}"}}"#, "y".repeat(100));
         for (pairs, why) in [
             (vec![("to", "a")], "action"),
             (vec![("to", "a"), ("action", "n"), ("data", "{")], "data"),
@@ -486,6 +504,15 @@ mod tests {
             (
                 vec![("to", "a"), ("action", "n"), ("colour", "red")],
                 "colour",
+            ),
+            (vec![("to", "a,b,c,d"), ("action", "n")], "to"),
+            (
+                vec![("to", "a,b"), ("room", "r,s"), ("action", "n")],
+                "room",
+            ),
+            (
+                vec![("to", "a"), ("action", "n"), ("data", &big_data)],
+                "data",
             ),
         ] {
             let err = parse_entry_(&entry(&pairs)).unwrap_err();

@@ -130,7 +130,8 @@ enum Stamped {
         seq: Arc<Seq>,
         nodes: Option<Nodes>,
     },
-    /// The recipient has no live stream and no session: nothing stored (`not found`).
+    /// The target has no live stream and no session (a user: `not found`) or member (a
+    /// room: no error): nothing stored.
     NoStream,
     /// The append failed: nothing was sent (`bus unavailable`).
     Failed,
@@ -355,7 +356,16 @@ impl Writer {
         stamped: Option<&Stamped>,
     ) -> Result<(Plan, Outcome), RedisError> {
         match (stamped, &msg.target) {
-            (Some(Stamped::NoStream), _) => Ok((Plan::default(), Outcome::default())),
+            (Some(Stamped::NoStream), Target::User(_)) => Ok((Plan::default(), Outcome::default())),
+            // A room without members and without a stream: nobody to reach, and (as
+            // without history) no error.
+            (Some(Stamped::NoStream), Target::Room(_)) => {
+                let reached = Outcome {
+                    reached: true,
+                    ..Outcome::default()
+                };
+                Ok((Plan::default(), reached))
+            }
             (Some(Stamped::Failed), _) => {
                 let failed = Outcome {
                     failed: true,

@@ -330,7 +330,7 @@ fn configure(ws: Upgrade, node: &Node) -> Upgrade {
             .max_frame_size(Some(c.max_frame_bytes))
             .read_buffer_size(c.ws_read_buffer)
             .write_buffer_size(c.ws_write_buffer)
-            .max_write_buffer_size(c.ws_write_buffer + c.max_frame_bytes * 2 + 1024),
+            .max_write_buffer_size(c.ws_max_write_buffer()),
     )
 }
 

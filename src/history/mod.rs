@@ -64,6 +64,8 @@ impl<'a> Stream<'a> {
 pub struct History {
     /// Messages kept per stream.
     keep: u32,
+    /// Bytes of frames kept per stream (`--history-max-bytes`).
+    max_bytes: usize,
     /// Stream TTL.
     ttl: Duration,
     /// The same in milliseconds (at least 1), as Redis takes it.
@@ -85,6 +87,7 @@ impl History {
     pub fn new(config: &NodeConfig, keys: &Keys, redis: Arc<Redis>, seed: u64) -> Option<Self> {
         (config.history > 0).then(|| Self {
             keep: config.history,
+            max_bytes: config.history_max_bytes,
             ttl: config.history_ttl,
             ttl_ms: (config.history_ttl.as_millis() as u64).max(1),
             recover_max: config.recover_max,
@@ -233,7 +236,8 @@ pub enum Appended {
         /// The stream's messages, in the order they were added.
         frames: Vec<StampedFrame>,
     },
-    /// The stream is a user's that has no live stream and no session: nothing stored.
+    /// The target has no live stream, and no session (a user) or member (a room): nothing
+    /// stored, no key made.
     NoStream {
         /// The messages (as numbered by the caller).
         messages: Vec<usize>,

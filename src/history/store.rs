@@ -1,5 +1,6 @@
 //! The Redis side of history: the commands behind [`History`]'s API (the functions of
-//! `migrations/wsbus_v3.lua`, and the plain commands an append is on a single Redis) and the
+//! `migrations/wsbus_v5.lua` and `wsbus_v3.lua`, and the plain commands an append is on a
+//! single Redis) and the
 //! parsing of their replies. Nothing here decides anything; [`super`] does.
 //!
 //! Keys, hash-tagged by target so each function touches one slot:
@@ -10,14 +11,20 @@ use redis::{RedisResult, Value};
 use super::{History, Part, Stream, stamp_stored};
 use crate::redis::{RedisConn, RedisError};
 
-/// Function names (library `wsbus_v3`).
+/// Function names (libraries `wsbus_v5` and `wsbus_v3`).
 mod func {
-    /// Append frames to a user's stream (if it is alive or the user has a session) or a
-    /// room's, and say where the target is.
-    pub(super) const APPEND: &str = "wsbus_v3_history_append";
+    /// Append frames to a stream if it is alive or its target has sessions (a user) or
+    /// members (a room), keep it within `--history-max-bytes`, and say where the target is.
+    pub(super) const APPEND: &str = "wsbus_v5_history_append";
+    /// Count the bytes a plain append added to a live stream, trimming it past its bound.
+    pub(super) const ACCOUNT: &str = "wsbus_v5_history_account";
     /// Read a stream's position (and the frames after an offset), refreshing its TTL.
     pub(super) const OPEN: &str = "wsbus_v3_history_open";
 }
+
+/// Replies of [`History::add_plain_append`] besides one per frame: the epoch, the byte
+/// count, two TTL refreshes and where the target is.
+const PLAIN_EXTRA_REPLIES: usize = 5;
 
 /// Streams whose TTL one pipeline of [`History::expire`] refreshes at most.
 const EXPIRE_CHUNK: usize = 500;
@@ -39,7 +46,8 @@ pub(super) enum Reply {
         /// Where the target is.
         nodes: Vec<String>,
     },
-    /// The user has no live stream and no session: nothing was stored.
+    /// The target has no live stream and no session (a user) or member (a room): nothing
+    /// was stored, no key made.
     NoStream,
 }
 
@@ -164,17 +172,21 @@ impl History {
             .arg(self.keep)
             .arg(self.ttl_ms)
             .arg(self.new_epoch())
-            .arg(kind);
+            .arg(kind)
+            .arg(self.max_bytes);
         for frame in frames {
             cmd.arg(frame.as_str());
         }
     }
 
     /// Adds to an atomic (`MULTI`) pipeline on a single Redis the plain commands that append
-    /// `frames` to `stream` (Redis numbers the entries `0-1`, `0-2`, …: contiguous offsets
-    /// within the transaction), refresh its TTL, read its epoch and say where its target is:
-    /// no function call, whose argument passing costs Redis more than the appends. Its
-    /// `frames.len() + 4` replies parse with [`Reply::parse_plain`].
+    /// `frames` to `stream` if it exists (`NOMKSTREAM`; Redis numbers the entries `0-1`,
+    /// `0-2`, …: contiguous offsets within the transaction), count their bytes (a small
+    /// function call, which trims the stream past `--history-max-bytes`), refresh its TTL,
+    /// read its epoch and say where its target is: no function call with the frames, whose
+    /// argument passing costs Redis more than the appends. A stream not there yet is left to
+    /// the append function, which makes it only for a live target. Its
+    /// `frames.len() + PLAIN_EXTRA_REPLIES` replies parse with [`Reply::parse_plain`].
     fn add_plain_append(&self, pipe: &mut redis::Pipeline, stream: Stream<'_>, frames: &[String]) {
         let (history, meta) = self.stream_keys(stream);
         pipe.cmd("HGET").arg(&meta).arg("epoch");
@@ -182,6 +194,7 @@ impl History {
         for frame in frames {
             pipe.cmd("XADD")
                 .arg(&history)
+                .arg("NOMKSTREAM")
                 .arg("MAXLEN")
                 .arg(trim)
                 .arg(self.keep)
@@ -189,6 +202,14 @@ impl History {
                 .arg("frame")
                 .arg(frame.as_str());
         }
+        let bytes: usize = frames.iter().map(String::len).sum();
+        pipe.cmd("FCALL")
+            .arg(func::ACCOUNT)
+            .arg(2)
+            .arg(&history)
+            .arg(&meta)
+            .arg(bytes)
+            .arg(self.max_bytes);
         pipe.cmd("PEXPIRE").arg(&history).arg(self.ttl_ms);
         pipe.cmd("PEXPIRE").arg(&meta).arg(self.ttl_ms);
         match stream {
@@ -263,7 +284,7 @@ impl Reply {
         let mut unknown = Vec::new();
         let mut at = 0;
         for (i, part) in parts.iter().enumerate() {
-            let n = part.frames.len() + 4;
+            let n = part.frames.len() + PLAIN_EXTRA_REPLIES;
             let Some(replies) = replies.get(at..at + n) else {
                 return Err(RedisError::Reply("history append transaction"));
             };
@@ -281,9 +302,9 @@ impl Reply {
     }
 
     /// Parses the replies of [`History::add_plain_append`] for one stream. `None`: the
-    /// stream's meta was missing, so whether it is alive (and its epoch) is for the append
-    /// function to decide: what the plain commands appended went to a stream without an
-    /// epoch, which that function empties when it makes one.
+    /// stream or its meta was missing, so whether it is alive (and its epoch) is for the
+    /// append function to decide: the plain commands appended nothing (no stream), or
+    /// appended to a stream without an epoch, which that function empties when it makes one.
     fn parse_plain(replies: &[Value]) -> Result<Option<Self>, RedisError> {
         let (Some(epoch), Some(first), Some(nodes)) =
             (replies.first(), replies.get(1), replies.last())
@@ -293,7 +314,9 @@ impl Reply {
         let Some(epoch): Option<String> = redis::from_redis_value(epoch.clone())? else {
             return Ok(None);
         };
-        let first: String = redis::from_redis_value(first.clone())?;
+        let Some(first): Option<String> = redis::from_redis_value(first.clone())? else {
+            return Ok(None);
+        };
         let first = first
             .strip_prefix("0-")
             .and_then(|n| n.parse().ok())
@@ -401,23 +424,36 @@ mod tests {
 
     #[test]
     fn splits_a_transaction_by_stream_and_leaves_unknown_epochs_to_the_function() {
-        // Two streams: the first (two frames) has an epoch, the second (one frame) has none.
+        // Three streams: the first (two frames) has an epoch, the second (one frame) has
+        // none, the third has an epoch but no stream yet (`NOMKSTREAM` appended nothing).
         let replies = vec![
             bulk("e1"),
             bulk("0-5"),
             bulk("0-6"),
+            Value::Int(4),
             Value::Int(1),
             Value::Int(1),
             Value::Array(vec![bulk("n1:1")]),
             Value::Nil,
             bulk("0-1"),
+            Value::Int(-1),
             Value::Int(1),
             Value::Int(1),
             Value::Array(vec![]),
+            bulk("e2"),
+            Value::Nil,
+            Value::Int(-1),
+            Value::Int(0),
+            Value::Int(1),
+            Value::Array(vec![bulk("n1:2")]),
         ];
-        let parts = [part(Stream::User("a"), 2), part(Stream::Room("r"), 1)];
+        let parts = [
+            part(Stream::User("a"), 2),
+            part(Stream::Room("r"), 1),
+            part(Stream::User("b"), 1),
+        ];
         let (outcomes, unknown) = Reply::parse_transaction(&replies, &parts).unwrap();
-        assert_eq!(unknown, vec![1]);
+        assert_eq!(unknown, vec![1, 2]);
         assert_eq!(
             outcomes[0].as_ref().unwrap(),
             &Reply::Stored {
@@ -426,9 +462,9 @@ mod tests {
                 nodes: vec!["n1:1".into()],
             }
         );
-        assert!(outcomes[1].is_err());
+        assert!(outcomes[1].is_err() && outcomes[2].is_err());
         // Fewer replies than the commands sent: the transaction is not understood.
-        assert!(Reply::parse_transaction(&replies[..10], &parts).is_err());
+        assert!(Reply::parse_transaction(&replies[..18], &parts).is_err());
     }
 
     #[test]

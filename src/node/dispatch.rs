@@ -76,6 +76,13 @@ impl Node {
         frame: &Utf8Bytes,
         born_us: u64,
     ) -> Result<(), ClientError> {
+        // The one outbound size rule, before anything is sent or stored: a client's relay
+        // cannot reach it (its frame is at most `--max-frame-bytes`); the API and ingress
+        // refuse such a publish when they parse it.
+        let limit = self.config.max_publish_frame_bytes();
+        if frame.len() > limit {
+            return Err(ClientError::FrameTooLarge(limit));
+        }
         let socket_frame = |_: &Origin, _: &Target, _: &Payload| SocketFrame {
             frame: frame.clone(),
             born_us,

@@ -265,7 +265,8 @@ fn events_queue(
 
 /// Refuses a config a node cannot run with: ids outside the alphabet, built-in relay
 /// actions, stored relay actions that are not relayed, backend actions that are no id, a
-/// built-in action or also a relay action: a client's frame must mean one thing.
+/// built-in action or also a relay action: a client's frame must mean one thing;
+/// a history byte bound below one frame.
 fn check_config(id: &str, config: &NodeConfig) -> Result<(), NodeError> {
     if !is_valid_id(id) {
         return Err(NodeError::Config(format!(
@@ -304,6 +305,14 @@ fn check_config(id: &str, config: &NodeConfig) -> Result<(), NodeError> {
             continue;
         };
         return Err(NodeError::Config(format!("backend action {name:?}: {why}")));
+    }
+    if config.history > 0 && config.history_max_bytes < config.max_out_frame_bytes() {
+        return Err(NodeError::Config(format!(
+            "--history-max-bytes {}: at least {} (2 x --max-frame-bytes + 1024), so that a \
+             stream holds any message",
+            config.history_max_bytes,
+            config.max_out_frame_bytes()
+        )));
     }
     Ok(())
 }

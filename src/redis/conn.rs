@@ -15,11 +15,12 @@ use redis::{AsyncConnectionConfig, FromRedisValue, Pipeline, Value};
 /// The Redis function libraries, versioned by file name and library name. Every version still
 /// in use is loaded, so nodes of two versions can run side by side during an upgrade; this
 /// version calls only the newest.
-pub const FUNCTIONS: [&str; 4] = [
+pub const FUNCTIONS: [&str; 5] = [
     include_str!("../../migrations/wsbus_v1.lua"),
     include_str!("../../migrations/wsbus_v2.lua"),
     include_str!("../../migrations/wsbus_v3.lua"),
     include_str!("../../migrations/wsbus_v4.lua"),
+    include_str!("../../migrations/wsbus_v5.lua"),
 ];
 
 /// Function names (libraries `wsbus_v2` and `wsbus_v4`).
@@ -322,6 +323,27 @@ impl Redis {
     pub fn reset_shared(&self) {
         if let Backend::Single { shared, .. } = &self.backend {
             shared.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
+    }
+
+    /// A fresh connection for one task's exclusive use, with the ordinary timeouts: the
+    /// heartbeat's, so that its commands never wait for a pooled connection or queue behind
+    /// another task's pipeline on a shared one.
+    pub async fn own_conn(&self) -> Result<RedisConn, RedisError> {
+        match &self.backend {
+            Backend::Single { client, .. } => {
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(self.timeout))
+                    .set_response_timeout(Some(self.timeout));
+                Ok(RedisConn::Dedicated(
+                    client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await?,
+                ))
+            }
+            Backend::Cluster { client, .. } => {
+                Ok(RedisConn::Cluster(client.get_async_connection().await?))
+            }
         }
     }
 

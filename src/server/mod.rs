@@ -83,7 +83,7 @@ async fn register(node: &Node) -> (Vec<crate::cluster::presence::RoomDrop>, Vec<
         }
         Err(e) => tracing::warn!(error = %e, "Redis is not reachable yet"),
     }
-    crate::server::heartbeat::beat(node).await;
+    crate::server::heartbeat::first_beat(node).await;
     (left_behind, sessions)
 }
 

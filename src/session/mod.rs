@@ -784,6 +784,11 @@ impl Session {
     /// Feeds one frame (and flushes if asked), giving up when kicked, shutting down, or the
     /// client stops answering.
     async fn write(&self, link: &mut Link, msg: Message, flush: bool) -> Result<(), End> {
+        if let Message::Text(text) = &msg
+            && text.len() > self.node.config.max_out_frame_bytes()
+        {
+            return Err(self.too_big(text.len()));
+        }
         let Link { socket, live } = link;
         let io = async {
             if flush {
@@ -792,7 +797,31 @@ impl Session {
                 socket.feed(msg).await
             }
         };
-        self.interruptible(live, io).await?.map_err(|_| End::Gone)
+        self.interruptible(live, io)
+            .await?
+            .map_err(|e| self.write_failed(e))
+    }
+
+    /// A write that failed: a frame the socket's buffer cannot take closes with 1009; any
+    /// other error means the connection is gone.
+    fn write_failed(&self, error: tungstenite::Error) -> End {
+        match error {
+            tungstenite::Error::WriteBufferFull(msg) => self.too_big(msg.len()),
+            _ => End::Gone,
+        }
+    }
+
+    /// A frame over what a client may receive (`NodeConfig::max_out_frame_bytes`): never
+    /// written (the write buffer would refuse it, and the connection would just drop), the
+    /// connection closes with 1009, and the log says why.
+    fn too_big(&self, bytes: usize) -> End {
+        tracing::warn!(
+            user = %self.user,
+            bytes,
+            limit = self.node.config.max_out_frame_bytes(),
+            "a frame too large for the client; closing with 1009"
+        );
+        End::Close(close::TOO_BIG, Cow::Borrowed("outgoing frame too large"))
     }
 
     async fn flush(&self, link: &mut Link) -> Result<(), End> {

@@ -2,7 +2,8 @@
 //! connect, `recover` and `join` (replay, then the reply that ends it), the `history` action,
 //! and filling the gaps its sequencer waited on from the streams.
 
-use serde_json::json;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value, json};
 use std::time::Instant;
 
 use super::{Direct, End, Link, Session};
@@ -152,7 +153,8 @@ impl Session {
     }
 
     /// Answers `history`: the frames of the user's stream (or `room`'s) after `since`, at
-    /// most `limit`, as a `history` reply.
+    /// most `limit`, as a `history` reply (split over several frames where one would be
+    /// over what the client may receive: see [`history_frames`]).
     pub(super) async fn history(
         &mut self,
         room: Option<&str>,
@@ -184,14 +186,21 @@ impl Session {
         if let Some(reason) = page.reason {
             data["reason"] = json!(reason.as_str());
         }
-        data["more"] = json!(page.more);
-        let messages: Vec<Box<serde_json::value::RawValue>> = page
+        let messages: Vec<(u64, Box<RawValue>)> = page
             .frames
             .into_iter()
-            .filter_map(|(_, frame)| serde_json::value::RawValue::from_string(frame).ok())
+            .filter_map(|(offset, frame)| Some((offset, RawValue::from_string(frame).ok()?)))
             .collect();
-        data["messages"] = json!(messages);
-        Ok(vec![encode_frame(self.user.as_str(), "history", data)])
+        let serde_json::Value::Object(head) = data else {
+            unreachable!("built as an object above");
+        };
+        Ok(history_frames(
+            self.user.as_str(),
+            head,
+            &messages,
+            page.more,
+            node.config.max_out_frame_bytes(),
+        ))
     }
 
     /// Reads the gaps that waited [`crate::history::GAP_WAIT`] from their streams and
@@ -231,5 +240,187 @@ impl Session {
                 Vec::new()
             }
         }
+    }
+}
+
+/// A `history` frame, serialized with its messages as they were stored (not re-encoded).
+#[derive(serde::Serialize)]
+struct HistoryFrame<'a> {
+    from: &'a str,
+    action: &'static str,
+    data: HistoryData<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct HistoryData<'a> {
+    #[serde(flatten)]
+    head: &'a Map<String, Value>,
+    messages: &'a [&'a RawValue],
+}
+
+fn encode_history(own: &str, head: &Map<String, Value>, messages: &[&RawValue]) -> String {
+    let frame = HistoryFrame {
+        from: own,
+        action: "history",
+        data: HistoryData { head, messages },
+    };
+    serde_json::to_string(&frame).expect("a history frame serializes")
+}
+
+/// The `history` reply with `head` (`since`, `offset`, `epoch`, maybe `room` and `reason`)
+/// and `messages`, over as many frames as keep each within `limit` bytes. Every part is a
+/// `history` frame of its own: its `since` is the offset its messages follow, and all but
+/// the last say `"more": true, "continues": true` (the next frame continues this reply);
+/// the last says `more` as one frame would (whether the stream has more after it). The
+/// `reason` is the first part's. A single message over the limit goes alone (and the
+/// session closes with 1009 rather than write it).
+pub(super) fn history_frames(
+    own: &str,
+    mut head: Map<String, Value>,
+    messages: &[(u64, Box<RawValue>)],
+    more: bool,
+    limit: usize,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = messages;
+    loop {
+        // The head's widest form (`more: true`, `continues`) with no message yet.
+        head.insert("more".into(), json!(true));
+        head.insert("continues".into(), json!(true));
+        let mut size = encode_history(own, &head, &[]).len();
+        let mut taken = 0;
+        for (_, message) in rest {
+            let add = message.get().len() + usize::from(taken > 0);
+            if taken > 0 && size + add > limit {
+                break;
+            }
+            size += add;
+            taken += 1;
+        }
+        let (part, left) = rest.split_at(taken);
+        if left.is_empty() {
+            head.insert("more".into(), json!(more));
+            head.remove("continues");
+        }
+        let part_messages: Vec<&RawValue> = part.iter().map(|(_, m)| &**m).collect();
+        out.push(encode_history(own, &head, &part_messages));
+        let Some((last, _)) = part.last().filter(|_| !left.is_empty()) else {
+            return out;
+        };
+        head.insert("since".into(), json!(last));
+        head.remove("reason");
+        rest = left;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn messages(sizes: &[usize]) -> Vec<(u64, Box<RawValue>)> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let text = format!(r#"{{"t":"{}","offset":{}}}"#, "x".repeat(n), i + 1);
+                (i as u64 + 1, RawValue::from_string(text).unwrap())
+            })
+            .collect()
+    }
+
+    fn head() -> Map<String, Value> {
+        let Value::Object(head) =
+            json!({"since": 0, "offset": 9, "epoch": "e", "reason": "trimmed"})
+        else {
+            unreachable!()
+        };
+        head
+    }
+
+    #[test]
+    fn one_frame_when_it_fits_as_before() {
+        let frames = history_frames("bob", head(), &messages(&[10, 10]), false, 10_000);
+        assert_eq!(frames.len(), 1);
+        let v: Value = serde_json::from_str(&frames[0]).unwrap();
+        assert_eq!(v["action"], "history");
+        assert_eq!(v["data"]["more"], false);
+        assert_eq!(v["data"]["reason"], "trimmed");
+        assert!(v["data"].get("continues").is_none());
+        assert_eq!(v["data"]["messages"].as_array().unwrap().len(), 2);
+        let empty = history_frames("bob", head(), &[], true, 10_000);
+        let v: Value = serde_json::from_str(&empty[0]).unwrap();
+        assert_eq!(
+            (v["data"]["more"].clone(), v["data"]["messages"].clone()),
+            (json!(true), json!([]))
+        );
+    }
+
+    #[test]
+    fn splits_over_frames_each_within_the_limit() {
+        let limit = 500;
+        let frames = history_frames(
+            "bob",
+            head(),
+            &messages(&[150, 150, 150, 10, 500]),
+            false,
+            limit,
+        );
+        let parts: Vec<Value> = frames
+            .iter()
+            .map(|f| serde_json::from_str(f).unwrap())
+            .collect();
+        let offsets: Vec<Vec<u64>> = parts
+            .iter()
+            .map(|p| {
+                p["data"]["messages"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|m| m["offset"].as_u64().unwrap())
+                    .collect()
+            })
+            .collect();
+        assert_eq!(offsets, vec![vec![1, 2], vec![3, 4], vec![5]]);
+        for (frame, part) in frames.iter().zip(&parts).take(2) {
+            assert!(frame.len() <= limit, "{}", frame.len());
+            assert_eq!(
+                (
+                    part["data"]["more"].clone(),
+                    part["data"]["continues"].clone()
+                ),
+                (json!(true), json!(true))
+            );
+        }
+        assert!(
+            frames[2].len() > limit,
+            "a message over the limit goes alone"
+        );
+        assert_eq!(parts[2]["data"]["more"], false);
+        assert!(parts[2]["data"].get("continues").is_none());
+        let sinces: Vec<u64> = parts
+            .iter()
+            .map(|p| p["data"]["since"].as_u64().unwrap())
+            .collect();
+        assert_eq!(sinces, [0, 2, 4]);
+        assert_eq!(parts[0]["data"]["reason"], "trimmed");
+        assert!(parts[1]["data"].get("reason").is_none());
+        // Packed as tightly as the limit allows: one more byte of limit changes nothing
+        // that did not fit.
+        let exact = history_frames(
+            "bob",
+            head(),
+            &messages(&[150, 150]),
+            false,
+            frames[0].len(),
+        );
+        assert_eq!(exact.len(), 1);
+        let short = history_frames(
+            "bob",
+            head(),
+            &messages(&[150, 150]),
+            false,
+            frames[0].len() - 1,
+        );
+        assert_eq!(short.len(), 2);
     }
 }

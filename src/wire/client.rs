@@ -42,7 +42,9 @@ pub mod close {
     pub const PROTOCOL_ERROR: u16 = 1002;
     /// A text frame that is not valid UTF-8.
     pub const INVALID_PAYLOAD: u16 = 1007;
-    /// A frame exceeded the maximum frame size and the stream could not be resynchronised.
+    /// A frame exceeded the maximum frame size and the stream could not be resynchronised;
+    /// or a frame for the client was over what it may receive (`--max-frame-bytes` × 2 +
+    /// 1 KiB), which no path should make.
     pub const TOO_BIG: u16 = 1009;
     /// Another live session holds this user id (sent after the `not unique session` error).
     pub const NOT_UNIQUE: u16 = 4001;
