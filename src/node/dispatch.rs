@@ -324,6 +324,26 @@ impl Node {
         }
     }
 
+    /// An envelope this node sends on its own account about `user`, to that user's sessions
+    /// on another node: a kick, a server-side membership change.
+    pub fn control_envelope<'a>(&'a self, user: &'a str, body: Body<'a>) -> Envelope<'a> {
+        Envelope {
+            id: self.next_message_id(),
+            boot: self.boot,
+            origin: Cow::Borrowed(&self.id),
+            from: Cow::Borrowed(user),
+            to: Cow::Borrowed(user),
+            hops: 0,
+            sent_us: 0,
+            origin_sid: 0,
+            to_recipient: true,
+            to_sender: false,
+            tried: Vec::new(),
+            stamp: None,
+            body,
+        }
+    }
+
     /// Closes one session of `user` with `code` and `reason` (empty: the code's usual one),
     /// wherever it is: here through the hub,
     /// elsewhere with a `kick` entry in its node's inbox.
@@ -338,25 +358,14 @@ impl Node {
             self.hub.kick(user, session.sid, code, reason);
             return Ok(());
         }
-        let env = Envelope {
-            id: self.next_message_id(),
-            boot: self.boot,
-            origin: Cow::Borrowed(&self.id),
-            from: Cow::Borrowed(user),
-            to: Cow::Borrowed(user),
-            hops: 0,
-            sent_us: 0,
-            origin_sid: 0,
-            to_recipient: true,
-            to_sender: false,
-            tried: Vec::new(),
-            stamp: None,
-            body: Body::Kick {
+        let env = self.control_envelope(
+            user,
+            Body::Kick {
                 sid: session.sid,
                 code,
                 reason: Cow::Borrowed(reason),
             },
-        };
+        );
         let mut buf = Vec::new();
         env.encode_into(&mut buf);
         let mut pipe = redis::pipe();

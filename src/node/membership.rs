@@ -222,25 +222,14 @@ impl Node {
         join: bool,
         reply: u64,
     ) -> Envelope<'a> {
-        Envelope {
-            id: self.next_message_id(),
-            boot: self.boot,
-            origin: Cow::Borrowed(&self.id),
-            from: Cow::Borrowed(user),
-            to: Cow::Borrowed(user),
-            hops: 0,
-            sent_us: 0,
-            origin_sid: 0,
-            to_recipient: true,
-            to_sender: false,
-            tried: Vec::new(),
-            stamp: None,
-            body: Body::Member {
+        self.control_envelope(
+            user,
+            Body::Member {
                 room: Cow::Borrowed(room),
                 join,
                 reply,
             },
-        }
+        )
     }
 
     /// The live nodes holding sessions of `user` (this one included when it holds one).
