@@ -190,8 +190,10 @@ run_once() { # name scenario args...
     echo "bench: running $name: wsbus-loadtest $*" >&2
     local extra=()
     if [ -n "${SLOW_US:-}" ] && [[ $1 == dm-* ]]; then extra=(--slow-us "$SLOW_US"); fi
-    if [[ $1 == dm-* || $1 == room-* ]] && [[ " $* " != *" --frames-per-write "* ]]; then
-        extra+=(--frames-per-write "$FPW")
+    if [[ $1 == dm-* || $1 == room-* ]]; then
+        [[ " $* " == *" --frames-per-write "* ]] || extra+=(--frames-per-write "$FPW")
+        # The nodes' CPU and RSS over the sending phase, in the scenario's own report.
+        extra+=(--server-pid "$APID" --server-pid "$BPID")
     fi
     timeout 900 "$LT" "$@" "${extra[@]}" "${LT_AUTH[@]}" "${NODES[@]}" --json --report-file "$OUT/$name.html" \
         >"$OUT/$name.json" 2>"$OUT/$name.err" || rc=$?
