@@ -309,8 +309,13 @@ async fn read_head(
                 Ok(0) | Err(_) => return Err(HeadError::Closed),
                 Ok(_) => {}
             }
-            if head_ends(&buf[searched..]) {
-                return Ok(buf);
+            if let Some(end) = head_end(&buf[searched..]) {
+                // A complete head over the limit is refused too, even when its end came in
+                // the same read that crossed it.
+                return match searched + end > max {
+                    true => Err(HeadError::TooLarge),
+                    false => Ok(buf),
+                };
             }
             if buf.len() >= max {
                 return Err(HeadError::TooLarge);
@@ -322,13 +327,14 @@ async fn read_head(
         .unwrap_or(Err(HeadError::Timeout))
 }
 
-/// Whether `bytes` hold the blank line that ends a head (`\r\n\r\n`, or bare `\n`s, which
-/// hyper's parser accepts too).
-fn head_ends(bytes: &[u8]) -> bool {
-    bytes
-        .windows(2)
-        .enumerate()
-        .any(|(i, w)| w == b"\n\n" || (w == b"\n\r" && bytes.get(i + 2) == Some(&b'\n')))
+/// Where the blank line that ends a head (`\r\n\r\n`, or bare `\n`s, which hyper's parser
+/// accepts too) ends in `bytes`: the head's length, counted from the start of `bytes`.
+fn head_end(bytes: &[u8]) -> Option<usize> {
+    bytes.windows(2).enumerate().find_map(|(i, w)| match w {
+        b"\n\n" => Some(i + 2),
+        b"\n\r" if bytes.get(i + 2) == Some(&b'\n') => Some(i + 3),
+        _ => None,
+    })
 }
 
 /// What the connection task learns from the socket and the handler.
@@ -568,11 +574,11 @@ mod tests {
 
     #[test]
     fn finds_the_end_of_a_head() {
-        assert!(head_ends(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"));
-        assert!(head_ends(b"\r\n\r\nafter"));
-        assert!(head_ends(b"GET / HTTP/1.1\nHost: a\n\n"));
-        assert!(!head_ends(b"GET / HTTP/1.1\r\nHost: a\r\n"));
-        assert!(!head_ends(b"GET / HTTP/1.1\r\nHost: a\r\n\r"));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"), Some(27));
+        assert_eq!(head_end(b"\r\n\r\nafter"), Some(4));
+        assert_eq!(head_end(b"GET / HTTP/1.1\nHost: a\n\n"), Some(24));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n"), None);
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r"), None);
     }
 
     #[test]
