@@ -71,10 +71,13 @@ async fn a_publish_reaches_users_and_rooms_on_every_node(backend: Backend) {
     let mut bob = b.connect("bob").await;
     let mut carol = b.connect("carol").await;
     let mut dave = a.connect("dave").await;
-    carol.join("lobby").await;
+    // dave first: carol's join then reaches him for sure (he is a member by then), and is
+    // read before the publish; nothing of his join goes to node b, which had no member yet.
     dave.join("lobby").await;
-    let presence = carol.recv().await;
+    carol.join("lobby").await;
+    let presence = dave.recv().await;
     assert_eq!(presence["action"], "presence", "{presence}");
+    assert_eq!(presence["from"], "carol", "{presence}");
     let before = backend.command_calls("xadd").await;
     let (status, reply) = post(
         a.addr,
