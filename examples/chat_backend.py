@@ -8,7 +8,9 @@ answers through the ingress stream, with no HTTP server of its own:
   acknowledged with XACK only after it was handled, and handling is idempotent: a stored
   message is keyed by its entry id, so an event read twice after a crash is stored once);
 - stores every chat message (`message`, `room_message`) in SQLite;
-- welcomes each user on `connect` (a `greeting` frame, published through the ingress stream);
+- joins each user to the lobby room on `connect` (a server-side join through the ingress
+  stream: every live session of the user joins, and gets `joined`), and greets the lobby
+  when the `join` event says the user is in (so the newcomer gets the greeting too);
 - answers the backend action `stats` (nodes run with `--backend-actions stats`): the user
   gets a `stats` frame with how many of its messages are stored.
 
@@ -55,6 +57,7 @@ class Backend:
         )
         self.db = sqlite3.connect(args.db)
         self.db.executescript(SCHEMA)
+        self.lobby = args.lobby
         self.stopping = False
 
     def log(self, **fields):
@@ -69,17 +72,26 @@ class Backend:
                 if "BUSYGROUP" not in str(e):
                     raise
 
-    def publish(self, to, action, data):
-        """Sends a frame to every session of user `to`, through the ingress stream."""
+    def publish(self, to, action, data, room=False):
+        """Sends a frame to every session of user `to` (or to every member of room `to`),
+        through the ingress stream."""
         self.r.xadd(
             f"{self.prefix}:ingress",
-            {"to": to, "action": action, "data": json.dumps(data)},
+            {"room" if room else "to": to, "action": action, "data": json.dumps(data)},
         )
+
+    def join(self, user, room):
+        """Puts every live session of `user` in `room` (ingress `op join`)."""
+        self.r.xadd(f"{self.prefix}:ingress", {"op": "join", "user": user, "room": room})
 
     def handle(self, entry_id, event):
         kind, user = event.get("type"), event.get("user")
         if kind == "connect":
-            self.publish(user, "greeting", {"text": f"Welcome, {user}!"})
+            self.join(user, self.lobby)
+        elif kind == "join" and event.get("room") == self.lobby:
+            # Ingress entries are shared out among the nodes, so a publish written right
+            # after the join could overtake it: the `join` event says the user is in.
+            self.publish(self.lobby, "greeting", {"text": f"{user} joined the lobby"}, room=True)
         elif kind in ("message", "room_message"):
             data = json.loads(event["data"])
             with self.db:
@@ -129,6 +141,7 @@ def main():
     p.add_argument("--group", default="chat-backend")
     p.add_argument("--consumer", default="backend-1")
     p.add_argument("--db", default="chat.db", help="SQLite file")
+    p.add_argument("--lobby", default="lobby", help="the room every user joins on connect")
     backend = Backend(p.parse_args())
 
     def stop(*_):

@@ -9,7 +9,8 @@
 # driven by the working tree's load tester. Per run it reads the nodes' and Redis's CPU time
 # (utime + stime from /proc/<pid>/stat) over the sending phase and drain (the load tester's
 # --server-pid) and prints msg/s, node CPU µs per message (both nodes together) and Redis CPU
-# µs per message; then per side the mean and min–max spread, and new/base of the means. It
+# µs per message; then per side the mean and min–max spread, and new/base of the means, and
+# Redis calls (and Redis's own µs) per message by command from INFO commandstats. It
 # stops everything it started on exit or Ctrl-C. Exits 1 when a run failed, 2 when it could
 # not run.
 #
@@ -170,6 +171,9 @@ run_side() { # round side
         --json --report-file "$dir/report.html" >"$dir/report.json" 2>"$dir/report.err" || rc=$?
     node_ticks=$(( $(cpu_ticks "$apid") - a0 + $(cpu_ticks "$bpid") - b0 ))
     redis_ticks_run=$(( $(cpu_ticks "$RPID") - r0 ))
+    # Redis calls over the whole run (connects and heartbeats included), per command.
+    redis-cli -p "$RPORT" INFO commandstats 2>/dev/null | tr -d '\r' | grep '^cmdstat_' \
+        >"$dir/commandstats" || true
     stop_pids "$apid" "$bpid" "$RPID"
     forget_pids "$apid" "$bpid" "$RPID"
     OUT=$saved_out
@@ -187,6 +191,12 @@ run_side() { # round side
         return
     fi
     printf '%s\n' "$row" >>"$OUT/runs.tsv"
+    local delivered
+    delivered=$(jq -r '.messages.delivered' "$dir/report.json")
+    # Redis calls per delivered message, by command (the busiest, whole run).
+    awk -F'[_:=,]' -v n="$delivered" -v round="$round" -v side="$side" '
+        $1 == "cmdstat" && n > 0 { printf "%s\t%s\t%s\t%.3f\t%.3f\n", round, side, $2, $4 / n, $6 / n }' \
+        "$dir/commandstats" >>"$OUT/commands.tsv"
     if [ "$rc" != 0 ]; then
         FAILED=1
         echo "ab: round $round $side FAILED (rc $rc): $(jq -r '.problems | join("; ")' "$dir/report.json")" >&2
@@ -233,4 +243,18 @@ awk -F'\t' -v base="$BASE_LABEL" -v new="$NEW_LABEL" 'NR > 1 {
             sprintf("%.3fx", sum["new", 7] / n["new"] / (sum["base", 7] / n["base"]))
     }' "$OUT/runs.tsv" | tee "$OUT/summary.txt"
 echo "ab: CPU per message over the sending phase and drain (whole-run figures in $OUT/runs.tsv)"
+# Redis commands per delivered message (INFO commandstats over the whole run), mean per side.
+awk -F'\t' '{ k = $2 SUBSEP $3; calls[k] += $4; usec[k] += $5; runs[k]++; cmds[$3] = 1 }
+    END {
+        printf "\n%-14s %-22s %-22s\n", "redis command", "base calls (µs)/msg", "new calls (µs)/msg"
+        for (c in cmds) {
+            b = "base" SUBSEP c; w = "new" SUBSEP c
+            tb = runs[b] ? calls[b] / runs[b] : 0; tw = runs[w] ? calls[w] / runs[w] : 0
+            if (tb < 0.005 && tw < 0.005) continue
+            printf "%-14s %-22s %-22s\n", c,
+                sprintf("%.3f (%.2f)", tb, runs[b] ? usec[b] / runs[b] : 0),
+                sprintf("%.3f (%.2f)", tw, runs[w] ? usec[w] / runs[w] : 0)
+        }
+    }' "$OUT/commands.tsv" | sort | tee "$OUT/commands.txt"
+echo "ab: Redis calls per delivered message from INFO commandstats (µs: Redis's own usec per call, summed)"
 [ "$FAILED" = 0 ] || { echo "ab: some runs FAILED (see above)" >&2; exit 1; }

@@ -321,6 +321,10 @@ pub(crate) async fn run(
         }
     };
 
+    if let Some(at) = cfg.start_at {
+        wait_for_start(at, live).await;
+    }
+
     // Measuring phase.
     probe.sending();
     let send_start = Instant::now();
@@ -758,5 +762,23 @@ fn pacer(sh: &Shared, start: std::time::Instant, rate: f64, stop: &AtomicBool) {
         let user = plan.by_slot[(j % live) as usize];
         sh.wake[user as usize].notify_one();
         j += 1;
+    }
+}
+
+/// `--start-at`: waits until the wall-clock time `at` (Unix seconds), telling stderr how many
+/// users are connected and how long the wait is (or how late the connects were).
+async fn wait_for_start(at: f64, live: u32) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let wait = at - now;
+    if wait > 0.0 {
+        eprintln!("dm: {live} users connected; sending starts in {wait:.1} s");
+        tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+    } else {
+        eprintln!(
+            "dm: {live} users connected {:.1} s after --start-at; sending now",
+            -wait
+        );
     }
 }

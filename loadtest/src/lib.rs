@@ -165,6 +165,10 @@ pub struct Config {
     pub events_check: bool,
     /// `--events-check`: the nodes' `--events-shards`.
     pub events_shards: u32,
+    /// dm-*: once connected, wait until this wall-clock time (Unix seconds) before sending, so
+    /// that several load-tester processes send together (and the servers can be measured idle
+    /// before); a run connected later than this starts at once and says so.
+    pub start_at: Option<f64>,
     /// HS256 secret of the nodes: every connection carries a token minted with it
     /// (`?token=`); `None` for nodes started with `--insecure`.
     pub jwt_secret: Option<String>,
@@ -198,6 +202,7 @@ impl Default for Config {
             drops: Drops::default(),
             events_check: false,
             events_shards: 1,
+            start_at: None,
             jwt_secret: None,
         }
     }

@@ -115,6 +115,11 @@ struct Cli {
     /// --events-check: the nodes' `--events-shards`.
     #[arg(long, default_value_t = 1)]
     events_shards: u32,
+    /// dm-*: once every user is connected, wait until this wall-clock time (Unix seconds)
+    /// before sending: several load-tester processes then send together, and the servers can
+    /// be measured idle before (loadtest/100k.sh). Give --deadline with it.
+    #[arg(long)]
+    start_at: Option<f64>,
     /// HS256 secret of the nodes (their --jwt-secret, at least 32 bytes): each simulated user
     /// connects with `?token=<JWT>` minted with it (`sub` = user id, `exp` in 1 h, `rooms` =
     /// the room ids its scenario joins, as a `<run prefix>-r*` pattern).
@@ -172,6 +177,7 @@ async fn main() -> ExitCode {
         },
         events_check: cli.events_check,
         events_shards: cli.events_shards,
+        start_at: cli.start_at,
         jwt_secret: cli.jwt_secret,
     };
     match wsbus_loadtest::run(cli.scenario, &cfg).await {

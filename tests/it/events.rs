@@ -735,8 +735,8 @@ fn examples_python() -> String {
     python
 }
 
-/// examples/chat_backend.py against real nodes (events sharded in two): it welcomes users on
-/// connect, stores their chat messages in SQLite, and answers its backend action.
+/// examples/chat_backend.py against real nodes (events sharded in two): it joins users to the
+/// lobby on connect and greets them there, stores their chat messages in SQLite, and answers its backend action.
 #[tokio::test]
 async fn the_example_chat_backend_works() {
     use tokio::io::AsyncBufReadExt;
@@ -769,11 +769,18 @@ async fn the_example_chat_backend_works() {
         "the backend started"
     );
 
-    let welcome = |user: &str| json!({"from": "@server", "action": "greeting", "data": {"text": format!("Welcome, {user}!")}});
+    let greeting = |user: &str| json!({"from": "@server", "action": "greeting", "data": {"text": format!("{user} joined the lobby")}});
+    // On connect the backend joins the user to the lobby (ingress `op join`), and greets the
+    // lobby on the `join` event that follows.
     let mut alice = a.connect("alice").await;
-    assert_eq!(recv_action(&mut alice, "greeting").await, welcome("alice"));
+    let joined = recv_action(&mut alice, "joined").await;
+    assert_eq!(joined["data"], json!({"room": "lobby", "members": 1}));
+    assert_eq!(recv_action(&mut alice, "greeting").await, greeting("alice"));
     let mut bob = b.connect("bob").await;
-    assert_eq!(recv_action(&mut bob, "greeting").await, welcome("bob"));
+    let joined = recv_action(&mut bob, "joined").await;
+    assert_eq!(joined["data"]["room"], "lobby");
+    assert_eq!(recv_action(&mut bob, "greeting").await, greeting("bob"));
+    assert_eq!(recv_action(&mut alice, "greeting").await, greeting("bob"));
     alice.send_to("bob", "hi bob").await;
     bob.expect_message("alice", "hi bob").await;
     for client in [&mut alice, &mut bob] {
