@@ -231,7 +231,8 @@ pub struct NodeConfig {
     #[arg(long, env = "WSBUS_EVENTS", default_value = "none")]
     pub events: crate::wire::event::EventKinds,
 
-    /// Approximate cap on each events stream's length (`XADD ... MAXLEN ~`).
+    /// Approximate cap on each events stream's length (`XTRIM ... MAXLEN ~` once a second by
+    /// each node: a stream may pass it by a second of events).
     #[arg(long, env = "WSBUS_EVENTS_MAXLEN", default_value_t = 1_000_000)]
     pub events_maxlen: usize,
 
