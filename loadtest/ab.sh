@@ -29,6 +29,8 @@
 #   ROOMS [20]  ROOM_MEMBERS [200]  ROOM_RATE [1000]       room-fanout-open
 #   ROOM_CLOSED_ROOMS [1]  ROOM_IN_FLIGHT [2]             room-fanout (closed loop; ROOM_MEMBERS each)
 #   NODE_THREADS        Tokio worker threads of each wsbus node
+#   BASE_NODE_ENV, NEW_NODE_ENV  environment of one side's nodes, `VAR=value` words (e.g.
+#                       NEW_NODE_ENV="TOKIO_WORKER_THREADS=1" to compare runtime shapes)
 #   NODE_ARGS           extra `wsbus serve` flags for both sides (e.g. "--history 100");
 #   BASE_NODE_ARGS, NEW_NODE_ARGS  the same for one side (default: NODE_ARGS)
 #   LT_ARGS             extra load-tester flags
@@ -56,6 +58,8 @@ ROOM_IN_FLIGHT=${ROOM_IN_FLIGHT:-2}
 read -r -a BASE_NODE_ARGS <<<"${BASE_NODE_ARGS:-${NODE_ARGS:-}}"
 read -r -a NEW_NODE_ARGS <<<"${NEW_NODE_ARGS:-${NODE_ARGS:-}}"
 read -r -a LT_EXTRA <<<"${LT_ARGS:-}"
+read -r -a BASE_ENV <<<"${BASE_NODE_ENV:-}"
+read -r -a NEW_ENV <<<"${NEW_NODE_ENV:-}"
 for tool in redis-server jq getconf git; do
     command -v "$tool" >/dev/null || { echo "ab: $tool is required" >&2; exit 2; }
 done
@@ -160,6 +164,7 @@ run_side() { # round side
     fi
     start_redis
     serve_args
+    if [ "$side" = base ]; then NODE_ENV+=("${BASE_ENV[@]}"); else NODE_ENV+=("${NEW_ENV[@]}"); fi
     free_port; a=$FREE_PORT
     start_node "ab-$side-a" "$a" "${extra[@]}"; local apid=$NODE_PID
     free_port; b=$FREE_PORT
@@ -207,7 +212,7 @@ run_side() { # round side
 }
 
 echo "ab: $WHAT, $FPW frame(s) per write, $RUN_TIME s x $ROUNDS rounds per side"
-echo "ab: base $BASE_LABEL${BASE_NODE_ARGS[*]:+ [${BASE_NODE_ARGS[*]}]}; new $NEW_LABEL${NEW_NODE_ARGS[*]:+ [${NEW_NODE_ARGS[*]}]}"
+echo "ab: base $BASE_LABEL${BASE_NODE_ARGS[*]:+ [${BASE_NODE_ARGS[*]}]}${BASE_ENV[*]:+ {${BASE_ENV[*]}\}}; new $NEW_LABEL${NEW_NODE_ARGS[*]:+ [${NEW_NODE_ARGS[*]}]}${NEW_ENV[*]:+ {${NEW_ENV[*]}\}}"
 echo "ab: load average before: $(cut -d' ' -f1-3 /proc/loadavg); results in $OUT"
 for round in $(seq "$ROUNDS"); do
     run_side "$round" base
