@@ -281,6 +281,15 @@ async fn a_batch_for_one_node_is_one_entry(backend: Backend) {
             assert!(xadds < N as u64 / 2, "{xadds} XADDs for {N} messages");
             assert!(found[1..].iter().any(|e| field(e, "v") == Some(b"2")));
         }
+        // Every message reached olga's node: none is answered. (The writer answers a batch
+        // before it takes the next: once a later message is in, the answers are queued.)
+        alice.send_to(&user, "end").await;
+        eventually(DEADLINE, "the end appended", || async {
+            let found = entries(&backend, &old).await;
+            (found.iter().skip(1).map(|e| count(e)).sum::<usize>() == N + 1).then_some(())
+        })
+        .await;
+        alice.expect_nothing().await;
         alice.close().await;
         a.stop().await;
     }
