@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use wsbus::wire::client::{
     ClientError, Command, encode_error, encode_message, encode_room_message, parse_command,
 };
-use wsbus::wire::envelope::{Body, Envelope};
+use wsbus::wire::envelope::{Body, Envelope, Pack, decode_entry};
 
 /// The check a fuzz target runs on one input's bytes.
 pub type Check = fn(&[u8]);
@@ -23,6 +23,7 @@ pub const TARGETS: [(&str, Check); 2] = [
     }),
     ("bus_envelope", |data| {
         let _ = check_envelope(data);
+        check_packed(data);
     }),
 ];
 
@@ -110,6 +111,33 @@ pub fn check_envelope(bytes: &[u8]) -> Option<Envelope<'_>> {
     assert_eq!(env.clone().into_owned(), env);
     action_matches(&env);
     Some(env)
+}
+
+/// `bus_envelope`, the same bytes as a packed inbox entry's `envs` (`v` = `2`): decoding never
+/// panics, and what decodes packs again into the same envelopes.
+pub fn check_packed(bytes: &[u8]) {
+    let entry = |envs: &[u8]| {
+        let mut out = Vec::new();
+        let fields = |name: &str| match name {
+            "v" => Some(&b"2"[..]),
+            "envs" => Some(envs),
+            _ => None,
+        };
+        decode_entry(fields, &mut out).map(|()| {
+            out.into_iter()
+                .map(Envelope::into_owned)
+                .collect::<Vec<_>>()
+        })
+    };
+    let Ok(envs) = entry(bytes) else {
+        return;
+    };
+    let mut pack = Pack::default();
+    for env in &envs {
+        pack.push(env);
+    }
+    let again = entry(pack.encoded()).expect("a re-packed entry decodes");
+    assert_eq!(again, envs);
 }
 
 /// `bus_envelope` also checks that `body.action()` matches the variant.

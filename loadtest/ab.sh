@@ -8,9 +8,11 @@
 # base/new/base/new..., each run on a fresh redis-server and two fresh nodes on free ports, all
 # driven by the working tree's load tester. Per run it reads the nodes' and Redis's CPU time
 # (utime + stime from /proc/<pid>/stat) over the sending phase and drain (the load tester's
-# --server-pid) and prints msg/s, node CPU µs per message (both nodes together) and Redis CPU
-# µs per message; then per side the mean and min–max spread, and new/base of the means, and
-# Redis calls (and Redis's own µs) per message by command from INFO commandstats. It
+# --server-pid) and prints msg/s, node CPU µs per message (both nodes together), Redis CPU
+# µs per message, and XADD calls and XADD µs per message over the whole run (Redis `INFO
+# commandstats`, kept as commandstats.txt per run); then per side the mean and min–max
+# spread, and new/base of the means, and Redis calls (and Redis's own µs) per message by
+# command from the same commandstats. It
 # stops everything it started on exit or Ctrl-C. Exits 1 when a run failed, 2 when it could
 # not run.
 #
@@ -147,7 +149,7 @@ else
 fi
 
 # One run of one side on fresh Redis and nodes: appends a row to $OUT/runs.tsv.
-printf 'round\tside\trc\tmsg_per_s\tnode_us_per_msg\tredis_us_per_msg\tnode_us_per_msg_whole_run\tredis_us_per_msg_whole_run\n' >"$OUT/runs.tsv"
+printf 'round\tside\trc\tmsg_per_s\tnode_us_per_msg\tredis_us_per_msg\tnode_us_per_msg_whole_run\tredis_us_per_msg_whole_run\txadd_calls_per_msg\txadd_us_per_msg\n' >"$OUT/runs.tsv"
 FAILED=0
 run_side() { # round side
     local round=$1 side=$2 dir rc=0 a b r a0 b0 r0 node_ticks redis_ticks_run
@@ -176,20 +178,27 @@ run_side() { # round side
         --json --report-file "$dir/report.html" >"$dir/report.json" 2>"$dir/report.err" || rc=$?
     node_ticks=$(( $(cpu_ticks "$apid") - a0 + $(cpu_ticks "$bpid") - b0 ))
     redis_ticks_run=$(( $(cpu_ticks "$RPID") - r0 ))
-    # Redis calls over the whole run (connects and heartbeats included), per command.
-    redis-cli -p "$RPORT" INFO commandstats 2>/dev/null | tr -d '\r' | grep '^cmdstat_' \
-        >"$dir/commandstats" || true
+    local p
+    for p in "${REDIS_PORTS[@]}"; do
+        redis-cli -p "$p" INFO commandstats
+    done >"$dir/commandstats.txt" 2>&1 || true
     stop_pids "$apid" "$bpid" "$RPID"
     forget_pids "$apid" "$bpid" "$RPID"
     OUT=$saved_out
+    # XADD calls and Redis µs in XADD over the whole run (all shards).
+    local xadd
+    xadd=$(awk -F'[:=,]' '/^cmdstat_xadd:/ { c += $3; u += $5 } END { printf "%d %d", c, u }' \
+        "$dir/commandstats.txt" | tr -d '\r')
     local row
     if ! row=$(jq -er --arg round "$round" --arg side "$side" --argjson rc "$rc" --argjson tck "$TCK" \
-        --argjson node "$node_ticks" --argjson redis "$redis_ticks_run" '
+        --argjson node "$node_ticks" --argjson redis "$redis_ticks_run" \
+        --argjson xcalls "${xadd% *}" --argjson xusec "${xadd#* }" '
         .messages.delivered as $n
         | [$round, $side, $rc, (.messages.delivered_per_sec | round),
            ((.servers[0].cpu_us_per_delivery + .servers[1].cpu_us_per_delivery) * 100 | round / 100),
            .servers[2].cpu_us_per_delivery,
-           ($node / $tck * 1e6 / $n * 100 | round / 100), ($redis / $tck * 1e6 / $n * 100 | round / 100)]
+           ($node / $tck * 1e6 / $n * 100 | round / 100), ($redis / $tck * 1e6 / $n * 100 | round / 100),
+           ($xcalls / $n * 1000 | round / 1000), ($xusec / $n * 1000 | round / 1000)]
         | @tsv' "$dir/report.json" 2>/dev/null); then
         echo "ab: round $round $side produced no report (rc $rc): $(tail -n 3 "$dir/report.err")" >&2
         FAILED=1
@@ -200,15 +209,16 @@ run_side() { # round side
     delivered=$(jq -r '.messages.delivered' "$dir/report.json")
     # Redis calls per delivered message, by command (the busiest, whole run).
     awk -F'[_:=,]' -v n="$delivered" -v round="$round" -v side="$side" '
-        $1 == "cmdstat" && n > 0 { printf "%s\t%s\t%s\t%.3f\t%.3f\n", round, side, $2, $4 / n, $6 / n }' \
-        "$dir/commandstats" >>"$OUT/commands.tsv"
+        $1 == "cmdstat" && n > 0 { c[$2] += $4; u[$2] += $6 }
+        END { for (k in c) printf "%s\t%s\t%s\t%.3f\t%.3f\n", round, side, k, c[k] / n, u[k] / n }' \
+        <(tr -d '\r' <"$dir/commandstats.txt") >>"$OUT/commands.tsv"
     if [ "$rc" != 0 ]; then
         FAILED=1
         echo "ab: round $round $side FAILED (rc $rc): $(jq -r '.problems | join("; ")' "$dir/report.json")" >&2
     fi
     awk -F'\t' -v label="$([ "$side" = base ] && echo "$BASE_LABEL" || echo "$NEW_LABEL")" '{
-        printf "round %s %-4s %9d msg/s   node %6.2f µs/msg   redis %5.2f µs/msg%s   [%s]\n",
-            $1, $2, $4, $5, $6, ($3 == 0 ? "" : "   FAILED rc " $3), label }' <<<"$row"
+        printf "round %s %-4s %9d msg/s   node %6.2f µs/msg   redis %5.2f µs/msg   XADD %.3f calls %.3f µs/msg%s   [%s]\n",
+            $1, $2, $4, $5, $6, $9, $10, ($3 == 0 ? "" : "   FAILED rc " $3), label }' <<<"$row"
 }
 
 echo "ab: $WHAT, $FPW frame(s) per write, $RUN_TIME s x $ROUNDS rounds per side"

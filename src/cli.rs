@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use crate::redis::keys::Keys;
 use crate::redis::{Redis, RedisError};
-use crate::wire::envelope::{Body, ENVELOPE_FIELD, Envelope};
+use crate::wire::envelope::{Body, DecodeError, Envelope, VERSION_FIELD, decode_entry};
 
 pub use crate::cluster::registry::{NodeInfo, nodes};
 
@@ -144,8 +144,10 @@ pub async fn members(
     Ok(out)
 }
 
-/// The first `count` entries of `node`'s inbox, envelopes decoded to JSON; `None` when no
-/// such node is registered and no inbox of that name exists (a mistyped id, another prefix).
+/// The first `count` entries of `node`'s inbox, envelopes decoded to JSON, one object per
+/// envelope (a packed entry's also say which `part` they are, of how many: `of`); `None`
+/// when no such node is registered and no inbox of that name exists (a mistyped id, another
+/// prefix).
 pub async fn inspect(
     redis: &Redis,
     keys: &Keys,
@@ -170,21 +172,38 @@ pub async fn inspect(
     if registered.is_none() && !inbox_exists {
         return Ok(None);
     }
-    Ok(Some(
-        entries
-            .into_iter()
-            .filter_map(|(id, fields)| {
-                let env = fields
-                    .iter()
-                    .find(|(k, _)| k == ENVELOPE_FIELD.as_bytes())
-                    .map(|(_, v)| v.as_slice())?;
-                Some(match Envelope::decode(env) {
-                    Ok(env) => envelope_json(&id, &env),
-                    Err(e) => serde_json::json!({"id": id, "error": e.to_string()}),
-                })
-            })
-            .collect(),
-    ))
+    let mut out = Vec::new();
+    for (id, fields) in &entries {
+        entry_json(id, fields, &mut out);
+    }
+    Ok(Some(out))
+}
+
+/// Adds the JSON of one inbox entry's envelopes to `out` (nothing for the placeholder that
+/// keeps an empty inbox in existence).
+fn entry_json(id: &str, fields: &[(Vec<u8>, Vec<u8>)], out: &mut Vec<serde_json::Value>) {
+    let field = |name: &str| {
+        fields
+            .iter()
+            .find(|(k, _)| k == name.as_bytes())
+            .map(|(_, v)| v.as_slice())
+    };
+    let mut envs = Vec::new();
+    match decode_entry(field, &mut envs) {
+        Ok(()) => {}
+        Err(DecodeError::Missing) => {}
+        Err(e) => out.push(serde_json::json!({"id": id, "error": e.to_string()})),
+    }
+    let packed = field(VERSION_FIELD).is_some();
+    let of = envs.len();
+    for (part, env) in envs.iter().enumerate() {
+        let mut v = envelope_json(id, env);
+        if packed {
+            v["part"] = (part + 1).into();
+            v["of"] = of.into();
+        }
+        out.push(v);
+    }
 }
 
 fn envelope_json(id: &str, env: &Envelope<'_>) -> serde_json::Value {

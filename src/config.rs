@@ -306,9 +306,11 @@ pub struct NodeConfig {
     #[arg(long, env = "WSBUS_NODE_TTL", default_value = "5s", value_parser = parse_duration)]
     pub node_ttl: Duration,
 
-    /// Approximate cap on an inbox stream's length, applied by its node's heartbeat
-    /// (`XTRIM MAXLEN ~`): a backstop against an inbox nobody reads, not flow control.
-    #[arg(long, env = "WSBUS_INBOX_MAXLEN", default_value_t = 100_000)]
+    /// Approximate cap on an inbox stream's length in entries, applied by its node's
+    /// heartbeat (`XTRIM MAXLEN ~`): a backstop against an inbox nobody reads, not flow
+    /// control. An entry holds up to `--bus-pack` messages, so an unread inbox keeps between
+    /// this many messages (one per entry, light traffic) and this many times `--bus-pack`.
+    #[arg(long, env = "WSBUS_INBOX_MAXLEN", default_value_t = 10_000)]
     pub inbox_maxlen: usize,
 
     /// How long one blocking `XREAD` waits; the read deadline is this plus a margin.
@@ -326,6 +328,14 @@ pub struct NodeConfig {
     /// Most messages the bus writer sends in one pipeline.
     #[arg(long, env = "WSBUS_BUS_BATCH", default_value_t = 1024)]
     pub bus_batch: usize,
+
+    /// Most messages in one inbox entry: what one bus batch sends one node is packed into
+    /// entries of up to this many (the default, as `--bus-batch`'s, makes it one entry). 1
+    /// writes every message as an entry of its own, the only layout a node that predates
+    /// packed entries reads: use it while such nodes run (a rolling upgrade).
+    #[arg(long, env = "WSBUS_BUS_PACK", default_value_t = 1024,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub bus_pack: usize,
 
     /// Timeout of ordinary Redis commands (connects and replies).
     #[arg(long, env = "WSBUS_REDIS_TIMEOUT", default_value = "2s", value_parser = parse_duration)]

@@ -101,7 +101,7 @@ enum Cmd {
     Inspect {
         /// The node id.
         node: String,
-        /// Most entries to print.
+        /// Most entries to print (a packed entry prints a line per envelope).
         #[arg(long, default_value_t = 100)]
         count: usize,
         #[command(flatten)]
@@ -440,7 +440,7 @@ async fn change_membership(args: &MemberArgs, op: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `wsbus inspect`: a node's inbox entries, decoded, one JSON line each.
+/// `wsbus inspect`: a node's inbox entries, decoded, one JSON line per envelope.
 async fn print_inbox(node: &str, count: usize, admin: &AdminArgs) -> anyhow::Result<()> {
     let keys = Keys::new(&admin.prefix);
     let Some(entries) = wsbus::cli::inspect(&admin.redis()?, &keys, node, count).await? else {

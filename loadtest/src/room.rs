@@ -114,8 +114,9 @@ pub struct RedisCost {
     pub per_room_message: BTreeMap<String, f64>,
     /// `XADD`s per room message.
     pub xadd_per_room_message: f64,
-    /// What the design promises per room message: one per other node with members (with
-    /// every room on every node: nodes − 1).
+    /// What the design promises per room message at most: one per other node with members
+    /// (with every room on every node: nodes − 1), fewer when a bus batch packs several
+    /// messages for a node into one entry.
     pub xadd_expected: f64,
     /// The same, in calls for all the room messages sent.
     pub xadd_expected_calls: u64,
@@ -153,10 +154,11 @@ impl RoomStats {
         if let Some(r) = &self.redis
             && scenario == "room-fanout"
         {
+            // What one bus batch sends one node shares an entry: at most one per message.
             let got = r.calls.get("xadd").copied().unwrap_or(0);
-            if got != r.xadd_expected_calls {
+            if got > r.xadd_expected_calls || (got == 0 && self.room_messages > 0) {
                 problems.push(format!(
-                    "{got} XADDs for {} room messages: {:.3} per message, expected {}",
+                    "{got} XADDs for {} room messages: {:.3} per message, expected at most {}",
                     self.room_messages, r.xadd_per_room_message, r.xadd_expected
                 ));
             }
@@ -194,7 +196,7 @@ impl RoomStats {
         if let Some(r) = &self.redis {
             let _ = write!(
                 w,
-                "  Redis per room message: XADD {:.3} (expected {})",
+                "  Redis per room message: XADD {:.3} (at most {})",
                 r.xadd_per_room_message, r.xadd_expected
             );
             for (k, v) in &r.per_room_message {

@@ -5,6 +5,9 @@
 //!
 //! Each round trip is one pipeline: `XTRIM MINID` past what the previous read delivered, then
 //! `XREAD COUNT n BLOCK t` from the cursor, so the stream holds only undelivered entries.
+//! An entry holds one envelope or, packed, several (see [`crate::wire::envelope`]); both
+//! layouts are read, and each envelope of a packed entry is handled exactly as if it had an
+//! entry of its own (duplicates, delivery, forwarding, answers), in order.
 //! After a reconnect to a different Redis server (`run_id` changed: a restart or failover),
 //! the cursor restarts at the beginning of the (new) stream. An entry for a user who is no
 //! longer here goes back to [`crate::delivery::target`], which forwards it once to the user's
@@ -22,7 +25,7 @@ use crate::redis::consumer::{StreamReader, consume};
 use crate::redis::stream::{EntryId, entry_parts, field, stream_entries};
 use crate::redis::{RedisConn, RedisError};
 use crate::wire::client::{ClientError, encode_message, encode_presence, encode_room_message};
-use crate::wire::envelope::{Body, ENVELOPE_FIELD, Envelope, Stamp, append_entry};
+use crate::wire::envelope::{self, Body, DecodeError, Envelope, Stamp, append_entry};
 use crate::wire::frame::SocketFrame;
 
 /// Runs the inbox reader until the node shuts down.
@@ -139,6 +142,8 @@ impl InboxReader {
         let mut moved: Vec<Envelope<'static>> = Vec::new();
         let mut last = None;
         let mut queued = 0;
+        // The envelopes of one entry (one, or a packed entry's), borrowing from it.
+        let mut envs = Vec::new();
         for entry in &entries {
             let Some((id, fields)) = entry_parts(entry) else {
                 metrics::counter!("wsbus_undecodable_entries_total").increment(1);
@@ -146,15 +151,15 @@ impl InboxReader {
                 continue;
             };
             last = Some(id);
-            let Some(env) = decode_entry(id, fields) else {
-                continue;
-            };
-            if self.is_duplicate(&env) {
-                continue;
-            }
-            match self.queue_locally(&env) {
-                Some(n) => queued += u64::from(n),
-                None => moved.push(env.into_owned()),
+            decode_entry(id, fields, &mut envs);
+            for env in envs.drain(..) {
+                if self.is_duplicate(&env) {
+                    continue;
+                }
+                match self.queue_locally(&env) {
+                    Some(n) => queued += u64::from(n),
+                    None => moved.push(env.into_owned()),
+                }
             }
         }
         self.node.metrics.from_bus.increment(queued);
@@ -424,23 +429,17 @@ fn action_of(frame: &str) -> String {
         .unwrap_or_default()
 }
 
-/// The envelope of an inbox entry; `None` (counted and logged unless it is the placeholder
-/// that keeps an empty inbox in existence) when it has none or it does not decode.
-fn decode_entry(id: EntryId, fields: &[Value]) -> Option<Envelope<'_>> {
-    match field(fields, ENVELOPE_FIELD).map(Envelope::decode) {
-        Some(Ok(env)) => Some(env),
-        Some(Err(e)) => {
+/// Puts the envelopes of an inbox entry (single or packed) into `out`; none (counted and
+/// logged unless it is the placeholder that keeps an empty inbox in existence) when it has
+/// none or they do not decode.
+fn decode_entry<'e>(id: EntryId, fields: &'e [Value], out: &mut Vec<Envelope<'e>>) {
+    match envelope::decode_entry(|name| field(fields, name), out) {
+        Ok(()) => {}
+        // Our own placeholder (`_`) that keeps an empty inbox in existence.
+        Err(DecodeError::Missing) if field(fields, "_").is_some() => {}
+        Err(e) => {
             metrics::counter!("wsbus_undecodable_entries_total").increment(1);
             tracing::warn!(entry = %id, error = %e, "skipping an undecodable inbox entry");
-            None
-        }
-        None => {
-            // Our own placeholder (`_`) that keeps an empty inbox in existence.
-            if field(fields, "_").is_none() {
-                metrics::counter!("wsbus_undecodable_entries_total").increment(1);
-                tracing::warn!(entry = %id, "skipping an inbox entry without envelope");
-            }
-            None
         }
     }
 }

@@ -1,8 +1,15 @@
 //! The bus writer: one task per node that sends what [`crate::delivery::target`] hands it to other
 //! nodes. It takes a batch, looks up where the recipients (and, with several sessions per user,
-//! the senders) are in one pipeline, and appends one entry per destination node in another
-//! (`XADD NOMKSTREAM`), so a batch costs two round trips whatever its size, and one writer
-//! keeps each sender's messages in order.
+//! the senders) are in one pipeline, and appends the envelopes in another (`XADD NOMKSTREAM`),
+//! so a batch costs two round trips whatever its size, and one writer keeps each sender's
+//! messages in order.
+//!
+//! Each message gets one envelope per destination node; the envelopes of a batch for one
+//! node are packed into one inbox entry, in batch order (at most `--bus-pack` each; an entry
+//! with one envelope keeps the single layout, see [`crate::wire::envelope`]). Redis pays one
+//! `XADD` per node per batch instead of one per message. An entry's result is every one of
+//! its messages' result: appended, the inbox gone (`NOMKSTREAM`: unreached, as if each had
+//! its own entry), or failed.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -16,9 +23,10 @@ use tokio_util::sync::CancellationToken;
 use crate::delivery::target::{Dispatch, Origin, Payload, Plan, Target};
 use crate::history::{Appended, Appends, Located, Seq, Stream};
 use crate::node::Node;
+use crate::redis::keys::Keys;
 use crate::redis::{RedisConn, RedisError};
 use crate::wire::client::{ClientError, encode_message, encode_room_message};
-use crate::wire::envelope::{Body, Envelope, MAX_HOPS, Stamp, append_entry};
+use crate::wire::envelope::{Body, Envelope, MAX_HOPS, Pack, Stamp, append_entry, append_packed};
 use crate::wire::frame::SocketFrame;
 use tungstenite::Utf8Bytes;
 
@@ -38,6 +46,7 @@ pub async fn run(node: Arc<Node>, mut rx: mpsc::Receiver<Dispatch>, drain: Cance
         conn: None,
         env_buf: Vec::with_capacity(256),
         key_buf: String::new(),
+        entries: Entries::default(),
     };
     let mut batch = Vec::with_capacity(writer.node.config.bus_batch);
     loop {
@@ -70,6 +79,8 @@ struct Writer {
     /// Reused for inbox key names.
     key_buf: String,
     routes: RouteCache,
+    /// Reused batch after batch, for its buffers.
+    entries: Entries,
 }
 
 /// The nodes a user has sessions on.
@@ -334,7 +345,9 @@ impl Writer {
     ) -> Result<(), RedisError> {
         let stamped = self.stamp(conn, batch).await?;
         let routes = self.resolve(conn, batch, &stamped).await?;
-        let mut entries = Entries::with_capacity(batch.len());
+        // Taken out for the batch (and put back for its buffers), as `self` is borrowed.
+        let mut entries = std::mem::take(&mut self.entries);
+        entries.clear();
         let mut outcomes: Vec<Outcome> = Vec::with_capacity(batch.len());
         for (i, msg) in batch.iter().enumerate() {
             let stamped = stamped[i].as_ref();
@@ -342,7 +355,9 @@ impl Writer {
             self.add_entries(&mut entries, i, msg, &plan, stamped);
             outcomes.push(outcome);
         }
-        self.append_entries(conn, entries, &mut outcomes).await?;
+        self.append_entries(conn, &mut entries, &mut outcomes)
+            .await?;
+        self.entries = entries;
         self.answer_unreached(conn, batch, outcomes).await
     }
 
@@ -404,10 +419,10 @@ impl Writer {
         Ok((plan, reached))
     }
 
-    /// Adds the inbox entries of `msg` (message `i` of the batch) that `plan` says, each
-    /// with its envelope.
+    /// Adds the envelopes of `msg` (message `i` of the batch) that `plan` says, each to the
+    /// entry being packed for its node.
     fn add_entries(
-        &mut self,
+        &self,
         entries: &mut Entries,
         i: usize,
         msg: &Dispatch,
@@ -417,56 +432,63 @@ impl Writer {
         let to = match &msg.target {
             Target::User(to) | Target::Room(to) => to,
         };
+        let cap = self.node.config.bus_pack;
         for (target, to_recipient, to_sender) in &plan.entries {
+            let env = self.envelope(msg, plan, *to_recipient, *to_sender, stamped);
             let action = match &msg.payload {
                 // People reading the inbox see what a backend published.
-                Payload::Frame { action, .. } => {
-                    self.encode(msg, plan, *to_recipient, *to_sender, stamped);
-                    &**action
-                }
-                _ => self.encode(msg, plan, *to_recipient, *to_sender, stamped),
+                Payload::Frame { action, .. } => &**action,
+                _ => plain_action(&msg.payload, &env.body),
             };
-            self.node.keys.inbox_into(target, &mut self.key_buf);
-            append_entry(
-                &mut entries.pipe,
-                &self.key_buf,
-                msg.origin.user(),
-                to,
-                action,
-                &self.env_buf,
-            );
-            entries.of.push((i, *to_recipient));
+            let entry = entries.for_node(target, cap, &self.node.keys);
+            entry.push(&env, msg.origin.user(), to, action);
+            entry.messages.push((i, *to_recipient));
         }
     }
 
     /// Appends the batch's inbox entries (one round trip) and records in `outcomes` which
-    /// messages reached a session through them, or failed to.
+    /// messages reached a session through them, or failed to: an entry's result is each of
+    /// its messages'.
     async fn append_entries(
         &self,
         conn: &mut RedisConn,
-        entries: Entries,
+        entries: &mut Entries,
         outcomes: &mut [Outcome],
     ) -> Result<(), RedisError> {
-        if entries.of.is_empty() {
+        let batch = entries.batch();
+        if batch.is_empty() {
             return Ok(());
+        }
+        let mut pipe = redis::Pipeline::with_capacity(batch.len());
+        pipe.ignore_errors();
+        let mut messages = 0;
+        for entry in batch.iter_mut() {
+            entry.append_to(&mut pipe);
+            messages += entry.messages.len();
         }
         let node = &self.node;
         let started = Instant::now();
-        let results: Vec<RedisResult<Value>> = entries.pipe.query_async(conn).await?;
+        let results: Vec<RedisResult<Value>> = pipe.query_async(conn).await?;
         tracing::trace!(?results, "XADD results");
         node.metrics
             .xadd_seconds
             .record(started.elapsed().as_secs_f64());
-        node.metrics.to_bus.increment(entries.of.len() as u64);
-        for ((i, for_recipient), result) in entries.of.into_iter().zip(results) {
+        node.metrics.to_bus.increment(messages as u64);
+        for (entry, result) in batch.iter().zip(results) {
             match result {
                 // NOMKSTREAM: the node's inbox is gone (it died or left).
                 Ok(Value::Nil) => {}
-                Ok(_) => outcomes[i].reached |= for_recipient,
+                Ok(_) => {
+                    for &(i, for_recipient) in &entry.messages {
+                        outcomes[i].reached |= for_recipient;
+                    }
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "XADD failed");
+                    tracing::warn!(error = %e, messages = entry.messages.len(), "XADD failed");
                     metrics::counter!("wsbus_bus_errors_total").increment(1);
-                    outcomes[i].failed |= for_recipient;
+                    for &(i, for_recipient) in &entry.messages {
+                        outcomes[i].failed |= for_recipient;
+                    }
                 }
             }
         }
@@ -545,23 +567,22 @@ impl Writer {
         Ok((plan, outcome))
     }
 
-    /// Encodes the envelope of one entry of `msg` into `env_buf`; returns its action.
-    fn encode(
-        &mut self,
-        msg: &Dispatch,
-        plan: &Plan,
+    /// The envelope of `msg` for one node of `plan`.
+    fn envelope<'m>(
+        &'m self,
+        msg: &'m Dispatch,
+        plan: &'m Plan,
         to_recipient: bool,
         to_sender: bool,
-        stamped: Option<&Stamped>,
-    ) -> &'static str {
+        stamped: Option<&'m Stamped>,
+    ) -> Envelope<'m> {
         let node = &self.node;
         let first = FirstSent::of(node, &msg.origin);
         let stored = stamped.and_then(Stamped::stored);
         let to = match &msg.target {
             Target::User(to) | Target::Room(to) => to,
         };
-        self.env_buf.clear();
-        let env = Envelope {
+        Envelope {
             id: first.id.unwrap_or_else(|| node.next_message_id()),
             boot: first.boot,
             origin: first.node.into(),
@@ -578,9 +599,7 @@ impl Writer {
                 epoch: (&*seq.epoch).into(),
             }),
             body: body(msg, stored.map(|(frame, _)| frame)),
-        };
-        env.encode_into(&mut self.env_buf);
-        plain_action(&msg.payload, &env.body)
+        }
     }
 
     /// Gives every message of the batch that needs one a place in its target's history
@@ -698,20 +717,99 @@ impl Writer {
     }
 }
 
-/// The inbox entries of a batch, in one pipeline.
+/// The inbox entries of a batch, packed per destination node as its messages are planned,
+/// then appended in one pipeline in the order they were opened (so each node's entries, and
+/// the envelopes in each, keep batch order).
+#[derive(Default)]
 struct Entries {
-    pipe: redis::Pipeline,
-    /// Per entry: the message it belongs to, and whether it is for the recipient.
-    of: Vec<(usize, bool)>,
+    /// Each destination node's entry being filled: its index in `all`.
+    filling: HashMap<Arc<str>, usize>,
+    /// This batch's entries (the first `len`); the rest are kept for their buffers.
+    all: Vec<Entry>,
+    len: usize,
 }
 
+/// Past this, an entry's buffer is not kept for the next batch (one burst of large messages
+/// should not pin memory for good).
+const KEEP_PACK_BYTES: usize = 256 * 1024;
+
 impl Entries {
-    fn with_capacity(messages: usize) -> Self {
-        let mut pipe = redis::Pipeline::with_capacity(messages);
-        pipe.ignore_errors();
-        Self {
-            pipe,
-            of: Vec::with_capacity(messages),
+    /// Starts a batch.
+    fn clear(&mut self) {
+        self.filling.clear();
+        self.len = 0;
+    }
+
+    /// The entry that takes `node`'s next envelope: the one being filled, or a new one when
+    /// there is none or it holds `cap` envelopes already.
+    fn for_node(&mut self, node: &Arc<str>, cap: usize, keys: &Keys) -> &mut Entry {
+        let filling = self.filling.get(node).copied();
+        let e = match filling.filter(|&e| self.all[e].pack.len() < cap) {
+            Some(e) => e,
+            None => {
+                if self.len == self.all.len() {
+                    self.all.push(Entry::default());
+                }
+                let e = self.len;
+                self.len += 1;
+                self.all[e].reset(node, keys);
+                self.filling.insert(node.clone(), e);
+                e
+            }
+        };
+        &mut self.all[e]
+    }
+
+    /// This batch's entries.
+    fn batch(&mut self) -> &mut [Entry] {
+        &mut self.all[..self.len]
+    }
+}
+
+/// One inbox entry being packed for one node.
+#[derive(Default)]
+struct Entry {
+    /// The node's inbox key.
+    inbox: String,
+    pack: Pack,
+    /// The first envelope's plain fields (`from`, `to`, `action`): an entry that ends up with
+    /// that envelope alone is written in the single layout, which every version reads.
+    from: String,
+    to: String,
+    action: String,
+    /// The batch's messages it carries: (index in the batch, for the recipient).
+    messages: Vec<(usize, bool)>,
+}
+
+impl Entry {
+    fn reset(&mut self, node: &str, keys: &Keys) {
+        keys.inbox_into(node, &mut self.inbox);
+        if self.pack.capacity() > KEEP_PACK_BYTES {
+            self.pack = Pack::default();
+        }
+        self.pack.clear();
+        self.messages.clear();
+    }
+
+    fn push(&mut self, env: &Envelope<'_>, from: &str, to: &str, action: &str) {
+        if self.pack.is_empty() {
+            for (field, value) in [
+                (&mut self.from, from),
+                (&mut self.to, to),
+                (&mut self.action, action),
+            ] {
+                field.clear();
+                field.push_str(value);
+            }
+        }
+        self.pack.push(env);
+    }
+
+    /// Adds its `XADD` to `pipe`: single with one envelope, else packed.
+    fn append_to(&mut self, pipe: &mut redis::Pipeline) {
+        match self.pack.single() {
+            Some(env) => append_entry(pipe, &self.inbox, &self.from, &self.to, &self.action, env),
+            None => append_packed(pipe, &self.inbox, &mut self.pack),
         }
     }
 }

@@ -7,7 +7,7 @@
 //! | `P:node:<id>:users` | set | user ids connected to that node | deleted on clean shutdown or by the reaper |
 //! | `P:{u:<uid>}:sessions` | hash | `<node>:<sid>` → claimed at (Redis server time, µs), one field per session | field removed on disconnect; the reaper removes a dead node's |
 //! | `P:{u:<uid>}:resume` | hash | `h:<sha256 of a resume secret>` → `<node>:<sid>` and `s:<node>:<sid>` → the hash, one pair per session that asked for a secret | pair removed when used or when its session is released; a dead node's stay (to be resumed); the key expires `--resume-ttl` after the last secret issued |
-//! | `P:inbox:<id>` | stream | envelopes for that node (`from`, `to`, `action`, `env`) | trimmed as delivered, `MAXLEN ~` cap per heartbeat; deleted with its node |
+//! | `P:inbox:<id>` | stream | envelopes for that node: single (`from`, `to`, `action`, `env`) or packed (`v`, `n`, `envs`) entries | trimmed as delivered, `MAXLEN ~` cap (entries) per heartbeat; deleted with its node |
 //! | `P:{r:<room>}:members` | hash | user → the nodes (space-separated) where it has sessions in the room | field removed when the user's last session leaves; a dead node's removed by the reaper |
 //! | `P:{r:<room>}:nodes` | set | nodes with members in the room | member added/removed on a node's first/last member |
 //! | `P:node:<id>:rooms` | set | rooms with members on that node | deleted on clean shutdown or by the reaper |

@@ -1,15 +1,38 @@
-//! The bus envelope: what one node sends another through an inbox stream, as MessagePack.
+//! The bus envelope: what one node sends another through an inbox stream, as MessagePack,
+//! and the two layouts of an inbox entry that carry envelopes.
 //!
-//! A stream entry carries `from`, `to` and `action` as plain fields (so `redis-cli XRANGE`
-//! shows who talks to whom) and the whole envelope, MessagePack with named fields, in `env`.
-//! Decoding only ever trusts `env`; the plain fields are for people.
+//! - **Single** (layout 1, the only one before packing): `from`, `to` and `action` as plain
+//!   fields (so `redis-cli XRANGE` shows who talks to whom) and the envelope, MessagePack with
+//!   named fields, in `env`. Every entry with one envelope is written this way, so a node of
+//!   the previous version reads it.
+//! - **Packed** (layout 2): `v` = `2`, `n` = how many envelopes, and `envs`, a MessagePack
+//!   array of envelopes (each as in `env`). The bus writer puts everything one batch sends to
+//!   one node into one entry: one `XADD` per destination node per batch instead of one per
+//!   message. An array of whole envelopes (not a column per field) keeps writing to an
+//!   append of each encoded envelope behind a fixed 5-byte header, and reading to one pass
+//!   that borrows every string from the entry.
+//!
+//! Decoding only ever trusts `env` or `envs`; the plain fields and `n` are for people. An
+//! entry whose `v` names a layout this version does not know is skipped as undecodable.
 
 use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 
-/// Stream field holding the MessagePack envelope.
+/// Stream field holding the MessagePack envelope of a single entry.
 pub const ENVELOPE_FIELD: &str = "env";
+
+/// Stream field naming a packed entry's layout; a single entry has none.
+pub const VERSION_FIELD: &str = "v";
+
+/// The layout version of a packed entry, in its `v` field.
+pub const PACKED_VERSION: &str = "2";
+
+/// Stream field of a packed entry: how many envelopes it holds (for people).
+pub const COUNT_FIELD: &str = "n";
+
+/// Stream field of a packed entry holding its envelopes, a MessagePack array.
+pub const PACKED_FIELD: &str = "envs";
 
 /// How many times an envelope may be forwarded after its recipient moved.
 pub const MAX_HOPS: u8 = 1;
@@ -205,9 +228,12 @@ impl Body<'_> {
 /// Why an envelope could not be decoded.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
-    /// The entry has no `env` field.
+    /// The entry has no `env` field (nor, packed, `envs`).
     #[error("entry has no `{ENVELOPE_FIELD}` field")]
     Missing,
+    /// The entry's `v` names a layout this version cannot read.
+    #[error("unknown entry layout `{VERSION_FIELD}` = {0:?}")]
+    UnknownVersion(String),
     /// The bytes are not a valid envelope.
     #[error("undecodable envelope: {0}")]
     Invalid(#[from] rmp_serde::decode::Error),
@@ -326,6 +352,155 @@ pub fn append_entry(
     pipe.add_command(cmd);
 }
 
+/// Adds `XADD <inbox> NOMKSTREAM * v 2 n <count> envs <array>` to `pipe`: a packed entry
+/// (layout 2) holding `pack`'s envelopes. Fills in the array's header; `pack` is left as it
+/// is for the caller to clear.
+pub fn append_packed(pipe: &mut redis::Pipeline, inbox: &str, pack: &mut Pack) {
+    let n = pack.n;
+    let envs = pack.encoded();
+    const ARGS: usize = 10;
+    let data = 32 + inbox.len() + envs.len();
+    let mut cmd = redis::Cmd::with_capacity(ARGS, data);
+    cmd.arg("XADD")
+        .arg(inbox)
+        .arg("NOMKSTREAM")
+        .arg("*")
+        .arg(VERSION_FIELD)
+        .arg(PACKED_VERSION)
+        .arg(COUNT_FIELD)
+        .arg(n)
+        .arg(PACKED_FIELD)
+        .arg(envs);
+    pipe.add_command(cmd);
+}
+
+/// The `envs` of a packed entry being built: encoded envelopes appended one after another
+/// behind a fixed-size array header (MessagePack `array 32`, valid for any length), which
+/// is filled in when the entry is appended, so no envelope is encoded or copied twice.
+#[derive(Debug, Default)]
+pub struct Pack {
+    /// The header, then the envelopes; empty until the first push.
+    buf: Vec<u8>,
+    /// Envelopes pushed.
+    n: u32,
+}
+
+/// `array 32` marker and length.
+const PACK_HEADER: usize = 5;
+
+impl Pack {
+    /// Adds one envelope.
+    pub fn push(&mut self, env: &Envelope<'_>) {
+        self.start();
+        env.encode_into(&mut self.buf);
+        self.n += 1;
+    }
+
+    /// How many envelopes it holds.
+    pub fn len(&self) -> usize {
+        self.n as usize
+    }
+
+    /// The bytes its buffer holds without growing.
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// The encoding of its only envelope, when it holds exactly one (such an entry is
+    /// written single, readable by every version).
+    pub fn single(&self) -> Option<&[u8]> {
+        (self.n == 1).then(|| &self.buf[PACK_HEADER..])
+    }
+
+    /// The `envs` field's value: the array, header filled in.
+    pub fn encoded(&mut self) -> &[u8] {
+        self.seal();
+        &self.buf
+    }
+
+    /// Empties it, keeping its buffer.
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.n = 0;
+    }
+
+    fn start(&mut self) {
+        if self.buf.is_empty() {
+            self.buf.extend_from_slice(&[0xdd, 0, 0, 0, 0]);
+        }
+    }
+
+    fn seal(&mut self) {
+        self.start();
+        self.buf[1..PACK_HEADER].copy_from_slice(&self.n.to_be_bytes());
+    }
+}
+
+/// Decodes the envelopes of one inbox entry, whichever its layout, appending them to `out`
+/// in order; `field` gives a field's value. A packed entry is taken whole or not at all: on
+/// an error `out` is as it was.
+pub fn decode_entry<'a>(
+    field: impl Fn(&str) -> Option<&'a [u8]>,
+    out: &mut Vec<Envelope<'a>>,
+) -> Result<(), DecodeError> {
+    match field(VERSION_FIELD) {
+        None => {
+            let env = field(ENVELOPE_FIELD).ok_or(DecodeError::Missing)?;
+            out.push(Envelope::decode(env)?);
+            Ok(())
+        }
+        Some(v) if v == PACKED_VERSION.as_bytes() => {
+            let envs = field(PACKED_FIELD).ok_or(DecodeError::Missing)?;
+            let before = out.len();
+            decode_packed(envs, out).inspect_err(|_| out.truncate(before))
+        }
+        Some(v) => Err(DecodeError::UnknownVersion(
+            String::from_utf8_lossy(v).into_owned(),
+        )),
+    }
+}
+
+/// Decodes a packed entry's array of envelopes onto the end of `out`.
+fn decode_packed<'a>(bytes: &'a [u8], out: &mut Vec<Envelope<'a>>) -> Result<(), DecodeError> {
+    // One level more than a single envelope needs.
+    const MAX_DEPTH: usize = 32;
+    let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+    de.set_max_depth(MAX_DEPTH);
+    serde::de::DeserializeSeed::deserialize(Extend(out), &mut de)?;
+    Ok(())
+}
+
+/// Deserializes an array of envelopes by pushing each onto a vector (no vector of its own).
+struct Extend<'v, 'a>(&'v mut Vec<Envelope<'a>>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Extend<'_, 'de> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<(), D::Error> {
+        de.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Extend<'_, 'de> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an array of envelopes")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(env) = seq.next_element::<Envelope<'de>>()? {
+            self.0.push(env);
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -435,6 +610,107 @@ mod tests {
         let env = Envelope::decode(&buf).unwrap();
         assert!(env.to_recipient && !env.to_sender && env.tried.is_empty());
         assert_eq!(env.origin_sid, 0);
+    }
+
+    /// The fields of an entry, as a lookup.
+    fn lookup<'f>(fields: &'f [(&str, &'f [u8])]) -> impl Fn(&str) -> Option<&'f [u8]> {
+        move |name| fields.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)
+    }
+
+    fn several() -> Vec<Envelope<'static>> {
+        let room = Envelope {
+            to: "team".into(),
+            tried: Vec::new(),
+            stamp: None,
+            body: Body::RoomMessage {
+                room: "team".into(),
+                text: "hi all".into(),
+            },
+            ..sample()
+        };
+        let publish = Envelope {
+            id: 44,
+            hops: 1,
+            body: Body::Publish {
+                frame: r#"{"from":"api","action":"news","data":1}"#.into(),
+            },
+            ..sample()
+        };
+        vec![sample(), room, publish]
+    }
+
+    #[test]
+    fn packed_entries_round_trip_in_order() {
+        let mut pack = Pack::default();
+        for env in several() {
+            pack.push(&env);
+        }
+        assert_eq!(pack.len(), 3);
+        assert!(pack.single().is_none());
+        let envs = pack.encoded().to_vec();
+        let fields = [("v", &b"2"[..]), ("n", b"3"), ("envs", &envs)];
+        let mut out = Vec::new();
+        decode_entry(lookup(&fields), &mut out).unwrap();
+        assert_eq!(out, several());
+        assert!(
+            matches!(out[0].from, Cow::Borrowed(_)),
+            "borrows from the entry"
+        );
+
+        // Reused: cleared, it packs anew; appended after what `out` held.
+        pack.clear();
+        pack.push(&several()[2]);
+        let envs = pack.encoded().to_vec();
+        let fields = [("v", &b"2"[..]), ("n", b"1"), ("envs", &envs)];
+        decode_entry(lookup(&fields), &mut out).unwrap();
+        assert_eq!(out.len(), 4);
+        assert_eq!(out[3], several()[2]);
+    }
+
+    /// An entry with one envelope is written in the single layout, as the previous version
+    /// wrote every entry, and read as before.
+    #[test]
+    fn a_pack_of_one_is_a_single_entry() {
+        let mut pack = Pack::default();
+        pack.push(&sample());
+        let mut alone = Vec::new();
+        sample().encode_into(&mut alone);
+        assert_eq!(pack.single(), Some(&alone[..]));
+        let fields = [("from", &b"alice"[..]), ("to", b"bob"), ("env", &alone)];
+        let mut out = Vec::new();
+        decode_entry(lookup(&fields), &mut out).unwrap();
+        assert_eq!(out, vec![sample()]);
+    }
+
+    #[test]
+    fn bad_entries_are_refused_whole() {
+        let mut pack = Pack::default();
+        for env in several() {
+            pack.push(&env);
+        }
+        let envs = pack.encoded().to_vec();
+        for cut in 1..envs.len() {
+            let fields = [("v", &b"2"[..]), ("envs", &envs[..cut])];
+            let mut out = vec![sample()];
+            assert!(decode_entry(lookup(&fields), &mut out).is_err(), "{cut}");
+            assert_eq!(out.len(), 1, "nothing of a broken entry is kept");
+        }
+        let mut out = vec![sample()];
+        let future = [("v", &b"3"[..]), ("envs", &envs)];
+        assert!(matches!(
+            decode_entry(lookup(&future), &mut out),
+            Err(DecodeError::UnknownVersion(v)) if v == "3"
+        ));
+        let no_envs = [("v", &b"2"[..]), ("env", &envs)];
+        assert!(matches!(
+            decode_entry(lookup(&no_envs), &mut out),
+            Err(DecodeError::Missing)
+        ));
+        assert!(matches!(
+            decode_entry(lookup(&[("_", b"_")]), &mut out),
+            Err(DecodeError::Missing)
+        ));
+        assert_eq!(out.len(), 1);
     }
 
     #[test]

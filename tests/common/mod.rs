@@ -31,6 +31,10 @@ pub fn key_names() -> wsbus::redis::keys::Keys {
 /// How long any expected event may take before a test fails.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
+/// The metric of envelopes appended to other nodes' inboxes (one per message and
+/// destination node, however many share an entry); every node of the test process adds to it.
+pub const TO_BUS: &str = "wsbus_messages_to_bus_total";
+
 /// Polls `check` until it returns `Some` or `deadline` passes.
 pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
 where

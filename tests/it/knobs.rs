@@ -340,11 +340,12 @@ async fn a_bus_batch_of_one_sends_one_pipeline_per_message() {
 }
 
 /// `--inbox-read-count`: the `COUNT` of the inbox reader's `XREAD`. At 1, a burst of N
-/// entries takes at least N reads.
+/// entries takes at least N reads. (The sender writes an entry per message, `--bus-pack 1`,
+/// so that the burst is N entries.)
 #[tokio::test]
 async fn an_inbox_read_count_of_one_reads_one_entry_at_a_time() {
     let backend = Backend::single().await;
-    let a = backend.node("a").await;
+    let a = backend.node_with("a", |c| c.bus_pack = 1).await;
     let b = backend.node_with("b", |c| c.inbox_read_count = 1).await;
     let mut alice = a.connect("alice").await;
     let mut bob = b.connect("bob").await;

@@ -21,6 +21,7 @@ mod knobs;
 mod messaging;
 mod observability;
 mod outbound;
+mod packing;
 mod presence;
 mod process;
 mod resilience;
