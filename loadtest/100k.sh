@@ -17,7 +17,7 @@
 # Environment knobs (defaults in brackets):
 #   TOTAL [100000]  connections     NODES [6]  nodes (and generators)
 #   RATE [2000]     msg/s in total  RUN_TIME [30]  seconds of sending
-#   HATCH [4000]    connects/s in total   IDLE_SECS [10]  seconds measured idle
+#   HATCH [1500]    connects/s in total (more than 2 cores handshake: connects then time out)   IDLE_SECS [10]  seconds measured idle
 #   NODE_ARGS       extra `wsbus serve` flags      SKIP_BUILD  use the release binaries as they are
 #   OUT             results dir [<target>/100k/<timestamp>]
 set -euo pipefail
@@ -28,7 +28,7 @@ TOTAL=${TOTAL:-100000}
 NODES=${NODES:-6}
 RATE=${RATE:-2000}
 RUN_TIME=${RUN_TIME:-30}
-HATCH=${HATCH:-4000}
+HATCH=${HATCH:-1500}
 IDLE_SECS=${IDLE_SECS:-10}
 read -r -a EXTRA_NODE_ARGS <<<"${NODE_ARGS:-}"
 for tool in redis-server redis-cli jq curl; do
@@ -51,9 +51,11 @@ LIB_NAME=100k
 # shellcheck source=loadtest/lib.sh
 . "$ROOT/loadtest/lib.sh"
 cleanup() {
-    local rc=$?
+    local rc=$? i stop=()
     trap - EXIT INT TERM
-    stop_pids "${PIDS[@]}"
+    # Last started first: generators, then nodes (they release their users), then Redis.
+    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do stop+=("${PIDS[$i]}"); done
+    stop_pids "${stop[@]}"
     rm -rf "$TMP"
     exit "$rc"
 }

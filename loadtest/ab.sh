@@ -261,7 +261,6 @@ echo "ab: CPU per message over the sending phase and drain (whole-run figures in
 # Redis commands per delivered message (INFO commandstats over the whole run), mean per side.
 awk -F'\t' '{ k = $2 SUBSEP $3; calls[k] += $4; usec[k] += $5; runs[k]++; cmds[$3] = 1 }
     END {
-        printf "\n%-14s %-22s %-22s\n", "redis command", "base calls (µs)/msg", "new calls (µs)/msg"
         for (c in cmds) {
             b = "base" SUBSEP c; w = "new" SUBSEP c
             tb = runs[b] ? calls[b] / runs[b] : 0; tw = runs[w] ? calls[w] / runs[w] : 0
@@ -270,6 +269,7 @@ awk -F'\t' '{ k = $2 SUBSEP $3; calls[k] += $4; usec[k] += $5; runs[k]++; cmds[$
                 sprintf("%.3f (%.2f)", tb, runs[b] ? usec[b] / runs[b] : 0),
                 sprintf("%.3f (%.2f)", tw, runs[w] ? usec[w] / runs[w] : 0)
         }
-    }' "$OUT/commands.tsv" | sort | tee "$OUT/commands.txt"
+    }' "$OUT/commands.tsv" | sort | { printf "\n%-14s %-22s %-22s\n" "redis command" "base calls (µs)/msg" "new calls (µs)/msg"; cat; } \
+    | tee "$OUT/commands.txt"
 echo "ab: Redis calls per delivered message from INFO commandstats (µs: Redis's own usec per call, summed)"
 [ "$FAILED" = 0 ] || { echo "ab: some runs FAILED (see above)" >&2; exit 1; }
