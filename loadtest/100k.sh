@@ -45,22 +45,10 @@ ulimit -n "$NEED_FILES" 2>/dev/null || {
 TARGET=${CARGO_TARGET_DIR:-$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)}
 OUT=${OUT:-$TARGET/100k/$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
-TMP=$(mktemp -d /tmp/wsbus-100k.XXXXXX)
-PIDS=()
 LIB_NAME=100k
 # shellcheck source=loadtest/lib.sh
 . "$ROOT/loadtest/lib.sh"
-cleanup() {
-    local rc=$? i stop=()
-    trap - EXIT INT TERM
-    # Last started first: generators, then nodes (they release their users), then Redis.
-    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do stop+=("${PIDS[$i]}"); done
-    stop_pids "${stop[@]}"
-    rm -rf "$TMP"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+lib_scope
 
 if [ -z "${SKIP_BUILD:-}" ]; then
     cargo build --release --workspace

@@ -133,22 +133,12 @@ if big_wanted && [ "$BIG_IDLE" -gt 0 ] && [ "$(ulimit -n)" != unlimited ] && [ "
     fi
 fi
 
-TMP=$(mktemp -d /tmp/wsbus-bench.XXXXXX)
-PIDS=()
 LIB_NAME=bench
 # shellcheck source=loadtest/lib.sh
 . "$ROOT/loadtest/lib.sh"
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    # drops' third node runs from a script (the scenario kills and restarts it).
-    [ ! -f "$TMP/node-c.pid" ] || PIDS+=("$(cat "$TMP/node-c.pid")")
-    stop_pids "${PIDS[@]}"
-    rm -rf "$TMP"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+# drops' third node runs from a script (the scenario kills and restarts it).
+LIB_AT_EXIT='[ ! -f "$TMP/node-c.pid" ] || PIDS+=("$(cat "$TMP/node-c.pid")")'
+lib_scope
 
 [ "$PEER" != pubsub ] || pubsub_ready
 start_redis

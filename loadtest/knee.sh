@@ -30,20 +30,10 @@ BINS=("$@")
 LT=$TARGET/release/wsbus-loadtest
 OUT=${OUT:-$TARGET/knee/$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
-TMP=$(mktemp -d /tmp/wsbus-knee.XXXXXX)
-PIDS=()
 LIB_NAME=knee
 # shellcheck source=loadtest/lib.sh
 . "$ROOT/loadtest/lib.sh"
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    stop_pids "${PIDS[@]}"
-    rm -rf "$TMP"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+lib_scope
 [ -x "$LT" ] || lib_die "$LT missing (cargo build --release --workspace)"
 for bin in "${BINS[@]}"; do
     [ "$bin" = pubsub ] && { pubsub_ready; continue; }

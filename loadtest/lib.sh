@@ -2,14 +2,33 @@
 # listener, starting Redis (one server or a 3-shard cluster) and nodes (wsbus, or the pub/sub
 # reference with PEER=pubsub), CPU time and RSS from /proc, stopping processes.
 #
-# The caller sets LIB_NAME (its name in messages), OUT (logs go there) and TMP (scratch), and
-# declares the array PIDS: every process started here is appended to it, for the caller's
-# cleanup (stop_pids "${PIDS[@]}").
+# The caller sets LIB_NAME (its name in messages) and OUT (logs go there), then calls
+# lib_scope: it makes TMP (scratch) and the array PIDS (every process started here is appended
+# to it), and at exit or interrupt stops them all, the last started first, and removes TMP.
 
 LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PUBSUB_REF=$LIB_DIR/pubsub-ref
 
 lib_die() { echo "$LIB_NAME: $*" >&2; exit 2; }
+
+# TMP, PIDS, and their cleanup at exit (see the top). LIB_AT_EXIT, if set, is a command run
+# first (e.g. to add a pid to PIDS that a script of the caller's started).
+lib_scope() {
+    TMP=$(mktemp -d "/tmp/wsbus-$LIB_NAME.XXXXXX")
+    PIDS=()
+    trap lib_cleanup EXIT
+    trap 'exit 130' INT TERM
+}
+lib_cleanup() {
+    local rc=$? i stop=()
+    trap - EXIT INT TERM
+    [ -z "${LIB_AT_EXIT:-}" ] || eval "$LIB_AT_EXIT"
+    # Last started first: load testers, then nodes (they release their users), then Redis.
+    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do stop+=("${PIDS[$i]}"); done
+    stop_pids "${stop[@]}"
+    rm -rf "$TMP"
+    exit "$rc"
+}
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 # Sets FREE_PORT to a port nothing listens on, not handed out before by this shell (call it

@@ -54,20 +54,10 @@ read -r -a EXTRA <<<"${NODE_ARGS:-}"
 OUT=${OUT:-$TARGET/percount/$(date +%Y%m%d-%H%M%S)-$TOOL}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-TMP=$(mktemp -d /tmp/wsbus-percount.XXXXXX)
-PIDS=()
 LIB_NAME=percount
 # shellcheck source=loadtest/lib.sh
 . "$ROOT/loadtest/lib.sh"
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    stop_pids "${PIDS[@]}"
-    rm -rf "$TMP"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+lib_scope
 
 # One run at RATE: node a's counters go to $OUT/RATE.*; prints the messages delivered (the
 # whole run), or for perf and strace the messages delivered while they watched.

@@ -909,15 +909,19 @@ pub fn rss_kib(pid: u32) -> u64 {
         .expect("VmRSS in /proc/<pid>/status")
 }
 
-/// An encoded bus envelope: a `message` from `from` (on node `origin`) to `to`.
-pub fn envelope(origin: &str, from: &str, to: &str, text: &str) -> Vec<u8> {
-    let mut env = Vec::new();
+/// A bus envelope: a `message` from `from` (on node `origin`) to `to`, id 1, boot 0.
+pub fn message_envelope(
+    origin: &str,
+    from: &str,
+    to: &str,
+    text: &str,
+) -> wsbus::wire::envelope::Envelope<'static> {
     wsbus::wire::envelope::Envelope {
         id: 1,
         boot: 0,
-        origin: origin.into(),
-        from: from.into(),
-        to: to.into(),
+        origin: origin.to_owned().into(),
+        from: from.to_owned().into(),
+        to: to.to_owned().into(),
         hops: 0,
         sent_us: 0,
         origin_sid: 0,
@@ -925,8 +929,41 @@ pub fn envelope(origin: &str, from: &str, to: &str, text: &str) -> Vec<u8> {
         to_sender: false,
         tried: Vec::new(),
         stamp: None,
-        body: wsbus::wire::envelope::Body::Message { text: text.into() },
+        body: wsbus::wire::envelope::Body::Message {
+            text: text.to_owned().into(),
+        },
     }
-    .encode_into(&mut env);
+}
+
+/// An encoded bus envelope: a `message` from `from` (on node `origin`) to `to`.
+pub fn envelope(origin: &str, from: &str, to: &str, text: &str) -> Vec<u8> {
+    let mut env = Vec::new();
+    message_envelope(origin, from, to, text).encode_into(&mut env);
     env
+}
+
+/// Appends `env` (an encoded `message` envelope from `from` to `to`) to `inbox` as an entry
+/// in the single layout, the only one nodes before packed entries write:
+/// `XADD <inbox> * from <from> to <to> action message env <env>`.
+pub async fn append_single_entry(
+    conn: &mut redis::aio::MultiplexedConnection,
+    inbox: &str,
+    from: &str,
+    to: &str,
+    env: &[u8],
+) {
+    let _: String = redis::cmd("XADD")
+        .arg(inbox)
+        .arg("*")
+        .arg("from")
+        .arg(from)
+        .arg("to")
+        .arg(to)
+        .arg("action")
+        .arg("message")
+        .arg("env")
+        .arg(env)
+        .query_async(conn)
+        .await
+        .unwrap();
 }

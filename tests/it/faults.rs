@@ -166,20 +166,7 @@ async fn entries_for_users_who_moved_are_rerouted_or_answered() {
     for (to, text) in [("mover", "follow me"), ("nobody", "lost")] {
         let env = envelope("b", "sender", to, text);
         // Delivered to node a, where neither user is.
-        let _: String = redis::cmd("XADD")
-            .arg(key_names().inbox("a"))
-            .arg("*")
-            .arg("from")
-            .arg("sender")
-            .arg("to")
-            .arg(to)
-            .arg("action")
-            .arg("message")
-            .arg("env")
-            .arg(env)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        append_single_entry(&mut conn, &key_names().inbox("a"), "sender", to, &env).await;
     }
     mover.expect_message("sender", "follow me").await;
     sender.expect_error("User 'nobody' not found").await;

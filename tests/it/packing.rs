@@ -18,24 +18,11 @@ fn message(id: u64, to: &str, text: &str) -> Envelope<'static> {
     Envelope {
         id,
         boot: BOOT,
-        origin: "a".into(),
-        from: "alice".into(),
-        to: to.to_owned().into(),
-        hops: 0,
-        sent_us: 0,
-        origin_sid: 0,
-        to_recipient: true,
-        to_sender: false,
-        tried: Vec::new(),
-        stamp: None,
-        body: Body::Message {
-            text: text.to_owned().into(),
-        },
+        ..message_envelope("a", "alice", to, text)
     }
 }
 
-/// Appends an entry in the single layout, the only one the previous version writes:
-/// `XADD <inbox> * from alice to <to> action message env <envelope>`.
+/// Appends an entry in the single layout, the only one the previous version writes.
 async fn append_single(
     conn: &mut redis::aio::MultiplexedConnection,
     inbox: &str,
@@ -45,20 +32,7 @@ async fn append_single(
 ) {
     let mut env = Vec::new();
     message(id, to, text).encode_into(&mut env);
-    let _: String = redis::cmd("XADD")
-        .arg(inbox)
-        .arg("*")
-        .arg("from")
-        .arg("alice")
-        .arg("to")
-        .arg(to)
-        .arg("action")
-        .arg("message")
-        .arg("env")
-        .arg(env)
-        .query_async(conn)
-        .await
-        .unwrap();
+    append_single_entry(conn, inbox, "alice", to, &env).await;
 }
 
 /// Appends a packed entry: `XADD <inbox> * v 2 n <count> envs <array of envelopes>`.
