@@ -141,19 +141,23 @@ impl Backend {
         redis.conn().await.unwrap()
     }
 
-    /// How often Redis ran `command` since it started (summed over every shard), from
-    /// `INFO commandstats`.
-    pub async fn command_calls(&self, command: &str) -> u64 {
-        let urls: Vec<String> = match self {
+    /// The URL of every Redis server: the one, or each shard of the cluster.
+    pub fn shard_urls(&self) -> Vec<String> {
+        match self {
             Backend::Single(r) => vec![r.url()],
             Backend::Cluster(c) => c
                 .ports
                 .iter()
                 .map(|p| format!("redis://127.0.0.1:{p}"))
                 .collect(),
-        };
+        }
+    }
+
+    /// How often Redis ran `command` since it started (summed over every shard), from
+    /// `INFO commandstats`.
+    pub async fn command_calls(&self, command: &str) -> u64 {
         let mut total = 0;
-        for url in urls {
+        for url in self.shard_urls() {
             let info: String = redis::cmd("INFO")
                 .arg("commandstats")
                 .query_async(&mut redis_conn(&url).await)

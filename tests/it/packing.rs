@@ -127,15 +127,7 @@ async fn a_packed_entry_is_handled_message_by_message() {
 
 /// Makes Redis hold write commands for `ms` (every shard of a cluster).
 async fn pause_writes(backend: &Backend, ms: u64) {
-    let urls: Vec<String> = match backend {
-        Backend::Single(r) => vec![r.url()],
-        Backend::Cluster(c) => c
-            .ports
-            .iter()
-            .map(|p| format!("redis://127.0.0.1:{p}"))
-            .collect(),
-    };
-    for url in urls {
+    for url in backend.shard_urls() {
         let () = redis::cmd("CLIENT")
             .arg("PAUSE")
             .arg(ms)
