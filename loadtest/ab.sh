@@ -90,20 +90,10 @@ TARGET=${CARGO_TARGET_DIR:-$(cargo metadata --format-version 1 --no-deps | jq -r
 AB=$TARGET/ab
 OUT=${OUT:-$AB/runs/$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT" "$AB/bin"
-TMP=$(mktemp -d /tmp/wsbus-ab.XXXXXX)
-PIDS=()
 LIB_NAME=ab
 # shellcheck source=loadtest/lib.sh
 . "$ROOT/loadtest/lib.sh"
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    stop_pids "${PIDS[@]}"
-    rm -rf "$TMP"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+lib_scope
 
 # The new side: the working tree, load tester included (it drives both sides).
 if [ -z "${SKIP_BUILD:-}" ]; then
