@@ -432,7 +432,10 @@ impl Writer {
         let to = match &msg.target {
             Target::User(to) | Target::Room(to) => to,
         };
-        let cap = self.node.config.bus_pack;
+        let cap = Cap {
+            bus_pack: self.node.config.bus_pack,
+            live: &self.node.live,
+        };
         for (target, to_recipient, to_sender) in &plan.entries {
             let env = self.envelope(msg, plan, *to_recipient, *to_sender, stamped);
             let action = match &msg.payload {
@@ -440,7 +443,7 @@ impl Writer {
                 Payload::Frame { action, .. } => &**action,
                 _ => plain_action(&msg.payload, &env.body),
             };
-            let entry = entries.for_node(target, cap, &self.node.keys);
+            let entry = entries.for_node(target, &cap, &self.node.keys);
             entry.push(&env, msg.origin.user(), to, action);
             entry.messages.push((i, *to_recipient));
         }
@@ -741,10 +744,10 @@ impl Entries {
     }
 
     /// The entry that takes `node`'s next envelope: the one being filled, or a new one when
-    /// there is none or it holds `cap` envelopes already.
-    fn for_node(&mut self, node: &Arc<str>, cap: usize, keys: &Keys) -> &mut Entry {
+    /// there is none or it is full (see [`Cap`]).
+    fn for_node(&mut self, node: &Arc<str>, cap: &Cap<'_>, keys: &Keys) -> &mut Entry {
         let filling = self.filling.get(node).copied();
-        let e = match filling.filter(|&e| self.all[e].pack.len() < cap) {
+        let e = match filling.filter(|&e| self.all[e].pack.len() < self.all[e].cap) {
             Some(e) => e,
             None => {
                 if self.len == self.all.len() {
@@ -752,7 +755,7 @@ impl Entries {
                 }
                 let e = self.len;
                 self.len += 1;
-                self.all[e].reset(node, keys);
+                self.all[e].reset(node, cap.of(node), keys);
                 self.filling.insert(node.clone(), e);
                 e
             }
@@ -766,11 +769,31 @@ impl Entries {
     }
 }
 
+/// How many envelopes one entry for a node may hold: `--bus-pack`, or 1 (the single
+/// layout) for a node that does not say it reads packed entries (one of a version before
+/// them, during a rolling upgrade; or one this node's view has not asked yet).
+struct Cap<'a> {
+    bus_pack: usize,
+    live: &'a crate::cluster::live::LiveNodes,
+}
+
+impl Cap<'_> {
+    fn of(&self, node: &str) -> usize {
+        if self.live.reads_packed(node) {
+            self.bus_pack
+        } else {
+            1
+        }
+    }
+}
+
 /// One inbox entry being packed for one node.
 #[derive(Default)]
 struct Entry {
     /// The node's inbox key.
     inbox: String,
+    /// Most envelopes it may hold ([`Cap`]).
+    cap: usize,
     pack: Pack,
     /// The first envelope's plain fields (`from`, `to`, `action`): an entry that ends up with
     /// that envelope alone is written in the single layout, which every version reads.
@@ -782,8 +805,9 @@ struct Entry {
 }
 
 impl Entry {
-    fn reset(&mut self, node: &str, keys: &Keys) {
+    fn reset(&mut self, node: &str, cap: usize, keys: &Keys) {
         keys.inbox_into(node, &mut self.inbox);
+        self.cap = cap;
         if self.pack.capacity() > KEEP_PACK_BYTES {
             self.pack = Pack::default();
         }

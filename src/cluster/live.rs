@@ -1,8 +1,12 @@
 //! The live-node view: which nodes are alive, by their last heartbeat in Redis server time,
 //! refreshed by this node's heartbeat. A user whose session names a dead node reads as not
 //! found at once, before the reaper has cleaned up.
+//!
+//! It also knows which nodes read packed inbox entries: each node says so in its hash
+//! (`layouts`), read once per node when the view first sees it. A node that does not say so
+//! (one that predates packing) gets single entries only, so a rolling upgrade loses nothing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -29,7 +33,15 @@ pub struct LiveNodes {
     now_ms: AtomicU64,
     ttl_ms: u64,
     nodes_key: String,
+    /// Node id → whether it reads packed inbox entries (as its hash said when first seen).
+    layouts: RwLock<HashMap<String, bool>>,
 }
+
+/// The field of a node's hash (`P:node:<id>`) naming the newest inbox entry layout it reads.
+pub const LAYOUTS_FIELD: &str = "layouts";
+
+/// What this version writes in [`LAYOUTS_FIELD`]: it reads packed entries (layout 2).
+pub const LAYOUTS: &str = "2";
 
 impl LiveNodes {
     /// An empty view; nodes silent for longer than `ttl` count as dead.
@@ -39,7 +51,52 @@ impl LiveNodes {
             now_ms: AtomicU64::new(0),
             ttl_ms: ttl.as_millis() as u64,
             nodes_key: keys.nodes(),
+            layouts: RwLock::new(HashMap::new()),
         }
+    }
+
+    /// Whether node `id` reads packed inbox entries; `false` for a node not asked yet.
+    pub fn reads_packed(&self, id: &str) -> bool {
+        let layouts = self.layouts.read().unwrap_or_else(|e| e.into_inner());
+        layouts.get(id).copied().unwrap_or(false)
+    }
+
+    /// Asks the nodes of the view that were not asked yet which inbox entry layouts they read
+    /// (one `HGET` each, in one pipeline; none at all on most heartbeats), and forgets the
+    /// nodes that left the view.
+    pub async fn learn_layouts(
+        &self,
+        conn: &mut impl redis::aio::ConnectionLike,
+        keys: &crate::redis::keys::Keys,
+    ) -> Result<(), RedisError> {
+        let known: HashSet<String> = {
+            let nodes = self.nodes.read().unwrap_or_else(|e| e.into_inner());
+            nodes.keys().cloned().collect()
+        };
+        let new: Vec<String> = {
+            let mut layouts = self.layouts.write().unwrap_or_else(|e| e.into_inner());
+            layouts.retain(|id, _| known.contains(id));
+            known
+                .into_iter()
+                .filter(|id| !layouts.contains_key(id))
+                .collect()
+        };
+        if new.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for id in &new {
+            pipe.cmd("HGET").arg(keys.node(id)).arg(LAYOUTS_FIELD);
+        }
+        let replies: Vec<Option<String>> = pipe.query_async(conn).await?;
+        let mut layouts = self.layouts.write().unwrap_or_else(|e| e.into_inner());
+        for (id, reply) in new.into_iter().zip(replies) {
+            let packed = reply
+                .and_then(|v| v.parse::<u32>().ok())
+                .is_some_and(|v| v >= 2);
+            layouts.insert(id, packed);
+        }
+        Ok(())
     }
 
     /// The status of node `id` as of the last refresh.

@@ -101,6 +101,8 @@ impl Registry {
             .arg(self.started_ms)
             .arg("version")
             .arg(env!("CARGO_PKG_VERSION"))
+            .arg(crate::cluster::live::LAYOUTS_FIELD)
+            .arg(crate::cluster::live::LAYOUTS)
             .ignore()
             .cmd("PEXPIRE")
             .arg(&node_key)
@@ -133,6 +135,7 @@ impl Registry {
             beat.lost = self.registered.swap(true, Ordering::AcqRel);
         }
         beat.dead = self.live.refresh(now_ms, nodes);
+        self.live.learn_layouts(conn, &self.keys).await?;
         Ok(beat)
     }
 

@@ -139,13 +139,28 @@ async fn pause_writes(backend: &Backend, ms: u64) {
 }
 
 /// A node `id` that is alive and has a session of `user`, but whose inbox nobody reads: what
-/// other nodes append to it stays there to look at.
-async fn parked_node(backend: &Backend, id: &str, user: &str) {
+/// other nodes append to it stays there to look at. With `reads_packed`, its hash says it
+/// reads packed entries, as a node of this version's does; without, it is a node of a
+/// version before them.
+async fn parked_node(backend: &Backend, id: &str, user: &str, reads_packed: bool) {
     let keys = Keys::new("wsbus");
     let mut conn = backend.conn().await;
     // Its heartbeat far ahead: alive for the whole test.
     let far_ahead = wsbus::wire::clock::now_ms() + 3_600_000;
-    let () = redis::pipe()
+    let mut pipe = redis::pipe();
+    pipe.cmd("HSET")
+        .arg(keys.node(id))
+        .arg("addr")
+        .arg("127.0.0.1:1")
+        .ignore();
+    if reads_packed {
+        pipe.cmd("HSET")
+            .arg(keys.node(id))
+            .arg(wsbus::cluster::live::LAYOUTS_FIELD)
+            .arg(wsbus::cluster::live::LAYOUTS)
+            .ignore();
+    }
+    let () = pipe
         .cmd("ZADD")
         .arg(keys.nodes())
         .arg(far_ahead)
@@ -193,17 +208,22 @@ fn field<'f>(fields: &'f [(String, Vec<u8>)], name: &str) -> Option<&'f [u8]> {
 }
 
 /// A burst that queued up while Redis paused writes goes to a node in one entry per batch
-/// (fewer `XADD`s than messages), in order; with `--bus-pack 1` (a rolling upgrade) in one
-/// entry per message, each in the single layout, which a node of the previous version reads
-/// (its `env` field decodes alone).
+/// (fewer `XADD`s than messages), in order; with `--bus-pack 1`, or to a node whose hash does
+/// not say it reads packed entries (a node of the previous version, in a rolling upgrade), in
+/// one entry per message, each in the single layout, which such a node reads (its `env` field
+/// decodes alone).
 async fn a_batch_for_one_node_is_one_entry(backend: Backend) {
     const N: usize = 100;
-    for pack in [1024, 1] {
-        let old = format!("old{pack}");
-        let user = format!("olga{pack}");
-        parked_node(&backend, &old, &user).await;
+    for (case, (pack, reads_packed)) in [(1024, true), (1, true), (1024, false)]
+        .into_iter()
+        .enumerate()
+    {
+        let old = format!("old{case}");
+        let user = format!("olga{case}");
+        parked_node(&backend, &old, &user, reads_packed).await;
+        let packed = pack > 1 && reads_packed;
         let a = backend
-            .node_with(&format!("a{pack}"), |c| c.bus_pack = pack)
+            .node_with(&format!("a{case}"), |c| c.bus_pack = pack)
             .await;
         let mut alice = a.connect("alice").await;
         alice.send_to(&user, "warm up").await;
@@ -235,7 +255,7 @@ async fn a_batch_for_one_node_is_one_entry(backend: Backend) {
             .collect();
         let want: Vec<String> = (0..N).map(|i| i.to_string()).collect();
         assert_eq!(texts, want, "in order, once each");
-        if pack == 1 {
+        if !packed {
             assert_eq!(xadds, N as u64);
             for entry in &found[1..] {
                 let env = field(entry, "env").expect("the single layout");
