@@ -35,6 +35,14 @@ pub struct LiveNodes {
     nodes_key: String,
     /// Node id → whether it reads packed inbox entries (as its hash said when first seen).
     layouts: RwLock<HashMap<String, bool>>,
+    keys: Keys,
+}
+
+/// Whether a node's [`LAYOUTS_FIELD`] says it reads packed entries (layout 2 or newer).
+fn reads_packed(layouts: Option<String>) -> bool {
+    layouts
+        .and_then(|v| v.parse::<u32>().ok())
+        .is_some_and(|v| v >= 2)
 }
 
 /// The field of a node's hash (`P:node:<id>`) naming the newest inbox entry layout it reads.
@@ -52,6 +60,7 @@ impl LiveNodes {
             ttl_ms: ttl.as_millis() as u64,
             nodes_key: keys.nodes(),
             layouts: RwLock::new(HashMap::new()),
+            keys: keys.clone(),
         }
     }
 
@@ -67,7 +76,6 @@ impl LiveNodes {
     pub async fn learn_layouts(
         &self,
         conn: &mut impl redis::aio::ConnectionLike,
-        keys: &crate::redis::keys::Keys,
     ) -> Result<(), RedisError> {
         let known: HashSet<String> = {
             let nodes = self.nodes.read().unwrap_or_else(|e| e.into_inner());
@@ -86,15 +94,12 @@ impl LiveNodes {
         }
         let mut pipe = redis::pipe();
         for id in &new {
-            pipe.cmd("HGET").arg(keys.node(id)).arg(LAYOUTS_FIELD);
+            pipe.cmd("HGET").arg(self.keys.node(id)).arg(LAYOUTS_FIELD);
         }
         let replies: Vec<Option<String>> = pipe.query_async(conn).await?;
         let mut layouts = self.layouts.write().unwrap_or_else(|e| e.into_inner());
         for (id, reply) in new.into_iter().zip(replies) {
-            let packed = reply
-                .and_then(|v| v.parse::<u32>().ok())
-                .is_some_and(|v| v >= 2);
-            layouts.insert(id, packed);
+            layouts.insert(id, reads_packed(reply));
         }
         Ok(())
     }
@@ -147,17 +152,25 @@ impl LiveNodes {
         conn: &mut impl redis::aio::ConnectionLike,
         id: &str,
     ) -> Result<bool, RedisError> {
-        let (time, score): ((u64, u64), Option<f64>) = redis::pipe()
+        let (time, score, layouts): ((u64, u64), Option<f64>, Option<String>) = redis::pipe()
             .cmd("TIME")
             .cmd("ZSCORE")
             .arg(&self.nodes_key)
             .arg(id)
+            .cmd("HGET")
+            .arg(self.keys.node(id))
+            .arg(LAYOUTS_FIELD)
             .query_async(conn)
             .await?;
         let now_ms = time.0 * 1000 + time.1 / 1000;
         let Some(last) = score else {
             return Ok(false);
         };
+        // A node first met here is packed for at once, not from the next heartbeat on.
+        self.layouts
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_owned(), reads_packed(layouts));
         let last = last as u64;
         self.nodes
             .write()

@@ -135,7 +135,7 @@ impl Registry {
             beat.lost = self.registered.swap(true, Ordering::AcqRel);
         }
         beat.dead = self.live.refresh(now_ms, nodes);
-        self.live.learn_layouts(conn, &self.keys).await?;
+        self.live.learn_layouts(conn).await?;
         Ok(beat)
     }
 

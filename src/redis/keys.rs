@@ -15,7 +15,7 @@
 //! | `P:ingress` | stream | publishes from backends (`to`/`room`, `action`, `data`, `from`), read by the nodes' consumer group `wsbus` | created by the first `XADD`; `MAXLEN ~` cap per claim interval |
 //! | `P:idem:<key>` | string | the first reply to an API publish with that `Idempotency-Key` (empty while it runs) | 5 min TTL |
 //! | `P:reap:<id>` | string | which node is reaping dead node `<id>` | short TTL |
-//! | `P:events` (or `P:events:<k>`, `k = crc32(user) mod --events-shards`) | stream | what users did (`--events`): `type`, `user`, `node`, `session`, `ts` and per type fields, read by backends with consumer groups | created by the first `XADD`; `MAXLEN ~ --events-maxlen` on every append |
+//! | `P:events` (or `P:events:<k>`, `k = crc32(user) mod --events-shards`) | stream | what users did (`--events`): `type`, `user`, `node`, `session`, `ts` and per type fields, read by backends with consumer groups | created by the first `XADD`; trimmed to about `--events-maxlen` once a second (`XTRIM ... MAXLEN ~`) |
 
 /// Builds key names under a prefix.
 #[derive(Debug, Clone)]
